@@ -1,0 +1,174 @@
+"""Loading models: the only place that knows checkpoint formats, backbone detection and the default weights.
+
+Checkpoints are either the released ``.pth`` files (plain PyTorch state_dicts, read with
+``weights_only=True`` so that a file can never run code) or ``.safetensors`` files.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bgmatte.errors import BgmatteError
+from bgmatte.model.matting import BACKBONES, MattingRefine, RefineOptions
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "default.safetensors"
+
+# A key that only one backbone has, checked in this order (resnet101 has every resnet50 key).
+_BACKBONE_MARKERS = (
+    ("mobilenetv2", "backbone.features.0.0.weight"),
+    ("resnet101", "backbone.layer3.22.conv1.weight"),
+    ("resnet50", "backbone.layer3.5.conv1.weight"),
+)
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a state_dict from ``.safetensors`` or a pickled ``.pth``, refusing anything that would run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise BgmatteError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BgmatteError(f"{path}: not a readable safetensors file ({exc})") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+            raise BgmatteError(f"{path}: refused to load: the file holds Python objects that could run code, "
+                               f"not plain weights ({first})") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise BgmatteError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    if isinstance(state, dict) and not any(isinstance(v, Tensor) for v in state.values()):
+        for wrapper in ("state_dict", "model", "model_state_dict"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise BgmatteError(f"{path}: not a state_dict of tensors")
+    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def detect_backbone(state: dict[str, Tensor]) -> str | None:
+    """The backbone whose keys the state_dict has, or None."""
+    for name, key in _BACKBONE_MARKERS:
+        if key in state:
+            return name
+    return None
+
+
+def _describe(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def load_weights(model: MattingRefine, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` strictly; a base-only checkpoint (no ``refiner.*``) loads with a warning."""
+    expected = model.state_dict()
+    base_only = not any(k.startswith("refiner.") for k in state)
+    wanted = {k for k in expected if not (base_only and k.startswith("refiner."))}
+    missing = sorted(wanted - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong_shape = sorted(k for k in wanted & state.keys() if tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {_describe(unexpected)}")
+        if wrong_shape:
+            parts.append(f"{len(wrong_shape)} keys of the wrong shape: {_describe(wrong_shape)}")
+        raise BgmatteError(f"{source}: does not fit a MattingRefine({model.backbone_name}) model: "
+                           + "; ".join(parts))
+    model.load_state_dict(state, strict=not base_only)
+    if base_only:
+        warnings.warn(f"{source}: a base-only checkpoint (no refiner weights): the refiner is untrained, "
+                      "so refined patches are noise until it is trained", UserWarning, stacklevel=3)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise BgmatteError(f"unknown device {device!r} ({exc})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise BgmatteError(f"device {device!r} was asked for, but PyTorch sees no CUDA GPU here")
+    return resolved
+
+
+def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = None, backbone_scale: float = 0.25,
+               refine_mode: str = "sampling", refine_sample_pixels: int = 80_000, refine_threshold: float = 0.1,
+               refine_kernel_size: int | None = None, device: str | torch.device = "auto",
+               optimize: bool = True) -> torch.nn.Module:
+    """A ready ``MattingRefine`` in eval mode, from a checkpoint path or (None) the embedded default model.
+
+    The backbone and the refiner's kernel size are read from the weights unless given. ``optimize``
+    asks for the fast inference path where one is available; it computes the same outputs.
+    """
+    source = Path(checkpoint) if checkpoint is not None else DEFAULT_WEIGHTS
+    if checkpoint is None and not DEFAULT_WEIGHTS.is_file():
+        raise BgmatteError("no embedded default model is shipped in this build of bgmatte yet: "
+                           "pass a checkpoint (for example a released pytorch_mobilenetv2.pth)")
+    state = read_state_dict(source)
+    detected = detect_backbone(state)
+    if backbone is None:
+        if detected is None:
+            raise BgmatteError(f"{source}: the keys fit no known backbone ({', '.join(BACKBONES)}); "
+                               f"first keys: {_describe(sorted(state), 3)}")
+        backbone = detected
+    if backbone not in BACKBONES:
+        raise BgmatteError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if refine_kernel_size is None:
+        conv = state.get("refiner.conv1.weight")
+        refine_kernel_size = int(conv.shape[-1]) if conv is not None else 3
+    try:
+        options = RefineOptions(backbone_scale, refine_mode, refine_sample_pixels, refine_threshold,
+                                refine_kernel_size)
+    except ValueError as exc:
+        raise BgmatteError(str(exc)) from None
+    model = MattingRefine(backbone, **vars(options))
+    load_weights(model, state, str(source))
+    model = model.eval().to(resolve_device(device))
+    if optimize:
+        model = _optimized(model)
+    return model
+
+
+def _optimized(model: MattingRefine) -> torch.nn.Module:
+    """The fast inference path, where one is available; otherwise the plain module."""
+    try:
+        from bgmatte.model.fast import optimize_model
+    except ModuleNotFoundError:
+        return model
+    return optimize_model(model)
+
+
+def save_weights(model: torch.nn.Module, path: str | Path, *, half: bool = False,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write a model's state_dict as safetensors (``half`` stores floating tensors as fp16)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu()
+        if half and value.is_floating_point():
+            value = value.half()
+        state[key] = value.contiguous()
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata=metadata or {})

@@ -1,0 +1,174 @@
+"""The two networks of the paper: ``MattingBase`` (coarse, any resolution) and ``MattingRefine``.
+
+``MattingRefine`` runs ``MattingBase``'s layers on a downsampled copy of the input and refines the
+result at full resolution. Both load the released checkpoints key for key.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bgmatte.model.aspp import ASPP
+from bgmatte.model.decoder import Decoder
+from bgmatte.model.mobilenetv2 import MobileNetV2Encoder
+from bgmatte.model.refiner import REFINE_MODES, Refiner
+from bgmatte.model.resnet import RESNET_LAYERS, ResNetEncoder
+
+BACKBONES = ("resnet50", "resnet101", "mobilenetv2")
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """How ``MattingRefine`` trades speed for detail.
+
+    Arguments:
+        backbone_scale: the base network sees the input scaled by this (at most 1/2): 1/4 for HD,
+            1/8 for 4K.
+        refine_mode: ``sampling`` refines a fixed budget of pixels, ``thresholding`` every patch
+            whose predicted error is above ``refine_threshold``, ``full`` everything.
+        refine_sample_pixels: the pixel budget of ``sampling`` (16 pixels per patch).
+        refine_threshold: the error threshold of ``thresholding``.
+        refine_kernel_size: 3 (the released models) or 1.
+        refine_prevent_oversampling: in ``sampling``, skip patches whose error is exactly 0.
+    """
+
+    backbone_scale: float = 0.25
+    refine_mode: str = "sampling"
+    refine_sample_pixels: int = 80_000
+    refine_threshold: float = 0.1
+    refine_kernel_size: int = 3
+    refine_prevent_oversampling: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.backbone_scale <= 0.5:
+            raise ValueError(f"backbone_scale must be in (0, 1/2], not {self.backbone_scale}")
+        if self.refine_mode not in REFINE_MODES:
+            raise ValueError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, not {self.refine_mode!r}")
+        if self.refine_sample_pixels < 0:
+            raise ValueError(f"refine_sample_pixels must be >= 0, not {self.refine_sample_pixels}")
+        if self.refine_kernel_size not in (1, 3):
+            raise ValueError(f"refine_kernel_size must be 1 or 3, not {self.refine_kernel_size}")
+
+
+def check_inputs(src: Tensor, bgr: Tensor) -> None:
+    """Raise ValueError unless src and bgr are float (B,3,H,W) tensors of one shape."""
+    if src.shape != bgr.shape:
+        raise ValueError(f"src and bgr must have the same shape, got src {tuple(src.shape)} and bgr {tuple(bgr.shape)}")
+    if src.ndim != 4 or src.shape[1] != 3:
+        raise ValueError(f"src and bgr must be (B, 3, H, W), got {tuple(src.shape)}")
+    if not src.is_floating_point() or not bgr.is_floating_point():
+        raise ValueError(f"src and bgr must be float tensors in [0, 1], got {src.dtype} and {bgr.dtype}")
+
+
+def build_encoder(backbone: str) -> nn.Module:
+    """The 6-channel encoder for a backbone name."""
+    if backbone in RESNET_LAYERS:
+        return ResNetEncoder(backbone, in_channels=6)
+    if backbone == "mobilenetv2":
+        return MobileNetV2Encoder(in_channels=6)
+    raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, not {backbone!r}")
+
+
+class MattingBase(nn.Module):
+    """Encoder, ASPP and decoder: the coarse network, usable alone at any resolution.
+
+    Arguments:
+        backbone: ``resnet50``, ``resnet101`` or ``mobilenetv2``.
+
+    Returns from ``forward(src, bgr)``: ``(pha, fgr, err, hid)`` at the input's resolution.
+    """
+
+    def __init__(self, backbone: str = "mobilenetv2") -> None:
+        super().__init__()
+        self.backbone_name = backbone
+        self.backbone = build_encoder(backbone)
+        self.aspp = ASPP(self.backbone.out_channels[0], (3, 6, 9))
+        self.decoder = Decoder(self.backbone.out_channels[1:])
+
+    def predict(self, src: Tensor, bgr: Tensor) -> Tensor:
+        """The decoder's raw 37 channels: alpha, foreground residual, error, 32 hidden."""
+        x, *skips = self.backbone(torch.cat([src, bgr], dim=1))
+        return self.decoder(self.aspp(x), *skips)
+
+    def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        check_inputs(src, bgr)
+        x = self.predict(src, bgr)
+        pha = x[:, 0:1].clamp(0.0, 1.0)
+        fgr = (x[:, 1:4] + src).clamp(0.0, 1.0)
+        err = x[:, 4:5].clamp(0.0, 1.0)
+        hid = x[:, 5:].relu()
+        return pha, fgr, err, hid
+
+
+class MattingRefine(MattingBase):
+    """The full model: the base network at ``backbone_scale``, then the refiner at full resolution.
+
+    Arguments: as ``RefineOptions``, plus ``backbone``. They stay attributes (``backbone_scale``
+    here, ``refiner.mode`` and the like on the refiner) that can be changed after loading.
+
+    Returns from ``forward(src, bgr)``: ``(pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm)``. Any H and W
+    work: inputs whose sides are not multiples of 4 are padded by edge replication and the
+    full-resolution outputs cropped back; the ``*_sm`` outputs then describe the padded frame.
+    """
+
+    def __init__(self, backbone: str = "mobilenetv2", backbone_scale: float = 0.25, refine_mode: str = "sampling",
+                 refine_sample_pixels: int = 80_000, refine_threshold: float = 0.1, refine_kernel_size: int = 3,
+                 refine_prevent_oversampling: bool = True) -> None:
+        super().__init__(backbone)
+        options = RefineOptions(backbone_scale, refine_mode, refine_sample_pixels, refine_threshold,
+                                refine_kernel_size, refine_prevent_oversampling)
+        self.backbone_scale = options.backbone_scale
+        self.refiner = Refiner(refine_mode, refine_sample_pixels, refine_threshold, refine_kernel_size,
+                               refine_prevent_oversampling)
+
+    @property
+    def options(self) -> RefineOptions:
+        """The current settings, validated."""
+        r = self.refiner
+        return RefineOptions(self.backbone_scale, r.mode, r.sample_pixels, r.threshold, r.kernel_size,
+                             r.prevent_oversampling)
+
+    def configure(self, options: RefineOptions) -> "MattingRefine":
+        """Change the speed settings in place (the kernel size is part of the weights and cannot change)."""
+        if options.refine_kernel_size != self.refiner.kernel_size:
+            raise ValueError(f"this model's refiner has kernel size {self.refiner.kernel_size}; "
+                             f"it cannot run with {options.refine_kernel_size}")
+        self.backbone_scale = options.backbone_scale
+        self.refiner.mode = options.refine_mode
+        self.refiner.sample_pixels = options.refine_sample_pixels
+        self.refiner.threshold = options.refine_threshold
+        self.refiner.prevent_oversampling = options.refine_prevent_oversampling
+        return self
+
+    def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        check_inputs(src, bgr)
+        if not 0 < self.backbone_scale <= 0.5:
+            raise ValueError(f"backbone_scale must be in (0, 1/2], not {self.backbone_scale}")
+        height, width = src.shape[2:]
+        pad_h, pad_w = -height % 4, -width % 4
+        if pad_h or pad_w:
+            src = F.pad(src, (0, pad_w, 0, pad_h), mode="replicate")
+            bgr = F.pad(bgr, (0, pad_w, 0, pad_h), mode="replicate")
+
+        small = (math.floor(src.shape[2] * self.backbone_scale), math.floor(src.shape[3] * self.backbone_scale))
+        if min(small) < 1:
+            raise ValueError(f"input {height}x{width} is too small for backbone_scale {self.backbone_scale}")
+        src_sm = F.interpolate(src, small, mode="bilinear", align_corners=False)
+        bgr_sm = F.interpolate(bgr, small, mode="bilinear", align_corners=False)
+        x = self.predict(src_sm, bgr_sm)
+        pha_sm = x[:, 0:1].clamp(0.0, 1.0)
+        fgr_residual_sm = x[:, 1:4]
+        err_sm = x[:, 4:5].clamp(0.0, 1.0)
+        hid_sm = x[:, 5:].relu()
+
+        pha, fgr_residual, ref_sm = self.refiner(src, bgr, pha_sm, fgr_residual_sm, err_sm, hid_sm)
+        pha = pha.clamp(0.0, 1.0)
+        fgr = (fgr_residual + src).clamp(0.0, 1.0)
+        fgr_sm = (fgr_residual_sm + src_sm).clamp(0.0, 1.0)
+        if pad_h or pad_w:
+            pha, fgr = pha[:, :, :height, :width], fgr[:, :, :height, :width]
+        return pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm

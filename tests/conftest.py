@@ -1,0 +1,31 @@
+"""Shared fixtures: the reference test vectors and small random models."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_DIR = Path(os.environ.get("BGMATTE_REFERENCE", ROOT.parent / "shared" / "reference"))
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The reference vectors module (`load_case`, `cases`); CI must have it, elsewhere the tests skip."""
+    module_path = REFERENCE_DIR / "vectors.py"
+    if not module_path.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"reference vectors not found at {REFERENCE_DIR}")
+        pytest.skip(f"reference vectors not found at {REFERENCE_DIR}")
+    spec = importlib.util.spec_from_file_location("bgmatte_reference_vectors", module_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

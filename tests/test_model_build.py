@@ -1,0 +1,141 @@
+"""Loading checkpoints: formats, backbone detection, partial and unsafe files, the default model."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bgmatte
+from bgmatte import BgmatteError
+from bgmatte.model import build
+from bgmatte.model.build import load_model, read_state_dict, save_weights
+from bgmatte.model.matting import MattingBase, MattingRefine
+
+
+@pytest.fixture(scope="module")
+def mobilenet_state():
+    torch.manual_seed(1)
+    return MattingRefine("mobilenetv2", refine_kernel_size=3).state_dict()
+
+
+def test_released_pth_loads_with_backbone_detected(tmp_path, mobilenet_state):
+    path = tmp_path / "pytorch_mobilenetv2.pth"
+    torch.save(mobilenet_state, path)
+    model = load_model(path, device="cpu")
+    assert isinstance(model, torch.nn.Module) and not model.training
+    assert model.backbone_name == "mobilenetv2"
+    assert torch.equal(model.refiner.conv1.weight, mobilenet_state["refiner.conv1.weight"])
+    pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm = model(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64))
+    assert pha.shape == (1, 1, 64, 64)
+
+
+@pytest.mark.parametrize("backbone", ["resnet50", "resnet101"])
+def test_resnet_backbones_are_detected_from_their_keys(tmp_path, backbone):
+    state = MattingRefine(backbone).state_dict()
+    assert build.detect_backbone(state) == backbone
+    path = tmp_path / "w.safetensors"
+    save_weights(MattingRefine(backbone), path)
+    assert load_model(path, device="cpu", backbone_scale=0.125, refine_mode="thresholding").backbone_name == backbone
+
+
+def test_safetensors_fp16_round_trip_loads_into_fp32(tmp_path, mobilenet_state):
+    model = MattingRefine("mobilenetv2")
+    model.load_state_dict(mobilenet_state)
+    path = tmp_path / "w.safetensors"
+    save_weights(model, path, half=True)
+    assert load_file(str(path))["refiner.conv1.weight"].dtype == torch.float16
+    loaded = load_model(path, device="cpu")
+    assert loaded.refiner.conv1.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.refiner.conv1.weight, mobilenet_state["refiner.conv1.weight"],
+                               atol=1e-3, rtol=1e-3)
+
+
+def test_settings_are_applied_and_kernel_size_read_from_weights(tmp_path):
+    path = tmp_path / "k1.pth"
+    torch.save(MattingRefine("mobilenetv2", refine_kernel_size=1).state_dict(), path)
+    model = load_model(path, device="cpu", backbone_scale=0.5, refine_mode="thresholding", refine_threshold=0.3)
+    assert model.refiner.kernel_size == 1 and model.backbone_scale == 0.5
+    assert model.refiner.mode == "thresholding" and model.refiner.threshold == 0.3
+
+
+def test_base_only_checkpoint_loads_with_a_warning(tmp_path):
+    base = MattingBase("mobilenetv2")
+    path = tmp_path / "base.pth"
+    torch.save(base.state_dict(), path)
+    with pytest.warns(UserWarning, match="refiner is untrained"):
+        model = load_model(path, device="cpu")
+    assert torch.equal(model.decoder.conv4.weight, base.decoder.conv4.weight)
+
+
+def test_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"backbone.features.0.0.weight": torch.zeros(1), "x": Evil()}, path)
+    with pytest.raises(BgmatteError, match="evil.pth: refused to load"):
+        load_model(path, device="cpu")
+    assert not marker.exists()
+
+
+def test_keys_that_fit_no_backbone_are_named(tmp_path, mobilenet_state):
+    state = dict(mobilenet_state)
+    del state["decoder.conv1.weight"]
+    state["decoder.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "odd.pth"
+    torch.save(state, path)
+    with pytest.raises(BgmatteError) as info:
+        load_model(path, device="cpu")
+    message = str(info.value)
+    assert "odd.pth" in message and "decoder.conv1.weight" in message and "decoder.extra.weight" in message
+    assert "\n" not in message
+
+
+def test_unknown_keys_only_are_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(3)}, path)
+    with pytest.raises(BgmatteError, match="fit no known backbone"):
+        load_model(path, device="cpu")
+
+
+def test_wrong_backbone_forced_names_the_mismatch(tmp_path, mobilenet_state):
+    path = tmp_path / "m.pth"
+    torch.save(mobilenet_state, path)
+    with pytest.raises(BgmatteError, match="missing keys: backbone.bn1"):
+        load_model(path, backbone="resnet50", device="cpu")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])
+def test_garbage_files_get_a_clear_error(tmp_path, content):
+    for name in ("g.pth", "g.safetensors"):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(BgmatteError, match=name):
+            read_state_dict(path)
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(BgmatteError, match="nope.pth: checkpoint not found"):
+        load_model(tmp_path / "nope.pth")
+
+
+def test_default_model_without_shipped_weights_says_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(build, "DEFAULT_WEIGHTS", tmp_path / "absent.safetensors")
+    with pytest.raises(BgmatteError, match="no embedded default model"):
+        load_model()
+
+
+def test_ddp_prefixed_checkpoints_load(tmp_path, mobilenet_state):
+    path = tmp_path / "ddp.pth"
+    torch.save({"module." + k: v for k, v in mobilenet_state.items()}, path)
+    assert load_model(path, device="cpu").backbone_name == "mobilenetv2"
+
+
+def test_public_api_names():
+    assert bgmatte.MattingRefine is MattingRefine and bgmatte.load_model is load_model
