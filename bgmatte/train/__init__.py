@@ -1,0 +1,1 @@
+"""Training: datasets, synthetic data, augmentations, the paper's losses and the training loop."""

@@ -1,0 +1,157 @@
+"""`bgmatte eval`: the table, the JSON shape, the errors, and the --model path with a random-weights model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from bgmatte.cli import main
+from bgmatte.evaluate import METRICS
+
+
+def _write(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+
+
+def _ground_truth(root: Path, names=("one", "two"), size=(8, 8)) -> None:
+    rng = np.random.default_rng(0)
+    for name in names:
+        _write(root / "pha" / f"{name}.png", (rng.random(size) * 255).astype(np.uint8))
+        _write(root / "fgr" / f"{name}.png", (rng.random((*size, 3)) * 255).astype(np.uint8))
+        trimap = np.zeros(size, np.uint8)
+        trimap[2:-2, 2:-2] = 128
+        _write(root / "trimap" / f"{name}.png", trimap)
+
+
+def _predictions(gt: Path, pred: Path) -> None:
+    """Copy the ground truth as predictions, with 'one' wrong in its top row."""
+    for name in ("one", "two"):
+        pha = cv2.imread(str(gt / "pha" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        if name == "one":
+            pha[0, :] = 255 - pha[0, :]
+        _write(pred / "pha" / f"{name}.png", pha)
+        _write(pred / "fgr" / f"{name}.png", cv2.imread(str(gt / "fgr" / f"{name}.png")))
+
+
+def test_json_output_has_exactly_the_documented_shape(tmp_path, capsys):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    _ground_truth(gt)
+    _predictions(gt, pred)
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == {"mean", "per_image"}
+    assert list(data["mean"]) == list(METRICS)
+    assert [row["name"] for row in data["per_image"]] == ["one", "two"]
+    assert list(data["per_image"][0]) == ["name", *METRICS]
+    one, two = data["per_image"]
+    assert one["sad_all"] > 0 and two["sad_all"] == 0
+    assert one["sad"] == 0  # the top row is outside the trimap's unknown region
+    assert data["mean"]["sad_all"] == pytest.approx(one["sad_all"] / 2)
+
+
+def test_table_shows_the_mean_row_then_each_image(tmp_path, capsys):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    _ground_truth(gt)
+    _predictions(gt, pred)
+    assert main(["eval", "--pred", str(pred), "--gt", str(gt)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["image", *METRICS]
+    assert lines[2].split()[0] == "mean"
+    assert [line.split()[0] for line in lines[4:]] == ["one", "two"]
+
+
+@pytest.mark.parametrize("problem", ["missing_dir", "unreadable", "size"])
+def test_errors_are_one_line_naming_the_file(tmp_path, capsys, problem):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    _ground_truth(gt)
+    _predictions(gt, pred)
+    if problem == "missing_dir":
+        args, expected = ["--pred", str(tmp_path / "absent"), "--gt", str(gt)], "absent"
+    elif problem == "unreadable":
+        (pred / "pha" / "two.png").write_bytes(b"garbage")
+        args, expected = ["--pred", str(pred), "--gt", str(gt)], "two.png"
+    else:
+        (pred / "pha" / "two.png").unlink()
+        _write(pred / "pha" / "two.png", np.zeros((16, 8), np.uint8))
+        args, expected = ["--pred", str(pred), "--gt", str(gt)], "two.png"
+    assert main(["eval", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bgmatte eval: error:") and expected in err
+
+
+def test_modes_cannot_be_mixed_or_half_given(tmp_path, capsys):
+    assert main(["eval", "--pred", str(tmp_path)]) == 2
+    assert main(["eval", "--model", "x.safetensors", "--pred", str(tmp_path), "--gt", str(tmp_path)]) == 2
+    assert main(["eval", "--model", "x.safetensors"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_model_path_runs_a_checkpoint_over_src_and_bgr_then_scores(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import bgmatte
+
+    model = bgmatte.MattingRefine("mobilenetv2").eval()
+    checkpoint = tmp_path / "random.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    data = tmp_path / "data"
+    size = (66, 70)  # not multiples of 4: cropped to 64x68 like benchmark.m
+    _ground_truth(data, names=("frame",), size=size)
+    rng = np.random.default_rng(1)
+    _write(data / "src" / "frame.png", (rng.random((*size, 3)) * 255).astype(np.uint8))
+    _write(data / "bgr" / "frame.jpg", (rng.random((*size, 3)) * 255).astype(np.uint8))
+    out = tmp_path / "out"
+    code = main(["eval", "--model", str(checkpoint), "--data", str(data), "--out", str(out), "--json",
+                 "--device", "cpu", "--refine-sample-pixels", "2000"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in result["per_image"]] == ["frame"]
+    assert all(result["mean"][name] is not None for name in METRICS)
+    pha = cv2.imread(str(out / "pha" / "frame.png"), cv2.IMREAD_UNCHANGED)
+    fgr = cv2.imread(str(out / "fgr" / "frame.png"), cv2.IMREAD_UNCHANGED)
+    assert pha.shape == (64, 68) and fgr.shape == (64, 68, 3)
+    # the written prediction is what was scored
+    true = cv2.imread(str(data / "pha" / "frame.png"), cv2.IMREAD_UNCHANGED)[:64, :68] / 255
+    assert result["mean"]["sad_all"] == pytest.approx(np.abs(pha / 255 - true).sum() / 1000)
+    assert torch is not None
+
+
+def test_model_path_without_out_uses_a_temporary_folder_and_removes_it(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import bgmatte
+
+    model = bgmatte.MattingRefine("mobilenetv2").eval()
+    checkpoint = tmp_path / "random.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    data = tmp_path / "data"
+    _ground_truth(data, names=("frame",), size=(32, 32))
+    _write(data / "src" / "frame.png", np.full((32, 32, 3), 200, np.uint8))
+    _write(data / "bgr" / "frame.png", np.full((32, 32, 3), 20, np.uint8))
+    assert main(["eval", "--model", str(checkpoint), "--data", str(data), "--device", "cpu"]) == 0
+    assert "mean" in capsys.readouterr().out
+    assert list(temporary.iterdir()) == []
+    assert sorted(p.name for p in (data).iterdir()) == ["bgr", "fgr", "pha", "src", "trimap"]
+
+
+def test_model_path_names_a_missing_background_plate(tmp_path, capsys):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import bgmatte
+
+    checkpoint = tmp_path / "random.safetensors"
+    model = bgmatte.MattingRefine("mobilenetv2")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    data = tmp_path / "data"
+    _ground_truth(data, names=("frame",), size=(32, 32))
+    _write(data / "src" / "frame.png", np.zeros((32, 32, 3), np.uint8))
+    (data / "bgr").mkdir()
+    assert main(["eval", "--model", str(checkpoint), "--data", str(data), "--device", "cpu"]) == 2
+    assert "'frame'" in capsys.readouterr().err
