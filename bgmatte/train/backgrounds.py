@@ -1,0 +1,160 @@
+"""Real photographs for training, from Debian's wallpaper packages: `python -m bgmatte.train.backgrounds DIR`.
+
+The packages are fetched with `apt-get download` (no installation, no root needed) and unpacked with
+`dpkg -x` into a temporary folder; their pictures are downscaled and written to DIR as JPEG. Some
+packages are reserved for held-out evaluation and are refused by name: never train on them.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from bgmatte.errors import BgmatteError
+
+PACKAGES = ("plasma-workspace-wallpapers", "ukui-wallpapers", "gnome-backgrounds")
+RESERVED = frozenset({"mate-backgrounds", "opencv-doc"})  # held-out evaluation data: never for training
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+_SKIPPED_WORDS = ("screenshot", "thumbnail", "preview")
+_SIZE_NAME = re.compile(r"^(\d+)x(\d+)$")
+
+
+def check_packages(packages: Sequence[str]) -> list[str]:
+    """The package names, or BgmatteError if one is reserved for evaluation (or is not a plain name)."""
+    names = []
+    for package in packages:
+        name = re.split(r"[:=]", package.strip(), maxsplit=1)[0]
+        if name in RESERVED:
+            raise BgmatteError(f"{name}: reserved for held-out evaluation, never used for training")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", name):
+            raise BgmatteError(f"{package!r}: not a Debian package name")
+        names.append(name)
+    return names
+
+
+def select_pictures(paths: Sequence[Path]) -> list[Path]:
+    """One file per picture: of a folder holding one picture at several sizes (KDE's
+    contents/images/1920x1080.jpg ...) only the largest is kept; screenshots and previews are skipped."""
+    best: dict[Path, tuple[int, Path]] = {}
+    for path in sorted(paths):
+        if path.suffix.lower() not in PICTURE_SUFFIXES:
+            continue
+        if any(word in part.lower() for part in path.parts for word in _SKIPPED_WORDS):
+            continue
+        size = _SIZE_NAME.match(path.stem)
+        key = path.parent if size else path
+        area = int(size.group(1)) * int(size.group(2)) if size else 0
+        if key not in best or area > best[key][0]:
+            best[key] = (area, path)
+    return sorted(path for _, path in best.values())
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
+
+
+def download_package(package: str, folder: Path, log: Callable[[str], None] = print) -> Path:
+    """Download one package's .deb into `folder` with `apt-get download`, running `apt-get update`
+    once if the first try fails; returns the .deb path."""
+    if shutil.which("apt-get") is None:
+        raise BgmatteError("apt-get not found: the backgrounds come from Debian packages")
+    result = _run(["apt-get", "download", package], folder)
+    if result.returncode != 0:
+        log(f"apt-get download {package} failed; running apt-get update and trying again")
+        _run(["apt-get", "update"], folder)
+        result = _run(["apt-get", "download", package], folder)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise BgmatteError(f"apt-get download {package} failed: {tail[0]}")
+    debs = sorted(folder.glob(f"{package}_*.deb"))
+    if not debs:
+        raise BgmatteError(f"apt-get download {package}: no .deb file appeared in {folder}")
+    return debs[-1]
+
+
+def fetch_backgrounds(
+    out_dir: str | Path,
+    packages: Sequence[str] = PACKAGES,
+    *,
+    max_side: int = 1024,
+    min_side: int = 256,
+    quality: int = 92,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Write the pictures of Debian wallpaper `packages` into `out_dir` as JPEG, downscaled so that the
+    longer side is at most `max_side` (smaller ones and exact duplicates are skipped); returns the files."""
+    names = check_packages(packages)
+    if shutil.which("dpkg") is None:
+        raise BgmatteError("dpkg not found: the backgrounds come from Debian packages")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    seen: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix="bgmatte-backgrounds-") as temp:
+        temp_dir = Path(temp)
+        for name in names:
+            deb = download_package(name, temp_dir, log)
+            tree = temp_dir / "tree" / name
+            tree.mkdir(parents=True)
+            result = _run(["dpkg", "-x", str(deb), str(tree)], temp_dir)
+            if result.returncode != 0:
+                raise BgmatteError(f"dpkg -x {deb.name} failed: {result.stderr.strip()}")
+            pictures = select_pictures([p for p in tree.rglob("*") if p.is_file()])
+            count = 0
+            for picture in pictures:
+                image = cv2.imread(str(picture), cv2.IMREAD_COLOR)
+                if image is None or min(image.shape[:2]) < min_side:
+                    continue
+                height, width = image.shape[:2]
+                if max(height, width) > max_side:
+                    factor = max_side / max(height, width)
+                    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+                    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+                ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+                digest = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
+                if not ok or digest in seen:
+                    continue
+                seen.add(digest)
+                relative = picture.relative_to(tree).with_suffix("")
+                stem = re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(relative.parts[-4:]))
+                target = out_dir / f"{name}--{stem}.jpg"
+                target.write_bytes(encoded.tobytes())
+                written.append(target)
+                count += 1
+            log(f"{name}: {count} pictures")
+            deb.unlink()
+            shutil.rmtree(tree, ignore_errors=True)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: fetch the pictures into DIR and print how many and how large."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bgmatte.train.backgrounds",
+        description="Fetch training photographs from Debian wallpaper packages.",
+    )
+    parser.add_argument("dir", type=Path, help="folder to write the pictures to")
+    parser.add_argument("--packages", nargs="+", default=list(PACKAGES), help="Debian packages to take pictures from")
+    parser.add_argument("--max-side", type=int, default=1024, help="longest side of the written pictures")
+    args = parser.parse_args(argv)
+    try:
+        written = fetch_backgrounds(args.dir, args.packages, max_side=args.max_side)
+    except BgmatteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    total = sum(p.stat().st_size for p in written)
+    print(f"{len(written)} pictures, {total / 1e6:.1f} MB, in {args.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""Training data: readers for the matting datasets users own, background folders, composites, synthetic data.
+
+Every dataset here is a map-style `torch.utils.data.Dataset`. The matte datasets return `fgr` (3,H,W)
+and `pha` (1,H,W), the background datasets `bgr` (3,H,W), and the training datasets
+(`CompositeDataset`, `SyntheticDataset`) dicts of float tensors in [0, 1] at the crop size: `src`,
+`bgr` (the plate given to the model), `pha` and `fgr`. Each item is drawn from its own generator
+seeded by (seed, epoch, index), so results do not depend on the number of loader workers.
+
+Images are limited to `MAX_PIXELS` against decompression bombs: the size is read from the file's
+header (PNG, JPEG, WebP, BMP) before decoding; other formats are checked right after decoding.
+"""
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from bgmatte.errors import BgmatteError
+from bgmatte.train.augment import PAPER, SYNTHETIC, AugmentOptions, make_training_batch, rand_index
+from bgmatte.train.synthetic import DEFAULT, SyntheticOptions, generate_batch
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+MAX_PIXELS = 50_000_000
+DATASETS = ("synthetic", "videomatte", "photomatte", "aim")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading images
+# --------------------------------------------------------------------------------------------
+
+
+def image_size_from_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) read from the header of a PNG, JPEG, WebP or BMP file's bytes, None if unknown."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8X":
+            width = int.from_bytes(data[24:27], "little") + 1
+            height = int.from_bytes(data[27:30], "little") + 1
+            return width, height
+        if chunk == b"VP8L":
+            bits = int.from_bytes(data[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if chunk == b"VP8 ":
+            width, height = struct.unpack("<HH", data[26:30])
+            return width & 0x3FFF, height & 0x3FFF
+    if data[:2] == b"BM" and len(data) >= 26:
+        width, height = struct.unpack("<ii", data[18:26])
+        return abs(width), abs(height)
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Walk a JPEG's marker segments to its start-of-frame, which holds the image size."""
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xDA)):  # markers without a length
+            position += 2
+            continue
+        (length,) = struct.unpack(">H", data[position + 2 : position + 4])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if position + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
+            return width, height
+        position += 2 + length
+    return None
+
+
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise BgmatteError(
+            f"{path}: image is {width}x{height}, over the limit of {max_pixels / 1e6:g} megapixels"
+        )
+
+
+def read_image(
+    path: str | Path, channels: int = 3, *, dtype: torch.dtype = torch.float32, max_pixels: int = MAX_PIXELS
+) -> Tensor:
+    """Read an image as a (C,H,W) tensor: RGB for 3 channels, grey for 1; float in [0,1], or uint8.
+
+    Images over `max_pixels` are refused with BgmatteError before they are decoded when the header
+    tells their size, and otherwise right after decoding. An alpha channel is dropped.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BgmatteError(f"{path}: cannot read the image ({exc.strerror or exc})") from None
+    size = image_size_from_header(data)
+    if size is not None:
+        _check_pixels(path, size[0], size[1], max_pixels)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise BgmatteError(f"{path}: not an image that OpenCV can decode")
+    _check_pixels(path, image.shape[1], image.shape[0], max_pixels)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.shape[2] == 4:
+        image = image[:, :, :3]
+    if channels == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    elif channels == 1:
+        image = image if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    else:
+        raise ValueError("channels must be 1 or 3")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    scale = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else 1.0
+    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    if dtype == torch.uint8:
+        if image.dtype == np.uint8:
+            return tensor
+        return (tensor.float() / scale * 255.0).round().clamp(0, 255).to(torch.uint8)
+    return (tensor.to(torch.float32) / scale).clamp(0, 1).to(dtype)
+
+
+def _natural_key(path: Path) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(path))]
+
+
+def list_images(folder: str | Path, *, recursive: bool = True) -> list[Path]:
+    """Image files in `folder` (and its subfolders), in natural order; BgmatteError if it has none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BgmatteError(f"{folder}: no such folder")
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    paths = sorted((p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_natural_key)
+    if not paths:
+        raise BgmatteError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return paths
+
+
+def load_images(folder: str | Path, *, max_side: int = 1024, limit: int | None = None) -> list[Tensor]:
+    """Read the images of a folder into memory as (3,H,W) uint8 tensors, downscaled so that their
+    longer side is at most `max_side`; used as the photographs of the synthetic generator."""
+    images = []
+    for path in list_images(folder)[:limit]:
+        image = read_image(path, 3, dtype=torch.uint8)
+        height, width = image.shape[1:]
+        if max(height, width) > max_side:
+            factor = max_side / max(height, width)
+            size = (max(1, round(width * factor)), max(1, round(height * factor)))
+            resized = cv2.resize(image.permute(1, 2, 0).numpy(), size, interpolation=cv2.INTER_AREA)
+            image = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        images.append(image)
+    return images
+
+
+# --------------------------------------------------------------------------------------------
+# Finding pairs
+# --------------------------------------------------------------------------------------------
+
+
+def match_folders(fgr_dir: str | Path, pha_dir: str | Path) -> list[tuple[Path, Path]]:
+    """Pair the foregrounds in `fgr_dir` with the mattes in `pha_dir` of the same file name (the
+    extensions may differ, so `0001.jpg` goes with `0001.png`); every foreground needs its matte."""
+    fgr_dir, pha_dir = Path(fgr_dir), Path(pha_dir)
+    mattes: dict[str, Path] = {}
+    for path in list_images(pha_dir, recursive=False):
+        mattes.setdefault(path.stem, path)
+    pairs = []
+    for path in list_images(fgr_dir, recursive=False):
+        matte = mattes.get(path.stem)
+        if matte is None:
+            raise BgmatteError(f"{path}: no matte named {path.stem}.* in {pha_dir}")
+        pairs.append((path, matte))
+    return pairs
+
+
+def videomatte_pairs(root: str | Path, split: str = "train") -> list[tuple[Path, Path]]:
+    """Frame pairs of VideoMatte240K as frame folders: root/{train,test}/fgr/CLIP/*.jpg with the
+    matching root/{train,test}/pha/CLIP/*.jpg."""
+    base = Path(root) / _split_folder(Path(root), split, ("train", "test"))
+    fgr_root, pha_root = base / "fgr", base / "pha"
+    if not fgr_root.is_dir() or not pha_root.is_dir():
+        raise BgmatteError(f"{base}: expected VideoMatte240K folders fgr/CLIP/ and pha/CLIP/")
+    clips = sorted((p for p in fgr_root.iterdir() if p.is_dir()), key=_natural_key)
+    if not clips:
+        raise BgmatteError(f"{fgr_root}: no clip folders")
+    pairs = []
+    for clip in clips:
+        if not (pha_root / clip.name).is_dir():
+            raise BgmatteError(f"{pha_root / clip.name}: missing matte folder for clip {clip.name}")
+        pairs.extend(match_folders(clip, pha_root / clip.name))
+    return pairs
+
+
+def folder_pairs(root: str | Path, split: str, names: Sequence[tuple[str, str]]) -> list[tuple[Path, Path]]:
+    """Pairs from the first (foreground, matte) folder names found in root/split/ or in root/."""
+    root = Path(root)
+    bases = [root / s for s in _split_candidates(split)] + [root]
+    for base in bases:
+        for fgr_name, pha_name in names:
+            if (base / fgr_name).is_dir() and (base / pha_name).is_dir():
+                return match_folders(base / fgr_name, base / pha_name)
+    expected = " or ".join(f"{f}/ + {p}/" for f, p in names)
+    raise BgmatteError(f"{root}: expected {expected} (directly or under {split}/)")
+
+
+def _split_candidates(split: str) -> list[str]:
+    return {"train": ["train"], "valid": ["valid", "val", "test"], "test": ["test", "valid", "val"]}.get(split, [split])
+
+
+def _split_folder(root: Path, split: str, present: Sequence[str]) -> str:
+    for name in _split_candidates(split):
+        if (root / name).is_dir():
+            return name
+    raise BgmatteError(f"{root}: no {split} folder (expected one of {', '.join(present)})")
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+
+def item_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed, epoch, index), independent of worker layout."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class MatteDataset(Dataset):
+    """Foreground/matte pairs from files: items are {"fgr": (3,H,W), "pha": (1,H,W)} floats in [0,1]."""
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]]):
+        if not pairs:
+            raise BgmatteError("no foreground/matte pairs to train on")
+        self.pairs = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        fgr_path, pha_path = self.pairs[index]
+        fgr, pha = read_image(fgr_path, 3), read_image(pha_path, 1)
+        if fgr.shape[1:] != pha.shape[1:]:
+            raise BgmatteError(
+                f"{pha_path}: matte is {pha.shape[2]}x{pha.shape[1]} but {fgr_path.name} is {fgr.shape[2]}x{fgr.shape[1]}"
+            )
+        return {"fgr": fgr, "pha": pha}
+
+
+class BackgroundDataset(Dataset):
+    """Background images from a folder (searched recursively): items are {"bgr": (3,H,W)}."""
+
+    def __init__(self, paths: Sequence[Path]):
+        if not paths:
+            raise BgmatteError("no background images")
+        self.paths = list(paths)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, split: str | None = None) -> BackgroundDataset:
+        """All images of `folder`, or of its train/valid/test subfolder for `split` if it has one."""
+        folder = Path(folder)
+        if split is not None:
+            for name in _split_candidates(split):
+                if (folder / name).is_dir():
+                    return cls(list_images(folder / name))
+        return cls(list_images(folder))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"bgr": read_image(self.paths[index], 3)}
+
+
+class CompositeDataset(Dataset):
+    """Training composites of a matte dataset over random backgrounds, augmented as in the paper.
+
+    Item i composites matte i over a background drawn by the item's generator and returns
+    {"src", "bgr", "pha", "fgr"} at `size` (H,W). Call `set_epoch` to draw new augmentations.
+    """
+
+    def __init__(
+        self,
+        mattes: Dataset,
+        backgrounds: Dataset,
+        size: tuple[int, int] = (512, 512),
+        *,
+        options: AugmentOptions = PAPER,
+        seed: int = 0,
+    ):
+        self.mattes, self.backgrounds = mattes, backgrounds
+        self.size, self.options, self.seed, self.epoch = tuple(size), options, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw a different background and augmentation for every item from now on."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.mattes)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
+        matte = self.mattes[index]
+        choice = int(rand_index(generator, 1, len(self.backgrounds))[0])
+        bgr = self.backgrounds[choice]["bgr"]
+        batch = make_training_batch(
+            matte["fgr"][None], matte["pha"][None], bgr[None], self.size, generator, self.options
+        )
+        return {name: tensor[0] for name, tensor in batch.items()}
+
+
+class SyntheticDataset(Dataset):
+    """Synthetic training composites (`bgmatte.train.synthetic`), augmented; no download needed.
+
+    Item i is always the same sample for a given seed and epoch (so generated data can be cached,
+    and validation sets, which stay at epoch 0, are fixed). `make_batch` generates a whole batch directly on a device, the
+    fast path on a GPU. `photos` are a folder of photographs or loaded images used as textures.
+    """
+
+    def __init__(
+        self,
+        size: tuple[int, int] = (512, 512),
+        length: int = 100_000,
+        *,
+        seed: int = 0,
+        photos: str | Path | Sequence[Tensor] | None = None,
+        options: SyntheticOptions = DEFAULT,
+        augment: AugmentOptions = SYNTHETIC,
+    ):
+        self.size, self.length, self.seed, self.epoch = tuple(size), int(length), seed, 0
+        self.options, self.augment = options, augment
+        self.photos = load_images(photos) if isinstance(photos, (str, Path)) else list(photos or [])
+        self._photos_by_device: dict[str, list[Tensor]] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """From epoch 1 on, item i is a new sample in each epoch; epoch 0 keeps the fixed samples."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        parts = (self.seed, index) if self.epoch == 0 else (self.seed, index, self.epoch)
+        generator = torch.Generator().manual_seed(item_seed(*parts))
+        batch = self.make_batch(1, "cpu", generator)
+        return {name: tensor[0] for name, tensor in batch.items()}
+
+    def make_batch(
+        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """A batch {"src", "bgr", "pha", "fgr"} of (B,C,H,W) tensors generated on `device`; pass a
+        generator on that device to keep everything there."""
+        device = torch.device(device)
+        key = str(device)
+        if key not in self._photos_by_device:
+            self._photos_by_device[key] = [p.to(device) for p in self.photos]
+        height, width = self.size
+        raw = generate_batch(
+            batch_size, height, width, device=device, generator=generator,
+            photos=self._photos_by_device[key], options=self.options,
+        )
+        return make_training_batch(raw["fgr"], raw["pha"], raw["bgr"], self.size, generator, self.augment)
+
+
+def build_dataset(
+    name: str,
+    root: str | Path | None = None,
+    *,
+    split: str = "train",
+    size: int | tuple[int, int] = 512,
+    backgrounds: str | Path | None = None,
+    seed: int = 0,
+    length: int | None = None,
+    augment: AugmentOptions | None = None,
+) -> Dataset:
+    """The training or validation dataset named `name` (one of `DATASETS`), items at `size`.
+
+    - "synthetic": generated composites; `backgrounds` (or `root`) is an optional folder of
+      photographs used as textures; `length` items (100,000 for train, 512 otherwise), and the
+      validation split uses other seeds than the training one.
+    - "videomatte": VideoMatte240K frame folders under `root` (split train or test).
+    - "photomatte": PhotoMatte13K-style fgr/ + pha/ folders, under root/split/ or root/.
+    - "aim": AIM/Adobe-style fg/ + alpha/ folders, under root/split/ or root/.
+    The real datasets composite over the images of `backgrounds` (its split subfolder if any).
+    """
+    key = name.lower()
+    if key not in DATASETS:
+        raise BgmatteError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if key == "synthetic":
+        photos = backgrounds if backgrounds is not None else root
+        if length is None:
+            length = 100_000 if split == "train" else 512
+        split_seed = seed if split == "train" else item_seed(seed, zlib.crc32(split.encode()))
+        return SyntheticDataset(size, length, seed=split_seed, photos=photos, augment=augment or SYNTHETIC)
+    if root is None:
+        raise BgmatteError(f"dataset {name!r} needs its folder (root)")
+    if backgrounds is None:
+        raise BgmatteError(f"dataset {name!r} needs a folder of background images")
+    if key == "videomatte":
+        pairs = videomatte_pairs(root, split)
+    elif key == "photomatte":
+        pairs = folder_pairs(root, split, [("fgr", "pha")])
+    else:
+        pairs = folder_pairs(root, split, [("fg", "alpha"), ("fgr", "pha")])
+    return CompositeDataset(
+        MatteDataset(pairs),
+        BackgroundDataset.from_folder(backgrounds, split),
+        size,
+        options=augment or PAPER,
+        seed=seed,
+    )
