@@ -1,0 +1,858 @@
+"""Video in and out with PyAV: a threaded reader and writers that keep timestamps, audio, rotation and alpha.
+
+Decoding and encoding each run on a background thread behind a bounded queue, so that they overlap
+with inference and memory stays flat however long the clip. Both ends carry each frame's own
+presentation timestamp (pts and time base), so variable frame rate survives a round trip.
+
+Writers never leave a half-written file under the final name: they write to a hidden temporary
+name in the same folder and rename it on `close()`, which also runs after an exception or Ctrl-C
+(through `with`), flushing the encoder so that every frame written so far is playable.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import av
+import numpy as np
+
+from bgmatte.errors import BgmatteError
+from bgmatte.io.images import write_png
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".wmv", ".flv", ".3gp", ".ogv"}
+)
+# Output containers by extension, as FFmpeg muxer names.
+OUTPUT_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm"}
+
+_END = object()  # queue sentinel
+_POLL_S = 0.1
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame: upright RGB pixels and the timestamp it had in the source."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB, rotation already applied
+    index: int  # 0-based position in decoding order
+    pts: int | None  # presentation timestamp in `time_base` units (None if the container gave none)
+    time_base: Fraction | None
+
+    @property
+    def time(self) -> float | None:
+        """Presentation time in seconds, or None when the source had no timestamp."""
+        if self.pts is None or self.time_base is None:
+            return None
+        return float(self.pts * self.time_base)
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What the source's first audio track is; give the source path to `VideoWriter(audio_from=...)` to carry it."""
+
+    codec: str
+    sample_rate: int
+    channels: int
+
+
+class VideoReader:
+    """Decode a video on a background thread and iterate over its frames as `Frame`s (upright uint8 RGB).
+
+    Arguments:
+        path: the video file.
+        queue_size: how many decoded frames may wait for the consumer.
+        apply_rotation: turn frames upright according to the display-matrix rotation.
+
+    A corrupt or truncated input ends the iteration at the last decodable frame; `error` then holds a
+    `BgmatteError` that says what happened (None after a clean end). Use it as a context manager, or
+    call `close()`, so that stopping early also stops the thread.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, queue_size: int = 8, apply_rotation: bool = True):
+        self.path = Path(path)
+        self.error: BgmatteError | None = None
+        self.frames_read = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self._stop = threading.Event()
+        self._iterated = False
+        self._container = _open_input(self.path)
+        try:
+            self._stream = self._container.streams.video[0]
+            self._stream.thread_type = "AUTO"
+            self._packets = self._container.demux(self._stream)
+            self._pending = self._decode_first()
+        except BaseException:
+            self._container.close()
+            raise
+        first = self._pending[0]
+        self.rotation: int = _frame_rotation(first)
+        self._turns = (self.rotation // 90) % 4 if apply_rotation else 0
+        width, height = first.width, first.height
+        self.size: tuple[int, int] = (height, width) if self._turns % 2 else (width, height)
+        self.time_base: Fraction | None = self._stream.time_base
+        self.fps: Fraction | None = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
+        self.duration: float | None = self._duration()
+        self.frame_count: int | None = self._frame_count()
+        audio = self._container.streams.audio
+        self.audio: AudioInfo | None = (
+            AudioInfo(audio[0].codec_context.name, audio[0].rate or 0, audio[0].channels or 0) if audio else None
+        )
+        self._thread = threading.Thread(target=self._run, name=f"bgmatte-read-{self.path.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def width(self) -> int:
+        return self.size[0]
+
+    @property
+    def height(self) -> int:
+        return self.size[1]
+
+    def _decode_first(self) -> list[av.VideoFrame]:
+        """Decode up to the first frame now, so that size and rotation are known before iteration starts."""
+        try:
+            for packet in self._packets:
+                frames = self._stream.decode(packet)
+                if frames:
+                    return frames
+        except av.FFmpegError as exc:
+            raise BgmatteError(f"{self.path}: no decodable video frame ({_reason(exc)})") from None
+        raise BgmatteError(f"{self.path}: the video stream has no frames")
+
+    def _duration(self) -> float | None:
+        stream = self._stream
+        if stream.duration and stream.time_base:
+            return float(stream.duration * stream.time_base)
+        tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+        if tag:
+            try:
+                hours, minutes, seconds = tag.split(":")
+                return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            except ValueError:
+                pass
+        if self._container.duration:
+            return self._container.duration / av.time_base
+        return None
+
+    def _frame_count(self) -> int | None:
+        """The container's frame count, or one estimated from duration and frame rate (None if neither)."""
+        if self._stream.frames:
+            return int(self._stream.frames)
+        if self.duration and self.fps:
+            return max(1, round(self.duration * float(self.fps)))
+        return None
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._iterated:
+            raise RuntimeError("a VideoReader can only be iterated once")
+        self._iterated = True
+        while True:
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    return
+                continue
+            if item is _END:
+                return
+            self.frames_read += 1
+            yield item
+
+    def close(self) -> None:
+        """Stop decoding (if still running) and release the file; safe to call twice."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=_POLL_S)
+
+    # Everything below runs on the decoding thread.
+
+    def _run(self) -> None:
+        index = 0
+        last_time: float | None = None
+        failure: str | None = None
+        try:
+            frames: list[av.VideoFrame] = self._pending
+            self._pending = []
+            while True:
+                for frame in frames:
+                    if not self._put(self._to_frame(frame, index)):
+                        return
+                    if frame.pts is not None and frame.time_base is not None:
+                        last_time = float(frame.pts * frame.time_base)
+                    index += 1
+                try:
+                    packet = next(self._packets)
+                except StopIteration:
+                    break
+                if self._stop.is_set():
+                    return
+                frames = self._stream.decode(packet)
+        except av.FFmpegError as exc:
+            failure = _reason(exc)
+        except Exception as exc:  # noqa: BLE001 - reported to the consumer, never lost
+            failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            if failure is not None:
+                # Frames the decoder still holds (reordering delay) were decoded fine; keep them.
+                try:
+                    for frame in self._stream.decode(None):
+                        if not self._put(self._to_frame(frame, index)):
+                            break
+                        index += 1
+                except Exception:  # noqa: BLE001 - the decoder is already broken; we tried
+                    pass
+                self.error = BgmatteError(f"{self.path}: decoding stopped after {index} frames ({failure})")
+            elif not self._stop.is_set():
+                self.error = self._check_complete(index, last_time)
+            self._container.close()
+            self._put(_END)
+
+    def _check_complete(self, decoded: int, last_time: float | None) -> BgmatteError | None:
+        """A file cut short decodes without an error; compare with what the header promised."""
+        expected = int(self._stream.frames or 0)
+        # A little slack: edit lists may legitimately hide a frame or two that the index counts.
+        if expected and decoded < expected - max(2, expected // 100):
+            return BgmatteError(f"{self.path}: ended after {decoded} of {expected} frames (the file looks truncated or damaged)")
+        if not expected and self.duration and last_time is not None and self.fps:
+            start = float(self._stream.start_time * self._stream.time_base) if self._stream.start_time else 0.0
+            step = 1.0 / float(self.fps)
+            if last_time - start + step < self.duration - max(2 * step, 0.25):
+                return BgmatteError(
+                    f"{self.path}: ended at {last_time - start:.2f} s of {self.duration:.2f} s (the file looks truncated or damaged)"
+                )
+        return None
+
+    def _to_frame(self, frame: av.VideoFrame, index: int) -> Frame:
+        image = frame.to_ndarray(format="rgb24")
+        if self._turns:
+            image = np.ascontiguousarray(np.rot90(image, self._turns))
+        return Frame(image=image, index=index, pts=frame.pts, time_base=frame.time_base)
+
+    def _put(self, item: object) -> bool:
+        """Put with a timeout loop so that a consumer that went away (close) never leaves us blocked."""
+        while True:
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                if self._stop.is_set():
+                    if item is _END:
+                        continue  # close() drains the queue; the end marker still has to get in
+                    return False
+
+
+def _open_input(path: Path) -> av.container.InputContainer:
+    if not path.exists():
+        raise BgmatteError(f"{path}: no such file")
+    if path.is_dir():
+        raise BgmatteError(f"{path}: is a folder, not a video file")
+    try:
+        container = av.open(str(path), mode="r")
+    except PermissionError:
+        raise BgmatteError(f"{path}: permission denied") from None
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise BgmatteError(f"{path}: not a video file that can be read ({_reason(exc)})") from None
+    if not container.streams.video:
+        container.close()
+        raise BgmatteError(f"{path}: has no video stream")
+    return container
+
+
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return str(text).strip().splitlines()[0]
+
+
+def _frame_rotation(frame: av.VideoFrame) -> int:
+    """The display-matrix rotation in degrees counterclockwise, snapped to a multiple of 90."""
+    try:
+        degrees = float(frame.rotation or 0)
+    except (AttributeError, ValueError, TypeError):
+        return 0
+    if degrees != degrees:  # NaN: a singular matrix
+        return 0
+    snapped = int(round(degrees / 90.0)) * 90
+    if abs(degrees - snapped) > 1:
+        logger.warning("rotation of %.1f degrees is not a multiple of 90; ignored", degrees)
+        return 0
+    return ((snapped + 179) % 360) - 179  # in (-180, 180]
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """Choices for video encoding; the defaults suit review copies that still edit well."""
+
+    codec: str | None = None  # force an encoder (e.g. "mpeg4"); None chooses by extension
+    crf: int | None = None  # quality for libx264 (default 18) and VP9 (default 30); lower is better
+    preset: str = "veryfast"  # libx264 speed preset
+    even: Literal["pad", "crop"] = "pad"  # how to reach the even size that 4:2:0 encoders need
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    """The container and encoder a path and alpha wish lead to."""
+
+    container: str  # FFmpeg muxer name
+    codec: str
+    pix_fmt: str
+    needs_even: bool
+    options: dict[str, str] = field(default_factory=dict)
+
+
+_ALPHA_PIX_FMTS = frozenset({"yuva420p", "yuva444p10le", "bgra", "rgba"})
+
+
+def _encoder_available(name: str) -> bool:
+    try:
+        av.Codec(name, "w")
+    except Exception:  # noqa: BLE001 - PyAV raises different types across versions
+        return False
+    return True
+
+
+def choose_encoder(path: str | os.PathLike, *, alpha: bool, options: EncoderOptions = EncoderOptions()) -> EncoderChoice:
+    """Pick the encoder for an output path: H.264 in .mp4/.mov/.mkv, VP9 in .webm, with alpha ProRes 4444 in .mov.
+
+    Transparency needs .webm (VP9 yuva420p), .mov (ProRes 4444) or .mkv (lossless FFV1); .mp4 is
+    refused with a message that says why.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in OUTPUT_CONTAINERS:
+        raise BgmatteError(f"{path}: cannot write video with extension {path.suffix or '(none)'}; use .mp4, .mov, .mkv or .webm")
+    container = OUTPUT_CONTAINERS[suffix]
+    if alpha and container == "mp4":
+        raise BgmatteError(
+            f"{path}: MP4 cannot keep transparency (its H.264 video has no alpha channel); "
+            "write .webm (VP9 with alpha), .mov (ProRes 4444) or a folder of PNGs instead"
+        )
+    h264 = "libx264" if _encoder_available("libx264") else "mpeg4"
+    if options.codec is not None:
+        codec = options.codec
+        if not _encoder_available(codec):
+            raise BgmatteError(f"{path}: the encoder {codec!r} is not available in this PyAV build")
+    elif container == "webm":
+        codec = "libvpx-vp9"
+    elif alpha and container == "mov":
+        codec = "prores_ks"
+    elif alpha and container == "matroska":
+        codec = "ffv1"
+    else:
+        codec = h264
+    pix_fmt = {
+        "libvpx-vp9": "yuva420p" if alpha else "yuv420p",
+        "prores_ks": "yuva444p10le" if alpha else "yuv422p10le",
+        "ffv1": "bgra" if alpha else "yuv420p",
+    }.get(codec, "yuv420p")
+    if alpha and pix_fmt not in _ALPHA_PIX_FMTS:
+        raise BgmatteError(f"{path}: the encoder {codec} cannot keep transparency; leave the encoder to the extension")
+    settings: dict[str, str] = {}
+    if codec == "libx264":
+        settings = {"crf": str(options.crf if options.crf is not None else 18), "preset": options.preset}
+    elif codec == "libvpx-vp9":
+        settings = {"crf": str(options.crf if options.crf is not None else 30), "b": "0", "deadline": "good", "cpu-used": "5", "row-mt": "1"}
+        if alpha:
+            settings["auto-alt-ref"] = "0"  # libvpx cannot combine alternate reference frames with alpha
+    elif codec == "prores_ks":
+        settings = {"profile": "4444" if alpha else "3"}
+    # Chroma subsampled by two needs even sizes, except in libvpx, which handles odd ones itself.
+    needs_even = any(tag in pix_fmt for tag in ("420", "422")) and codec not in ("libvpx-vp9", "libvpx")
+    return EncoderChoice(container=container, codec=codec, pix_fmt=pix_fmt, needs_even=needs_even, options=settings)
+
+
+def _as_fraction(rate: Fraction | float | int) -> Fraction:
+    value = rate if isinstance(rate, Fraction) else Fraction(rate).limit_denominator(100_000)
+    if value <= 0:
+        raise ValueError(f"frame rate must be positive, not {rate}")
+    return value
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{path.suffix}")
+
+
+def _check_destination(path: Path, overwrite: bool, *, folder: bool = False) -> None:
+    if path.exists() and not overwrite:
+        raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+    if path.is_dir() and not folder:
+        raise BgmatteError(f"{path}: is a folder")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BgmatteError(f"{path}: cannot create the folder {parent} ({exc.strerror or exc})") from None
+    if not os.access(parent, os.W_OK):
+        raise BgmatteError(f"{path}: cannot write in {parent} (permission denied)")
+
+
+class _Worker:
+    """Run `handle(item)` on a background thread for each queued item, then `finish()` once.
+
+    After a failure the remaining items are drained without handling, so that producers never block;
+    `finish()` always runs so that what was done so far is finalized.
+    """
+
+    def __init__(self, name: str, handle: Callable[[Any], None], finish: Callable[[], None], queue_size: int):
+        self._handle = handle
+        self._finish = finish
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, item: object) -> None:
+        while True:
+            if self.error is not None and item is not _END:
+                raise self.error
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    return
+
+    def close(self) -> BaseException | None:
+        if self._thread.is_alive():
+            self.put(_END)
+            self._thread.join()
+        return self.error
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _END:
+                    break
+                if self.error is None:
+                    try:
+                        self._handle(item)
+                    except BaseException as exc:  # noqa: BLE001 - handed to the producer
+                        self.error = exc
+        finally:
+            try:
+                self._finish()
+            except BaseException as exc:  # noqa: BLE001
+                if self.error is None:
+                    self.error = exc
+
+
+def _frame_pixels(image: np.ndarray, channels: int) -> np.ndarray:
+    """Check a frame for a writer and bring grey frames to `channels` channels."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, not {image.dtype} (see bgmatte.composite.to_uint8)")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+        if channels == 4:
+            image = np.concatenate([image, np.full_like(image[:, :, :1], 255)], axis=2)
+    if image.ndim != 3 or image.shape[2] != channels:
+        kind = "RGBA (H, W, 4)" if channels == 4 else "RGB (H, W, 3)"
+        raise ValueError(f"this writer takes {kind} frames, not shape {image.shape}")
+    return image
+
+
+class VideoWriter:
+    """Encode frames to a video file on a background thread, keeping source timestamps and audio.
+
+    Arguments:
+        path: the output file; its extension picks the container and encoder (`choose_encoder`).
+        fps: the nominal frame rate (stream metadata, and timing for frames written without pts).
+        alpha: frames are RGBA and the transparency is kept (.webm, .mov or .mkv).
+        audio_from: a media file whose first audio track is carried into the output: copied when the
+            container can hold its codec, else transcoded (AAC, or Opus in .webm); trimmed to the video.
+        overwrite: replace an existing file instead of refusing.
+        options: encoder choices (`EncoderOptions`).
+
+    `write(image, pts, time_base)` takes uint8 (H, W, 3) RGB, or (H, W, 4) RGBA with alpha=True;
+    grey (H, W) frames are expanded. Give each frame its source pts and time base to keep variable
+    frame rate; frames without pts follow `fps`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        fps: Fraction | float | int = 30,
+        alpha: bool = False,
+        audio_from: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        options: EncoderOptions = EncoderOptions(),
+        queue_size: int = 8,
+    ):
+        self.path = Path(path)
+        self.alpha = alpha
+        self.fps = _as_fraction(fps)
+        self.choice = choose_encoder(self.path, alpha=alpha, options=options)
+        self.options = options
+        self.audio_from = Path(audio_from) if audio_from is not None else None
+        if self.audio_from is not None and not self.audio_from.is_file():
+            raise BgmatteError(f"{self.audio_from}: no such file (to take the audio from)")
+        _check_destination(self.path, overwrite)
+        self.frames_written = 0
+        self.size: tuple[int, int] | None = None  # (width, height) as encoded
+        self._temporary = _temporary_sibling(self.path)
+        self._input_shape: tuple[int, ...] | None = None
+        self._container: av.container.OutputContainer | None = None
+        self._stream: av.video.stream.VideoStream | None = None
+        self._audio: _AudioCarrier | None = None
+        self._time_base: Fraction | None = None
+        self._last_pts: int | None = None
+        self._last_step = 1
+        self._closed = False
+        self._worker = _Worker(f"bgmatte-write-{self.path.name}", self._encode, self._finish, queue_size)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as close_error:  # noqa: BLE001 - do not hide the exception already on its way
+            logger.error("%s: while closing after an error: %s", self.path, close_error)
+
+    def write(self, image: np.ndarray, pts: int | None = None, time_base: Fraction | None = None) -> None:
+        """Queue one frame for encoding (blocks while the queue is full)."""
+        if self._closed:
+            raise RuntimeError(f"{self.path}: the writer is closed")
+        image = _frame_pixels(image, 4 if self.alpha else 3)
+        if self._input_shape is None:
+            self._input_shape = image.shape
+        elif image.shape != self._input_shape:
+            raise ValueError(f"{self.path}: frame size changed from {self._input_shape[:2]} to {image.shape[:2]}")
+        try:
+            self._worker.put((image, pts, time_base))
+        except BgmatteError:
+            raise
+        except Exception as exc:
+            raise BgmatteError(f"{self.path}: encoding failed ({_reason(exc)})") from exc
+
+    def close(self) -> Path | None:
+        """Finish the file (flush, audio, trailer) and rename it to its final name; returns it, or None if empty."""
+        if self._closed:
+            return self.path if self.path.exists() else None
+        self._closed = True
+        error = self._worker.close()
+        produced = self.frames_written > 0 and self._temporary.exists()
+        if produced and not isinstance(error, _FinalizeError):
+            os.replace(self._temporary, self.path)
+        else:
+            self._temporary.unlink(missing_ok=True)
+            if self.frames_written == 0 and error is None:
+                logger.warning("%s: no frames were written; no file was made", self.path)
+        if error is not None:
+            if isinstance(error, BgmatteError):
+                raise error
+            raise BgmatteError(f"{self.path}: encoding failed ({_reason(error)})") from error
+        return self.path if produced else None
+
+    # Everything below runs on the encoding thread.
+
+    def _open(self, image: np.ndarray, time_base: Fraction | None) -> None:
+        height, width = image.shape[:2]
+        if self.choice.needs_even and (width % 2 or height % 2):
+            if self.options.even == "crop":
+                width, height = width - width % 2, height - height % 2
+                action = "cropping"
+            else:
+                width, height = width + width % 2, height + height % 2
+                action = "padding"
+            logger.warning(
+                "%s: %s with %s needs even dimensions; %s %dx%d to %dx%d",
+                self.path, self.choice.codec, self.choice.pix_fmt, action, image.shape[1], image.shape[0], width, height,
+            )
+        self.size = (width, height)
+        tb = time_base if time_base is not None else 1 / self.fps
+        if self.choice.codec == "mpeg4" and tb.denominator > 65535:
+            tb = Fraction(1, 1000)  # MPEG-4 part 2 allows time bases up to 1/65535; milliseconds keep VFR
+        self._time_base = tb
+        # Matroska would otherwise shift every stream when copied audio starts before zero (AAC priming),
+        # moving the video off its source timestamps; MP4 keeps them with an edit list by itself.
+        muxer_options = {"avoid_negative_ts": "disabled"} if self.choice.container in ("matroska", "webm") else {}
+        container = av.open(str(self._temporary), mode="w", format=self.choice.container, options=muxer_options)
+        self._container = container
+        stream = container.add_stream(self.choice.codec, rate=self.fps, options=dict(self.choice.options))
+        stream.width, stream.height = width, height
+        stream.pix_fmt = self.choice.pix_fmt
+        stream.time_base = tb
+        stream.codec_context.time_base = tb
+        if self.choice.codec == "mpeg4":
+            stream.codec_context.qscale = True
+            stream.codec_context.global_quality = 3 * 118  # qscale 3 (FF_QP2LAMBDA = 118)
+        stream.thread_type = "AUTO"
+        self._stream = stream
+        if self.audio_from is not None:
+            self._audio = _AudioCarrier(self.audio_from, container, self.choice.container)
+
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        width, height = self.size
+        if image.shape[1] == width and image.shape[0] == height:
+            return image
+        image = image[:height, :width]
+        pad_y, pad_x = height - image.shape[0], width - image.shape[1]
+        if pad_y or pad_x:
+            image = np.pad(image, ((0, pad_y), (0, pad_x), (0, 0)), mode="edge")
+        return np.ascontiguousarray(image)
+
+    def _next_pts(self, pts: int | None, time_base: Fraction | None) -> int:
+        """The frame's pts in the stream's time base, kept strictly increasing."""
+        tb = self._time_base
+        if pts is not None:
+            if time_base is not None and time_base != tb:
+                pts = round(pts * time_base / tb)
+        elif self._last_pts is None:
+            pts = 0
+        else:
+            pts = self._last_pts + max(1, round((1 / self.fps) / tb))
+        if self._last_pts is not None:
+            if pts <= self._last_pts:
+                logger.debug("%s: timestamp %d is not after %d; moved forward", self.path, pts, self._last_pts)
+                pts = self._last_pts + 1
+            self._last_step = pts - self._last_pts
+        self._last_pts = pts
+        return pts
+
+    def _encode(self, item: tuple[np.ndarray, int | None, Fraction | None]) -> None:
+        image, pts, time_base = item
+        if self._container is None:
+            self._open(image, time_base)
+        frame = av.VideoFrame.from_ndarray(self._fit(image), format="rgba" if self.alpha else "rgb24")
+        frame.pts = self._next_pts(pts, time_base)
+        frame.time_base = self._time_base
+        packets = self._stream.encode(frame)
+        if self._audio is not None:
+            self._audio.carry(until=float(frame.pts * self._time_base))
+        self._container.mux(packets)
+        self.frames_written += 1
+
+    def _finish(self) -> None:
+        if self._container is None:
+            return
+        try:
+            self._container.mux(self._stream.encode(None))
+            if self._audio is not None:
+                end = float((self._last_pts + self._last_step) * self._time_base)
+                self._audio.finish(until=end)
+        finally:
+            try:
+                self._container.close()
+            except Exception as exc:  # noqa: BLE001
+                raise _FinalizeError(f"{self.path}: could not finish the file ({_reason(exc)})") from exc
+
+
+class _FinalizeError(BgmatteError):
+    """The trailer could not be written: the temporary file is not playable and is removed."""
+
+
+class _AudioCarrier:
+    """Carry the first audio track of a media file into an output container, interleaved with the video."""
+
+    def __init__(self, source: Path, output: av.container.OutputContainer, container: str):
+        self.source = source
+        try:
+            self._input = av.open(str(source), mode="r")
+        except (av.FFmpegError, OSError) as exc:
+            raise BgmatteError(f"{source}: cannot read its audio ({_reason(exc)})") from None
+        self._in_stream = self._input.streams.audio[0] if self._input.streams.audio else None
+        self._packets: Iterator[av.Packet] | None = None
+        self._held: av.Packet | None = None
+        if self._in_stream is None:
+            logger.info("%s: has no audio track; the output has none either", source)
+            self._input.close()
+            return
+        codec = self._in_stream.codec_context.name
+        self.copy = codec in output.supported_codecs and not (container in ("mp4", "mov") and codec == "vorbis")
+        if self.copy:
+            self._out_stream = output.add_stream_from_template(self._in_stream)
+        else:
+            target = "libopus" if container == "webm" and _encoder_available("libopus") else "opus" if container == "webm" else "aac"
+            rate = 48000 if target in ("libopus", "opus") else (self._in_stream.rate or 48000)
+            layout = self._in_stream.layout.name if (self._in_stream.channels or 0) <= 2 else "stereo"
+            self._out_stream = output.add_stream(target, rate=rate)
+            self._out_stream.layout = layout
+            self._resampler = av.AudioResampler(format=self._out_stream.format.name, layout=layout, rate=rate)
+            logger.info("%s: audio %s cannot go into %s as is; transcoding to %s", source, codec, container, target)
+        self._output = output
+        self._packets = self._input.demux(self._in_stream)
+
+    def carry(self, until: float) -> None:
+        """Mux the source's audio up to `until` seconds (exclusive)."""
+        if self._packets is None:
+            return
+        while True:
+            packet = self._held
+            self._held = None
+            if packet is None:
+                try:
+                    packet = next(self._packets)
+                except StopIteration:
+                    self._packets = None
+                    return
+                except av.FFmpegError as exc:
+                    logger.warning("%s: audio ends early (%s)", self.source, _reason(exc))
+                    self._packets = None
+                    return
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            if stamp is None:
+                continue  # the demuxer's flush packet
+            if float(stamp * packet.time_base) >= until:
+                self._held = packet
+                return
+            self._write(packet)
+
+    def _write(self, packet: av.Packet) -> None:
+        if self.copy:
+            packet.stream = self._out_stream
+            self._output.mux(packet)
+            return
+        for frame in self._in_stream.decode(packet):
+            self._encode(self._resampler.resample(frame))
+
+    def _encode(self, frames: list[av.AudioFrame]) -> None:
+        for frame in frames:
+            self._output.mux(self._out_stream.encode(frame))
+
+    def finish(self, until: float) -> None:
+        """Carry the rest up to `until`, flush a transcoder and close the source."""
+        if self._in_stream is None:
+            return
+        try:
+            self.carry(until)
+            if not self.copy:
+                self._encode(self._resampler.resample(None))
+                self._output.mux(self._out_stream.encode(None))
+        finally:
+            self._input.close()
+
+
+class ImageSequenceWriter:
+    """Write frames as numbered PNGs (or named after their sources) into a folder that appears on `close()`.
+
+    Arguments:
+        folder: the output folder; it is built under a hidden temporary name beside it and renamed.
+        overwrite: replace an existing folder instead of refusing.
+        start: the number of the first file (0001.png by default).
+        digits: zero-padding of the numbers.
+
+    Frames are uint8 (H, W), (H, W, 3) RGB or (H, W, 4) RGBA; PNG encoding runs on a background thread.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        start: int = 1,
+        digits: int = 4,
+        queue_size: int = 8,
+    ):
+        self.path = Path(folder)
+        _check_destination(self.path, overwrite, folder=True)
+        self.frames_written = 0
+        self._next = start
+        self._digits = digits
+        self._names: set[str] = set()
+        self._temporary = _temporary_sibling(self.path)
+        self._temporary.mkdir()
+        self._closed = False
+        self._worker = _Worker(f"bgmatte-png-{self.path.name}", self._save, lambda: None, queue_size)
+
+    def __enter__(self) -> ImageSequenceWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as close_error:  # noqa: BLE001
+            logger.error("%s: while closing after an error: %s", self.path, close_error)
+
+    def write(self, image: np.ndarray, name: str | None = None) -> None:
+        """Queue one frame; `name` (a file stem) replaces the running number."""
+        if self._closed:
+            raise RuntimeError(f"{self.path}: the writer is closed")
+        image = np.asarray(image)
+        if image.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8, not {image.dtype}")
+        stem = name if name is not None else str(self._next).zfill(self._digits)
+        self._next += 1
+        if stem in self._names:
+            raise BgmatteError(f"{self.path}: two frames would both be named {stem}.png")
+        if "/" in stem or os.sep in stem or stem in ("", ".", ".."):
+            raise ValueError(f"{stem!r} is not a file name")
+        self._names.add(stem)
+        try:
+            self._worker.put((image, stem))
+        except BgmatteError:
+            raise
+        except Exception as exc:
+            raise BgmatteError(f"{self.path}: writing PNG failed ({_reason(exc)})") from exc
+
+    def _save(self, item: tuple[np.ndarray, str]) -> None:
+        image, stem = item
+        write_png(self._temporary / f"{stem}.png", image, overwrite=True)
+        self.frames_written += 1
+
+    def close(self) -> Path | None:
+        """Wait for the last PNGs and move the folder into place; returns it, or None if nothing was written."""
+        if self._closed:
+            return self.path if self.path.exists() else None
+        self._closed = True
+        error = self._worker.close()
+        if self.frames_written == 0:
+            shutil.rmtree(self._temporary, ignore_errors=True)
+            if error is None:
+                logger.warning("%s: no frames were written; no folder was made", self.path)
+        else:
+            self._move_into_place()
+        if error is not None:
+            if isinstance(error, BgmatteError):
+                raise error
+            raise BgmatteError(f"{self.path}: writing PNG failed ({_reason(error)})") from error
+        return self.path if self.frames_written else None
+
+    def _move_into_place(self) -> None:
+        old: Path | None = None
+        if self.path.exists() or self.path.is_symlink():
+            old = _temporary_sibling(self.path)
+            os.replace(self.path, old)
+        os.replace(self._temporary, self.path)
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)

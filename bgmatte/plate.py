@@ -1,0 +1,521 @@
+"""Plates (the background without the subject): alignment to handheld frames, exposure matching, and a
+clean plate estimated from the clip itself for users who have none.
+
+All functions take (H, W, 3) RGB arrays, uint8 or float in [0, 1], and return the plate's dtype.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from bgmatte.errors import BgmatteError
+
+logger = logging.getLogger(__name__)
+
+
+def _as_float(image: np.ndarray) -> np.ndarray:
+    return image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32, copy=False)
+
+
+def _like(result: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Float [0, 1] pixels back to the caller's dtype."""
+    if dtype == np.uint8:
+        return np.rint(np.clip(result, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.clip(result, 0.0, 1.0).astype(dtype, copy=False)
+
+
+def _grey_uint8(image: np.ndarray) -> np.ndarray:
+    if image.dtype != np.uint8:
+        image = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+# ------------------------------------------------------------------------------------------ alignment
+
+
+@dataclass(frozen=True)
+class AlignOptions:
+    """Feature matching settings for plate alignment."""
+
+    max_features: int = 2000  # ORB keypoints per image
+    working_size: int | None = 720  # longer side for feature detection; None = full resolution
+    ratio: float = 0.75  # Lowe's ratio test between the best and second-best match
+    min_inliers: int = 15  # fewer RANSAC inliers than this counts as no homography
+    ransac_threshold: float = 3.0  # pixels, at full resolution
+    max_scale_change: float = 2.0  # a homography that scales the plate more than this is rejected
+
+
+def _working_scale(image: np.ndarray, working_size: int | None) -> float:
+    longest = max(image.shape[:2])
+    if working_size is None or longest <= working_size:
+        return 1.0
+    return working_size / longest
+
+
+def _scaled(image: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return image
+    height, width = image.shape[:2]
+    return cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+
+
+class PlateAligner:
+    """Align one plate to many frames: the plate's ORB features are computed once, each frame's per call.
+
+    Arguments:
+        plate: the clean background, (H, W, 3) RGB.
+        options: feature and RANSAC settings (`AlignOptions`).
+
+    `align(frame)` returns the plate warped onto the frame and whether that worked; on failure the
+    plate comes back unaligned (resized to the frame if needed) and a warning is logged (the first
+    time; later failures are counted in `failures`).
+    """
+
+    def __init__(self, plate: np.ndarray, options: AlignOptions = AlignOptions()):
+        self.plate = plate
+        self.options = options
+        self.failures = 0
+        self.attempts = 0
+        self._orb = cv2.ORB_create(nfeatures=options.max_features)
+        self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+        self._plate_scale = _working_scale(plate, options.working_size)
+        keypoints, descriptors = self._orb.detectAndCompute(_scaled(_grey_uint8(plate), self._plate_scale), None)
+        self._plate_points = np.float32([point.pt for point in keypoints]).reshape(-1, 2) / self._plate_scale
+        self._plate_descriptors = descriptors
+        self.textured = descriptors is not None and len(keypoints) >= options.min_inliers
+        if not self.textured:
+            logger.warning(
+                "the plate has too little texture to align (%d features); it is used unaligned", len(keypoints)
+            )
+
+    def estimate(self, frame: np.ndarray) -> tuple[np.ndarray | None, str]:
+        """The 3x3 homography taking plate pixels to frame pixels, or None and the reason it failed."""
+        if not self.textured:
+            return None, "the plate has too little texture"
+        scale = _working_scale(frame, self.options.working_size)
+        keypoints, descriptors = self._orb.detectAndCompute(_scaled(_grey_uint8(frame), scale), None)
+        if descriptors is None or len(keypoints) < self.options.min_inliers:
+            return None, f"only {len(keypoints)} features in the frame"
+        pairs = self._matcher.knnMatch(descriptors, self._plate_descriptors, k=2)
+        good = [pair[0] for pair in pairs if len(pair) == 2 and pair[0].distance < self.options.ratio * pair[1].distance]
+        if len(good) < self.options.min_inliers:
+            return None, f"only {len(good)} distinctive matches"
+        frame_points = np.float32([keypoints[match.queryIdx].pt for match in good]) / scale
+        plate_points = self._plate_points[[match.trainIdx for match in good]]
+        homography, inliers = cv2.findHomography(
+            plate_points, frame_points, cv2.RANSAC, self.options.ransac_threshold, maxIters=2000, confidence=0.995
+        )
+        if homography is None or inliers is None:
+            return None, "no consistent homography"
+        count = int(inliers.sum())
+        if count < self.options.min_inliers:
+            return None, f"only {count} matches agree on a homography"
+        problem = self._implausible(homography)
+        if problem:
+            return None, problem
+        return homography, ""
+
+    def _implausible(self, homography: np.ndarray) -> str:
+        """Reject homographies that fold, flip or blow up the plate: RANSAC can fit those to bad matches."""
+        if not np.all(np.isfinite(homography)) or abs(homography[2, 2]) < 1e-12:
+            return "a degenerate homography"
+        height, width = self.plate.shape[:2]
+        corners = np.float32([[0, 0], [width, 0], [width, height], [0, height]]).reshape(-1, 1, 2)
+        warped = cv2.perspectiveTransform(corners, homography).reshape(-1, 2)
+        if not cv2.isContourConvex(warped.astype(np.float32)):
+            return "a homography that folds the plate"
+        area = abs(cv2.contourArea(warped.astype(np.float32)))
+        ratio = area / float(width * height)
+        limit = self.options.max_scale_change**2
+        if not (1.0 / limit <= ratio <= limit):
+            return f"a homography that scales the plate's area by {ratio:.2f}"
+        # Orientation must be kept (no mirror image): the corners still go round the same way.
+        edge1, edge2 = warped[1] - warped[0], warped[3] - warped[0]
+        if edge1[0] * edge2[1] - edge1[1] * edge2[0] <= 0:
+            return "a homography that mirrors the plate"
+        return ""
+
+    def align(self, frame: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The plate warped onto `frame` (edges replicated where it does not reach) and whether alignment worked."""
+        self.attempts += 1
+        height, width = frame.shape[:2]
+        homography, reason = self.estimate(frame)
+        if homography is None:
+            self.failures += 1
+            log = logger.warning if self.failures == 1 else logger.debug
+            log("plate alignment failed (%s); using the unaligned plate", reason)
+            plate = self.plate
+            if plate.shape[:2] != (height, width):
+                plate = cv2.resize(plate, (width, height), interpolation=cv2.INTER_AREA)
+            return plate, False
+        warped = cv2.warpPerspective(
+            self.plate, homography, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        return warped, True
+
+
+def align_plate(plate: np.ndarray, frame: np.ndarray, options: AlignOptions = AlignOptions()) -> tuple[np.ndarray, bool]:
+    """Warp `plate` onto `frame` by ORB matching and a RANSAC homography; the unaligned plate if that fails.
+
+    For video, build one `PlateAligner` and call `align` per frame, so the plate's features are found once.
+    """
+    return PlateAligner(plate, options).align(frame)
+
+
+# ----------------------------------------------------------------------------------- exposure matching
+
+
+@dataclass(frozen=True)
+class ExposureOptions:
+    """How to fit the colour change between plate and frame."""
+
+    model: Literal["gain_offset", "affine"] = "gain_offset"  # per channel, or a full 3x3 matrix plus offset
+    background_below: float = 0.05  # pha below this counts as background
+    max_samples: int = 50_000  # pixels used for the fit (an even subsample)
+    iterations: int = 4  # robust refits, each dropping outliers found by the last
+    min_pixels: int = 200  # with fewer usable pixels the plate is left as it is
+
+
+@dataclass(frozen=True)
+class ExposureFit:
+    """frame ≈ plate @ matrix.T + offset, in float [0, 1] RGB."""
+
+    matrix: np.ndarray  # (3, 3)
+    offset: np.ndarray  # (3,)
+    pixels: int  # pixels the final fit used
+
+    def apply(self, plate: np.ndarray) -> np.ndarray:
+        """The plate with the fitted colour change, in the plate's dtype."""
+        if plate.dtype == np.uint8:  # OpenCV applies it in 8 bits directly, rounding and saturating
+            return cv2.transform(plate, np.hstack([self.matrix, 255.0 * self.offset[:, None]]))
+        transform = np.hstack([self.matrix, self.offset[:, None]]).astype(np.float32)
+        return _like(cv2.transform(plate.astype(np.float32, copy=False), transform), plate.dtype)
+
+
+IDENTITY_FIT = ExposureFit(np.eye(3), np.zeros(3), 0)
+
+
+def fit_exposure(
+    plate: np.ndarray, frame: np.ndarray, pha_or_mask: np.ndarray | None = None, options: ExposureOptions = ExposureOptions()
+) -> ExposureFit:
+    """Fit the colour transform from plate to frame on confident background pixels, robust to outliers.
+
+    `pha_or_mask`: a float alpha matte (background where below `background_below`) or a boolean
+    foreground mask (background where False); None uses every pixel and relies on the outlier
+    rejection to drop the subject. Saturated pixels are left out, since clipping hides their change.
+    """
+    if plate.shape[:2] != frame.shape[:2]:
+        raise ValueError(f"plate {plate.shape[:2]} and frame {frame.shape[:2]} differ in size")
+    # A regular grid of at most about 4 * max_samples pixels is plenty, and keeps video frames cheap.
+    stride = max(1, int(np.sqrt(plate.shape[0] * plate.shape[1] / (4 * options.max_samples))))
+    grid = (slice(None, None, stride), slice(None, None, stride))
+    source, target = _as_float(plate[grid]).reshape(-1, 3), _as_float(frame[grid]).reshape(-1, 3)
+    usable = np.all((source > 2 / 255) & (source < 253 / 255) & (target > 2 / 255) & (target < 253 / 255), axis=1)
+    if pha_or_mask is not None:
+        matte = np.asarray(pha_or_mask)[grid].reshape(-1)
+        foreground = matte if matte.dtype == bool else _as_float(matte) >= options.background_below
+        usable &= ~foreground
+    indices = np.flatnonzero(usable)
+    if len(indices) > options.max_samples:
+        indices = indices[np.linspace(0, len(indices) - 1, options.max_samples).astype(np.int64)]
+    if len(indices) < options.min_pixels:
+        logger.warning("exposure matching skipped: only %d background pixels to fit on", len(indices))
+        return IDENTITY_FIT
+    x, y = source[indices].astype(np.float64), target[indices].astype(np.float64)
+    keep = np.ones(len(x), bool)
+    matrix, offset = np.eye(3), np.zeros(3)
+    for _ in range(options.iterations):
+        if keep.sum() < options.min_pixels:
+            break
+        matrix, offset = _least_squares(x[keep], y[keep], options.model)
+        residual = np.abs(x @ matrix.T + offset - y).max(axis=1)
+        spread = 1.4826 * np.median(np.abs(residual[keep] - np.median(residual[keep])))
+        keep = residual <= np.median(residual[keep]) + max(3.0 * spread, 2.0 / 255)
+    gains = np.diag(matrix) if options.model == "gain_offset" else np.linalg.svd(matrix, compute_uv=False)
+    if not np.all(np.isfinite(matrix)) or gains.min() < 0.2 or gains.max() > 5.0:
+        logger.warning("exposure matching skipped: the fitted change is implausible (gains %s)", np.round(gains, 2))
+        return IDENTITY_FIT
+    return ExposureFit(matrix, offset, int(keep.sum()))
+
+
+def _least_squares(x: np.ndarray, y: np.ndarray, model: str) -> tuple[np.ndarray, np.ndarray]:
+    if model == "gain_offset":
+        matrix, offset = np.zeros((3, 3)), np.zeros(3)
+        for channel in range(3):
+            design = np.stack([x[:, channel], np.ones(len(x))], axis=1)
+            (gain, shift), *_ = np.linalg.lstsq(design, y[:, channel], rcond=None)
+            matrix[channel, channel], offset[channel] = gain, shift
+        return matrix, offset
+    if model == "affine":
+        design = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        solution, *_ = np.linalg.lstsq(design, y, rcond=None)
+        return solution[:3].T, solution[3]
+    raise ValueError(f"unknown exposure model {model!r}; use 'gain_offset' or 'affine'")
+
+
+def match_exposure(
+    plate: np.ndarray, frame: np.ndarray, pha_or_mask: np.ndarray | None = None, options: ExposureOptions = ExposureOptions()
+) -> np.ndarray:
+    """The plate with its exposure and white balance brought to the frame's (see `fit_exposure`)."""
+    return fit_exposure(plate, frame, pha_or_mask, options).apply(plate)
+
+
+# ------------------------------------------------------------------------------------ automatic plate
+
+
+@dataclass(frozen=True)
+class PlateEstimateOptions:
+    """Settings for estimating a clean plate from the clip."""
+
+    threshold: float | None = None  # how far (0-1, largest channel) a sample may stray from a cluster's
+    # reference and still belong to it; None derives it from the clip's noise
+    min_threshold: float = 0.06
+    min_area: int = 9  # differences in a sample smaller than this many pixels are noise
+    smoothing: float = 3.0  # Gaussian sigma (pixels) of the neighbourhood that predicts the background
+    inpaint_radius: int = 5
+
+
+def sample_frames(frames: Iterable[np.ndarray], count: int = 30) -> list[np.ndarray]:
+    """Keep about `count` frames spread evenly over an iterable of unknown length, holding at most 2 * count."""
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    kept: list[np.ndarray] = []
+    stride = 1
+    for index, frame in enumerate(frames):
+        if index % stride:
+            continue
+        kept.append(frame)
+        if len(kept) >= 2 * count:
+            kept = kept[::2]
+            stride *= 2
+    if len(kept) > count:
+        kept = [kept[i] for i in np.linspace(0, len(kept) - 1, count).round().astype(int)]
+    return kept
+
+
+def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEstimateOptions = PlateEstimateOptions()) -> np.ndarray:
+    """A clean plate from sampled frames of the clip itself: a temporal median, corrected where the subject stayed.
+
+    The per-pixel median is right wherever the subject covered a pixel in fewer than half the
+    samples. Where samples disagree, each pixel's samples are split into up to three clusters of
+    like colour (say: the background, a subject that stayed, another that passed), and the cluster
+    that continues the background around it wins. Decisions are made inward from the area that
+    never changed, each pixel predicted from the background decided next to it. So a subject that kept still for most of the clip, then
+    moved, is replaced by what it uncovered. Unchanged islands enclosed by such a region, which
+    the subject never uncovered, are inpainted. A subject that never moved at all cannot be told
+    from the background and stays.
+    """
+    frames = list(frames) if not isinstance(frames, np.ndarray) else frames
+    if len(frames) < 3:
+        raise BgmatteError(f"an automatic plate needs at least 3 frames; got {len(frames)}")
+    dtype = frames[0].dtype
+    stack = np.stack([frame if frame.dtype == np.uint8 else _like(_as_float(frame), np.dtype(np.uint8)) for frame in frames])
+    count, height, width, _ = stack.shape
+    median, reference = _temporal_median(stack)
+
+    def deviation(index: int, rows: slice = slice(None), columns: slice = slice(None)) -> np.ndarray:
+        difference = np.abs(stack[index, rows, columns].astype(np.int16) - reference[rows, columns].astype(np.int16))
+        return np.maximum(np.maximum(difference[..., 0], difference[..., 1]), difference[..., 2]) / 255.0
+
+    threshold = options.threshold
+    if threshold is None:  # from the typical deviation on a pixel grid: mostly background, so mostly noise
+        grid = (slice(None, None, max(1, height // 64)), slice(None, None, max(1, width // 64)))
+        noise = float(np.median([deviation(index, *grid) for index in range(count)]))
+        threshold = max(options.min_threshold, 5.0 * noise)
+    differs = np.empty((count, height, width), bool)
+    for index in range(count):
+        differs[index] = _without_specks((deviation(index) > threshold).astype(np.uint8), options.min_area)
+    changing = differs.any(axis=0)
+    if not changing.any():
+        return _like(median / 255.0, dtype)
+
+    rows, columns = np.nonzero(changing)
+    candidates = np.empty((3, len(rows), 3), np.float32)
+    members = np.empty((3, len(rows)), np.int32)
+    for start in range(0, len(rows), 65536):  # in pixel chunks, to bound the temporary memory
+        part = slice(start, start + 65536)
+        candidates[:, part], members[:, part] = _clusters(
+            stack[:, rows[part], columns[part]].astype(np.float32), differs[:, rows[part], columns[part]], threshold
+        )
+    del differs
+    # Unchanged islands enclosed by change may be a subject that never moved there, so only the
+    # unchanged area outside every changing region is trusted as background.
+    enclosed = _fill_holes(changing)
+    chosen = _choose_from_surroundings(median, enclosed, rows, columns, candidates, members / count, options.smoothing)
+    plate = median.copy()
+    plate[rows, columns] = candidates[chosen, np.arange(len(rows))]
+
+    # An island whose surroundings mostly turned away from the reference cluster was held by the
+    # subject through every sample: nothing there was ever seen, so inpaint it.
+    turned = np.zeros((height, width), bool)
+    turned[rows, columns] = chosen != 0
+    holes = _islands_to_inpaint(enclosed & ~changing, changing, turned)
+    result = np.clip(np.rint(plate), 0, 255).astype(np.uint8)
+    if holes.any():
+        result = cv2.inpaint(result, holes.astype(np.uint8), options.inpaint_radius, cv2.INPAINT_TELEA)
+    if dtype == np.uint8:
+        return result
+    return (result.astype(np.float32) / 255.0).astype(dtype)
+
+
+def _without_specks(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """Drop connected specks below `min_area` pixels (noise), keeping thin but long shapes (edges that moved)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    large = stats[:, cv2.CC_STAT_AREA] >= min_area
+    large[0] = False  # the label of the unmasked area
+    return large[labels]
+
+
+def _temporal_median(stack: np.ndarray, rows_per_chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel median over samples, and the sample of median brightness (a real colour, never a blend).
+
+    The plain median averages the two middle values when samples split evenly between subject and
+    background; the reference sample picks one side, so the other still stands out as different.
+    Row chunks bound the temporary memory.
+    """
+    count = stack.shape[0]
+    median = np.empty(stack.shape[1:], np.float32)
+    reference = np.empty(stack.shape[1:], np.uint8)
+    middle = (count - 1) // 2
+    for start in range(0, stack.shape[1], rows_per_chunk):
+        chunk = stack[:, start : start + rows_per_chunk]
+        median[start : start + rows_per_chunk] = np.median(chunk, axis=0)
+        brightness = chunk.astype(np.uint16).sum(axis=3)
+        pick = np.argpartition(brightness, middle, axis=0)[middle]
+        reference[start : start + rows_per_chunk] = np.take_along_axis(chunk, pick[None, :, :, None], axis=0)[0]
+    return median, reference
+
+
+def _clusters(samples: np.ndarray, outside: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Split each pixel's samples (T, N, 3) into up to three clusters; their medians (3, N, 3) and sizes (3, N).
+
+    Cluster 0 holds the samples near the reference (those not `outside`); cluster 1 those near the
+    median-brightness sample of the rest; cluster 2 whatever remains. Empty clusters get cluster 0's colour.
+    """
+    first = _masked_median(samples, ~outside, fallback=None)
+    second_reference = _median_brightness_sample(samples, outside)
+    difference = np.abs(samples - second_reference[None])
+    near_second = outside & (np.maximum(np.maximum(difference[..., 0], difference[..., 1]), difference[..., 2]) <= threshold * 255.0)
+    third = outside & ~near_second
+    first = np.where(np.isnan(first), second_reference, first)
+    colours = np.stack(
+        [first, _masked_median(samples, near_second, fallback=first), _masked_median(samples, third, fallback=first)]
+    )
+    sizes = np.stack([(~outside).sum(axis=0), near_second.sum(axis=0), third.sum(axis=0)]).astype(np.int32)
+    return colours, sizes
+
+
+def _median_brightness_sample(samples: np.ndarray, include: np.ndarray) -> np.ndarray:
+    """For each pixel, the included sample of median brightness (any sample where none is included)."""
+    brightness = np.where(include, samples.sum(axis=2), np.inf)
+    order = np.argsort(brightness, axis=0)
+    middle = np.maximum(include.sum(axis=0) - 1, 0) // 2
+    pick = np.take_along_axis(order, middle[None], axis=0)[0]
+    return samples[pick, np.arange(samples.shape[1])]
+
+
+def _masked_median(samples: np.ndarray, include: np.ndarray, fallback: np.ndarray | None) -> np.ndarray:
+    """Median over the included samples of each pixel; `fallback` (or NaN) where none is included.
+
+    Excluded samples are pushed to the end by sorting them as +inf; the median then sits at the
+    middle of each pixel's included count.
+    """
+    values = np.where(include[:, :, None], samples, np.inf).astype(np.float32)
+    values.sort(axis=0)
+    included = include.sum(axis=0)
+    low = np.maximum(included - 1, 0) // 2
+    high = np.minimum(included // 2, len(values) - 1)
+    shape = (1, values.shape[1], values.shape[2])
+    low_values = np.take_along_axis(values, np.broadcast_to(low[None, :, None], shape), axis=0)[0]
+    high_values = np.take_along_axis(values, np.broadcast_to(high[None, :, None], shape), axis=0)[0]
+    middle = (low_values + np.where(np.isfinite(high_values), high_values, low_values)) / 2
+    empty = np.full_like(middle, np.nan) if fallback is None else fallback
+    return np.where((included > 0)[:, None], middle, empty).astype(np.float32)
+
+
+def _choose_from_surroundings(
+    median: np.ndarray,
+    enclosed: np.ndarray,
+    rows: np.ndarray,
+    columns: np.ndarray,
+    candidates: np.ndarray,
+    shares: np.ndarray,
+    smoothing: float,
+) -> np.ndarray:
+    """For each changing pixel, the index of the candidate colour that best continues the background.
+
+    Pixels are decided in rings of growing distance from the trusted area (unchanged and not
+    enclosed). Each ring is predicted by a Gaussian-weighted average of the background decided
+    so far. A candidate's cost is its distance to that prediction, in units of how well such
+    predictions fit the trusted background, minus the log of its share of the samples: a far
+    better fit beats a frequent colour (a subject that stayed is seen more often than what it
+    hid), while between similar fits the more often seen colour wins.
+    """
+    known = (~enclosed).astype(np.float32)
+    values = median * known[:, :, None]
+    scale = _prediction_error(median, ~enclosed, smoothing)
+    distance = cv2.distanceTransform(enclosed.astype(np.uint8), cv2.DIST_L2, 3)
+    ring_of_pixel = np.ceil(distance[rows, columns]).astype(np.int64)
+    chosen = np.zeros(len(rows), np.int64)
+    reach = max(1, int(np.ceil(3 * smoothing)))
+    for ring in np.unique(ring_of_pixel):
+        members = np.flatnonzero(ring_of_pixel == ring)
+        r, c = rows[members], columns[members]
+        top, bottom = max(0, r.min() - reach), min(median.shape[0], r.max() + reach + 1)
+        left, right = max(0, c.min() - reach), min(median.shape[1], c.max() + reach + 1)
+        weight = cv2.GaussianBlur(known[top:bottom, left:right], (0, 0), smoothing, borderType=cv2.BORDER_CONSTANT)
+        total = cv2.GaussianBlur(values[top:bottom, left:right], (0, 0), smoothing, borderType=cv2.BORDER_CONSTANT)
+        local_weight = weight[r - top, c - left]
+        predicted = total[r - top, c - left] / np.maximum(local_weight, 1e-6)[:, None]
+        with np.errstate(divide="ignore"):
+            cost = np.abs(candidates[:, members] - predicted[None]).sum(axis=2) / scale - np.log(shares[:, members])
+        pick = np.argmin(cost, axis=0)
+        pick[local_weight < 1e-3] = 0  # nothing decided nearby yet: keep the reference cluster
+        chosen[members] = pick
+        values[r, c] = candidates[pick, members]
+        known[r, c] = 1.0
+    return chosen
+
+
+def _prediction_error(image: np.ndarray, trusted: np.ndarray, smoothing: float) -> float:
+    """Typical L1 error (summed over channels) of predicting a trusted pixel from its neighbours alone."""
+    kernel = cv2.getGaussianKernel(2 * max(1, int(np.ceil(3 * smoothing))) + 1, smoothing)
+    kernel = kernel @ kernel.T
+    centre = kernel.shape[0] // 2
+    centre_weight = float(kernel[centre, centre])
+    kernel[centre, centre] = 0.0
+    weight = cv2.filter2D(trusted.astype(np.float32), -1, kernel, borderType=cv2.BORDER_CONSTANT)
+    total = cv2.filter2D(image * trusted[:, :, None], -1, kernel, borderType=cv2.BORDER_CONSTANT)
+    usable = trusted & (weight > 0.9 * (1.0 - centre_weight))
+    if usable.sum() < 16:
+        return 30.0
+    error = np.abs(total[usable] / weight[usable][:, None] - image[usable]).sum(axis=1)
+    return max(3.0, float(np.mean(error)))
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`mask` with every region it encloses filled in."""
+    filled = np.zeros(mask.shape, np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    return filled.astype(bool) | mask
+
+
+def _islands_to_inpaint(islands: np.ndarray, changing: np.ndarray, turned: np.ndarray) -> np.ndarray:
+    """The enclosed unchanged islands most of whose border turned away from the reference cluster."""
+    holes = np.zeros(islands.shape, bool)
+    if not islands.any():
+        return holes
+    count, labels = cv2.connectedComponents(islands.astype(np.uint8), connectivity=4)
+    kernel = np.ones((5, 5), np.uint8)
+    for label in range(1, count):
+        island = labels == label
+        border = cv2.dilate(island.astype(np.uint8), kernel).astype(bool) & changing
+        if border.any() and turned[border].mean() >= 0.5:
+            holes |= island
+    return holes

@@ -1,0 +1,88 @@
+"""The stateful inference wrapper: a model on its device and precision, matting batches of uint8 frames.
+
+The networks stay tensors-in, tensors-out; this class owns the conversions around them (uint8 RGB
+to float on the device, the precision cast, upsampling ``err`` and ``ref`` for output), so that the
+video pipeline, the image command and the webcam share one way of running the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bgmatte.errors import BgmatteError
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Sides at or above this many pixels count as 4K, where the paper's settings are 1/8 and 320,000 pixels.
+UHD_MIN_PIXELS = 3200 * 1800
+
+
+@dataclass(frozen=True)
+class Matte:
+    """One batch of results on the model's device, float32, full resolution, channels first."""
+
+    pha: Tensor  # (B, 1, H, W) alpha
+    fgr: Tensor  # (B, 3, H, W) foreground colour
+    err: Tensor  # (B, 1, H, W) the coarse error map, upsampled
+    ref: Tensor  # (B, 1, H, W) 1 where the refiner worked
+
+
+def settings_for_size(width: int, height: int) -> tuple[float, int]:
+    """The paper's (backbone_scale, refine_sample_pixels) for a frame size: 1/4 and 80k up to HD, 1/8 and 320k at 4K."""
+    if width * height >= UHD_MIN_PIXELS:
+        return 0.125, 320_000
+    return 0.25, 80_000
+
+
+def frames_to_tensor(frames: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(B,H,W,3) or (H,W,3) uint8 RGB to (B,3,H,W) floats in [0, 1] on ``device``."""
+    tensor = torch.as_tensor(frames)
+    if tensor.ndim == 3:
+        tensor = tensor[None]
+    if tensor.ndim != 4 or tensor.shape[-1] != 3:
+        raise ValueError(f"frames must be (B, H, W, 3) RGB, got {tuple(tensor.shape)}")
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        tensor = tensor.pin_memory()
+    tensor = tensor.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    if tensor.dtype == torch.uint8:
+        return tensor.to(dtype).div_(255)
+    return tensor.to(dtype)
+
+
+class Predictor:
+    """Runs a matting model on batches of frames and plates.
+
+    Arguments:
+        model: a ``MattingRefine`` (plain or fast) in eval mode, or anything returning its tuple.
+        precision: ``fp32``, ``fp16`` or ``bf16``; the model is cast once here.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise BgmatteError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        self.dtype = PRECISIONS[precision]
+        try:
+            self.device = next(model.parameters()).device
+        except (StopIteration, AttributeError):
+            self.device = torch.device("cpu")
+        if self.dtype != torch.float32 and isinstance(model, torch.nn.Module):
+            model = model.to(self.dtype)
+        self.model = model
+
+    @torch.inference_mode()
+    def __call__(self, src: np.ndarray | Tensor, bgr: np.ndarray | Tensor) -> Matte:
+        """Matte uint8 RGB frames ``src`` against plates ``bgr`` ((B,H,W,3) or (H,W,3) each)."""
+        src_t = frames_to_tensor(src, self.device, self.dtype)
+        bgr_t = frames_to_tensor(bgr, self.device, self.dtype)
+        if src_t.shape != bgr_t.shape:
+            raise BgmatteError(f"the plate is {bgr_t.shape[-1]}x{bgr_t.shape[-2]} but the frame is "
+                               f"{src_t.shape[-1]}x{src_t.shape[-2]}")
+        pha, fgr, _, _, err_sm, ref_sm = self.model(src_t, bgr_t)
+        size = pha.shape[-2:]
+        err = F.interpolate(err_sm.float(), size, mode="bilinear", align_corners=False)
+        ref = F.interpolate(ref_sm.float(), size, mode="nearest")
+        return Matte(pha.float(), fgr.float(), err, ref)

@@ -1,0 +1,171 @@
+"""Still images: reading (with the pixel limit checked from the header), atomic PNGs, listing, plate matching."""
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from bgmatte.errors import BgmatteError
+from bgmatte.io.images import (
+    image_header_size,
+    list_images,
+    match_by_stem,
+    natural_key,
+    read_image,
+    write_png,
+)
+
+
+def rgb_pattern(height=12, width=20):
+    image = np.zeros((height, width, 3), np.uint8)
+    image[..., 0] = 200  # red
+    image[:, width // 2 :, 2] = 150  # blue on the right
+    return image
+
+
+def save_with_cv2(path: Path, rgb: np.ndarray, params=()) -> Path:
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), list(params))
+    return path
+
+
+def bomb_png(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims a huge size; its data is a few bytes, as in a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".webp", ".tif"])
+def test_header_size_is_read_without_decoding(tmp_path, suffix):
+    path = save_with_cv2(tmp_path / f"image{suffix}", rgb_pattern(12, 20))
+    assert image_header_size(path.read_bytes()) == (20, 12)
+
+
+def test_header_size_of_lossless_webp_and_gif_and_garbage(tmp_path):
+    path = save_with_cv2(tmp_path / "lossless.webp", rgb_pattern(12, 20), [cv2.IMWRITE_WEBP_QUALITY, 101])
+    assert image_header_size(path.read_bytes()) == (20, 12)
+    gif = b"GIF89a" + struct.pack("<HH", 33, 17) + b"\x00" * 10
+    assert image_header_size(gif) == (33, 17)
+    assert image_header_size(b"not an image at all") is None
+    assert image_header_size(b"\x89PNG\r\n\x1a\n") is None  # cut short
+
+
+def test_read_image_gives_rgb_uint8_and_float(tmp_path):
+    path = save_with_cv2(tmp_path / "a.png", rgb_pattern())
+    image = read_image(path)
+    assert image.dtype == np.uint8 and image.shape == (12, 20, 3)
+    assert image[0, 0].tolist() == [200, 0, 0] and image[0, -1].tolist() == [200, 0, 150]
+    as_float = read_image(path, dtype="float32")
+    assert as_float.dtype == np.float32 and as_float[0, -1] == pytest.approx([200 / 255, 0, 150 / 255])
+
+
+def test_sixteen_bit_png_keeps_precision_as_float(tmp_path):
+    deep = np.full((4, 4, 3), 1000, np.uint16)  # 1000/65535 is between two 8-bit levels
+    cv2.imwrite(str(tmp_path / "deep.png"), deep)
+    assert read_image(tmp_path / "deep.png", dtype="float32")[0, 0, 0] == pytest.approx(1000 / 65535, abs=1e-6)
+    assert read_image(tmp_path / "deep.png").dtype == np.uint8
+
+
+def test_grey_and_rgba_files_become_rgb(tmp_path):
+    cv2.imwrite(str(tmp_path / "grey.png"), np.full((5, 6), 77, np.uint8))
+    assert read_image(tmp_path / "grey.png")[2, 2].tolist() == [77, 77, 77]
+    cv2.imwrite(str(tmp_path / "rgba.png"), np.full((5, 6, 4), (10, 20, 30, 40), np.uint8))
+    assert read_image(tmp_path / "rgba.png")[0, 0].tolist() == [30, 20, 10]
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    bomb = bomb_png(tmp_path / "bomb.png", 50_000, 50_000)
+    with pytest.raises(BgmatteError, match=r"bomb.png: 50000x50000 is 2500 megapixels, above the limit of 100"):
+        read_image(bomb)
+    small = save_with_cv2(tmp_path / "small.png", rgb_pattern(12, 20))
+    with pytest.raises(BgmatteError, match="above the limit"):
+        read_image(small, max_pixels=100)
+    assert read_image(small, max_pixels=240).shape == (12, 20, 3)
+    assert read_image(small, max_pixels=None).shape == (12, 20, 3)
+
+
+def test_missing_and_unreadable_files_are_one_line_errors(tmp_path):
+    with pytest.raises(BgmatteError, match="nope.png: no such image file"):
+        read_image(tmp_path / "nope.png")
+    (tmp_path / "fake.jpg").write_text("hello")
+    with pytest.raises(BgmatteError, match="fake.jpg: not an image file") as caught:
+        read_image(tmp_path / "fake.jpg")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(BgmatteError, match="is a folder"):
+        read_image(tmp_path)
+
+
+def test_write_png_round_trips_rgb_rgba_grey_and_float(tmp_path):
+    rgb = rgb_pattern()
+    write_png(tmp_path / "rgb.png", rgb)
+    assert np.array_equal(read_image(tmp_path / "rgb.png"), rgb)
+    rgba = np.concatenate([rgb, np.full((12, 20, 1), 99, np.uint8)], axis=2)
+    write_png(tmp_path / "rgba.png", rgba)
+    stored = cv2.imread(str(tmp_path / "rgba.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(cv2.cvtColor(stored, cv2.COLOR_BGRA2RGBA), rgba)
+    write_png(tmp_path / "grey.png", np.full((3, 4, 1), 0.5, np.float32))
+    assert cv2.imread(str(tmp_path / "grey.png"), cv2.IMREAD_UNCHANGED).tolist() == [[128] * 4] * 3
+
+
+def test_write_png_is_atomic_and_refuses_to_overwrite(tmp_path):
+    target = tmp_path / "out.png"
+    target.write_bytes(b"precious")
+    with pytest.raises(BgmatteError, match="out.png: already exists"):
+        write_png(target, rgb_pattern())
+    assert target.read_bytes() == b"precious"
+    write_png(target, rgb_pattern(), overwrite=True)
+    assert read_image(target).shape == (12, 20, 3)
+    assert [path.name for path in tmp_path.iterdir()] == ["out.png"]  # no temporary left behind
+
+
+def test_write_png_into_a_missing_folder_names_it(tmp_path):
+    with pytest.raises(BgmatteError, match="does not exist"):
+        write_png(tmp_path / "nowhere" / "out.png", rgb_pattern())
+
+
+def test_write_png_rejects_odd_shapes(tmp_path):
+    with pytest.raises(ValueError, match="PNG pixels"):
+        write_png(tmp_path / "bad.png", np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(ValueError, match="uint8 or float"):
+        write_png(tmp_path / "bad.png", np.zeros((4, 4, 3), np.int32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_natural_order():
+    names = ["frame10.png", "frame2.png", "Frame1.png", "frame2b.png"]
+    assert sorted(names, key=natural_key) == ["Frame1.png", "frame2.png", "frame2b.png", "frame10.png"]
+
+
+def test_list_images_is_natural_and_skips_others(tmp_path):
+    for name in ["10.png", "2.jpg", "1.JPEG", "notes.txt", ".hidden.png", "9.webp"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub.png").mkdir()
+    assert [path.name for path in list_images(tmp_path)] == ["1.JPEG", "2.jpg", "9.webp", "10.png"]
+    with pytest.raises(BgmatteError, match="no such folder"):
+        list_images(tmp_path / "missing")
+    with pytest.raises(BgmatteError, match="is not a folder"):
+        list_images(tmp_path / "notes.txt")
+
+
+def test_plates_are_matched_by_stem():
+    sources = [Path("src/a.jpg"), Path("src/B.png"), Path("src/c.png")]
+    plates = [Path("bgr/c.jpg"), Path("bgr/a.png"), Path("bgr/b.png"), Path("bgr/extra.png")]
+    assert match_by_stem(sources, plates) == [
+        (Path("src/a.jpg"), Path("bgr/a.png")),
+        (Path("src/B.png"), Path("bgr/b.png")),  # case-insensitive when unambiguous
+        (Path("src/c.png"), Path("bgr/c.jpg")),
+    ]
+
+
+def test_missing_or_ambiguous_plates_are_errors():
+    with pytest.raises(BgmatteError, match=r"no plate .* for d.png"):
+        match_by_stem([Path("d.png")], [Path("bgr/a.png")])
+    with pytest.raises(BgmatteError, match="share the name 'a'"):
+        match_by_stem([Path("a.png")], [Path("bgr/a.png"), Path("bgr/a.jpg")])

@@ -1,0 +1,282 @@
+"""Plates on synthetic images: alignment by a known homography, a known exposure change, a clip-made plate."""
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+import pytest
+
+from bgmatte.errors import BgmatteError
+from bgmatte.plate import (
+    AlignOptions,
+    ExposureOptions,
+    PlateAligner,
+    PlateEstimateOptions,
+    align_plate,
+    estimate_plate,
+    fit_exposure,
+    match_exposure,
+    sample_frames,
+)
+
+
+def textured(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A uint8 background with blobs, fine grain and sharp-cornered shapes (ORB needs corners), in 40..215."""
+    rng = np.random.default_rng(seed)
+    blobs = cv2.resize(rng.random((height // 16 + 1, width // 16 + 1, 3)).astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
+    grain = cv2.GaussianBlur(rng.random((height, width, 3)).astype(np.float32), (0, 0), 1.0)
+    image = 0.6 * blobs + 0.4 * grain
+    for _ in range(height * width // 400):
+        x, y = int(rng.integers(0, width - 8)), int(rng.integers(0, height - 8))
+        w, h = int(rng.integers(4, 24)), int(rng.integers(4, 24))
+        cv2.rectangle(image, (x, y), (x + w, y + h), rng.random(3).tolist(), thickness=-1)
+    return np.rint(40 + 175 * np.clip(image, 0, 1)).astype(np.uint8)
+
+
+def known_homography(width: int, height: int) -> np.ndarray:
+    """A handheld wobble: 2 degrees of roll, 2% zoom and a shift of (6, -4) pixels."""
+    rotation = cv2.getRotationMatrix2D((width / 2, height / 2), 2.0, 1.02)
+    homography = np.vstack([rotation, [0, 0, 1]])
+    homography[0, 2] += 6
+    homography[1, 2] -= 4
+    return homography
+
+
+def corner_error(estimated: np.ndarray, true: np.ndarray, width: int, height: int) -> float:
+    corners = np.float32([[0, 0], [width, 0], [width, height], [0, height]]).reshape(-1, 1, 2)
+    return float(np.abs(cv2.perspectiveTransform(corners, estimated) - cv2.perspectiveTransform(corners, true)).max())
+
+
+# ------------------------------------------------------------------------------------------ alignment
+
+
+@pytest.mark.parametrize("working_size", [None, 200], ids=["full-resolution", "reduced"])
+def test_plate_warped_by_a_known_homography_is_aligned_back(working_size):
+    height, width = 240, 320
+    plate = textured(height, width)
+    true = known_homography(width, height)
+    frame = cv2.warpPerspective(plate, true, (width, height), borderMode=cv2.BORDER_REPLICATE)
+    frame[80:160, 120:190] = (30, 200, 40)  # the subject covers part of the view
+    aligner = PlateAligner(plate, AlignOptions(working_size=working_size))
+    homography, reason = aligner.estimate(frame)
+    assert homography is not None, reason
+    assert corner_error(homography, true, width, height) < 1.5
+    aligned, ok = aligner.align(frame)
+    assert ok and aligned.shape == frame.shape and aligned.dtype == np.uint8
+    interior = np.ones((height, width), bool)
+    interior[:20], interior[-20:], interior[:, :20], interior[:, -20:] = False, False, False, False
+    interior[80:160, 120:190] = False
+    error = np.abs(aligned.astype(float) - frame.astype(float))[interior].mean()
+    unaligned = np.abs(plate.astype(float) - frame.astype(float))[interior].mean()
+    assert error < 4 and unaligned > 5 * error
+
+
+def test_one_aligner_serves_many_frames():
+    height, width = 200, 260
+    plate = textured(height, width, seed=3)
+    aligner = PlateAligner(plate)
+    for shift in (0, 3, -5):
+        true = np.float64([[1, 0, shift], [0, 1, -shift / 2], [0, 0, 1]])
+        frame = cv2.warpPerspective(plate, true, (width, height), borderMode=cv2.BORDER_REPLICATE)
+        homography, _ = aligner.estimate(frame)
+        assert homography is not None and corner_error(homography, true, width, height) < 1.0
+    assert aligner.failures == 0
+
+
+def test_float_images_are_aligned_in_their_own_dtype():
+    plate = textured(200, 260, seed=4)
+    true = known_homography(260, 200)
+    frame = cv2.warpPerspective(plate, true, (260, 200), borderMode=cv2.BORDER_REPLICATE)
+    aligned, ok = align_plate(plate.astype(np.float32) / 255, frame.astype(np.float32) / 255)
+    assert ok and aligned.dtype == np.float32
+    assert np.abs(aligned - frame / 255.0)[20:-20, 20:-20].mean() < 0.02
+
+
+def test_flat_plate_falls_back_unaligned_with_a_warning(caplog):
+    plate = np.full((120, 160, 3), 128, np.uint8)
+    frame = textured(120, 160)
+    with caplog.at_level(logging.WARNING, logger="bgmatte.plate"):
+        aligned, ok = align_plate(plate, frame)
+    assert not ok and np.array_equal(aligned, plate)
+    assert any("too little texture" in record.message for record in caplog.records)
+
+
+def test_unrelated_frame_falls_back_and_warns_once(caplog):
+    aligner = PlateAligner(textured(160, 200, seed=1))
+    with caplog.at_level(logging.WARNING, logger="bgmatte.plate"):
+        for seed in (7, 8, 9):
+            aligned, ok = aligner.align(textured(160, 200, seed=seed))
+            assert not ok and aligned.shape == (160, 200, 3)
+    assert aligner.failures == 3 and aligner.attempts == 3
+    assert len([record for record in caplog.records if "alignment failed" in record.message]) == 1
+
+
+def test_fallback_plate_is_resized_to_the_frame():
+    plate = np.full((100, 150, 3), 90, np.uint8)
+    aligned, ok = align_plate(plate, textured(120, 160))
+    assert not ok and aligned.shape == (120, 160, 3)
+
+
+def test_mirrored_or_collapsed_homographies_are_rejected():
+    aligner = PlateAligner(textured(120, 160))
+    assert aligner._implausible(np.diag([-1.0, 1.0, 1.0])) == "a homography that mirrors the plate"
+    assert "scales the plate" in aligner._implausible(np.diag([0.2, 0.2, 1.0]))
+    assert aligner._implausible(np.full((3, 3), np.nan)) == "a degenerate homography"
+
+
+# ----------------------------------------------------------------------------------- exposure matching
+
+GAINS = np.array([1.2, 0.9, 1.05])
+OFFSETS = np.array([0.02, -0.03, 0.0])
+
+
+def exposure_pair(seed: int = 0):
+    """A plate, and a frame of the same view with changed exposure, white balance, noise and a subject."""
+    rng = np.random.default_rng(seed)
+    plate = 0.15 + 0.6 * textured(120, 160, seed).astype(np.float32) / 255  # 0.24 .. 0.66
+    background = plate * GAINS + OFFSETS
+    frame = np.clip(background + rng.normal(0, 0.004, plate.shape), 0, 1).astype(np.float32)
+    subject = np.zeros((120, 160), bool)
+    subject[20:90, 50:110] = True  # about a quarter of the frame
+    frame[subject] = rng.random((int(subject.sum()), 3)).astype(np.float32)
+    return plate.astype(np.float32), frame, background.astype(np.float32), subject
+
+
+@pytest.mark.parametrize("hint", ["none", "mask", "pha"])
+def test_known_gain_and_offset_are_corrected(hint):
+    plate, frame, background, subject = exposure_pair()
+    pha = {"none": None, "mask": subject, "pha": subject.astype(np.float32) * 0.9}[hint]
+    fit = fit_exposure(plate, frame, pha)
+    assert np.diag(fit.matrix) == pytest.approx(GAINS, abs=0.01)
+    assert fit.offset == pytest.approx(OFFSETS, abs=0.005)
+    corrected = match_exposure(plate, frame, pha)
+    assert corrected.dtype == np.float32
+    assert np.abs(corrected - background).mean() < 0.003
+    assert np.abs(plate - background).mean() > 0.03  # there was something to correct
+
+
+def test_colour_mixing_is_fitted_by_the_affine_model():
+    plate, _, _, subject = exposure_pair(seed=2)
+    mixing = np.array([[1.1, 0.05, 0.0], [0.0, 0.95, 0.08], [0.04, 0.0, 1.0]])
+    frame = (plate @ mixing.T + 0.01).astype(np.float32)
+    frame[subject] = 0.9
+    corrected = match_exposure(plate, frame, subject, ExposureOptions(model="affine"))
+    assert np.abs(corrected - frame)[~subject].mean() < 0.002
+    per_channel = match_exposure(plate, frame, subject)
+    assert np.abs(per_channel - frame)[~subject].mean() > np.abs(corrected - frame)[~subject].mean()
+
+
+def test_uint8_plates_come_back_as_uint8():
+    plate, frame, background, _ = exposure_pair(seed=1)
+    corrected = match_exposure((plate * 255).round().astype(np.uint8), (frame * 255).round().astype(np.uint8))
+    assert corrected.dtype == np.uint8
+    assert np.abs(corrected / 255.0 - background).mean() < 0.006
+
+
+def test_no_background_to_fit_on_leaves_the_plate_alone(caplog):
+    plate, frame, _, _ = exposure_pair()
+    with caplog.at_level(logging.WARNING, logger="bgmatte.plate"):
+        corrected = match_exposure(plate, frame, np.ones(plate.shape[:2], bool))
+    assert np.array_equal(corrected, plate)
+    assert any("exposure matching skipped" in record.message for record in caplog.records)
+
+
+def test_exposure_needs_same_sizes():
+    with pytest.raises(ValueError, match="differ in size"):
+        match_exposure(np.zeros((4, 4, 3), np.float32), np.zeros((5, 4, 3), np.float32))
+
+
+# ------------------------------------------------------------------------------------ automatic plate
+
+
+def synthetic_clip(count: int = 24, seed: int = 0):
+    """A textured background; a subject crossing it; a box that stays for 2/3 of the clip, then leaves."""
+    rng = np.random.default_rng(seed)
+    background = textured(96, 128, seed=5)
+    mover = rng.integers(0, 256, (22, 22, 3), dtype=np.uint8)
+    frames = []
+    for index in range(count):
+        frame = background.astype(np.int16) + rng.normal(0, 2, background.shape).round().astype(np.int16)
+        x = int(index * (128 - 22) / (count - 1))
+        frame[8:30, x : x + 22] = mover
+        if index < count * 2 // 3:
+            frame[50:80, 60:95] = (200, 40, 40)
+        frames.append(np.clip(frame, 0, 255).astype(np.uint8))
+    return frames, background
+
+
+def test_automatic_plate_removes_moving_and_partly_still_subjects():
+    frames, background = synthetic_clip()
+    plate = estimate_plate(frames)
+    assert plate.shape == background.shape and plate.dtype == np.uint8
+    error = np.abs(plate.astype(float) - background.astype(float)).max(axis=2)
+    still = (slice(50, 80), slice(60, 95))
+    assert error.mean() < 2.5
+    assert error[still].mean() < 4
+    assert error[8:30].mean() < 4
+    # A plain median keeps the box that stayed; the refinement is what removes it.
+    median = np.median(np.stack(frames), axis=0)
+    assert np.abs(median - background.astype(float)).max(axis=2)[still].mean() > 50
+
+
+def swaying_clip(step_aside: float):
+    """A yellow box that sways a few pixels in every sample and, with probability `step_aside`, moves right."""
+    rng = np.random.default_rng(3)
+    background = textured(96, 128, seed=6)
+    frames = []
+    for _ in range(16):
+        frame = background.copy()
+        dy, dx = rng.integers(-4, 5, 2)
+        frame[30 + dy : 66 + dy, 40 + dx : 80 + dx] = (230, 230, 30)
+        if rng.random() < step_aside:
+            frame[30 + dy : 66 + dy, 40 + dx : 80 + dx] = background[30 + dy : 66 + dy, 40 + dx : 80 + dx]
+            frame[30 + dy : 66 + dy, 70 + dx : 110 + dx] = (230, 230, 30)
+        frames.append(frame)
+    return frames, background
+
+
+def region_error(plate, background, region):
+    return np.abs(plate[region].astype(float) - background[region].astype(float)).max(axis=2).mean()
+
+
+def test_subject_that_sways_and_sometimes_steps_aside_is_removed():
+    frames, background = swaying_clip(step_aside=0.3)
+    plate = estimate_plate(frames)
+    assert region_error(plate, background, (slice(26, 70), slice(36, 84))) < 5
+    assert region_error(plate, background, (slice(0, 96), slice(0, 128))) < 2
+
+
+def test_subject_that_never_uncovered_its_middle_is_inpainted():
+    frames, background = swaying_clip(step_aside=0.0)
+    plate = estimate_plate(frames)
+    middle = (slice(36, 60), slice(48, 72))
+    subject_gap = np.abs(np.float64([230, 230, 30]) - background[middle]).max(axis=2).mean()
+    # Nothing there was ever seen: a smooth guess from around it, far closer than the subject itself.
+    assert region_error(plate, background, middle) < 0.5 * subject_gap
+    assert np.abs(plate[middle].astype(float) - np.float64([230, 230, 30])).max(axis=2).min() > 30
+
+
+def test_still_clip_gives_its_median_and_float_input_gives_float():
+    frames, background = synthetic_clip()
+    still = [background.astype(np.float32) / 255] * 5
+    plate = estimate_plate(still)
+    assert plate.dtype == np.float32 and np.allclose(plate, background / 255.0, atol=1 / 255)
+
+
+def test_automatic_plate_needs_a_few_frames():
+    with pytest.raises(BgmatteError, match="at least 3 frames"):
+        estimate_plate([np.zeros((4, 4, 3), np.uint8)] * 2)
+
+
+def test_explicit_threshold_is_used():
+    frames, background = synthetic_clip()
+    plate = estimate_plate(frames, PlateEstimateOptions(threshold=0.1))
+    assert np.abs(plate.astype(float) - background.astype(float)).max(axis=2).mean() < 3
+
+
+def test_sampling_keeps_an_even_spread_with_bounded_memory():
+    picked = sample_frames(iter(range(1000)), count=10)
+    assert len(picked) == 10 and picked[0] == 0 and picked[-1] > 800
+    assert np.all(np.diff(picked) > 50)
+    assert sample_frames(range(4), count=10) == [0, 1, 2, 3]
