@@ -15,6 +15,9 @@ multiple of 4 pixels, as the paper's benchmark.m does.
 
   bgmatte eval --pred DIR --gt DIR       DIR/pha (and DIR/fgr) against GT/pha, GT/fgr, GT/trimap
   bgmatte eval --model CKPT --data DIR   run the model over DIR/src + DIR/bgr first, then score against DIR
+  bgmatte eval --baseline closed-form --data DIR
+                                         the classical peer instead of a model: closed-form matting on a
+                                         trimap drawn from the plate difference (needs pymatting)
 """
 
 
@@ -27,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pred", metavar="DIR", help="predictions: pha/ and optionally fgr/")
     parser.add_argument("--gt", metavar="DIR", help="ground truth: pha/, fgr/ and trimap/")
     parser.add_argument("--model", metavar="CKPT", help="a checkpoint (.pth or .safetensors) to run first")
+    parser.add_argument("--baseline", choices=("closed-form",),
+                        help="score the classical peer instead of a model (with --data)")
     parser.add_argument("--data", metavar="DIR", help="with --model: src/ and bgr/, plus the ground truth")
     parser.add_argument("--out", metavar="DIR", help="with --model: where to write the predicted pha/ and fgr/ "
                                                      "(default: a temporary folder, removed afterwards)")
@@ -50,18 +55,25 @@ def run(args: argparse.Namespace) -> int:
     """Check which mode was asked for, evaluate, and print the table or JSON."""
     from bgmatte import evaluate
 
-    if args.model or args.data:
+    if args.model or args.data or args.baseline:
         if args.pred or args.gt:
             raise BgmatteError("use either --pred/--gt or --model/--data, not both")
-        if not (args.model and args.data):
-            raise BgmatteError("--model and --data go together")
-        import bgmatte
+        if args.model and args.baseline:
+            raise BgmatteError("use either --model or --baseline, not both")
+        if not ((args.model or args.baseline) and args.data):
+            raise BgmatteError("--data goes with --model or --baseline")
+        if args.baseline:
+            from bgmatte.baseline import ClosedFormBaseline
 
-        model = bgmatte.load_model(
-            args.model, backbone=args.backbone, backbone_scale=args.backbone_scale,
-            refine_mode=args.refine_mode, refine_sample_pixels=args.refine_sample_pixels,
-            refine_threshold=args.refine_threshold, device=args.device,
-        )
+            model = ClosedFormBaseline()
+        else:
+            import bgmatte
+
+            model = bgmatte.load_model(
+                args.model, backbone=args.backbone, backbone_scale=args.backbone_scale,
+                refine_mode=args.refine_mode, refine_sample_pixels=args.refine_sample_pixels,
+                refine_threshold=args.refine_threshold, device=args.device,
+            )
         result = evaluate.evaluate_model(model, args.data, args.out)
     else:
         if not (args.pred and args.gt):

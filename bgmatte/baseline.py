@@ -1,0 +1,82 @@
+"""A classical peer to measure the model against: closed-form matting on a trimap drawn from the plate difference.
+
+This is what a careful user could do without a learned model: call every pixel that differs
+clearly from the plate foreground, every pixel that matches it background, leave a band around
+the boundary unknown, and solve closed-form matting (Levin et al. 2008, through pymatting) there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from bgmatte.errors import BgmatteError
+
+
+@dataclass(frozen=True)
+class TrimapOptions:
+    """How the plate difference becomes a trimap (thresholds on the largest channel difference, in [0, 1])."""
+
+    foreground_above: float = 0.2
+    background_below: float = 0.06
+    band: int = 5  # pixels of unknown kept on each side of the boundary
+    min_region: int = 64  # foreground specks smaller than this (pixels) are dropped
+
+
+def plate_difference_trimap(src: np.ndarray, bgr: np.ndarray, options: TrimapOptions = TrimapOptions()) -> np.ndarray:
+    """A uint8 trimap (0 background, 128 unknown, 255 foreground) from float RGB ``src`` and plate ``bgr``."""
+    difference = np.abs(src.astype(np.float32) - bgr.astype(np.float32)).max(axis=2)
+    difference = cv2.GaussianBlur(difference, (0, 0), 1.0)
+    foreground = (difference > options.foreground_above).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
+    small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < options.min_region)
+    foreground[np.isin(labels, small[small > 0])] = 0
+    foreground = cv2.morphologyEx(foreground, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+    background = (difference < options.background_below).astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * options.band + 1, 2 * options.band + 1))
+    sure_foreground = cv2.erode(foreground, kernel)
+    sure_background = cv2.erode(background, kernel) & (1 - cv2.dilate(foreground, kernel))
+    trimap = np.full(difference.shape, 128, np.uint8)
+    trimap[sure_background.astype(bool)] = 0
+    trimap[sure_foreground.astype(bool)] = 255
+    return trimap
+
+
+def closed_form_alpha(src: np.ndarray, trimap: np.ndarray) -> np.ndarray:
+    """Closed-form matting of float RGB ``src`` in the trimap's unknown region (pymatting, the ``[eval]`` extra)."""
+    try:
+        from pymatting import estimate_alpha_cf
+    except ImportError:
+        raise BgmatteError('the closed-form baseline needs pymatting: pip install "bgmatte[eval]"') from None
+    if not (trimap == 128).any():
+        return (trimap == 255).astype(np.float64)
+    if not (trimap == 255).any():
+        return np.zeros(trimap.shape, np.float64)
+    if not (trimap == 0).any():
+        return np.ones(trimap.shape, np.float64)
+    alpha = estimate_alpha_cf(src.astype(np.float64), trimap.astype(np.float64) / 255.0)
+    return np.clip(alpha, 0.0, 1.0)
+
+
+class ClosedFormBaseline(torch.nn.Module):
+    """The peer as a model: ``(src, bgr)`` tensors in, ``(pha, fgr)`` out, so ``bgmatte eval`` can score it.
+
+    The foreground colour is the frame itself: closed-form matting estimates alpha only.
+    """
+
+    def __init__(self, options: TrimapOptions = TrimapOptions()) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor]:
+        alphas = []
+        for frame, plate in zip(src, bgr):
+            frame_np = frame.permute(1, 2, 0).float().cpu().numpy()
+            plate_np = plate.permute(1, 2, 0).float().cpu().numpy()
+            trimap = plate_difference_trimap(frame_np, plate_np, self.options)
+            alphas.append(torch.from_numpy(closed_form_alpha(frame_np, trimap)).float())
+        pha = torch.stack(alphas)[:, None].to(src.device)
+        return pha, src.clone()

@@ -1,0 +1,882 @@
+"""Live matting from a camera: capture with OpenCV, matte each frame against a plate, composite it, and send it
+to a virtual camera (pyvirtualcam), a preview window and/or a recording.
+
+The loop is `WebcamSession`, whose parts are injected so that it runs without a camera or a display: the
+source is any iterator of uint8 RGB frames, the sinks are objects with `send(frame)`, and the keys come
+from a function. `run_webcam` puts the live parts together (`CameraSource` read on a thread that keeps
+only the newest frame, `VirtualCamera`, `Recording`, `PreviewWindow`); `bgmatte webcam` calls it.
+
+The plate: a file (`bgr=`); in the preview, key b takes the current frame; headless with no file, the
+plate is taken automatically: after `auto_plate_delay` seconds (time to step out of view), the median of
+the next `auto_plate_frames` frames. Until there is a plate, frames pass through unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+
+from bgmatte.composite import Colour, TargetBackground, blur, composite, parse_target_background, to_uint8
+from bgmatte.errors import BgmatteError
+from bgmatte.predictor import Matte, frames_to_tensor
+
+logger = logging.getLogger(__name__)
+
+KEY_PLATE = ord("b")  # take the current frame as the plate
+KEY_TARGET = ord("t")  # the next target background
+KEYS_QUIT = (ord("q"), 27)  # q or Esc
+NO_KEY = -1
+
+INSTALL_HINT = 'pip install "bgmatte[webcam]"'
+VIRTUAL_CAM_BACKENDS = ("v4l2loopback", "obs", "unitycapture")
+
+_CAMERA_RETRIES = 5  # consecutive failed reads a live camera may have before it counts as gone
+_CHECKER_LIGHT, _CHECKER_DARK = 0.8, 0.6
+
+
+class FrameSink(Protocol):
+    """Where output frames go: a virtual camera, a recording, a preview window, a list in a test."""
+
+    def send(self, frame: np.ndarray) -> None:
+        """Take one (H, W, 3) uint8 RGB frame."""
+
+
+# ------------------------------------------------------------------------------------------------ capture
+
+
+def _requested_size(native: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
+    """The output size: as asked, the missing side following the camera's aspect ratio."""
+    if width is None and height is None:
+        return native
+    if width is None:
+        width = max(1, round(native[0] * height / native[1]))
+    if height is None:
+        height = max(1, round(native[1] * width / native[0]))
+    return int(width), int(height)
+
+
+def _open_capture(camera: int | str) -> cv2.VideoCapture:
+    """cv2.VideoCapture with OpenCV's own warnings silenced: our error says what went wrong in one line."""
+    previous = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        return cv2.VideoCapture(camera)
+    finally:
+        cv2.utils.logging.setLogLevel(previous)
+
+
+class CameraSource:
+    """Frames from an OpenCV capture, a camera index or a video file used as a camera, as uint8 RGB.
+
+    Arguments:
+        camera: a camera index (0 is the first camera) or the path of a video file.
+        width, height: the frame size wanted; asked of a camera, and frames of another size are resized.
+        fps: the frame rate asked of a camera; a file is played at this rate (default: its own).
+
+    A file is paced to its frame rate so that it behaves like a live camera. Iterating ends when the
+    file ends or the camera stops delivering frames; `close()` releases the device.
+    """
+
+    def __init__(self, camera: int | str | os.PathLike, *, width: int | None = None, height: int | None = None,
+                 fps: float | None = None):
+        self.is_file = not isinstance(camera, int)
+        if self.is_file:
+            path = Path(camera)
+            self.name = str(path)
+            if not path.exists():
+                raise BgmatteError(f"{path}: no such file (to use as the camera)")
+            if not path.is_file():
+                raise BgmatteError(f"{path}: is not a file (to use as the camera)")
+            self._capture = _open_capture(str(path))
+            if not self._capture.isOpened():
+                raise BgmatteError(f"{path}: not a video file OpenCV can read (to use as the camera)")
+        else:
+            self.name = f"camera {camera}"
+            self._capture = _open_capture(int(camera))
+            if not self._capture.isOpened():
+                raise BgmatteError(f"{self.name}: cannot be opened (no such camera, it is in use, "
+                                   "or access was denied)")
+            if width is not None:
+                self._capture.set(cv2.CAP_PROP_FRAME_WIDTH, width)
+            if height is not None:
+                self._capture.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
+            if fps is not None:
+                self._capture.set(cv2.CAP_PROP_FPS, fps)
+            self._capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # fewer frames queued in the driver: less lag
+        ok, first = self._capture.read()
+        if not ok or first is None:
+            self._capture.release()
+            raise BgmatteError(f"{self.name}: no frame could be read")
+        native = (first.shape[1], first.shape[0])
+        self.size: tuple[int, int] = _requested_size(native, width, height)  # (width, height)
+        if self.size != native:
+            logger.info("%s gives %dx%d frames; resizing them to %dx%d", self.name, *native, *self.size)
+        reported = self._capture.get(cv2.CAP_PROP_FPS)
+        self.fps: float = float(fps) if fps else float(reported) if reported and 0 < reported < 1000 else 30.0
+        self.frames_read = 0
+        self._pending: np.ndarray | None = first
+        self._start: float | None = None
+        self._released = False
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self._released:
+            raise StopIteration
+        frame, self._pending = self._pending, None
+        if frame is None:
+            frame = self._read()
+        if self.is_file:
+            now = time.perf_counter()
+            if self._start is None:
+                self._start = now
+            delay = self._start + self.frames_read / self.fps - now
+            if delay > 0:
+                time.sleep(delay)
+        self.frames_read += 1
+        if (frame.shape[1], frame.shape[0]) != self.size:
+            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+        return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+    def _read(self) -> np.ndarray:
+        for _ in range(1 if self.is_file else _CAMERA_RETRIES):
+            ok, frame = self._capture.read()
+            if ok and frame is not None:
+                return frame
+            if not self.is_file:
+                time.sleep(0.01)
+        if not self.is_file:
+            logger.warning("%s stopped delivering frames", self.name)
+        raise StopIteration
+
+    def close(self) -> None:
+        """Release the camera or file; safe to call twice."""
+        if not self._released:
+            self._released = True
+            self._capture.release()
+
+
+def open_camera(camera: int | str | os.PathLike, *, width: int | None = None, height: int | None = None,
+                fps: float | None = None) -> CameraSource:
+    """Open a camera index, or a video file as a camera; a string of digits is an index."""
+    if isinstance(camera, str) and camera.strip().isdigit():
+        camera = int(camera)
+    return CameraSource(camera, width=width, height=height, fps=fps)
+
+
+class LatestFrameReader:
+    """Read a source on a background thread and hand out only its newest frame.
+
+    Frames that arrive while the consumer is busy are dropped (counted in `dropped`), so the output
+    follows the camera instead of lagging further behind with every slow frame. An exception in the
+    source is raised to the consumer after the frames read before it.
+    """
+
+    def __init__(self, source: Iterable[np.ndarray]):
+        self._source = source
+        self._condition = threading.Condition()
+        self._latest: np.ndarray | None = None
+        self._done = False
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="bgmatte-camera", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for frame in self._source:
+                with self._condition:
+                    if self._latest is not None:
+                        self.dropped += 1
+                    self._latest = frame
+                    self._condition.notify()
+                if self._stop.is_set():
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._error = exc
+        finally:
+            with self._condition:
+                self._done = True
+                self._condition.notify_all()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        with self._condition:
+            while self._latest is None and not self._done:
+                self._condition.wait(timeout=0.1)
+            if self._latest is not None:
+                frame, self._latest = self._latest, None
+                return frame
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        raise StopIteration
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop reading, wait for the thread, and close the source (if it can be closed)."""
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            logger.warning("the camera thread did not stop within %.0f s", timeout)
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()
+
+
+# -------------------------------------------------------------------------------------------------- sinks
+
+
+def import_pyvirtualcam() -> Any:
+    """The pyvirtualcam module, or a one-line BgmatteError saying how to install it."""
+    try:
+        import pyvirtualcam
+    except ImportError:
+        raise BgmatteError(f"the virtual camera needs pyvirtualcam, which is not installed: {INSTALL_HINT}") from None
+    return pyvirtualcam
+
+
+def _virtual_cam_setup_hint() -> str:
+    if sys.platform.startswith("linux"):
+        return "load v4l2loopback first (sudo modprobe v4l2loopback devices=1 exclusive_caps=1)"
+    return "install OBS Studio and start and stop its virtual camera once"
+
+
+class VirtualCamera:
+    """Send frames to a virtual camera through pyvirtualcam: v4l2loopback on Linux, OBS on macOS and Windows.
+
+    Arguments:
+        width, height, fps: the format the virtual camera announces.
+        backend: ``v4l2loopback``, ``obs`` or ``unitycapture``; None tries each available one.
+        device: a device such as ``/dev/video2`` (v4l2loopback); None takes the first free one.
+    """
+
+    def __init__(self, width: int, height: int, fps: float, *, backend: str | None = None,
+                 device: str | None = None):
+        if backend is not None and backend not in VIRTUAL_CAM_BACKENDS:
+            raise BgmatteError(f"unknown virtual camera backend {backend!r}: choose {', '.join(VIRTUAL_CAM_BACKENDS)}")
+        pyvirtualcam = import_pyvirtualcam()
+        try:
+            self._camera = pyvirtualcam.Camera(width, height, fps, fmt=pyvirtualcam.PixelFormat.RGB,
+                                               backend=backend, device=device)
+        except (RuntimeError, ValueError, OSError) as exc:
+            where = f" {device}" if device else f" ({backend})" if backend else ""
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BgmatteError(f"virtual camera{where}: cannot start ({reason}); {_virtual_cam_setup_hint()}") from None
+        self.device = getattr(self._camera, "device", device)
+        self._closed = False
+        logger.info("sending to the virtual camera %s (%dx%d at %.3g fps)", self.device, width, height, fps)
+
+    def send(self, frame: np.ndarray) -> None:
+        """Send one uint8 RGB frame."""
+        self._camera.send(np.ascontiguousarray(frame))
+
+    def close(self) -> None:
+        """Close the virtual camera; safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._camera.close()
+
+
+class Recording:
+    """Record the output to a video file, timed by the wall clock so that it plays back at the speed it was seen.
+
+    The file is finished on `close()` (also after Ctrl-C), through `VideoWriter`.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, fps: float = 30, overwrite: bool = False):
+        from bgmatte.io.video import VideoWriter
+
+        self._writer = VideoWriter(path, fps=fps, overwrite=overwrite)
+        self.path = self._writer.path
+        self._start: float | None = None
+        self._closed = False
+
+    def send(self, frame: np.ndarray) -> None:
+        """Queue one uint8 RGB frame with its time since the first one."""
+        now = time.perf_counter()
+        if self._start is None:
+            self._start = now
+        self._writer.write(frame, pts=round((now - self._start) * 1000), time_base=Fraction(1, 1000))
+
+    def close(self) -> Path | None:
+        """Finish the file; returns its path, or None if nothing was recorded. Safe to call twice."""
+        already, self._closed = self._closed, True
+        written = self._writer.close()
+        if written is not None and not already:
+            logger.info("recorded %d frames to %s", self._writer.frames_written, written)
+        return written
+
+
+def display_available() -> bool:
+    """Whether a window could be shown: on Linux and BSD, an X11 or Wayland display must be set."""
+    if sys.platform.startswith(("linux", "freebsd", "openbsd", "netbsd")):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+def opencv_has_windows() -> bool:
+    """Whether this OpenCV build can open windows (opencv-python-headless cannot)."""
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GUI:"):
+            return line.split(":", 1)[1].strip().upper() not in ("", "NONE")
+    return False
+
+
+class PreviewWindow:
+    """An OpenCV window showing the output; `poll_key` pumps its events and returns the key pressed (or -1).
+
+    Closing the window counts as pressing q.
+    """
+
+    def __init__(self, title: str = "bgmatte webcam"):
+        self.title = title
+        try:
+            cv2.namedWindow(title, cv2.WINDOW_NORMAL)
+        except cv2.error:
+            raise BgmatteError("the preview needs OpenCV with window support (opencv-python), not "
+                               "opencv-python-headless; or run with --no-preview") from None
+        self._open = True
+
+    def send(self, frame: np.ndarray) -> None:
+        """Show one uint8 RGB frame."""
+        cv2.imshow(self.title, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+
+    def poll_key(self) -> int:
+        """The key pressed since the last call (cv2.waitKey's code, lower 8 bits), or -1."""
+        key = cv2.waitKey(1)
+        if key != -1:
+            return key & 0xFF
+        try:
+            if cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1:
+                return KEYS_QUIT[0]
+        except cv2.error:
+            return KEYS_QUIT[0]
+        return NO_KEY
+
+    def close(self) -> None:
+        """Close the window; safe to call twice."""
+        if self._open:
+            self._open = False
+            try:
+                cv2.destroyWindow(self.title)
+                cv2.waitKey(1)
+            except cv2.error:
+                pass
+
+
+def draw_status(frame: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+    """A copy of an RGB frame with lines of text in its top-left corner, readable on any background."""
+    out = np.ascontiguousarray(frame).copy()
+    scale = max(0.3, out.shape[1] / 1600)
+    thickness = max(1, round(scale * 2))
+    step = max(10, round(28 * scale / 0.8))
+    for index, line in enumerate(lines):
+        origin = (max(4, round(10 * scale)), step * (index + 1))
+        cv2.putText(out, line, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+        cv2.putText(out, line, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- compositing
+
+
+def describe_target(target: TargetBackground) -> str:
+    """A short name for a target background, for the log and the preview."""
+    if target.kind == "colour":
+        return "#{:02x}{:02x}{:02x}".format(*target.colour)
+    if target.path is not None:
+        return f"{target.path.name}"
+    return target.kind
+
+
+def fit_cover(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale an image to cover width x height and crop the middle, keeping its aspect ratio."""
+    source_height, source_width = image.shape[:2]
+    if (source_width, source_height) == (width, height):
+        return image
+    scale = max(width / source_width, height / source_height)
+    scaled_width, scaled_height = max(width, round(source_width * scale)), max(height, round(source_height * scale))
+    shrinking = scale < 1
+    resized = cv2.resize(image, (scaled_width, scaled_height),
+                         interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    left, top = (scaled_width - width) // 2, (scaled_height - height) // 2
+    return np.ascontiguousarray(resized[top : top + height, left : left + width])
+
+
+def checkerboard(height: int, width: int, *, device: torch.device | str = "cpu", square: int | None = None) -> Tensor:
+    """A grey checkerboard (1, 3, H, W) in [0, 1], the usual picture of transparency."""
+    square = square or max(4, min(height, width) // 12)
+    rows = (torch.arange(height, device=device) // square)[:, None]
+    columns = (torch.arange(width, device=device) // square)[None, :]
+    light = ((rows + columns) % 2 == 0).float()
+    board = _CHECKER_DARK + (_CHECKER_LIGHT - _CHECKER_DARK) * light
+    return board.expand(3, height, width)[None].contiguous()
+
+
+class Backdrop:
+    """One target background, ready at the frame size on the model's device.
+
+    Images are scaled to cover the frame; videos are read frame by frame and looped; `transparent`
+    is shown over a checkerboard (the outputs are RGB).
+    """
+
+    def __init__(self, target: TargetBackground, size: tuple[int, int], device: torch.device | str = "cpu"):
+        self.target = target
+        self.name = describe_target(target)
+        self.width, self.height = size
+        self.device = torch.device(device)
+        self._image: Tensor | None = None
+        self._reader: Any = None
+        self._frames: Iterator[Any] | None = None
+        if target.kind == "image":
+            from bgmatte.io.images import read_image
+
+            self._image = self._tensor(read_image(target.path))
+        elif target.kind == "transparent":
+            self._image = checkerboard(self.height, self.width, device=self.device)
+        elif target.kind == "video":
+            self._open_video()
+
+    def _tensor(self, image: np.ndarray) -> Tensor:
+        image = fit_cover(image, self.width, self.height)
+        return frames_to_tensor(image, self.device, torch.float32)
+
+    def _open_video(self) -> None:
+        from bgmatte.io.video import VideoReader
+
+        self._reader = VideoReader(self.target.path, queue_size=2)
+        self._frames = iter(self._reader)
+
+    def next(self, src: Tensor) -> Tensor | Colour:
+        """The background for the frame `src` ((1, 3, H, W) floats): a colour, or an image tensor like `src`."""
+        kind = self.target.kind
+        if kind == "colour":
+            return self.target.rgb
+        if kind == "blur":
+            return blur(src)
+        if kind == "video":
+            frame = next(self._frames, None)
+            if frame is None:  # the end: loop
+                self._reader.close()
+                self._open_video()
+                frame = next(self._frames, None)
+                if frame is None:
+                    raise BgmatteError(f"{self.target.path}: no frames to use as the background")
+            return self._tensor(frame.image)
+        return self._image
+
+    def close(self) -> None:
+        """Stop reading a video background; safe to call twice."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def composite_frame(matte: Matte, background: Tensor | Colour) -> np.ndarray:
+    """The first composite of a `Matte` over a background (colour or tensor) as (H, W, 3) uint8 RGB on the CPU."""
+    com = composite(matte.fgr[:1], matte.pha[:1], background)
+    return to_uint8(com[0]).permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+def median_plate(frames: Sequence[np.ndarray]) -> np.ndarray:
+    """The per-pixel median of a few frames: a plate with the sensor noise averaged out."""
+    return np.median(np.stack(frames), axis=0).round().astype(np.uint8)
+
+
+def load_plate(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
+    """Read a plate image as uint8 RGB, resized to the camera's (width, height) with a warning if it differs."""
+    from bgmatte.io.images import read_image
+
+    plate = read_image(path)
+    if (plate.shape[1], plate.shape[0]) != tuple(size):
+        logger.warning("%s: the plate is %dx%d but the camera gives %dx%d; resizing the plate",
+                       path, plate.shape[1], plate.shape[0], *size)
+        plate = cv2.resize(plate, tuple(size), interpolation=cv2.INTER_AREA)
+    return plate
+
+
+# ------------------------------------------------------------------------------------------------ session
+
+
+@dataclass(frozen=True)
+class AutoPlate:
+    """Headless plate capture: wait `delay` seconds (to step out of view), then take the median of `frames` frames."""
+
+    delay: float = 3.0
+    frames: int = 10
+
+    def __post_init__(self) -> None:
+        if self.delay < 0:
+            raise BgmatteError(f"the automatic plate delay must be 0 s or more, not {self.delay}")
+        if self.frames < 1:
+            raise BgmatteError(f"the automatic plate needs at least 1 frame, not {self.frames}")
+
+
+@dataclass(frozen=True)
+class WebcamReport:
+    """What a session did: frames sent, seconds from the first to the last, their rate, frames dropped."""
+
+    frames: int
+    seconds: float
+    fps: float
+    dropped: int
+    plate: bool  # whether a plate was set by the end
+
+    def summary(self) -> str:
+        """One line for the log."""
+        dropped = f"; {self.dropped} camera frames dropped to keep up" if self.dropped else ""
+        return f"{self.frames} frames in {self.seconds:.1f} s: {self.fps:.1f} fps{dropped}"
+
+
+class WebcamSession:
+    """The live loop: take a frame, matte it against the plate, composite it onto the current target, send it.
+
+    Arguments:
+        source: an iterator of (H, W, 3) uint8 RGB frames (live: a `LatestFrameReader` over a `CameraSource`).
+        predictor: ``predictor(frame, plate) -> Matte``, such as `bgmatte.predictor.Predictor`.
+        targets: the target backgrounds that key t cycles through (at least one).
+        sinks: objects with ``send(frame)`` that get every output frame (virtual camera, recording).
+        preview: a sink that gets the output with a status overlay (the preview window), or None.
+        keys: returns the key pressed since the last call (-1 for none); None when headless.
+        plate: the plate, (H, W, 3) uint8 RGB, or None to wait for one.
+        auto_plate: when there are no keys and no plate, how to take one automatically (None: never).
+        max_frames: stop after this many frames (None: until the source ends or q).
+        clock: seconds as a float (injectable for tests).
+
+    Until there is a plate, frames are sent unchanged. The session owns what it is given:
+    `close()` closes the source, the sinks and the preview (each that has a `close`).
+    """
+
+    def __init__(self, source: Iterable[np.ndarray], predictor: Callable[[Any, Any], Matte],
+                 targets: Sequence[TargetBackground], *, sinks: Sequence[FrameSink] = (),
+                 preview: FrameSink | None = None, keys: Callable[[], int] | None = None,
+                 plate: np.ndarray | None = None, auto_plate: AutoPlate | None = AutoPlate(),
+                 max_frames: int | None = None, clock: Callable[[], float] = time.perf_counter):
+        if not targets:
+            raise BgmatteError("give at least one target background")
+        if max_frames is not None and max_frames < 1:
+            raise BgmatteError(f"--max-frames must be at least 1, not {max_frames}")
+        self.source = source
+        self.predictor = predictor
+        self.targets = list(targets)
+        self.sinks = list(sinks)
+        self.preview = preview
+        self.keys = keys
+        self.auto_plate = auto_plate if keys is None else None
+        self.max_frames = max_frames
+        self.clock = clock
+        self.device = torch.device(getattr(predictor, "device", "cpu"))
+        self.target_index = 0
+        self.frames = 0
+        self.plate: np.ndarray | None = None
+        self._plate_tensor: Tensor | None = None
+        self._backdrops: dict[int, Backdrop] = {}
+        self._size: tuple[int, int] | None = None
+        self._started: float | None = None
+        self._collected: list[np.ndarray] = []
+        self._fps = 0.0
+        self._last: float | None = None
+        self._stop = False
+        if plate is not None:
+            self.set_plate(plate)
+
+    # -- state
+
+    def set_plate(self, plate: np.ndarray) -> None:
+        """Use `plate` (uint8 RGB, the frames' size) from the next frame on."""
+        plate = np.ascontiguousarray(plate)
+        if plate.dtype != np.uint8 or plate.ndim != 3 or plate.shape[2] != 3:
+            raise BgmatteError(f"the plate must be (H, W, 3) uint8 RGB, not {plate.dtype} {plate.shape}")
+        if self._size is not None and (plate.shape[1], plate.shape[0]) != self._size:
+            raise BgmatteError(f"the plate is {plate.shape[1]}x{plate.shape[0]} but the camera gives "
+                               f"{self._size[0]}x{self._size[1]}")
+        self.plate = plate
+        # Kept on the device as uint8: the predictor converts it there, without a copy from the host per frame.
+        self._plate_tensor = torch.from_numpy(plate.copy())[None].to(self.device)
+
+    @property
+    def target(self) -> TargetBackground:
+        """The target background in use."""
+        return self.targets[self.target_index]
+
+    def next_target(self) -> None:
+        """Move to the next target background, wrapping around."""
+        self.target_index = (self.target_index + 1) % len(self.targets)
+        logger.info("target background: %s (%d of %d)", describe_target(self.target), self.target_index + 1,
+                    len(self.targets))
+
+    def _backdrop(self) -> Backdrop:
+        backdrop = self._backdrops.get(self.target_index)
+        if backdrop is None:
+            backdrop = Backdrop(self.target, self._size, self.device)
+            self._backdrops[self.target_index] = backdrop
+        return backdrop
+
+    # -- one frame
+
+    def _begin(self, frame: np.ndarray) -> None:
+        """On the first frame: learn the size, check the plate against it, say what happens without one."""
+        self._started = self.clock()
+        self._size = (frame.shape[1], frame.shape[0])
+        if self.plate is not None and (self.plate.shape[1], self.plate.shape[0]) != self._size:
+            raise BgmatteError(f"the plate is {self.plate.shape[1]}x{self.plate.shape[0]} but the camera "
+                               f"gives {self._size[0]}x{self._size[1]}")
+        if self.plate is None:
+            self._log_waiting()
+
+    def process(self, frame: np.ndarray) -> np.ndarray:
+        """The output for one frame: the composite once there is a plate, the frame itself before."""
+        if self._size is None:
+            self._begin(frame)
+        if self.plate is None:
+            self._auto_plate(frame)
+            return frame
+        matte = self.predictor(frame, self._plate_tensor)
+        backdrop = self._backdrop()
+        src = frames_to_tensor(frame, self.device, torch.float32) if backdrop.target.kind == "blur" else None
+        return composite_frame(matte, backdrop.next(src))
+
+    def _auto_plate(self, frame: np.ndarray) -> None:
+        if self.auto_plate is None:
+            return
+        if self.clock() - self._started < self.auto_plate.delay:
+            return
+        self._collected.append(frame)
+        if len(self._collected) >= self.auto_plate.frames:
+            self.set_plate(median_plate(self._collected))
+            self._collected = []
+            logger.info("plate captured: the median of %d frames", self.auto_plate.frames)
+
+    def handle_key(self, key: int, frame: np.ndarray) -> None:
+        """Act on a key: b takes `frame` as the plate, t cycles the target, q or Esc stops the session."""
+        if key in (NO_KEY, None):
+            return
+        key &= 0xFF
+        if key in (KEY_PLATE, ord("B")):
+            self.set_plate(frame)
+            logger.info("plate captured from the current frame")
+        elif key in (KEY_TARGET, ord("T")):
+            self.next_target()
+        elif key in (*KEYS_QUIT, ord("Q")):
+            self._stop = True
+
+    def status_lines(self) -> list[str]:
+        """What the preview overlay says: the plate's state or the target, and the frame rate."""
+        if self.plate is None:
+            if self.auto_plate is not None:
+                left = self.auto_plate.delay - (self.clock() - (self._started or self.clock()))
+                first = (f"no plate: step out of view, taking it in {left:.0f} s" if left > 0
+                         else "no plate: taking it now, stay out of view")
+            else:
+                first = "no plate (frames pass through): step out of view, press b"
+        else:
+            first = f"target {describe_target(self.target)} ({self.target_index + 1}/{len(self.targets)})"
+        return [first, f"{self._fps:.1f} fps  b: plate  t: target  q: quit"]
+
+    def _tick(self) -> None:
+        now = self.clock()
+        if self._last is not None and now > self._last:
+            rate = 1.0 / (now - self._last)
+            self._fps = rate if self._fps == 0 else 0.9 * self._fps + 0.1 * rate
+        self._last = now
+
+    # -- the loop
+
+    def run(self) -> WebcamReport:
+        """Run until the source ends, q is pressed or `max_frames` frames are out; returns what happened."""
+        first_time: float | None = None
+        for frame in self.source:
+            output = self.process(frame)
+            for sink in self.sinks:
+                sink.send(output)
+            self._tick()
+            if self.preview is not None:
+                self.preview.send(draw_status(output, self.status_lines()))
+            self.frames += 1
+            if first_time is None:
+                first_time = self.clock()
+            if self.keys is not None:
+                self.handle_key(self.keys(), frame)
+            if self._stop or (self.max_frames is not None and self.frames >= self.max_frames):
+                break
+        seconds = self.clock() - first_time if first_time is not None else 0.0
+        fps = (self.frames - 1) / seconds if self.frames > 1 and seconds > 0 else 0.0
+        dropped = int(getattr(self.source, "dropped", 0))
+        return WebcamReport(self.frames, seconds, fps, dropped, self.plate is not None)
+
+    def _log_waiting(self) -> None:
+        if self.auto_plate is not None:
+            logger.info("no plate yet: frames pass through unchanged; step out of view: the plate is the median "
+                        "of %d frames taken in %.3g s", self.auto_plate.frames, self.auto_plate.delay)
+        elif self.keys is not None:
+            logger.info("no plate yet: frames pass through unchanged; step out of view and press b in the preview")
+        else:
+            logger.info("no plate: frames pass through unchanged")
+
+    def close(self) -> None:
+        """Close the backgrounds, the source, the preview and the sinks; every one is tried, the first error raised."""
+        error: BaseException | None = None
+        for backdrop in self._backdrops.values():
+            backdrop.close()
+        for part in (self.source, self.preview, *self.sinks):
+            close = getattr(part, "close", None)
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001 - close the rest first
+                if error is None:
+                    error = exc
+                else:
+                    logger.error("while closing: %s", exc)
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> WebcamSession:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as close_error:  # noqa: BLE001 - do not hide the exception already on its way
+            logger.error("while closing after an error: %s", close_error)
+
+
+# -------------------------------------------------------------------------------------------- one call
+
+
+def run_webcam(
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    camera: int | str | os.PathLike = 0,
+    bgr: str | os.PathLike | None = None,
+    target_bgr: Sequence[str] = ("green",),
+    virtual_cam: bool = False,
+    virtual_cam_backend: str | None = None,
+    virtual_cam_device: str | None = None,
+    preview: bool | None = None,
+    record: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    width: int | None = None,
+    height: int | None = None,
+    fps: float | None = None,
+    backbone: str | None = None,
+    backbone_scale: float = 0.25,
+    refine_mode: str = "sampling",
+    refine_sample_pixels: int = 80_000,
+    refine_threshold: float = 0.1,
+    device: str = "auto",
+    precision: str = "fp32",
+    max_frames: int | None = None,
+    auto_plate_delay: float = 3.0,
+    auto_plate_frames: int = 10,
+) -> WebcamReport:
+    """Matte a camera live and send the composite to a virtual camera, a preview window and/or a recording.
+
+    Arguments:
+        checkpoint: the model's weights (None: the embedded default model).
+        camera: a camera index, or a video file played as a camera.
+        bgr: a plate image; without one, key b in the preview takes it, or headless it is taken
+            automatically (`auto_plate_delay` seconds, then the median of `auto_plate_frames` frames).
+        target_bgr: target backgrounds (colour, image, video, ``blur``, ``transparent``), cycled with key t.
+        virtual_cam: send to a virtual camera (needs ``pip install "bgmatte[webcam]"``), through
+            `virtual_cam_backend` (``v4l2loopback``, ``obs``, ``unitycapture``; None: any) and `virtual_cam_device`.
+        preview: show a window with keys (b plate, t target, q quit); None shows it when a display
+            and a windowed OpenCV are present.
+        record: also write the output to this video file (`overwrite` to replace it).
+        width, height, fps: the capture format asked of the camera; frames are resized to width x height.
+        backbone, backbone_scale, refine_mode, refine_sample_pixels, refine_threshold, device, precision:
+            the model's settings, as for `bgmatte.load_model` and `Predictor`.
+        max_frames: stop after this many frames.
+
+    Ctrl-C stops it: the camera is released and the virtual camera and the recording are closed
+    (the recording finished and playable) before KeyboardInterrupt goes on. Returns a `WebcamReport`.
+    """
+    for name, value in (("--width", width), ("--height", height), ("--fps", fps)):
+        if value is not None and value <= 0:
+            raise BgmatteError(f"{name} must be positive, not {value}")
+    targets = [parse_target_background(spec) for spec in target_bgr] or [parse_target_background("green")]
+    auto_plate = AutoPlate(auto_plate_delay, auto_plate_frames)
+    if virtual_cam:
+        import_pyvirtualcam()  # the install hint before anything slow
+    show, why_not = _resolve_preview(preview)
+    if not (show or virtual_cam or record is not None):
+        raise BgmatteError("nothing to show or send: ask for --virtual-cam, --record FILE or --preview "
+                           "(the preview needs a display)")
+    if record is not None and Path(record).exists() and not overwrite:
+        raise BgmatteError(f"{record}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+
+    from bgmatte.model.build import load_model
+    from bgmatte.predictor import Predictor
+
+    with ExitStack() as stack:
+        source = open_camera(camera, width=width, height=height, fps=fps)
+        stack.callback(source.close)
+        plate = load_plate(bgr, source.size) if bgr is not None else None
+        model = load_model(checkpoint, backbone=backbone, backbone_scale=backbone_scale, refine_mode=refine_mode,
+                           refine_sample_pixels=refine_sample_pixels, refine_threshold=refine_threshold,
+                           device=device)
+        predictor = Predictor(model, precision=precision)
+        # The first inference is slow (allocation, kernel choice); do it now, not on the first live frame.
+        blank = np.zeros((source.size[1], source.size[0], 3), np.uint8)
+        predictor(blank, blank)
+        sinks: list[FrameSink] = []
+        if virtual_cam:
+            virtual = VirtualCamera(*source.size, source.fps, backend=virtual_cam_backend, device=virtual_cam_device)
+            stack.callback(virtual.close)
+            sinks.append(virtual)
+        if record is not None:
+            recording = Recording(record, fps=source.fps, overwrite=overwrite)
+            stack.callback(recording.close)
+            sinks.append(recording)
+        window = PreviewWindow() if show else None
+        if window is not None:
+            stack.callback(window.close)
+        else:
+            logger.info("no preview window (%s): press Ctrl-C to stop", why_not)
+        reader = LatestFrameReader(source)
+        session = WebcamSession(reader, predictor, targets, sinks=sinks, preview=window,
+                                keys=window.poll_key if window is not None else None, plate=plate,
+                                auto_plate=auto_plate, max_frames=max_frames)
+        stack.push(session.__exit__)
+        logger.info("matting %s at %dx%d on %s (%s)", source.name, *source.size, predictor.device, precision)
+        report = session.run()
+    logger.info("%s", report.summary())
+    return report
+
+
+def _resolve_preview(preview: bool | None) -> tuple[bool, str]:
+    """Whether to show the preview (asked for, and then it must work; refused; or wherever it can), and why not."""
+    if preview is False:
+        return False, "--no-preview"
+    display, windows = display_available(), opencv_has_windows()
+    if preview:
+        if not display:
+            raise BgmatteError("--preview needs a display, and none was found (DISPLAY is not set); "
+                               "use --no-preview with --virtual-cam or --record")
+        if not windows:
+            raise BgmatteError("--preview needs OpenCV with window support (opencv-python), "
+                               "not opencv-python-headless")
+        return True, ""
+    why_not = "" if display and windows else "no display" if not display else "this OpenCV cannot open windows"
+    return display and windows, why_not

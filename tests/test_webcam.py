@@ -1,0 +1,515 @@
+"""`bgmatte webcam`: the live loop with a video file as the camera and recording sinks in place of the devices."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import types
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bgmatte.cli import main
+from bgmatte.composite import parse_target_background
+from bgmatte.errors import BgmatteError
+from bgmatte.io import webcam
+from bgmatte.io.video import VideoReader
+from bgmatte.io.webcam import (
+    AutoPlate,
+    Backdrop,
+    CameraSource,
+    LatestFrameReader,
+    Recording,
+    VirtualCamera,
+    WebcamSession,
+    fit_cover,
+    load_plate,
+    run_webcam,
+)
+from bgmatte.predictor import Matte, Predictor, frames_to_tensor
+
+pytestmark = pytest.mark.timeout(120)
+
+WIDTH, HEIGHT = 96, 64
+GREEN = np.array([0, 255, 0])
+BLUE = np.array([0, 0, 255])
+CPU = torch.device("cpu")
+
+
+def scene(index: int) -> np.ndarray:
+    """A grey-blue background with a red square that moves right one step per frame."""
+    image = np.empty((HEIGHT, WIDTH, 3), np.uint8)
+    image[:] = (90, 110, 130)
+    image[20:44, 8 + 2 * index : 32 + 2 * index] = (220, 40, 40)
+    return image
+
+
+def make_clip(path: Path, count: int, *, fps: int = 30, frame=scene) -> Path:
+    """A small MPEG-4 clip made with PyAV."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = frame(0).shape[1], frame(0).shape[0]
+        stream.pix_fmt = "yuv420p"
+        for index in range(count):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame(index), format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+def clip_frames(path: Path) -> list[np.ndarray]:
+    with VideoReader(path) as reader:
+        return [frame.image for frame in reader]
+
+
+@pytest.fixture
+def camera_frames(tmp_path) -> list[np.ndarray]:
+    """Frames of a video file, as the session's camera."""
+    return clip_frames(make_clip(tmp_path / "camera.mp4", 8))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """Random weights, saved as the docs say a user's checkpoint would be."""
+    from bgmatte.model.build import save_weights
+    from bgmatte.model.matting import MattingRefine
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "random.safetensors"
+    save_weights(MattingRefine("mobilenetv2"), path)
+    return path
+
+
+class ConstantMatte:
+    """A stand-in predictor: alpha `alpha` everywhere and the frame as foreground; remembers each plate."""
+
+    device = CPU
+
+    def __init__(self, alpha: float = 0.5):
+        self.alpha = alpha
+        self.plates: list[np.ndarray] = []
+
+    def __call__(self, src, bgr) -> Matte:
+        src_t = frames_to_tensor(src, CPU, torch.float32)
+        bgr_t = frames_to_tensor(bgr, CPU, torch.float32)
+        self.plates.append((bgr_t[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+        pha = torch.full_like(src_t[:, :1], self.alpha)
+        return Matte(pha, src_t, torch.zeros_like(pha), torch.zeros_like(pha))
+
+
+def over(src: np.ndarray, background, alpha: float = 0.5) -> np.ndarray:
+    return src.astype(np.float64) * alpha + np.asarray(background, np.float64) * (1 - alpha)
+
+
+class Collect:
+    """A recording sink that keeps frames in memory."""
+
+    def __init__(self):
+        self.frames: list[np.ndarray] = []
+        self.closed = False
+
+    def send(self, frame: np.ndarray) -> None:
+        assert frame.dtype == np.uint8 and frame.ndim == 3
+        self.frames.append(frame.copy())
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def scripted(*keys):
+    """A key function that plays `keys` (characters or codes) one per frame, then reports no key."""
+    codes = iter(ord(key) if isinstance(key, str) else key for key in keys)
+    return lambda: next(codes, -1)
+
+
+def targets(*specs: str):
+    return [parse_target_background(spec) for spec in specs]
+
+
+# ------------------------------------------------------------------------------------------- the session
+
+
+def test_frames_pass_through_unchanged_until_a_plate_is_set(camera_frames):
+    predictor, sink = ConstantMatte(), Collect()
+    with WebcamSession(iter(camera_frames), predictor, targets("green"), sinks=[sink], keys=scripted()) as session:
+        report = session.run()
+    assert report.frames == len(camera_frames) and not report.plate
+    assert all(np.array_equal(out, src) for out, src in zip(sink.frames, camera_frames, strict=True))
+    assert predictor.plates == []
+    assert sink.closed
+
+
+def test_b_key_takes_the_current_frame_as_the_plate(camera_frames):
+    predictor, sink = ConstantMatte(), Collect()
+    session = WebcamSession(iter(camera_frames[:4]), predictor, targets("green"), sinks=[sink],
+                            keys=scripted(-1, "b"))
+    report = session.run()
+    assert report.plate
+    assert np.array_equal(sink.frames[0], camera_frames[0]) and np.array_equal(sink.frames[1], camera_frames[1])
+    assert np.array_equal(predictor.plates[0], camera_frames[1])
+    for out, src in zip(sink.frames[2:], camera_frames[2:4], strict=True):
+        assert out.shape == (HEIGHT, WIDTH, 3)
+        assert np.abs(out - over(src, GREEN)).max() <= 1
+
+
+def test_t_key_cycles_the_target_backgrounds_and_wraps(camera_frames):
+    sink = Collect()
+    session = WebcamSession(iter(camera_frames[:5]), ConstantMatte(), targets("green", "blue"), sinks=[sink],
+                            keys=scripted(-1, "t", -1, "t"), plate=camera_frames[0])
+    session.run()
+    expected = [GREEN, GREEN, BLUE, BLUE, GREEN]
+    for out, src, background in zip(sink.frames, camera_frames[:5], expected, strict=True):
+        assert np.abs(out - over(src, background)).max() <= 1
+
+
+@pytest.mark.parametrize("key", ["q", 27], ids=["q", "escape"])
+def test_q_and_escape_stop_the_session(camera_frames, key):
+    sink = Collect()
+    report = WebcamSession(iter(camera_frames), ConstantMatte(), targets("green"), sinks=[sink],
+                           keys=scripted(-1, key)).run()
+    assert report.frames == 2 and len(sink.frames) == 2
+
+
+def test_max_frames_stops_the_session(camera_frames):
+    sink = Collect()
+    report = WebcamSession(iter(camera_frames), ConstantMatte(), targets("green"), sinks=[sink],
+                           plate=camera_frames[0], max_frames=3).run()
+    assert report.frames == 3 and len(sink.frames) == 3
+
+
+def test_headless_plate_is_the_median_of_frames_taken_after_the_delay():
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8) for _ in range(7)]
+    now = [0.0]
+
+    def source():
+        for index, frame in enumerate(frames):
+            now[0] = float(index)  # one second per frame
+            yield frame
+
+    predictor, sink = ConstantMatte(), Collect()
+    session = WebcamSession(source(), predictor, targets("green"), sinks=[sink],
+                            auto_plate=AutoPlate(delay=2.0, frames=3), clock=lambda: now[0])
+    session.run()
+    # Frames 0 and 1 come before the delay; 2, 3 and 4 make the plate; 5 and 6 are composited.
+    for index in range(5):
+        assert np.array_equal(sink.frames[index], frames[index])
+    expected_plate = np.median(np.stack(frames[2:5]), axis=0).round().astype(np.uint8)
+    assert len(predictor.plates) == 2 and np.array_equal(predictor.plates[0], expected_plate)
+    assert np.abs(sink.frames[5] - over(frames[5], GREEN)).max() <= 1
+
+
+def test_real_model_composite_differs_from_the_input_once_a_plate_is_set(checkpoint, camera_frames):
+    from bgmatte.model.build import load_model
+
+    predictor = Predictor(load_model(checkpoint, device="cpu"))
+    sink = Collect()
+    WebcamSession(iter(camera_frames[:4]), predictor, targets("green"), sinks=[sink], keys=scripted("b")).run()
+    assert len(sink.frames) == 4
+    assert np.array_equal(sink.frames[0], camera_frames[0])
+    for out, src in zip(sink.frames[1:], camera_frames[1:4], strict=True):
+        assert out.shape == (HEIGHT, WIDTH, 3) and out.dtype == np.uint8
+        assert np.abs(out.astype(int) - src).mean() > 5
+
+
+def test_preview_gets_a_status_overlay_and_the_sinks_do_not(camera_frames):
+    sink, preview = Collect(), Collect()
+    WebcamSession(iter(camera_frames[:2]), ConstantMatte(), targets("green"), sinks=[sink], preview=preview,
+                  keys=scripted()).run()
+    assert np.array_equal(sink.frames[0], camera_frames[0])
+    assert preview.frames[0].shape == camera_frames[0].shape
+    assert not np.array_equal(preview.frames[0], camera_frames[0])
+
+
+def test_transparent_target_shows_a_checkerboard(camera_frames):
+    sink = Collect()
+    WebcamSession(iter(camera_frames[:1]), ConstantMatte(alpha=0.0), targets("transparent"), sinks=[sink],
+                  plate=camera_frames[0]).run()
+    out = sink.frames[0]
+    assert set(np.unique(out)) == {153, 204}  # two greys, 0.6 and 0.8
+    assert not np.array_equal(out[0, 0], out[0, -1]) or not np.array_equal(out[0, 0], out[-1, 0])
+
+
+def test_blur_target_is_the_frame_blurred(camera_frames):
+    sink = Collect()
+    WebcamSession(iter(camera_frames[:1]), ConstantMatte(alpha=0.0), targets("blur"), sinks=[sink],
+                  plate=camera_frames[0]).run()
+    from bgmatte.composite import blur, to_uint8
+
+    src = frames_to_tensor(camera_frames[0], CPU, torch.float32)
+    expected = to_uint8(blur(src))[0].permute(1, 2, 0).numpy()
+    out = sink.frames[0].astype(int)
+    assert np.abs(out - expected).max() <= 1
+    assert np.abs(out - camera_frames[0]).max() > 40  # the square's edges are soft
+
+
+def test_video_target_is_looped(tmp_path):
+    def level(index: int) -> np.ndarray:
+        return np.full((HEIGHT, WIDTH, 3), 40 + 60 * index, np.uint8)
+
+    video = make_clip(tmp_path / "loop.mp4", 3, frame=level)
+    backdrop = Backdrop(parse_target_background(str(video)), (WIDTH, HEIGHT))
+    try:
+        means = [float(backdrop.next(None).mean() * 255) for _ in range(7)]
+    finally:
+        backdrop.close()
+    expected = [40 + 60 * (index % 3) for index in range(7)]
+    assert np.allclose(means, expected, atol=4)
+
+
+def test_image_target_is_scaled_to_cover_the_frame_keeping_its_aspect():
+    image = np.zeros((100, 300, 3), np.uint8)
+    image[:, 140:160] = 255  # a centred white band
+    fitted = fit_cover(image, WIDTH, HEIGHT)
+    assert fitted.shape == (HEIGHT, WIDTH, 3)
+    columns = np.flatnonzero(fitted[HEIGHT // 2, :, 0] > 128)
+    assert abs((columns.min() + columns.max()) / 2 - (WIDTH - 1) / 2) <= 1
+    assert 11 <= columns.size <= 15  # 20 px at a scale of 0.64: the aspect ratio was kept
+
+
+def test_plate_of_another_size_is_resized_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "plate.png"
+    cv2.imwrite(str(path), np.full((40, 50, 3), 77, np.uint8))
+    with caplog.at_level(logging.WARNING):
+        plate = load_plate(path, (WIDTH, HEIGHT))
+    assert plate.shape == (HEIGHT, WIDTH, 3) and plate.dtype == np.uint8
+    assert "resizing the plate" in caplog.text
+
+
+def test_keyboard_interrupt_finishes_the_recording_and_closes_everything(tmp_path, camera_frames):
+    class Interrupt:
+        def __init__(self):
+            self.sent = 0
+
+        def send(self, frame):
+            self.sent += 1
+            if self.sent == 3:
+                raise KeyboardInterrupt
+
+    class Source:
+        closed = False
+
+        def __iter__(self):
+            return iter(camera_frames)
+
+        def close(self):
+            Source.closed = True
+
+    out = tmp_path / "recorded.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        with WebcamSession(Source(), ConstantMatte(), targets("green"), sinks=[Recording(out), Interrupt()],
+                           plate=camera_frames[0]) as session:
+            session.run()
+    assert Source.closed
+    assert len(clip_frames(out)) == 3
+
+
+# ---------------------------------------------------------------------------------------------- capture
+
+
+def test_latest_frame_reader_drops_stale_frames_and_keeps_the_newest():
+    def fast_source():
+        for index in range(40):
+            yield index
+            time.sleep(0.002)
+
+    reader = LatestFrameReader(fast_source())
+    received = []
+    for item in reader:
+        received.append(item)
+        time.sleep(0.02)  # a slow model
+    reader.close()
+    assert received[-1] == 39
+    assert received == sorted(received) and len(set(received)) == len(received)
+    assert len(received) < 40 and reader.dropped == 40 - len(received)
+
+
+def test_latest_frame_reader_raises_the_source_error_after_its_frames():
+    def failing_source():
+        yield "frame"
+        raise KeyboardInterrupt
+
+    reader = LatestFrameReader(failing_source())
+    iterator = iter(reader)
+    assert next(iterator) == "frame"
+    with pytest.raises(KeyboardInterrupt):
+        next(iterator)
+    reader.close()
+
+
+def test_camera_source_reads_a_file_as_rgb_at_the_requested_size(tmp_path):
+    source = CameraSource(make_clip(tmp_path / "camera.mp4", 6), width=48)
+    try:
+        frames = list(source)
+    finally:
+        source.close()
+    assert source.size == (48, 32) and len(frames) == 6
+    assert all(frame.shape == (32, 48, 3) and frame.dtype == np.uint8 for frame in frames)
+    red, green, blue = frames[0][16, 10].astype(int)  # inside the red square
+    assert red > 180 and green < 90 and blue < 90
+
+
+def test_camera_source_plays_a_file_at_its_frame_rate(tmp_path):
+    source = CameraSource(make_clip(tmp_path / "camera.mp4", 7, fps=20))
+    start = time.perf_counter()
+    count = sum(1 for _ in source)
+    elapsed = time.perf_counter() - start
+    source.close()
+    assert count == 7 and elapsed >= 6 / 20 - 0.02
+
+
+# ------------------------------------------------------------------------------------------------- sinks
+
+
+def fake_pyvirtualcam(monkeypatch, error: Exception | None = None) -> types.SimpleNamespace:
+    module = types.ModuleType("pyvirtualcam")
+    calls = types.SimpleNamespace(args=None, kwargs=None, frames=[], closed=False)
+
+    class Camera:
+        def __init__(self, *args, **kwargs):
+            if error is not None:
+                raise error
+            calls.args, calls.kwargs = args, kwargs
+            self.device = kwargs.get("device") or "/dev/video7"
+
+        def send(self, frame):
+            calls.frames.append(frame)
+
+        def close(self):
+            calls.closed = True
+
+    module.Camera = Camera
+    module.PixelFormat = types.SimpleNamespace(RGB="rgb", BGR="bgr")
+    monkeypatch.setitem(sys.modules, "pyvirtualcam", module)
+    return calls
+
+
+@pytest.mark.parametrize("backend, device", [("v4l2loopback", "/dev/video9"), ("obs", None)])
+def test_virtual_camera_passes_backend_and_device_and_sends_rgb(monkeypatch, backend, device):
+    calls = fake_pyvirtualcam(monkeypatch)
+    camera = VirtualCamera(WIDTH, HEIGHT, 30.0, backend=backend, device=device)
+    frame = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    camera.send(frame)
+    camera.close()
+    camera.close()
+    assert calls.args == (WIDTH, HEIGHT, 30.0)
+    assert calls.kwargs == {"fmt": "rgb", "backend": backend, "device": device}
+    assert len(calls.frames) == 1 and calls.frames[0].shape == (HEIGHT, WIDTH, 3) and calls.closed
+
+
+def test_virtual_camera_that_cannot_start_is_a_one_line_error(monkeypatch):
+    fake_pyvirtualcam(monkeypatch, error=RuntimeError("no v4l2 loopback device found\nmore detail"))
+    with pytest.raises(BgmatteError, match="cannot start") as caught:
+        VirtualCamera(WIDTH, HEIGHT, 30.0, backend="v4l2loopback")
+    assert "\n" not in str(caught.value)
+
+
+def test_preview_window_shows_bgr_and_reads_keys(monkeypatch):
+    shown, keys = [], iter([ord("b") | 0x100000])
+    monkeypatch.setattr(cv2, "namedWindow", lambda *args: None)
+    monkeypatch.setattr(cv2, "imshow", lambda title, image: shown.append(image))
+    monkeypatch.setattr(cv2, "waitKey", lambda delay: next(keys, -1))
+    visible = iter([1.0, 0.0])
+    monkeypatch.setattr(cv2, "getWindowProperty", lambda *args: next(visible))
+    monkeypatch.setattr(cv2, "destroyWindow", lambda *args: None)
+    window = webcam.PreviewWindow()
+    window.send(np.tile(np.array([255, 0, 0], np.uint8), (HEIGHT, WIDTH, 1)))
+    assert tuple(shown[0][0, 0]) == (0, 0, 255)  # red, in OpenCV's BGR order
+    assert window.poll_key() == ord("b")
+    assert window.poll_key() == -1
+    assert window.poll_key() == ord("q")  # the window was closed
+    window.close()
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.slow
+def test_cli_records_composites_from_a_video_file_camera(tmp_path, checkpoint, caplog):
+    clip = make_clip(tmp_path / "camera.mp4", 600)  # 20 s: time for a slow, busy machine to reach --max-frames
+    out = tmp_path / "out.mp4"
+    with caplog.at_level(logging.INFO, logger="bgmatte"):
+        code = main(["webcam", "--camera", str(clip), "--checkpoint", str(checkpoint), "--record", str(out),
+                     "--no-preview", "--max-frames", "6", "--auto-plate-delay", "0", "--auto-plate-frames", "2",
+                     "--target-bgr", "green", "--device", "cpu"])
+    assert code == 0
+    recorded = clip_frames(out)
+    assert len(recorded) == 6 and all(frame.shape == (HEIGHT, WIDTH, 3) for frame in recorded)
+    inputs = clip_frames(clip)
+    # The first two frames make the plate and pass through; the rest are composites.
+    assert min(np.abs(recorded[0].astype(int) - frame).mean() for frame in inputs) < 4
+    assert min(np.abs(recorded[-1].astype(int) - frame).mean() for frame in inputs) > 20
+    assert "plate captured" in caplog.text and "fps" in caplog.text
+
+
+@pytest.mark.parametrize("camera", ["missing.mp4", "9"], ids=["file", "index"])
+def test_cli_missing_camera_is_a_one_line_error_with_exit_code_2(tmp_path, checkpoint, capsys, camera):
+    camera = str(tmp_path / camera) if camera.endswith(".mp4") else camera
+    code = main(["webcam", "--camera", camera, "--checkpoint", str(checkpoint),
+                 "--record", str(tmp_path / "out.mp4"), "--no-preview"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("bgmatte webcam: error:")
+    assert (camera if camera.endswith(".mp4") else "camera 9") in err
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_cli_virtual_cam_without_pyvirtualcam_gives_the_install_hint(tmp_path, checkpoint, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyvirtualcam", None)  # importing it now fails, installed or not
+    code = main(["webcam", "--camera", str(make_clip(tmp_path / "camera.mp4", 2)), "--checkpoint",
+                 str(checkpoint), "--virtual-cam", "--no-preview"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert 'pip install "bgmatte[webcam]"' in err
+
+
+@pytest.mark.slow
+def test_cli_ctrl_c_finishes_the_recording_releases_the_camera_and_exits_130(tmp_path, checkpoint, capsys,
+                                                                          monkeypatch):
+    class InterruptedCamera:
+        """Three frames, then Ctrl-C (as the camera thread hands it on)."""
+
+        size, fps, name = (WIDTH, HEIGHT), 30.0, "fake camera"
+        closed = False
+
+        def __iter__(self):
+            for index in range(3):
+                yield scene(index)
+                time.sleep(0.3)
+            raise KeyboardInterrupt
+
+        def close(self):
+            InterruptedCamera.closed = True
+
+    monkeypatch.setattr(webcam, "open_camera", lambda *args, **kwargs: InterruptedCamera())
+    out = tmp_path / "out.mp4"
+    code = main(["webcam", "--checkpoint", str(checkpoint), "--record", str(out), "--no-preview",
+                 "--device", "cpu"])
+    assert code == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert InterruptedCamera.closed
+    assert 1 <= len(clip_frames(out)) <= 3  # finished and playable, with the frames sent before Ctrl-C
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_cli_headless_with_nothing_to_send_is_an_error(tmp_path, capsys):
+    code = main(["webcam", "--camera", str(make_clip(tmp_path / "camera.mp4", 2)), "--no-preview"])
+    assert code == 2 and "nothing to show or send" in capsys.readouterr().err
+
+
+def test_preview_asked_for_without_a_display_is_an_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(webcam, "display_available", lambda: False)
+    with pytest.raises(BgmatteError, match="needs a display"):
+        run_webcam(camera=make_clip(tmp_path / "camera.mp4", 2), preview=True)
+
+
+def test_cli_help_lists_the_webcam_options(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["webcam", "--help"])
+    text = capsys.readouterr().out
+    assert exited.value.code == 0
+    for option in ("--camera", "--virtual-cam-backend", "--target-bgr", "--record", "--max-frames", "--bgr"):
+        assert option in text
