@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from bgmatte.errors import BgmatteError
+from bgmatte.io import images
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -35,7 +36,7 @@ METRICS = ("sad", "mse", "grad", "conn", "fgr_mse", "sad_all", "mse_all")
 TRIMAP_METRICS = ("sad", "mse", "grad", "conn", "fgr_mse")
 """The metrics that need a trimap (all but the whole-frame ones)."""
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = images.IMAGE_EXTENSIONS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,32 +263,14 @@ def list_images(folder: Path) -> dict[str, Path]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """An image file as float64 in [0, 1] (8- or 16-bit, any format OpenCV reads): (H, W) for grey, (H, W, 3) RGB
-    for colour; an alpha channel is dropped."""
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        raise BgmatteError(f"{path}: cannot read this image")
-    if data.dtype == np.uint8:
-        image = data.astype(np.float64) / 255.0
-    elif data.dtype == np.uint16:
-        image = data.astype(np.float64) / 65535.0
-    elif data.dtype in (np.float32, np.float64):
-        image = data.astype(np.float64)
-    else:
-        raise BgmatteError(f"{path}: unsupported pixel type {data.dtype}")
-    if image.ndim == 3:
-        if image.shape[2] == 1:
-            image = image[:, :, 0]
-        else:
-            image = image[:, :, 2::-1]  # BGR(A) -> RGB
-    return image
+    """An RGB image file as (H, W, 3) float64 in [0, 1] (8- or 16-bit, any format OpenCV reads)."""
+    return images.read_image(path, dtype="float32").astype(np.float64)
 
 
 def read_alpha(path: Path) -> np.ndarray:
-    """An alpha matte file as (H, W) float64 in [0, 1]; a colour file is reduced to the mean of its channels
-    (exact for grey stored as colour)."""
-    image = read_image(path)
-    return image.mean(axis=2) if image.ndim == 3 else image
+    """An alpha matte file as (H, W) float64 in [0, 1]; a colour file is converted to grey (exact for grey
+    stored as colour)."""
+    return images.read_image(path, dtype="float32", channels=1).astype(np.float64)
 
 
 def read_trimap(path: Path) -> np.ndarray:
@@ -381,7 +364,7 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, crop_multiple:
             trimap = _crop(read_trimap(trimap_path), height, width, trimap_path, full)
         if use_fgr:
             fgr_paths = (required(pred_fgr_files, pred_fgr_dir, stem), required(gt_fgr_files, gt_fgr_dir, stem))
-            pred_fgr, true_fgr = (_crop(_as_rgb(read_image(p), p), height, width, p, full) for p in fgr_paths)
+            pred_fgr, true_fgr = (_crop(read_image(p), height, width, p, full) for p in fgr_paths)
         try:
             scores = score_image(pred_pha, true_pha, trimap, pred_fgr, true_fgr)
         except BgmatteError as exc:
@@ -392,28 +375,8 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, crop_multiple:
     return Evaluation(mean=mean_scores(per_image), per_image=per_image, notes=notes)
 
 
-def _as_rgb(image: np.ndarray, path: Path) -> np.ndarray:
-    if image.ndim == 2:
-        return np.repeat(image[:, :, None], 3, axis=2)
-    if image.shape[2] != 3:
-        raise BgmatteError(f"{path}: a foreground must be an RGB image")
-    return image
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Running a model over a dataset first.
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
-
-
-def _write_png(path: Path, image: np.ndarray) -> None:
-    data = _to_uint8(image)
-    if data.ndim == 3:
-        data = np.ascontiguousarray(data[:, :, ::-1])  # RGB -> BGR for OpenCV
-    if not cv2.imwrite(str(path), data):
-        raise BgmatteError(f"{path}: cannot write this image")
 
 
 def predict_folder(model: torch.nn.Module, data_dir: str | Path, out_dir: str | Path, *,
@@ -440,7 +403,7 @@ def predict_folder(model: torch.nn.Module, data_dir: str | Path, out_dir: str | 
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
 
     def tensor(path: Path, height: int, width: int) -> torch.Tensor:
-        image = _as_rgb(read_image(path), path)[:height, :width]
+        image = read_image(path)[:height, :width]
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device, dtype)
 
     for stem, src_path in src_files.items():
@@ -460,8 +423,8 @@ def predict_folder(model: torch.nn.Module, data_dir: str | Path, out_dir: str | 
             outputs = model(tensor(src_path, height, width), tensor(bgr_path, height, width))
         pha = outputs[0][0, 0].float().clamp(0, 1).cpu().numpy()
         fgr = outputs[1][0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-        _write_png(out_root / "pha" / f"{stem}.png", pha)
-        _write_png(out_root / "fgr" / f"{stem}.png", fgr)
+        images.write_png(out_root / "pha" / f"{stem}.png", pha, overwrite=True)
+        images.write_png(out_root / "fgr" / f"{stem}.png", fgr, overwrite=True)
     return len(src_files)
 
 

@@ -367,7 +367,7 @@ def test_evaluate_folders_names_a_missing_prediction(tmp_path):
 def test_evaluate_folders_names_an_unreadable_image(tmp_path):
     pred, gt = _dataset(tmp_path)
     (pred / "pha" / "a.png").write_bytes(b"not a png")
-    with pytest.raises(BgmatteError, match=r"a\.png: cannot read"):
+    with pytest.raises(BgmatteError, match=r"a\.png: not an image file OpenCV can read"):
         evaluate_folders(pred, gt)
 
 

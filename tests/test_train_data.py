@@ -18,7 +18,6 @@ from bgmatte.train.data import (
     MatteDataset,
     SyntheticDataset,
     build_dataset,
-    image_size_from_header,
     match_folders,
     read_image,
     videomatte_pairs,
@@ -47,12 +46,6 @@ def _colour(height: int = 12, width: int = 16, seed: int = 0) -> np.ndarray:
 
 def _grey(height: int = 12, width: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
-
-
-@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".bmp"])
-def test_image_size_is_read_from_the_header(tmp_path, suffix):
-    path = _write(tmp_path / f"image{suffix}", _colour(23, 41))
-    assert image_size_from_header(path.read_bytes()) == (41, 23)
 
 
 def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):

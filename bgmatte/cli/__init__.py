@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+import warnings
+from collections.abc import Callable
 
 from bgmatte.errors import BgmatteError
 
@@ -35,6 +38,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLineHandler(logging.Handler):
+    """Log records as one line each on the current stderr, past any progress bar; a message repeated
+    more than a few times (a per-frame warning) is shown three times, then counted silently."""
+
+    def __init__(self, command: str, debug: bool):
+        super().__init__(logging.DEBUG if debug else logging.WARNING)
+        self.prefix = f"bgmatte {command}"
+        self.debug = debug
+        self.seen: dict[tuple[str, object], int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            key = (record.name, record.getMessage() if record.msg == "%s" else record.msg)
+            count = self.seen[key] = self.seen.get(key, 0) + 1
+            if count > 3 and not self.debug:
+                return
+            lines = record.getMessage().strip().splitlines() or [""]
+            text = f"{self.prefix}: {record.levelname.lower()}: {lines[0]}"
+            if count == 3 and not self.debug:
+                text += " (further ones like it are not shown)"
+            if self.debug and record.exc_info:
+                text = self.format(record)
+            from tqdm import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
+
+
+def configure_logging(command: str, debug: bool = False) -> Callable[[], None]:
+    """Send the package's warnings (and Python warnings) to stderr as one-line messages; returns an undo.
+
+    Warnings show by default; --debug shows everything, tracebacks included.
+    """
+    package = logging.getLogger("bgmatte")
+    handler = _OneLineHandler(command, debug)
+    previous_level = package.level
+    package.addHandler(handler)
+    if debug:
+        package.setLevel(logging.DEBUG)
+    previous_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        text = str(message).strip()
+        logging.getLogger("bgmatte.warnings").warning("%s", text.splitlines()[0] if text else category.__name__)
+
+    warnings.showwarning = show
+
+    def undo() -> None:
+        package.removeHandler(handler)
+        package.setLevel(previous_level)
+        if warnings.showwarning is show:
+            warnings.showwarning = previous_show
+
+    return undo
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, run the subcommand and return its exit code; never a traceback unless --debug."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -44,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = debug
+    undo_logging = configure_logging(args.command, debug)
     try:
         return int(args.func(args) or 0)
     except BgmatteError as exc:
@@ -56,3 +117,5 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"bgmatte {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        undo_logging()

@@ -96,20 +96,24 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def read_image(path: str | os.PathLike, *, dtype: str = "uint8", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read an image as upright (H, W, 3) RGB, uint8 or float32 in [0, 1]; refuse files above `max_pixels`.
+def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int = 3,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image as upright (H, W, 3) RGB, or (H, W) grey with channels=1, uint8 or float32 in [0, 1];
+    refuse files above `max_pixels`.
 
-    EXIF orientation is applied, grey images become three channels, alpha is dropped, and with
-    dtype="float32" 16-bit files keep their precision.
+    EXIF orientation is applied, grey images become three channels (colour ones grey with channels=1),
+    alpha is dropped, and with dtype="float32" 16-bit files keep their precision.
     """
     if dtype not in ("uint8", "float32"):
         raise ValueError(f"dtype must be 'uint8' or 'float32', not {dtype!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
     path = Path(path)
     data = _read_bytes(path, "image")
     size = image_header_size(data)
     if size is not None:
         _check_pixels(path, size, max_pixels)
-    flags = cv2.IMREAD_COLOR | (cv2.IMREAD_ANYDEPTH if dtype == "float32" else 0)
+    flags = (cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE) | (cv2.IMREAD_ANYDEPTH if dtype == "float32" else 0)
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as exc:
@@ -118,7 +122,8 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", max_pixels: int
         raise BgmatteError(f"{path}: not an image file OpenCV can read")
     if size is None:
         _check_pixels(path, (image.shape[1], image.shape[0]), max_pixels)
-    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if channels == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if dtype == "uint8":
         return image
     scale = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else 1.0

@@ -6,13 +6,11 @@ and `pha` (1,H,W), the background datasets `bgr` (3,H,W), and the training datas
 `bgr` (the plate given to the model), `pha` and `fgr`. Each item is drawn from its own generator
 seeded by (seed, epoch, index), so results do not depend on the number of loader workers.
 
-Images are limited to `MAX_PIXELS` against decompression bombs: the size is read from the file's
-header (PNG, JPEG, WebP, BMP) before decoding; other formats are checked right after decoding.
+Images are limited to `MAX_PIXELS` against decompression bombs, checked from the file's header
+before decoding (`bgmatte.io.images.read_image`).
 """
 from __future__ import annotations
 
-import re
-import struct
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,10 +22,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from bgmatte.errors import BgmatteError
+from bgmatte.io import images
 from bgmatte.train.augment import PAPER, SYNTHETIC, AugmentOptions, make_training_batch, rand_index
 from bgmatte.train.synthetic import DEFAULT, SyntheticOptions, generate_batch
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = tuple(sorted(images.IMAGE_EXTENSIONS))
 MAX_PIXELS = 50_000_000
 DATASETS = ("synthetic", "videomatte", "photomatte", "aim")
 
@@ -37,103 +36,20 @@ DATASETS = ("synthetic", "videomatte", "photomatte", "aim")
 # --------------------------------------------------------------------------------------------
 
 
-def image_size_from_header(data: bytes) -> tuple[int, int] | None:
-    """(width, height) read from the header of a PNG, JPEG, WebP or BMP file's bytes, None if unknown."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return struct.unpack(">II", data[16:24])
-    if data[:2] == b"\xff\xd8":
-        return _jpeg_size(data)
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
-        chunk = data[12:16]
-        if chunk == b"VP8X":
-            width = int.from_bytes(data[24:27], "little") + 1
-            height = int.from_bytes(data[27:30], "little") + 1
-            return width, height
-        if chunk == b"VP8L":
-            bits = int.from_bytes(data[21:25], "little")
-            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-        if chunk == b"VP8 ":
-            width, height = struct.unpack("<HH", data[26:30])
-            return width & 0x3FFF, height & 0x3FFF
-    if data[:2] == b"BM" and len(data) >= 26:
-        width, height = struct.unpack("<ii", data[18:26])
-        return abs(width), abs(height)
-    return None
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """Walk a JPEG's marker segments to its start-of-frame, which holds the image size."""
-    position = 2
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xDA)):  # markers without a length
-            position += 2
-            continue
-        (length,) = struct.unpack(">H", data[position + 2 : position + 4])
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if position + 9 > len(data):
-                return None
-            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
-            return width, height
-        position += 2 + length
-    return None
-
-
-def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise BgmatteError(
-            f"{path}: image is {width}x{height}, over the limit of {max_pixels / 1e6:g} megapixels"
-        )
-
-
 def read_image(
     path: str | Path, channels: int = 3, *, dtype: torch.dtype = torch.float32, max_pixels: int = MAX_PIXELS
 ) -> Tensor:
     """Read an image as a (C,H,W) tensor: RGB for 3 channels, grey for 1; float in [0,1], or uint8.
 
-    Images over `max_pixels` are refused with BgmatteError before they are decoded when the header
-    tells their size, and otherwise right after decoding. An alpha channel is dropped.
+    Reading, and the refusal of images over `max_pixels` before they are decoded, is
+    `bgmatte.io.images.read_image`'s.
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise BgmatteError(f"{path}: cannot read the image ({exc.strerror or exc})") from None
-    size = image_size_from_header(data)
-    if size is not None:
-        _check_pixels(path, size[0], size[1], max_pixels)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise BgmatteError(f"{path}: not an image that OpenCV can decode")
-    _check_pixels(path, image.shape[1], image.shape[0], max_pixels)
+    image = images.read_image(path, dtype="uint8" if dtype == torch.uint8 else "float32", channels=channels,
+                              max_pixels=max_pixels)
     if image.ndim == 2:
         image = image[:, :, None]
-    if image.shape[2] == 4:
-        image = image[:, :, :3]
-    if channels == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    elif channels == 1:
-        image = image if image.shape[2] == 1 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    else:
-        raise ValueError("channels must be 1 or 3")
-    if image.ndim == 2:
-        image = image[:, :, None]
-    scale = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else 1.0
     tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    if dtype == torch.uint8:
-        if image.dtype == np.uint8:
-            return tensor
-        return (tensor.float() / scale * 255.0).round().clamp(0, 255).to(torch.uint8)
-    return (tensor.to(torch.float32) / scale).clamp(0, 1).to(dtype)
-
-
-def _natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(path))]
+    return tensor if dtype == torch.uint8 else tensor.to(dtype)
 
 
 def list_images(folder: str | Path, *, recursive: bool = True) -> list[Path]:
@@ -142,7 +58,7 @@ def list_images(folder: str | Path, *, recursive: bool = True) -> list[Path]:
     if not folder.is_dir():
         raise BgmatteError(f"{folder}: no such folder")
     found = folder.rglob("*") if recursive else folder.iterdir()
-    paths = sorted((p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_natural_key)
+    paths = sorted((p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=lambda path: images.natural_key(str(path)))
     if not paths:
         raise BgmatteError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     return paths
@@ -192,7 +108,7 @@ def videomatte_pairs(root: str | Path, split: str = "train") -> list[tuple[Path,
     fgr_root, pha_root = base / "fgr", base / "pha"
     if not fgr_root.is_dir() or not pha_root.is_dir():
         raise BgmatteError(f"{base}: expected VideoMatte240K folders fgr/CLIP/ and pha/CLIP/")
-    clips = sorted((p for p in fgr_root.iterdir() if p.is_dir()), key=_natural_key)
+    clips = sorted((p for p in fgr_root.iterdir() if p.is_dir()), key=lambda path: images.natural_key(str(path)))
     if not clips:
         raise BgmatteError(f"{fgr_root}: no clip folders")
     pairs = []
