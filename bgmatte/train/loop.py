@@ -1,0 +1,888 @@
+"""The training engine: one function, ``train(options)``, for both stages, one process or many.
+
+A run is a sequence of optimiser steps over batches that depend only on the seed and the step, so
+that a run saved at step k and resumed continues bit for bit as if it had never stopped. Several
+processes (``torchrun``) train one model with PyTorch's DistributedDataParallel; on CUDA the
+batch-norm statistics are shared with SyncBatchNorm, while on the CPU (gloo, where PyTorch has no
+SyncBatchNorm) each process normalises with its own share of the batch. Only rank 0 writes files.
+
+Files in the run's folder: ``last.safetensors`` and ``best.safetensors`` (weights ``load_model``
+reads), ``state.pt`` (model, optimiser, loss scaler, step, random states; read with
+``weights_only=True``), ``train.csv`` and ``valid.csv`` (and TensorBoard events on request) and
+``samples/step_NNNNNNN.png``.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from itertools import count, islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+from bgmatte.errors import BgmatteError
+from bgmatte.model.build import detect_backbone, read_state_dict, resolve_device, save_weights
+from bgmatte.model.matting import BACKBONES, MattingBase, MattingRefine
+from bgmatte.train.config import PARTS, TrainOptions
+from bgmatte.train.losses import BASE_TERMS, REFINE_TERMS, base_loss, refine_loss
+
+STATE_FORMAT = 1
+VALIDATION_SEED = 20_210_620
+"""Seeds the fixed validation set, apart from the training seed so that every run validates alike."""
+MAX_NONFINITE_STEPS = 20
+SAMPLE_ROWS = 4
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run reports: the steps done, the last training loss, the best validation loss."""
+
+    step: int
+    loss: float
+    best_valid_loss: float | None
+    out: Path
+
+
+# --------------------------------------------------------------------------------------------
+# Processes and devices
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process trains: its device and its place among the processes of the run."""
+
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that validates and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether other processes train with this one."""
+        return self.world_size > 1
+
+
+def start_runtime(device: str) -> tuple[Runtime, bool]:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs, gloo on
+    the CPU), or run alone; returns the runtime and whether this call created the group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Runtime(resolve_device(device)), False
+    if not dist.is_available():
+        raise BgmatteError("this PyTorch build has no torch.distributed, so it cannot train on several processes")
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise BgmatteError(f"process {rank} wants GPU {local_rank}, but this machine has "
+                               f"{torch.cuda.device_count()}: start at most that many processes per node")
+        resolved = torch.device("cuda", local_rank)
+        torch.cuda.set_device(resolved)
+    created = not dist.is_initialized()
+    if created:
+        if resolved.type == "cuda":
+            dist.init_process_group("nccl", device_id=resolved)
+        else:
+            dist.init_process_group("gloo")
+    return Runtime(resolved, dist.get_rank(), local_rank, dist.get_world_size()), created
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast type for a precision setting on a device, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        if precision == "fp16":
+            raise BgmatteError("--precision fp16 needs a GPU; on the CPU use fp32 (or bf16)")
+        return torch.bfloat16 if precision == "bf16" else None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise BgmatteError("--precision bf16: this GPU has no bfloat16; use fp16")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python's random module."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def stream_seed(seed: int, rank: int, index: int) -> int:
+    """A 63-bit seed for one item of a random stream, different for every (seed, rank, index)."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % 2**64
+    mixed ^= mixed >> 31
+    return mixed % 2**63
+
+
+# --------------------------------------------------------------------------------------------
+# The model and its optimiser
+# --------------------------------------------------------------------------------------------
+
+
+def choose_backbone(options: TrainOptions, init_state: dict[str, Tensor] | None) -> str:
+    """The backbone to train: the one asked for, else the one of the initial weights, else mobilenetv2."""
+    detected = detect_backbone(init_state) if init_state is not None else None
+    backbone = options.backbone or detected or "mobilenetv2"
+    if backbone not in BACKBONES:
+        raise BgmatteError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if detected is not None and detected != backbone:
+        raise BgmatteError(f"{options.init}: holds {detected} weights, but --backbone {backbone} was asked for")
+    return backbone
+
+
+def build_model(options: TrainOptions, backbone: str, refine_kernel_size: int = 3) -> nn.Module:
+    """The stage's network with fresh weights. The refine stage refines exactly ``sample_pixels``
+    per image (oversampling prevention off), so that the refiner always learns and every process
+    of a distributed run uses every parameter."""
+    if options.stage == "base":
+        return MattingBase(backbone)
+    return MattingRefine(backbone, backbone_scale=options.backbone_scale, refine_mode="sampling",
+                         refine_sample_pixels=options.refine_sample_pixels, refine_kernel_size=refine_kernel_size,
+                         refine_prevent_oversampling=False)
+
+
+def load_initial_weights(model: nn.Module, state: dict[str, Tensor], source: Path) -> list[str]:
+    """Load a checkpoint into the stage's model: refiner weights are dropped for the base stage and may be
+    missing for the refine stage (it then starts from random); everything else must fit. Returns what
+    was left at its initial value."""
+    expected = model.state_dict()
+    if not any(k.startswith("refiner.") for k in expected):
+        state = {k: v for k, v in state.items() if not k.startswith("refiner.")}
+    has_refiner = any(k.startswith("refiner.") for k in state)
+    missing = sorted(k for k in expected.keys() - state.keys() if has_refiner or not k.startswith("refiner."))
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+                    ((missing, "missing keys"), (unexpected, "unexpected keys"), (wrong, "keys of the wrong shape"))
+                    if keys]
+        raise BgmatteError(f"{source}: does not fit a {type(model).__name__} model: {'; '.join(problems)}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
+    return sorted(expected.keys() - state.keys())
+
+
+def parameter_groups(model: nn.Module, learning_rates: dict[str, float]) -> list[dict]:
+    """One Adam parameter group per part of the network (backbone, aspp, decoder, refiner) at its own rate."""
+    groups = []
+    for part in PARTS:
+        module = getattr(model, part, None)
+        if module is not None:
+            groups.append({"params": list(module.parameters()), "lr": learning_rates[part], "name": part})
+    covered = sum(len(g["params"]) for g in groups)
+    if covered != len(list(model.parameters())):
+        raise RuntimeError("some model parameters belong to no learning-rate group")
+    return groups
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+class ResumableSampler(Sampler[tuple[int, int]]):
+    """(epoch, index) pairs for one process, epoch after epoch without end, starting at sample ``start``.
+
+    Each epoch is PyTorch's ``DistributedSampler`` shuffle and shard for that epoch; a resumed run
+    starts in the middle of an epoch and sees the same items as the uninterrupted run. The epoch
+    travels with the index because loader workers hold their own copies of the dataset.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int, seed: int, start: int = 0) -> None:
+        self.inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                        drop_last=True)
+        self.start = start
+        if len(self.inner) == 0:
+            raise BgmatteError(f"the dataset has {len(dataset)} samples, fewer than the {world_size} processes")
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        per_epoch = len(self.inner)
+        epoch, offset = divmod(self.start, per_epoch)
+        while True:
+            self.inner.set_epoch(epoch)
+            for index in islice(iter(self.inner), offset, None):
+                yield epoch, index
+            epoch, offset = epoch + 1, 0
+
+
+class EpochItems(Dataset):
+    """Reads item ``(epoch, index)`` of a dataset, first telling it the epoch (``set_epoch``) if it cares,
+    so that each epoch draws new augmentations."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Tensor]:
+        epoch, index = key
+        inner = self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
+        if hasattr(inner, "set_epoch"):
+            inner.set_epoch(epoch)
+        return self.dataset[index]
+
+
+def open_dataset(options: TrainOptions, split: str, seed: int, length: int | None = None) -> Dataset:
+    """The run's dataset (``bgmatte.train.data.build_dataset``) for a split, items at the crop size."""
+    from bgmatte.train.data import build_dataset
+
+    return build_dataset(options.dataset, options.data_root, split=split, size=options.crop_size,
+                         backgrounds=options.backgrounds, seed=seed, length=length)
+
+
+def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("src", "bgr", "pha", "fgr")}
+
+
+def training_batches(options: TrainOptions, runtime: Runtime, per_process: int, start_step: int
+                     ) -> Iterator[dict[str, Tensor]]:
+    """This process's batches from step ``start_step`` on, on its device.
+
+    With ``train_samples``, a fixed pool of items is made once and kept in memory (the process's share
+    of it under torchrun). Otherwise synthetic data on a GPU is generated there, a whole batch at a
+    time from a generator seeded by (seed, rank, step), so no step waits on the CPU; and any other
+    case reads the dataset's items, each a function of (seed, epoch, index), through a DataLoader,
+    in an order fixed by the seed.
+    """
+    dataset = open_dataset(options, "train", options.seed, options.train_samples)
+    if options.train_samples is not None:
+        return _pooled_batches(dataset, options, runtime, per_process, start_step)
+    if runtime.device.type == "cuda" and hasattr(dataset, "make_batch"):
+        return generated_batches(dataset, options.seed, runtime, per_process, start_step)
+    sampler = ResumableSampler(dataset, runtime.rank, runtime.world_size, options.seed, start_step * per_process)
+    # Worker seeds come from this generator, not from the global one, whose state a resumed run restores.
+    generator = torch.Generator().manual_seed(stream_seed(options.seed, runtime.rank, start_step))
+    loader = DataLoader(EpochItems(dataset), batch_size=per_process, sampler=sampler,
+                        num_workers=options.num_workers, pin_memory=runtime.device.type == "cuda", drop_last=True,
+                        generator=generator, worker_init_fn=_ignore_stop_signals if options.num_workers else None)
+    return (_to_device(batch, runtime.device) for batch in loader)
+
+
+def generated_batches(dataset, seed: int, runtime: Runtime, per_process: int, start_step: int
+                      ) -> Iterator[dict[str, Tensor]]:
+    """Whole batches made on the device by ``dataset.make_batch``, each from a generator seeded by
+    (seed, rank, step): nothing crosses from the CPU, and a resumed run makes the same batches."""
+    generator = torch.Generator(device=runtime.device)
+    for step in count(start_step):
+        generator.manual_seed(stream_seed(seed, runtime.rank, step))
+        yield _to_device(dataset.make_batch(per_process, runtime.device, generator), runtime.device)
+
+
+POOL_KEYS = ("src", "bgr", "pha", "fgr")
+
+
+def make_pool(dataset: Dataset, indices: list[int], runtime: Runtime, num_workers: int, chunk: int
+              ) -> dict[str, Tensor]:
+    """Items ``indices`` of a dataset stacked into fp16 tensors on the device (half the memory of fp32 and
+    finer than 8-bit images), made once by a DataLoader's workers; the global random state is untouched."""
+    parts: dict[str, list[Tensor]] = {key: [] for key in POOL_KEYS}
+    with preserved_random_state():
+        loader = DataLoader(Subset(dataset, indices), batch_size=chunk, shuffle=False, num_workers=num_workers,
+                            worker_init_fn=_ignore_stop_signals if num_workers else None)
+        for batch in loader:
+            for key in POOL_KEYS:
+                parts[key].append(batch[key].to(runtime.device, torch.float16))
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def _pooled_batches(dataset: Dataset, options: TrainOptions, runtime: Runtime, per_process: int, start_step: int
+                    ) -> Iterator[dict[str, Tensor]]:
+    total = min(options.train_samples, len(dataset))
+    indices = list(range(runtime.rank, total, runtime.world_size))  # each process keeps its own share
+    if len(indices) < per_process:
+        raise BgmatteError(f"--train-samples {options.train_samples} leaves {len(indices)} samples per process, "
+                           f"fewer than its batch of {per_process}")
+    started = time.monotonic()
+    pool = make_pool(dataset, indices, runtime, options.num_workers, per_process)
+    if runtime.is_main and options.progress:
+        megabytes = sum(t.numel() * t.element_size() for t in pool.values()) / 2**20
+        print(f"bgmatte train: made a pool of {len(indices)} samples per process ({megabytes:.0f} MiB) in "
+              f"{time.monotonic() - started:.1f} s", file=sys.stderr)
+    sampler = ResumableSampler(range(len(indices)), 0, 1, stream_seed(options.seed, runtime.rank, 0),
+                               start_step * per_process)
+    positions = (index for _, index in sampler)
+    while True:
+        chosen = torch.tensor(list(islice(positions, per_process)), device=runtime.device)
+        yield {key: pool[key][chosen].float() for key in POOL_KEYS}
+
+
+def validation_batches(options: TrainOptions, runtime: Runtime, batch_size: int) -> list[dict[str, Tensor]]:
+    """The fixed validation set, in batches on the device: the same samples at every validation and in every
+    run with the same dataset and crop (whatever the training seed). The global random state is left as it was."""
+    if options.val_samples == 0 or options.val_every == 0:
+        return []
+    with preserved_random_state():
+        try:
+            dataset = open_dataset(options, "valid", VALIDATION_SEED, options.val_samples)
+        except BgmatteError as exc:
+            raise BgmatteError(f"{exc} (for the validation set; or pass --val-every 0)") from None
+        total = min(options.val_samples, len(dataset))
+        items = [dataset[i] for i in range(total)]
+    batches = []
+    for first in range(0, total, batch_size):
+        chunk = items[first:first + batch_size]
+        batches.append(_to_device({k: torch.stack([item[k] for item in chunk])
+                                   for k in ("src", "bgr", "pha", "fgr")}, runtime.device))
+    return batches
+
+
+# --------------------------------------------------------------------------------------------
+# Random state
+# --------------------------------------------------------------------------------------------
+
+
+def capture_random_state() -> dict[str, object]:
+    """Torch (CPU and CUDA), numpy and Python random states as tensors and plain values, so that
+    ``torch.load(weights_only=True)`` reads them back."""
+    version, mt_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, object] = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "position": int(position), "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: no context on the others
+    return state
+
+
+def restore_random_state(state: dict[str, object]) -> None:
+    """Undo ``capture_random_state``."""
+    torch.set_rng_state(state["torch"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextmanager
+def preserved_random_state():
+    """Run a block without changing the global random states."""
+    saved = capture_random_state()
+    try:
+        yield
+    finally:
+        restore_random_state(saved)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Write through ``write(temporary_path)`` and rename over ``path``, so that a crash never leaves half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # some writers create private files; weights are for sharing
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def save_model_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    """Write ``load_model``-ready safetensors weights atomically."""
+    _replace_atomically(path, lambda tmp: save_weights(model, tmp, metadata=metadata))
+
+
+def save_training_state(path: Path, state: dict[str, object]) -> None:
+    """Write the resumable state atomically."""
+    _replace_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: Path) -> dict[str, object]:
+    """Read a state written by ``save_training_state``, refusing anything but tensors and plain containers."""
+    if not path.is_file():
+        raise BgmatteError(f"{path}: no training state to resume (start without --resume)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the file's problem, reported as such
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BgmatteError(f"{path}: not a readable bgmatte training state ({first})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise BgmatteError(f"{path}: not a bgmatte training state of format {STATE_FORMAT}")
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Steps, validation, images
+# --------------------------------------------------------------------------------------------
+
+
+def stage_loss(stage: str, outputs: tuple[Tensor, ...], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """The paper's loss of one stage from the model's outputs (cast to fp32) and the batch."""
+    outputs = tuple(o.float() for o in outputs)
+    if stage == "base":
+        pha, fgr, err = outputs[:3]
+        return base_loss(pha, fgr, err, batch["pha"], batch["fgr"])
+    return refine_loss(*outputs[:5], batch["pha"], batch["fgr"])
+
+
+def loss_terms(stage: str) -> tuple[str, ...]:
+    """The names of a stage's loss terms, in log order."""
+    return BASE_TERMS if stage == "base" else REFINE_TERMS
+
+
+@torch.no_grad()
+def validate(model: nn.Module, batches: list[dict[str, Tensor]], stage: str, amp: torch.dtype | None
+             ) -> tuple[dict[str, float], tuple[Tensor, ...] | None]:
+    """Mean loss, loss terms, alpha SAD (per image, in thousands) and alpha MSE over the validation batches,
+    in eval mode; returns them and the outputs of the first batch (for the sample images)."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    images = 0
+    first = None
+    try:
+        for batch in batches:
+            with torch.autocast(batch["src"].device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                outputs = model(batch["src"], batch["bgr"])
+            outputs = tuple(o.float() for o in outputs)
+            loss, terms = stage_loss(stage, outputs, batch)
+            n = batch["src"].shape[0]
+            difference = outputs[0] - batch["pha"]
+            metrics = {"loss": float(loss), **terms,
+                       "sad": float(difference.abs().flatten(1).sum(1).mean()) / 1000.0,
+                       "mse": float(difference.pow(2).mean())}
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value * n
+            images += n
+            if first is None:
+                first = outputs
+    finally:
+        model.train(was_training)
+    return {key: value / max(images, 1) for key, value in totals.items()}, first
+
+
+def sample_grid(batch: dict[str, Tensor], outputs: tuple[Tensor, ...], rows: int = SAMPLE_ROWS) -> np.ndarray:
+    """An (H*rows, W*6, 3) uint8 RGB image: per sample src, bgr, true alpha, predicted alpha, the
+    prediction composited over green, and the predicted error."""
+    n = min(rows, batch["src"].shape[0])
+    pha, fgr = outputs[0][:n].float(), outputs[1][:n].float()
+    err = outputs[2] if len(outputs) == 4 else outputs[4]
+    err = nn.functional.interpolate(err[:n].float(), size=pha.shape[2:], mode="bilinear", align_corners=False)
+    green = torch.tensor([0.47, 1.0, 0.6], device=pha.device).view(1, 3, 1, 1)
+    columns = [batch["src"][:n], batch["bgr"][:n], batch["pha"][:n].expand(-1, 3, -1, -1), pha.expand(-1, 3, -1, -1),
+               fgr * pha + green * (1 - pha), err.clamp(0, 1).expand(-1, 3, -1, -1)]
+    grid = torch.cat([torch.cat(list(column.float()), dim=1) for column in columns], dim=2)  # (3, H*n, W*6)
+    return (grid.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """Write an RGB uint8 image as PNG."""
+    import cv2
+
+    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
+        raise BgmatteError(f"{path}: could not write the sample image")
+
+
+# --------------------------------------------------------------------------------------------
+# Logs
+# --------------------------------------------------------------------------------------------
+
+
+class CsvLog:
+    """A CSV file of rows keyed by step; reopening it for a resumed run drops rows after that step."""
+
+    def __init__(self, path: Path, columns: list[str], resume_step: int | None) -> None:
+        self.path, self.columns = path, columns
+        if resume_step is not None and path.is_file():
+            with path.open(newline="") as file:
+                kept = [row for row in csv.DictReader(file) if int(row.get("step") or 0) <= resume_step]
+            self._rewrite(kept)
+        elif not path.is_file() or resume_step is None:
+            self._rewrite([])
+
+    def _rewrite(self, rows: list[dict[str, str]]) -> None:
+        with self.path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict[str, object]) -> None:
+        """Append one row (floats to 6 significant digits)."""
+        with self.path.open("a", newline="") as file:
+            csv.DictWriter(file, self.columns, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+class Logger:
+    """CSV logs for training and validation, plus TensorBoard scalars and images when asked for."""
+
+    def __init__(self, options: TrainOptions, resume_step: int | None) -> None:
+        terms = list(loss_terms(options.stage))
+        self.train = CsvLog(options.out / "train.csv", ["step", "loss", *terms, "sec_per_step", "time"], resume_step)
+        self.valid = CsvLog(options.out / "valid.csv", ["step", "loss", *terms, "sad", "mse", "time"], resume_step)
+        self.board = None
+        if options.log == "tensorboard":
+            check_logging(options)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(options.out / "tensorboard"), purge_step=resume_step)
+
+    def scalars(self, kind: str, step: int, values: dict[str, float]) -> None:
+        """Log a row of ``train`` or ``valid`` values for a step."""
+        (self.train if kind == "train" else self.valid).write({"step": step, **values, "time": f"{time.time():.3f}"})
+        if self.board is not None:
+            for key, value in values.items():
+                self.board.add_scalar(f"{kind}/{key}", value, step)
+
+    def image(self, step: int, rgb: np.ndarray) -> None:
+        """Log a sample grid to TensorBoard (the PNG is written by the caller)."""
+        if self.board is not None:
+            self.board.add_image("valid/samples", rgb, step, dataformats="HWC")
+
+    def close(self) -> None:
+        """Flush and close TensorBoard's writer."""
+        if self.board is not None:
+            self.board.close()
+
+
+def check_logging(options: TrainOptions) -> None:
+    """Fail early, in every process, when the log format asked for cannot be written."""
+    if options.log == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise BgmatteError("--log tensorboard: TensorBoard is not installed (pip install tensorboard); "
+                               "or use --log csv") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping on a signal
+# --------------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """Turns a SIGINT or SIGTERM into a request to stop after the current step; a second signal of the same
+    kind acts at once. Handlers are only installed in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.getsignal(number)
+                signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave Ctrl-C to the training process, which stops between steps and shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def train(options: TrainOptions) -> TrainResult:
+    """Train one stage as ``options`` say, in this process or in each process ``torchrun`` started.
+
+    Returns when ``options.steps`` steps are done, with weights and state saved. On SIGINT or SIGTERM it
+    finishes the current step, saves weights and state, and raises KeyboardInterrupt.
+    """
+    runtime, created_group = start_runtime(options.device)
+    try:
+        return _Run(options, runtime).run()
+    finally:
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _read_resume_state(options: TrainOptions, runtime: Runtime) -> dict[str, object] | None:
+    """Rank 0 reads (or refuses) the saved state and sends it, or its error, to every process."""
+    message, saved = None, None
+    if runtime.is_main:
+        try:
+            state_path = options.out / "state.pt"
+            if options.resume:
+                saved = load_training_state(state_path)
+                if saved["stage"] != options.stage:
+                    raise BgmatteError(f"{state_path}: is a {saved['stage']} run, not a {options.stage} run")
+                if options.backbone is not None and options.backbone != saved["backbone"]:
+                    raise BgmatteError(f"{state_path}: is a {saved['backbone']} run, not {options.backbone}")
+            elif state_path.exists():
+                raise BgmatteError(f"{options.out}: already holds a training run (state.pt); pass --resume to "
+                                   "continue it, or choose another --out")
+        except BgmatteError as exc:
+            message = str(exc)
+    if runtime.distributed:
+        holder = [(message, saved)]
+        dist.broadcast_object_list(holder, src=0)
+        message, saved = holder[0]
+    if message is not None:
+        raise BgmatteError(message)
+    return saved
+
+
+class _Run:
+    """One training run: the model, optimiser, data and logs of this process; ``run`` is the loop."""
+
+    def __init__(self, options: TrainOptions, runtime: Runtime) -> None:
+        self.options, self.runtime = options, runtime
+        check_logging(options)
+        self.per_process, remainder = divmod(options.batch_size, runtime.world_size)
+        if remainder:
+            raise BgmatteError(f"--batch-size {options.batch_size} does not split evenly over "
+                               f"{runtime.world_size} processes")
+        self.sync_bn = runtime.distributed and runtime.device.type == "cuda"
+        if self.per_process < 2 and not self.sync_bn:
+            raise BgmatteError(f"--batch-size {options.batch_size} leaves {self.per_process} image per process, "
+                               "and batch norm needs at least 2 (only SyncBatchNorm, on GPUs, pools processes)")
+        self.amp = autocast_dtype(options.precision, runtime.device)
+
+        saved = _read_resume_state(options, runtime)
+        init_state = None
+        if saved is not None:
+            self.backbone, self.kernel_size = str(saved["backbone"]), int(saved["refine_kernel_size"])
+        else:
+            init_state = read_state_dict(options.init) if options.init is not None else None
+            self.backbone = choose_backbone(options, init_state)
+            conv = init_state.get("refiner.conv1.weight") if init_state is not None else None
+            self.kernel_size = int(conv.shape[-1]) if conv is not None else 3
+
+        # Every process builds the same initial weights; then each draws its own random numbers.
+        seed_everything(options.seed)
+        network = build_model(options, self.backbone, self.kernel_size)
+        if init_state is not None:
+            untouched = load_initial_weights(network, init_state, options.init)
+            if untouched and runtime.is_main and options.progress:
+                print(f"bgmatte train: {options.init}: has no weights for {len(untouched)} tensors "
+                      f"(such as {untouched[0]}); they start from random values", file=sys.stderr)
+        seed_everything(stream_seed(options.seed, runtime.rank, -1))
+        network = network.to(runtime.device).train()
+        if self.sync_bn:
+            network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+        self.network = network
+        self.optimizer = torch.optim.Adam(parameter_groups(network, options.learning_rates))
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=self.amp == torch.float16)
+        self.step, self.best, self.saved_step = 0, math.inf, -1
+        if saved is not None:
+            self._restore(saved)
+        self.model: nn.Module = network
+        if runtime.distributed:
+            device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
+
+        self.logger: Logger | None = None
+        self.valid_batches: list[dict[str, Tensor]] = []
+        if runtime.is_main:
+            (options.out / "samples").mkdir(parents=True, exist_ok=True)
+            self.logger = Logger(options, self.step if saved is not None else None)
+            self.valid_batches = validation_batches(options, runtime, self.per_process)
+
+    # -- saved state --------------------------------------------------------------------------
+
+    def _restore(self, saved: dict[str, object]) -> None:
+        self.network.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        for group in self.optimizer.param_groups:  # the rates given now win over the saved ones
+            group["lr"] = self.options.learning_rates[group["name"]]
+        if self.scaler.is_enabled() and saved["scaler"]:
+            self.scaler.load_state_dict(saved["scaler"])
+        self.step = self.saved_step = int(saved["step"])
+        self.best = float(saved["best"])
+        if int(saved["world_size"]) == self.runtime.world_size:
+            restore_random_state(saved["random"][self.runtime.rank])
+        else:  # another number of processes: the random streams go on, but differently
+            seed_everything(stream_seed(self.options.seed, self.runtime.rank, self.step))
+
+    def _metadata(self) -> dict[str, str]:
+        return {"format": "bgmatte", "stage": self.options.stage, "backbone": self.backbone, "step": str(self.step)}
+
+    def save(self) -> None:
+        """Write last.safetensors and state.pt (rank 0 only); every process contributes its random state."""
+        mine = capture_random_state()
+        states: list = [mine]
+        if self.runtime.distributed:
+            states = [None] * self.runtime.world_size
+            dist.all_gather_object(states, mine)
+        self.saved_step = self.step
+        if not self.runtime.is_main:
+            return
+        save_model_weights(self.network, self.options.out / "last.safetensors", self._metadata())
+        save_training_state(self.options.out / "state.pt", {
+            "format": STATE_FORMAT,
+            "stage": self.options.stage,
+            "backbone": self.backbone,
+            "refine_kernel_size": self.kernel_size,
+            "step": self.step,
+            "best": self.best,
+            "world_size": self.runtime.world_size,
+            "model": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "random": states,
+            "options": {k: v for k, v in self.options.to_record().items()
+                        if isinstance(v, (str, int, float, bool, type(None)))},
+        })
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp is None:
+            return nullcontext()
+        return torch.autocast(self.runtime.device.type, dtype=self.amp)
+
+    def _agree(self, stop: bool, bad_loss: bool, save: bool) -> tuple[bool, bool, bool]:
+        """The same decisions in every process: stop or skip if any process must, save when rank 0's clock says."""
+        if not self.runtime.distributed:
+            return stop, bad_loss, save
+        flags = torch.tensor([float(stop), float(bad_loss), float(save and self.runtime.is_main)],
+                             device=self.runtime.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1]), bool(flags[2])
+
+    def _validate(self) -> None:
+        if not self.valid_batches:
+            return
+        metrics, outputs = validate(self.network, self.valid_batches, self.options.stage, self.amp)
+        self.logger.scalars("valid", self.step, metrics)
+        grid = sample_grid(self.valid_batches[0], outputs)
+        write_png(self.options.out / "samples" / f"step_{self.step:07d}.png", grid)
+        self.logger.image(self.step, grid)
+        if metrics["loss"] < self.best:
+            self.best = metrics["loss"]
+            save_model_weights(self.network, self.options.out / "best.safetensors",
+                               {**self._metadata(), "valid_loss": f"{self.best:.6g}"})
+        if self.options.progress:
+            print(f"bgmatte train: step {self.step}: validation loss {metrics['loss']:.4f}, "
+                  f"SAD {metrics['sad']:.3f}, MSE {metrics['mse']:.5f}", file=sys.stderr)
+
+    def run(self) -> TrainResult:
+        """Train up to ``options.steps``, validating, logging and saving on the way."""
+        options = self.options
+        self.last_loss = math.nan
+        self.window: dict[str, float] = {}
+        self.window_steps, self.window_start = 0, time.monotonic()
+        self.bad_in_a_row = 0
+        last_save, interrupted = time.monotonic(), False
+        batches = training_batches(options, self.runtime, self.per_process, self.step) \
+            if self.step < options.steps else iter(())
+        try:
+            with StopRequest() as stop:
+                while self.step < options.steps:
+                    try:
+                        batch = next(batches)
+                    except Exception:
+                        if stop.requested and not self.runtime.distributed:  # workers died of the same Ctrl-C
+                            interrupted = True
+                            break
+                        raise
+                    clock_due = 0 < options.save_minutes * 60 <= time.monotonic() - last_save
+                    halt, save_now = self._step(batch, stop.requested, clock_due)
+                    if halt:
+                        interrupted = True
+                        break
+                    if save_now or (options.save_every and self.step % options.save_every == 0
+                                    and self.step != self.saved_step):
+                        with self._paused():
+                            self.save()
+                        last_save = time.monotonic()
+            if self.step != self.saved_step or interrupted:
+                self.save()
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()
+            if self.logger is not None:
+                self.logger.close()
+        if interrupted:
+            if self.runtime.is_main and options.progress:
+                print(f"bgmatte train: stopped at step {self.step}; saved {options.out / 'state.pt'} "
+                      "(continue with --resume)", file=sys.stderr)
+            raise KeyboardInterrupt
+        best = self.best if math.isfinite(self.best) else None
+        return TrainResult(self.step, self.last_loss, best, options.out)
+
+    def _step(self, batch: dict[str, Tensor], stop: bool, clock_due: bool) -> tuple[bool, bool]:
+        """One optimiser step (skipped by every process if any saw a non-finite loss), then its logs and
+        validation; returns whether to stop and whether to save now, as all processes agreed."""
+        options = self.options
+        with self._autocast():
+            outputs = self.model(batch["src"], batch["bgr"])
+        loss, terms = stage_loss(options.stage, outputs, batch)
+        halt, bad_loss, save_now = self._agree(stop, not math.isfinite(sum(terms.values())), clock_due)
+        self.optimizer.zero_grad(set_to_none=True)
+        if bad_loss:  # no process runs backward, so no gradient exchange is left waiting
+            self.bad_in_a_row += 1
+            if self.bad_in_a_row >= MAX_NONFINITE_STEPS:
+                raise BgmatteError(f"the loss was not finite for {self.bad_in_a_row} batches in a row at step "
+                                   f"{self.step}; lower the learning rates or use --precision fp32")
+            return halt, save_now
+        self.bad_in_a_row = 0
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        self.last_loss = sum(terms.values())
+        for key, value in {"loss": self.last_loss, **terms}.items():
+            self.window[key] = self.window.get(key, 0.0) + value
+        self.window_steps += 1
+        if self.runtime.is_main:
+            finished = self.step == options.steps
+            if self.step % options.log_every == 0 or finished:
+                seconds = (time.monotonic() - self.window_start) / self.window_steps
+                self._log_training({k: v / self.window_steps for k, v in self.window.items()}, seconds)
+                self.window, self.window_steps, self.window_start = {}, 0, time.monotonic()
+            if options.val_every and (self.step % options.val_every == 0 or finished):
+                with self._paused():
+                    self._validate()
+        return halt, save_now
+
+    @contextmanager
+    def _paused(self):
+        """Leave the time of a block (validation, saving) out of the seconds per step."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.window_start += time.monotonic() - started
+
+    def _log_training(self, means: dict[str, float], seconds_per_step: float) -> None:
+        self.logger.scalars("train", self.step, {**means, "sec_per_step": seconds_per_step})
+        if self.options.progress:
+            print(f"bgmatte train: step {self.step}/{self.options.steps}: loss {means['loss']:.4f} "
+                  f"({seconds_per_step:.2f} s/step)", file=sys.stderr)

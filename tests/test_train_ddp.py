@@ -1,0 +1,47 @@
+"""`torchrun --standalone --nproc_per_node 2 -m bgmatte train base ...` trains on this CPU with gloo, and resumes."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    launcher = Path(sys.executable).with_name("torchrun")
+    command = [str(launcher)] if launcher.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    command += ["--standalone", "--nproc_per_node", "2", "-m", "bgmatte", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_save_once_and_resume(tmp_path):
+    out = tmp_path / "run"
+    common = ["train", "base", "--out", str(out), "--crop", "64", "--batch-size", "4", "--backbone", "mobilenetv2",
+              "--device", "cpu", "--num-workers", "0", "--val-every", "2", "--val-samples", "2", "--log-every", "1",
+              "--save-every", "2"]
+    first = torchrun(*common, "--steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(*common, "--steps", "4", "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 4 and state["world_size"] == 2
+    ranks = state["random"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # each rank its own stream
+    with (out / "train.csv").open(newline="") as file:
+        steps = [int(row["step"]) for row in csv.DictReader(file)]
+    assert steps == [1, 2, 3, 4]  # one writer: no rows twice
+    weights = load_file(str(out / "last.safetensors"))
+    assert torch.equal(weights["decoder.conv4.weight"], state["model"]["decoder.conv4.weight"])
+    assert not any(key.startswith("module.") for key in weights)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())

@@ -1,0 +1,323 @@
+"""The training engine: loss goes down, checkpoints load, resume is exact, Ctrl-C saves, options are checked."""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bgmatte import BgmatteError
+from bgmatte.cli import main
+from bgmatte.cli.train import parse_save_every
+from bgmatte.model.build import load_model
+from bgmatte.model.matting import MattingBase, MattingRefine
+from bgmatte.train import loop
+from bgmatte.train.config import PAPER_LEARNING_RATES, TrainOptions, scaled_sample_pixels
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--crop", "64", "--batch-size", "2", "--backbone", "mobilenetv2", "--device", "cpu", "--quiet"]
+
+
+def tiny_options(out: Path, **changes) -> TrainOptions:
+    settings = dict(stage="base", out=out, backbone="mobilenetv2", steps=4, batch_size=2, crop=64, num_workers=0,
+                    val_every=0, val_samples=2, save_every=0, log_every=1, device="cpu", progress=False)
+    settings.update(changes)
+    return TrainOptions(**settings)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """A base run through the CLI that overfits one fixed batch of two synthetic samples for 12 steps."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    code = main(["train", "base", "--out", str(out), *TINY, "--steps", "12", "--train-samples", "2",
+                 "--num-workers", "0", "--val-every", "6", "--val-samples", "2", "--save-every", "6",
+                 "--log-every", "1", "--lr-backbone", "3e-4", "--lr-aspp", "1e-3", "--lr-decoder", "1e-3"])
+    assert code == 0
+    return out
+
+
+# -- a short run ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_overfitting_one_batch_lowers_the_training_loss(base_run):
+    losses = [float(row["loss"]) for row in read_rows(base_run / "train.csv")]
+    assert [int(row["step"]) for row in read_rows(base_run / "train.csv")] == list(range(1, 13))
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3
+
+
+@pytest.mark.slow
+def test_base_run_writes_weights_that_load_model_reads(base_run):
+    for name in ("last.safetensors", "best.safetensors"):
+        with pytest.warns(UserWarning, match="base-only"):
+            model = load_model(base_run / name, device="cpu")
+        assert model.backbone_name == "mobilenetv2"
+        pha = model(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64))[0]
+        assert pha.shape == (1, 1, 64, 64)
+    last = load_file(str(base_run / "last.safetensors"))
+    assert not any(key.startswith("refiner.") for key in last)
+    assert set(last) == set(MattingBase("mobilenetv2").state_dict())
+
+
+@pytest.mark.slow
+def test_state_is_plain_data_that_weights_only_load_reads(base_run):
+    state = torch.load(base_run / "state.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 12 and state["stage"] == "base" and state["world_size"] == 1
+    assert torch.equal(state["model"]["decoder.conv4.weight"],
+                       load_file(str(base_run / "last.safetensors"))["decoder.conv4.weight"])
+    assert [group["name"] for group in state["optimizer"]["param_groups"]] == ["backbone", "aspp", "decoder"]
+    assert [group["lr"] for group in state["optimizer"]["param_groups"]] == [3e-4, 1e-3, 1e-3]
+    assert isinstance(state["random"][0]["torch"], torch.Tensor)
+    assert not any(p.name.endswith(".tmp") for p in base_run.iterdir())
+
+
+@pytest.mark.slow
+def test_validation_logs_losses_and_alpha_errors_and_writes_sample_grids(base_run):
+    rows = read_rows(base_run / "valid.csv")
+    assert [int(row["step"]) for row in rows] == [6, 12]
+    for row in rows:
+        assert float(row["sad"]) >= 0 and 0 <= float(row["mse"]) <= 1 and float(row["loss"]) > 0
+        assert {"pha_l1", "pha_sobel_l1", "fgr_l1", "err_mse"} <= set(row)
+    import cv2
+
+    grid = cv2.imread(str(base_run / "samples" / "step_0000012.png"))
+    assert grid.shape == (2 * 64, 6 * 64, 3)  # two samples; src, bgr, true and predicted alpha, composite, error
+    best = min(float(row["loss"]) for row in rows)
+    assert load_file(str(base_run / "best.safetensors"))  # written when the validation loss improved
+    assert torch.load(base_run / "state.pt", weights_only=True)["best"] == pytest.approx(best, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_refine_stage_starts_from_a_base_checkpoint_and_saves_a_full_model(base_run, tmp_path):
+    out = tmp_path / "refine"
+    result = loop.train(tiny_options(out, stage="refine", steps=2, init=base_run / "last.safetensors",
+                                     train_samples=2, sample_pixels=256))
+    assert result.step == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a full model: no base-only warning
+        model = load_model(out / "last.safetensors", device="cpu")
+    assert isinstance(model, MattingRefine) and model.refiner.kernel_size == 3
+    weights = load_file(str(out / "last.safetensors"))
+    assert set(weights) == set(MattingRefine("mobilenetv2").state_dict())
+    assert set(read_rows(out / "train.csv")[0]) >= {"pha_sm_l1", "err_sm_mse", "fgr_l1"}
+
+
+# -- resuming ---------------------------------------------------------------------------------
+
+
+def _assert_same_weights(first: Path, second: Path) -> None:
+    a, b = load_file(str(first)), load_file(str(second))
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, workers", [("base", 1), ("refine", 0)])
+def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path, stage, workers):
+    settings = dict(stage=stage, num_workers=workers, val_every=2, sample_pixels=256)
+    loop.train(tiny_options(tmp_path / "straight", steps=4, **settings))
+    loop.train(tiny_options(tmp_path / "halves", steps=2, **settings))
+    loop.train(tiny_options(tmp_path / "halves", steps=4, resume=True, **settings))
+    _assert_same_weights(tmp_path / "straight" / "last.safetensors", tmp_path / "halves" / "last.safetensors")
+    straight = read_rows(tmp_path / "straight" / "train.csv")
+    halves = read_rows(tmp_path / "halves" / "train.csv")
+    assert [row["loss"] for row in straight] == [row["loss"] for row in halves]
+    assert len(read_rows(tmp_path / "halves" / "valid.csv")) == 2
+
+
+def test_a_run_folder_is_not_overwritten_without_resume(tmp_path):
+    (tmp_path / "state.pt").write_bytes(b"")
+    with pytest.raises(BgmatteError, match="--resume"):
+        loop.train(tiny_options(tmp_path, steps=1))
+
+
+def test_resume_needs_a_saved_state(tmp_path):
+    with pytest.raises(BgmatteError, match="no training state"):
+        loop.train(tiny_options(tmp_path, steps=1, resume=True))
+
+
+def test_a_state_holding_code_is_refused(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    with (tmp_path / "state.pt").open("wb") as file:
+        pickle.dump({"format": 1, "payload": Payload()}, file, protocol=2)
+    with pytest.raises(BgmatteError, match="not a readable bgmatte training state"):
+        loop.load_training_state(tmp_path / "state.pt")
+
+
+def test_random_states_survive_a_weights_only_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    saved = loop.capture_random_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.save(saved, tmp_path / "rng.pt")
+    loop.restore_random_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_resumable_sampler_continues_mid_epoch_and_shards_processes():
+    def take(sampler, n):
+        return list(islice(iter(sampler), n))
+
+    first = take(loop.ResumableSampler(range(10), 0, 1, seed=3), 25)
+    assert take(loop.ResumableSampler(range(10), 0, 1, seed=3, start=13), 12) == first[13:]
+    assert [epoch for epoch, _ in first] == [0] * 10 + [1] * 10 + [2] * 5
+    assert sorted(index for _, index in first[:10]) == list(range(10))  # an epoch is a permutation
+    assert [i for _, i in first[:10]] != [i for _, i in first[10:20]]  # reshuffled every epoch
+    shards = [take(loop.ResumableSampler(range(10), rank, 2, seed=3), 5) for rank in (0, 1)]
+    assert sorted(index for _, index in shards[0] + shards[1]) == list(range(10))
+
+
+def test_batches_made_on_the_device_depend_only_on_seed_rank_and_step():
+    from bgmatte.train.data import build_dataset
+
+    dataset = build_dataset("synthetic", size=32, length=8)
+    runtime = loop.Runtime(torch.device("cpu"))
+    stream = loop.generated_batches(dataset, 5, runtime, 2, 0)
+    batches = [next(stream) for _ in range(3)]
+    resumed = next(loop.generated_batches(dataset, 5, runtime, 2, 2))
+    assert all(torch.equal(resumed[key], batches[2][key]) for key in ("src", "bgr", "pha", "fgr"))
+    assert batches[0]["src"].shape == (2, 3, 32, 32) and not torch.equal(batches[0]["pha"], batches[1]["pha"])
+    other_rank = next(loop.generated_batches(dataset, 5, loop.Runtime(torch.device("cpu"), rank=1), 2, 0))
+    assert not torch.equal(other_rank["pha"], batches[0]["pha"])
+
+
+# -- interruption -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_state_and_weights_then_exits_nonzero(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "bgmatte", "train", "base", "--out", str(out), *TINY, "--steps", "10000",
+               "--train-samples", "2", "--num-workers", "0", "--val-every", "0", "--save-every", "0",
+               "--log-every", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if (out / "train.csv").is_file() and len(read_rows(out / "train.csv")) >= 1:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, process.communicate()[1].decode()
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr.decode()
+    assert "interrupted" in stderr.decode()
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] >= 1
+    assert load_file(str(out / "last.safetensors"))
+    assert int(read_rows(out / "train.csv")[-1]["step"]) == state["step"]
+
+
+# -- options ----------------------------------------------------------------------------------
+
+
+def test_learning_rates_per_part_follow_the_paper_and_can_be_overridden():
+    refine = TrainOptions(stage="refine", out="x", lr={"refiner": 1e-3})
+    groups = loop.parameter_groups(MattingRefine("mobilenetv2"), refine.learning_rates)
+    assert {g["name"]: g["lr"] for g in groups} == {**PAPER_LEARNING_RATES["refine"], "refiner": 1e-3}
+    assert PAPER_LEARNING_RATES["base"] == {"backbone": 1e-4, "aspp": 5e-4, "decoder": 5e-4}
+    assert PAPER_LEARNING_RATES["refine"]["refiner"] == 3e-4
+    assert {g["name"] for g in loop.parameter_groups(MattingBase("mobilenetv2"),
+                                                     TrainOptions(stage="base", out="x").learning_rates)} \
+        == {"backbone", "aspp", "decoder"}
+
+
+def test_stage_defaults_for_crop_and_refined_pixels():
+    assert TrainOptions(stage="base", out="x").crop_size == 256
+    refine = TrainOptions(stage="refine", out="x")
+    assert refine.crop_size == 512 and refine.refine_sample_pixels == scaled_sample_pixels(512)
+    assert scaled_sample_pixels(1536) == 80_000 and scaled_sample_pixels(8) == 16
+    model = loop.build_model(refine, "mobilenetv2")
+    assert model.backbone_scale == 0.25 and model.refiner.mode == "sampling"
+    assert model.refiner.sample_pixels == refine.refine_sample_pixels
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(stage="middle"), "stage"),
+    (dict(stage="refine", crop=66), "multiple of 4"),
+    (dict(stage="base", lr={"refiner": 1e-3}), "refine stage only"),
+    (dict(stage="base", lr={"head": 1e-3}), "unknown network parts"),
+    (dict(stage="base", precision="fp8"), "precision"),
+    (dict(stage="base", steps=0), "--steps"),
+])
+def test_bad_options_are_refused_with_a_message(changes, message):
+    with pytest.raises(BgmatteError, match=message):
+        TrainOptions(**{"out": "x", **changes})
+
+
+def test_one_image_per_process_is_refused_on_the_cpu(tmp_path):
+    with pytest.raises(BgmatteError, match="batch norm"):
+        loop.train(tiny_options(tmp_path, batch_size=1))
+
+
+def test_fp16_needs_a_gpu():
+    with pytest.raises(BgmatteError, match="GPU"):
+        loop.autocast_dtype("fp16", torch.device("cpu"))
+    assert loop.autocast_dtype("auto", torch.device("cpu")) is None
+
+
+def test_initial_weights_of_another_backbone_are_refused():
+    state = {"backbone.layer3.5.conv1.weight": torch.zeros(1)}
+    with pytest.raises(BgmatteError, match="resnet50"):
+        loop.choose_backbone(TrainOptions(stage="base", out="x", backbone="mobilenetv2", init="w.pth"), state)
+    assert loop.choose_backbone(TrainOptions(stage="base", out="x"), state) == "resnet50"
+
+
+def test_a_base_checkpoint_fills_everything_but_the_refiner():
+    base = MattingBase("mobilenetv2").state_dict()
+    refine = MattingRefine("mobilenetv2")
+    untouched = loop.load_initial_weights(refine, base, Path("base.safetensors"))
+    assert untouched and all(key.startswith("refiner.") for key in untouched)
+    assert torch.equal(refine.state_dict()["decoder.conv4.weight"], base["decoder.conv4.weight"])
+    broken = {**base, "decoder.conv4.weight": torch.zeros(1)}
+    with pytest.raises(BgmatteError, match="wrong shape"):
+        loop.load_initial_weights(MattingBase("mobilenetv2"), broken, Path("broken.pth"))
+
+
+def test_save_every_takes_steps_or_minutes():
+    assert parse_save_every("500") == (500, 0.0)
+    assert parse_save_every("15m") == (0, 15.0)
+    assert parse_save_every("1.5h") == (0, 90.0)
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_save_every("often")
+
+
+def test_tensorboard_logging_needs_tensorboard(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(BgmatteError, match="TensorBoard is not installed"):
+        loop.check_logging(tiny_options(tmp_path, log="tensorboard"))
+
+
+def test_tensorboard_events_are_written_when_it_is_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    loop.train(tiny_options(tmp_path, steps=1, train_samples=2, log="tensorboard", val_every=1))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "train.csv").is_file()  # CSV is written as well
