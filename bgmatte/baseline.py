@@ -6,6 +6,8 @@ the boundary unknown, and solve closed-form matting (Levin et al. 2008, through 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 
 import cv2
@@ -57,7 +59,8 @@ def closed_form_alpha(src: np.ndarray, trimap: np.ndarray) -> np.ndarray:
         return np.zeros(trimap.shape, np.float64)
     if not (trimap == 0).any():
         return np.ones(trimap.shape, np.float64)
-    alpha = estimate_alpha_cf(src.astype(np.float64), trimap.astype(np.float64) / 255.0)
+    with contextlib.redirect_stdout(io.StringIO()):  # pymatting prints solver warnings to stdout
+        alpha = estimate_alpha_cf(src.astype(np.float64), trimap.astype(np.float64) / 255.0)
     return np.clip(alpha, 0.0, 1.0)
 
 

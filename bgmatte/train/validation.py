@@ -5,6 +5,7 @@ held-out evaluation uses (1280x720), so the model and the classical baseline can
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -13,7 +14,12 @@ import torch
 
 from bgmatte.errors import BgmatteError
 from bgmatte.io.images import write_png
+from bgmatte.train.augment import SYNTHETIC, AugmentOptions
 from bgmatte.train.data import SyntheticDataset
+
+# A plate shot right after the take: the background is the same, but each capture has its own sensor
+# noise. The training augmentations (plate colour drift, misalignment, cast shadows) stay off.
+CLEAN_PLATE = replace(SYNTHETIC, plate_color_probability=0.0, plate_affine_probability=0.0, shadow_probability=0.0)
 
 
 def trimap_from_alpha(pha: np.ndarray, band: int = 7) -> np.ndarray:
@@ -29,12 +35,14 @@ def trimap_from_alpha(pha: np.ndarray, band: int = 7) -> np.ndarray:
 
 
 def make_validation_set(out_dir: str | Path, *, count: int = 24, width: int = 1280, height: int = 720,
-                        photos: str | Path | None = None, seed: int = 20261124, overwrite: bool = False) -> Path:
-    """Write ``count`` generated samples (with the training augmentations) into ``out_dir``; returns it."""
+                        photos: str | Path | None = None, seed: int = 20261124, overwrite: bool = False,
+                        augment: AugmentOptions = CLEAN_PLATE) -> Path:
+    """Write ``count`` generated samples into ``out_dir`` and return it; ``augment`` decides how the plate
+    differs from the shot (``CLEAN_PLATE`` by default, ``SYNTHETIC`` for the training's harder plates)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BgmatteError(f"{out}: already exists and is not empty (use overwrite=True to write into it)")
-    dataset = SyntheticDataset((height, width), count, seed=seed, photos=photos)
+    dataset = SyntheticDataset((height, width), count, seed=seed, photos=photos, augment=augment)
     for name in ("src", "bgr", "pha", "fgr", "trimap"):
         (out / name).mkdir(parents=True, exist_ok=True)
     for index in range(count):
@@ -55,6 +63,10 @@ if __name__ == "__main__":  # pragma: no cover
     parser.add_argument("--photos")
     parser.add_argument("--count", type=int, default=24)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--jittered-plates", action="store_true",
+                        help="plates drift in colour and alignment as in training (harder)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(make_validation_set(args.out, count=args.count, photos=args.photos, overwrite=args.overwrite))
+    augment = SYNTHETIC if args.jittered_plates else CLEAN_PLATE
+    print(make_validation_set(args.out, count=args.count, photos=args.photos, overwrite=args.overwrite,
+                              augment=augment))
