@@ -1,0 +1,69 @@
+"""`bgmatte image`: matte photos against their plates; parses arguments and calls `bgmatte.matte_images`.
+
+The reference script's spelling (`inference_images.py`: --images-src, --images-bgr, --output-dir,
+--output-types) works as well as the short one.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bgmatte.cli.video import OUTPUT_KINDS, add_model_arguments, add_plate_arguments, model_options
+from bgmatte.errors import BgmatteError
+
+DESCRIPTION = """\
+Matte still images shot against a plate. Writes OUT/com/NAME.png (an RGBA cutout, or a composite with
+--target-bgr) and, on request, OUT/pha, OUT/fgr, OUT/err and OUT/ref.
+
+  bgmatte image photo.jpg more/ --bgr plate.jpg -o OUT [--outputs com pha fgr]
+  bgmatte image --images-src DIR --images-bgr DIR --output-dir OUT --output-types com pha   (the reference's)
+
+--bgr is one plate for every image, or a folder of plates matched to the images by file name.
+Existing outputs are refused unless --overwrite (or -y).
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `image` subcommand."""
+    parser = subparsers.add_parser(
+        "image", help="matte photos against their plates (RGBA cutouts, alpha, foreground)",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", nargs="*", metavar="SRC", help="image files or folders")
+    parser.add_argument("--images-src", action="append", metavar="SRC", help="an image file or folder (the reference's spelling)")
+    parser.add_argument("--bgr", "--images-bgr", dest="bgr", metavar="PLATE", help="a plate image or a folder of plates")
+    parser.add_argument("-o", "--output-dir", dest="output_dir", metavar="OUT", help="the output folder")
+    parser.add_argument("--outputs", "--output-types", dest="outputs", nargs="+", choices=OUTPUT_KINDS,
+                        metavar="KIND", help="any of com pha fgr err ref (default: com)")
+    parser.add_argument("--target-bgr", dest="target_bgr", metavar="BG",
+                        help="composite over a colour, an image or blur instead of writing RGBA cutouts")
+    add_plate_arguments(parser)
+    parser.add_argument("--overwrite", "-y", dest="overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_model_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the arguments, matte the images and print how many files went where."""
+    sources = [*args.src, *(args.images_src or [])]
+    if not sources:
+        raise BgmatteError("no images: give image files or folders (or --images-src)")
+    if not args.bgr:
+        raise BgmatteError("no plate: give --bgr PLATE (an image, or a folder of plates named like the images)")
+    if not args.output_dir:
+        raise BgmatteError("no output folder: give -o OUT (or --output-dir)")
+    from bgmatte.pipeline import matte_images
+
+    written = matte_images(
+        sources, args.bgr, output_dir=args.output_dir, outputs=args.outputs or ("com",), target_bgr=args.target_bgr,
+        align=args.align, match_exposure=args.match_exposure, model=model_options(args), overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    for kind, paths in written.items():
+        for path in paths:
+            print(path)
+        if not args.quiet:
+            print(f"bgmatte image: {len(paths)} {kind} image{'s' if len(paths) != 1 else ''} in "
+                  f"{paths[0].parent if paths else args.output_dir}", file=sys.stderr)
+    return 0

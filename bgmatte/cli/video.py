@@ -1,0 +1,143 @@
+"""`bgmatte video`: matte a clip against its plate; parses arguments and calls `bgmatte.convert_video`.
+
+Both the short spelling and the reference script's (`inference_video.py`) long option names work,
+since each option has both names.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bgmatte.errors import BgmatteError
+
+OUTPUT_KINDS = ("com", "pha", "fgr", "err", "ref")
+BACKBONES = ("resnet50", "resnet101", "mobilenetv2")
+
+DESCRIPTION = """\
+Matte a video shot against a plate (the same background without the subject) and write the composite,
+and on request the alpha (pha), foreground (fgr), error map (err) and refined areas (ref).
+
+  bgmatte video SRC --bgr PLATE [-o OUT] [--outputs com pha fgr err ref] [--target-bgr ...]
+  bgmatte video --model-checkpoint model.pth --video-src SRC --video-bgr PLATE --output-dir DIR \\
+      --output-types com fgr err ref            (the reference script's spelling)
+
+-o names the composite's file; its extension picks the container (.mp4, .mov, .mkv, .webm; no
+extension: a folder of PNGs), and the other outputs go beside it (NAME_pha.mp4 ...). --output-dir
+writes com.mp4, pha.mp4 ... in a folder, or one PNG folder per output with --output-format
+image_sequences. Without either: SRC_com.mp4 ... beside the source.
+
+--bgr takes an image (resized to the video with a warning when its size differs), a video (frame for
+frame; when shorter than the source its last frame is held, with a warning) or `auto` (a clean plate
+estimated from the clip itself in a first pass).
+
+--target-bgr takes a colour (name, #RRGGBB or R,G,B), an image, a video (looped), `blur` or
+`transparent` (.webm VP9, .mov ProRes 4444 or a PNG folder; .mp4 cannot hold transparency).
+Default: the reference's green (120,255,155) in video files, transparent in PNG folders.
+
+Every frame goes into every output, upright, with its timestamps; the audio goes into the composite.
+Existing outputs are refused unless --overwrite. Ctrl-C, or an input that ends early, leaves
+playable outputs with every frame matted so far, and a non-zero exit.
+"""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, refine_threshold: float = 0.7) -> None:
+    """Model options under both their short names and the reference scripts' `--model-*` names."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--checkpoint", "--model-checkpoint", dest="checkpoint", metavar="FILE",
+                       help="weights (.pth or .safetensors); default: the embedded default model")
+    group.add_argument("--model-type", choices=("mattingrefine", "mattingbase"), default="mattingrefine",
+                       help="mattingrefine (default), or mattingbase: the coarse network alone at full "
+                            "resolution (slower, no ref output)")
+    group.add_argument("--backbone", "--model-backbone", dest="backbone", choices=BACKBONES,
+                       help="default: read from the checkpoint")
+    group.add_argument("--backbone-scale", "--model-backbone-scale", dest="backbone_scale", type=float,
+                       metavar="S", help="base network scale (default 0.25, or 0.125 from 4K up)")
+    group.add_argument("--refine-mode", "--model-refine-mode", dest="refine_mode",
+                       choices=("full", "sampling", "thresholding"), default="sampling",
+                       help="where the refiner works (default sampling)")
+    group.add_argument("--refine-sample-pixels", "--model-refine-sample-pixels", dest="refine_sample_pixels",
+                       type=int, metavar="N", help="pixels refined in sampling mode (default 80000, or 320000 "
+                                                   "from 4K up)")
+    group.add_argument("--refine-threshold", "--model-refine-threshold", dest="refine_threshold", type=float,
+                       default=refine_threshold, metavar="T",
+                       help=f"error threshold in thresholding mode (default {refine_threshold}, as the reference)")
+    group.add_argument("--refine-kernel-size", "--model-refine-kernel-size", dest="refine_kernel_size", type=int,
+                       choices=(1, 3), help="the refiner's kernel size (default: read from the checkpoint)")
+    group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    group.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                       help="inference precision (default fp32)")
+    group.add_argument("--no-optimize", dest="optimize", action="store_false",
+                       help="run the plain model instead of the fast inference path (same outputs)")
+
+
+def model_options(args: argparse.Namespace):
+    """The `ModelOptions` the parsed model arguments ask for."""
+    from bgmatte.pipeline import ModelOptions
+
+    return ModelOptions(
+        checkpoint=args.checkpoint, model_type=args.model_type, backbone=args.backbone,
+        backbone_scale=args.backbone_scale, refine_mode=args.refine_mode,
+        refine_sample_pixels=args.refine_sample_pixels, refine_threshold=args.refine_threshold,
+        refine_kernel_size=args.refine_kernel_size, device=args.device, precision=args.precision,
+        optimize=args.optimize,
+    )
+
+
+def add_plate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Plate alignment and exposure matching, under both names."""
+    parser.add_argument("--align", "--preprocess-alignment", dest="align", action="store_true",
+                        help="align the plate to each frame (handheld shots); falls back to the plate as is")
+    parser.add_argument("--match-exposure", action="store_true",
+                        help="match the plate's exposure and white balance to each frame")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `video` subcommand."""
+    parser = subparsers.add_parser(
+        "video", help="matte a video against its plate (composite, alpha, foreground)",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", nargs="?", metavar="SRC", help="the video to matte")
+    parser.add_argument("--video-src", metavar="SRC", help="the video to matte (the reference's spelling)")
+    parser.add_argument("--bgr", "--video-bgr", dest="bgr", metavar="PLATE",
+                        help="the plate: an image, a video, or auto")
+    parser.add_argument("-o", "--output", metavar="OUT", help="the composite's file (or PNG folder)")
+    parser.add_argument("--output-dir", metavar="DIR", help="write com.mp4, pha.mp4 ... (or PNG folders) here")
+    parser.add_argument("--outputs", "--output-types", dest="outputs", nargs="+", choices=OUTPUT_KINDS,
+                        metavar="KIND", help="any of com pha fgr err ref (default: com)")
+    parser.add_argument("--output-format", choices=("video", "image_sequences"), default="video",
+                        help="video files (default) or folders of PNGs")
+    parser.add_argument("--target-bgr", "--video-target-bgr", dest="target_bgr", metavar="BG",
+                        help="composite over: a colour, an image, a video, blur or transparent")
+    parser.add_argument("--resize", "--video-resize", dest="resize", nargs=2, type=int, metavar=("W", "H"),
+                        help="resize the frames to W x H before matting")
+    add_plate_arguments(parser)
+    parser.add_argument("--batch-size", type=int, metavar="N", help="frames per model call (default 1 on CPU, 4 on GPU)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_model_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the arguments that argparse cannot, convert the video and print the outputs' paths."""
+    if args.src and args.video_src:
+        raise BgmatteError("give the source video once: as SRC or as --video-src, not both")
+    src = args.src or args.video_src
+    if not src:
+        raise BgmatteError("no source video: give SRC (or --video-src)")
+    if not args.bgr:
+        raise BgmatteError("no plate: give --bgr PLATE (an image, a video, or auto)")
+    from bgmatte.pipeline import convert_video
+
+    result = convert_video(
+        src, args.bgr, output=args.output, output_dir=args.output_dir, outputs=args.outputs or ("com",),
+        output_format=args.output_format, target_bgr=args.target_bgr, resize=args.resize, align=args.align,
+        match_exposure=args.match_exposure, model=model_options(args), batch_size=args.batch_size,
+        overwrite=args.overwrite, progress=not args.quiet,
+    )
+    for path in result.outputs.values():
+        print(path)
+    if not args.quiet:
+        print(f"bgmatte video: {result.frames} frames in {result.seconds:.1f} s ({result.fps:.2f} fps)", file=sys.stderr)
+    return 0

@@ -1,0 +1,1312 @@
+"""The threaded read → matte → composite → write loop behind `bgmatte video` and `bgmatte image`.
+
+A video runs in three stages that overlap, joined by small bounded queues so that memory stays flat
+however long the clip:
+
+- a preparing thread takes decoded frames from the `VideoReader` (which decodes on its own thread),
+  resizes them, finds each frame's plate (an image, a video frame for frame, or an estimate from the
+  clip; aligned and exposure-matched on request) and stacks them into batches;
+- the calling thread runs the model on each batch and does nothing else, so that it never waits for
+  colour conversion, compositing or encoding;
+- a finishing thread turns each `Matte` into output frames (`render_outputs`) and hands them to the
+  writers, which encode on their own threads.
+
+Ctrl-C stops the reading; what was matted by then is still written, and every output is closed so
+that it plays. A truncated or damaged input ends the run at its last decodable frame, with every
+output holding those frames, and then raises `BgmatteError`.
+
+`render_outputs` and `TargetFrames` are plain building blocks, shared with the webcam.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from bgmatte.composite import TargetBackground, blur, colour_like, parse_target_background, to_rgba, to_uint8
+from bgmatte.errors import BgmatteError
+from bgmatte.io.images import IMAGE_EXTENSIONS, list_images, match_by_stem, read_image, write_png
+from bgmatte.io.video import (
+    OUTPUT_CONTAINERS,
+    VIDEO_EXTENSIONS,
+    EncoderOptions,
+    ImageSequenceWriter,
+    VideoReader,
+    VideoWriter,
+    choose_encoder,
+)
+from bgmatte.plate import PlateAligner, estimate_plate, fit_exposure, sample_frames
+from bgmatte.predictor import Matte, Predictor, frames_to_tensor, settings_for_size
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_KINDS = ("com", "pha", "fgr", "err", "ref")
+# The reference script's composite background when no target is given.
+REFERENCE_GREEN = (120, 255, 155)
+PLATE_SAMPLES = 30  # frames sampled for an automatic plate
+_QUEUE_BATCHES = 2  # batches waiting between two stages
+
+ModelLike = Any  # nn.Module | Predictor | ModelOptions | str | os.PathLike | None
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model to load and how to run it; None settings are chosen for the input size.
+
+    Arguments:
+        checkpoint: a ``.pth`` or ``.safetensors`` file, or None for the embedded default model.
+        model_type: ``mattingrefine`` (the full model) or ``mattingbase`` (the coarse network alone,
+            run at full resolution; it has no ``ref`` output).
+        backbone: ``resnet50``, ``resnet101`` or ``mobilenetv2``; None reads it from the checkpoint.
+        backbone_scale, refine_sample_pixels: None picks the paper's settings for the frame size
+            (1/4 and 80,000 up to HD, 1/8 and 320,000 at 4K).
+        refine_mode, refine_threshold, refine_kernel_size: as `bgmatte.load_model`.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32``, ``fp16`` or ``bf16``.
+        optimize: use the fast inference path (same outputs).
+    """
+
+    checkpoint: str | os.PathLike | None = None
+    model_type: Literal["mattingrefine", "mattingbase"] = "mattingrefine"
+    backbone: str | None = None
+    backbone_scale: float | None = None
+    refine_mode: str = "sampling"
+    refine_sample_pixels: int | None = None
+    refine_threshold: float = 0.1
+    refine_kernel_size: int | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    optimize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ("mattingrefine", "mattingbase"):
+            raise BgmatteError(f"model type {self.model_type!r} is not supported: use mattingrefine or mattingbase")
+
+
+def load_predictor(model: ModelLike, width: int, height: int) -> Predictor:
+    """A `Predictor` for frames of `width` x `height` from a module, a Predictor, `ModelOptions`, a checkpoint or None.
+
+    A module is used as it is (it should be in eval mode); options and checkpoints are loaded, with
+    the speed settings left open chosen for the frame size.
+    """
+    if isinstance(model, Predictor):
+        return model
+    if isinstance(model, nn.Module):
+        return Predictor(model)
+    options = model if isinstance(model, ModelOptions) else ModelOptions(checkpoint=model)
+    if options.model_type == "mattingbase":
+        return Predictor(_load_base(options), precision=options.precision)
+    from bgmatte.model.build import load_model
+
+    scale, pixels = settings_for_size(width, height)
+    loaded = load_model(
+        options.checkpoint,
+        backbone=options.backbone,
+        backbone_scale=options.backbone_scale if options.backbone_scale is not None else scale,
+        refine_mode=options.refine_mode,
+        refine_sample_pixels=options.refine_sample_pixels if options.refine_sample_pixels is not None else pixels,
+        refine_threshold=options.refine_threshold,
+        refine_kernel_size=options.refine_kernel_size,
+        device=options.device,
+        optimize=options.optimize,
+    )
+    return Predictor(loaded, precision=options.precision)
+
+
+class _BaseAsRefine(nn.Module):
+    """``MattingBase`` behind ``MattingRefine``'s output tuple, so that `Predictor` runs it: no patch is refined."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, ...]:
+        pha, fgr, err, _ = self.base(src, bgr)
+        ref = torch.zeros(src.shape[0], 1, 1, 1, dtype=pha.dtype, device=pha.device)
+        return pha, fgr, pha, fgr, err, ref
+
+
+def _load_base(options: ModelOptions) -> nn.Module:
+    """The base network alone from a full or base-only checkpoint (its refiner weights are left out)."""
+    from bgmatte.model.build import DEFAULT_WEIGHTS, detect_backbone, read_state_dict, resolve_device
+    from bgmatte.model.matting import BACKBONES, MattingBase
+
+    if options.checkpoint is None and not DEFAULT_WEIGHTS.is_file():
+        raise BgmatteError("no embedded default model is shipped in this build of bgmatte yet: "
+                           "pass a checkpoint (for example a released pytorch_mobilenetv2.pth)")
+    source = Path(options.checkpoint) if options.checkpoint is not None else DEFAULT_WEIGHTS
+    state = {key: value for key, value in read_state_dict(source).items() if not key.startswith("refiner.")}
+    backbone = options.backbone or detect_backbone(state)
+    if backbone not in BACKBONES:
+        raise BgmatteError(f"{source}: cannot tell the backbone from the weights; pass one of {', '.join(BACKBONES)}")
+    base = MattingBase(backbone)
+    expected = base.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & state.keys() if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        problems = [f"{len(keys)} {what} keys (first: {keys[0]})"
+                    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)) if keys]
+        raise BgmatteError(f"{source}: does not fit a MattingBase({backbone}) model: " + "; ".join(problems))
+    base.load_state_dict(state)
+    return _BaseAsRefine(base).eval().to(resolve_device(options.device))
+
+
+# -------------------------------------------------------------------------------- target backgrounds
+
+
+def cover(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale `image` to cover `width` x `height` keeping its aspect ratio, then crop the middle."""
+    source_height, source_width = image.shape[:2]
+    if (source_width, source_height) == (width, height):
+        return image
+    scale = max(width / source_width, height / source_height)
+    scaled_width, scaled_height = max(width, round(source_width * scale)), max(height, round(source_height * scale))
+    scaled = resize_image(image, scaled_width, scaled_height)
+    left, top = (scaled_width - width) // 2, (scaled_height - height) // 2
+    return np.ascontiguousarray(scaled[top : top + height, left : left + width])
+
+
+def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize to exactly `width` x `height` (area averaging when shrinking, bilinear when enlarging)."""
+    if image.shape[1] == width and image.shape[0] == height:
+        return image
+    shrinking = width * height < image.shape[0] * image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+class TargetFrames:
+    """The target background at the output size, as float tensors ready for `render_outputs`.
+
+    Arguments:
+        target: what `parse_target_background` returned.
+        width, height: the output size; images and video frames are scaled to cover it (centre crop).
+        device: where the tensors go (the model's device).
+
+    `take(count)` returns (count, 3, H, W) floats for a video target (looped to length), a cached
+    (1, 3, H, W) for an image, and None for colours, blur and transparency, which need no frames.
+    """
+
+    def __init__(self, target: TargetBackground, width: int, height: int, device: torch.device | str = "cpu"):
+        self.target = target
+        self.size = (width, height)
+        self.device = torch.device(device)
+        self._image: Tensor | None = None
+        self._reader: VideoReader | None = None
+        self._frames: Any = None
+        self.loops = 0
+        if target.kind == "image":
+            picture = cover(read_image(target.path), width, height)
+            self._image = self._tensor(picture[None])
+        elif target.kind == "video":
+            self._open()
+
+    def _open(self) -> None:
+        self._reader = VideoReader(self.target.path, queue_size=4)
+        self._frames = iter(self._reader)
+
+    def _next_frame(self) -> np.ndarray:
+        for _ in range(2):
+            frame = next(self._frames, None)
+            if frame is not None:
+                return cover(frame.image, *self.size)
+            if self._reader.error is not None:
+                logger.warning("%s (the target background loops from its start)", self._reader.error)
+            self._reader.close()
+            self.loops += 1
+            self._open()
+        raise BgmatteError(f"{self.target.path}: the target background video gave no frames")
+
+    def take(self, count: int = 1) -> Tensor | None:
+        """The next `count` background frames, or None when the target needs no frames."""
+        if self._image is not None:
+            return self._image
+        if self._reader is None:
+            return None
+        return self._tensor(np.stack([self._next_frame() for _ in range(count)]))
+
+    def _tensor(self, frames: np.ndarray) -> Tensor:
+        return model_input(frames).permute(0, 3, 1, 2).to(self.device)
+
+    def close(self) -> None:
+        """Stop decoding a video target; safe to call twice."""
+        if self._reader is not None:
+            self._reader.close()
+
+    def __enter__(self) -> TargetFrames:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------- rendering
+
+
+def check_outputs(kinds: Iterable[str]) -> tuple[str, ...]:
+    """The output kinds in the order given, without repeats; an unknown one is a `BgmatteError`."""
+    chosen: list[str] = []
+    for kind in kinds:
+        if kind not in OUTPUT_KINDS:
+            raise BgmatteError(f"unknown output {kind!r}: choose from {', '.join(OUTPUT_KINDS)}")
+        if kind not in chosen:
+            chosen.append(kind)
+    if not chosen:
+        raise BgmatteError(f"no output asked for: choose from {', '.join(OUTPUT_KINDS)}")
+    return tuple(chosen)
+
+
+def composite_matte(
+    matte: Matte,
+    target: TargetBackground | None = None,
+    *,
+    backdrop: Tensor | None = None,
+    src: np.ndarray | Tensor | None = None,
+) -> Tensor:
+    """The composite as floats on the matte's device: (B, 3, H, W), or straight RGBA (B, 4, H, W) when transparent.
+
+    `target` None is the reference's green. An image or video target needs `backdrop` ((1 or B, 3, H, W)
+    floats, from `TargetFrames.take`); `blur` needs `src`, the frames as (B, H, W, 3) uint8 or
+    (B, 3, H, W) floats. Transparent pixels of an RGBA result have their colour set to 0, as the
+    reference's cutouts do.
+
+    On the CPU the arithmetic is done with numpy, which runs on the calling thread alone: torch
+    would start a second thread pool beside the model's, and the two slow each other down.
+    """
+    target = target if target is not None else TargetBackground("colour", colour=REFERENCE_GREEN)
+    pha, fgr = matte.pha.detach(), matte.fgr.detach()
+    if fgr.device.type == "cpu":
+        pha_np, fgr_np = pha.float().numpy(), fgr.float().numpy()
+        if target.kind == "transparent":
+            return torch.from_numpy(np.concatenate([fgr_np * (pha_np > 0), pha_np], axis=1))
+        background = _background_numpy(target, fgr_np, backdrop, src)
+        # composite.composite's `fgr * pha + bgr * (1 - pha)`, in three passes and no temporaries.
+        out = np.subtract(fgr_np, background)
+        out *= pha_np
+        out += background
+        return torch.from_numpy(out)
+    if target.kind == "transparent":
+        return to_rgba(fgr * (pha > 0), pha)
+    if target.kind == "colour":
+        background = colour_like(target.rgb, fgr).expand_as(fgr)
+    elif target.kind == "blur":
+        if src is None:
+            raise ValueError("a blur background needs the source frames (src)")
+        frames = src if isinstance(src, Tensor) and src.is_floating_point() else frames_to_tensor(src, fgr.device, torch.float32)
+        background = blur(frames.to(fgr.device, fgr.dtype))
+    elif backdrop is None:
+        raise ValueError(f"a {target.kind} background needs its frames (backdrop, from TargetFrames.take)")
+    else:
+        background = backdrop.to(fgr.device, fgr.dtype).expand_as(fgr)
+    # composite.composite's `fgr * pha + bgr * (1 - pha)`, in one fused pass rather than four.
+    return torch.lerp(background, fgr, pha.expand_as(fgr))
+
+
+def _background_numpy(target: TargetBackground, fgr: np.ndarray, backdrop: Tensor | None,
+                      src: np.ndarray | Tensor | None) -> np.ndarray:
+    """The background to composite over as a float32 array that broadcasts against (B, 3, H, W)."""
+    if target.kind == "colour":
+        return np.asarray(target.rgb, np.float32).reshape(3, 1, 1)
+    if target.kind == "blur":
+        if src is None:
+            raise ValueError("a blur background needs the source frames (src)")
+        if isinstance(src, Tensor):
+            src = src.detach().cpu()
+            frames = (src.float().numpy() if src.is_floating_point() else src.numpy().astype(np.float32) / 255)
+            frames = frames if frames.shape[-1] == 3 else frames.transpose(0, 2, 3, 1)
+        else:
+            frames = src.astype(np.float32) / 255  # (B, H, W, 3)
+        return blur(np.ascontiguousarray(frames)).transpose(0, 3, 1, 2)
+    if backdrop is None:
+        raise ValueError(f"a {target.kind} background needs its frames (backdrop, from TargetFrames.take)")
+    return backdrop.detach().cpu().float().numpy()
+
+
+def render_outputs(
+    matte: Matte,
+    kinds: Iterable[str],
+    *,
+    target: TargetBackground | None = None,
+    backdrop: Tensor | None = None,
+    src: np.ndarray | Tensor | None = None,
+) -> dict[str, np.ndarray]:
+    """Turn a batch of mattes into uint8 frames for each output kind, channels last, on the CPU.
+
+    com: (B, H, W, 3), or (B, H, W, 4) RGBA when `target` is transparent (see `composite_matte`);
+    fgr: (B, H, W, 3); pha, err, ref: (B, H, W) grey (err bilinear and ref nearest upsampled, as the
+    reference writes them). Compositing happens on the matte's device, so that from a GPU only uint8
+    crosses to the host.
+    """
+    frames: dict[str, np.ndarray] = {}
+    target = target if target is not None else TargetBackground("colour", colour=REFERENCE_GREEN)
+    for kind in check_outputs(kinds):
+        if kind == "com" and target.kind == "colour" and matte.fgr.device.type == "cpu":
+            frames[kind] = _composite_over_colour(matte, target.rgb)
+            continue
+        image = composite_matte(matte, target, backdrop=backdrop, src=src) if kind == "com" else getattr(matte, kind)
+        frames[kind] = channels_last_uint8(image)
+    return frames
+
+
+def _composite_over_colour(matte: Matte, rgb: tuple[float, float, float]) -> np.ndarray:
+    """The composite over a colour straight to uint8 on the CPU: per plane `(fgr - c) * pha`, then OpenCV adds
+    `c`, scales, rounds and saturates in one pass (half the passes of `composite_matte` then conversion)."""
+    fgr, pha = matte.fgr.detach().float().numpy(), matte.pha.detach().float().numpy()
+    batch, _, height, width = fgr.shape
+    out = np.empty((batch, height, width, 3), np.uint8)
+    plane = np.empty((height, width), np.float32)
+    for index in range(batch):
+        channels = []
+        for channel, value in enumerate(rgb):
+            np.subtract(fgr[index, channel], np.float32(value), out=plane)
+            np.multiply(plane, pha[index, 0], out=plane)
+            channels.append(cv2.convertScaleAbs(plane, alpha=255.0, beta=255.0 * value))
+        out[index] = cv2.merge(channels)
+    return out
+
+
+def channels_last_uint8(images: Tensor) -> np.ndarray:
+    """(B, C, H, W) floats in [0, 1] to rounded uint8 (B, H, W, C) on the host, or (B, H, W) for one channel.
+
+    On the CPU, OpenCV scales, rounds and interleaves each plane in single passes, several times
+    faster than the same steps as torch operations (which matters at 1080p, where this runs for
+    every frame of every output).
+    """
+    batch, channels, height, width = images.shape
+    if images.device.type != "cpu":
+        pixels = to_uint8(images)
+        pixels = pixels[:, 0] if channels == 1 else pixels.permute(0, 2, 3, 1).contiguous()
+        return pixels.cpu().numpy()
+    planes = images.detach().to(torch.float32).contiguous().numpy()
+    shape = (batch, height, width) if channels == 1 else (batch, height, width, channels)
+    out = np.empty(shape, np.uint8)
+    for index in range(batch):
+        # convertScaleAbs rounds to nearest and saturates above; max() first keeps negatives at 0.
+        converted = [cv2.convertScaleAbs(cv2.max(plane, 0.0), alpha=255.0) for plane in planes[index]]
+        out[index] = converted[0] if channels == 1 else cv2.merge(converted)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- plates
+
+
+class _ExposureFeedback:
+    """Exposure matching for video: each plate is fitted on the background of the latest matte written.
+
+    The matte a few frames back is a good guess of where the subject is not; its foreground is
+    grown by 3% of the frame so that a moving subject still falls inside it. Before the first matte,
+    the fit's own outlier rejection keeps the subject out.
+    """
+
+    def __init__(self) -> None:
+        self._mask: np.ndarray | None = None
+
+    def update(self, pha: Tensor) -> None:
+        """Remember the foreground of one matte ((1, H, W) or (H, W))."""
+        foreground = (pha.detach().reshape(pha.shape[-2:]).cpu().numpy() >= 0.05).astype(np.uint8)
+        reach = max(3, int(0.03 * max(foreground.shape)) | 1)
+        mask = cv2.dilate(foreground, np.ones((reach, reach), np.uint8)).astype(bool)
+        # A matte that is almost all foreground was made with a badly exposed plate: no use as a guide.
+        self._mask = mask if mask.mean() < 0.8 else None
+
+    def match(self, plate: np.ndarray, frame: np.ndarray) -> np.ndarray:
+        mask = self._mask
+        if mask is not None and mask.shape != frame.shape[:2]:
+            mask = None
+        return fit_exposure(plate, frame, mask).apply(plate)
+
+
+class _Plates:
+    """The plate for each frame: one image, or a video frame for frame (the last one held when it ends),
+    aligned to the frame and exposure-matched on request."""
+
+    def __init__(self, image: np.ndarray | None, video: VideoReader | None, width: int, height: int, *,
+                 native: tuple[int, int], name: str | None, align: bool, exposure: _ExposureFeedback | None):
+        self.size = (width, height)
+        self.native = native
+        self._video = video
+        self._frames = iter(video) if video is not None else None
+        self._held: np.ndarray | None = None
+        self._warned_size = False
+        self._warned_end = False
+        self.exposure = exposure
+        self._align = align
+        self._aligner: PlateAligner | None = None
+        self.plate = self._fit(image, name) if image is not None else None
+        if self.plate is not None and align:
+            self._aligner = PlateAligner(self.plate)
+
+    def _fit(self, plate: np.ndarray, name: Path | str | None) -> np.ndarray:
+        height, width = plate.shape[:2]
+        if (width, height) != self.native and not self._warned_size:
+            self._warned_size = True
+            logger.warning("%sthe plate is %dx%d but the video is %dx%d; the plate is resized to fit",
+                           f"{name}: " if name else "", width, height, *self.native)
+        return resize_image(plate, *self.size)
+
+    def _video_plate(self) -> np.ndarray:
+        frame = next(self._frames, None)
+        if frame is None:
+            if self._held is None:
+                raise BgmatteError(f"{self._video.path}: the plate video gave no frames")
+            if not self._warned_end:
+                self._warned_end = True
+                cause = f" ({self._video.error})" if self._video.error else ""
+                logger.warning("%s: the plate video is shorter than the source%s; its last frame is held",
+                               self._video.path, cause)
+            return self._held
+        self._held = self._fit(frame.image, self._video.path)
+        return self._held
+
+    @property
+    def static(self) -> np.ndarray | None:
+        """The plate when it is the same for every frame (an image, neither aligned nor exposure-matched)."""
+        if self._frames is None and self._aligner is None and self.exposure is None:
+            return self.plate
+        return None
+
+    def next(self, frame: np.ndarray) -> np.ndarray:
+        """The plate for `frame` (already at the working size)."""
+        if self._frames is not None:
+            plate = self._video_plate()
+            if self._align:
+                plate = PlateAligner(plate).align(frame)[0]
+        elif self._aligner is not None:
+            plate = self._aligner.align(frame)[0]
+        else:
+            plate = self.plate
+        if self.exposure is not None:
+            plate = self.exposure.match(plate, frame)
+        return plate
+
+    def close(self) -> None:
+        if self._video is not None:
+            self._video.close()
+
+
+def _is_video_path(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _open_plate(bgr: str | os.PathLike | np.ndarray) -> tuple[np.ndarray | None, VideoReader | None]:
+    """Read a plate given as an array, an image file or a video file (by extension; else tried as both)."""
+    if isinstance(bgr, np.ndarray):
+        if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
+            raise BgmatteError(f"a plate array must be (H, W, 3) uint8 RGB, not {bgr.dtype} {bgr.shape}")
+        return bgr, None
+    path = Path(bgr)
+    if _is_video_path(path):
+        return None, VideoReader(path, queue_size=4)
+    if path.suffix.lower() in IMAGE_EXTENSIONS or not path.is_file():
+        return read_image(path), None
+    try:
+        return read_image(path), None
+    except BgmatteError:
+        try:
+            return None, VideoReader(path, queue_size=4)
+        except BgmatteError:
+            raise BgmatteError(f"{path}: the plate is neither an image nor a video that can be read") from None
+
+
+def plate_sample_count(width: int, height: int) -> int:
+    """How many frames an automatic plate is estimated from: 30 up to 1080p, fewer above, to bound memory."""
+    return max(12, min(PLATE_SAMPLES, PLATE_SAMPLES * 1920 * 1080 // (width * height)))
+
+
+def _estimate_plate(src: Path, size: tuple[int, int], progress: bool) -> np.ndarray:
+    """A clean plate from frames sampled evenly over a first pass through the clip.
+
+    When the clip says how many frames it has, only the chosen frames are kept as it is decoded;
+    otherwise `sample_frames` thins as it goes, holding at most twice the count.
+    """
+    from tqdm import tqdm
+
+    count = plate_sample_count(*size)
+    with VideoReader(src) as reader:
+        bar = tqdm(reader, total=reader.frame_count, desc="plate", unit="frame", file=sys.stderr,
+                   disable=None if progress else True, leave=False)
+        with bar:
+            if reader.frame_count:
+                chosen = set(np.linspace(0, reader.frame_count - 1, min(count, reader.frame_count)).round().astype(int).tolist())
+                samples = [resize_image(frame.image, *size) for frame in bar if frame.index in chosen]
+            else:
+                samples = sample_frames((resize_image(frame.image, *size) for frame in bar), count)
+    logger.info("estimating a clean plate from %d frames sampled over the clip", len(samples))
+    return estimate_plate(samples)
+
+
+# -------------------------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One output: a video file, or a folder of PNGs (`folder`), RGBA when `alpha`."""
+
+    kind: str
+    path: Path
+    folder: bool
+    alpha: bool
+
+
+def _sequence_name(path: Path) -> bool:
+    """Whether an output path names a folder of PNGs rather than a video file."""
+    return path.suffix == "" or path.is_dir()
+
+
+def plan_video_outputs(
+    src: Path,
+    kinds: Sequence[str],
+    *,
+    output: str | os.PathLike | None,
+    output_dir: str | os.PathLike | None,
+    output_format: str,
+    transparent: bool,
+    overwrite: bool,
+) -> list[OutputFile]:
+    """Where each output goes, checked before any work: containers that fit, nothing overwritten by accident.
+
+    With `output_dir`: ``DIR/com.mp4``, ``DIR/pha.mp4``... (a transparent composite: ``com.webm``), or
+    ``DIR/com/``... with ``image_sequences``. With `output`: the composite's file (its extension picks
+    the container; no extension means a folder of PNGs) and the others beside it as ``NAME_pha.mp4``...
+    With neither: ``SRC_com.mp4``, ``SRC_pha.mp4``... beside the source.
+    """
+    if output_format not in ("video", "image_sequences"):
+        raise BgmatteError(f"output format {output_format!r} is not supported: use video or image_sequences")
+    if output is not None and output_dir is not None:
+        raise BgmatteError("give either an output file (-o) or an output folder (--output-dir), not both")
+    sequences = output_format == "image_sequences"
+    plans: list[OutputFile] = []
+    if output_dir is not None:
+        folder = Path(output_dir)
+        if folder.exists() and not folder.is_dir():
+            raise BgmatteError(f"{folder}: is a file, not a folder (for --output-dir)")
+        for kind in kinds:
+            alpha = kind == "com" and transparent
+            if sequences:
+                plans.append(OutputFile(kind, folder / kind, True, alpha))
+            else:
+                suffix = ".webm" if alpha else ".mp4"
+                if alpha:
+                    logger.info("the transparent composite goes to %s (MP4 cannot keep transparency)", folder / "com.webm")
+                plans.append(OutputFile(kind, folder / f"{kind}{suffix}", False, alpha))
+    else:
+        if output is not None:
+            base = Path(output)
+            sequence = _sequence_name(base)
+            if sequences and not sequence:
+                raise BgmatteError(f"{base}: image_sequences output needs a folder name, not a file with an extension")
+            if not sequence and base.suffix.lower() not in OUTPUT_CONTAINERS:
+                raise BgmatteError(f"{base}: cannot write video with extension {base.suffix}; use .mp4, .mov, .mkv "
+                                   "or .webm, or a name without extension for a folder of PNGs")
+        else:
+            sequence = sequences
+            suffix = "" if sequence else ".webm" if transparent else ".mp4"
+            base = src.with_name(f"{src.stem}_com{suffix}")
+        for kind in kinds:
+            if kind == "com":
+                path = base
+            elif output is None:
+                path = src.with_name(f"{src.stem}_{kind}{'' if sequence else '.mp4'}")
+            else:
+                path = base.with_name(f"{base.stem if not sequence else base.name}_{kind}{'' if sequence else base.suffix}")
+            plans.append(OutputFile(kind, path, sequence, kind == "com" and transparent))
+    seen: dict[Path, str] = {}
+    for plan in plans:
+        resolved = plan.path.resolve()
+        if resolved == src.resolve():
+            raise BgmatteError(f"{plan.path}: the {plan.kind} output would overwrite the input video")
+        if resolved in seen:
+            raise BgmatteError(f"{plan.path}: both the {seen[resolved]} and the {plan.kind} outputs would go there")
+        seen[resolved] = plan.kind
+        if not plan.folder:
+            choose_encoder(plan.path, alpha=plan.alpha)  # refuses .mp4 with transparency, and unknown containers
+        if plan.path.exists() and not overwrite:
+            raise BgmatteError(f"{plan.path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+    return plans
+
+
+def _open_writer(plan: OutputFile, *, fps: Fraction | None, audio_from: Path | None, overwrite: bool,
+                 encoder: EncoderOptions, frame_count: int | None) -> VideoWriter | ImageSequenceWriter:
+    if plan.folder:
+        return ImageSequenceWriter(plan.path, overwrite=overwrite, digits=max(4, len(str(frame_count or 0))))
+    return VideoWriter(plan.path, fps=fps or 30, alpha=plan.alpha, audio_from=audio_from if plan.kind == "com" else None,
+                       overwrite=overwrite, options=encoder)
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+_END = object()
+_POLL_S = 0.1
+
+
+class _Channel:
+    """A bounded queue between two stages whose waits give up once `abandoned()` says nobody will answer."""
+
+    def __init__(self, size: int, abandoned: Callable[[], bool]):
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._abandoned = abandoned
+
+    def put(self, item: object) -> bool:
+        while True:
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                if self._abandoned():
+                    return False
+
+    def get(self) -> object:
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self._abandoned():
+                    return _END
+
+
+def model_input(images: np.ndarray) -> Tensor:
+    """uint8 (B, H, W, 3) RGB to floats in [0, 1] stored (B, 3, H, W) contiguous, handed over as a (B, H, W, 3) view.
+
+    `Predictor` takes channels-last frames and permutes them; given this view, its permute gives
+    back the contiguous layout the model computes in, so it neither converts nor copies again. The
+    conversion runs plane by plane in OpenCV and numpy, which keeps it off torch's thread pool.
+    """
+    batch, height, width, _ = images.shape
+    out = np.empty((batch, 3, height, width), np.float32)
+    scale = np.float32(1 / 255)
+    for index in range(batch):
+        for channel, plane in enumerate(cv2.split(images[index])):
+            np.multiply(plane, scale, out=out[index, channel])
+    return torch.from_numpy(out).permute(0, 2, 3, 1)
+
+
+class _ModelInputs:
+    """Prepares what the model is given, on the preparing thread: on the CPU, float tensors (`model_input`),
+    the plate converted once when it never changes; for a GPU, the uint8 frames, which `Predictor`
+    moves and converts there."""
+
+    def __init__(self, device: torch.device, static_plate: np.ndarray | None):
+        self.convert = device.type == "cpu"
+        self._plate = model_input(static_plate[None]) if self.convert and static_plate is not None else None
+
+    def __call__(self, src: np.ndarray, bgr: list[np.ndarray]) -> tuple[np.ndarray | Tensor, np.ndarray | Tensor]:
+        if not self.convert:
+            return src, (bgr[0][None] if len(bgr) == 1 else np.stack(bgr))
+        if self._plate is not None:
+            return model_input(src), self._plate.expand(len(src), -1, -1, -1)
+        return model_input(src), model_input(bgr[0][None] if len(bgr) == 1 else np.stack(bgr))
+
+
+@dataclass
+class _Batch:
+    """Frames on their way through the loop: the pixels, what the model is given, and the timestamps."""
+
+    src: np.ndarray  # (B, H, W, 3) uint8
+    src_input: np.ndarray | Tensor
+    bgr_input: np.ndarray | Tensor
+    stamps: list[tuple[int | None, Fraction | None]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, pending: list[tuple[np.ndarray, np.ndarray, int | None, Fraction | None]], inputs: _ModelInputs) -> _Batch:
+        src = pending[0][0][None] if len(pending) == 1 else np.stack([item[0] for item in pending])
+        src_input, bgr_input = inputs(src, [item[1] for item in pending])
+        return cls(src, src_input, bgr_input, [(item[2], item[3]) for item in pending])
+
+    def __len__(self) -> int:
+        return len(self.stamps)
+
+
+def _run_loop(
+    reader: VideoReader,
+    plates: _Plates,
+    predictor: Predictor,
+    *,
+    size: tuple[int, int],
+    batch_size: int,
+    on_matte: Callable[[_Batch, Matte], None],
+) -> None:
+    """Prepare batches on one thread, matte them on this one, finish them (`on_matte`) on a third.
+
+    On KeyboardInterrupt the reading stops, the batches already matted are still finished, and the
+    interrupt goes on to the caller. An error in any stage stops all three and is raised here.
+    """
+    inputs = _ModelInputs(predictor.device, plates.static)
+    errors: list[BaseException] = []
+    failed = threading.Event()  # every stage stops
+    stop_input = threading.Event()  # no more batches: the model stage has stopped taking them
+    batches = _Channel(_QUEUE_BATCHES, lambda: failed.is_set() or stop_input.is_set())
+    mattes = _Channel(_QUEUE_BATCHES, failed.is_set)
+
+    def fail(exc: BaseException) -> None:
+        errors.append(exc)
+        failed.set()
+
+    def prepare() -> None:
+        try:
+            pending: list[tuple[np.ndarray, np.ndarray, int | None, Fraction | None]] = []
+            for frame in reader:
+                if stop_input.is_set() or failed.is_set():
+                    return
+                image = resize_image(frame.image, *size)
+                pending.append((image, plates.next(image), frame.pts, frame.time_base))
+                if len(pending) == batch_size:
+                    if not batches.put(_Batch.of(pending, inputs)):
+                        return
+                    pending = []
+            if pending:
+                batches.put(_Batch.of(pending, inputs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the model stage, which raises it
+            fail(exc)
+        finally:
+            batches.put(_END)
+
+    def finish() -> None:
+        try:
+            while True:
+                item = mattes.get()
+                if item is _END:
+                    return
+                on_matte(*item)
+        except BaseException as exc:  # noqa: BLE001 - raised by the model stage
+            fail(exc)
+
+    preparer = threading.Thread(target=prepare, name="bgmatte-prepare", daemon=True)
+    finisher = threading.Thread(target=finish, name="bgmatte-finish", daemon=True)
+    preparer.start()
+    finisher.start()
+    try:
+        while True:
+            batch = batches.get()
+            if batch is _END:
+                break
+            matte = predictor(batch.src_input, batch.bgr_input)
+            if not mattes.put((batch, matte)):
+                break
+    except BaseException as exc:
+        stop_input.set()
+        if not isinstance(exc, KeyboardInterrupt):
+            failed.set()
+        raise
+    finally:
+        stop_input.set()
+        mattes.put(_END)
+        finisher.join()
+        preparer.join()
+    if errors:
+        raise errors[0]
+
+
+@dataclass(frozen=True)
+class VideoResult:
+    """What `convert_video` wrote: each output's path, the frame count and the time taken."""
+
+    outputs: dict[str, Path]
+    frames: int
+    seconds: float
+
+    @property
+    def fps(self) -> float:
+        """End-to-end frames per second, model loading and plate estimation included."""
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+
+def convert_video(
+    src: str | os.PathLike,
+    bgr: str | os.PathLike | np.ndarray,
+    *,
+    output: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    outputs: Sequence[str] = ("com",),
+    output_format: Literal["video", "image_sequences"] = "video",
+    target_bgr: str | TargetBackground | None = None,
+    resize: tuple[int, int] | None = None,
+    align: bool = False,
+    match_exposure: bool = False,
+    model: ModelLike = None,
+    batch_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    encoder: EncoderOptions = EncoderOptions(),
+) -> VideoResult:
+    """Matte a video against its plate and write the composite and any of pha, fgr, err, ref; one call does it all.
+
+    Arguments:
+        src: the video. Every frame goes into every output, upright, with its own timestamp (variable
+            frame rate kept); the audio is carried into the composite.
+        bgr: the plate: an image (resized to the video, with a warning, if its size differs), a video
+            (frame for frame; when it is shorter, its last frame is held, with a warning), ``"auto"``
+            (estimated from frames sampled over a first pass through the clip), or an (H, W, 3) array.
+        output: the composite's file; its extension picks the container (a name without extension is
+            a folder of PNGs). The other outputs go beside it as ``NAME_pha.mp4`` and so on.
+        output_dir: instead of `output`, the reference's layout: ``com.mp4``, ``pha.mp4``... in it,
+            or one folder of PNGs per output with ``output_format="image_sequences"``.
+        outputs: any of ``com``, ``pha``, ``fgr``, ``err``, ``ref``.
+        target_bgr: what the composite goes over: a colour name or hex, an image, a video (looped),
+            ``blur``, or ``transparent`` (RGBA: .webm VP9, .mov ProRes 4444 or PNGs; .mp4 is refused).
+            None: the reference's green for video files, transparent for PNG folders.
+        resize: (width, height) to resize the frames (and plate) to before matting.
+        align: align the plate to each frame (feature matching and a homography), for handheld shots;
+            a frame where that fails uses the unaligned plate, with a warning.
+        match_exposure: correct exposure and white-balance drift of the plate on each frame, fitted on
+            pixels the latest matte says are background.
+        model: a module, a `Predictor`, `ModelOptions`, a checkpoint path, or None (the default model).
+        batch_size: frames per model call (default 4 on a GPU, 1 on the CPU).
+        overwrite: replace existing outputs instead of refusing.
+        progress: show a progress bar (with fps and ETA) on stderr when it is a terminal.
+        encoder: video encoder choices.
+
+    Returns a `VideoResult`. Outputs are written under temporary names and renamed when complete;
+    after Ctrl-C, or an input that ends early or is damaged, they hold every frame matted so far
+    and play, and the KeyboardInterrupt or a `BgmatteError` follows.
+    """
+    started = time.perf_counter()
+    src = Path(src)
+    kinds = check_outputs(outputs)
+    if isinstance(target_bgr, str):
+        target_bgr = parse_target_background(target_bgr)
+    if batch_size is not None and batch_size < 1:
+        raise BgmatteError(f"batch size must be at least 1, not {batch_size}")
+    with ExitStack() as stack:
+        reader = stack.enter_context(VideoReader(src))
+        native = reader.size
+        size = _check_resize(resize) or native
+        auto_plate = isinstance(bgr, str) and bgr.strip().lower() == "auto"
+        image, plate_video = (None, None) if auto_plate else _open_plate(bgr)
+        if plate_video is not None:
+            stack.callback(plate_video.close)
+        sequences = output_format == "image_sequences" or (output is not None and _sequence_name(Path(output)))
+        if target_bgr is None:
+            target_bgr = TargetBackground("transparent") if sequences else TargetBackground("colour", colour=REFERENCE_GREEN)
+        plans = plan_video_outputs(src, kinds, output=output, output_dir=output_dir, output_format=output_format,
+                                   transparent=target_bgr.kind == "transparent", overwrite=overwrite)
+        options = model if isinstance(model, ModelOptions) else None
+        if options is not None and options.model_type == "mattingbase" and "ref" in kinds:
+            raise BgmatteError("the ref output needs the refine model: drop ref, or use --model-type mattingrefine")
+        predictor = load_predictor(model, *size)
+        if batch_size is None:
+            batch_size = 4 if predictor.device.type == "cuda" else 1
+        targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device))
+        if auto_plate:
+            image = _estimate_plate(src, size, progress)
+        plates = _Plates(image, plate_video, *size, native=native, name=None if auto_plate or isinstance(bgr, np.ndarray) else str(bgr),
+                         align=align, exposure=_ExposureFeedback() if match_exposure else None)
+        writers = {
+            plan.kind: stack.enter_context(_open_writer(plan, fps=reader.fps, audio_from=src, overwrite=overwrite,
+                                                        encoder=encoder, frame_count=reader.frame_count))
+            for plan in plans
+        }
+        from tqdm import tqdm
+
+        bar = stack.enter_context(tqdm(total=reader.frame_count, desc=src.name, unit="frame", file=sys.stderr,
+                                       disable=None if progress else True, dynamic_ncols=True))
+        written = 0
+
+        def on_matte(batch: _Batch, matte: Matte) -> None:
+            nonlocal written
+            frames = render_outputs(matte, kinds, target=target_bgr, backdrop=targets.take(len(batch)), src=batch.src)
+            for index, (pts, time_base) in enumerate(batch.stamps):
+                for kind, writer in writers.items():
+                    image = frames[kind][index]
+                    if isinstance(writer, VideoWriter):
+                        if image.ndim == 2:  # grey mattes: OpenCV expands them faster than the writer would
+                            image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+                        writer.write(image, pts, time_base)
+                    else:
+                        writer.write(image)
+            if plates.exposure is not None:
+                plates.exposure.update(matte.pha[-1])
+            written += len(batch)
+            bar.update(len(batch))
+
+        try:
+            _run_loop(reader, plates, predictor, size=size, batch_size=batch_size, on_matte=on_matte)
+        except KeyboardInterrupt:
+            logger.warning("interrupted: the outputs hold the first %d frames", written)
+            raise
+        except Exception:
+            if written:
+                logger.warning("stopped by an error: the outputs hold the first %d frames", written)
+            raise
+        finally:
+            plates.close()
+        error = reader.error
+    if error is not None:
+        raise BgmatteError(f"{error}; the outputs hold those {written} frames")
+    return VideoResult({plan.kind: plan.path for plan in plans}, written, time.perf_counter() - started)
+
+
+def _check_resize(resize: Sequence[int] | None) -> tuple[int, int] | None:
+    if resize is None:
+        return None
+    if len(resize) != 2 or any(int(side) < 1 for side in resize):
+        raise BgmatteError(f"resize needs a width and a height of at least 1 pixel, not {tuple(resize)}")
+    return int(resize[0]), int(resize[1])
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def collect_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files named, with folders expanded to the images directly in them (natural order)."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    found: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            images = list_images(path)
+            if not images:
+                raise BgmatteError(f"{path}: no images in this folder ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            found.extend(images)
+        elif not path.exists():
+            raise BgmatteError(f"{path}: no such file or folder")
+        else:
+            found.append(path)
+    if not found:
+        raise BgmatteError("no input images given")
+    stems: dict[str, Path] = {}
+    for path in found:
+        if path.stem in stems:
+            raise BgmatteError(f"{path}: has the same name as {stems[path.stem]}, so their outputs would collide")
+        stems[path.stem] = path
+    return found
+
+
+def matte_images(
+    src: str | os.PathLike | Sequence[str | os.PathLike],
+    bgr: str | os.PathLike,
+    *,
+    output_dir: str | os.PathLike,
+    outputs: Sequence[str] = ("com",),
+    target_bgr: str | TargetBackground | None = None,
+    align: bool = False,
+    match_exposure: bool = False,
+    model: ModelLike = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, list[Path]]:
+    """Matte still images against their plates and write ``OUTPUT_DIR/<output>/<name>.png`` for each output.
+
+    Arguments:
+        src: image files and/or folders of images.
+        bgr: one plate for every image, or a folder of plates matched to the images by file name.
+            A plate whose size differs is resized to its image, with a warning.
+        output_dir: where the ``com``, ``pha``, ``fgr``, ``err`` and ``ref`` folders go.
+        outputs: which of them to write.
+        target_bgr: None (default) makes ``com`` an RGBA cutout; otherwise a colour, an image or
+            ``blur`` to composite over.
+        align: align each plate to its image (homography); falls back to the plate as it is.
+        match_exposure: fit the plate's exposure and white balance on the background of a first
+            matte, then matte again with the corrected plate.
+        model, overwrite, progress: as in `convert_video`.
+
+    Returns each output's written files. Existing files are refused before any work, unless `overwrite`.
+    """
+    kinds = check_outputs(outputs)
+    sources = collect_images(src)
+    if isinstance(target_bgr, str):
+        target_bgr = parse_target_background(target_bgr)
+    target_bgr = target_bgr or TargetBackground("transparent")
+    if target_bgr.kind == "video":
+        raise BgmatteError(f"{target_bgr.path}: a video target background needs a video; for images use a colour, "
+                           "an image, blur or transparent")
+    plate_path = Path(bgr)
+    if str(bgr).strip().lower() == "auto":
+        raise BgmatteError("an automatic plate (--bgr auto) needs a video; for images give a plate image or folder")
+    if plate_path.is_dir():
+        pairs = match_by_stem(sources, list_images(plate_path))
+    else:
+        if not plate_path.exists():
+            raise BgmatteError(f"{plate_path}: no such plate file or folder")
+        pairs = [(source, plate_path) for source in sources]
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise BgmatteError(f"{folder}: is a file, not a folder (for the outputs)")
+    destinations = {kind: [folder / kind / f"{source.stem}.png" for source in sources] for kind in kinds}
+    if not overwrite:
+        for paths in destinations.values():
+            for path in paths:
+                if path.exists():
+                    raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+    if "ref" in kinds and isinstance(model, ModelOptions) and model.model_type == "mattingbase":
+        raise BgmatteError("the ref output needs the refine model: drop ref, or use --model-type mattingrefine")
+
+    from tqdm import tqdm
+
+    predictor: Predictor | None = None
+    cached_plate: tuple[Path, np.ndarray] | None = None  # one plate file for many images is read once
+    written: dict[str, list[Path]] = {kind: [] for kind in kinds}
+    pending: list[tuple[str, Future]] = []
+
+    def collect(limit: int) -> None:
+        while len(pending) > limit:
+            kind, future = pending.pop(0)
+            written[kind].append(future.result())
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="bgmatte-png") as pool, ExitStack() as stack:
+        try:
+            bar = stack.enter_context(tqdm(pairs, desc="images", unit="image", file=sys.stderr,
+                                           disable=None if progress else True))
+            for source, plate_file in bar:
+                image = read_image(source)
+                height, width = image.shape[:2]
+                if predictor is None:
+                    predictor = load_predictor(model, width, height)
+                if cached_plate is None or cached_plate[0] != plate_file:
+                    cached_plate = (plate_file, read_image(plate_file))
+                plate = cached_plate[1]
+                if plate.shape[:2] != image.shape[:2]:
+                    logger.warning("%s: the plate is %dx%d but %s is %dx%d; the plate is resized to fit",
+                                   plate_file, plate.shape[1], plate.shape[0], source.name, width, height)
+                    plate = resize_image(plate, width, height)
+                if align:
+                    plate = PlateAligner(plate).align(image)[0]
+                if match_exposure:
+                    # A first fit keeps the subject out by rejecting outliers; the matte it allows
+                    # tells the second fit which pixels are background.
+                    first = fit_exposure(plate, image).apply(plate)
+                    foreground = (predictor(image, first).pha[0, 0] >= 0.05).cpu().numpy()
+                    plate = fit_exposure(plate, image, foreground).apply(plate) if not foreground.all() else first
+                matte = predictor(image, plate)
+                with TargetFrames(target_bgr, width, height, device=predictor.device) as backdrop:
+                    frames = render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop.take(1), src=image[None])
+                for kind in kinds:
+                    path = folder / kind / f"{source.stem}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    pending.append((kind, pool.submit(write_png, path, frames[kind][0], overwrite=overwrite)))
+                collect(8)  # a few images may wait for their PNG encoding; not the whole folder
+            collect(0)
+        except BaseException:
+            # Stopped early: the files already queued are finished (each is complete or absent).
+            for kind, future in pending:
+                try:
+                    written[kind].append(future.result())
+                except Exception as exc:  # noqa: BLE001 - the first error is the one on its way
+                    logger.debug("%s", exc)
+            raise
+    return written
+
+
+# ------------------------------------------------------------------------------------- measuring speed
+
+
+@dataclass(frozen=True)
+class PipelineSpeed:
+    """Model-only and end-to-end throughput at the same size, batch size and model, from one run."""
+
+    width: int
+    height: int
+    frames: int
+    batch_size: int
+    outputs: tuple[str, ...]
+    threads: int  # torch's CPU threads during the measurement
+    model_fps: float  # the model alone, on frames already decoded and on its device
+    pipeline_fps: float  # convert_video from the file to the encoded outputs
+    model_cpu_fps: float  # the same per second of CPU time used by this process (all its threads)
+    pipeline_cpu_fps: float
+
+    @property
+    def ratio(self) -> float:
+        """End-to-end throughput as a fraction of the model's (wall clock)."""
+        return self.pipeline_fps / self.model_fps if self.model_fps > 0 else 0.0
+
+    @property
+    def cpu_ratio(self) -> float:
+        """The same in CPU time: what the ratio becomes when every core is busy, and little moved by other load."""
+        return self.pipeline_cpu_fps / self.model_cpu_fps if self.model_cpu_fps > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for JSON, the ratios included."""
+        return {**{name: getattr(self, name) for name in self.__dataclass_fields__}, "outputs": list(self.outputs),
+                "ratio": self.ratio, "cpu_ratio": self.cpu_ratio}
+
+
+def _write_sample_clip(path: Path, plate: np.ndarray, frames: int, fps: int = 25) -> None:
+    """A clip of the generated sample shot (a figure moving in front of `plate`), with a sine tone."""
+    import av
+
+    from bgmatte.sample import sample_frame
+
+    height, width = plate.shape[:2]
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        sound = container.add_stream("aac", rate=48000)
+        sound.layout = "mono"
+        first, _ = sample_frame(plate, 0.0)
+        for index in range(frames):
+            # Drawing the figure is slow at large sizes; shifting one drawing is enough to keep the coder busy.
+            image = np.roll(first, 8 * index, axis=1)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = index
+            frame.time_base = Fraction(1, fps)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        samples = 48000 * frames // fps
+        for start in range(0, samples, 1024):
+            tone = (0.2 * np.sin(2 * np.pi * 440 * np.arange(start, start + 1024) / 48000)).astype(np.float32)
+            chunk = av.AudioFrame.from_ndarray(tone[None], format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts, chunk.time_base = 48000, start, Fraction(1, 48000)
+            container.mux(sound.encode(chunk))
+        container.mux(sound.encode(None))
+
+
+def measure_pipeline(
+    model: ModelLike = None,
+    *,
+    width: int = 1280,
+    height: int = 720,
+    frames: int = 32,
+    batch_size: int | None = None,
+    outputs: Sequence[str] = ("com",),
+    rounds: int = 2,
+    threads: int | None = None,
+    workdir: str | os.PathLike | None = None,
+) -> PipelineSpeed:
+    """Measure the model alone and `convert_video` end to end on the same generated clip, in one run.
+
+    Model-only runs the model on the clip's frames already decoded and converted on its device;
+    end-to-end decodes, mattes, composites and encodes the clip to files, audio included. The
+    rounds alternate between the two and the best of each is kept, which discounts other load on
+    a shared machine. `threads` sets torch's CPU threads for the measurement (restored after).
+    """
+    kinds = check_outputs(outputs)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(model, width, height, frames, batch_size, kinds, rounds, workdir)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _measure(model: ModelLike, width: int, height: int, frames: int, batch_size: int | None, kinds: tuple[str, ...],
+             rounds: int, workdir: str | os.PathLike | None) -> PipelineSpeed:
+    from bgmatte.sample import sample_plate
+
+    predictor = load_predictor(model, width, height)
+    batch = batch_size or (4 if predictor.device.type == "cuda" else 1)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix="bgmatte-bench-") as folder:
+        work = Path(folder)
+        plate = sample_plate(width, height)
+        clip, plate_file = work / "clip.mp4", work / "plate.png"
+        _write_sample_clip(clip, plate, frames)
+        write_png(plate_file, plate)
+        with VideoReader(clip) as reader:
+            decoded = [frame.image for frame in reader]
+        device, dtype = predictor.device, predictor.dtype
+
+        def tensor(images: np.ndarray) -> Tensor:  # contiguous (B, 3, H, W) on the device: the model's best case
+            return model_input(images).permute(0, 3, 1, 2).to(device, dtype).contiguous()
+
+        groups = [np.stack(decoded[start : start + batch]) for start in range(0, len(decoded), batch)]
+        inputs = [(tensor(group), tensor(np.repeat(plate[None], len(group), 0))) for group in groups]
+
+        def synchronize() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        with torch.inference_mode():
+            predictor.model(*inputs[0])  # warm-up: folding, kernel selection
+        synchronize()
+        model_times: list[tuple[float, float]] = []  # (wall, CPU) seconds per round
+        pipeline_times: list[tuple[float, float]] = []
+        for attempt in range(max(1, rounds)):
+            started, cpu = time.perf_counter(), time.process_time()
+            with torch.inference_mode():
+                for src_t, bgr_t in inputs:
+                    predictor.model(src_t, bgr_t)
+            synchronize()
+            model_times.append((time.perf_counter() - started, time.process_time() - cpu))
+            started, cpu = time.perf_counter(), time.process_time()
+            convert_video(clip, plate_file, output_dir=work / f"out{attempt}", outputs=kinds, model=predictor,
+                          batch_size=batch, progress=False)
+            pipeline_times.append((time.perf_counter() - started, time.process_time() - cpu))
+    count = len(decoded)
+    best = lambda times, column: count / min(row[column] for row in times)  # noqa: E731
+    return PipelineSpeed(width, height, count, batch, kinds, torch.get_num_threads(), best(model_times, 0),
+                         best(pipeline_times, 0), best(model_times, 1), best(pipeline_times, 1))
+
+
+def benchmark_pipeline(
+    *,
+    backbone: str = "mobilenetv2",
+    checkpoint: str | os.PathLike | None = None,
+    width: int = 1920,
+    height: int = 1080,
+    refine: Any = None,
+    precision: str = "fp32",
+    device: str = "auto",
+    optimize: bool = True,
+    threads: int | None = None,
+    batch_size: int | None = None,
+    outputs: Sequence[str] = ("com",),
+    frames: int = 32,
+    rounds: int = 2,
+) -> PipelineSpeed:
+    """`bgmatte bench --pipeline`: `measure_pipeline` on a model with random weights (or `checkpoint`).
+
+    `refine` is a `RefineOptions` (default: the paper's settings for the size). Random weights do
+    the same amount of work as trained ones: the sampling mode refines its whole budget.
+    """
+    from bgmatte.model.build import load_model, resolve_device
+    from bgmatte.model.matting import RefineOptions
+
+    if refine is None:
+        scale, pixels = settings_for_size(width, height)
+        refine = RefineOptions(backbone_scale=scale, refine_sample_pixels=pixels)
+    if checkpoint is not None:
+        module = load_model(checkpoint, backbone=backbone, backbone_scale=refine.backbone_scale,
+                            refine_mode=refine.refine_mode, refine_sample_pixels=refine.refine_sample_pixels,
+                            refine_threshold=refine.refine_threshold, device=device, optimize=optimize)
+    else:
+        try:
+            from bgmatte.bench import random_model  # heads set so that the error map is nowhere 0
+        except ModuleNotFoundError:
+            from bgmatte.model.matting import MattingRefine
+
+            def random_model(name: str, options: RefineOptions) -> nn.Module:
+                torch.manual_seed(0)
+                return MattingRefine(name, **vars(options)).eval()
+
+        module = random_model(backbone, refine).to(resolve_device(device))
+        if optimize:
+            from bgmatte.model.fast import optimize_model
+
+            module = optimize_model(module)
+    predictor = Predictor(module, precision=precision)
+    return measure_pipeline(predictor, width=width, height=height, frames=frames, batch_size=batch_size,
+                            outputs=outputs, rounds=rounds, threads=threads)
+
+
+def format_speed(speed: PipelineSpeed) -> str:
+    """A small table of a `PipelineSpeed` for the terminal."""
+    model_ms, pipeline_ms = 1000 / speed.model_fps, 1000 / speed.pipeline_fps
+    return "\n".join([
+        f"pipeline benchmark: {speed.width}x{speed.height}, batch {speed.batch_size}, {speed.threads} CPU threads, "
+        f"outputs {' '.join(speed.outputs)}, {speed.frames} frames, best round of each",
+        f"  model only   {speed.model_fps:7.2f} fps  {model_ms:8.1f} ms/frame",
+        f"  end to end   {speed.pipeline_fps:7.2f} fps  {pipeline_ms:8.1f} ms/frame  "
+        f"{100 * speed.ratio:5.1f}% of the model",
+        f"  per CPU-second: model {speed.model_cpu_fps:.2f}, end to end {speed.pipeline_cpu_fps:.2f} frames "
+        f"({100 * speed.cpu_ratio:.1f}%)",
+    ])

@@ -1,0 +1,256 @@
+"""`bgmatte video`: both spellings, messages and exit codes, in-process through `bgmatte.cli.main`."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+import bgmatte.pipeline as pipeline
+from bgmatte.cli import main
+from bgmatte.errors import BgmatteError
+from bgmatte.io.images import write_png
+from bgmatte.io.video import VideoReader
+from bgmatte.model.matting import MattingRefine
+from bgmatte.predictor import Predictor
+from media import DifferenceModel, alpha_planes, audio_seconds, decode_times, make_clip, plate_image, read_frames, write_clip
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "model.pth"
+    torch.manual_seed(0)
+    torch.save(MattingRefine("mobilenetv2").state_dict(), path)  # a .pth like the released ones
+    return path
+
+
+@pytest.fixture()
+def scene(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_clip(tmp_path / "src.mp4", 12)
+    write_png(tmp_path / "bgr.png", plate_image())
+    return tmp_path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def use_difference_model(monkeypatch, **kwargs) -> DifferenceModel:
+    """Run the CLI with a model whose matte is known (and that can raise KeyboardInterrupt)."""
+    model = DifferenceModel(**kwargs)
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(model))
+    return model
+
+
+def test_the_reference_command_works_as_is(scene, capsys, checkpoint):
+    code, out, err = run(
+        capsys, "video", "--model-type", "mattingrefine", "--model-backbone", "mobilenetv2",
+        "--model-backbone-scale", "0.25", "--model-refine-mode", "sampling", "--model-refine-sample-pixels", "2000",
+        "--model-checkpoint", checkpoint, "--video-src", "src.mp4", "--video-bgr", "bgr.png", "--output-dir", "out/",
+        "--output-type", "com", "fgr", "err", "ref", "--device", "cpu",
+    )
+    assert code == 0, err
+    out_dir = scene / "out"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["com.mp4", "err.mp4", "fgr.mp4", "ref.mp4"]
+    for path in out_dir.iterdir():
+        assert decode_times(path) == [round(0.04 * index, 4) for index in range(12)], path.name
+    assert audio_seconds(out_dir / "com.mp4") > 0.4
+    assert out.split() == [str(Path("out") / f"{kind}.mp4") for kind in ("com", "fgr", "err", "ref")]
+
+
+def test_reference_image_sequences_with_resize_and_target(scene, capsys, checkpoint):
+    write_png(scene / "sky.png", np.full((32, 48, 3), (40, 90, 200), np.uint8))
+    code, _, err = run(
+        capsys, "video", "--model-checkpoint", checkpoint, "--video-src", "src.mp4", "--video-bgr", "bgr.png",
+        "--output-dir", "seq", "--output-types", "com", "pha", "--output-format", "image_sequences",
+        "--video-resize", "48", "32", "--video-target-bgr", "sky.png", "--preprocess-alignment", "-q",
+    )
+    assert code == 0, err
+    com = sorted((scene / "seq" / "com").iterdir())
+    assert len(com) == 12 and len(list((scene / "seq" / "pha").iterdir())) == 12
+    import cv2
+
+    assert cv2.imread(str(com[0]), cv2.IMREAD_UNCHANGED).shape == (32, 48, 3)  # composited over the target
+
+
+def test_short_spelling_writes_a_transparent_webm_and_its_mattes_beside_it(scene, capsys, checkpoint):
+    code, out, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "cut.webm", "--checkpoint", checkpoint,
+                         "--target-bgr", "transparent", "--outputs", "com", "pha", "--refine-sample-pixels", "2000")
+    assert code == 0, err
+    assert out.split() == ["cut.webm", "cut_pha.webm"]
+    assert len(alpha_planes(scene / "cut.webm")) == 12
+    with av.open(str(scene / "cut.webm")) as container:
+        assert container.streams.audio
+    assert len(read_frames(scene / "cut_pha.webm")) == 12
+
+
+def test_default_output_is_beside_the_source(scene, capsys, monkeypatch):
+    use_difference_model(monkeypatch)
+    code, out, err = run(capsys, "video", "src.mp4", "--bgr", "auto", "-q")
+    assert code == 0, err
+    assert out.split() == ["src_com.mp4"] and len(read_frames(scene / "src_com.mp4")) == 12
+
+
+def one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("bgmatte video: error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in err
+
+
+def test_missing_source_is_a_one_line_error_naming_it(scene, capsys, checkpoint):
+    code, _, err = run(capsys, "video", "nothing.mp4", "--bgr", "bgr.png", "--checkpoint", checkpoint)
+    one_line_error(code, err, "nothing.mp4", "no such file")
+
+
+def test_non_media_source_and_plate_are_named(scene, capsys, checkpoint):
+    (scene / "notes.mp4").write_text("not a video\n" * 40)
+    code, _, err = run(capsys, "video", "notes.mp4", "--bgr", "bgr.png", "--checkpoint", checkpoint)
+    one_line_error(code, err, "notes.mp4", "not a video file")
+    (scene / "plate.jpg").write_text("not a picture")
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "plate.jpg", "--checkpoint", checkpoint)
+    one_line_error(code, err, "plate.jpg")
+
+
+def test_missing_checkpoint_and_missing_default_model_are_explained(scene, capsys, checkpoint):
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "--checkpoint", "gone.pth")
+    one_line_error(code, err, "gone.pth", "not found")
+    from bgmatte.model.build import DEFAULT_WEIGHTS
+
+    if not DEFAULT_WEIGHTS.is_file():
+        code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png")
+        one_line_error(code, err, "default model")
+    assert not (scene / "src_com.mp4").exists()
+
+
+def test_transparent_mp4_is_refused_with_the_reason(scene, capsys, checkpoint):
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "cut.mp4", "--target-bgr", "transparent",
+                       "--checkpoint", checkpoint)
+    one_line_error(code, err, "cut.mp4", "transparency", ".webm")
+    assert not (scene / "cut.mp4").exists()
+
+
+def test_unsupported_options_get_one_line_errors(scene, capsys, checkpoint):
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "--target-bgr", "plaid", "--checkpoint", checkpoint)
+    one_line_error(code, err, "plaid")
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "--model-type", "mattingbase",
+                       "--outputs", "com", "ref", "--checkpoint", checkpoint)
+    one_line_error(code, err, "ref output needs the refine model")
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "a.mp4", "--output-dir", "out")
+    one_line_error(code, err, "not both")
+    code, _, err = run(capsys, "video", "src.mp4", "--video-src", "src.mp4", "--bgr", "bgr.png")
+    one_line_error(code, err, "once")
+    code, _, err = run(capsys, "video", "src.mp4")
+    one_line_error(code, err, "--bgr")
+
+
+def test_existing_output_is_refused_unless_overwrite(scene, capsys, monkeypatch):
+    use_difference_model(monkeypatch)
+    (scene / "com.mp4").write_bytes(b"precious")
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "com.mp4")
+    one_line_error(code, err, "com.mp4", "already exists", "--overwrite")
+    assert (scene / "com.mp4").read_bytes() == b"precious"
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "com.mp4", "--overwrite")
+    assert code == 0 and len(read_frames(scene / "com.mp4")) == 12
+
+
+def test_warnings_reach_stderr_as_one_line_each(scene, capsys, monkeypatch):
+    use_difference_model(monkeypatch)
+    write_png(scene / "small.png", plate_image(48, 32))
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "small.png", "-q")
+    assert code == 0
+    lines = err.strip().splitlines()
+    assert lines == ["bgmatte video: warning: small.png: the plate is 48x32 but the video is 96x64; "
+                     "the plate is resized to fit"]
+
+
+def test_ctrl_c_exits_130_and_leaves_playable_outputs(scene, capsys, monkeypatch):
+    use_difference_model(monkeypatch, interrupt_on=4)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "--output-dir", "out", "--outputs", "com", "pha")
+    assert code == 130
+    assert "interrupted" in err and "first 3 frames" in err and "Traceback" not in err
+    assert decode_times(scene / "out" / "com.mp4") == [0.0, 0.04, 0.08]
+    assert len(read_frames(scene / "out" / "pha.mp4")) == 3
+    assert sorted(p.name for p in (scene / "out").iterdir()) == ["com.mp4", "pha.mp4"]
+
+
+def test_truncated_input_exits_2_with_every_decoded_frame_written(scene, capsys, monkeypatch):
+    use_difference_model(monkeypatch)
+    rng = np.random.default_rng(0)
+    write_clip(scene / "whole.mkv", [rng.integers(0, 255, (64, 96, 3), dtype=np.uint8) for _ in range(25)])
+    data = (scene / "whole.mkv").read_bytes()
+    (scene / "cut.mkv").write_bytes(data[: len(data) * 6 // 10])
+    with VideoReader(scene / "cut.mkv") as reader:
+        decodable = len(list(reader))
+    code, _, err = run(capsys, "video", "cut.mkv", "--bgr", "bgr.png", "-o", "out.mp4", "-q")
+    assert code == 2 and "Traceback" not in err
+    assert "cut.mkv" in err and "truncated" in err
+    assert len(read_frames(scene / "out.mp4")) == decodable
+    assert audio_seconds(scene / "out.mp4") > 0
+
+
+def test_progress_bar_shows_rate_on_a_terminal_and_quiet_hides_it(scene, monkeypatch, capsys):
+    use_difference_model(monkeypatch)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["video", "src.mp4", "--bgr", "bgr.png", "-o", "a.mp4"]) == 0
+    shown = terminal.getvalue()
+    assert "src.mp4" in shown and "12/12" in shown and "frame/s" in shown
+    quiet = Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    assert main(["video", "src.mp4", "--bgr", "bgr.png", "-o", "b.mp4", "--quiet"]) == 0
+    assert quiet.getvalue() == ""
+
+
+def test_debug_shows_the_traceback(scene, capsys):
+    with pytest.raises(BgmatteError, match="nothing.mp4"):
+        main(["--debug", "video", "nothing.mp4", "--bgr", "bgr.png"])
+
+
+def test_command_line_exit_code_and_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "bgmatte", "video", str(tmp_path / "missing.mp4"), "--bgr", "bgr.png"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"bgmatte video: error: {tmp_path / 'missing.mp4'}: no such file"
+    assert done.stdout == ""
+
+
+@pytest.mark.slow
+def test_bench_pipeline_measures_the_model_and_the_whole_pipeline_in_one_run(capsys):
+    import json
+
+    code, out, err = run(capsys, "bench", "--pipeline", "--resolution", "96x64", "--threads", "1", "--json")
+    assert code == 0, err
+    speed = json.loads(out)
+    assert speed["frames"] == 32 and speed["outputs"] == ["com"] and speed["threads"] == 1
+    assert speed["model_fps"] > 0 and speed["pipeline_fps"] > 0
+    assert speed["ratio"] == pytest.approx(speed["pipeline_fps"] / speed["model_fps"])

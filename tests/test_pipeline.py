@@ -1,0 +1,575 @@
+"""The video and image pipeline as a library: every frame in every output, plates, targets, safety, speed."""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from bgmatte.composite import TargetBackground
+from bgmatte.errors import BgmatteError
+from bgmatte.io.images import write_png
+from bgmatte.io.video import VideoReader
+from bgmatte.model.build import save_weights
+from bgmatte.model.matting import MattingBase, MattingRefine
+from bgmatte.pipeline import (
+    REFERENCE_GREEN,
+    ModelOptions,
+    TargetFrames,
+    composite_matte,
+    convert_video,
+    matte_images,
+    measure_pipeline,
+    plan_video_outputs,
+    render_outputs,
+)
+from bgmatte.predictor import Matte
+from media import (
+    HEIGHT,
+    SUBJECT,
+    WIDTH,
+    DifferenceModel,
+    alpha_planes,
+    audio_seconds,
+    decode_times,
+    make_clip,
+    plate_image,
+    read_frames,
+    subject_box,
+    subject_frame,
+    write_clip,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: torch's thread pool only slows these tiny inputs down."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture()
+def scene(tmp_path):
+    """A 12-frame clip with audio of a subject moving over a plate, and the plate as a PNG."""
+    clip, plate = tmp_path / "src.mp4", tmp_path / "plate.png"
+    make_clip(clip, 12)
+    write_png(plate, plate_image())
+    return clip, plate
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "random.safetensors"
+    torch.manual_seed(0)
+    save_weights(MattingRefine("mobilenetv2"), path)
+    return path
+
+
+def background_pixels(frame: np.ndarray, index: int) -> np.ndarray:
+    """The pixels of `frame` away from the subject (and its edges) at frame `index`."""
+    rows, columns = subject_box(index)
+    keep = np.ones(frame.shape[:2], bool)
+    keep[max(0, rows.start - 4) : rows.stop + 4, max(0, columns.start - 4) : columns.stop + 4] = False
+    return frame[keep]
+
+
+def subject_pixels(frame: np.ndarray, index: int) -> np.ndarray:
+    rows, columns = subject_box(index)
+    return frame[rows.start + 3 : rows.stop - 3, columns.start + 3 : columns.stop - 3].reshape(-1, frame.shape[-1] if frame.ndim == 3 else 1)
+
+
+# ------------------------------------------------------------------------------ every frame, everywhere
+
+
+def test_every_output_keeps_every_frame_variable_timestamps_and_audio(tmp_path):
+    clip, plate = tmp_path / "vfr.mp4", tmp_path / "plate.png"
+    pts_ms = make_clip(clip, 11, pts_ms=[0, 40, 80, 200, 240, 250, 260, 400, 440, 480, 520])
+    write_png(plate, plate_image())
+    result = convert_video(clip, plate, output_dir=tmp_path / "out", outputs=["com", "pha", "fgr", "err", "ref"],
+                           model=DifferenceModel(), progress=False)
+    assert result.frames == 11
+    assert set(result.outputs) == {"com", "pha", "fgr", "err", "ref"}
+    for kind, path in result.outputs.items():
+        assert path == tmp_path / "out" / f"{kind}.mp4"
+        assert decode_times(path) == [p / 1000 for p in pts_ms], kind
+        with VideoReader(path) as reader:
+            assert reader.size == (WIDTH, HEIGHT)
+    assert audio_seconds(result.outputs["com"]) == pytest.approx(0.56, abs=0.05)
+    assert audio_seconds(result.outputs["pha"]) == 0.0  # the audio goes with the composite
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["com.mp4", "err.mp4", "fgr.mp4", "pha.mp4", "ref.mp4"]
+
+
+def test_outputs_show_the_matte_composited_over_the_reference_green(scene, tmp_path):
+    clip, plate = scene
+    result = convert_video(clip, plate, output_dir=tmp_path / "out", outputs=["com", "pha", "fgr"],
+                           model=DifferenceModel(), progress=False)
+    pha, com, fgr = (read_frames(result.outputs[kind]) for kind in ("pha", "com", "fgr"))
+    for index in (0, 5, 11):
+        assert subject_pixels(pha[index], index).mean() > 240
+        assert background_pixels(pha[index], index).mean() < 8
+        assert np.abs(background_pixels(com[index], index).mean(axis=0) - REFERENCE_GREEN).max() < 12
+        assert np.abs(subject_pixels(com[index], index).mean(axis=0) - SUBJECT).max() < 20
+        assert np.abs(subject_pixels(fgr[index], index).mean(axis=0) - SUBJECT).max() < 20
+
+
+def test_a_real_checkpoint_runs_with_options_chosen_for_the_size(scene, tmp_path, checkpoint):
+    clip, plate = scene
+    result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["com", "ref"],
+                           model=ModelOptions(checkpoint=checkpoint, device="cpu", refine_sample_pixels=2000),
+                           progress=False)
+    assert result.outputs == {"com": tmp_path / "com.mp4", "ref": tmp_path / "com_ref.mp4"}
+    assert len(read_frames(tmp_path / "com.mp4")) == 12 and len(read_frames(tmp_path / "com_ref.mp4")) == 12
+    ref = np.stack(read_frames(tmp_path / "com_ref.mp4"))
+    assert 0 < (ref > 128).mean() < 1  # some patches refined, not all: the budget was 2,000 of 6,144 pixels
+
+
+def test_batches_of_several_frames_give_the_same_frames(scene, tmp_path):
+    clip, plate = scene
+    model = DifferenceModel()
+    result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["pha"], model=model, batch_size=5,
+                           progress=False)
+    assert model.calls == [5, 5, 2]
+    frames = read_frames(result.outputs["pha"])
+    assert len(frames) == 12 and subject_pixels(frames[11], 11).mean() > 240
+
+
+def test_rotated_video_is_matted_and_written_upright(tmp_path):
+    plate = plate_image()
+    clip, plate_file = tmp_path / "phone.mp4", tmp_path / "plate.png"
+    make_clip(clip, 6, plate=plate, rotation=-90)
+    upright_plate = np.ascontiguousarray(np.rot90(plate, 3))  # what a viewer sees: turned clockwise
+    write_png(plate_file, upright_plate)
+    result = convert_video(clip, plate_file, output=tmp_path / "com.mp4", outputs=["com", "pha"],
+                           model=DifferenceModel(), progress=False)
+    frames = read_frames(result.outputs["pha"])
+    assert len(frames) == 6 and frames[0].shape[:2] == (WIDTH, HEIGHT)
+    # The plate lines up with the upright frames: only the subject differs from it.
+    assert (frames[2] > 128).mean() == pytest.approx(16 * 16 / (WIDTH * HEIGHT), abs=0.05)
+
+
+def test_odd_frame_sizes_are_padded_for_h264_and_kept_by_vp9(tmp_path, caplog):
+    plate = plate_image(95, 63)
+    clip, plate_file = tmp_path / "odd.mkv", tmp_path / "plate.png"
+    write_clip(clip, [subject_frame(plate, index) for index in range(5)], codec="ffv1", pix_fmt="yuv444p", audio=False)
+    write_png(plate_file, plate)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        padded = convert_video(clip, plate_file, output=tmp_path / "com.mp4", model=DifferenceModel(), progress=False)
+    with VideoReader(padded.outputs["com"]) as reader:
+        assert reader.size == (96, 64) and len(list(reader)) == 5
+    assert any("95x63" in record.message and "96x64" in record.message for record in caplog.records)
+    kept = convert_video(clip, plate_file, output=tmp_path / "com.webm", model=DifferenceModel(), progress=False)
+    with VideoReader(kept.outputs["com"]) as reader:
+        assert reader.size == (95, 63) and len(list(reader)) == 5
+
+
+def test_resize_changes_the_working_and_output_size(scene, tmp_path):
+    clip, plate = scene
+    result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["com", "pha"], resize=(48, 32),
+                           model=DifferenceModel(), progress=False)
+    for path in result.outputs.values():
+        with VideoReader(path) as reader:
+            assert reader.size == (48, 32) and len(list(reader)) == 12
+
+
+def test_image_sequences_write_rgba_composites_and_grey_mattes(scene, tmp_path):
+    clip, plate = scene
+    result = convert_video(clip, plate, output_dir=tmp_path / "out", output_format="image_sequences",
+                           outputs=["com", "pha"], model=DifferenceModel(), progress=False)
+    com = sorted((tmp_path / "out" / "com").iterdir())
+    assert [path.name for path in com[:2]] == ["0001.png", "0002.png"] and len(com) == 12
+    assert len(list((tmp_path / "out" / "pha").iterdir())) == 12
+    import cv2
+
+    cutout = cv2.imread(str(com[4]), cv2.IMREAD_UNCHANGED)
+    assert cutout.shape == (HEIGHT, WIDTH, 4)
+    alpha = cutout[:, :, 3]
+    assert subject_pixels(alpha, 4).min() == 255 and background_pixels(alpha, 4).max() == 0
+    assert background_pixels(cutout[:, :, :3], 4).max() == 0  # no colour where fully transparent
+    assert cv2.imread(str(tmp_path / "out" / "pha" / "0005.png"), cv2.IMREAD_UNCHANGED).ndim == 2
+    assert result.outputs["com"] == tmp_path / "out" / "com"
+
+
+# ------------------------------------------------------------------------------------- target backgrounds
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".webm", "vp9"), (".mov", "prores")])
+def test_transparent_composite_keeps_alpha_in_the_file(scene, tmp_path, suffix, codec):
+    clip, plate = scene
+    result = convert_video(clip, plate, output=tmp_path / f"cutout{suffix}", target_bgr="transparent",
+                           model=DifferenceModel(), progress=False)
+    path = result.outputs["com"]
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.name == codec
+        assert container.streams.audio
+    planes = alpha_planes(path)
+    assert len(planes) == 12
+    assert subject_pixels(planes[6], 6).min() > 240 and background_pixels(planes[6], 6).max() < 16
+
+
+def test_transparent_mp4_is_refused_before_any_work(scene, tmp_path):
+    clip, plate = scene
+    model = DifferenceModel()
+    with pytest.raises(BgmatteError, match=r"cutout.mp4: MP4 cannot keep transparency.*\.webm"):
+        convert_video(clip, plate, output=tmp_path / "cutout.mp4", target_bgr="transparent", model=model, progress=False)
+    assert model.calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["plate.png", "src.mp4"]
+
+
+def test_transparent_composite_in_an_output_dir_goes_to_webm(scene, tmp_path):
+    clip, plate = scene
+    result = convert_video(clip, plate, output_dir=tmp_path / "out", outputs=["com", "pha"], target_bgr="transparent",
+                           model=DifferenceModel(), progress=False)
+    assert result.outputs == {"com": tmp_path / "out" / "com.webm", "pha": tmp_path / "out" / "pha.mp4"}
+    assert len(alpha_planes(result.outputs["com"])) == 12
+
+
+def test_colour_and_image_targets(scene, tmp_path):
+    clip, plate = scene
+    blue = convert_video(clip, plate, output=tmp_path / "blue.mp4", target_bgr="#0000ff", model=DifferenceModel(),
+                         progress=False)
+    frame = read_frames(blue.outputs["com"])[3]
+    assert np.abs(background_pixels(frame, 3).mean(axis=0) - (0, 0, 255)).max() < 12
+    picture = tmp_path / "beach.png"
+    write_png(picture, np.full((128, 200, 3), (200, 160, 60), np.uint8))  # another size and shape: covered
+    beach = convert_video(clip, plate, output=tmp_path / "beach.mp4", target_bgr=str(picture), model=DifferenceModel(),
+                          progress=False)
+    frame = read_frames(beach.outputs["com"])[3]
+    assert np.abs(background_pixels(frame, 3).mean(axis=0) - (200, 160, 60)).max() < 8
+    assert np.abs(subject_pixels(frame, 3).mean(axis=0) - SUBJECT).max() < 20
+
+
+def test_video_target_is_looped_to_the_length_of_the_clip(scene, tmp_path):
+    clip, plate = scene
+    target = tmp_path / "waves.mp4"
+    shades = [30, 80, 130, 180, 230]
+    write_clip(target, [np.full((HEIGHT, WIDTH, 3), shade, np.uint8) for shade in shades], audio=False)
+    result = convert_video(clip, plate, output=tmp_path / "com.mp4", target_bgr=str(target), model=DifferenceModel(),
+                           progress=False)
+    frames = read_frames(result.outputs["com"])
+    assert len(frames) == 12
+    seen = [int(round(background_pixels(frame, index).mean())) for index, frame in enumerate(frames)]
+    assert seen == pytest.approx([shades[index % 5] for index in range(12)], abs=6)
+
+
+def test_blur_target_composites_over_the_blurred_frame(scene, tmp_path):
+    clip, plate = scene
+    result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["com", "fgr"], target_bgr="blur",
+                           model=DifferenceModel(), progress=False)
+    com, fgr = read_frames(result.outputs["com"])[2], read_frames(result.outputs["fgr"])[2]
+    # The background is the frame blurred (as composite.blur does it), not the frame itself.
+    from bgmatte.composite import blur
+
+    blurred = blur(fgr.astype(np.float32) / 255) * 255
+    to_blurred = np.abs(background_pixels(com, 2) - background_pixels(blurred, 2)).mean()
+    to_sharp = np.abs(background_pixels(com, 2).astype(int) - background_pixels(fgr, 2)).mean()
+    assert to_blurred < 4 and to_sharp > 2 * to_blurred, (to_blurred, to_sharp)
+    assert np.abs(subject_pixels(com, 2).mean(axis=0) - SUBJECT).max() < 20
+
+
+def test_render_outputs_gives_uint8_frames_of_each_kind():
+    pha = torch.zeros(2, 1, 6, 8)
+    pha[:, :, 2:4, 2:6] = 1.0
+    pha[:, :, 0, 0] = 0.5
+    fgr = torch.full((2, 3, 6, 8), 0.2)
+    matte = Matte(pha, fgr, torch.full_like(pha, 0.25), (pha > 0).float())
+    frames = render_outputs(matte, ["com", "pha", "fgr", "err", "ref"], target=TargetBackground("colour", colour=(0, 0, 255)))
+    assert {kind: frames[kind].shape for kind in frames} == {
+        "com": (2, 6, 8, 3), "pha": (2, 6, 8), "fgr": (2, 6, 8, 3), "err": (2, 6, 8), "ref": (2, 6, 8)}
+    assert all(frame.dtype == np.uint8 for frame in frames.values())
+    assert frames["com"][0, 3, 3].tolist() == [51, 51, 51] and frames["com"][0, 5, 7].tolist() == [0, 0, 255]
+    assert frames["com"][0, 0, 0].tolist() == [26, 26, 153]  # half 0.2 grey, half blue
+    assert frames["err"][1, 1, 1] == 64 and frames["pha"][0, 0, 0] == 128
+    rgba = render_outputs(matte, ["com"], target=TargetBackground("transparent"))["com"]
+    assert rgba.shape == (2, 6, 8, 4) and rgba[0, 3, 3].tolist() == [51, 51, 51, 255]
+    assert rgba[0, 5, 7].tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="backdrop"):
+        composite_matte(matte, TargetBackground("image", path=Path("x.png")))
+
+
+def test_target_frames_cover_the_output_size(tmp_path):
+    picture = tmp_path / "wide.png"
+    wide = np.zeros((20, 80, 3), np.uint8)
+    wide[:, 35:45] = 255  # a white middle band
+    write_png(picture, wide)
+    with TargetFrames(TargetBackground("image", path=picture), 40, 40) as frames:
+        backdrop = frames.take(3)
+    assert backdrop.shape == (1, 3, 40, 40)  # one image, shared by the batch
+    assert backdrop[0, :, :, 20].min() == 1.0 and backdrop[0, :, :, 0].max() == 0.0  # cropped at the sides, not squeezed
+    assert TargetFrames(TargetBackground("blur"), 40, 40).take(2) is None
+
+
+# ---------------------------------------------------------------------------------------------- plates
+
+
+def test_plate_of_another_size_is_resized_with_a_warning(scene, tmp_path, caplog):
+    clip, _ = scene
+    big = tmp_path / "big_plate.png"
+    import cv2
+
+    write_png(big, cv2.resize(plate_image(), (WIDTH * 2, HEIGHT * 2), interpolation=cv2.INTER_NEAREST))
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        result = convert_video(clip, big, output=tmp_path / "com.mp4", outputs=["pha"], model=DifferenceModel(),
+                               progress=False)
+    assert any("big_plate.png" in r.message and "192x128" in r.message and "96x64" in r.message for r in caplog.records)
+    frame = read_frames(result.outputs["pha"])[4]
+    assert subject_pixels(frame, 4).mean() > 240 and background_pixels(frame, 4).mean() < 10
+
+
+def test_plate_video_is_used_frame_for_frame_and_its_last_frame_held(tmp_path, caplog):
+    plates = [plate_image(seed=seed) for seed in range(12)]  # a different plate for every frame
+    clip, plate_video = tmp_path / "src.mp4", tmp_path / "plates.mp4"
+    write_clip(clip, [subject_frame(plates[index], index) for index in range(12)], audio=False)
+    write_clip(plate_video, plates[:8], audio=False)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        result = convert_video(clip, plate_video, output=tmp_path / "com.mp4", outputs=["pha"], model=DifferenceModel(),
+                               progress=False)
+    frames = read_frames(result.outputs["pha"])
+    assert len(frames) == 12
+    for index in range(8):  # matched frame for frame: only the subject differs
+        assert background_pixels(frames[index], index).mean() < 10, index
+    assert background_pixels(frames[10], 10).mean() > 100  # the held plate no longer fits the frame
+    assert any("plates.mp4" in r.message and "shorter" in r.message for r in caplog.records)
+
+
+def test_auto_plate_is_estimated_from_the_clip(tmp_path):
+    clip = tmp_path / "src.mp4"
+    make_clip(clip, 12)
+    result = convert_video(clip, "auto", output=tmp_path / "com.mp4", outputs=["pha"], model=DifferenceModel(),
+                           progress=False)
+    frames = read_frames(result.outputs["pha"])
+    assert len(frames) == 12
+    for index in (1, 6, 10):
+        assert subject_pixels(frames[index], index).mean() > 240
+        assert background_pixels(frames[index], index).mean() < 10
+
+
+def test_match_exposure_follows_a_darker_clip(tmp_path):
+    clip, plate = tmp_path / "dim.mp4", tmp_path / "plate.png"
+    make_clip(clip, 8, gain=0.6)  # the camera exposed the clip darker than the plate
+    write_png(plate, plate_image())
+    plain = convert_video(clip, plate, output=tmp_path / "plain.mp4", outputs=["pha"], model=DifferenceModel(),
+                          progress=False)
+    matched = convert_video(clip, plate, output=tmp_path / "matched.mp4", outputs=["pha"], match_exposure=True,
+                            model=DifferenceModel(), progress=False)
+    plain_frames, matched_frames = read_frames(plain.outputs["pha"]), read_frames(matched.outputs["pha"])
+    assert background_pixels(plain_frames[5], 5).mean() > 128  # everything looks like foreground
+    for index in range(8):
+        assert background_pixels(matched_frames[index], index).mean() < 12, index
+        assert subject_pixels(matched_frames[index], index).mean() > 240
+
+
+def test_align_falls_back_to_the_plate_with_a_warning_when_it_cannot_align(tmp_path, caplog):
+    clip, plate = tmp_path / "flat.mp4", tmp_path / "plate.png"
+    flat = np.full((HEIGHT, WIDTH, 3), 120, np.uint8)  # no features to match
+    make_clip(clip, 6, plate=flat)
+    write_png(plate, flat)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["pha"], align=True,
+                               model=DifferenceModel(), progress=False)
+    frames = read_frames(result.outputs["pha"])
+    assert len(frames) == 6 and background_pixels(frames[3], 3).mean() < 10
+    assert any("align" in record.message for record in caplog.records)
+
+
+def test_align_lines_up_a_shifted_plate(tmp_path):
+    import cv2
+
+    rng = np.random.default_rng(1)
+    wide = cv2.resize(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8), (360, 240), interpolation=cv2.INTER_LINEAR)
+    plate, shifted = wide[20:20 + 192, 20:20 + 288].copy(), wide[26:26 + 192, 29:29 + 288].copy()
+    clip, plate_file = tmp_path / "handheld.mp4", tmp_path / "plate.png"
+    write_clip(clip, [shifted.copy() for _ in range(3)], audio=False)
+    write_png(plate_file, plate)
+    plain = convert_video(clip, plate_file, output=tmp_path / "plain.mp4", outputs=["pha"], model=DifferenceModel(0.2),
+                          progress=False)
+    aligned = convert_video(clip, plate_file, output=tmp_path / "aligned.mp4", outputs=["pha"], align=True,
+                            model=DifferenceModel(0.2), progress=False)
+    inner = (slice(20, -20), slice(20, -20))  # away from the borders the plate cannot cover
+    assert read_frames(plain.outputs["pha"])[1][inner].mean() > 100
+    assert read_frames(aligned.outputs["pha"])[1][inner].mean() < 10
+
+
+# ------------------------------------------------------------------------------------------- safety
+
+
+def test_existing_outputs_are_refused_unless_overwrite(scene, tmp_path):
+    clip, plate = scene
+    target = tmp_path / "com.mp4"
+    target.write_bytes(b"precious")
+    model = DifferenceModel()
+    with pytest.raises(BgmatteError, match="com.mp4: already exists"):
+        convert_video(clip, plate, output=target, model=model, progress=False)
+    assert target.read_bytes() == b"precious" and model.calls == []
+    convert_video(clip, plate, output=target, model=model, overwrite=True, progress=False)
+    assert len(read_frames(target)) == 12
+
+
+def test_output_over_the_input_is_refused(scene):
+    clip, plate = scene
+    with pytest.raises(BgmatteError, match="would overwrite the input"):
+        convert_video(clip, plate, output=clip, model=DifferenceModel(), overwrite=True, progress=False)
+
+
+def test_interrupt_leaves_playable_outputs_with_every_frame_matted(scene, tmp_path):
+    clip, plate = scene
+    model = DifferenceModel(interrupt_on=5)  # Ctrl-C while the fifth frame is being matted
+    with pytest.raises(KeyboardInterrupt):
+        convert_video(clip, plate, output_dir=tmp_path / "out", outputs=["com", "pha"], model=model, progress=False)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["com.mp4", "pha.mp4"]  # no temporary files left
+    assert decode_times(out / "com.mp4") == [0.0, 0.04, 0.08, 0.12]
+    assert len(read_frames(out / "pha.mp4")) == 4
+    assert 0.1 < audio_seconds(out / "com.mp4") < 0.25
+    assert not [t for t in threading.enumerate() if t.name.startswith("bgmatte-")]
+
+
+def test_truncated_input_keeps_every_decoded_frame_and_says_so(tmp_path):
+    whole, plate = tmp_path / "whole.mkv", tmp_path / "plate.png"
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(subject_frame(plate_image(), index).astype(int) + rng.integers(0, 12, (HEIGHT, WIDTH, 3)), 0, 255)
+             .astype(np.uint8) for index in range(25)]  # noise makes the file big enough to cut in the middle
+    write_clip(whole, noisy)
+    write_png(plate, plate_image())
+    cut = tmp_path / "cut.mkv"
+    data = whole.read_bytes()
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    with VideoReader(cut) as reader:
+        decodable = len(list(reader))
+    assert 5 <= decodable < 25
+    with pytest.raises(BgmatteError, match=r"cut.mkv.*truncated.*outputs hold those") as caught:
+        convert_video(cut, plate, output_dir=tmp_path / "out", outputs=["com", "pha"], model=DifferenceModel(),
+                      progress=False)
+    assert "\n" not in str(caught.value)
+    assert len(read_frames(tmp_path / "out" / "com.mp4")) == decodable
+    assert len(read_frames(tmp_path / "out" / "pha.mp4")) == decodable
+
+
+def test_missing_and_non_media_inputs_name_the_file(tmp_path, scene):
+    clip, plate = scene
+    with pytest.raises(BgmatteError, match="nothing.mp4: no such file"):
+        convert_video(tmp_path / "nothing.mp4", plate, model=DifferenceModel(), progress=False)
+    notes = tmp_path / "notes.mp4"
+    notes.write_text("not a video\n" * 40)
+    with pytest.raises(BgmatteError, match="notes.mp4: not a video file"):
+        convert_video(notes, plate, model=DifferenceModel(), progress=False)
+    with pytest.raises(BgmatteError, match="missing.png: no such image file"):
+        convert_video(clip, tmp_path / "missing.png", output=tmp_path / "o.mp4", model=DifferenceModel(), progress=False)
+    with pytest.raises(BgmatteError, match="unknown output 'alpha'"):
+        convert_video(clip, plate, outputs=["alpha"], model=DifferenceModel(), progress=False)
+
+
+def test_reading_stays_a_bounded_distance_ahead_of_the_model(tmp_path):
+    clip, plate = tmp_path / "long.mp4", tmp_path / "plate.png"
+    make_clip(clip, 60, audio=False)
+    write_png(plate, plate_image())
+    ahead: list[int] = []
+    import bgmatte.pipeline as pipeline
+
+    original = pipeline.VideoReader.__iter__
+
+    def counting(self):
+        for frame in original(self):
+            ahead.append(frame.index - len(model.calls))
+            yield frame
+
+    model = DifferenceModel()
+    pipeline.VideoReader.__iter__ = counting
+    try:
+        convert_video(clip, plate, output=tmp_path / "com.mp4", model=model, progress=False)
+    finally:
+        pipeline.VideoReader.__iter__ = original
+    assert len(model.calls) == 60
+    assert max(ahead) <= 8  # a few batches in flight, never the whole clip
+
+
+def test_default_output_names_sit_beside_the_source(scene):
+    clip, _ = scene
+    plans = plan_video_outputs(clip, ["com", "pha"], output=None, output_dir=None, output_format="video",
+                               transparent=False, overwrite=False)
+    assert [plan.path.name for plan in plans] == ["src_com.mp4", "src_pha.mp4"]
+    plans = plan_video_outputs(clip, ["com", "fgr"], output=clip.parent / "cut.webm", output_dir=None,
+                               output_format="video", transparent=True, overwrite=False)
+    assert [(plan.path.name, plan.alpha) for plan in plans] == [("cut.webm", True), ("cut_fgr.webm", False)]
+    with pytest.raises(BgmatteError, match="out.avi: cannot write video with extension .avi"):
+        plan_video_outputs(clip, ["com"], output="out.avi", output_dir=None, output_format="video", transparent=False,
+                           overwrite=False)
+
+
+def test_mattingbase_runs_at_full_resolution_and_has_no_ref(scene, tmp_path):
+    clip, plate = scene
+    weights = tmp_path / "base.pth"
+    torch.save(MattingBase("mobilenetv2").state_dict(), weights)
+    options = ModelOptions(checkpoint=weights, model_type="mattingbase", device="cpu")
+    with pytest.raises(BgmatteError, match="ref output needs the refine model"):
+        convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["com", "ref"], model=options, progress=False)
+    result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["com", "err"], model=options,
+                           progress=False)
+    assert len(read_frames(result.outputs["err"])) == 12
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def test_matte_images_pairs_plates_by_name_and_writes_rgba_cutouts(tmp_path):
+    import cv2
+
+    sources, plates = tmp_path / "src", tmp_path / "bgr"
+    sources.mkdir()
+    plates.mkdir()
+    for index, name in enumerate(["beach", "office"]):
+        plate = plate_image(seed=index)
+        write_png(plates / f"{name}.png", plate)
+        write_png(sources / f"{name}.png", subject_frame(plate, index + 2))
+    written = matte_images(sources, plates, output_dir=tmp_path / "out", outputs=["com", "pha", "err"],
+                           model=DifferenceModel(), progress=False)
+    assert {kind: sorted(p.name for p in paths) for kind, paths in written.items()} == {
+        kind: ["beach.png", "office.png"] for kind in ("com", "pha", "err")}
+    cutout = cv2.imread(str(tmp_path / "out" / "com" / "office.png"), cv2.IMREAD_UNCHANGED)
+    assert cutout.shape == (HEIGHT, WIDTH, 4)
+    assert subject_pixels(cutout[:, :, 3], 3).min() == 255 and background_pixels(cutout[:, :, 3], 3).max() == 0
+    with pytest.raises(BgmatteError, match=r"out/com/beach.png: already exists"):
+        matte_images(sources, plates, output_dir=tmp_path / "out", model=DifferenceModel(), progress=False)
+    matte_images(sources, plates, output_dir=tmp_path / "out", model=DifferenceModel(), overwrite=True, progress=False)
+
+
+def test_matte_images_with_one_plate_a_target_and_exposure_matching(tmp_path):
+    plate = plate_image()
+    plate_file, dim = tmp_path / "plate.png", tmp_path / "dim.png"
+    write_png(plate_file, plate)
+    write_png(dim, subject_frame(plate, 4, gain=0.6))
+    written = matte_images([dim], plate_file, output_dir=tmp_path / "out", outputs=["com", "pha"], target_bgr="white",
+                           match_exposure=True, model=DifferenceModel(), progress=False)
+    from bgmatte.io.images import read_image
+
+    pha = read_image(written["pha"][0])[:, :, 0]
+    com = read_image(written["com"][0])
+    assert background_pixels(pha, 4).mean() < 10 and subject_pixels(pha, 4).mean() > 240
+    assert background_pixels(com, 4).min() >= 250
+
+
+def test_matte_images_names_a_missing_plate(tmp_path):
+    sources, plates = tmp_path / "src", tmp_path / "bgr"
+    sources.mkdir()
+    plates.mkdir()
+    write_png(sources / "dog.png", plate_image())
+    write_png(plates / "cat.png", plate_image())
+    with pytest.raises(BgmatteError, match="no plate with the same name.*dog.png"):
+        matte_images(sources, plates, output_dir=tmp_path / "out", model=DifferenceModel(), progress=False)
+    with pytest.raises(BgmatteError, match="needs a video"):
+        matte_images(sources, "auto", output_dir=tmp_path / "out", model=DifferenceModel(), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- speed
+
+
+def test_measure_pipeline_reports_model_and_end_to_end_throughput():
+    speed = measure_pipeline(DifferenceModel(), width=96, height=64, frames=6, rounds=1, threads=1)
+    assert speed.frames == 6 and speed.batch_size == 1 and speed.outputs == ("com",) and speed.threads == 1
+    assert speed.model_fps > 0 and speed.pipeline_fps > 0 and speed.ratio == speed.pipeline_fps / speed.model_fps
