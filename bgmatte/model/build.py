@@ -113,15 +113,35 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BACKENDS = ("torch", "onnxruntime")
+
+
 def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = None, backbone_scale: float = 0.25,
                refine_mode: str = "sampling", refine_sample_pixels: int = 80_000, refine_threshold: float = 0.1,
                refine_kernel_size: int | None = None, device: str | torch.device = "auto",
-               optimize: bool = True) -> torch.nn.Module:
+               optimize: bool = True, precision: str = "fp32", backend: str = "torch") -> torch.nn.Module:
     """A ready ``MattingRefine`` in eval mode, from a checkpoint path or (None) the embedded default model.
 
     The backbone and the refiner's kernel size are read from the weights unless given. ``optimize``
     asks for the fast inference path where one is available; it computes the same outputs.
+    ``precision`` (fp32, fp16, bf16) sets the weights' dtype; inputs must match it on the plain
+    module and are cast by the fast one. ``backend="onnxruntime"`` runs an exported ``.onnx`` file
+    (or exports the checkpoint first) with onnxruntime, the ``[onnx]`` extra.
     """
+    if precision not in PRECISIONS:
+        raise BgmatteError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if backend not in BACKENDS:
+        raise BgmatteError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "onnxruntime":
+        from bgmatte.export import load_onnx_backend
+
+        try:
+            options = RefineOptions(backbone_scale, refine_mode, refine_sample_pixels, refine_threshold)
+        except ValueError as exc:
+            raise BgmatteError(str(exc)) from None
+        return load_onnx_backend(checkpoint, backbone=backbone, options=options,
+                                 refine_kernel_size=refine_kernel_size, device=str(device), precision=precision)
     source = Path(checkpoint) if checkpoint is not None else DEFAULT_WEIGHTS
     if checkpoint is None and not DEFAULT_WEIGHTS.is_file():
         raise BgmatteError("no embedded default model is shipped in this build of bgmatte yet: "
@@ -145,7 +165,7 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
         raise BgmatteError(str(exc)) from None
     model = MattingRefine(backbone, **vars(options))
     load_weights(model, state, str(source))
-    model = model.eval().to(resolve_device(device))
+    model = model.eval().to(resolve_device(device), PRECISIONS[precision])
     if optimize:
         model = _optimized(model)
     return model

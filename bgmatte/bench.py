@@ -1,0 +1,276 @@
+"""Benchmarks: the plain module and the fast path (or onnxruntime), timed interleaved in one run.
+
+Each measurement is a function returning a ``Timing``; ``benchmark`` runs the model comparison.
+A pipeline measurement (read, matte, composite, write) can be added beside it as another function.
+
+Timing on a shared machine is noisy, so the candidates take turns (ABBA order, so that neither
+always runs right after the other), each is summarised by its median, and the headline figure is
+the ratio of the medians. Random weights serve: the work does not depend on the weights, except
+for which patches the refiner picks; ``random_model`` scales its output heads so that the error
+map is nowhere zero, so that the sampling mode always refines its whole budget.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from bgmatte.errors import BgmatteError
+from bgmatte.model.build import BACKENDS, PRECISIONS, load_model, resolve_device
+from bgmatte.model.matting import BACKBONES, MattingRefine, RefineOptions
+
+RESOLUTIONS = {"hd": (1920, 1080), "4k": (3840, 2160), "720p": (1280, 720), "sd": (640, 480)}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to benchmark.
+
+    Arguments:
+        backbone: resnet50, resnet101 or mobilenetv2.
+        width, height: the frame size.
+        options: the model's settings (scale, refine mode, pixels, threshold).
+        precision: fp32, fp16 or bf16 (both candidates run in it).
+        backend: ``torch`` (plain module against the fast path) or ``onnxruntime`` (plain module
+            against the exported model run by onnxruntime).
+        threads: CPU threads for both candidates (None: PyTorch's current setting, restored after).
+        device: auto, cpu or cuda.
+        batch: frames per call.
+        repeats: timed calls per candidate; warmup: untimed calls first.
+        checkpoint: weights to use instead of random ones.
+    """
+
+    backbone: str = "mobilenetv2"
+    width: int = 1920
+    height: int = 1080
+    options: RefineOptions = field(default_factory=RefineOptions)
+    precision: str = "fp32"
+    backend: str = "torch"
+    threads: int | None = None
+    device: str = "auto"
+    batch: int = 1
+    repeats: int = 10
+    warmup: int = 2
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call of one candidate, every repetition, and what they mean per frame."""
+
+    name: str
+    seconds: list[float]
+    frames_per_call: int
+
+    @property
+    def median_ms(self) -> float:
+        """Median milliseconds per frame."""
+        return statistics.median(self.seconds) * 1000 / self.frames_per_call
+
+    @property
+    def fps(self) -> float:
+        """Frames per second at the median."""
+        return 1000 / self.median_ms
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """The comparison: both timings, their ratio, and what was measured on what."""
+
+    options: BenchOptions
+    machine: str
+    device: str
+    threads: int
+    weights: str
+    refined_pixels: int
+    plain: Timing
+    fast: Timing
+
+    @property
+    def ratio(self) -> float:
+        """How many times faster the fast candidate is, by the medians."""
+        return self.plain.median_ms / self.fast.median_ms
+
+    def as_dict(self) -> dict:
+        """A JSON-ready form."""
+        settings = asdict(self.options)
+        return {
+            "machine": self.machine, "device": self.device, "threads": self.threads, "weights": self.weights,
+            "settings": settings, "refined_pixels_per_frame": self.refined_pixels,
+            "plain": _timing_dict(self.plain), "fast": _timing_dict(self.fast),
+            "ratio": round(self.ratio, 3),
+        }
+
+
+def _timing_dict(timing: Timing) -> dict:
+    return {"name": timing.name, "ms_per_frame": round(timing.median_ms, 2), "fps": round(timing.fps, 3),
+            "seconds_per_call": [round(s, 5) for s in timing.seconds]}
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """``1920x1080``, or a name (hd, 4k, 720p, sd), to (width, height)."""
+    text = text.strip().lower()
+    if text in RESOLUTIONS:
+        return RESOLUTIONS[text]
+    parts = text.split("x")
+    if len(parts) == 2 and all(p.isdigit() for p in parts) and all(int(p) > 0 for p in parts):
+        return int(parts[0]), int(parts[1])
+    raise BgmatteError(f"resolution {text!r}: give WIDTHxHEIGHT (like 1920x1080) or one of {', '.join(RESOLUTIONS)}")
+
+
+def machine_description() -> str:
+    """The CPU (or GPU), core count and library versions, in one line."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def random_model(backbone: str, options: RefineOptions = RefineOptions(), seed: int = 0) -> MattingRefine:
+    """A ``MattingRefine`` with random weights whose error map is nowhere zero, in eval mode.
+
+    The output heads are scaled down and their biases set to 1/2 (as the reference test vectors
+    do), so alpha and the error sit inside (0, 1) instead of being clamped to 0.
+    """
+    if backbone not in BACKBONES:
+        raise BgmatteError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    torch.manual_seed(seed)
+    model = MattingRefine(backbone, **vars(options)).eval()
+    with torch.no_grad():
+        model.decoder.conv4.weight.mul_(0.05)
+        model.decoder.conv4.bias[:5] = 0.5
+        model.refiner.conv4.weight.mul_(0.1)
+        model.refiner.conv4.bias[:1] = 0.5
+    return model
+
+
+def example_frames(batch: int, height: int, width: int, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A random plate, and the same plate with a random block pasted in as the subject."""
+    generator = torch.Generator().manual_seed(0)
+    bgr = torch.rand(batch, 3, height, width, generator=generator)
+    src = bgr.clone()
+    rows, cols = slice(height // 4, 3 * height // 4), slice(width // 3, 2 * width // 3)
+    src[:, :, rows, cols] = torch.rand(batch, 3, height, width, generator=generator)[:, :, rows, cols]
+    return src.to(device, dtype), bgr.to(device, dtype)
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                     synchronize: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Call each candidate ``warmup`` times, then ``repeats`` times in turns (ABBA order), timing each call."""
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    synchronize()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            candidates[name]()
+            synchronize()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def benchmark(options: BenchOptions) -> BenchResult:
+    """Time the plain module against the fast path (or onnxruntime) on one frame size, interleaved."""
+    if options.backend not in BACKENDS:
+        raise BgmatteError(f"unknown backend {options.backend!r}: choose one of {', '.join(BACKENDS)}")
+    if options.precision not in PRECISIONS:
+        raise BgmatteError(f"unknown precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if options.repeats < 1 or options.batch < 1:
+        raise BgmatteError("repeats and batch must be at least 1")
+    if options.threads is not None and options.threads < 1:
+        raise BgmatteError(f"threads must be at least 1, not {options.threads}")
+    threads = torch.get_num_threads()
+    try:
+        if options.threads is not None:
+            torch.set_num_threads(options.threads)
+        return _benchmark(options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _benchmark(options: BenchOptions) -> BenchResult:
+    device = resolve_device(options.device)
+    dtype = PRECISIONS[options.precision]
+    if options.checkpoint:
+        plain = load_model(options.checkpoint, backbone=options.backbone, device=device, optimize=False,
+                           precision=options.precision, **_load_settings(options.options))
+        weights = options.checkpoint
+    else:
+        plain = random_model(options.backbone, options.options).to(device, dtype)
+        weights = ("random: the error map, so which patches are refined, is arbitrary; the amount of work "
+                   "is not, except in thresholding mode, where it depends on the error map")
+    if options.backend == "onnxruntime":
+        fast = _onnx_candidate(plain, options)
+        fast_name = "onnxruntime"
+    else:
+        from bgmatte.model.fast import optimize_model
+
+        fast = optimize_model(copy.deepcopy(plain))
+        fast_name = "fast path"
+    src, bgr = example_frames(options.batch, options.height, options.width, dtype, device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        refined = int(plain(src, bgr)[5].sum()) * 16 // options.batch
+        seconds = time_interleaved({"plain": lambda: plain(src, bgr), "fast": lambda: fast(src, bgr)},
+                                   options.repeats, options.warmup, synchronize)
+    return BenchResult(options=options, machine=machine_description(), device=str(device),
+                       threads=options.threads or torch.get_num_threads(), weights=weights, refined_pixels=refined,
+                       plain=Timing("plain module", seconds["plain"], options.batch),
+                       fast=Timing(fast_name, seconds["fast"], options.batch))
+
+
+def _load_settings(options: RefineOptions) -> dict:
+    return {"backbone_scale": options.backbone_scale, "refine_mode": options.refine_mode,
+            "refine_sample_pixels": options.refine_sample_pixels, "refine_threshold": options.refine_threshold}
+
+
+def _onnx_candidate(plain: MattingRefine, options: BenchOptions):
+    """The plain model exported to a temporary ONNX file and loaded in onnxruntime."""
+    import tempfile
+    from pathlib import Path
+
+    from bgmatte.export import OnnxMatting, export_onnx
+
+    if options.precision != "fp32":
+        raise BgmatteError("the onnxruntime backend runs fp32 models only")
+    with tempfile.TemporaryDirectory(prefix="bgmatte-bench-") as folder:
+        path = export_onnx(plain, Path(folder) / "model.onnx")
+        return OnnxMatting(path, device=str(resolve_device(options.device)), threads=options.threads)
+
+
+def format_result(result: BenchResult) -> str:
+    """A short table for people."""
+    o = result.options
+    settings = o.options
+    lines = [
+        f"bgmatte bench: {o.backbone}, {o.width}x{o.height}, batch {o.batch}, {o.precision}, "
+        f"scale {settings.backbone_scale}, {settings.refine_mode}"
+        + (f" {settings.refine_sample_pixels} px" if settings.refine_mode == "sampling" else "")
+        + (f" > {settings.refine_threshold}" if settings.refine_mode == "thresholding" else ""),
+        f"machine: {result.machine}; device {result.device}, {result.threads} threads",
+        f"weights: {result.weights}; refined pixels per frame: {result.refined_pixels}",
+        f"median of {o.repeats} interleaved runs after {o.warmup} warm-up:",
+        f"  {result.plain.name:<14} {result.plain.median_ms:9.1f} ms/frame  {result.plain.fps:7.2f} fps",
+        f"  {result.fast.name:<14} {result.fast.median_ms:9.1f} ms/frame  {result.fast.fps:7.2f} fps",
+        f"  ratio          {result.ratio:9.2f}x",
+    ]
+    return "\n".join(lines)

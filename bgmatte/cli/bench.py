@@ -1,0 +1,77 @@
+"""`bgmatte bench`: time the plain module against the fast path (or onnxruntime), interleaved in one run."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from bgmatte.errors import BgmatteError
+
+DESCRIPTION = """\
+Time the plain MattingRefine module and the fast inference path (or, with --backend onnxruntime, the
+model exported to ONNX and run by onnxruntime) on the same frames, taking turns, and print the median
+ms/frame and fps of each and their ratio. Random weights are used unless --checkpoint is given: the
+amount of work does not depend on the weights (the sampling mode always refines its whole budget).
+
+  bgmatte bench                                  MobileNetV2, 1920x1080, scale 0.25, sampling 80,000 px
+  bgmatte bench --backbone resnet50 --threads 2
+  bgmatte bench --resolution 4k --scale 0.125 --pixels 320000 --precision fp16 --device cuda
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `bench` subcommand."""
+    parser = subparsers.add_parser(
+        "bench", help="time the plain module against the fast path",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--backbone", choices=("mobilenetv2", "resnet50", "resnet101"), default="mobilenetv2",
+                        help="the network (default mobilenetv2)")
+    parser.add_argument("--resolution", default="1920x1080", metavar="WxH",
+                        help="frame size: WIDTHxHEIGHT or hd, 4k, 720p, sd (default 1920x1080)")
+    parser.add_argument("--scale", type=float, default=0.25, help="backbone scale (default 0.25)")
+    parser.add_argument("--mode", choices=("sampling", "thresholding", "full"), default="sampling",
+                        help="refine mode (default sampling)")
+    parser.add_argument("--pixels", type=int, default=80_000, help="pixels refined in sampling mode (default 80000)")
+    parser.add_argument("--threshold", type=float, default=0.1, help="error threshold in thresholding mode (default 0.1)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="default fp32")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                        help="what to compare the plain module with: the fast path (torch, default) or "
+                             "onnxruntime running the exported model")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for both (default: PyTorch's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--batch", type=int, default=1, help="frames per call (default 1)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each first (default 2)")
+    parser.add_argument("--checkpoint", metavar="CKPT", help="real weights instead of random ones")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="instead: time `bgmatte video` end to end (decode, matte, composite, encode) against "
+                             "the model alone at the same settings, on a generated clip")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the options, run the benchmark, print the table or JSON."""
+    from bgmatte.bench import BenchOptions, benchmark, format_result, parse_resolution
+    from bgmatte.model.matting import RefineOptions
+
+    width, height = parse_resolution(args.resolution)
+    try:
+        settings = RefineOptions(args.scale, args.mode, args.pixels, args.threshold)
+    except ValueError as exc:
+        raise BgmatteError(str(exc)) from None
+    if args.pipeline:
+        from bgmatte.pipeline import benchmark_pipeline, format_speed
+
+        speed = benchmark_pipeline(backbone=args.backbone, checkpoint=args.checkpoint, width=width, height=height,
+                                   refine=settings, precision=args.precision, device=args.device,
+                                   threads=args.threads, batch_size=args.batch)
+        print(json.dumps(speed.as_dict(), indent=2) if args.json else format_speed(speed))
+        return 0
+    options = BenchOptions(backbone=args.backbone, width=width, height=height, options=settings,
+                           precision=args.precision, backend=args.backend, threads=args.threads,
+                           device=args.device, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
+                           checkpoint=args.checkpoint)
+    result = benchmark(options)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_result(result))
+    return 0

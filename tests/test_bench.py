@@ -1,0 +1,89 @@
+"""`bgmatte bench`: both candidates timed in one run, interleaved, reported as a table or JSON."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bgmatte import BgmatteError
+from bgmatte.bench import (BenchOptions, benchmark, example_frames, format_result, parse_resolution, random_model,
+                           time_interleaved)
+from bgmatte.cli import main
+from bgmatte.model.matting import RefineOptions
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread (and the caller's count restored): on a shared 2-core machine two threads can wait a
+    scheduler tick at every operation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_json_gives_both_timings_and_their_ratio(capsys):
+    code = main(["bench", "--resolution", "128x96", "--pixels", "1600", "--repeats", "2", "--warmup", "0",
+                 "--threads", "1", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    for side in ("plain", "fast"):
+        assert report[side]["ms_per_frame"] > 0 and report[side]["fps"] > 0
+        assert len(report[side]["seconds_per_call"]) == 2
+    assert report["ratio"] == pytest.approx(report["plain"]["ms_per_frame"] / report["fast"]["ms_per_frame"], rel=0.01)
+    assert report["threads"] == 1 and report["device"] == "cpu"
+    assert report["settings"]["width"] == 128 and report["settings"]["height"] == 96
+    assert report["settings"]["options"]["refine_sample_pixels"] == 1600
+    assert report["refined_pixels_per_frame"] == 1600  # random weights still refine the whole budget
+    assert "random" in report["weights"] and report["machine"]
+
+
+def test_table_names_the_machine_and_prints_ms_fps_and_ratio(capsys):
+    assert main(["bench", "--resolution", "96x64", "--mode", "thresholding", "--repeats", "1", "--warmup", "0",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "machine:" in out and "ms/frame" in out and "fps" in out and "ratio" in out
+    assert "plain module" in out and "fast path" in out
+
+
+def test_precision_runs_both_candidates_in_it():
+    options = BenchOptions(width=96, height=64, options=RefineOptions(refine_sample_pixels=800), precision="bf16",
+                           threads=1, device="cpu", repeats=1, warmup=0)
+    result = benchmark(options)
+    assert result.plain.median_ms > 0 and result.fast.median_ms > 0
+    assert "bf16" in format_result(result)
+
+
+def test_candidates_take_turns_in_abba_order():
+    calls = []
+    seconds = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(seconds["a"]) == len(seconds["b"]) == 4
+
+
+def test_random_weights_give_an_error_map_without_zeros():
+    model = random_model("mobilenetv2", RefineOptions(refine_sample_pixels=1600))
+    src, bgr = example_frames(1, 96, 128)
+    with torch.no_grad():
+        *_, err_sm, ref_sm = model(src, bgr)
+    assert err_sm.min() > 0 and int(ref_sm.sum()) == 1600 // 16
+
+
+@pytest.mark.parametrize("text,size", [("1920x1080", (1920, 1080)), ("hd", (1920, 1080)), ("4K", (3840, 2160)),
+                                       (" 640x480 ", (640, 480))])
+def test_resolutions_are_sizes_or_names(text, size):
+    assert parse_resolution(text) == size
+
+
+@pytest.mark.parametrize("text", ["1920", "1920x", "0x10", "axb", "8k"])
+def test_bad_resolutions_are_refused_with_the_accepted_forms(text):
+    with pytest.raises(BgmatteError, match="WIDTHxHEIGHT"):
+        parse_resolution(text)
+
+
+def test_bad_settings_become_one_line_errors(capsys):
+    assert main(["bench", "--scale", "0.8", "--repeats", "1"]) == 2
+    assert "backbone_scale" in capsys.readouterr().err
+    assert main(["bench", "--threads", "0", "--resolution", "64x64", "--repeats", "1"]) == 2
+    assert "threads" in capsys.readouterr().err

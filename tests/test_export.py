@@ -1,0 +1,213 @@
+"""Exports: TorchScript keeps the settings changeable, ONNX runs in onnxruntime with any size, both as the plain model."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bgmatte import BgmatteError
+from bgmatte.cli import main
+from bgmatte.export import (BaseNetwork, ExportableMatting, OnnxMatting, crop_windows, export_onnx, export_torchscript,
+                            write_windows)
+from bgmatte.model.build import load_model
+from bgmatte.model.matting import MattingRefine, RefineOptions
+from bgmatte.model.refiner import crop_patches, replace_patches
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: on a shared 2-core machine, two threads can wait a scheduler tick at every operation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_style(reference, backbone="mobilenetv2", seed=5, **settings) -> MattingRefine:
+    """A model with the reference vectors' weight recipe: outputs inside (0, 1), an error map without ties."""
+    model = MattingRefine(backbone, **settings)
+    layout = [{"key": k, "shape": list(v.shape)} for k, v in model.state_dict().items()]
+    weights = reference.make_state_dict(layout, seed, 0.05)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    return model.eval()
+
+
+def frames(batch=1, height=96, width=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bgr = torch.rand(batch, 3, height, width, generator=g)
+    src = bgr.clone()
+    rows, cols = slice(height // 4, 3 * height // 4), slice(width // 3, 2 * width // 3)
+    src[:, :, rows, cols] = torch.rand(batch, 3, height, width, generator=g)[:, :, rows, cols]
+    return src, bgr
+
+
+def assert_same(expected, got, atol=1e-5):
+    assert torch.equal(torch.as_tensor(got[5]), expected[5])
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(torch.as_tensor(g), e, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("mode,kernel", [("sampling", 3), ("thresholding", 3), ("full", 3), ("sampling", 1),
+                                         ("full", 1)])
+def test_exportable_form_computes_what_the_plain_model_computes(reference, mode, kernel):
+    model = reference_style(reference, refine_mode=mode, refine_kernel_size=kernel, refine_sample_pixels=2400,
+                            refine_threshold=0.3)
+    exportable = ExportableMatting(model, BaseNetwork(model)).eval()
+    src, bgr = frames(batch=2, height=97, width=130)
+    with torch.no_grad():
+        assert_same(model(src, bgr), exportable(src, bgr), atol=0)
+
+
+def test_sampling_budget_larger_than_the_frame_refines_every_cell(reference):
+    """The top-k runs over a padded list, so that k may exceed the frame's cells, as min() allows in the plain one."""
+    model = reference_style(reference, refine_sample_pixels=80_000)
+    exportable = ExportableMatting(model, BaseNetwork(model)).eval()
+    src, bgr = frames(height=40, width=48)
+    with torch.no_grad():
+        expected, got = model(src, bgr), exportable(src, bgr)
+    assert int(got[5].sum()) == 10 * 12
+    assert_same(expected, got, atol=0)
+
+
+def test_one_dimensional_gathers_cut_and_write_the_refiner_patches():
+    x = torch.rand(2, 5, 12, 16)
+    index = (torch.tensor([0, 1, 1]), torch.tensor([0, 2, 1]), torch.tensor([3, 0, 2]))
+    assert torch.equal(crop_windows(x, index, 2, 3), crop_patches(x, index, 2, 3))
+    patches = torch.rand(3, 5, 4, 4)
+    assert torch.equal(write_windows(x, patches, index), replace_patches(x, patches, index))
+
+
+def test_torchscript_round_trip_keeps_the_settings_changeable(reference, tmp_path):
+    model = reference_style(reference, refine_sample_pixels=2400)
+    path = export_torchscript(model, tmp_path / "model.torchscript")
+    loaded = torch.jit.load(str(path))
+    src, bgr = frames(batch=2, height=97, width=130)
+    with torch.no_grad():
+        assert_same(model(src, bgr), loaded(src, bgr), atol=0)
+    # As with the reference's TorchScript models: the settings are top-level attributes.
+    loaded.backbone_scale, loaded.refine_mode, loaded.refine_threshold = 0.5, "thresholding", 0.35
+    model.configure(RefineOptions(0.5, "thresholding", refine_threshold=0.35))
+    with torch.no_grad():
+        assert_same(model(src, bgr), loaded(src, bgr), atol=0)
+    loaded.backbone_scale, loaded.refine_mode, loaded.refine_sample_pixels = 0.25, "sampling", 800
+    model.configure(RefineOptions(0.25, "sampling", 800))
+    with torch.no_grad():
+        got = loaded(src, bgr)
+        assert_same(model(src, bgr), got, atol=0)
+    assert int(got[5][0].sum()) == 800 // 16
+
+
+def test_cli_exports_torchscript_from_a_checkpoint(tmp_path, capsys):
+    checkpoint = tmp_path / "w.pth"
+    torch.save(MattingRefine("mobilenetv2", refine_kernel_size=1).state_dict(), checkpoint)
+    output = tmp_path / "m.torchscript"
+    assert main(["export", "torchscript", str(checkpoint), "-o", str(output), "--refine-mode", "full"]) == 0
+    assert str(output) in capsys.readouterr().out
+    loaded = torch.jit.load(str(output))
+    assert loaded.refine_mode == "full" and loaded.refine_kernel_size == 1
+
+
+def test_cli_export_without_a_checkpoint_asks_for_one(monkeypatch, tmp_path, capsys):
+    from bgmatte.model import build
+
+    monkeypatch.setattr(build, "DEFAULT_WEIGHTS", tmp_path / "absent.safetensors")
+    assert main(["export", "onnx", "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "pass a checkpoint" in capsys.readouterr().err
+
+
+def test_onnx_export_without_onnx_installed_says_which_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what an absent package looks like to import
+    with pytest.raises(BgmatteError, match=r"onnx is not installed.*pip install bgmatte\[onnx\]"):
+        export_onnx(MattingRefine("mobilenetv2").eval(), tmp_path / "m.onnx")
+
+
+def test_onnxruntime_backend_refuses_low_precision(tmp_path):
+    with pytest.raises(BgmatteError, match="fp32 models only"):
+        load_model(tmp_path / "m.onnx", backend="onnxruntime", precision="fp16")
+
+
+@pytest.fixture(scope="module")
+def onnx_model(reference, tmp_path_factory):
+    """One export for the ONNX tests (it takes the better part of a minute): MobileNetV2, sampling 2400 px."""
+    model = reference_style(reference, refine_sample_pixels=2400)
+    checkpoint = tmp_path_factory.mktemp("onnx") / "w.pth"
+    torch.save(model.state_dict(), checkpoint)
+    path = checkpoint.with_suffix(".onnx")
+    assert main(["export", "onnx", str(checkpoint), "-o", str(path), "--refine-sample-pixels", "2400"]) == 0
+    return model, path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [(1, 96, 128), (2, 97, 130), (1, 40, 48)])
+def test_onnx_model_runs_in_onnxruntime_at_any_size_as_the_plain_model(onnx_model, size):
+    model, path = onnx_model
+    runner = load_model(path, backend="onnxruntime", device="cpu")
+    assert isinstance(runner, OnnxMatting) and runner.backbone_name == "mobilenetv2"
+    assert runner.options == RefineOptions(refine_sample_pixels=2400)
+    src, bgr = frames(*size)
+    with torch.no_grad():
+        expected = model(src, bgr)
+    got = runner(src, bgr)
+    assert torch.equal(got[5], expected[5])
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape
+        np.testing.assert_allclose(g.numpy(), e.numpy(), atol=1e-3, rtol=0)
+
+
+@pytest.mark.slow
+def test_onnx_opset_and_dynamic_sizes_are_recorded(onnx_model):
+    import onnx
+
+    _, path = onnx_model
+    proto = onnx.load(str(path))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1] == 3 and isinstance(dims[2], str) and isinstance(dims[3], str)
+
+
+class _ErrorFreeBase(torch.nn.Module):
+    """A stand-in base network (one conv, quick to export) whose error map is zero everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(6, 37, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.mul_(0.1)
+            self.conv.bias[:4] = 0.5
+            self.conv.bias[4] = -5.0
+
+    def forward(self, src, bgr):
+        return self.conv(torch.cat([src, bgr], dim=1))
+
+
+@pytest.mark.slow
+def test_onnx_graph_runs_frames_without_patches(reference, tmp_path):
+    """The exporter is told that the patch count is never zero; the graph must still run when it is."""
+    import onnxruntime
+
+    model = reference_style(reference, refine_sample_pixels=2400)
+    exportable = ExportableMatting(model, _ErrorFreeBase()).eval()
+    src, bgr = frames(batch=2, height=96, width=128)
+    dims = {0: torch.export.Dim("batch", min=1, max=8), 2: torch.export.Dim("height", min=16, max=1024),
+            3: torch.export.Dim("width", min=16, max=1024)}
+    with torch.no_grad():
+        torch.onnx.export(exportable, (src, bgr), str(tmp_path / "m.onnx"), dynamo=True, opset_version=18,
+                          external_data=False, dynamic_shapes={"src": dims, "bgr": dims})
+        expected = exportable(*frames(batch=1, height=64, width=80))
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    src, bgr = frames(batch=1, height=64, width=80)
+    got = session.run(None, {"src": src.numpy(), "bgr": bgr.numpy()})
+    assert int(expected[5].sum()) == 0 and got[5].sum() == 0
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_onnx_settings_are_fixed_and_other_ones_are_refused(onnx_model):
+    _, path = onnx_model
+    with pytest.raises(BgmatteError, match="refine_mode='sampling'.*export again"):
+        load_model(path, backend="onnxruntime", refine_mode="thresholding")
+    with pytest.raises(BgmatteError, match="backbone mobilenetv2, not resnet50"):
+        load_model(path, backend="onnxruntime", backbone="resnet50")
