@@ -1,40 +1,41 @@
-"""The demo job: a generated shot and plate, matted by the default model, written where a person can open it."""
+"""The demo job: a generated shot and its plate, matted by the default model into videos a person can open."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
-
 from bgmatte.errors import BgmatteError
-from bgmatte.model.build import load_model
+from bgmatte.io.images import write_png
+from bgmatte.io.video import VideoWriter
 from bgmatte.sample import sample_frame, sample_plate
 
 
-def run_demo(out_dir: str | Path, *, checkpoint: str | None = None, overwrite: bool = False) -> list[Path]:
-    """Matte one generated 640x360 frame; writes src, bgr, pha and a composite over green; returns the paths."""
+def write_sample(out_dir: Path, *, seconds: float = 2.0, fps: int = 24, width: int = 640,
+                 height: int = 360) -> tuple[Path, Path]:
+    """Write the generated shot (``sample.mp4``) and its clean plate (``plate.png``); returns both paths."""
+    plate = sample_plate(width, height)
+    plate_path = write_png(out_dir / "plate.png", plate, overwrite=True)
+    video_path = out_dir / "sample.mp4"
+    with VideoWriter(video_path, fps=fps, overwrite=True) as writer:
+        for index in range(round(seconds * fps)):
+            frame, _ = sample_frame(plate, t=index / fps, seed=index)
+            writer.write(frame)
+    return video_path, plate_path
+
+
+def run_demo(out_dir: str | Path, *, checkpoint: str | None = None, overwrite: bool = False,
+             progress: bool = True) -> list[Path]:
+    """Generate a 2-second 640x360 shot and its plate, then write its composite over a colour and its alpha."""
+    from bgmatte.model.build import load_model
+    from bgmatte.pipeline import convert_video
+
     out_dir = Path(out_dir)
-    names = ["src.png", "bgr.png", "pha.png", "com.png"]
-    targets = [out_dir / n for n in names]
-    existing = [p for p in targets if p.exists()]
-    if existing and not overwrite:
-        raise BgmatteError(f"{existing[0]}: already exists (use --overwrite to replace it)")
-    model = load_model(checkpoint, device="auto")
-    plate = sample_plate()
-    frame, _ = sample_frame(plate, t=0.5)
-    device = next(model.parameters()).device
-    to_tensor = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float().div(255).to(device)  # noqa: E731
-    with torch.inference_mode():
-        pha, fgr, *_ = model(to_tensor(frame), to_tensor(plate))
-    pha_np = pha[0, 0].cpu().numpy()
-    fgr_np = fgr[0].permute(1, 2, 0).cpu().numpy()
-    green = np.array([0.0, 1.0, 0.0], np.float32)
-    com = pha_np[..., None] * fgr_np + (1 - pha_np[..., None]) * green
+    composite, alpha = out_dir / "com.mp4", out_dir / "com_pha.mp4"
+    for path in (composite, alpha):
+        if path.exists() and not overwrite:
+            raise BgmatteError(f"{path}: already exists (use --overwrite to replace it)")
+    model = load_model(checkpoint)  # fails early, with a clear message, when there are no weights
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = [frame, plate, (pha_np * 255).round().astype(np.uint8), (com * 255).round().astype(np.uint8)]
-    for path, image in zip(targets, images):
-        if image.ndim == 3:
-            image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-        cv2.imwrite(str(path), image)
-    return targets
+    video, plate = write_sample(out_dir)
+    convert_video(video, plate, output=composite, outputs=("com", "pha"), target_bgr="#3a7bd5", model=model,
+                  overwrite=True, progress=progress)
+    return [video, plate, composite, alpha]

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bgmatte.errors import BgmatteError
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from bgmatte.model.build import PRECISIONS
 
 # Sides at or above this many pixels count as 4K, where the paper's settings are 1/8 and 320,000 pixels.
 UHD_MIN_PIXELS = 3200 * 1800

@@ -5,6 +5,10 @@ import importlib.util
 import os
 from pathlib import Path
 
+# On a busy 2-core machine, OpenMP threads that spin while waiting make small operations many times
+# slower; passive waiting must be chosen before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 

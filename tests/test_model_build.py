@@ -139,3 +139,26 @@ def test_ddp_prefixed_checkpoints_load(tmp_path, mobilenet_state):
 
 def test_public_api_names():
     assert bgmatte.MattingRefine is MattingRefine and bgmatte.load_model is load_model
+
+
+def test_embedded_default_model_loads_and_says_when_it_is_interim(monkeypatch, tmp_path):
+    path = tmp_path / "default.safetensors"
+    save_weights(MattingRefine("mobilenetv2"), path, half=True, metadata={"status": "interim"})
+    monkeypatch.setattr(build, "DEFAULT_WEIGHTS", path)
+    with pytest.warns(UserWarning, match="interim checkpoint"):
+        model = load_model(device="cpu")
+    assert model.backbone_name == "mobilenetv2"
+    save_weights(MattingRefine("mobilenetv2"), path, half=True, metadata={"status": "release"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(device="cpu")
+
+
+def test_the_shipped_default_weights_are_a_trained_mobilenetv2():
+    if not build.DEFAULT_WEIGHTS.is_file():
+        pytest.skip("no default weights in this checkout")
+    state = read_state_dict(build.DEFAULT_WEIGHTS)
+    assert build.detect_backbone(state) == "mobilenetv2"
+    assert any(k.startswith("refiner.") for k in state)
+    assert build.weights_metadata(build.DEFAULT_WEIGHTS).get("steps")
+    assert build.DEFAULT_WEIGHTS.stat().st_size < 12_000_000

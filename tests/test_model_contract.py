@@ -167,7 +167,7 @@ def test_options_can_be_changed_after_construction(reference):
 
 def test_bf16_matches_fp32_within_its_precision(reference):
     model = reference_style_model(reference, refine_mode="full")
-    src, bgr = inputs(height=64, width=96)
+    src, bgr = inputs(height=32, width=48)
     with torch.no_grad():
         expected = model(src, bgr)[0]
         got = model.to(torch.bfloat16)(src.bfloat16(), bgr.bfloat16())[0].float()

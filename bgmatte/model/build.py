@@ -63,6 +63,16 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata stored in a ``.safetensors`` file's header ({} for other files)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
 def detect_backbone(state: dict[str, Tensor]) -> str | None:
     """The backbone whose keys the state_dict has, or None."""
     for name, key in _BACKBONE_MARKERS:
@@ -147,6 +157,10 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
         raise BgmatteError("no embedded default model is shipped in this build of bgmatte yet: "
                            "pass a checkpoint (for example a released pytorch_mobilenetv2.pth)")
     state = read_state_dict(source)
+    if checkpoint is None and weights_metadata(source).get("status") == "interim":
+        warnings.warn("the embedded default model is an interim checkpoint, far below its quality target "
+                      f"(see {WEIGHTS_DIR / 'MODEL_CARD.md'}); pass a released checkpoint for real work",
+                      UserWarning, stacklevel=2)
     detected = detect_backbone(state)
     if backbone is None:
         if detected is None:
