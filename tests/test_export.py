@@ -13,6 +13,8 @@ from bgmatte.export import (BaseNetwork, ExportableMatting, OnnxMatting, crop_wi
                             write_windows)
 from bgmatte.model.build import load_model
 from bgmatte.model.matting import MattingRefine, RefineOptions
+
+from models import reference_style_model, subject_frames
 from bgmatte.model.refiner import crop_patches, replace_patches
 
 
@@ -26,21 +28,11 @@ def _one_thread():
 
 
 def reference_style(reference, backbone="mobilenetv2", seed=5, **settings) -> MattingRefine:
-    """A model with the reference vectors' weight recipe: outputs inside (0, 1), an error map without ties."""
-    model = MattingRefine(backbone, **settings)
-    layout = [{"key": k, "shape": list(v.shape)} for k, v in model.state_dict().items()]
-    weights = reference.make_state_dict(layout, seed, 0.05)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    return model.eval()
+    return reference_style_model(reference, backbone, seed, **settings)
 
 
 def frames(batch=1, height=96, width=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    bgr = torch.rand(batch, 3, height, width, generator=g)
-    src = bgr.clone()
-    rows, cols = slice(height // 4, 3 * height // 4), slice(width // 3, 2 * width // 3)
-    src[:, :, rows, cols] = torch.rand(batch, 3, height, width, generator=g)[:, :, rows, cols]
-    return src, bgr
+    return subject_frames(batch, height, width, seed)
 
 
 def assert_same(expected, got, atol=1e-5):

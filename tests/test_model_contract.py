@@ -9,25 +9,11 @@ import torch.nn.functional as F
 from bgmatte.model.matting import MattingBase, MattingRefine, RefineOptions
 from bgmatte.model.refiner import crop_patches, replace_patches
 
-
-def reference_style_model(reference, backbone="mobilenetv2", seed=7, **kwargs) -> MattingRefine:
-    """A model with the reference vectors' weight recipe (outputs stay inside (0, 1), no ties)."""
-    model = MattingRefine(backbone, **kwargs)
-    layout = [{"key": k, "shape": list(v.shape)} for k, v in model.state_dict().items()]
-    weights = reference.make_state_dict(layout, seed, 0.05)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    return model.eval()
+from models import reference_style_model, subject_frames
 
 
 def inputs(batch=1, height=128, width=160, seed=0):
-    """A random plate and the same plate with a random block pasted in as the subject."""
-    g = torch.Generator().manual_seed(seed)
-    bgr = torch.rand(batch, 3, height, width, generator=g)
-    subject = torch.rand(batch, 3, height, width, generator=g)
-    src = bgr.clone()
-    rows, cols = slice(height // 4, 3 * height // 4), slice(width // 3, 2 * width // 3)
-    src[:, :, rows, cols] = subject[:, :, rows, cols]
-    return src, bgr
+    return subject_frames(batch, height, width, seed)
 
 
 @pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet50", "resnet101"])
