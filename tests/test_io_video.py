@@ -21,6 +21,8 @@ from bgmatte.io.video import (
     choose_encoder,
 )
 
+from media import audio_seconds, decode_times
+
 pytestmark = pytest.mark.timeout(60)
 
 WIDTH, HEIGHT = 64, 48
@@ -79,19 +81,6 @@ def make_clip(
         container.mux(sound.encode(None))
     container.close()
     return pts_ms
-
-
-def decode_times(path: Path) -> list[float]:
-    with av.open(str(path)) as container:
-        return [round(float(frame.time), 4) for frame in container.decode(video=0)]
-
-
-def audio_seconds(path: Path) -> float:
-    with av.open(str(path)) as container:
-        if not container.streams.audio:
-            return 0.0
-        stream = container.streams.audio[0]
-        return sum(frame.samples for frame in container.decode(stream)) / stream.rate
 
 
 def read_all(path: Path) -> tuple[VideoReader, list]:
