@@ -7,6 +7,7 @@ video pipeline, the image command and the webcam share one way of running the mo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -22,12 +23,26 @@ UHD_MIN_PIXELS = 3200 * 1800
 
 @dataclass(frozen=True)
 class Matte:
-    """One batch of results on the model's device, float32, full resolution, channels first."""
+    """One batch of results on the model's device, float32, channels first.
+
+    ``err`` and ``ref`` are computed from the coarse maps on first use, so the upsampling costs
+    nothing when no output needs them, and runs on the thread that asks rather than the model's.
+    """
 
     pha: Tensor  # (B, 1, H, W) alpha
     fgr: Tensor  # (B, 3, H, W) foreground colour
-    err: Tensor  # (B, 1, H, W) the coarse error map, upsampled
-    ref: Tensor  # (B, 1, H, W) 1 where the refiner worked
+    err_sm: Tensor  # (B, 1, h, w) the coarse error map, at any resolution
+    ref_sm: Tensor  # (B, 1, h, w) 1 where the refiner worked, at any resolution
+
+    @cached_property
+    def err(self) -> Tensor:
+        """The error map at full resolution (bilinear)."""
+        return F.interpolate(self.err_sm.float(), self.pha.shape[-2:], mode="bilinear", align_corners=False)
+
+    @cached_property
+    def ref(self) -> Tensor:
+        """The refined areas at full resolution (nearest)."""
+        return F.interpolate(self.ref_sm.float(), self.pha.shape[-2:], mode="nearest")
 
 
 def settings_for_size(width: int, height: int) -> tuple[float, int]:
@@ -81,7 +96,4 @@ class Predictor:
             raise BgmatteError(f"the plate is {bgr_t.shape[-1]}x{bgr_t.shape[-2]} but the frame is "
                                f"{src_t.shape[-1]}x{src_t.shape[-2]}")
         pha, fgr, _, _, err_sm, ref_sm = self.model(src_t, bgr_t)
-        size = pha.shape[-2:]
-        err = F.interpolate(err_sm.float(), size, mode="bilinear", align_corners=False)
-        ref = F.interpolate(ref_sm.float(), size, mode="nearest")
-        return Matte(pha.float(), fgr.float(), err, ref)
+        return Matte(pha.float(), fgr.float(), err_sm, ref_sm)
