@@ -695,7 +695,9 @@ def model_input(images: np.ndarray) -> Tensor:
     scale = np.float32(1 / 255)
     for index in range(batch):
         for channel, plane in enumerate(cv2.split(images[index])):
-            np.multiply(plane, scale, out=out[index, channel])
+            target = out[index, channel]
+            np.copyto(target, plane, casting="unsafe")  # a plain widening copy, then a float multiply in place:
+            target *= scale  # both vectorise, unlike numpy's mixed uint8 * float32 loop
     return torch.from_numpy(out).permute(0, 2, 3, 1)
 
 

@@ -117,6 +117,36 @@ def test_refine_stage_starts_from_a_base_checkpoint_and_saves_a_full_model(base_
     assert set(read_rows(out / "train.csv")[0]) >= {"pha_sm_l1", "err_sm_mse", "fgr_l1"}
 
 
+@pytest.mark.slow
+def test_freeze_base_trains_the_refiner_alone(base_run, tmp_path):
+    out = tmp_path / "frozen"
+    code = main(["train", "refine", "--out", str(out), *TINY, "--steps", "3", "--train-samples", "2",
+                 "--num-workers", "0", "--val-every", "2", "--val-samples", "2", "--save-every", "0",
+                 "--init", str(base_run / "last.safetensors"), "--sample-pixels", "256", "--freeze-base",
+                 "--lr-refiner", "1e-3"])
+    assert code == 0
+    before, after = load_file(str(base_run / "last.safetensors")), load_file(str(out / "last.safetensors"))
+    base = [key for key in before if not key.startswith("refiner.")]
+    assert any(key.endswith("running_mean") for key in base)
+    moved = [key for key in base if not torch.equal(before[key], after[key].to(before[key].dtype))]
+    assert not moved, f"{len(moved)} base tensors changed, e.g. {moved[:3]}"  # weights and batch-norm statistics
+    refiner = MattingRefine("mobilenetv2").state_dict()
+    assert any(key.startswith("refiner.") and key in after for key in refiner)
+
+
+def test_freeze_base_is_for_the_refine_stage_and_its_refiner_rate():
+    with pytest.raises(BgmatteError, match="refine stage only"):
+        TrainOptions(stage="base", out="x", freeze_base=True)
+    with pytest.raises(BgmatteError, match="--lr-refiner alone"):
+        TrainOptions(stage="refine", out="x", freeze_base=True, lr={"decoder": 1e-4})
+    model = MattingRefine("mobilenetv2")
+    loop.freeze_base(model)
+    groups = loop.parameter_groups(model, TrainOptions(stage="refine", out="x").learning_rates)
+    assert [group["name"] for group in groups] == ["refiner"]
+    loop.train_mode(model)
+    assert model.refiner.training and not model.backbone.training and not model.decoder.training
+
+
 # -- resuming ---------------------------------------------------------------------------------
 
 

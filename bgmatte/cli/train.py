@@ -61,6 +61,9 @@ def register(subparsers) -> None:
                        help="default: that of --init, else mobilenetv2")
     model.add_argument("--init", type=Path, default=None, metavar="CKPT",
                        help="start from these weights (.pth or .safetensors; a base checkpoint for refine)")
+    model.add_argument("--freeze-base", action="store_true",
+                       help="refine stage: train the refiner alone, the base network (and its batch-norm "
+                            "statistics) kept as --init gave it")
     model.add_argument("--backbone-scale", type=float, default=0.25, help="refine stage (default: 0.25)")
     model.add_argument("--sample-pixels", type=int, default=None,
                        help="pixels the refiner refines per image (default: 80,000 scaled to the crop)")
@@ -102,7 +105,7 @@ def run_train(args: argparse.Namespace) -> int:
         stage=args.stage, out=args.out, dataset=args.dataset, data_root=args.data_root,
         backgrounds=args.backgrounds, backbone=args.backbone, steps=args.steps, batch_size=batch_size,
         crop=args.crop, train_samples=args.train_samples, init=args.init, resume=args.resume,
-        lr=learning_rates, backbone_scale=args.backbone_scale, sample_pixels=args.sample_pixels,
+        lr=learning_rates, freeze_base=args.freeze_base, backbone_scale=args.backbone_scale, sample_pixels=args.sample_pixels,
         precision=args.precision, device=args.device, num_workers=args.num_workers, seed=args.seed,
         val_every=args.val_every, val_samples=args.val_samples, save_every=save_steps, save_minutes=save_minutes,
         log=args.log, log_every=args.log_every, progress=not args.quiet,

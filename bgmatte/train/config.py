@@ -12,6 +12,7 @@ from bgmatte.errors import BgmatteError
 
 STAGES = ("base", "refine")
 PARTS = ("backbone", "aspp", "decoder", "refiner")
+BASE_PARTS = PARTS[:3]  # the base network; --freeze-base holds these still
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LOGGERS = ("csv", "tensorboard")
 
@@ -57,6 +58,9 @@ class TrainOptions:
         init: weights to start from (``.pth`` or ``.safetensors``; a base checkpoint for refine is fine).
         resume: continue the run saved in ``out/state.pt`` exactly where it stopped.
         lr: learning rates per part (``backbone``, ``aspp``, ``decoder``, ``refiner``) overriding the paper's.
+        freeze_base: refine stage: train the refiner alone, the base network (backbone, ASPP, decoder)
+            kept as initialised, batch-norm statistics included, so that short refine runs on small
+            crops cannot undo a longer base run.
         backbone_scale, sample_pixels: the refine stage's model settings (``sample_pixels`` None:
             the paper's 80,000 scaled to the crop).
         precision: ``auto`` is bf16 on GPUs that have it, else fp16 with loss scaling, and fp32 on the CPU.
@@ -84,6 +88,7 @@ class TrainOptions:
     init: Path | None = None
     resume: bool = False
     lr: dict[str, float] = field(default_factory=dict)
+    freeze_base: bool = False
     backbone_scale: float = 0.25
     sample_pixels: int | None = None
     precision: str = "auto"
@@ -134,6 +139,10 @@ class TrainOptions:
                                f"(parts: {', '.join(PARTS)})")
         if self.stage == "base" and "refiner" in self.lr:
             raise BgmatteError("the base stage has no refiner: --lr-refiner applies to the refine stage only")
+        if self.freeze_base and self.stage != "refine":
+            raise BgmatteError("--freeze-base applies to the refine stage only")
+        if self.freeze_base and set(self.lr) - {"refiner"}:
+            raise BgmatteError("with --freeze-base only the refiner learns: give --lr-refiner alone")
         if any(not value > 0 for value in self.lr.values()):
             raise BgmatteError("learning rates must be positive")
         if self.train_samples is not None and self.train_samples < 1:

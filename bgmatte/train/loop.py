@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from bgmatte.errors import BgmatteError
 from bgmatte.model.build import detect_backbone, read_state_dict, resolve_device, save_weights
 from bgmatte.model.matting import BACKBONES, MattingBase, MattingRefine
-from bgmatte.train.config import PARTS, TrainOptions
+from bgmatte.train.config import BASE_PARTS, PARTS, TrainOptions
 from bgmatte.train.losses import BASE_TERMS, REFINE_TERMS, base_loss, refine_loss
 
 STATE_FORMAT = 1
@@ -183,16 +183,34 @@ def load_initial_weights(model: nn.Module, state: dict[str, Tensor], source: Pat
 
 
 def parameter_groups(model: nn.Module, learning_rates: dict[str, float]) -> list[dict]:
-    """One Adam parameter group per part of the network (backbone, aspp, decoder, refiner) at its own rate."""
+    """One Adam parameter group per part of the network (backbone, aspp, decoder, refiner) at its own rate;
+    parts whose parameters are all frozen (``requires_grad`` off) get none."""
     groups = []
     for part in PARTS:
         module = getattr(model, part, None)
         if module is not None:
-            groups.append({"params": list(module.parameters()), "lr": learning_rates[part], "name": part})
+            params = [param for param in module.parameters() if param.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": learning_rates[part], "name": part})
     covered = sum(len(g["params"]) for g in groups)
-    if covered != len(list(model.parameters())):
+    if covered != sum(param.requires_grad for param in model.parameters()):
         raise RuntimeError("some model parameters belong to no learning-rate group")
     return groups
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Hold the base network still: no gradients, and its batch norms in eval mode (see `train_mode`)."""
+    for part in BASE_PARTS:
+        getattr(model, part).requires_grad_(False)
+
+
+def train_mode(model: nn.Module) -> None:
+    """Training mode, except for parts with nothing to learn, whose batch-norm statistics must not move."""
+    model.train()
+    for part in BASE_PARTS:
+        module = getattr(model, part, None)
+        if module is not None and not any(param.requires_grad for param in module.parameters()):
+            module.eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,7 +475,7 @@ def validate(model: nn.Module, batches: list[dict[str, Tensor]], stage: str, amp
              ) -> tuple[dict[str, float], tuple[Tensor, ...] | None]:
     """Mean loss, loss terms, alpha SAD (per image, in thousands) and alpha MSE over the validation batches,
     in eval mode; returns them and the outputs of the first batch (for the sample images)."""
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     totals: dict[str, float] = {}
     images = 0
@@ -479,7 +497,8 @@ def validate(model: nn.Module, batches: list[dict[str, Tensor]], stage: str, amp
             if first is None:
                 first = outputs
     finally:
-        model.train(was_training)
+        for module, mode in modes:  # each as it was: frozen parts stay in eval mode
+            module.training = mode
     return {key: value / max(images, 1) for key, value in totals.items()}, first
 
 
@@ -693,9 +712,12 @@ class _Run:
                 print(f"bgmatte train: {options.init}: has no weights for {len(untouched)} tensors "
                       f"(such as {untouched[0]}); they start from random values", file=sys.stderr)
         seed_everything(stream_seed(options.seed, runtime.rank, -1))
-        network = network.to(runtime.device).train()
+        network = network.to(runtime.device)
+        if options.freeze_base:
+            freeze_base(network)
         if self.sync_bn:
             network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+        train_mode(network)
         self.network = network
         self.optimizer = torch.optim.Adam(parameter_groups(network, options.learning_rates))
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=self.amp == torch.float16)
@@ -718,7 +740,11 @@ class _Run:
 
     def _restore(self, saved: dict[str, object]) -> None:
         self.network.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as exc:  # other parameter groups: --freeze-base given on one run and not the other
+            raise BgmatteError(f"{self.options.out / 'state.pt'}: the saved optimiser does not fit this run "
+                               f"({exc}); resume with the options the run started with (--freeze-base?)") from None
         for group in self.optimizer.param_groups:  # the rates given now win over the saved ones
             group["lr"] = self.options.learning_rates[group["name"]]
         if self.scaler.is_enabled() and saved["scaler"]:
