@@ -263,6 +263,21 @@ def test_constant_rate_and_frame_count_survive(tmp_path):
     assert reader.audio is not None
 
 
+@pytest.mark.parametrize("suffix", [".mp4", ".webm"])
+def test_grey_frames_encode_as_their_rgb_expansion(tmp_path, suffix):
+    rng = np.random.default_rng(1)
+    greys = [cv2.GaussianBlur(rng.integers(0, 256, (36, 50), dtype=np.uint8), (5, 5), 2) for _ in range(3)]
+    decoded = []
+    for name, frames in (("grey", greys), ("rgb", [np.repeat(g[:, :, None], 3, axis=2) for g in greys])):
+        path = tmp_path / f"{name}{suffix}"
+        with VideoWriter(path, fps=25) as writer:
+            for frame in frames:
+                writer.write(frame)
+        decoded.append([frame.image for frame in VideoReader(path)])
+    assert len(decoded[0]) == 3 and all(np.array_equal(a, b) for a, b in zip(*decoded))
+    assert np.abs(decoded[0][0][:, :, 0].astype(int) - greys[0]).mean() < 4  # lossy, but the same picture
+
+
 def test_frames_without_timestamps_follow_the_frame_rate(tmp_path):
     target = tmp_path / "ntsc.mp4"
     with VideoWriter(target, fps=Fraction(30000, 1001)) as writer:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import av
+import cv2
 import numpy as np
 
 from bgmatte.errors import BgmatteError
@@ -465,16 +466,17 @@ class _Worker:
 
 
 def _frame_pixels(image: np.ndarray, channels: int) -> np.ndarray:
-    """Check a frame for a writer and bring grey frames to `channels` channels."""
+    """Check a frame for a writer; grey frames stay (H, W) for an RGB writer (encoded as grey, which
+    gives the same pixels as expanding them, in a third of the time) and gain colour and alpha for RGBA."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"frames must be uint8, not {image.dtype} (see bgmatte.composite.to_uint8)")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
+    if image.ndim == 2 and channels == 3:
+        return image
     if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-        if channels == 4:
-            image = np.concatenate([image, np.full_like(image[:, :, :1], 255)], axis=2)
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGBA)
     if image.ndim != 3 or image.shape[2] != channels:
         kind = "RGBA (H, W, 4)" if channels == 4 else "RGB (H, W, 3)"
         raise ValueError(f"this writer takes {kind} frames, not shape {image.shape}")
@@ -550,7 +552,7 @@ class VideoWriter:
         image = _frame_pixels(image, 4 if self.alpha else 3)
         if self._input_shape is None:
             self._input_shape = image.shape
-        elif image.shape != self._input_shape:
+        elif image.shape[:2] != self._input_shape[:2]:
             raise ValueError(f"{self.path}: frame size changed from {self._input_shape[:2]} to {image.shape[:2]}")
         try:
             self._worker.put((image, pts, time_base))
@@ -623,7 +625,7 @@ class VideoWriter:
         image = image[:height, :width]
         pad_y, pad_x = height - image.shape[0], width - image.shape[1]
         if pad_y or pad_x:
-            image = np.pad(image, ((0, pad_y), (0, pad_x), (0, 0)), mode="edge")
+            image = np.pad(image, ((0, pad_y), (0, pad_x)) + ((0, 0),) * (image.ndim - 2), mode="edge")
         return np.ascontiguousarray(image)
 
     def _next_pts(self, pts: int | None, time_base: Fraction | None) -> int:
@@ -648,7 +650,8 @@ class VideoWriter:
         image, pts, time_base = item
         if self._container is None:
             self._open(image, time_base)
-        frame = av.VideoFrame.from_ndarray(self._fit(image), format="rgba" if self.alpha else "rgb24")
+        pixels = self._fit(image)
+        frame = av.VideoFrame.from_ndarray(pixels, format="gray" if pixels.ndim == 2 else "rgba" if self.alpha else "rgb24")
         frame.pts = self._next_pts(pts, time_base)
         frame.time_base = self._time_base
         packets = self._stream.encode(frame)
