@@ -26,10 +26,10 @@ from bgmatte.io.webcam import (
     Recording,
     VirtualCamera,
     WebcamSession,
-    fit_cover,
     load_plate,
     run_webcam,
 )
+from bgmatte.pipeline import cover
 from bgmatte.predictor import Matte, Predictor, frames_to_tensor
 
 pytestmark = pytest.mark.timeout(120)
@@ -252,8 +252,10 @@ def test_video_target_is_looped(tmp_path):
 
     video = make_clip(tmp_path / "loop.mp4", 3, frame=level)
     backdrop = Backdrop(parse_target_background(str(video)), (WIDTH, HEIGHT))
+    pha = torch.zeros(1, 1, HEIGHT, WIDTH)
+    matte = Matte(pha, torch.zeros(1, 3, HEIGHT, WIDTH), pha, pha)
     try:
-        means = [float(backdrop.next(None).mean() * 255) for _ in range(7)]
+        means = [float(backdrop.render(matte, np.zeros((HEIGHT, WIDTH, 3), np.uint8)).mean()) for _ in range(7)]
     finally:
         backdrop.close()
     expected = [40 + 60 * (index % 3) for index in range(7)]
@@ -263,7 +265,7 @@ def test_video_target_is_looped(tmp_path):
 def test_image_target_is_scaled_to_cover_the_frame_keeping_its_aspect():
     image = np.zeros((100, 300, 3), np.uint8)
     image[:, 140:160] = 255  # a centred white band
-    fitted = fit_cover(image, WIDTH, HEIGHT)
+    fitted = cover(image, WIDTH, HEIGHT)
     assert fitted.shape == (HEIGHT, WIDTH, 3)
     columns = np.flatnonzero(fitted[HEIGHT // 2, :, 0] > 128)
     assert abs((columns.min() + columns.max()) / 2 - (WIDTH - 1) / 2) <= 1

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bgmatte.composite import Colour, TargetBackground, blur, composite, parse_target_background, to_uint8
+from bgmatte.composite import TargetBackground, parse_target_background
 from bgmatte.errors import BgmatteError
-from bgmatte.predictor import Matte, frames_to_tensor
+from bgmatte.pipeline import TargetFrames, render_outputs
+from bgmatte.predictor import Matte
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ VIRTUAL_CAM_BACKENDS = ("v4l2loopback", "obs", "unitycapture")
 
 _CAMERA_RETRIES = 5  # consecutive failed reads a live camera may have before it counts as gone
 _CHECKER_LIGHT, _CHECKER_DARK = 0.8, 0.6
+_CHECKERBOARD = TargetBackground("image", path=Path("checkerboard"))  # composited like an image backdrop
 
 
 class FrameSink(Protocol):
@@ -406,20 +408,6 @@ def describe_target(target: TargetBackground) -> str:
     return target.kind
 
 
-def fit_cover(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Scale an image to cover width x height and crop the middle, keeping its aspect ratio."""
-    source_height, source_width = image.shape[:2]
-    if (source_width, source_height) == (width, height):
-        return image
-    scale = max(width / source_width, height / source_height)
-    scaled_width, scaled_height = max(width, round(source_width * scale)), max(height, round(source_height * scale))
-    shrinking = scale < 1
-    resized = cv2.resize(image, (scaled_width, scaled_height),
-                         interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
-    left, top = (scaled_width - width) // 2, (scaled_height - height) // 2
-    return np.ascontiguousarray(resized[top : top + height, left : left + width])
-
-
 def checkerboard(height: int, width: int, *, device: torch.device | str = "cpu", square: int | None = None) -> Tensor:
     """A grey checkerboard (1, 3, H, W) in [0, 1], the usual picture of transparency."""
     square = square or max(4, min(height, width) // 12)
@@ -431,68 +419,26 @@ def checkerboard(height: int, width: int, *, device: torch.device | str = "cpu",
 
 
 class Backdrop:
-    """One target background, ready at the frame size on the model's device.
-
-    Images are scaled to cover the frame; videos are read frame by frame and looped; `transparent`
-    is shown over a checkerboard (the outputs are RGB).
-    """
+    """One target background for the live output: `TargetFrames` of the video pipeline (images scaled to
+    cover the frame, videos looped), and `transparent` shown over a checkerboard, as a camera sends RGB."""
 
     def __init__(self, target: TargetBackground, size: tuple[int, int], device: torch.device | str = "cpu"):
         self.target = target
-        self.name = describe_target(target)
-        self.width, self.height = size
-        self.device = torch.device(device)
-        self._image: Tensor | None = None
-        self._reader: Any = None
-        self._frames: Iterator[Any] | None = None
-        if target.kind == "image":
-            from bgmatte.io.images import read_image
+        self.frames = TargetFrames(target, *size, device)
+        self._board = checkerboard(size[1], size[0], device=device) if target.kind == "transparent" else None
 
-            self._image = self._tensor(read_image(target.path))
-        elif target.kind == "transparent":
-            self._image = checkerboard(self.height, self.width, device=self.device)
-        elif target.kind == "video":
-            self._open_video()
-
-    def _tensor(self, image: np.ndarray) -> Tensor:
-        image = fit_cover(image, self.width, self.height)
-        return frames_to_tensor(image, self.device, torch.float32)
-
-    def _open_video(self) -> None:
-        from bgmatte.io.video import VideoReader
-
-        self._reader = VideoReader(self.target.path, queue_size=2)
-        self._frames = iter(self._reader)
-
-    def next(self, src: Tensor) -> Tensor | Colour:
-        """The background for the frame `src` ((1, 3, H, W) floats): a colour, or an image tensor like `src`."""
-        kind = self.target.kind
-        if kind == "colour":
-            return self.target.rgb
-        if kind == "blur":
-            return blur(src)
-        if kind == "video":
-            frame = next(self._frames, None)
-            if frame is None:  # the end: loop
-                self._reader.close()
-                self._open_video()
-                frame = next(self._frames, None)
-                if frame is None:
-                    raise BgmatteError(f"{self.target.path}: no frames to use as the background")
-            return self._tensor(frame.image)
-        return self._image
+    def render(self, matte: Matte, frame: np.ndarray) -> np.ndarray:
+        """The composite of the first matte over this background ((H, W, 3) uint8; `frame` is the source)."""
+        matte = Matte(matte.pha[:1], matte.fgr[:1], matte.err_sm, matte.ref_sm)
+        if self._board is not None:
+            target, backdrop = _CHECKERBOARD, self._board
+        else:
+            target, backdrop = self.target, self.frames.take(1)
+        return render_outputs(matte, ["com"], target=target, backdrop=backdrop, src=frame[None])["com"][0]
 
     def close(self) -> None:
         """Stop reading a video background; safe to call twice."""
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-
-
-def composite_frame(matte: Matte, background: Tensor | Colour) -> np.ndarray:
-    """The first composite of a `Matte` over a background (colour or tensor) as (H, W, 3) uint8 RGB on the CPU."""
-    com = composite(matte.fgr[:1], matte.pha[:1], background)
-    return to_uint8(com[0]).permute(1, 2, 0).contiguous().cpu().numpy()
+        self.frames.close()
 
 
 def median_plate(frames: Sequence[np.ndarray]) -> np.ndarray:
@@ -649,9 +595,7 @@ class WebcamSession:
             self._auto_plate(frame)
             return frame
         matte = self.predictor(frame, self._plate_tensor)
-        backdrop = self._backdrop()
-        src = frames_to_tensor(frame, self.device, torch.float32) if backdrop.target.kind == "blur" else None
-        return composite_frame(matte, backdrop.next(src))
+        return self._backdrop().render(matte, frame)
 
     def _auto_plate(self, frame: np.ndarray) -> None:
         if self.auto_plate is None:
