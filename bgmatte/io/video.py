@@ -314,6 +314,7 @@ class EncoderOptions:
     codec: str | None = None  # force an encoder (e.g. "mpeg4"); None chooses by extension
     crf: int | None = None  # quality for libx264 (default 18) and VP9 (default 30); lower is better
     preset: str = "veryfast"  # libx264 speed preset
+    threads: int | None = None  # encoder threads; None leaves it to FFmpeg (about one per core and a half)
     even: Literal["pad", "crop"] = "pad"  # how to reach the even size that 4:2:0 encoders need
 
 
@@ -614,6 +615,8 @@ class VideoWriter:
             stream.codec_context.qscale = True
             stream.codec_context.global_quality = 3 * 118  # qscale 3 (FF_QP2LAMBDA = 118)
         stream.thread_type = "AUTO"
+        if self.options.threads is not None:
+            stream.codec_context.thread_count = self.options.threads
         self._stream = stream
         if self.audio_from is not None:
             self._audio = _AudioCarrier(self.audio_from, container, self.choice.container)
