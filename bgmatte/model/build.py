@@ -158,7 +158,7 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
                            "pass a checkpoint (for example a released pytorch_mobilenetv2.pth)")
     state = read_state_dict(source)
     if checkpoint is None and weights_metadata(source).get("status") == "interim":
-        warnings.warn("the embedded default model is an interim checkpoint, far below its quality target "
+        warnings.warn("the embedded default model is an interim checkpoint, short of its quality target "
                       f"(see {WEIGHTS_DIR / 'MODEL_CARD.md'}); pass a released checkpoint for real work",
                       UserWarning, stacklevel=2)
     detected = detect_backbone(state)
