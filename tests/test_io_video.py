@@ -19,6 +19,7 @@ from bgmatte.io.video import (
     VideoReader,
     VideoWriter,
     choose_encoder,
+    to_yuv420p,
 )
 
 from media import audio_seconds, decode_times
@@ -276,6 +277,36 @@ def test_grey_frames_encode_as_their_rgb_expansion(tmp_path, suffix):
         decoded.append([frame.image for frame in VideoReader(path)])
     assert len(decoded[0]) == 3 and all(np.array_equal(a, b) for a, b in zip(*decoded))
     assert np.abs(decoded[0][0][:, :, 0].astype(int) - greys[0]).mean() < 4  # lossy, but the same picture
+
+
+@pytest.mark.parametrize("height, width", [(48, 64), (22, 30), (2, 2)])
+def test_yuv_conversion_gives_ffmpegs_pixels(height, width):
+    """The writer's own RGB to 4:2:0 conversion: FFmpeg's luma within 1, chroma the mean of each 2x2 block."""
+    rng = np.random.default_rng(3)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (3, 3), 1)
+    ours = to_yuv420p(image)
+    ffmpeg = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p").to_ndarray()
+    assert ours.shape == ffmpeg.shape == (height * 3 // 2, width)
+    assert np.abs(ours[:height].astype(int) - ffmpeg[:height]).max() <= 1
+    rgb = image.astype(np.float64).reshape(height // 2, 2, width // 2, 2, 3).mean(axis=(1, 3))
+    cb = 128 + (-37.797 * rgb[..., 0] - 74.203 * rgb[..., 1] + 112.0 * rgb[..., 2]) / 255
+    cr = 128 + (112.0 * rgb[..., 0] - 93.786 * rgb[..., 1] - 18.214 * rgb[..., 2]) / 255
+    planes = ours[height:].reshape(-1)
+    assert np.abs(planes[: cb.size] - cb.reshape(-1)).max() <= 1.5  # three roundings on the way
+    assert np.abs(planes[cb.size :] - cr.reshape(-1)).max() <= 1.5
+    back = av.VideoFrame.from_ndarray(ours, format="yuv420p").to_ndarray(format="rgb24")
+    ffmpeg_back = av.VideoFrame.from_ndarray(ffmpeg, format="yuv420p").to_ndarray(format="rgb24")
+    assert np.abs(back.astype(int) - image).mean() <= np.abs(ffmpeg_back.astype(int) - image).mean() + 0.5
+
+
+def test_encoder_options_are_checked():
+    with pytest.raises(BgmatteError, match="preset"):
+        EncoderOptions(preset="quick")
+    with pytest.raises(BgmatteError, match="crf"):
+        EncoderOptions(crf=80)
+    assert choose_encoder(Path("a.mp4"), alpha=False, options=EncoderOptions(preset="slow", crf=23)).options == {
+        "crf": "23", "preset": "slow"}
+    assert choose_encoder(Path("a.mp4"), alpha=False).options["preset"] == "veryfast"
 
 
 def test_frames_without_timestamps_follow_the_frame_rate(tmp_path):

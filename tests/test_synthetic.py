@@ -103,6 +103,36 @@ def test_hard_cases_have_foreground_close_to_background():
     assert float(distance(easy).mean()) > 2 * float(distance(hard).mean())
 
 
+def test_training_hard_cases_keep_a_visible_difference():
+    """With hard_min_offset, a hard foreground never matches what is behind it exactly (validation's may)."""
+
+    def offsets(minimum: float) -> torch.Tensor:
+        options = replace(SHARP, hard_fraction=1.0, hard_mix=(1.0, 1.0), hard_min_offset=minimum)
+        batch = _batch(9, n=8, options=options)
+        inside = batch["pha"] > 0.5
+        return torch.stack([(batch["fgr"][i][:, inside[i, 0]] - batch["bgr"][i][:, inside[i, 0]]).mean(dim=1).norm()
+                            for i in range(8)])
+
+    free, kept = offsets(0.0), offsets(0.06)
+    # Half the samples copy the local mean colour rather than the background itself, and clamping at 0 and 1
+    # eats into the offset, so compare the typical sample.
+    assert float(kept.median()) > 0.04 and float(kept.median()) > float(free.median()), (free, kept)
+
+
+def test_empty_frames_have_no_subject():
+    batch = _batch(11, n=4, options=replace(DEFAULT, empty_fraction=1.0))
+    assert float(batch["pha"].max()) == 0.0
+    torch.testing.assert_close(batch["src"], batch["bgr"], rtol=0, atol=0)
+
+
+def test_default_settings_draw_the_same_stream_as_before_the_training_options():
+    """Options that are off draw nothing, so validation sets made by earlier versions stay the same."""
+    plain = _batch(12)
+    explicit = _batch(12, options=replace(DEFAULT, empty_fraction=0.0, hard_min_offset=0.0))
+    for name in ("fgr", "pha", "bgr", "src"):
+        assert torch.equal(plain[name], explicit[name])
+
+
 def test_photographs_are_used_as_textures():
     photo = torch.zeros(3, 40, 60, dtype=torch.uint8)
     photo[0] = 255  # pure red

@@ -183,6 +183,16 @@ def test_synthetic_dataset_is_fixed_per_index_and_split():
     assert torch.equal(train[4]["src"], item["src"])
 
 
+def test_synthetic_photographs_follow_the_split_and_training_draws_harder_settings(tmp_path):
+    _backgrounds(tmp_path / "train", 2)
+    _backgrounds(tmp_path / "valid", 1)
+    train = build_dataset("synthetic", backgrounds=tmp_path, size=32, length=4)
+    valid = build_dataset("synthetic", backgrounds=tmp_path, split="valid", size=32, length=4)
+    assert len(train.photos) == 2 and len(valid.photos) == 1
+    assert train.options.empty_fraction > 0 and train.options.hard_min_offset > 0
+    assert valid.options.empty_fraction == 0 and valid.options.hard_min_offset == 0
+
+
 def test_synthetic_dataset_makes_batches_with_photographs(tmp_path):
     dataset = build_dataset("synthetic", backgrounds=_backgrounds(tmp_path / "photos"), size=(24, 32))
     assert len(dataset.photos) == 3 and dataset.photos[0].dtype == torch.uint8

@@ -91,6 +91,26 @@ def add_plate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="match the plate's exposure and white balance to each frame")
 
 
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """Video encoder choices."""
+    from bgmatte.io.video import X264_PRESETS
+
+    group = parser.add_argument_group("encoding")
+    group.add_argument("--crf", type=int, metavar="N",
+                       help="quality, lower is better: H.264 0-51 (default 18), VP9 0-63 (default 30)")
+    group.add_argument("--preset", choices=X264_PRESETS, metavar="NAME",
+                       help="x264 speed preset: " + ", ".join(X264_PRESETS) + " (default: veryfast, or ultrafast "
+                            "when the model runs on the CPU and the encoder would take time from it)")
+    group.add_argument("--codec", metavar="NAME", help="force an FFmpeg encoder (default: chosen by extension)")
+
+
+def encoder_options(args: argparse.Namespace):
+    """The `EncoderOptions` the parsed encoding arguments ask for."""
+    from bgmatte.io.video import EncoderOptions
+
+    return EncoderOptions(codec=args.codec, crf=args.crf, preset=args.preset)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `video` subcommand."""
     parser = subparsers.add_parser(
@@ -113,6 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="resize the frames to W x H before matting")
     add_plate_arguments(parser)
     parser.add_argument("--batch-size", type=int, metavar="N", help="frames per model call (default 1 on CPU, 4 on GPU)")
+    add_encoder_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_arguments(parser)
@@ -134,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         src, args.bgr, output=args.output, output_dir=args.output_dir, outputs=args.outputs or ("com",),
         output_format=args.output_format, target_bgr=args.target_bgr, resize=args.resize, align=args.align,
         match_exposure=args.match_exposure, model=model_options(args), batch_size=args.batch_size,
-        overwrite=args.overwrite, progress=not args.quiet,
+        overwrite=args.overwrite, progress=not args.quiet, encoder=encoder_options(args),
     )
     for path in result.outputs.values():
         print(path)

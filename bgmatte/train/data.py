@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from bgmatte.errors import BgmatteError
 from bgmatte.io import images
 from bgmatte.train.augment import PAPER, SYNTHETIC, AugmentOptions, make_training_batch, rand_index
-from bgmatte.train.synthetic import DEFAULT, SyntheticOptions, generate_batch
+from bgmatte.train.synthetic import DEFAULT, TRAINING, SyntheticOptions, generate_batch
 
 IMAGE_SUFFIXES = tuple(sorted(images.IMAGE_EXTENSIONS))
 MAX_PIXELS = 50_000_000
@@ -131,6 +131,14 @@ def folder_pairs(root: str | Path, split: str, names: Sequence[tuple[str, str]])
     raise BgmatteError(f"{root}: expected {expected} (directly or under {split}/)")
 
 
+def split_folder(folder: Path, split: str) -> Path:
+    """``folder``'s train/valid/test subfolder for ``split`` if it has one, else ``folder`` itself."""
+    for name in _split_candidates(split):
+        if (folder / name).is_dir():
+            return folder / name
+    return folder
+
+
 def _split_candidates(split: str) -> list[str]:
     return {"train": ["train"], "valid": ["valid", "val", "test"], "test": ["test", "valid", "val"]}.get(split, [split])
 
@@ -185,11 +193,7 @@ class BackgroundDataset(Dataset):
     def from_folder(cls, folder: str | Path, split: str | None = None) -> BackgroundDataset:
         """All images of `folder`, or of its train/valid/test subfolder for `split` if it has one."""
         folder = Path(folder)
-        if split is not None:
-            for name in _split_candidates(split):
-                if (folder / name).is_dir():
-                    return cls(list_images(folder / name))
-        return cls(list_images(folder))
+        return cls(list_images(split_folder(folder, split) if split is not None else folder))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -304,8 +308,9 @@ def build_dataset(
     """The training or validation dataset named `name` (one of `DATASETS`), items at `size`.
 
     - "synthetic": generated composites; `backgrounds` (or `root`) is an optional folder of
-      photographs used as textures; `length` items (100,000 for train, 512 otherwise), and the
-      validation split uses other seeds than the training one.
+      photographs used as textures (its split subfolder if any); `length` items (100,000 for train,
+      512 otherwise). The training split draws from the generator's ``TRAINING`` settings, the others
+      from ``DEFAULT`` (the validation sets' distribution) with other seeds.
     - "videomatte": VideoMatte240K frame folders under `root` (split train or test).
     - "photomatte": PhotoMatte13K-style fgr/ + pha/ folders, under root/split/ or root/.
     - "aim": AIM/Adobe-style fg/ + alpha/ folders, under root/split/ or root/.
@@ -317,10 +322,13 @@ def build_dataset(
     size = (size, size) if isinstance(size, int) else tuple(size)
     if key == "synthetic":
         photos = backgrounds if backgrounds is not None else root
+        if photos is not None:
+            photos = split_folder(Path(photos), split)
         if length is None:
             length = 100_000 if split == "train" else 512
         split_seed = seed if split == "train" else item_seed(seed, zlib.crc32(split.encode()))
-        return SyntheticDataset(size, length, seed=split_seed, photos=photos, augment=augment or SYNTHETIC)
+        return SyntheticDataset(size, length, seed=split_seed, photos=photos, augment=augment or SYNTHETIC,
+                                options=TRAINING if split == "train" else DEFAULT)
     if root is None:
         raise BgmatteError(f"dataset {name!r} needs its folder (root)")
     if backgrounds is None:

@@ -47,9 +47,18 @@ class SyntheticOptions:
     defocus_fraction: float = 0.3
     motion_blur_fraction: float = 0.15
     background_blur_fraction: float = 0.3
+    empty_fraction: float = 0.0  # frames with nobody in them: alpha 0 everywhere
+    hard_mix: tuple[float, float] = (0.8, 1.0)  # how far a hard foreground moves towards the background
+    hard_min_offset: float = 0.0  # least colour difference (RGB norm) a hard foreground keeps
 
 
 DEFAULT = SyntheticOptions()
+"""The distribution of the validation sets (``bgmatte.train.validation``): kept fixed so scores stay comparable."""
+
+TRAINING = SyntheticOptions(empty_fraction=0.05, hard_mix=(0.6, 0.95), hard_min_offset=0.04)
+"""What training draws from: some empty frames, and hard foregrounds that stay faintly visible. A foreground
+exactly the colour of what is behind it can only be guessed, and learning to guess paints people into
+empty background (seen in the first default models)."""
 
 
 def generate_batch(
@@ -85,7 +94,7 @@ def generate_batch(
         bgr[index] = gaussian_blur(bgr[index], bgr_sigma[index])
 
     hard = rand_mask(generator, n, options.hard_fraction, device)
-    fgr = _make_hard(fgr, bgr, hard, generator, device)
+    fgr = _make_hard(fgr, bgr, hard, options, generator, device)
 
     # Defocus and motion blur act on the whole foreground layer: matte and colour alike.
     defocus = rand_mask(generator, n, options.defocus_fraction, device)
@@ -102,6 +111,9 @@ def generate_batch(
         pha[index], fgr[index] = _motion_blur([pha[index], fgr[index]], streak[index], direction[index])
 
     pha = pha.clamp(0, 1)
+    if options.empty_fraction > 0:  # drawn only when asked, so the other streams stay as they were
+        empty = rand_mask(generator, n, options.empty_fraction, device)
+        pha = torch.where(empty[:, None, None, None], 0.0, pha)
     fgr = fgr.clamp(0, 1)
     bgr = bgr.clamp(0, 1)
     src = pha * fgr + (1 - pha) * bgr
@@ -571,21 +583,25 @@ def _paint_person(
     return (fgr * light_field).clamp(0, 1)
 
 
-def _make_hard(fgr: Tensor, bgr: Tensor, hard: Tensor, generator, device) -> Tensor:
+def _make_hard(fgr: Tensor, bgr: Tensor, hard: Tensor, options: SyntheticOptions, generator, device) -> Tensor:
     """For `hard` samples, recolour the foreground to look like the background behind it: either the
-    background itself or its local mean colour, plus a small colour offset and faint texture."""
+    background itself or its local mean colour, plus a small colour offset (at least
+    ``options.hard_min_offset`` long) and faint texture."""
     index = hard.nonzero().flatten()
     m = int(index.numel())
     if m == 0:
         return fgr
     _, _, height, width = fgr.shape
     offset = 0.05 * rand_normal(generator, (m, 3, 1, 1), device)
+    if options.hard_min_offset > 0:
+        length = offset.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None, None]
+        offset = offset * (options.hard_min_offset / length).clamp_min(1.0)
     texture = 0.04 * (value_noise(m, height, width, 16, 3, generator, device) - 0.5)
     behind = bgr[index]
     local = gaussian_blur(behind, max(2.0, min(height, width) / 40))
     same = rand_mask(generator, m, 0.5, device)[:, None, None, None]
     target = torch.where(same, behind, local) + offset + texture
-    mix = rand_uniform(generator, m, 0.8, 1.0, device)[:, None, None, None]
+    mix = rand_uniform(generator, m, *options.hard_mix, device)[:, None, None, None]
     fgr = fgr.clone()
     fgr[index] = (fgr[index] + mix * (target - fgr[index])).clamp(0, 1)
     return fgr
