@@ -1297,14 +1297,7 @@ def benchmark_pipeline(
                             refine_mode=refine.refine_mode, refine_sample_pixels=refine.refine_sample_pixels,
                             refine_threshold=refine.refine_threshold, device=device, optimize=optimize)
     else:
-        try:
-            from bgmatte.bench import random_model  # heads set so that the error map is nowhere 0
-        except ModuleNotFoundError:
-            from bgmatte.model.matting import MattingRefine
-
-            def random_model(name: str, options: RefineOptions) -> nn.Module:
-                torch.manual_seed(0)
-                return MattingRefine(name, **vars(options)).eval()
+        from bgmatte.bench import random_model  # heads set so that the error map is nowhere 0
 
         module = random_model(backbone, refine).to(resolve_device(device))
         if optimize:
