@@ -379,7 +379,7 @@ def _composite_over_colour(matte: Matte, rgb: tuple[float, float, float]) -> np.
             np.subtract(fgr[index, channel], np.float32(value), out=plane)
             np.multiply(plane, pha[index, 0], out=plane)
             channels.append(cv2.convertScaleAbs(plane, alpha=255.0, beta=255.0 * value))
-        out[index] = cv2.merge(channels)
+        cv2.merge(channels, dst=out[index])
     return out
 
 
@@ -400,8 +400,11 @@ def channels_last_uint8(images: Tensor) -> np.ndarray:
     out = np.empty(shape, np.uint8)
     for index in range(batch):
         # convertScaleAbs rounds to nearest and saturates above; max() first keeps negatives at 0.
+        if channels == 1:
+            cv2.convertScaleAbs(cv2.max(planes[index, 0], 0.0), dst=out[index], alpha=255.0)
+            continue
         converted = [cv2.convertScaleAbs(cv2.max(plane, 0.0), alpha=255.0) for plane in planes[index]]
-        out[index] = converted[0] if channels == 1 else cv2.merge(converted)
+        cv2.merge(converted, dst=out[index])
     return out
 
 
