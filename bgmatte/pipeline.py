@@ -50,6 +50,7 @@ from bgmatte.io.video import (
     VideoReader,
     VideoWriter,
     choose_encoder,
+    lower_thread_priority,
 )
 from bgmatte.plate import PlateAligner, estimate_plate, fit_exposure, sample_frames
 from bgmatte.predictor import Matte, Predictor, frames_to_tensor, settings_for_size
@@ -100,6 +101,22 @@ class ModelOptions:
     def __post_init__(self) -> None:
         if self.model_type not in ("mattingrefine", "mattingbase"):
             raise BgmatteError(f"model type {self.model_type!r} is not supported: use mattingrefine or mattingbase")
+
+
+HELPER_NICENESS = 10
+"""How much lower than the model the decoding, converting and encoding threads run when the model is on
+the CPU (`bgmatte.io.video.lower_thread_priority`)."""
+
+
+def model_device(model: ModelLike) -> torch.device:
+    """The device `load_predictor` will run `model` on, known before anything is loaded."""
+    if isinstance(model, Predictor):
+        return model.device
+    if isinstance(model, nn.Module):
+        return next(model.parameters(), torch.empty(0)).device
+    from bgmatte.model.build import resolve_device
+
+    return resolve_device(model.device if isinstance(model, ModelOptions) else "auto")
 
 
 def load_predictor(model: ModelLike, width: int, height: int) -> Predictor:
@@ -647,11 +664,12 @@ def plan_video_outputs(
 
 
 def _open_writer(plan: OutputFile, *, fps: Fraction | None, audio_from: Path | None, overwrite: bool,
-                 encoder: EncoderOptions, frame_count: int | None) -> VideoWriter | ImageSequenceWriter:
+                 encoder: EncoderOptions, frame_count: int | None, niceness: int) -> VideoWriter | ImageSequenceWriter:
     if plan.folder:
-        return ImageSequenceWriter(plan.path, overwrite=overwrite, digits=max(4, len(str(frame_count or 0))))
+        return ImageSequenceWriter(plan.path, overwrite=overwrite, digits=max(4, len(str(frame_count or 0))),
+                                   niceness=niceness)
     return VideoWriter(plan.path, fps=fps or 30, alpha=plan.alpha, audio_from=audio_from if plan.kind == "com" else None,
-                       overwrite=overwrite, options=encoder)
+                       overwrite=overwrite, options=encoder, niceness=niceness)
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -759,8 +777,10 @@ def _run_loop(
     size: tuple[int, int],
     batch_size: int,
     on_matte: Callable[[_Batch, Matte], None],
+    niceness: int = 0,
 ) -> None:
-    """Prepare batches on one thread, matte them on this one, finish them (`on_matte`) on a third.
+    """Prepare batches on one thread, matte them on this one, finish them (`on_matte`) on a third; the
+    preparing and finishing threads run ``niceness`` lower than this one.
 
     On KeyboardInterrupt the reading stops, the batches already matted are still finished, and the
     interrupt goes on to the caller. An error in any stage stops all three and is raised here.
@@ -777,6 +797,7 @@ def _run_loop(
         failed.set()
 
     def prepare() -> None:
+        lower_thread_priority(niceness)
         try:
             pending: list[tuple[np.ndarray, np.ndarray, int | None, Fraction | None]] = []
             for frame in reader:
@@ -796,6 +817,7 @@ def _run_loop(
             batches.put(_END)
 
     def finish() -> None:
+        lower_thread_priority(niceness)
         try:
             while True:
                 item = mattes.get()
@@ -902,7 +924,10 @@ def convert_video(
     if batch_size is not None and batch_size < 1:
         raise BgmatteError(f"batch size must be at least 1, not {batch_size}")
     with ExitStack() as stack:
-        reader = stack.enter_context(VideoReader(src))
+        on_cpu = model_device(model).type == "cpu"
+        # With the model on the CPU, everything else runs at a lower priority, in the gaps of its work.
+        niceness = HELPER_NICENESS if on_cpu else 0
+        reader = stack.enter_context(VideoReader(src, niceness=niceness))
         native = reader.size
         size = _check_resize(resize) or native
         auto_plate = isinstance(bgr, str) and bgr.strip().lower() == "auto"
@@ -920,7 +945,7 @@ def convert_video(
         predictor = load_predictor(model, *size)
         if batch_size is None:
             batch_size = 4 if predictor.device.type == "cuda" else 1
-        if predictor.device.type == "cpu":
+        if on_cpu:
             # The model keeps every core busy, so whatever else runs takes time from it: each output gets one
             # encoding thread (no cost of synchronising several) and x264's fastest preset (at 1080p about
             # 14 ms of CPU a frame against 29 for veryfast; the files are larger at the same quality), and
@@ -934,7 +959,8 @@ def convert_video(
                          align=align, exposure=_ExposureFeedback() if match_exposure else None)
         writers = {
             plan.kind: stack.enter_context(_open_writer(plan, fps=reader.fps, audio_from=src, overwrite=overwrite,
-                                                        encoder=encoder, frame_count=reader.frame_count))
+                                                        encoder=encoder, frame_count=reader.frame_count,
+                                                        niceness=niceness))
             for plan in plans
         }
         from tqdm import tqdm
@@ -959,7 +985,8 @@ def convert_video(
             bar.update(len(batch))
 
         try:
-            _run_loop(reader, plates, predictor, size=size, batch_size=batch_size, on_matte=on_matte)
+            _run_loop(reader, plates, predictor, size=size, batch_size=batch_size, on_matte=on_matte,
+                      niceness=niceness)
         except KeyboardInterrupt:
             logger.warning("interrupted: the outputs hold the first %d frames", written)
             raise

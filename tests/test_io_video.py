@@ -19,6 +19,7 @@ from bgmatte.io.video import (
     VideoReader,
     VideoWriter,
     choose_encoder,
+    lower_thread_priority,
     to_yuv420p,
 )
 
@@ -297,6 +298,39 @@ def test_yuv_conversion_gives_ffmpegs_pixels(height, width):
     back = av.VideoFrame.from_ndarray(ours, format="yuv420p").to_ndarray(format="rgb24")
     ffmpeg_back = av.VideoFrame.from_ndarray(ffmpeg, format="yuv420p").to_ndarray(format="rgb24")
     assert np.abs(back.astype(int) - image).mean() <= np.abs(ffmpeg_back.astype(int) - image).mean() + 0.5
+
+
+@pytest.mark.skipif(not hasattr(threading, "get_native_id") or not __import__("sys").platform.startswith("linux"),
+                    reason="per-thread priorities are a Linux feature")
+def test_lowering_priority_affects_the_calling_thread_only():
+    import os
+
+    seen = {}
+
+    def worker():
+        lower_thread_priority(3)
+        seen["worker"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["worker"] == min(19, before + 3)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+def test_a_lower_priority_reader_and_writer_give_the_same_frames(tmp_path):
+    source = tmp_path / "in.mp4"
+    make_clip(source, count=12)
+    plain = [frame.image for frame in VideoReader(source)]
+    low = [frame.image for frame in VideoReader(source, niceness=5)]
+    assert len(low) == 12 and all(np.array_equal(a, b) for a, b in zip(plain, low))
+    with VideoWriter(tmp_path / "a.mp4", fps=25) as writer, VideoWriter(tmp_path / "b.mp4", fps=25, niceness=5) as nicer:
+        for frame in plain:
+            writer.write(frame)
+            nicer.write(frame)
+    first, second = ([frame.image for frame in VideoReader(tmp_path / name)] for name in ("a.mp4", "b.mp4"))
+    assert len(second) == 12 and all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
 def test_encoder_options_are_checked():
