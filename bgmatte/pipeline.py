@@ -948,7 +948,7 @@ def convert_video(
         if on_cpu:
             # The model keeps every core busy, so whatever else runs takes time from it: each output gets one
             # encoding thread (no cost of synchronising several) and x264's fastest preset (at 1080p about
-            # 14 ms of CPU a frame against 29 for veryfast; the files are larger at the same quality), and
+            # 15 ms of CPU a frame against 25 to 40 for veryfast; the files are larger at the same quality), and
             # OpenCV works on the calling thread only, so that it never interrupts both of the model's threads.
             encoder = replace(encoder, threads=encoder.threads or 1, preset=encoder.preset or "ultrafast")
             stack.enter_context(opencv_threads(1))
