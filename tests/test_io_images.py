@@ -114,6 +114,15 @@ def test_write_png_round_trips_rgb_rgba_grey_and_float(tmp_path):
     assert cv2.imread(str(tmp_path / "grey.png"), cv2.IMREAD_UNCHANGED).tolist() == [[128] * 4] * 3
 
 
+def test_written_pngs_get_the_usual_permissions_not_the_temporary_files_private_ones(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = write_png(tmp_path / "out.png", rgb_pattern())
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_write_png_is_atomic_and_refuses_to_overwrite(tmp_path):
     target = tmp_path / "out.png"
     target.write_bytes(b"precious")

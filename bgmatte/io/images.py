@@ -154,6 +154,21 @@ def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> 
         raise BgmatteError(f"{path}: the image is empty ({width}x{height})")
 
 
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it: done once, at import, before any thread writes
+    os.umask(umask)
+    return umask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def default_file_mode() -> int:
+    """The permissions a newly created file gets under the umask (0o644 under the usual 022): temporary files
+    are created private, and outputs renamed from them should not stay that way."""
+    return _FILE_MODE
+
+
 def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False) -> Path:
     """Write an 8-bit PNG (grey, RGB or RGBA; uint8, or float in [0, 1]) to a temporary name, then rename it."""
     path = Path(path)
@@ -171,6 +186,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = F
     except PermissionError:
         raise BgmatteError(f"{path}: cannot write in {folder} (permission denied)") from None
     try:
+        os.fchmod(handle, default_file_mode())
         with os.fdopen(handle, "wb") as file:
             file.write(encoded.tobytes())
         os.replace(temporary, path)

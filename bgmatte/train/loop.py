@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from bgmatte.errors import BgmatteError
+from bgmatte.io.images import default_file_mode
 from bgmatte.model.build import detect_backbone, read_state_dict, resolve_device, save_weights
 from bgmatte.model.matting import BACKBONES, MattingBase, MattingRefine
 from bgmatte.train.config import BASE_PARTS, PARTS, TrainOptions
@@ -418,9 +419,7 @@ def _replace_atomically(path: Path, write) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(temporary)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # some writers create private files; weights are for sharing
+        os.chmod(temporary, default_file_mode())  # some writers create private files; weights are for sharing
         os.replace(temporary, path)
     finally:
         if temporary.exists():
