@@ -14,6 +14,7 @@ import pytest
 
 from bgmatte.errors import BgmatteError
 from bgmatte.io.video import (
+    ClosesOnExit,
     EncoderOptions,
     ImageSequenceWriter,
     VideoReader,
@@ -23,7 +24,7 @@ from bgmatte.io.video import (
     to_yuv420p,
 )
 
-from media import audio_seconds, decode_times
+from media import audio_seconds, decode_times, write_clip
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,45 +45,20 @@ def make_clip(
     *,
     count: int = 12,
     pts_ms: list[int] | None = None,
-    audio: bool = True,
-    rotation: float | None = None,
     size: tuple[int, int] = (WIDTH, HEIGHT),
-    codec: str = "libx264",
-    options: dict[str, str] | None = None,
     noise: bool = False,
+    **kwargs,
 ) -> list[int]:
-    """Write a small H.264 clip (25 fps unless `pts_ms` says otherwise) with a 440 Hz AAC track; returns pts (ms)."""
+    """Write a small clip of `pattern` frames through `media.write_clip` (H.264 at 25 fps unless `pts_ms` says
+    otherwise, with a 440 Hz AAC track; `audio`, `rotation`, `codec`, `options` as there); returns pts (ms)."""
     rng = np.random.default_rng(0)
-    pts_ms = pts_ms if pts_ms is not None else [40 * index for index in range(count)]
-    container = av.open(str(path), mode="w", options=options or {})
-    video = container.add_stream(codec, rate=25)
-    video.width, video.height = size
-    video.pix_fmt = "yuv420p"
-    video.time_base = MS
-    video.codec_context.time_base = MS
-    if rotation is not None:
-        video.set_display_rotation(rotation)
-    sound = container.add_stream("aac", rate=48000) if audio else None
-    if sound is not None:
-        sound.layout = "stereo"
-    for index, pts in enumerate(pts_ms):
+    images = []
+    for index in range(len(pts_ms) if pts_ms is not None else count):
         image = pattern(index, *size)
         if noise:  # incompressible texture makes a file big enough to damage in the middle
             image = (image + rng.integers(0, 12, image.shape)).astype(np.uint8)
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-        frame.pts, frame.time_base = pts, MS
-        container.mux(video.encode(frame))
-    container.mux(video.encode(None))
-    if sound is not None:
-        total = int(48000 * (pts_ms[-1] + 40) / 1000)
-        for start in range(0, total, 1024):
-            tone = np.sin(2 * np.pi * 440 * np.arange(start, start + 1024) / 48000).astype(np.float32)
-            frame = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
-            frame.sample_rate, frame.pts, frame.time_base = 48000, start, Fraction(1, 48000)
-            container.mux(sound.encode(frame))
-        container.mux(sound.encode(None))
-    container.close()
-    return pts_ms
+        images.append(image)
+    return write_clip(path, images, pts_ms=pts_ms, **kwargs)
 
 
 def read_all(path: Path) -> tuple[VideoReader, list]:
@@ -569,3 +545,29 @@ def test_image_sequence_keeps_frames_written_before_an_error(tmp_path):
             writer.write(pattern(1))
             raise RuntimeError("model failed")
     assert sorted(path.name for path in folder.iterdir()) == ["0001.png", "0002.png"]
+
+
+class _FailingClose(ClosesOnExit):
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+        raise OSError("disk full")
+
+
+def test_closes_on_exit_keeps_the_first_error(caplog: pytest.LogCaptureFixture) -> None:
+    """Leaving a block by an exception closes the object and keeps that exception; a failure to close is logged
+    with the file's name. Leaving it normally lets the failure to close through."""
+    shut = _FailingClose(Path("out.mp4"))
+    with caplog.at_level(logging.ERROR), pytest.raises(ValueError, match="first"):
+        with shut:
+            raise ValueError("first")
+    assert shut.closed == 1
+    assert "out.mp4: while closing after an error: disk full" in caplog.text
+    quiet = _FailingClose(None)
+    with pytest.raises(OSError, match="disk full"):
+        with quiet:
+            pass
+    assert quiet.closed == 1

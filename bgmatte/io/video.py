@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import av
 import cv2
@@ -453,6 +453,29 @@ def _check_destination(path: Path, overwrite: bool, *, folder: bool = False) -> 
         raise BgmatteError(f"{path}: cannot write in {parent} (permission denied)")
 
 
+class ClosesOnExit:
+    """Context-manager behaviour of writers and sessions: `close()` on leaving the block; when an exception is
+    already on its way out, a failure to close is logged instead of replacing it."""
+
+    path: Path | None = None  # named in the log line, when there is one
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as close_error:  # noqa: BLE001 - do not hide the exception already on its way
+            where = f"{self.path}: " if self.path is not None else ""
+            logger.error("%swhile closing after an error: %s", where, close_error)
+
+
 class _Worker:
     """Run `handle(item)` on a background thread for each queued item, then `finish()` once.
 
@@ -560,7 +583,7 @@ def to_yuv420p(image: np.ndarray) -> np.ndarray:
     return out
 
 
-class VideoWriter:
+class VideoWriter(ClosesOnExit):
     """Encode frames to a video file on a background thread, keeping source timestamps and audio.
 
     Arguments:
@@ -611,18 +634,6 @@ class VideoWriter:
         self._last_step = 1
         self._closed = False
         self._worker = _Worker(f"bgmatte-write-{self.path.name}", self._encode, self._finish, queue_size, niceness)
-
-    def __enter__(self) -> VideoWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception as close_error:  # noqa: BLE001 - do not hide the exception already on its way
-            logger.error("%s: while closing after an error: %s", self.path, close_error)
 
     def write(self, image: np.ndarray, pts: int | None = None, time_base: Fraction | None = None) -> None:
         """Queue one frame for encoding (blocks while the queue is full)."""
@@ -844,7 +855,7 @@ class _AudioCarrier:
             self._input.close()
 
 
-class ImageSequenceWriter:
+class ImageSequenceWriter(ClosesOnExit):
     """Write frames as numbered PNGs (or named after their sources) into a folder that appears on `close()`.
 
     Arguments:
@@ -876,18 +887,6 @@ class ImageSequenceWriter:
         self._temporary.mkdir()
         self._closed = False
         self._worker = _Worker(f"bgmatte-png-{self.path.name}", self._save, lambda: None, queue_size, niceness)
-
-    def __enter__(self) -> ImageSequenceWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception as close_error:  # noqa: BLE001
-            logger.error("%s: while closing after an error: %s", self.path, close_error)
 
     def write(self, image: np.ndarray, name: str | None = None) -> None:
         """Queue one frame; `name` (a file stem) replaces the running number."""

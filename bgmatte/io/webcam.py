@@ -31,6 +31,7 @@ from torch import Tensor
 
 from bgmatte.composite import TargetBackground, parse_target_background
 from bgmatte.errors import BgmatteError
+from bgmatte.io.video import ClosesOnExit
 from bgmatte.pipeline import TargetFrames, render_outputs
 from bgmatte.predictor import Matte
 
@@ -491,7 +492,7 @@ class WebcamReport:
         return f"{self.frames} frames in {self.seconds:.1f} s: {self.fps:.1f} fps{dropped}"
 
 
-class WebcamSession:
+class WebcamSession(ClosesOnExit):
     """The live loop: take a frame, matte it against the plate, composite it onto the current target, send it.
 
     Arguments:
@@ -692,18 +693,6 @@ class WebcamSession:
                     logger.error("while closing: %s", exc)
         if error is not None:
             raise error
-
-    def __enter__(self) -> WebcamSession:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception as close_error:  # noqa: BLE001 - do not hide the exception already on its way
-            logger.error("while closing after an error: %s", close_error)
 
 
 # -------------------------------------------------------------------------------------------- one call
