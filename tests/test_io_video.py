@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from fractions import Fraction
@@ -276,7 +277,7 @@ def test_yuv_conversion_gives_ffmpegs_pixels(height, width):
     assert np.abs(back.astype(int) - image).mean() <= np.abs(ffmpeg_back.astype(int) - image).mean() + 0.5
 
 
-@pytest.mark.skipif(not hasattr(threading, "get_native_id") or not __import__("sys").platform.startswith("linux"),
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="per-thread priorities are a Linux feature")
 def test_lowering_priority_affects_the_calling_thread_only():
     import os

@@ -32,23 +32,6 @@ from bgmatte.io.images import write_png
 
 logger = logging.getLogger(__name__)
 
-
-def lower_thread_priority(niceness: int) -> None:
-    """Lower the calling thread's scheduling priority by ``niceness`` (Linux, where priorities are per thread;
-    elsewhere nothing happens). Threads it starts later, FFmpeg's among them, inherit the lower priority.
-
-    The pipeline does this to its decoding, converting and encoding threads when the model runs on the
-    CPU: they then run in the gaps of the model's work instead of interrupting one of its threads while
-    the other waits for it (measured at 1080p: end-to-end 95% of model-only throughput instead of 90%).
-    """
-    if niceness <= 0 or not sys.platform.startswith("linux"):
-        return
-    thread = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + niceness))
-    except OSError as exc:  # pragma: no cover - lowering one's own priority is always allowed on Linux
-        logger.debug("could not lower the priority of thread %d: %s", thread, exc)
-
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".wmv", ".flv", ".3gp", ".ogv"}
 )
@@ -451,6 +434,23 @@ def _check_destination(path: Path, overwrite: bool, *, folder: bool = False) -> 
         raise BgmatteError(f"{path}: cannot create the folder {parent} ({exc.strerror or exc})") from None
     if not os.access(parent, os.W_OK):
         raise BgmatteError(f"{path}: cannot write in {parent} (permission denied)")
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Lower the calling thread's scheduling priority by ``niceness`` (Linux, where priorities are per thread;
+    elsewhere nothing happens). Threads it starts later, FFmpeg's among them, inherit the lower priority.
+
+    The pipeline does this to its decoding, converting and encoding threads when the model runs on the
+    CPU: they then run in the gaps of the model's work instead of interrupting one of its threads while
+    the other waits for it (measured at 1080p: end-to-end 95% of model-only throughput instead of 90%).
+    """
+    if niceness <= 0 or not sys.platform.startswith("linux"):
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + niceness))
+    except OSError as exc:  # pragma: no cover - lowering one's own priority is always allowed on Linux
+        logger.debug("could not lower the priority of thread %d: %s", thread, exc)
 
 
 class ClosesOnExit:
