@@ -54,6 +54,11 @@ def register(subparsers) -> None:
                       help="global batch, split over processes (default: 8 base, 4 refine)")
     data.add_argument("--train-samples", type=int, default=None, metavar="N",
                       help="train on the dataset's first N items only (default: all)")
+    data.add_argument("--plate-color", type=float, default=None, metavar="P",
+                      help="share of samples whose plate differs in colour from the true background "
+                           "(default: 0.8, the paper's; less gives sharper edges on clean plates)")
+    data.add_argument("--plate-misalign", type=float, default=None, metavar="P",
+                      help="share of samples whose plate is slightly rotated and shifted (default: 0.3, the paper's)")
     data.add_argument("--num-workers", type=int, default=2, metavar="N",
                       help="data loading processes per training process (default: 2)")
     model = parser.add_argument_group("model")
@@ -106,6 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
         backgrounds=args.backgrounds, backbone=args.backbone, steps=args.steps, batch_size=batch_size,
         crop=args.crop, train_samples=args.train_samples, init=args.init, resume=args.resume,
         lr=learning_rates, freeze_base=args.freeze_base, backbone_scale=args.backbone_scale, sample_pixels=args.sample_pixels,
+        plate_color=args.plate_color, plate_misalign=args.plate_misalign,
         precision=args.precision, device=args.device, num_workers=args.num_workers, seed=args.seed,
         val_every=args.val_every, val_samples=args.val_samples, save_every=save_steps, save_minutes=save_minutes,
         log=args.log, log_every=args.log_every, progress=not args.quiet,

@@ -63,6 +63,10 @@ class TrainOptions:
             crops cannot undo a longer base run.
         backbone_scale, sample_pixels: the refine stage's model settings (``sample_pixels`` None:
             the paper's 80,000 scaled to the crop).
+        plate_color, plate_misalign: the share of samples whose plate (the background the model is given)
+            differs in colour from the true background, and the share where it is slightly rotated and
+            shifted (None: the paper's 0.8 and 0.3). Less teaches sharper edges against clean plates, more
+            tolerance of drifting ones.
         precision: ``auto`` is bf16 on GPUs that have it, else fp16 with loss scaling, and fp32 on the CPU.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun, each process takes its local GPU).
         num_workers: data loading processes per training process.
@@ -91,6 +95,8 @@ class TrainOptions:
     freeze_base: bool = False
     backbone_scale: float = 0.25
     sample_pixels: int | None = None
+    plate_color: float | None = None
+    plate_misalign: float | None = None
     precision: str = "auto"
     device: str = "auto"
     num_workers: int = 2
@@ -147,6 +153,10 @@ class TrainOptions:
             raise BgmatteError("learning rates must be positive")
         if self.train_samples is not None and self.train_samples < 1:
             raise BgmatteError(f"--train-samples must be at least 1, not {self.train_samples}")
+        for name in ("plate_color", "plate_misalign"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise BgmatteError(f"--{name.replace('_', '-')} is a share of samples, from 0 to 1, not {value}")
         if self.sample_pixels is not None and self.sample_pixels < 16:
             raise BgmatteError(f"--sample-pixels must be at least 16 (one 4x4 patch), not {self.sample_pixels}")
 

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import count, islice
 from pathlib import Path
 
@@ -264,10 +264,21 @@ class EpochItems(Dataset):
 
 def open_dataset(options: TrainOptions, split: str, seed: int, length: int | None = None) -> Dataset:
     """The run's dataset (``bgmatte.train.data.build_dataset``) for a split, items at the crop size."""
+    from bgmatte.train.augment import PAPER, SYNTHETIC
     from bgmatte.train.data import build_dataset
 
+    augment = None
+    if options.plate_color is not None or options.plate_misalign is not None:
+        paper = SYNTHETIC if options.dataset == "synthetic" else PAPER
+        augment = replace(
+            paper,
+            plate_color_probability=paper.plate_color_probability if options.plate_color is None
+            else options.plate_color,
+            plate_affine_probability=paper.plate_affine_probability if options.plate_misalign is None
+            else options.plate_misalign,
+        )
     return build_dataset(options.dataset, options.data_root, split=split, size=options.crop_size,
-                         backgrounds=options.backgrounds, seed=seed, length=length)
+                         backgrounds=options.backgrounds, seed=seed, length=length, augment=augment)
 
 
 def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
