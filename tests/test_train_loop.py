@@ -147,7 +147,6 @@ def test_freeze_base_is_for_the_refine_stage_and_its_refiner_rate():
     assert model.refiner.training and not model.backbone.training and not model.decoder.training
 
 
-
 def test_plate_options_set_how_often_the_plate_differs_from_the_background(tmp_path):
     with pytest.raises(BgmatteError, match="--plate-color is a share"):
         TrainOptions(stage="base", out="x", plate_color=1.5)
@@ -156,6 +155,7 @@ def test_plate_options_set_how_often_the_plate_differs_from_the_background(tmp_p
     dataset = loop.open_dataset(tiny_options(tmp_path, plate_color=0.0, plate_misalign=0.0), "train", 0)
     assert (dataset.augment.plate_color_probability, dataset.augment.plate_affine_probability) == (0.0, 0.0)
     assert dataset.augment.noise_probability == paper.noise_probability  # the rest of the recipe stays
+
 
 # -- resuming ---------------------------------------------------------------------------------
 
