@@ -65,8 +65,8 @@ class TrainOptions:
             the paper's 80,000 scaled to the crop).
         plate_color, plate_misalign: the share of samples whose plate (the background the model is given)
             differs in colour from the true background, and the share where it is slightly rotated and
-            shifted (None: the paper's 0.8 and 0.3). Less teaches sharper edges against clean plates, more
-            tolerance of drifting ones.
+            shifted (None: the paper's 0.8 and 0.3), in training and validation batches alike. Less teaches
+            sharper edges against clean plates, more tolerance of drifting ones.
         precision: ``auto`` is bf16 on GPUs that have it, else fp16 with loss scaling, and fp32 on the CPU.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun, each process takes its local GPU).
         num_workers: data loading processes per training process.

@@ -294,6 +294,12 @@ class SyntheticDataset(Dataset):
         return make_training_batch(raw["fgr"], raw["pha"], raw["bgr"], self.size, generator, self.augment)
 
 
+def default_augment(name: str) -> AugmentOptions:
+    """The augmentation a dataset gets unless told otherwise: no geometric warps for the synthetic one
+    (`SYNTHETIC`), the paper's recipe (`PAPER`) for real mattes."""
+    return SYNTHETIC if name.lower() == "synthetic" else PAPER
+
+
 def build_dataset(
     name: str,
     root: str | Path | None = None,
@@ -327,7 +333,7 @@ def build_dataset(
         if length is None:
             length = 100_000 if split == "train" else 512
         split_seed = seed if split == "train" else item_seed(seed, zlib.crc32(split.encode()))
-        return SyntheticDataset(size, length, seed=split_seed, photos=photos, augment=augment or SYNTHETIC,
+        return SyntheticDataset(size, length, seed=split_seed, photos=photos, augment=augment or default_augment(key),
                                 options=TRAINING if split == "train" else DEFAULT)
     if root is None:
         raise BgmatteError(f"dataset {name!r} needs its folder (root)")
@@ -343,6 +349,6 @@ def build_dataset(
         MatteDataset(pairs),
         BackgroundDataset.from_folder(backgrounds, split),
         size,
-        options=augment or PAPER,
+        options=augment or default_augment(key),
         seed=seed,
     )

@@ -264,19 +264,12 @@ class EpochItems(Dataset):
 
 def open_dataset(options: TrainOptions, split: str, seed: int, length: int | None = None) -> Dataset:
     """The run's dataset (``bgmatte.train.data.build_dataset``) for a split, items at the crop size."""
-    from bgmatte.train.augment import PAPER, SYNTHETIC
-    from bgmatte.train.data import build_dataset
+    from bgmatte.train.data import build_dataset, default_augment
 
-    augment = None
-    if options.plate_color is not None or options.plate_misalign is not None:
-        paper = SYNTHETIC if options.dataset == "synthetic" else PAPER
-        augment = replace(
-            paper,
-            plate_color_probability=paper.plate_color_probability if options.plate_color is None
-            else options.plate_color,
-            plate_affine_probability=paper.plate_affine_probability if options.plate_misalign is None
-            else options.plate_misalign,
-        )
+    changes = {name: value for name, value in (("plate_color_probability", options.plate_color),
+                                               ("plate_affine_probability", options.plate_misalign))
+               if value is not None}
+    augment = replace(default_augment(options.dataset), **changes) if changes else None
     return build_dataset(options.dataset, options.data_root, split=split, size=options.crop_size,
                          backgrounds=options.backgrounds, seed=seed, length=length, augment=augment)
 
