@@ -44,6 +44,8 @@ class BenchOptions:
         batch: frames per call.
         repeats: timed calls per candidate; warmup: untimed calls first.
         checkpoint: weights to use instead of random ones.
+        plate_solve: ``off`` or ``on`` (`bgmatte.model.plate_solve`, for both candidates), or ``compare``:
+            the fast path without it against the fast path with it, to price the step.
     """
 
     backbone: str = "mobilenetv2"
@@ -58,6 +60,10 @@ class BenchOptions:
     repeats: int = 10
     warmup: int = 2
     checkpoint: str | None = None
+    plate_solve: str = "off"
+
+
+PLATE_SOLVE_CHOICES = ("off", "on", "compare")
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,10 @@ def benchmark(options: BenchOptions) -> BenchResult:
         raise BgmatteError("repeats and batch must be at least 1")
     if options.threads is not None and options.threads < 1:
         raise BgmatteError(f"threads must be at least 1, not {options.threads}")
+    if options.plate_solve not in PLATE_SOLVE_CHOICES:
+        raise BgmatteError(f"plate_solve must be one of {', '.join(PLATE_SOLVE_CHOICES)}, not {options.plate_solve!r}")
+    if options.plate_solve == "compare" and options.backend != "torch":
+        raise BgmatteError("plate_solve compare times the torch fast path with and without it: use backend torch")
     threads = torch.get_num_threads()
     try:
         if options.threads is not None:
@@ -212,12 +222,14 @@ def _benchmark(options: BenchOptions) -> BenchResult:
     dtype = PRECISIONS[options.precision]
     if options.checkpoint:
         plain = load_model(options.checkpoint, backbone=options.backbone, device=device, optimize=False,
-                           precision=options.precision, **_load_settings(options.options))
+                           precision=options.precision, plate_solve=False, **_load_settings(options.options))
         weights = options.checkpoint
     else:
         plain = random_model(options.backbone, options.options).to(device, dtype)
         weights = ("random: the error map, so which patches are refined, is arbitrary; the amount of work "
                    "is not, except in thresholding mode, where it depends on the error map")
+    plain.plate_solve = options.plate_solve == "on"
+    plain_name = "plain module"
     if options.backend == "onnxruntime":
         fast = _onnx_candidate(plain, options)
         fast_name = "onnxruntime"
@@ -226,6 +238,9 @@ def _benchmark(options: BenchOptions) -> BenchResult:
 
         fast = optimize_model(copy.deepcopy(plain))
         fast_name = "fast path"
+        if options.plate_solve == "compare":
+            plain, plain_name = optimize_model(copy.deepcopy(plain)), "fast path"
+            fast.plate_solve, fast_name = True, "+ plate solve"
     src, bgr = example_frames(options.batch, options.height, options.width, dtype, device)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
@@ -234,7 +249,7 @@ def _benchmark(options: BenchOptions) -> BenchResult:
                                    options.repeats, options.warmup, synchronize)
     return BenchResult(options=options, machine=machine_description(), device=str(device),
                        threads=options.threads or torch.get_num_threads(), weights=weights, refined_pixels=refined,
-                       plain=Timing("plain module", seconds["plain"], options.batch),
+                       plain=Timing(plain_name, seconds["plain"], options.batch),
                        fast=Timing(fast_name, seconds["fast"], options.batch))
 
 
@@ -267,7 +282,8 @@ def format_result(result: BenchResult) -> str:
         + (f" {settings.refine_sample_pixels} px" if settings.refine_mode == "sampling" else "")
         + (f" > {settings.refine_threshold}" if settings.refine_mode == "thresholding" else ""),
         f"machine: {result.machine}; device {result.device}, {result.threads} threads",
-        f"weights: {result.weights}; refined pixels per frame: {result.refined_pixels}",
+        f"weights: {result.weights}; refined pixels per frame: {result.refined_pixels}; "
+        f"plate solve: {o.plate_solve}",
         f"median of {o.repeats} interleaved runs after {o.warmup} warm-up:",
         f"  {result.plain.name:<14} {result.plain.median_ms:9.1f} ms/frame  {result.plain.fps:7.2f} fps",
         f"  {result.fast.name:<14} {result.fast.median_ms:9.1f} ms/frame  {result.fast.fps:7.2f} fps",

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from bgmatte.errors import BgmatteError
 from bgmatte.model.matting import MattingBase, MattingRefine, RefineOptions
+from bgmatte.model.plate_solve import solve_alpha
 
 ONNX_OPSET = 18
 OUTPUT_NAMES = ("pha", "fgr", "pha_sm", "fgr_sm", "err_sm", "ref_sm")
@@ -86,6 +87,7 @@ class ExportableMatting(nn.Module):
     refine_threshold: float
     refine_prevent_oversampling: bool
     refine_kernel_size: int
+    plate_solve: bool
 
     def __init__(self, model: MattingRefine, base: nn.Module) -> None:
         super().__init__()
@@ -96,6 +98,7 @@ class ExportableMatting(nn.Module):
         self.refine_threshold = options.refine_threshold
         self.refine_prevent_oversampling = options.refine_prevent_oversampling
         self.refine_kernel_size = options.refine_kernel_size
+        self.plate_solve = model.plate_solve
         self.base = base
         r = model.refiner
         self.conv1, self.bn1, self.conv2, self.bn2 = r.conv1, r.bn1, r.conv2, r.bn2
@@ -117,8 +120,11 @@ class ExportableMatting(nn.Module):
         err_sm = x[:, 4:5].clamp(0.0, 1.0)
         hid_sm = x[:, 5:].relu()
         pha, fgr_residual, ref_sm = self._refine(src, bgr, pha_sm, fgr_residual_sm, err_sm, hid_sm)
-        pha = pha.clamp(0.0, 1.0)[:, :, :height, :width]
-        fgr = (fgr_residual + src).clamp(0.0, 1.0)[:, :, :height, :width]
+        pha = pha.clamp(0.0, 1.0)
+        fgr = (fgr_residual + src).clamp(0.0, 1.0)
+        if self.plate_solve:
+            pha = solve_alpha(src, bgr, pha, fgr)
+        pha, fgr = pha[:, :, :height, :width], fgr[:, :, :height, :width]
         fgr_sm = (fgr_residual_sm + src_sm).clamp(0.0, 1.0)
         return pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm
 
@@ -242,7 +248,8 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     finally:
         model.to(parameter.device)
     proto = program.model_proto
-    metadata = {"producer": "bgmatte", "backbone": model.backbone_name, **_settings_metadata(model.options)}
+    metadata = {"producer": "bgmatte", "backbone": model.backbone_name, **_settings_metadata(model.options),
+                "plate_solve": "on" if model.plate_solve else "off"}
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

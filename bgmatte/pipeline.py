@@ -84,6 +84,8 @@ class ModelOptions:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32``, ``fp16`` or ``bf16``.
         optimize: use the fast inference path (same outputs).
+        plate_solve: re-solve alpha against the plate (`bgmatte.model.plate_solve`); None: as the
+            weights say (on for the embedded default model).
     """
 
     checkpoint: str | os.PathLike | None = None
@@ -97,6 +99,7 @@ class ModelOptions:
     device: str = "auto"
     precision: str = "fp32"
     optimize: bool = True
+    plate_solve: bool | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in ("mattingrefine", "mattingbase"):
@@ -145,6 +148,7 @@ def load_predictor(model: ModelLike, width: int, height: int) -> Predictor:
         refine_kernel_size=options.refine_kernel_size,
         device=options.device,
         optimize=options.optimize,
+        plate_solve=options.plate_solve,
     )
     return Predictor(loaded, precision=options.precision)
 
@@ -167,6 +171,8 @@ def _load_base(options: ModelOptions) -> nn.Module:
     from bgmatte.model.build import DEFAULT_WEIGHTS, detect_backbone, read_state_dict, resolve_device
     from bgmatte.model.matting import BACKBONES, MattingBase
 
+    if options.plate_solve:
+        raise BgmatteError("the plate solve follows the refiner: it works with model type mattingrefine only")
     if options.checkpoint is None and not DEFAULT_WEIGHTS.is_file():
         raise BgmatteError("no embedded default model is shipped in this build of bgmatte yet: "
                            "pass a checkpoint (for example a released pytorch_mobilenetv2.pth)")

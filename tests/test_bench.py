@@ -87,3 +87,17 @@ def test_bad_settings_become_one_line_errors(capsys):
     assert "backbone_scale" in capsys.readouterr().err
     assert main(["bench", "--threads", "0", "--resolution", "64x64", "--repeats", "1"]) == 2
     assert "threads" in capsys.readouterr().err
+
+
+def test_plate_solve_compare_prices_the_step_on_the_fast_path(capsys):
+    code = main(["bench", "--resolution", "128x96", "--pixels", "1600", "--repeats", "2", "--warmup", "0",
+                 "--threads", "1", "--plate-solve", "compare", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plain"]["name"] == "fast path" and report["fast"]["name"] == "+ plate solve"
+    assert report["settings"]["plate_solve"] == "compare"
+
+
+def test_plate_solve_compare_needs_the_torch_backend():
+    with pytest.raises(BgmatteError, match="backend torch"):
+        benchmark(BenchOptions(width=64, height=48, backend="onnxruntime", plate_solve="compare"))

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed calls of each (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each first (default 2)")
     parser.add_argument("--checkpoint", metavar="CKPT", help="real weights instead of random ones")
+    parser.add_argument("--plate-solve", choices=("off", "on", "compare"), default="off",
+                        help="re-solve alpha against the plate in both candidates (on), or time the fast path "
+                             "without it against the fast path with it (compare); default off")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--pipeline", action="store_true",
                         help="instead: time `bgmatte video` end to end (decode, matte, composite, encode) against "
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     options = BenchOptions(backbone=args.backbone, width=width, height=height, options=settings,
                            precision=args.precision, backend=args.backend, threads=args.threads,
                            device=args.device, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
-                           checkpoint=args.checkpoint)
+                           checkpoint=args.checkpoint, plate_solve=args.plate_solve)
     result = benchmark(options)
     print(json.dumps(result.as_dict(), indent=2) if args.json else format_result(result))
     return 0

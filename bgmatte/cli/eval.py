@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from bgmatte.cli.video import add_plate_solve_argument, plate_solve_choice
 from bgmatte.errors import BgmatteError
 
 DESCRIPTION = """\
@@ -47,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="pixels refined in sampling mode (default 80000)")
     model.add_argument("--refine-threshold", type=float, default=0.1, metavar="T",
                        help="error threshold in thresholding mode (default 0.1)")
+    add_plate_solve_argument(model)
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.set_defaults(func=run)
 
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             model = bgmatte.load_model(
                 args.model, backbone=args.backbone, backbone_scale=args.backbone_scale,
                 refine_mode=args.refine_mode, refine_sample_pixels=args.refine_sample_pixels,
-                refine_threshold=args.refine_threshold, device=args.device,
+                refine_threshold=args.refine_threshold, device=args.device, plate_solve=plate_solve_choice(args),
             )
         result = evaluate.evaluate_model(model, args.data, args.out)
     else:

@@ -63,6 +63,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, refine_threshold: fl
                        help=f"error threshold in thresholding mode (default {refine_threshold}, as the reference)")
     group.add_argument("--refine-kernel-size", "--model-refine-kernel-size", dest="refine_kernel_size", type=int,
                        choices=(1, 3), help="the refiner's kernel size (default: read from the checkpoint)")
+    add_plate_solve_argument(group)
     group.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     group.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                        help="inference precision (default fp32)")
@@ -79,8 +80,19 @@ def model_options(args: argparse.Namespace):
         backbone_scale=args.backbone_scale, refine_mode=args.refine_mode,
         refine_sample_pixels=args.refine_sample_pixels, refine_threshold=args.refine_threshold,
         refine_kernel_size=args.refine_kernel_size, device=args.device, precision=args.precision,
-        optimize=args.optimize,
+        optimize=args.optimize, plate_solve=plate_solve_choice(args),
     )
+
+
+def add_plate_solve_argument(group) -> None:
+    """`--plate-solve on|off`; left out, the weights decide (`bgmatte.load_model`)."""
+    group.add_argument("--plate-solve", choices=("on", "off"),
+                       help="re-solve alpha near the subject from the compositing equation against the plate (default: as the weights say; on for the embedded model)")
+
+
+def plate_solve_choice(args: argparse.Namespace) -> bool | None:
+    """`--plate-solve` as `load_model` takes it: True, False, or None for the weights' own choice."""
+    return {"on": True, "off": False}.get(args.plate_solve)
 
 
 def add_plate_arguments(parser: argparse.ArgumentParser) -> None:

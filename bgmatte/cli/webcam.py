@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from bgmatte.cli.video import add_plate_solve_argument, plate_solve_choice
+
 DESCRIPTION = """\
 Matte a camera live against a plate (a photo of the background without you) and composite onto a target
 background, sent to a virtual camera (--virtual-cam, needs pip install "bgmatte[webcam]"), shown in a preview
@@ -64,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        type=int, default=80_000, metavar="N", help="pixels refined in sampling mode (default 80000)")
     model.add_argument("--refine-threshold", "--model-refine-threshold", dest="refine_threshold", type=float,
                        default=0.1, metavar="T", help="error threshold in thresholding mode (default 0.1)")
+    add_plate_solve_argument(model)
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     model.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                        help="inference precision (default fp32)")
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         refine_mode=args.refine_mode,
         refine_sample_pixels=args.refine_sample_pixels,
         refine_threshold=args.refine_threshold,
+        plate_solve=plate_solve_choice(args),
         device=args.device,
         precision=args.precision,
         max_frames=args.max_frames,

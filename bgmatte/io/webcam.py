@@ -718,6 +718,7 @@ def run_webcam(
     refine_mode: str = "sampling",
     refine_sample_pixels: int = 80_000,
     refine_threshold: float = 0.1,
+    plate_solve: bool | None = None,
     device: str = "auto",
     precision: str = "fp32",
     max_frames: int | None = None,
@@ -738,8 +739,8 @@ def run_webcam(
             and a windowed OpenCV are present.
         record: also write the output to this video file (`overwrite` to replace it).
         width, height, fps: the capture format asked of the camera; frames are resized to width x height.
-        backbone, backbone_scale, refine_mode, refine_sample_pixels, refine_threshold, device, precision:
-            the model's settings, as for `bgmatte.load_model` and `Predictor`.
+        backbone, backbone_scale, refine_mode, refine_sample_pixels, refine_threshold, plate_solve, device,
+            precision: the model's settings, as for `bgmatte.load_model` and `Predictor`.
         max_frames: stop after this many frames.
 
     Ctrl-C stops it: the camera is released and the virtual camera and the recording are closed
@@ -768,7 +769,7 @@ def run_webcam(
         plate = load_plate(bgr, source.size) if bgr is not None else None
         model = load_model(checkpoint, backbone=backbone, backbone_scale=backbone_scale, refine_mode=refine_mode,
                            refine_sample_pixels=refine_sample_pixels, refine_threshold=refine_threshold,
-                           device=device)
+                           plate_solve=plate_solve, device=device)
         predictor = Predictor(model, precision=precision)
         # The first inference is slow (allocation, kernel choice); do it now, not on the first live frame.
         blank = np.zeros((source.size[1], source.size[0], 3), np.uint8)

@@ -130,7 +130,8 @@ BACKENDS = ("torch", "onnxruntime")
 def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = None, backbone_scale: float = 0.25,
                refine_mode: str = "sampling", refine_sample_pixels: int = 80_000, refine_threshold: float = 0.1,
                refine_kernel_size: int | None = None, device: str | torch.device = "auto",
-               optimize: bool = True, precision: str = "fp32", backend: str = "torch") -> torch.nn.Module:
+               optimize: bool = True, precision: str = "fp32", backend: str = "torch",
+               plate_solve: bool | None = None) -> torch.nn.Module:
     """A ready ``MattingRefine`` in eval mode, from a checkpoint path or (None) the embedded default model.
 
     The backbone and the refiner's kernel size are read from the weights unless given. ``optimize``
@@ -138,6 +139,8 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
     ``precision`` (fp32, fp16, bf16) sets the weights' dtype; inputs must match it on the plain
     module and are cast by the fast one. ``backend="onnxruntime"`` runs an exported ``.onnx`` file
     (or exports the checkpoint first) with onnxruntime, the ``[onnx]`` extra.
+    ``plate_solve`` (see ``MattingRefine``) defaults to what a ``.safetensors`` file's metadata says
+    (``plate_solve: on`` in the embedded default model, which was scored with it); off for other weights.
     """
     if precision not in PRECISIONS:
         raise BgmatteError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -157,7 +160,10 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
         raise BgmatteError("no embedded default model is shipped in this build of bgmatte yet: "
                            "pass a checkpoint (for example a released pytorch_mobilenetv2.pth)")
     state = read_state_dict(source)
-    if checkpoint is None and weights_metadata(source).get("status") == "interim":
+    metadata = weights_metadata(source)
+    if plate_solve is None:
+        plate_solve = metadata.get("plate_solve") == "on"
+    if checkpoint is None and metadata.get("status") == "interim":
         warnings.warn("the embedded default model is an interim checkpoint, short of its quality target "
                       f"(see {WEIGHTS_DIR / 'MODEL_CARD.md'}); pass a released checkpoint for real work",
                       UserWarning, stacklevel=2)
@@ -177,7 +183,7 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
                                 refine_kernel_size)
     except ValueError as exc:
         raise BgmatteError(str(exc)) from None
-    model = MattingRefine(backbone, **vars(options))
+    model = MattingRefine(backbone, **vars(options), plate_solve=plate_solve)
     load_weights(model, state, str(source))
     model = model.eval().to(resolve_device(device), PRECISIONS[precision])
     if optimize:

@@ -31,6 +31,7 @@ from bgmatte.model.aspp import ASPP
 from bgmatte.model.decoder import Decoder
 from bgmatte.model.matting import MattingRefine, check_inputs
 from bgmatte.model.mobilenetv2 import MobileNetV2Encoder
+from bgmatte.model.plate_solve import solve_alpha
 from bgmatte.model.refiner import Refiner
 from bgmatte.model.resnet import ResNetEncoder
 
@@ -425,6 +426,7 @@ class FastMattingRefine(MattingRefine):
         self.decoder = model.decoder
         self.refiner = model.refiner
         self.backbone_scale = model.backbone_scale
+        self.plate_solve = model.plate_solve
         self.train(model.training)
         self._plan_key: tuple | None = None
         self._plan: dict = {}
@@ -506,6 +508,8 @@ class FastMattingRefine(MattingRefine):
             pha, fgr, ref_sm = self._refine_everywhere(layers["refiner"], src, bgr, coarse)
         else:
             pha, fgr, ref_sm = self._refine_patches(layers["refiner"], src, bgr, coarse, err_sm)
+        if self.plate_solve:
+            pha = solve_alpha(src, bgr, pha, fgr)
         if pad_h or pad_w:
             pha, fgr = pha[:, :, :height, :width], fgr[:, :, :height, :width]
         return pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from bgmatte.model.aspp import ASPP
 from bgmatte.model.decoder import Decoder
 from bgmatte.model.mobilenetv2 import MobileNetV2Encoder
+from bgmatte.model.plate_solve import solve_alpha
 from bgmatte.model.refiner import REFINE_MODES, Refiner
 from bgmatte.model.resnet import RESNET_LAYERS, ResNetEncoder
 
@@ -117,8 +118,9 @@ class MattingRefine(MattingBase):
 
     def __init__(self, backbone: str = "mobilenetv2", backbone_scale: float = 0.25, refine_mode: str = "sampling",
                  refine_sample_pixels: int = 80_000, refine_threshold: float = 0.1, refine_kernel_size: int = 3,
-                 refine_prevent_oversampling: bool = True) -> None:
+                 refine_prevent_oversampling: bool = True, plate_solve: bool = False) -> None:
         super().__init__(backbone)
+        self.plate_solve = plate_solve
         options = RefineOptions(backbone_scale, refine_mode, refine_sample_pixels, refine_threshold,
                                 refine_kernel_size, refine_prevent_oversampling)
         self.backbone_scale = options.backbone_scale
@@ -169,6 +171,8 @@ class MattingRefine(MattingBase):
         pha = pha.clamp(0.0, 1.0)
         fgr = (fgr_residual + src).clamp(0.0, 1.0)
         fgr_sm = (fgr_residual_sm + src_sm).clamp(0.0, 1.0)
+        if self.plate_solve:
+            pha = solve_alpha(src, bgr, pha, fgr)
         if pad_h or pad_w:
             pha, fgr = pha[:, :, :height, :width], fgr[:, :, :height, :width]
         return pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm
