@@ -73,6 +73,20 @@ def test_pixels_far_from_the_matte_and_opaque_pixels_keep_their_alpha():
     assert opaque.any() and torch.equal(solved[opaque], soft[opaque])
 
 
+def test_outside_the_matte_faint_rises_are_dropped_and_clear_ones_kept():
+    """A strand the network missed, just outside its matte: kept when it is clear, dropped when it is as faint
+    as noise."""
+    src, bgr, fgr, alpha = disk_scene(ramp=1.0)
+    network = alpha.clone()
+    rows, cols = slice(46, 50), slice(95, 97)  # 1-2 pixels beyond the disk's edge (radius 30 about x = 64)
+    assert network[:, :, rows, cols].max() == 0
+    for strand, expected in ((0.05, 0.0), (0.4, 0.4)):
+        frame = src.clone()
+        frame[:, :, rows, cols] = strand * fgr[:, :, rows, cols] + (1 - strand) * bgr[:, :, rows, cols]
+        solved = solve_alpha(frame, bgr, network, fgr)[:, :, rows, cols]
+        torch.testing.assert_close(solved, torch.full_like(solved, expected), atol=0.03, rtol=0)
+
+
 def test_half_precision_comes_back_in_half_precision():
     src, bgr, fgr, alpha = disk_scene()
     soft = soften(alpha)

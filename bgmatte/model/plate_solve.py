@@ -83,8 +83,8 @@ def _at(x: Tensor, b: Tensor, p: Tensor) -> Tensor:
 
 
 def solve_alpha(src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, solid: float = 0.95, sigma: float = 8.0,
-                reach: int = 4, floor: float = 0.02, ceiling: float = 0.999, softness: float = 0.01,
-                noise_weight: float = 16.0, background_margin: int = 7) -> Tensor:
+                reach: int = 4, floor: float = 0.02, ceiling: float = 0.999, softness: float = 0.001,
+                noise_weight: float = 16.0, background_margin: int = 7, faint: float = 0.1) -> Tensor:
     """The network's alpha `pha` (B, 1, H, W), re-solved from the frame `src`, the plate `bgr` and the
     foreground `fgr` (B, 3, H, W, in 0..1) near the subject; unchanged elsewhere. Computed in float32 and
     returned in `pha`'s dtype. The constants were chosen on our validation sets (never the held-out ones):
@@ -95,7 +95,9 @@ def solve_alpha(src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, solid: float
     - ceiling: pixels the network calls opaque beyond this keep their alpha (their colour is their own);
     - softness: the squared colour distance |F - B|^2 (channels in 0..1, summed) at which the projection and
       the network count equally; `noise_weight` times the mean |I - B|^2 of the far background (farther
-      than `background_margin` from the matte) is added to it.
+      than `background_margin` from the matte) is added to it;
+    - faint: outside the network's matte, alpha that would rise to less than this stays as it was (noise from
+      the camera or the codec near the subject, rather than hair).
     """
     dtype = pha.dtype
     batch, _, height, width = pha.shape
@@ -129,5 +131,7 @@ def solve_alpha(src: Tensor, bgr: Tensor, pha: Tensor, fgr: Tensor, solid: float
 
     solved = pha.reshape(batch, height * width).clone()
     before = solved[b, p]
-    solved[b, p] = torch.where(coverage > 0.01, trust * projected + (1.0 - trust) * before, before)
+    blended = trust * projected + (1.0 - trust) * before
+    blended = torch.where((before <= floor) & (blended < faint), before, blended)  # specks of noise, not hair
+    solved[b, p] = torch.where(coverage > 0.01, blended, before)
     return solved.view(batch, 1, height, width).to(dtype)
