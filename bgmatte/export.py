@@ -7,7 +7,7 @@ plain module's.
 
 - TorchScript keeps the settings as attributes that can be changed after ``torch.jit.load``, under
   the reference's names: ``backbone_scale``, ``refine_mode``, ``refine_sample_pixels``,
-  ``refine_threshold``, ``refine_prevent_oversampling``.
+  ``refine_threshold``, ``refine_prevent_oversampling``; and ``plate_solve``.
 - ONNX fixes the settings at export time (an ONNX graph has no Python branches); they are stored in
   the file's metadata, and ``OnnxMatting`` reads them back.
 """
@@ -290,8 +290,9 @@ def _import_onnx(name: str):
 def export_checkpoint(checkpoint: str | Path | None, output: str | Path, *, format: str,
                       backbone: str | None = None, options: RefineOptions = RefineOptions(),
                       refine_kernel_size: int | None = None, precision: str = "fp32",
-                      device: str = "cpu", opset: int = ONNX_OPSET) -> Path:
-    """Load a checkpoint (None: the embedded default model) and export it as ``torchscript`` or ``onnx``."""
+                      device: str = "cpu", opset: int = ONNX_OPSET, plate_solve: bool | None = None) -> Path:
+    """Load a checkpoint (None: the embedded default model) and export it as ``torchscript`` or ``onnx``;
+    ``plate_solve`` as for ``load_model`` (None: as the weights say)."""
     from bgmatte.model.build import load_model
 
     if format not in ("torchscript", "onnx"):
@@ -301,7 +302,7 @@ def export_checkpoint(checkpoint: str | Path | None, output: str | Path, *, form
     model = load_model(checkpoint, backbone=backbone, backbone_scale=options.backbone_scale,
                        refine_mode=options.refine_mode, refine_sample_pixels=options.refine_sample_pixels,
                        refine_threshold=options.refine_threshold, refine_kernel_size=refine_kernel_size,
-                       device=device, optimize=False, precision=precision)
+                       device=device, optimize=False, precision=precision, plate_solve=plate_solve)
     model.refiner.prevent_oversampling = options.refine_prevent_oversampling
     if format == "torchscript":
         return export_torchscript(model, output)
@@ -338,6 +339,7 @@ class OnnxMatting:
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.options = _options_from_metadata(metadata, str(self.path))
         self.backbone_name = metadata.get("backbone", "unknown")
+        self.plate_solve = metadata.get("plate_solve") == "on"
         self.training = False
 
     def eval(self) -> "OnnxMatting":
@@ -356,7 +358,7 @@ class OnnxMatting:
 
 def load_onnx_backend(checkpoint: str | Path | None, *, backbone: str | None, options: RefineOptions,
                       refine_kernel_size: int | None, device: str, precision: str,
-                      threads: int | None = None) -> OnnxMatting:
+                      threads: int | None = None, plate_solve: bool | None = None) -> OnnxMatting:
     """``load_model(..., backend="onnxruntime")``: an ``.onnx`` file runs as it is; a checkpoint is exported
     to ONNX with the given settings first (about a minute), into a temporary file."""
     _import_onnx("onnxruntime")
@@ -366,10 +368,14 @@ def load_onnx_backend(checkpoint: str | Path | None, *, backbone: str | None, op
     if checkpoint is not None and Path(checkpoint).suffix == ".onnx":
         model = OnnxMatting(checkpoint, device=device, threads=threads)
         _check_fixed_settings(model, backbone, options, refine_kernel_size)
+        if plate_solve is not None and plate_solve != model.plate_solve:
+            raise BgmatteError(f"{checkpoint}: exported with the plate solve {'on' if model.plate_solve else 'off'}; "
+                               f"an ONNX model's settings are fixed, so export again with --plate-solve "
+                               f"{'on' if plate_solve else 'off'}")
         return model
     with tempfile.TemporaryDirectory(prefix="bgmatte-onnx-") as folder:
         path = export_checkpoint(checkpoint, Path(folder) / "model.onnx", format="onnx", backbone=backbone,
-                                 options=options, refine_kernel_size=refine_kernel_size)
+                                 options=options, refine_kernel_size=refine_kernel_size, plate_solve=plate_solve)
         return OnnxMatting(path, device=device, threads=threads)  # the session holds the model in memory
 
 

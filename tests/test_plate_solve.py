@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from bgmatte import BgmatteError
+from bgmatte.cli import main
 from bgmatte.cli.video import add_model_arguments, model_options
 from bgmatte.export import to_torchscript
 from bgmatte.model import build
@@ -209,10 +211,12 @@ def test_onnx_export_carries_the_step_and_says_so(trained, tmp_path):
         assert not torch.equal(expected[0], without)  # the step changed something here
         got = runner(src, bgr)
         np.testing.assert_allclose(got[0].numpy(), expected[0].numpy(), atol=1e-4, rtol=0)
+    assert load_model(tmp_path / "m.onnx", backend="onnxruntime").plate_solve is True
+    with pytest.raises(BgmatteError, match="exported with the plate solve on"):
+        load_model(tmp_path / "m.onnx", backend="onnxruntime", plate_solve=False)
 
 
 def test_the_pipeline_follows_the_weights_unless_told_and_refuses_it_without_the_refiner(tmp_path):
-    from bgmatte import BgmatteError
     from bgmatte.pipeline import ModelOptions, load_predictor
 
     save_weights(MattingRefine("mobilenetv2"), tmp_path / "on.safetensors", metadata={"plate_solve": "on"})
@@ -223,3 +227,14 @@ def test_the_pipeline_follows_the_weights_unless_told_and_refuses_it_without_the
     base = ModelOptions(checkpoint=weights, device="cpu", model_type="mattingbase", plate_solve=True)
     with pytest.raises(BgmatteError, match="mattingrefine only"):
         load_predictor(base, 64, 48)
+
+
+def test_torchscript_export_takes_the_flag_and_keeps_it_changeable(tmp_path, capsys):
+    torch.save(MattingRefine("mobilenetv2").state_dict(), tmp_path / "w.pth")
+    path = tmp_path / "m.torchscript"
+    assert main(["export", "torchscript", str(tmp_path / "w.pth"), "-o", str(path), "--plate-solve", "on"]) == 0
+    scripted = torch.jit.load(str(path))
+    assert scripted.plate_solve is True
+    scripted.plate_solve = False
+    src, bgr, _, _ = disk_scene(height=64, width=96)
+    scripted(src, bgr)

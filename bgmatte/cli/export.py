@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import argparse
 
+from bgmatte.cli.video import add_plate_solve_argument, plate_solve_choice
 from bgmatte.errors import BgmatteError
 
 DESCRIPTION = """\
 Export a checkpoint (the released .pth files or .safetensors; without one, the embedded default model
 once it ships) for deployment:
 
-  torchscript   a TorchScript model; backbone_scale, refine_mode, refine_sample_pixels and
-                refine_threshold can still be changed after torch.jit.load, as with the
-                reference's TorchScript models. fp16/bf16 export the weights in that dtype.
+  torchscript   a TorchScript model; backbone_scale, refine_mode, refine_sample_pixels,
+                refine_threshold (and plate_solve) can still be changed after torch.jit.load, as
+                with the reference's TorchScript models. fp16/bf16 export the weights in that dtype.
   onnx          an ONNX model (opset 18 by default, dynamic batch, height and width), fp32. Its
                 settings are fixed at export and stored in the file's metadata; load it with
                 bgmatte.load_model(path, backend="onnxruntime"). Exporting takes about a minute.
@@ -44,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="weights' dtype, TorchScript only (default fp32)")
     parser.add_argument("--device", default="cpu", help="device for the TorchScript weights (default cpu)")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 or later (default 18)")
+    add_plate_solve_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -58,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise BgmatteError(str(exc)) from None
     path = export_checkpoint(args.checkpoint, args.output, format=args.format, backbone=args.backbone,
-                             options=options, precision=args.precision, device=args.device, opset=args.opset)
+                             options=options, precision=args.precision, device=args.device, opset=args.opset,
+                             plate_solve=plate_solve_choice(args))
     print(f"bgmatte export: wrote {path}")
     return 0

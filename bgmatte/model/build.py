@@ -153,8 +153,8 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
             options = RefineOptions(backbone_scale, refine_mode, refine_sample_pixels, refine_threshold)
         except ValueError as exc:
             raise BgmatteError(str(exc)) from None
-        return load_onnx_backend(checkpoint, backbone=backbone, options=options,
-                                 refine_kernel_size=refine_kernel_size, device=str(device), precision=precision)
+        return load_onnx_backend(checkpoint, backbone=backbone, options=options, refine_kernel_size=refine_kernel_size,
+                                 device=str(device), precision=precision, plate_solve=plate_solve)
     source = Path(checkpoint) if checkpoint is not None else DEFAULT_WEIGHTS
     if checkpoint is None and not DEFAULT_WEIGHTS.is_file():
         raise BgmatteError("no embedded default model is shipped in this build of bgmatte yet: "
