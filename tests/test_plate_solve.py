@@ -17,7 +17,7 @@ from bgmatte.model import build
 from bgmatte.model.build import load_model, save_weights
 from bgmatte.model.fast import optimize_model
 from bgmatte.model.matting import MattingRefine
-from bgmatte.model.plate_solve import _dilate, _gaussian_blur, solve_alpha
+from bgmatte.model.plate_solve import _dilate, _reduced_blur, _sample, solve_alpha
 
 
 def disk_scene(height=96, width=128, radius=30.0, ramp=3.0, seed=0):
@@ -34,9 +34,17 @@ def disk_scene(height=96, width=128, radius=30.0, ramp=3.0, seed=0):
     return src, bgr, fgr, alpha
 
 
+def full_size_blur(x, sigma):
+    """`_reduced_blur` brought back to the input's size, as `solve_alpha` reads it."""
+    blurred, factor = _reduced_blur([x], sigma)
+    if factor > 1:
+        blurred = torch.nn.functional.interpolate(blurred, x.shape[2:], mode="bilinear", align_corners=False)
+    return blurred
+
+
 def soften(alpha, sigma=3.0):
     """A network-like soft edge: the true alpha blurred."""
-    return _gaussian_blur(alpha, sigma).clamp(0, 1)
+    return full_size_blur(alpha, sigma).clamp(0, 1)
 
 
 def test_a_clean_plate_sharpens_a_soft_edge_towards_the_truth():
@@ -107,7 +115,7 @@ def test_dilation_by_running_sums_equals_max_pooling():
 def test_blur_at_a_quarter_resolution_stays_close_to_the_full_blur():
     x = torch.rand(1, 2, 128, 160, generator=torch.Generator().manual_seed(3))
     x = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 8), (128, 160), mode="bilinear")
-    fast = _gaussian_blur(x, 8.0)  # pooled by 4
+    fast = full_size_blur(x, 8.0)  # pooled by 4
     g = torch.arange(-32, 33, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (g / 8.0) ** 2)
     kernel = kernel / kernel.sum()
@@ -116,6 +124,14 @@ def test_blur_at_a_quarter_resolution_stays_close_to_the_full_blur():
     full = torch.nn.functional.conv2d(full, kernel.view(1, 1, -1, 1).expand(2, 1, -1, 1), groups=2)
     inner = (slice(None), slice(None), slice(16, -16), slice(16, -16))  # borders are handled differently
     assert (fast - full)[inner].abs().max() < 0.02
+
+
+def test_sampling_chosen_pixels_equals_upsampling_the_whole_frame():
+    low = torch.rand(2, 4, 25, 33, generator=torch.Generator().manual_seed(4))
+    full = torch.nn.functional.interpolate(low, (98, 130), mode="bilinear", align_corners=False)
+    b, row, col = torch.meshgrid(torch.arange(2), torch.arange(98), torch.arange(130), indexing="ij")
+    sampled = _sample(low, 98, 130, b.flatten(), row.flatten(), col.flatten())
+    torch.testing.assert_close(sampled, full.permute(0, 2, 3, 1).reshape(-1, 4), atol=1e-5, rtol=0)
 
 
 # -- on the model --------------------------------------------------------------------------------------------

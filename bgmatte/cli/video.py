@@ -87,7 +87,8 @@ def model_options(args: argparse.Namespace):
 def add_plate_solve_argument(group) -> None:
     """`--plate-solve on|off`; left out, the weights decide (`bgmatte.load_model`)."""
     group.add_argument("--plate-solve", choices=("on", "off"),
-                       help="re-solve alpha near the subject from the compositing equation against the plate (default: as the weights say; on for the embedded model)")
+                       help="re-solve alpha near the subject from the compositing equation against the plate "
+                            "(default: as the weights say; on for the embedded model)")
 
 
 def plate_solve_choice(args: argparse.Namespace) -> bool | None:

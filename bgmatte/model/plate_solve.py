@@ -40,14 +40,6 @@ def _reduced_blur(parts: List[Tensor], sigma: float) -> Tuple[Tensor, int]:
     return x, factor
 
 
-def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """`_reduced_blur` brought back to the input's size (bilinear)."""
-    blurred, factor = _reduced_blur([x], sigma)
-    if factor > 1:
-        blurred = F.interpolate(blurred, (x.shape[2], x.shape[3]), mode="bilinear", align_corners=False)
-    return blurred
-
-
 def _sample(low: Tensor, height: int, width: int, b: Tensor, row: Tensor, col: Tensor) -> Tensor:
     """What `F.interpolate(low, (height, width), mode="bilinear")` holds at pixels (`row`, `col`) of images
     `b`, computed at those pixels alone: (N, C)."""
