@@ -190,11 +190,19 @@ class ExposureFit:
     pixels: int  # pixels the final fit used
 
     def apply(self, plate: np.ndarray) -> np.ndarray:
-        """The plate with the fitted colour change, in the plate's dtype."""
+        """The plate with the fitted colour change, in the plate's dtype. Channels clipped in the plate stay
+        clipped: the fit never saw them, and a highlight bright enough to clip mostly stays clipped, where
+        scaling each channel on its own would tint it (a white window turning pink)."""
         if plate.dtype == np.uint8:  # OpenCV applies it in 8 bits directly, rounding and saturating
-            return cv2.transform(plate, np.hstack([self.matrix, 255.0 * self.offset[:, None]]))
-        transform = np.hstack([self.matrix, self.offset[:, None]]).astype(np.float32)
-        return _like(cv2.transform(plate.astype(np.float32, copy=False), transform), plate.dtype)
+            result = cv2.transform(plate, np.hstack([self.matrix, 255.0 * self.offset[:, None]]))
+            clipped = plate >= 253
+        else:
+            transform = np.hstack([self.matrix, self.offset[:, None]]).astype(np.float32)
+            result = _like(cv2.transform(plate.astype(np.float32, copy=False), transform), plate.dtype)
+            clipped = plate >= 253 / 255
+        if clipped.any():
+            result = np.where(clipped, np.maximum(result, plate.astype(result.dtype, copy=False)), result)
+        return result
 
 
 IDENTITY_FIT = ExposureFit(np.eye(3), np.zeros(3), 0)

@@ -174,6 +174,20 @@ def test_uint8_plates_come_back_as_uint8():
     assert np.abs(corrected / 255.0 - background).mean() < 0.006
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_clipped_highlights_stay_untinted(dtype):
+    plate, frame, background, subject = exposure_pair(seed=3)
+    plate[100:, :] = 1.0  # a clipped white window along the bottom, clipped in the frame too
+    frame[100:, :] = 1.0
+    if dtype == np.uint8:
+        plate, frame = (plate * 255).round().astype(np.uint8), (frame * 255).round().astype(np.uint8)
+    corrected = match_exposure(plate, frame, subject)
+    window = corrected[100:].astype(np.float64) / (255.0 if dtype == np.uint8 else 1.0)
+    assert window.min() > 0.99  # not scaled down to 0.9 in green (GAINS), which would tint it pink
+    rest = corrected[:100].astype(np.float64) / (255.0 if dtype == np.uint8 else 1.0)
+    assert np.abs(rest - background[:100])[~subject[:100]].mean() < 0.006  # the fit itself unchanged
+
+
 def test_no_background_to_fit_on_leaves_the_plate_alone(caplog):
     plate, frame, _, _ = exposure_pair()
     with caplog.at_level(logging.WARNING, logger="bgmatte.plate"):
