@@ -170,6 +170,10 @@ def align_plate(plate: np.ndarray, frame: np.ndarray, options: AlignOptions = Al
 # ----------------------------------------------------------------------------------- exposure matching
 
 
+# Channel values from here up count as clipped: the fit leaves them out, and a fitted change keeps them.
+_CLIPPED = 253 / 255
+
+
 @dataclass(frozen=True)
 class ExposureOptions:
     """How to fit the colour change between plate and frame."""
@@ -195,13 +199,12 @@ class ExposureFit:
         scaling each channel on its own would tint it (a white window turning pink)."""
         if plate.dtype == np.uint8:  # OpenCV applies it in 8 bits directly, rounding and saturating
             result = cv2.transform(plate, np.hstack([self.matrix, 255.0 * self.offset[:, None]]))
-            clipped = plate >= 253
-        else:
-            transform = np.hstack([self.matrix, self.offset[:, None]]).astype(np.float32)
-            result = _like(cv2.transform(plate.astype(np.float32, copy=False), transform), plate.dtype)
-            clipped = plate >= 253 / 255
-        if clipped.any():
-            result = np.where(clipped, np.maximum(result, plate.astype(result.dtype, copy=False)), result)
+            # The clipped values alone (the rest zeroed), then a maximum: about as cheap as the transform.
+            clipped = cv2.threshold(plate, round(_CLIPPED * 255) - 1, 0, cv2.THRESH_TOZERO)[1]
+            return cv2.max(result, clipped, dst=result)
+        transform = np.hstack([self.matrix, self.offset[:, None]]).astype(np.float32)
+        result = _like(cv2.transform(plate.astype(np.float32, copy=False), transform), plate.dtype)
+        np.maximum(result, plate, out=result, where=plate >= _CLIPPED)
         return result
 
 
@@ -223,7 +226,7 @@ def fit_exposure(
     stride = max(1, int(np.sqrt(plate.shape[0] * plate.shape[1] / (4 * options.max_samples))))
     grid = (slice(None, None, stride), slice(None, None, stride))
     source, target = _as_float(plate[grid]).reshape(-1, 3), _as_float(frame[grid]).reshape(-1, 3)
-    usable = np.all((source > 2 / 255) & (source < 253 / 255) & (target > 2 / 255) & (target < 253 / 255), axis=1)
+    usable = np.all((source > 2 / 255) & (source < _CLIPPED) & (target > 2 / 255) & (target < _CLIPPED), axis=1)
     if pha_or_mask is not None:
         matte = np.asarray(pha_or_mask)[grid].reshape(-1)
         foreground = matte if matte.dtype == bool else _as_float(matte) >= options.background_below
