@@ -1,6 +1,7 @@
 """Loading checkpoints: formats, backbone detection, partial and unsafe files, the default model."""
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import pytest
@@ -111,13 +112,37 @@ def test_wrong_backbone_forced_names_the_mismatch(tmp_path, mobilenet_state):
         load_model(path, backbone="resnet50", device="cpu")
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"hello\n", b"\x89PNG\r\n\x1a\n" + bytes(range(256)),
+                                     b"PK\x03\x04" + bytes(60)])
 def test_garbage_files_get_a_clear_error(tmp_path, content):
     for name in ("g.pth", "g.safetensors"):
         path = tmp_path / name
         path.write_bytes(content)
-        with pytest.raises(BgmatteError, match=name):
+        with pytest.raises(BgmatteError, match=name) as info:
             read_state_dict(path)
+        assert "could run code" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_legacy_pickle_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"x": Evil()}, protocol=2))
+    with pytest.raises(BgmatteError, match="evil.pth: refused to load: the file holds Python objects"):
+        read_state_dict(path)
+    assert not marker.exists()
+
+
+def test_pickled_dict_without_string_keys_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "ints.pth"
+    torch.save({1: torch.zeros(1)}, path)
+    with pytest.raises(BgmatteError, match="ints.pth: not a state_dict of tensors"):
+        read_state_dict(path)
 
 
 def test_missing_checkpoint_is_named(tmp_path):

@@ -43,25 +43,45 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise BgmatteError(f"{path}: not a readable safetensors file ({exc})") from None
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-            raise BgmatteError(f"{path}: refused to load: the file holds Python objects that could run code, "
-                               f"not plain weights ({first})") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise BgmatteError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+        state = _load_pickled(path)
     if isinstance(state, dict) and not any(isinstance(v, Tensor) for v in state.values()):
         for wrapper in ("state_dict", "model", "model_state_dict"):
             if isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
                 break
-    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+    if (not isinstance(state, dict) or not state or not all(isinstance(k, str) for k in state)
+            or not all(isinstance(v, Tensor) for v in state.values())):
         raise BgmatteError(f"{path}: not a state_dict of tensors")
     if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
+
+def _looks_pickled(path: Path) -> bool:
+    """Whether the file starts like one of `torch.save`'s formats (a zip archive, or a pickle from protocol 2 on), so
+    that a refusal by the weights-only reader means it held objects, not that it is some other kind of file."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    return start.startswith(b"\x80") or start == b"PK\x03\x04"
+
+
+def _load_pickled(path: Path) -> object:
+    """`torch.load` with ``weights_only=True``, every failure turned into one line that says which kind it is."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the reader raises UnpicklingError, KeyError, EOFError, RuntimeError ...
+        if path.stat().st_size == 0:
+            raise BgmatteError(f"{path}: empty file, not a checkpoint") from None
+        if not _looks_pickled(path):
+            raise BgmatteError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)") from None
+        if isinstance(exc, pickle.UnpicklingError):
+            lines = [line.strip() for line in str(exc).splitlines()]
+            named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+            detail = f" ({named[0]})" if named else ""
+            raise BgmatteError(f"{path}: refused to load: the file holds Python objects that could run code, "
+                               f"not plain weights{detail}") from None
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise BgmatteError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 
 def weights_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata stored in a ``.safetensors`` file's header ({} for other files)."""
