@@ -1,7 +1,8 @@
 """Benchmarks: the plain module and the fast path (or onnxruntime), timed interleaved in one run.
 
 Each measurement is a function returning a ``Timing``; ``benchmark`` runs the model comparison.
-A pipeline measurement (read, matte, composite, write) can be added beside it as another function.
+``benchmark_pipeline`` times ``bgmatte video`` end to end against the model alone, with the model
+built as ``benchmark`` builds it (same weights, backbone and plate solve).
 
 Timing on a shared machine is noisy, so the candidates take turns (ABBA order, so that neither
 always runs right after the other), each is summarised by its median, and the headline figure is
@@ -16,14 +17,17 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from bgmatte.errors import BgmatteError
 from bgmatte.model.build import BACKENDS, PRECISIONS, load_model, resolve_device
 from bgmatte.model.matting import BACKBONES, MattingRefine, RefineOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bgmatte.pipeline import PipelineSpeed
 
 RESOLUTIONS = {"hd": (1920, 1080), "4k": (3840, 2160), "720p": (1280, 720), "sd": (640, 480)}
 
@@ -33,7 +37,8 @@ class BenchOptions:
     """What to benchmark.
 
     Arguments:
-        backbone: resnet50, resnet101 or mobilenetv2.
+        backbone: resnet50, resnet101 or mobilenetv2; None: read from the checkpoint's weights, and
+            mobilenetv2 for random weights.
         width, height: the frame size.
         options: the model's settings (scale, refine mode, pixels, threshold).
         precision: fp32, fp16 or bf16 (both candidates run in it).
@@ -48,7 +53,7 @@ class BenchOptions:
             the fast path without it against the fast path with it, to price the step.
     """
 
-    backbone: str = "mobilenetv2"
+    backbone: str | None = None
     width: int = 1920
     height: int = 1080
     options: RefineOptions = field(default_factory=RefineOptions)
@@ -196,16 +201,7 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, 
 
 def benchmark(options: BenchOptions) -> BenchResult:
     """Time the plain module against the fast path (or onnxruntime) on one frame size, interleaved."""
-    if options.backend not in BACKENDS:
-        raise BgmatteError(f"unknown backend {options.backend!r}: choose one of {', '.join(BACKENDS)}")
-    if options.precision not in PRECISIONS:
-        raise BgmatteError(f"unknown precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if options.repeats < 1 or options.batch < 1:
-        raise BgmatteError("repeats and batch must be at least 1")
-    if options.threads is not None and options.threads < 1:
-        raise BgmatteError(f"threads must be at least 1, not {options.threads}")
-    if options.plate_solve not in PLATE_SOLVE_CHOICES:
-        raise BgmatteError(f"plate_solve must be one of {', '.join(PLATE_SOLVE_CHOICES)}, not {options.plate_solve!r}")
+    _check_options(options)
     if options.plate_solve == "compare" and options.backend != "torch":
         raise BgmatteError("plate_solve compare times the torch fast path with and without it: use backend torch")
     threads = torch.get_num_threads()
@@ -217,18 +213,43 @@ def benchmark(options: BenchOptions) -> BenchResult:
         torch.set_num_threads(threads)
 
 
-def _benchmark(options: BenchOptions) -> BenchResult:
-    device = resolve_device(options.device)
-    dtype = PRECISIONS[options.precision]
+def _check_options(options: BenchOptions) -> None:
+    """Refuse settings that no benchmark can run with, before any model is built."""
+    if options.backend not in BACKENDS:
+        raise BgmatteError(f"unknown backend {options.backend!r}: choose one of {', '.join(BACKENDS)}")
+    if options.precision not in PRECISIONS:
+        raise BgmatteError(f"unknown precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if options.repeats < 1 or options.batch < 1:
+        raise BgmatteError("repeats and batch must be at least 1")
+    if options.threads is not None and options.threads < 1:
+        raise BgmatteError(f"threads must be at least 1, not {options.threads}")
+    if options.plate_solve not in PLATE_SOLVE_CHOICES:
+        raise BgmatteError(f"plate_solve must be one of {', '.join(PLATE_SOLVE_CHOICES)}, not {options.plate_solve!r}")
+    if options.backbone is not None and options.backbone not in BACKBONES:
+        raise BgmatteError(f"unknown backbone {options.backbone!r}: choose one of {', '.join(BACKBONES)}")
+
+
+def _plain_model(options: BenchOptions, device: torch.device) -> tuple[MattingRefine, str, BenchOptions]:
+    """The plain module to time, in the options' precision on ``device``, with the plate solve as asked
+    (never as a checkpoint's metadata says); a description of its weights; and the options with the
+    backbone filled in (read from the checkpoint when not given)."""
     if options.checkpoint:
         plain = load_model(options.checkpoint, backbone=options.backbone, device=device, optimize=False,
                            precision=options.precision, plate_solve=False, **_load_settings(options.options))
         weights = options.checkpoint
     else:
-        plain = random_model(options.backbone, options.options).to(device, dtype)
+        plain = random_model(options.backbone or "mobilenetv2", options.options)
+        plain = plain.to(device, PRECISIONS[options.precision])
         weights = ("random: the error map, so which patches are refined, is arbitrary; the amount of work "
                    "is not, except in thresholding mode, where it depends on the error map")
     plain.plate_solve = options.plate_solve == "on"
+    return plain, weights, replace(options, backbone=plain.backbone_name)
+
+
+def _benchmark(options: BenchOptions) -> BenchResult:
+    device = resolve_device(options.device)
+    dtype = PRECISIONS[options.precision]
+    plain, weights, options = _plain_model(options, device)
     plain_name = "plain module"
     if options.backend == "onnxruntime":
         fast = _onnx_candidate(plain, options)
@@ -251,6 +272,53 @@ def _benchmark(options: BenchOptions) -> BenchResult:
                        threads=options.threads or torch.get_num_threads(), weights=weights, refined_pixels=refined,
                        plain=Timing(plain_name, seconds["plain"], options.batch),
                        fast=Timing(fast_name, seconds["fast"], options.batch))
+
+
+@dataclass(frozen=True)
+class PipelineBenchResult:
+    """``bgmatte bench --pipeline``: end to end against the model alone, with the settings it ran under."""
+
+    options: BenchOptions  # the backbone as resolved
+    weights: str
+    speed: PipelineSpeed
+
+    def as_dict(self) -> dict:
+        """A JSON-ready form: the pipeline's figures, plus the model they were measured with."""
+        return {**self.speed.as_dict(), "backbone": self.options.backbone, "weights": self.weights,
+                "plate_solve": self.options.plate_solve, "settings": asdict(self.options)}
+
+
+def benchmark_pipeline(options: BenchOptions) -> PipelineBenchResult:
+    """Time ``bgmatte video`` end to end (decode, matte, composite, encode) against the model alone on a
+    generated clip (``measure_pipeline``), with the fast path of the model ``benchmark`` would build.
+
+    ``repeats`` is the number of rounds over the clip (the best of each is kept); ``warmup`` is not used
+    (one untimed call always comes first). Only the torch backend and the plate solve ``off`` or ``on``
+    make sense here: there is no second candidate to compare.
+    """
+    from bgmatte.model.fast import optimize_model
+    from bgmatte.pipeline import measure_pipeline
+    from bgmatte.predictor import Predictor
+
+    _check_options(options)
+    if options.backend != "torch":
+        raise BgmatteError(f"the pipeline benchmark runs the torch fast path, not {options.backend}")
+    if options.plate_solve == "compare":
+        raise BgmatteError("the pipeline benchmark times one model: plate_solve must be off or on, not compare")
+    plain, weights, options = _plain_model(options, resolve_device(options.device))
+    predictor = Predictor(optimize_model(plain), precision=options.precision)
+    speed = measure_pipeline(predictor, width=options.width, height=options.height, batch_size=options.batch,
+                             rounds=options.repeats, threads=options.threads)
+    return PipelineBenchResult(options=options, weights=weights, speed=speed)
+
+
+def format_pipeline_result(result: PipelineBenchResult) -> str:
+    """The pipeline's table, after a line naming the model it ran."""
+    from bgmatte.pipeline import format_speed
+
+    o = result.options
+    return (f"bgmatte bench --pipeline: {o.backbone}, {o.precision}, plate solve {o.plate_solve}; "
+            f"weights: {result.weights}\n" + format_speed(result.speed))
 
 
 def _load_settings(options: RefineOptions) -> dict:

@@ -379,12 +379,37 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, crop_multiple:
 # Running a model over a dataset first.
 
 
+PREDICTED = ("pha", "fgr")
+"""The subfolders `predict_folder` writes."""
+
+
+def check_prediction_folder(data_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> None:
+    """Refuse an `out_dir` that `predict_folder` must not write into: a file, `data_dir` itself (whose `pha/` and
+    `fgr/` are the ground truth), or a folder already holding a prediction for one of `data_dir/src`'s images,
+    unless `overwrite`. It only looks at names, so the CLI calls it before loading a model."""
+    data_root, out_root = Path(data_dir), Path(out_dir)
+    if out_root.exists() and not out_root.is_dir():
+        raise BgmatteError(f"{out_root}: is a file, not a folder (for the predictions)")
+    if out_root.is_dir() and data_root.is_dir() and out_root.resolve() == data_root.resolve():
+        raise BgmatteError(f"{out_root}: is the data folder itself; the predictions would replace its ground truth "
+                           "(give another --out)")
+    src_dir = data_root / "src"
+    if overwrite or not src_dir.is_dir():  # predict_folder names a missing src/ folder
+        return
+    for stem in list_images(src_dir):
+        for kind in PREDICTED:
+            path = out_root / kind / f"{stem}.png"
+            if path.exists():
+                raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+
+
 def predict_folder(model: torch.nn.Module, data_dir: str | Path, out_dir: str | Path, *,
-                   crop_multiple: int = 4) -> int:
+                   crop_multiple: int = 4, overwrite: bool = False) -> int:
     """Run `model` (returning pha and fgr first, like MattingRefine and MattingBase) over the `src/` images of
     `data_dir` with their `bgr/` plates, and write `pha/` and `fgr/` 8-bit PNGs by stem into `out_dir`.
 
     Inputs are cropped to a multiple of `crop_multiple`, as the metrics crop them; returns the number of images.
+    Existing predictions are refused before any image is read, unless `overwrite` (`check_prediction_folder`).
     """
     import torch
 
@@ -396,8 +421,13 @@ def predict_folder(model: torch.nn.Module, data_dir: str | Path, out_dir: str | 
     src_files, bgr_files = list_images(src_dir), list_images(bgr_dir)
     if not src_files:
         raise BgmatteError(f"{src_dir}: no images found")
-    (out_root / "pha").mkdir(parents=True, exist_ok=True)
-    (out_root / "fgr").mkdir(parents=True, exist_ok=True)
+    check_prediction_folder(data_root, out_root, overwrite=overwrite)
+    for kind in PREDICTED:
+        try:
+            (out_root / kind).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BgmatteError(f"{out_root}: cannot create the folder {exc.filename or out_root / kind} "
+                               f"({exc.strerror or exc})") from None
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
@@ -423,18 +453,22 @@ def predict_folder(model: torch.nn.Module, data_dir: str | Path, out_dir: str | 
             outputs = model(tensor(src_path, height, width), tensor(bgr_path, height, width))
         pha = outputs[0][0, 0].float().clamp(0, 1).cpu().numpy()
         fgr = outputs[1][0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-        images.write_png(out_root / "pha" / f"{stem}.png", pha, overwrite=True)
-        images.write_png(out_root / "fgr" / f"{stem}.png", fgr, overwrite=True)
+        for kind, image in (("pha", pha), ("fgr", fgr)):
+            path = out_root / kind / f"{stem}.png"
+            try:
+                images.write_png(path, image, overwrite=overwrite)
+            except OSError as exc:  # write_png words the usual failures itself; this is a full disk and the like
+                raise BgmatteError(f"{path}: cannot write ({exc.strerror or exc})") from None
     return len(src_files)
 
 
 def evaluate_model(model: torch.nn.Module, data_dir: str | Path, out_dir: str | Path | None = None, *,
-                   crop_multiple: int = 4) -> Evaluation:
+                   crop_multiple: int = 4, overwrite: bool = False) -> Evaluation:
     """Run `model` over `data_dir/src` + `data_dir/bgr`, write its predictions into `out_dir` (a temporary folder
     removed afterwards when None) and score them against the ground truth in `data_dir` (`pha/`, `fgr/`,
-    `trimap/`), with `evaluate_folders`."""
+    `trimap/`), with `evaluate_folders`. Predictions already in `out_dir` are refused unless `overwrite`."""
     if out_dir is not None:
-        predict_folder(model, data_dir, out_dir, crop_multiple=crop_multiple)
+        predict_folder(model, data_dir, out_dir, crop_multiple=crop_multiple, overwrite=overwrite)
         return evaluate_folders(out_dir, data_dir, crop_multiple=crop_multiple)
     with tempfile.TemporaryDirectory(prefix="bgmatte-eval-") as temporary:
         predict_folder(model, data_dir, temporary, crop_multiple=crop_multiple)

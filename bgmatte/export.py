@@ -13,10 +13,11 @@ plain module's.
 """
 # No ``from __future__ import annotations`` here: TorchScript reads ExportableMatting's annotations as types.
 import math
+import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -206,32 +207,37 @@ def to_torchscript(model: MattingRefine) -> torch.jit.ScriptModule:
     return torch.jit.script(ExportableMatting(model, base).eval())
 
 
-def export_torchscript(model: MattingRefine, path: str | Path) -> Path:
-    """Write ``model`` as TorchScript (in its current dtype and device) to ``path``; returns the path."""
+def export_torchscript(model: MattingRefine, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``model`` as TorchScript (in its current dtype and device) to ``path``; returns the path.
+
+    An existing file is refused unless ``overwrite``; the model is written under a temporary name and renamed.
+    """
     path = Path(path)
+    _check_destination(path, overwrite)
     scripted = to_torchscript(model)
-    try:
-        torch.jit.save(scripted, str(path))
-    except OSError as exc:
-        raise BgmatteError(f"{path}: cannot write the TorchScript model ({exc.strerror or exc})") from None
+    # torch.jit.save reports a file it cannot write as a RuntimeError, not an OSError.
+    _write_through_temporary(path, lambda temporary: torch.jit.save(scripted, temporary), "TorchScript",
+                             (OSError, RuntimeError))
     return path
 
 
-def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPSET) -> Path:
+def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPSET, overwrite: bool = False) -> Path:
     """Write ``model`` as ONNX (fp32, dynamic batch, height and width) to ``path``; returns the path.
 
     Uses ``torch.onnx.export``'s dynamo exporter (the default since torch 2.9), which keeps the
     sizes symbolic; it takes about a minute on two CPU cores. The settings are fixed in the graph and
-    stored in the file's metadata.
+    stored in the file's metadata. An existing file is refused unless ``overwrite``, before that minute
+    is spent; the model is written under a temporary name and renamed.
     """
     _check_model(model)
+    path = Path(path)
+    _check_destination(path, overwrite)
     onnx = _import_onnx("onnx")
     if opset < 17:
         raise BgmatteError(f"ONNX opset {opset} is too old: use 17 or later")
     parameter = next(model.parameters())
     if parameter.dtype != torch.float32:
         raise BgmatteError("ONNX export is fp32 only; the model is " + str(parameter.dtype).replace("torch.", ""))
-    path = Path(path)
     exportable = ExportableMatting(model, BaseNetwork(model)).eval().cpu()
     generator = torch.Generator().manual_seed(0)
     # A batch of 2 at 256x320, so that nothing is specialised to a batch of 1 or to tiny maps.
@@ -253,11 +259,48 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    try:
-        onnx.save_model(proto, str(path))
-    except (OSError, ValueError) as exc:
-        raise BgmatteError(f"{path}: cannot write the ONNX model ({exc})") from None
+    _write_through_temporary(path, lambda temporary: onnx.save_model(proto, temporary), "ONNX", (OSError, ValueError))
     return path
+
+
+def _check_destination(path: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a folder, that exists (unless ``overwrite``), or whose folder is missing or
+    read-only: checked before exporting, which can take a minute, rather than after."""
+    if path.is_dir():
+        raise BgmatteError(f"{path}: is a folder; give a file name for the exported model")
+    if path.exists() and not overwrite:
+        raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+    folder = path.parent
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise BgmatteError(f"{path}: the folder {folder} {problem}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BgmatteError(f"{path}: cannot write in {folder} (permission denied)")
+
+
+def _write_through_temporary(path: Path, write: Callable[[str], None], kind: str,
+                             failures: Tuple[type, ...]) -> None:
+    """Have ``write`` fill a hidden temporary file beside ``path``, then rename it over ``path``: a failed or
+    interrupted export never leaves half a model under the final name, and the temporary file is removed.
+    ``failures`` are the exceptions that mean the file could not be written; they become one-line errors."""
+    from bgmatte.io.images import default_file_mode
+
+    folder = path.parent
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=folder)
+    except OSError as exc:
+        raise BgmatteError(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from None
+    try:
+        os.fchmod(handle, default_file_mode())  # mkstemp makes the file private; an exported model is for sharing
+        os.close(handle)
+        write(temporary)
+        os.replace(temporary, path)
+    except failures as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+            (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise BgmatteError(f"{path}: cannot write the {kind} model ({reason})") from None
+    finally:
+        Path(temporary).unlink(missing_ok=True)
 
 
 def _settings_metadata(options: RefineOptions) -> dict[str, str]:
@@ -290,23 +333,26 @@ def _import_onnx(name: str):
 def export_checkpoint(checkpoint: str | Path | None, output: str | Path, *, format: str,
                       backbone: str | None = None, options: RefineOptions = RefineOptions(),
                       refine_kernel_size: int | None = None, precision: str = "fp32",
-                      device: str = "cpu", opset: int = ONNX_OPSET, plate_solve: bool | None = None) -> Path:
+                      device: str = "cpu", opset: int = ONNX_OPSET, plate_solve: bool | None = None,
+                      overwrite: bool = False) -> Path:
     """Load a checkpoint (None: the embedded default model) and export it as ``torchscript`` or ``onnx``;
-    ``plate_solve`` as for ``load_model`` (None: as the weights say)."""
+    ``plate_solve`` as for ``load_model`` (None: as the weights say). An existing ``output`` is refused,
+    before the checkpoint is read, unless ``overwrite``."""
     from bgmatte.model.build import load_model
 
     if format not in ("torchscript", "onnx"):
         raise BgmatteError(f"unknown export format {format!r}: choose torchscript or onnx")
     if format == "onnx" and precision != "fp32":
         raise BgmatteError("ONNX export is fp32 only (onnxruntime converts at load time if it needs to)")
+    _check_destination(Path(output), overwrite)
     model = load_model(checkpoint, backbone=backbone, backbone_scale=options.backbone_scale,
                        refine_mode=options.refine_mode, refine_sample_pixels=options.refine_sample_pixels,
                        refine_threshold=options.refine_threshold, refine_kernel_size=refine_kernel_size,
                        device=device, optimize=False, precision=precision, plate_solve=plate_solve)
     model.refiner.prevent_oversampling = options.refine_prevent_oversampling
     if format == "torchscript":
-        return export_torchscript(model, output)
-    return export_onnx(model, output, opset=opset)
+        return export_torchscript(model, output, overwrite=overwrite)
+    return export_onnx(model, output, opset=opset, overwrite=overwrite)
 
 
 class OnnxMatting:

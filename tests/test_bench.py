@@ -101,3 +101,61 @@ def test_plate_solve_compare_prices_the_step_on_the_fast_path(capsys):
 def test_plate_solve_compare_needs_the_torch_backend():
     with pytest.raises(BgmatteError, match="backend torch"):
         benchmark(BenchOptions(width=64, height=48, backend="onnxruntime", plate_solve="compare"))
+
+
+def test_the_backbone_is_read_from_the_checkpoint(tmp_path, capsys):
+    from bgmatte.model.matting import MattingRefine
+
+    checkpoint = tmp_path / "r50.pth"
+    torch.save(MattingRefine("resnet50").state_dict(), checkpoint)
+    assert main(["bench", "--checkpoint", str(checkpoint), "--resolution", "64x64", "--pixels", "256",
+                 "--repeats", "1", "--warmup", "0", "--threads", "1", "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["backbone"] == "resnet50" and report["weights"] == str(checkpoint)
+
+
+def test_random_weights_default_to_mobilenetv2():
+    result = benchmark(BenchOptions(width=64, height=64, options=RefineOptions(refine_sample_pixels=256), threads=1,
+                                    device="cpu", repeats=1, warmup=0))
+    assert result.options.backbone == "mobilenetv2" and "mobilenetv2" in format_result(result)
+
+
+@pytest.mark.parametrize("extra,expected", [(["--backend", "onnxruntime"], "--backend onnxruntime"),
+                                            (["--plate-solve", "compare"], "not compare"),
+                                            (["--warmup", "1"], "--warmup")])
+def test_pipeline_refuses_the_options_it_cannot_honour(capsys, extra, expected):
+    assert main(["bench", "--pipeline", "--resolution", "64x64", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Stands in for measure_pipeline: records the predictor and the rounds it was given, times nothing."""
+    from bgmatte import pipeline
+
+    calls = []
+
+    def measure(predictor, **kwargs):
+        calls.append((predictor, kwargs))
+        return pipeline.PipelineSpeed(kwargs["width"], kwargs["height"], 32, 1, ("com",), 1, 10.0, 9.0, 10.0, 9.0)
+
+    monkeypatch.setattr(pipeline, "measure_pipeline", measure)
+    return calls
+
+
+def test_pipeline_plate_solve_is_off_unless_asked_whatever_the_weights_say(tmp_path, capsys, measured):
+    from bgmatte.model.build import save_weights
+    from bgmatte.model.matting import MattingRefine
+
+    checkpoint = tmp_path / "solved.safetensors"
+    save_weights(MattingRefine("mobilenetv2"), checkpoint, metadata={"plate_solve": "on"})
+    args = ["bench", "--pipeline", "--checkpoint", str(checkpoint), "--resolution", "64x64", "--device", "cpu"]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plate_solve"] == "off" and report["backbone"] == "mobilenetv2" and report["model_fps"] == 10.0
+    assert main([*args, "--plate-solve", "on", "--repeats", "5"]) == 0
+    assert "plate solve on" in capsys.readouterr().out
+    (first, first_kwargs), (second, second_kwargs) = measured
+    assert first.model.plate_solve is False and second.model.plate_solve is True
+    assert first_kwargs["rounds"] == 2 and second_kwargs["rounds"] == 5  # --repeats: rounds over the clip

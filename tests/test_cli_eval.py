@@ -155,3 +155,55 @@ def test_model_path_names_a_missing_background_plate(tmp_path, capsys):
     (data / "bgr").mkdir()
     assert main(["eval", "--model", str(checkpoint), "--data", str(data), "--device", "cpu"]) == 2
     assert "'frame'" in capsys.readouterr().err
+
+
+def _model_data(tmp_path: Path) -> tuple[Path, Path]:
+    """A random-weights checkpoint and a one-image dataset for the --model path."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import bgmatte
+
+    checkpoint = tmp_path / "random.safetensors"
+    model = bgmatte.MattingRefine("mobilenetv2")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    data = tmp_path / "data"
+    _ground_truth(data, names=("frame",), size=(32, 32))
+    _write(data / "src" / "frame.png", np.full((32, 32, 3), 200, np.uint8))
+    _write(data / "bgr" / "frame.png", np.full((32, 32, 3), 20, np.uint8))
+    return checkpoint, data
+
+
+def test_model_path_refuses_existing_predictions_before_loading_unless_overwrite(tmp_path, capsys):
+    checkpoint, data = _model_data(tmp_path)
+    out = tmp_path / "out"
+    (out / "fgr").mkdir(parents=True)
+    (out / "fgr" / "frame.png").write_bytes(b"precious")
+    # the checkpoint is never read: the refusal comes first
+    assert main(["eval", "--model", str(tmp_path / "absent.pth"), "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out / "fgr" / "frame.png") in err and "--overwrite" in err
+    assert (out / "fgr" / "frame.png").read_bytes() == b"precious"
+    assert main(["eval", "--model", str(checkpoint), "--data", str(data), "--out", str(out), "--overwrite",
+                 "--device", "cpu", "--refine-sample-pixels", "400"]) == 0
+    capsys.readouterr()
+    assert cv2.imread(str(out / "fgr" / "frame.png")).shape == (32, 32, 3)
+    assert sorted(p.name for p in (out / "pha").iterdir()) == ["frame.png"]
+
+
+@pytest.mark.parametrize("problem", ["file", "under_a_file", "data_itself"])
+def test_model_path_with_an_unusable_out_is_a_one_line_error(tmp_path, capsys, problem):
+    checkpoint, data = _model_data(tmp_path)
+    (tmp_path / "file").write_text("")
+    out = {"file": tmp_path / "file", "under_a_file": tmp_path / "file" / "out", "data_itself": data}[problem]
+    code = main(["eval", "--model", str(checkpoint), "--data", str(data), "--out", str(out), "--overwrite",
+                 "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bgmatte eval: error:")
+    assert ("ground truth" if problem == "data_itself" else str(tmp_path / "file")) in err
+    assert sorted(p.name for p in data.iterdir()) == ["bgr", "fgr", "pha", "src", "trimap"]
+
+
+def test_overwrite_goes_with_out(tmp_path, capsys):
+    checkpoint, data = _model_data(tmp_path)
+    assert main(["eval", "--model", str(checkpoint), "--data", str(data), "--overwrite"]) == 2
+    assert "--overwrite goes with --out" in capsys.readouterr().err

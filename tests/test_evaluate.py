@@ -377,3 +377,29 @@ def test_evaluate_folders_names_a_missing_folder(tmp_path):
     (tmp_path / "pred").mkdir()
     with pytest.raises(BgmatteError, match=r"pha.*not found"):
         evaluate_folders(tmp_path / "pred", tmp_path)
+
+
+def test_predict_folder_refuses_existing_predictions_unless_overwrite(tmp_path):
+    import torch
+
+    from bgmatte.evaluate import predict_folder
+
+    class Grey(torch.nn.Module):
+        """A stand-in model: alpha 1/2 and the source as foreground, all predict_folder needs."""
+
+        def forward(self, src, bgr):
+            return torch.full_like(src[:, :1], 0.5), src
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    for kind, value in (("src", 200), ("bgr", 20)):
+        (data / kind).mkdir(parents=True)
+        cv2.imwrite(str(data / kind / "a.png"), np.full((8, 8, 3), value, np.uint8))
+    (out / "pha").mkdir(parents=True)
+    (out / "pha" / "a.png").write_bytes(b"precious")
+    with pytest.raises(BgmatteError, match=r"pha/a\.png: already exists"):
+        predict_folder(Grey(), data, out)
+    assert (out / "pha" / "a.png").read_bytes() == b"precious" and not (out / "fgr").exists()
+    assert predict_folder(Grey(), data, out, overwrite=True) == 1
+    assert cv2.imread(str(out / "pha" / "a.png"), cv2.IMREAD_UNCHANGED).max() == 128
+    with pytest.raises(BgmatteError, match="ground truth"):
+        predict_folder(Grey(), data, data, overwrite=True)

@@ -101,6 +101,76 @@ def test_cli_exports_torchscript_from_a_checkpoint(tmp_path, capsys):
     assert loaded.refine_mode == "full" and loaded.refine_kernel_size == 1
 
 
+def test_cli_export_refuses_an_existing_output_unless_overwrite(tmp_path, capsys):
+    checkpoint = tmp_path / "w.pth"
+    torch.save(MattingRefine("mobilenetv2").state_dict(), checkpoint)
+    output = tmp_path / "m.torchscript"
+    output.write_text("precious")
+    assert main(["export", "torchscript", str(checkpoint), "-o", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err and "--overwrite" in err
+    assert output.read_text() == "precious"
+    assert main(["export", "torchscript", str(checkpoint), "-o", str(output), "--overwrite"]) == 0
+    assert torch.jit.load(str(output)).refine_mode == "sampling"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.torchscript", "w.pth"]  # no temporary file left
+
+
+@pytest.mark.parametrize("format", ["torchscript", "onnx"])
+def test_cli_export_into_a_missing_folder_is_a_one_line_error(tmp_path, capsys, monkeypatch, format):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output is checked before the model is loaded")
+
+    monkeypatch.setattr("bgmatte.model.build.read_state_dict", no_work)
+    output = tmp_path / "absent" / "m.out"
+    assert main(["export", format, "-o", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"bgmatte export: error: {output}: the folder {output.parent} does not exist\n"
+    (tmp_path / "file").write_text("")
+    assert main(["export", format, "-o", str(tmp_path / "file" / "m.out")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["export", format, "-o", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_onnx_export_checks_the_output_before_tracing(tmp_path, monkeypatch):
+    def no_trace(*args, **kwargs):
+        raise AssertionError("the output is checked before the minute-long trace")
+
+    monkeypatch.setattr(torch.onnx, "export", no_trace)
+    model = MattingRefine("mobilenetv2").eval()
+    (tmp_path / "m.onnx").write_text("precious")
+    with pytest.raises(BgmatteError, match="already exists"):
+        export_onnx(model, tmp_path / "m.onnx")
+    with pytest.raises(BgmatteError, match="does not exist"):
+        export_onnx(model, tmp_path / "absent" / "m.onnx")
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("[enforce fail] cannot open file\nmore detail"),
+                                     KeyboardInterrupt()])
+def test_a_failed_or_interrupted_write_keeps_the_old_file_and_removes_the_temporary(tmp_path, monkeypatch,
+                                                                                     failure):
+    import bgmatte.export
+
+    def half_save(module, path):
+        with open(path, "wb") as file:
+            file.write(b"half a model")
+        raise failure
+
+    monkeypatch.setattr(bgmatte.export, "to_torchscript", lambda model: object())  # no scripting: only the write
+    monkeypatch.setattr(torch.jit, "save", half_save)
+    output = tmp_path / "m.torchscript"
+    output.write_text("precious")
+    if isinstance(failure, KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt):
+            export_torchscript(MattingRefine("mobilenetv2"), output, overwrite=True)
+    else:
+        with pytest.raises(BgmatteError, match=r"m\.torchscript: cannot write the TorchScript model "
+                                               r"\(\[enforce fail\] cannot open file\)$"):
+            export_torchscript(MattingRefine("mobilenetv2"), output, overwrite=True)
+    assert output.read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.torchscript"]
+
+
 def test_cli_export_without_a_checkpoint_asks_for_one(monkeypatch, tmp_path, capsys):
     from bgmatte.model import build
 

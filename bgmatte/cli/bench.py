@@ -15,6 +15,12 @@ amount of work does not depend on the weights (the sampling mode always refines 
   bgmatte bench                                  MobileNetV2, 1920x1080, scale 0.25, sampling 80,000 px
   bgmatte bench --backbone resnet50 --threads 2
   bgmatte bench --resolution 4k --scale 0.125 --pixels 320000 --precision fp16 --device cuda
+
+With --pipeline it times `bgmatte video` end to end against the model alone instead, with the fast path
+of the same model (the backbone, --checkpoint, --precision, --plate-solve off or on, --threads, --batch
+and the refine settings apply). --repeats is then the number of rounds over the clip (default 2, the
+best is kept); --warmup, --backend onnxruntime and --plate-solve compare are refused, as there is no
+second candidate. The plate solve is off unless asked for, with any weights.
 """
 
 
@@ -24,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench", help="time the plain module against the fast path",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--backbone", choices=("mobilenetv2", "resnet50", "resnet101"), default="mobilenetv2",
-                        help="the network (default mobilenetv2)")
+    parser.add_argument("--backbone", choices=("mobilenetv2", "resnet50", "resnet101"),
+                        help="the network (default: read from --checkpoint's weights; mobilenetv2 for random ones)")
     parser.add_argument("--resolution", default="1920x1080", metavar="WxH",
                         help="frame size: WIDTHxHEIGHT or hd, 4k, 720p, sd (default 1920x1080)")
     parser.add_argument("--scale", type=float, default=0.25, help="backbone scale (default 0.25)")
@@ -40,41 +46,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for both (default: PyTorch's)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--batch", type=int, default=1, help="frames per call (default 1)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each first (default 2)")
+    parser.add_argument("--repeats", type=int, metavar="N",
+                        help="timed calls of each (default 10); with --pipeline, rounds over the clip (default 2)")
+    parser.add_argument("--warmup", type=int, metavar="N",
+                        help="untimed calls of each first (default 2; not with --pipeline)")
     parser.add_argument("--checkpoint", metavar="CKPT", help="real weights instead of random ones")
     parser.add_argument("--plate-solve", choices=("off", "on", "compare"), default="off",
                         help="re-solve alpha against the plate in both candidates (on), or time the fast path "
-                             "without it against the fast path with it (compare); default off")
+                             "without it against the fast path with it (compare); default off, whatever the "
+                             "weights' metadata says")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--pipeline", action="store_true",
                         help="instead: time `bgmatte video` end to end (decode, matte, composite, encode) against "
-                             "the model alone at the same settings, on a generated clip")
+                             "the model alone at the same settings, on a generated clip (see above for "
+                             "which options apply)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the options, run the benchmark, print the table or JSON."""
-    from bgmatte.bench import BenchOptions, benchmark, format_result, parse_resolution
+    from bgmatte import bench
     from bgmatte.model.matting import RefineOptions
 
-    width, height = parse_resolution(args.resolution)
+    width, height = bench.parse_resolution(args.resolution)
     try:
         settings = RefineOptions(args.scale, args.mode, args.pixels, args.threshold)
     except ValueError as exc:
         raise BgmatteError(str(exc)) from None
     if args.pipeline:
-        from bgmatte.pipeline import benchmark_pipeline, format_speed
-
-        speed = benchmark_pipeline(backbone=args.backbone, checkpoint=args.checkpoint, width=width, height=height,
-                                   refine=settings, precision=args.precision, device=args.device,
-                                   threads=args.threads, batch_size=args.batch)
-        print(json.dumps(speed.as_dict(), indent=2) if args.json else format_speed(speed))
+        _refuse_for_pipeline(args)
+    repeats = args.repeats if args.repeats is not None else 2 if args.pipeline else 10
+    options = bench.BenchOptions(backbone=args.backbone, width=width, height=height, options=settings,
+                                 precision=args.precision, backend=args.backend, threads=args.threads,
+                                 device=args.device, batch=args.batch, repeats=repeats,
+                                 warmup=args.warmup if args.warmup is not None else 2,
+                                 checkpoint=args.checkpoint, plate_solve=args.plate_solve)
+    if args.pipeline:
+        result = bench.benchmark_pipeline(options)
+        print(json.dumps(result.as_dict(), indent=2) if args.json else bench.format_pipeline_result(result))
         return 0
-    options = BenchOptions(backbone=args.backbone, width=width, height=height, options=settings,
-                           precision=args.precision, backend=args.backend, threads=args.threads,
-                           device=args.device, batch=args.batch, repeats=args.repeats, warmup=args.warmup,
-                           checkpoint=args.checkpoint, plate_solve=args.plate_solve)
-    result = benchmark(options)
-    print(json.dumps(result.as_dict(), indent=2) if args.json else format_result(result))
+    result = bench.benchmark(options)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else bench.format_result(result))
     return 0
+
+
+def _refuse_for_pipeline(args: argparse.Namespace) -> None:
+    """--pipeline times one model: refuse the options that only mean something with two candidates, rather than
+    ignore them."""
+    if args.backend != "torch":
+        raise BgmatteError("--pipeline times the torch fast path: --backend onnxruntime goes without --pipeline")
+    if args.plate_solve == "compare":
+        raise BgmatteError("--pipeline times one model: use --plate-solve off or on, not compare")
+    if args.warmup is not None:
+        raise BgmatteError("--pipeline makes one untimed call itself: --warmup goes without --pipeline")

@@ -19,6 +19,9 @@ multiple of 4 pixels, as the paper's benchmark.m does.
   bgmatte eval --baseline closed-form --data DIR
                                          the classical peer instead of a model: closed-form matting on a
                                          trimap drawn from the plate difference (needs pymatting)
+
+With --out, predictions already there (DIR/pha/NAME.png or DIR/fgr/NAME.png for an image of --data's
+src/) are refused before the model is loaded, unless --overwrite.
 """
 
 
@@ -36,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", metavar="DIR", help="with --model: src/ and bgr/, plus the ground truth")
     parser.add_argument("--out", metavar="DIR", help="with --model: where to write the predicted pha/ and fgr/ "
                                                      "(default: a temporary folder, removed afterwards)")
+    parser.add_argument("--overwrite", action="store_true", help="with --out: replace predictions already there")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     model = parser.add_argument_group("model options (with --model)")
     model.add_argument("--backbone", choices=("resnet50", "resnet101", "mobilenetv2"),
@@ -64,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
             raise BgmatteError("use either --model or --baseline, not both")
         if not ((args.model or args.baseline) and args.data):
             raise BgmatteError("--data goes with --model or --baseline")
+        if args.overwrite and not args.out:
+            raise BgmatteError("--overwrite goes with --out")
+        if args.out:  # before the model is loaded, which takes a while
+            evaluate.check_prediction_folder(args.data, args.out, overwrite=args.overwrite)
         if args.baseline:
             from bgmatte.baseline import ClosedFormBaseline
 
@@ -76,12 +84,12 @@ def run(args: argparse.Namespace) -> int:
                 refine_mode=args.refine_mode, refine_sample_pixels=args.refine_sample_pixels,
                 refine_threshold=args.refine_threshold, device=args.device, plate_solve=plate_solve_choice(args),
             )
-        result = evaluate.evaluate_model(model, args.data, args.out)
+        result = evaluate.evaluate_model(model, args.data, args.out, overwrite=args.overwrite)
     else:
         if not (args.pred and args.gt):
             raise BgmatteError("give --pred DIR and --gt DIR (or --model CKPT and --data DIR)")
-        if args.out:
-            raise BgmatteError("--out goes with --model")
+        if args.out or args.overwrite:
+            raise BgmatteError("--out and --overwrite go with --model or --baseline")
         result = evaluate.evaluate_folders(args.pred, args.gt)
     if args.json:
         for note in result.notes:

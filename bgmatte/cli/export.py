@@ -17,6 +17,9 @@ once it ships) for deployment:
                 settings are fixed at export and stored in the file's metadata; load it with
                 bgmatte.load_model(path, backend="onnxruntime"). Exporting takes about a minute.
 
+An existing output file is refused unless --overwrite; the model is written under a temporary name
+beside it and renamed when complete, so an interrupted export leaves no half-written file.
+
   bgmatte export torchscript pytorch_resnet50.pth -o resnet50.torchscript
   bgmatte export onnx pytorch_mobilenetv2.pth -o mobilenetv2.onnx --refine-sample-pixels 80000
 """
@@ -31,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("format", choices=("torchscript", "onnx"), help="what to write")
     parser.add_argument("checkpoint", nargs="?", help="weights (.pth or .safetensors); default: the embedded model")
     parser.add_argument("-o", "--output", required=True, metavar="PATH", help="the file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--backbone", choices=("resnet50", "resnet101", "mobilenetv2"),
                         help="the checkpoint's backbone (default: read from the weights)")
     parser.add_argument("--backbone-scale", type=float, default=0.25, metavar="SCALE",
@@ -61,6 +65,6 @@ def run(args: argparse.Namespace) -> int:
         raise BgmatteError(str(exc)) from None
     path = export_checkpoint(args.checkpoint, args.output, format=args.format, backbone=args.backbone,
                              options=options, precision=args.precision, device=args.device, opset=args.opset,
-                             plate_solve=plate_solve_choice(args))
+                             plate_solve=plate_solve_choice(args), overwrite=args.overwrite)
     print(f"bgmatte export: wrote {path}")
     return 0
