@@ -1,4 +1,5 @@
-"""`torchrun --standalone --nproc_per_node 2 -m bgmatte train base ...` trains on this CPU with gloo, and resumes."""
+"""`torchrun --standalone --nproc_per_node 2 -m bgmatte train base ...` trains on this CPU with gloo, and resumes
+(with the run's own options, refusing a conflicting one in one line)."""
 from __future__ import annotations
 
 import csv
@@ -30,7 +31,13 @@ def test_two_gloo_processes_train_save_once_and_resume(tmp_path):
               "--save-every", "2"]
     first = torchrun(*common, "--steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = torchrun(*common, "--steps", "4", "--resume")
+    conflicting = torchrun("train", "base", "--out", str(out), "--resume", "--crop", "96", "--device", "cpu")
+    assert conflicting.returncode != 0
+    assert conflicting.stderr.count("bgmatte train: error:") == 1, conflicting.stderr[-3000:]  # said by rank 0 alone
+    assert "state.pt: the run was started with --crop 64" in conflicting.stderr
+    # The run's own options (crop, batch, validation and saving) carry on without being repeated.
+    second = torchrun("train", "base", "--out", str(out), "--resume", "--steps", "4", "--device", "cpu",
+                      "--num-workers", "0")
     assert second.returncode == 0, second.stderr[-3000:]
 
     state = torch.load(out / "state.pt", map_location="cpu", weights_only=True)

@@ -192,6 +192,140 @@ def test_resume_needs_a_saved_state(tmp_path):
         loop.train(tiny_options(tmp_path, steps=1, resume=True))
 
 
+def test_a_folder_with_an_earlier_runs_files_but_no_state_is_refused(tmp_path):
+    (tmp_path / "last.safetensors").write_bytes(b"weights of an earlier run")
+    (tmp_path / "train.csv").write_text("step,loss\n1,0.5\n")
+    with pytest.raises(BgmatteError, match=r"earlier run's files \(last.safetensors, train.csv\).*another --out"):
+        loop.train(tiny_options(tmp_path, steps=1))
+    assert (tmp_path / "last.safetensors").read_bytes() == b"weights of an earlier run"
+    assert (tmp_path / "train.csv").read_text() == "step,loss\n1,0.5\n"
+    assert not (tmp_path / "samples").exists()
+
+
+def test_logs_without_rows_and_empty_folders_are_not_an_earlier_run(tmp_path):
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "train.csv").write_text("step,loss\n")  # a run that failed before its first step
+    (tmp_path / "notes.txt").write_text("mine")
+    assert loop.earlier_run_files(tmp_path) == []
+    (tmp_path / "samples" / "step_0000002.png").write_bytes(b"")
+    (tmp_path / "best.safetensors").write_bytes(b"")
+    assert loop.earlier_run_files(tmp_path) == ["best.safetensors", "samples/"]
+
+
+def test_an_out_that_is_a_file_or_cannot_be_made_is_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out, problem in ((afile, "is a file, not a folder"), (afile / "run", "cannot create the run's folder")):
+        assert main(["train", "base", "--out", str(out), *TINY, "--steps", "1", "--num-workers", "0"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"bgmatte train: error: {out}: {problem}"), lines
+    assert afile.read_text() == "mine"
+
+
+def _fake_state(out: Path, **options) -> Path:
+    """A state.pt with a run's options and learning rates but no weights: enough to settle a resume's options."""
+    record = tiny_options(out, **options).to_record()
+    groups = [{"name": "backbone", "lr": 1e-4, "params": []}, {"name": "aspp", "lr": 5e-4, "params": []},
+              {"name": "decoder", "lr": 2e-3, "params": []}]
+    state = {"format": loop.STATE_FORMAT, "stage": "base", "backbone": "mobilenetv2", "step": 1,
+             "options": {k: v for k, v in record.items() if not isinstance(v, dict)},
+             "optimizer": {"state": {}, "param_groups": groups}}
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out / "state.pt")
+    return out / "state.pt"
+
+
+def test_a_resume_takes_the_options_not_given_from_the_run(tmp_path):
+    path = _fake_state(tmp_path, crop=96, batch_size=4, seed=7, plate_color=0.0, data_root=tmp_path, val_every=3,
+                       num_workers=3)
+    saved = torch.load(path, weights_only=True)
+    given = {"stage", "out", "resume", "steps", "crop", "device", "lr"}
+    options = loop.resumed_options(TrainOptions(stage="base", out=tmp_path, resume=True, steps=9, crop=96,
+                                                lr={"aspp": 1e-3}), saved, given, path)
+    assert (options.crop, options.batch_size, options.seed, options.plate_color) == (96, 4, 7, 0.0)
+    assert options.data_root == tmp_path and options.val_every == 3 and options.backbone == "mobilenetv2"
+    assert options.steps == 9  # given anew
+    assert options.num_workers == 2  # of this session, not of the run
+    assert options.learning_rates == {"backbone": 1e-4, "aspp": 1e-3, "decoder": 2e-3}
+
+
+@pytest.mark.parametrize("given", [{"crop", "steps", "val_every", "device"}, None])
+def test_a_resume_refuses_a_new_value_for_an_option_that_makes_the_run(tmp_path, given):
+    path = _fake_state(tmp_path, crop=96)
+    saved = torch.load(path, weights_only=True)
+    changed = tiny_options(tmp_path, crop=128, resume=True)
+    with pytest.raises(BgmatteError, match=r"state.pt: the run was started with --crop 96; .* --crop 128"):
+        loop.resumed_options(changed, saved, given, path)
+    adjusted = tiny_options(tmp_path, crop=96, resume=True, steps=50, val_every=5, device="cpu")
+    resumed = loop.resumed_options(adjusted, saved, given, path)
+    assert (resumed.steps, resumed.val_every) == (50, 5)  # meant to change from one session to the next
+
+
+def test_the_command_line_refuses_a_conflicting_option_on_resume_in_one_line(tmp_path, capsys):
+    _fake_state(tmp_path / "run", crop=96)
+    code = main(["train", "base", "--out", str(tmp_path / "run"), "--resume", "--batch-size", "4", "--quiet"])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "state.pt: the run was started with --batch-size 2" in lines[0], lines
+
+
+@pytest.mark.slow
+def test_resuming_from_the_command_line_keeps_the_runs_options(tmp_path):
+    out = tmp_path / "run"
+    first = ["train", "base", "--out", str(out), "--crop", "64", "--batch-size", "2", "--device", "cpu", "--quiet",
+             "--num-workers", "0", "--val-every", "0", "--seed", "3", "--plate-color", "0", "--lr-decoder", "1e-3",
+             "--steps", "1"]
+    assert main(first) == 0
+    stale = out / ".state.pt.99999999.tmp"  # left by a save that was killed (no such process runs)
+    stale.write_bytes(b"half a state")
+    assert main(["train", "base", "--out", str(out), "--resume", "--steps", "2", "--device", "cpu", "--quiet",
+                 "--num-workers", "0"]) == 0
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 2
+    kept = {key: state["options"][key] for key in ("crop", "batch_size", "seed", "plate_color", "val_every")}
+    assert kept == {"crop": 64, "batch_size": 2, "seed": 3, "plate_color": 0.0, "val_every": 0}
+    rates = {group["name"]: group["lr"] for group in state["optimizer"]["param_groups"]}
+    assert rates == {**PAPER_LEARNING_RATES["base"], "decoder": 1e-3}
+    assert not stale.exists() and not list((out / "samples").iterdir())
+
+
+def test_only_the_temporary_files_of_interrupted_saves_are_removed(tmp_path):
+    dead = 99_999_999
+    ours = [tmp_path / f".state.pt.{dead}.tmp", tmp_path / f".last.safetensors.{dead}.tmp",
+            tmp_path / f".best.safetensors.{os.getpid()}.tmp"]
+    for path in ours:
+        path.write_bytes(b"half a file")
+    loop.save_model_weights(MattingBase("mobilenetv2"), tmp_path / "w.safetensors", {"format": "bgmatte"})
+    (tmp_path / "w.safetensors").rename(tmp_path / ".tmpAb12Cd")  # what safetensors itself left before
+    kept = {".tmpXy34Zw": b"someone's", ".state.pt.tmp": b"", f".notes.txt.{dead}.tmp": b"",
+            f".state.pt.{os.getppid()}.tmp": b"a save under way", "last.safetensors.1.tmp": b"", "x.tmp": b""}
+    for name, data in kept.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / f".state.pt.{dead + 1}.tmp").symlink_to(tmp_path / "x.tmp")
+    removed = loop.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([*(p.name for p in ours), ".tmpAb12Cd"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, f".state.pt.{dead + 1}.tmp"])
+
+
+def test_weights_are_written_through_our_own_temporary_name(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("safetensors' save_file adds a temporary file of its own")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: renamed.append(Path(source).name)
+                        or real_replace(source, target))
+    model = MattingBase("mobilenetv2")
+    loop.save_model_weights(model, tmp_path / "last.safetensors", {"format": "bgmatte"})
+    assert renamed == [f".last.safetensors.{os.getpid()}.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
+    assert torch.equal(load_file(str(tmp_path / "last.safetensors"))["decoder.conv4.weight"],
+                       model.state_dict()["decoder.conv4.weight"])
+
+
 def test_a_state_holding_code_is_refused(tmp_path):
     import pickle
 

@@ -17,11 +17,13 @@ import csv
 import math
 import os
 import random
+import re
 import signal
+import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from itertools import count, islice
@@ -35,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 from bgmatte.errors import BgmatteError
 from bgmatte.io.images import default_file_mode
-from bgmatte.model.build import detect_backbone, read_state_dict, resolve_device, save_weights
+from bgmatte.model.build import detect_backbone, read_state_dict, resolve_device
 from bgmatte.model.matting import BACKBONES, MattingBase, MattingRefine
 from bgmatte.train.config import BASE_PARTS, PARTS, TrainOptions
 from bgmatte.train.losses import BASE_TERMS, REFINE_TERMS, base_loss, refine_loss
@@ -418,6 +420,13 @@ def preserved_random_state():
 # --------------------------------------------------------------------------------------------
 
 
+CHECKPOINT_FILES = ("last.safetensors", "best.safetensors", "state.pt")
+"""The files a run rewrites as it goes, each through a temporary ``.NAME.PID.tmp`` beside it."""
+_OUR_TEMPORARY = re.compile(r"\.(" + "|".join(re.escape(name) for name in CHECKPOINT_FILES) + r")\.(\d+)\.tmp")
+_SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+"""The name safetensors gave its own temporary file when it wrote our weights straight to their path."""
+
+
 def _replace_atomically(path: Path, write) -> None:
     """Write through ``write(temporary_path)`` and rename over ``path``, so that a crash never leaves half a file."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -431,13 +440,64 @@ def _replace_atomically(path: Path, write) -> None:
 
 
 def save_model_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    """Write ``load_model``-ready safetensors weights atomically."""
-    _replace_atomically(path, lambda tmp: save_weights(model, tmp, metadata=metadata))
+    """Write ``load_model``-ready safetensors weights atomically. The bytes are made in memory and written
+    to our own temporary name: ``safetensors.save_file`` would add a temporary file of its own, named
+    at random, which a killed process leaves behind."""
+    from safetensors.torch import save
+
+    tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    _replace_atomically(path, lambda tmp: tmp.write_bytes(save(tensors, metadata=metadata)))
 
 
 def save_training_state(path: Path, state: dict[str, object]) -> None:
     """Write the resumable state atomically."""
     _replace_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (this process excepted: it is not saving yet)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except OSError:  # there, but someone else's
+        return True
+    return True
+
+
+def _holds_bgmatte_weights(path: Path) -> bool:
+    """Whether a file starts like the safetensors weights a run writes (a header naming the bgmatte format)."""
+    with path.open("rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = file.read(min(size, 1 << 20))
+    return header.startswith(b"{") and b'"__metadata__"' in header and b'"format":"bgmatte"' in header
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that interrupted saves left in a run's folder, and return them.
+
+    Only two kinds are touched: ``.NAME.PID.tmp`` for a checkpoint file whose process no longer runs here,
+    and ``.tmpXXXXXX`` files holding bgmatte weights, which safetensors itself made for earlier versions.
+    Anything else, links included, is left alone; a file that cannot be removed stays too.
+    """
+    removed = []
+    for path in sorted(folder.iterdir()):
+        try:
+            if not stat.S_ISREG(path.lstat().st_mode):
+                continue
+            ours = _OUR_TEMPORARY.fullmatch(path.name)
+            if ours is not None:
+                stale = not _process_alive(int(ours.group(2)))
+            else:
+                stale = _SAFETENSORS_TEMPORARY.fullmatch(path.name) is not None and _holds_bgmatte_weights(path)
+            if stale:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue
+    return removed
 
 
 def load_training_state(path: Path) -> dict[str, object]:
@@ -640,63 +700,194 @@ def _ignore_stop_signals(worker_id: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def train(options: TrainOptions) -> TrainResult:
+class RunRefused(BgmatteError):
+    """A refusal that every process of the run reaches alike (rank 0 decided it and told the others, or
+    each checked the same options), so that only rank 0 need print it."""
+
+
+def train(options: TrainOptions, given: Collection[str] | None = None) -> TrainResult:
     """Train one stage as ``options`` say, in this process or in each process ``torchrun`` started.
 
+    ``given`` names the options the user set (the command line's); when resuming, the others are those
+    the run was started with, as ``resumed_options`` explains. None counts every option as given.
     Returns when ``options.steps`` steps are done, with weights and state saved. On SIGINT or SIGTERM it
     finishes the current step, saves weights and state, and raises KeyboardInterrupt.
     """
     runtime, created_group = start_runtime(options.device)
     try:
-        return _Run(options, runtime).run()
+        return _Run(options, runtime, given).run()
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _read_resume_state(options: TrainOptions, runtime: Runtime) -> dict[str, object] | None:
-    """Rank 0 reads (or refuses) the saved state and sends it, or its error, to every process."""
+RUN_OPTIONS = ("dataset", "data_root", "backgrounds", "batch_size", "train_samples", "crop", "init", "freeze_base",
+               "backbone_scale", "sample_pixels", "plate_color", "plate_misalign", "seed", "val_samples")
+"""Options that make a run what it is (its data, model and random streams, with ``backbone`` and ``stage``):
+a resumed run keeps the values it was started with and refuses others."""
+ADJUSTABLE_OPTIONS = ("steps", "precision", "val_every", "save_every", "save_minutes", "log", "log_every")
+"""Options a resumed run keeps unless given anew, like the learning rates: its length, numerics and bookkeeping.
+The rest (``device``, ``num_workers``, ``progress``) belong to each session and are never taken from the run."""
+_PATH_OPTIONS = ("data_root", "backgrounds", "init")
+
+
+def _as_flag(name: str, value: object) -> str:
+    """An option and its value in the command line's words, for messages."""
+    flag = "--" + name.replace("_", "-")
+    if value is None or value is False:
+        return f"no {flag}"
+    return flag if value is True else f"{flag} {value}"
+
+
+def resumed_options(options: TrainOptions, saved: dict[str, object], given: Collection[str] | None,
+                    state_path: Path) -> TrainOptions:
+    """The options a resumed run continues with: those not ``given`` are the run's own, from its saved
+    options (learning rates from its saved optimiser); a given one of ``RUN_OPTIONS`` that differs from
+    the run's is refused, since the run would silently become another. ``given`` None counts all as given."""
+    record = saved.get("options")
+    if not isinstance(record, dict):
+        raise BgmatteError(f"{state_path}: holds no record of the run's options")
+    current = options.to_record()
+    changes: dict[str, object] = {}
+    for name in RUN_OPTIONS + ADJUSTABLE_OPTIONS:
+        if name not in record:  # saved before the option existed: what is given now stands
+            continue
+        was, now = record[name], current[name]
+        if given is not None and name not in given:
+            changes[name] = Path(was) if name in _PATH_OPTIONS and isinstance(was, str) else was
+        elif name in RUN_OPTIONS:
+            same = Path(was) == Path(now) if name in _PATH_OPTIONS and was is not None and now is not None \
+                else was == now
+            if not same:
+                flag = "--" + name.replace("_", "-")
+                raise BgmatteError(f"{state_path}: the run was started with {_as_flag(name, was)}; it cannot go on "
+                                   f"with {_as_flag(name, now)} (leave {flag} out to keep the run's setting, "
+                                   "or start a new run in another --out)")
+    if options.backbone is None:
+        changes["backbone"] = str(saved["backbone"])
+    if given is not None:  # the rates not given now are the ones the run was training with
+        try:
+            rates = {str(group["name"]): float(group["lr"]) for group in saved["optimizer"]["param_groups"]
+                     if group.get("name") in PARTS}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise BgmatteError(f"{state_path}: the saved optimiser has no learning rates per part") from None
+        changes["lr"] = {**rates, **options.lr}
+    try:
+        return replace(options, **changes)
+    except BgmatteError as exc:
+        raise BgmatteError(f"{state_path}: the run's saved options do not work here: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise BgmatteError(f"{state_path}: holds saved options this version cannot read ({exc})") from None
+
+
+RUN_FILES = ("state.pt", "last.safetensors", "best.safetensors", "train.csv", "valid.csv", "samples", "tensorboard")
+"""What a run writes in its folder; a new run refuses a folder that holds any of them."""
+
+
+def _has_rows(path: Path) -> bool:
+    """Whether a CSV log holds more than its header line (one that cannot be read counts as holding some)."""
+    try:
+        with path.open(newline="") as file:
+            return len(list(islice(file, 2))) > 1
+    except (OSError, UnicodeDecodeError):
+        return True
+
+
+def earlier_run_files(folder: Path) -> list[str]:
+    """The files of an earlier run in a folder. A log with no rows and an empty folder do not count: a run
+    that failed before its first step leaves them, and they hold nothing to lose."""
+    found = []
+    for name in RUN_FILES:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            if any(path.iterdir()):
+                found.append(f"{name}/")
+        elif path.suffix == ".csv" and path.is_file() and not path.is_symlink():
+            if _has_rows(path):
+                found.append(name)
+        elif path.exists() or path.is_symlink():
+            found.append(name)
+    return found
+
+
+def _open_run_folder(options: TrainOptions, given: Collection[str] | None
+                     ) -> tuple[TrainOptions, dict[str, object] | None]:
+    """Rank 0's part of `_prepare_run_folder`."""
+    out = options.out
+    state_path = out / "state.pt"
+    saved = None
+    if out.exists() and not out.is_dir():
+        raise BgmatteError(f"{out}: is a file, not a folder (--out names the run's folder)")
+    if options.resume:
+        saved = load_training_state(state_path)
+        if saved["stage"] != options.stage:
+            raise BgmatteError(f"{state_path}: is a {saved['stage']} run, not a {options.stage} run")
+        if options.backbone is not None and options.backbone != saved["backbone"]:
+            raise BgmatteError(f"{state_path}: is a {saved['backbone']} run, not {options.backbone}")
+        options = resumed_options(options, saved, given, state_path)
+    else:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BgmatteError(f"{out}: cannot create the run's folder ({exc.strerror or exc})") from None
+        if state_path.exists():
+            raise BgmatteError(f"{out}: already holds a training run (state.pt); pass --resume to "
+                               "continue it, or choose another --out")
+        earlier = earlier_run_files(out)
+        if earlier:
+            raise BgmatteError(f"{out}: holds an earlier run's files ({', '.join(earlier)}) but no state.pt to "
+                               "resume it with; choose another --out, or move them away first")
+    samples = out / "samples"
+    try:
+        samples.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise BgmatteError(f"{samples}: cannot create the folder for sample images ({exc.strerror or exc})") from None
+    removed = remove_stale_temporaries(out)
+    if removed and options.progress:
+        print(f"bgmatte train: removed {len(removed)} temporary file(s) that interrupted saves left in {out} "
+              f"(such as {removed[0].name})", file=sys.stderr)
+    return options, saved
+
+
+def _prepare_run_folder(options: TrainOptions, runtime: Runtime, given: Collection[str] | None
+                        ) -> tuple[TrainOptions, dict[str, object] | None]:
+    """Before anything is built, rank 0 readies the run's folder: it creates it for a new run (refusing
+    one that holds an earlier run), or reads the state of the run to resume and settles its options;
+    then it removes what interrupted saves left. The options and state, or the refusal, go to every process."""
     message, saved = None, None
     if runtime.is_main:
         try:
-            state_path = options.out / "state.pt"
-            if options.resume:
-                saved = load_training_state(state_path)
-                if saved["stage"] != options.stage:
-                    raise BgmatteError(f"{state_path}: is a {saved['stage']} run, not a {options.stage} run")
-                if options.backbone is not None and options.backbone != saved["backbone"]:
-                    raise BgmatteError(f"{state_path}: is a {saved['backbone']} run, not {options.backbone}")
-            elif state_path.exists():
-                raise BgmatteError(f"{options.out}: already holds a training run (state.pt); pass --resume to "
-                                   "continue it, or choose another --out")
+            options, saved = _open_run_folder(options, given)
         except BgmatteError as exc:
             message = str(exc)
+        except OSError as exc:  # the folder could not even be looked at
+            message = f"{options.out}: cannot use this folder ({exc.strerror or exc})"
     if runtime.distributed:
-        holder = [(message, saved)]
+        holder = [(message, saved, options)]
         dist.broadcast_object_list(holder, src=0)
-        message, saved = holder[0]
+        message, saved, options = holder[0]
     if message is not None:
-        raise BgmatteError(message)
-    return saved
+        raise RunRefused(message)
+    return options, saved
 
 
 class _Run:
     """One training run: the model, optimiser, data and logs of this process; ``run`` is the loop."""
 
-    def __init__(self, options: TrainOptions, runtime: Runtime) -> None:
+    def __init__(self, options: TrainOptions, runtime: Runtime, given: Collection[str] | None = None) -> None:
+        options, saved = _prepare_run_folder(options, runtime, given)
         self.options, self.runtime = options, runtime
         check_logging(options)
         self.per_process, remainder = divmod(options.batch_size, runtime.world_size)
         if remainder:
-            raise BgmatteError(f"--batch-size {options.batch_size} does not split evenly over "
-                               f"{runtime.world_size} processes")
+            raise RunRefused(f"--batch-size {options.batch_size} does not split evenly over "
+                             f"{runtime.world_size} processes")
         self.sync_bn = runtime.distributed and runtime.device.type == "cuda"
         if self.per_process < 2 and not self.sync_bn:
-            raise BgmatteError(f"--batch-size {options.batch_size} leaves {self.per_process} image per process, "
-                               "and batch norm needs at least 2 (only SyncBatchNorm, on GPUs, pools processes)")
+            raise RunRefused(f"--batch-size {options.batch_size} leaves {self.per_process} image per process, "
+                             "and batch norm needs at least 2 (only SyncBatchNorm, on GPUs, pools processes)")
         self.amp = autocast_dtype(options.precision, runtime.device)
 
-        saved = _read_resume_state(options, runtime)
         init_state = None
         if saved is not None:
             self.backbone, self.kernel_size = str(saved["backbone"]), int(saved["refine_kernel_size"])
@@ -735,7 +926,6 @@ class _Run:
         self.logger: Logger | None = None
         self.valid_batches: list[dict[str, Tensor]] = []
         if runtime.is_main:
-            (options.out / "samples").mkdir(parents=True, exist_ok=True)
             self.logger = Logger(options, self.step if saved is not None else None)
             self.valid_batches = validation_batches(options, runtime, self.per_process)
 
