@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+import bgmatte.io.video as video_io
 from bgmatte.errors import BgmatteError
 from bgmatte.io.video import (
     ClosesOnExit,
@@ -572,3 +573,289 @@ def test_closes_on_exit_keeps_the_first_error(caplog: pytest.LogCaptureFixture) 
         with quiet:
             pass
     assert quiet.closed == 1
+
+
+# ------------------------------------------------------------------------------- audio the container refuses
+
+
+def clip_with_audio(path: Path, codec: str, count: int = 10) -> None:
+    """A `pattern` clip (H.264, 25 fps) whose sound, a 440 Hz tone as long as the video, is in `codec`."""
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        sound = container.add_stream(codec, rate=48000)
+        sound.layout = "stereo"
+        for index in range(count):
+            frame = av.VideoFrame.from_ndarray(pattern(index), format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        resampler = av.AudioResampler(format=sound.format.name, layout="stereo", rate=48000)
+        for start in range(0, 48000 * count // 25, 1024):
+            tone = (0.2 * np.sin(2 * np.pi * 440 * np.arange(start, start + 1024) / 48000)).astype(np.float32)
+            frame = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = 48000, start, Fraction(1, 48000)
+            for part in resampler.resample(frame):
+                container.mux(sound.encode(part))
+        container.mux(sound.encode(None))
+
+
+@pytest.mark.parametrize(
+    ("codec", "suffix", "expected"),
+    [("flac", ".mov", "aac"), ("libopus", ".mov", "aac"), ("pcm_s16le", ".mp4", "aac"),
+     ("flac", ".mp4", "flac"), ("libopus", ".mp4", "opus"), ("pcm_s16le", ".mov", "pcm_s16le"), ("flac", ".mkv", "flac")],
+)
+def test_audio_is_copied_only_where_the_container_takes_it_and_transcoded_elsewhere(tmp_path, codec, suffix, expected):
+    """QuickTime lists Opus and FLAC and MP4 lists PCM, but their muxers refuse them when the header is written."""
+    source = tmp_path / "src.mkv"
+    clip_with_audio(source, codec)
+    target = tmp_path / f"out{suffix}"
+    copy_clip(source, target)
+    assert [path.name for path in tmp_path.iterdir() if path.name != "src.mkv"] == [target.name]
+    with av.open(str(target)) as container:
+        assert container.streams.audio[0].codec_context.codec.canonical_name == expected
+    assert len(read_all(target)[1]) == 10
+    assert audio_seconds(target) == pytest.approx(0.4, abs=0.06)
+
+
+def test_audio_the_muxer_refuses_at_the_header_is_transcoded_instead(tmp_path, monkeypatch, caplog):
+    """Should a muxer refuse a codec believed to fit, the file is started again with the audio transcoded."""
+    monkeypatch.setitem(video_io._COPIED_AUDIO, "mov", video_io._COPIED_AUDIO["mov"] | {"flac"})
+    source = tmp_path / "src.mkv"
+    clip_with_audio(source, "flac")
+    target = tmp_path / "out.mov"
+    with caplog.at_level(logging.INFO, logger="bgmatte.io.video"):
+        copy_clip(source, target)
+    with av.open(str(target)) as container:
+        assert container.streams.audio[0].codec_context.name == "aac"
+    assert "refused the flac audio" in caplog.text
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.mov", "src.mkv"]
+
+
+def test_a_file_that_cannot_start_fails_the_first_write_once_and_leaves_nothing(tmp_path, caplog):
+    folder = tmp_path / "gone"
+    target = folder / "out.mp4"
+    writer = VideoWriter(target, fps=25)
+    folder.rmdir()  # the folder disappears before the first frame
+    with caplog.at_level(logging.WARNING), pytest.raises(BgmatteError) as caught:
+        with writer:
+            writer.write(pattern(0))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{target}: could not start the file") and "nothing was written" in message
+    assert "while closing" not in caplog.text and "no frames were written" not in caplog.text
+    assert writer.close() is None and list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_is_raised_once_even_when_close_follows(tmp_path):
+    folder = tmp_path / "gone"
+    writer = VideoWriter(folder / "out.mp4", fps=25)
+    folder.rmdir()
+    with pytest.raises(BgmatteError, match="could not start"):
+        writer.write(pattern(0))
+    with pytest.raises(BgmatteError, match="could not start"):  # the worker keeps refusing frames
+        writer.write(pattern(1))
+    assert writer.close() is None  # no third time
+
+
+def test_a_pipeline_output_that_cannot_start_gives_one_error_and_no_frame_count(tmp_path, monkeypatch, caplog):
+    from media import DifferenceModel, make_clip as make_scene, plate_image
+
+    from bgmatte.pipeline import convert_video
+
+    def refuse(self, *, copy_audio):
+        raise OSError("the muxer refused")
+
+    monkeypatch.setattr(VideoWriter, "_start", refuse)
+    clip = tmp_path / "clip.mp4"
+    make_scene(clip, count=4)
+    with caplog.at_level(logging.WARNING), pytest.raises(BgmatteError) as caught:
+        convert_video(clip, plate_image(), output=tmp_path / "out.mov", model=DifferenceModel(), progress=False)
+    assert str(caught.value) == f"{tmp_path / 'out.mov'}: could not start the file (libx264 video 96x64): " \
+                                "the muxer refused; nothing was written"
+    assert "outputs hold" not in caplog.text and "while closing" not in caplog.text
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+# ------------------------------------------------------------------------------------------- forced encoders
+
+
+def test_a_forced_encoder_gets_a_pixel_format_it_opens_with(tmp_path):
+    """MJPEG lists yuv420p but opens only with full-swing YUV: it gets yuvj420p, and its colours stay right."""
+    options = EncoderOptions(codec="mjpeg")
+    assert choose_encoder(tmp_path / "a.mkv", alpha=False, options=options).pix_fmt == "yuvj420p"
+    target = tmp_path / "a.mkv"
+    with VideoWriter(target, fps=25, options=options) as writer:
+        for index in range(3):
+            writer.write(pattern(index))
+    reader, frames = read_all(target)
+    assert len(frames) == 3
+    assert np.abs(frames[2].image.astype(int) - pattern(2).astype(int))[16:, 16:].max() <= 3
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "alpha", "expected"),
+    [
+        ("a.mov", "libvpx-vp9", False, "libvpx-vp9 does not work in .mov files"),
+        ("a.webm", "mjpeg", False, "mjpeg does not work in .webm files"),
+        ("a.mkv", "gif", False, "gif takes none of the pixel formats"),
+        ("a.mkv", "aac", False, "'aac' is an audio encoder"),
+        ("a.mkv", "libx264", True, "libx264 cannot keep transparency"),
+    ],
+)
+def test_a_forced_encoder_that_cannot_work_is_refused_at_once(tmp_path, name, codec, alpha, expected):
+    with pytest.raises(BgmatteError) as caught:
+        VideoWriter(tmp_path / name, alpha=alpha, options=EncoderOptions(codec=codec))
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / name}: ") and expected in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_pipeline_refuses_a_forced_encoder_before_loading_the_model(tmp_path, monkeypatch):
+    from media import make_clip as make_scene, plate_image
+
+    import bgmatte.pipeline as pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_predictor", no_model)
+    clip = tmp_path / "clip.mp4"
+    make_scene(clip, count=3)
+    with pytest.raises(BgmatteError, match=r"out\.mov: the encoder libvpx-vp9 does not work in \.mov files"):
+        pipeline.convert_video(clip, plate_image(), output=tmp_path / "out.mov", encoder=EncoderOptions(codec="libvpx-vp9"),
+                               progress=False)
+
+
+# ------------------------------------------------------------------------------------ pixel shape and colour
+
+
+def anamorphic_clip(path: Path, ratio: Fraction, *, rotation: float | None = None, count: int = 3,
+                    tags: tuple[int, int, int] | None = None) -> None:
+    """A `pattern` clip (H.264) whose pixels are `ratio` times as wide as high, optionally rotated and tagged
+    with (matrix, primaries, transfer) codes, its pixels converted with that matrix (BT.709 or BT.601)."""
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=25, options={"crf": "12"})
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        video.codec_context.sample_aspect_ratio = ratio
+        if tags is not None:
+            context = video.codec_context
+            context.colorspace, context.color_primaries, context.color_trc, context.color_range = (*tags, 1)
+        if rotation is not None:
+            video.set_display_rotation(rotation)
+        for index in range(count):
+            frame = av.VideoFrame.from_ndarray(pattern(index), format="rgb24")
+            frame = frame.reformat(format="yuv420p", dst_colorspace="ITU709" if tags and tags[0] == 1 else "ITU601")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+
+
+def stream_shape(path: Path) -> tuple[tuple[int, int], Fraction | None]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return (stream.codec_context.width, stream.codec_context.height), stream.sample_aspect_ratio
+
+
+def test_the_reader_gives_the_pixel_shape_upright_and_at_other_sizes(tmp_path):
+    clip = tmp_path / "wide.mp4"
+    anamorphic_clip(clip, Fraction(4, 3))
+    with VideoReader(clip) as reader:
+        assert reader.display.sample_aspect_ratio == Fraction(4, 3)  # 64x48 shown as 85x48
+        assert reader.display_at(WIDTH // 2, HEIGHT // 2).sample_aspect_ratio == Fraction(4, 3)
+        assert reader.display_at(128, 72).sample_aspect_ratio == 1  # resized to the display shape
+        assert reader.display_at(WIDTH, WIDTH).sample_aspect_ratio == Fraction(16, 9)
+    turned = tmp_path / "turned.mp4"
+    anamorphic_clip(turned, Fraction(4, 3), rotation=90)
+    with VideoReader(turned) as reader:
+        assert reader.size == (HEIGHT, WIDTH) and reader.display.sample_aspect_ratio == Fraction(3, 4)
+    make_clip(tmp_path / "square.mp4", count=2, audio=False)
+    with VideoReader(tmp_path / "square.mp4") as reader:
+        assert reader.display.sample_aspect_ratio == 1
+
+
+@pytest.mark.parametrize(("suffix", "alpha"), [(".mp4", False), (".mov", False), (".mkv", False), (".mov", True)])
+def test_non_square_pixels_are_carried_to_the_output(tmp_path, suffix, alpha):
+    source = tmp_path / "wide.mp4"
+    anamorphic_clip(source, Fraction(4, 3))
+    target = tmp_path / f"out{suffix}"
+    with VideoReader(source) as reader, VideoWriter(target, fps=25, alpha=alpha, display=reader.display) as writer:
+        for frame in reader:
+            writer.write(np.dstack([frame.image, np.full(frame.image.shape[:2], 255, np.uint8)]) if alpha else frame.image)
+    assert stream_shape(target) == ((WIDTH, HEIGHT), Fraction(4, 3))
+
+
+def test_formats_that_cannot_record_the_pixel_shape_say_so(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="bgmatte.io.video"):
+        with VideoWriter(tmp_path / "out.webm", fps=25, display=video_io.Display(Fraction(4, 3))) as writer:
+            writer.write(pattern(0))
+    assert "out.webm: libvpx-vp9 in .webm cannot record the source's non-square pixels" in caplog.text
+
+
+def test_the_pipeline_keeps_the_display_shape_also_when_resizing(tmp_path):
+    from media import DifferenceModel
+
+    from bgmatte.pipeline import convert_video
+
+    clip = tmp_path / "wide.mp4"
+    anamorphic_clip(clip, Fraction(4, 3), count=4)
+    plate = pattern(0)
+    convert_video(clip, plate, output=tmp_path / "same.mp4", outputs=["com", "pha"], model=DifferenceModel(), progress=False)
+    assert stream_shape(tmp_path / "same.mp4") == ((WIDTH, HEIGHT), Fraction(4, 3))
+    assert stream_shape(tmp_path / "same_pha.mp4") == ((WIDTH, HEIGHT), Fraction(4, 3))
+    convert_video(clip, plate, output=tmp_path / "square.mp4", resize=(128, 72), model=DifferenceModel(), progress=False)
+    assert stream_shape(tmp_path / "square.mp4") == ((128, 72), None)  # square pixels: nothing to record
+
+
+COLOURS = [(200, 60, 40), (40, 200, 60), (40, 60, 200), (120, 250, 155), (230, 180, 140)]
+
+
+def colour_bars(width: int, height: int, alpha: bool = False) -> np.ndarray:
+    image = np.zeros((height, width, 4 if alpha else 3), np.uint8)
+    for index, colour in enumerate(COLOURS):
+        image[:, index * width // 5:(index + 1) * width // 5, :3] = colour
+    if alpha:
+        image[..., 3] = 255
+    return image
+
+
+def bar_colours(image: np.ndarray) -> np.ndarray:
+    width = image.shape[1]
+    return np.array([image[image.shape[0] // 2, (2 * index + 1) * width // 10, :3] for index in range(5)], int)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "alpha", "size", "matrix", "primaries"),
+    [(".mp4", False, (1280, 720), 6, 1), (".mp4", False, (320, 240), 6, 6), (".webm", False, (1280, 720), 6, 1),
+     (".webm", True, (320, 240), 6, 6), (".mov", True, (1280, 720), 6, 1), (".mkv", True, (320, 240), 0, 6)],
+    ids=["h264-hd", "h264-sd", "vp9-hd", "vp9-alpha", "prores-hd", "ffv1-rgb"],
+)
+def test_outputs_are_tagged_with_the_colours_their_numbers_are_in(tmp_path, suffix, alpha, size, matrix, primaries):
+    """Untagged HD is taken for BT.709 by players: the BT.601 numbers the writers make must say so, and
+    decoding by the tags must give back the colours written."""
+    target = tmp_path / f"bars{suffix}"
+    with VideoWriter(target, fps=25, alpha=alpha) as writer:
+        for _ in range(2):
+            writer.write(colour_bars(*size, alpha))
+    with av.open(str(target)) as container:
+        context = container.streams.video[0].codec_context
+        assert (context.colorspace, context.color_primaries, context.color_trc) == (matrix, primaries, primaries)
+        assert context.color_range == (1 if matrix == 6 else 0)
+    _, frames = read_all(target)  # the reader decodes by the tags
+    assert np.abs(bar_colours(frames[-1].image) - np.array(COLOURS)).max() <= 3
+
+
+def test_the_sources_primaries_and_transfer_are_carried(tmp_path):
+    source = tmp_path / "tagged.mp4"
+    anamorphic_clip(source, Fraction(1), tags=(1, 1, 1))  # BT.709 throughout, at SD size
+    target = tmp_path / "out.mp4"
+    with VideoReader(source) as reader, VideoWriter(target, fps=25, display=reader.display) as writer:
+        assert (reader.display.color_primaries, reader.display.color_trc) == (1, 1)
+        images = [frame.image for frame in reader]
+        for image in images:
+            writer.write(image)
+    assert np.abs(images[1].astype(int) - pattern(1).astype(int))[16:, 16:].max() <= 3  # read by its BT.709 tag
+    with av.open(str(target)) as container:
+        context = container.streams.video[0].codec_context
+        assert (context.colorspace, context.color_primaries, context.color_trc, context.color_range) == (6, 1, 1, 1)
+    _, frames = read_all(target)
+    assert np.abs(frames[1].image.astype(int) - images[1].astype(int))[16:, 16:].max() <= 3

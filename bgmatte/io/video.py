@@ -2,14 +2,19 @@
 
 Decoding and encoding each run on a background thread behind a bounded queue, so that they overlap
 with inference and memory stays flat however long the clip. Both ends carry each frame's own
-presentation timestamp (pts and time base), so variable frame rate survives a round trip.
+presentation timestamp (pts and time base), so variable frame rate survives a round trip. The
+reader's `Display` (pixel shape, colour primaries and transfer) goes to the writers, which tag their
+streams with it and with the BT.601 matrix their YUV is made with, so that players show what was read.
 
 Writers never leave a half-written file under the final name: they write to a hidden temporary
 name in the same folder and rename it on `close()`, which also runs after an exception or Ctrl-C
-(through `with`), flushing the encoder so that every frame written so far is playable.
+(through `with`), flushing the encoder so that every frame written so far is playable. A file that
+cannot even be started (its header refused) fails the first `write` and leaves nothing.
 """
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import os
 import queue
@@ -18,7 +23,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -63,6 +68,16 @@ class Frame:
 
 
 @dataclass(frozen=True)
+class Display:
+    """How players should show a video's pixels: their shape and the colour primaries and transfer curve they
+    were made for. Writers tag their output with it, so that anamorphic or tagged sources keep their look."""
+
+    sample_aspect_ratio: Fraction = Fraction(1)  # a pixel's width over its height
+    color_primaries: int | None = None  # FFmpeg's AVCOL_PRI_* code; None when the source does not say
+    color_trc: int | None = None  # FFmpeg's AVCOL_TRC_* code; None when the source does not say
+
+
+@dataclass(frozen=True)
 class AudioInfo:
     """What the source's first audio track is; give the source path to `VideoWriter(audio_from=...)` to carry it."""
 
@@ -84,6 +99,9 @@ class VideoReader:
     A corrupt or truncated input ends the iteration at the last decodable frame; `error` then holds a
     `BgmatteError` that says what happened (None after a clean end). Use it as a context manager, or
     call `close()`, so that stopping early also stops the thread.
+
+    `display` says how the upright frames are meant to be shown (pixel shape, colour tags) for the
+    writers to carry on; `display_at` gives the same for frames resized to another size.
     """
 
     def __init__(self, path: str | os.PathLike, *, queue_size: int = 8, apply_rotation: bool = True,
@@ -115,9 +133,13 @@ class VideoReader:
         self.fps: Fraction | None = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
         self.duration: float | None = self._duration()
         self.frame_count: int | None = self._frame_count()
+        context = self._stream.codec_context  # ProRes frames lack the colour tags the container gives
+        self.display = Display(_pixel_shape(self._stream.sample_aspect_ratio, self._turns),
+                               _known(first.color_primaries) or _known(context.color_primaries),
+                               _known(first.color_trc) or _known(context.color_trc))
         audio = self._container.streams.audio
         self.audio: AudioInfo | None = (
-            AudioInfo(audio[0].codec_context.name, audio[0].rate or 0, audio[0].channels or 0) if audio else None
+            AudioInfo(_codec_name(audio[0]), audio[0].rate or 0, audio[0].channels or 0) if audio else None
         )
         self._thread = threading.Thread(target=self._run, name=f"bgmatte-read-{self.path.name}", daemon=True)
         self._thread.start()
@@ -129,6 +151,12 @@ class VideoReader:
     @property
     def height(self) -> int:
         return self.size[1]
+
+    def display_at(self, width: int, height: int) -> Display:
+        """`display` for the frames resized to width x height: the pixel shape changes so that the picture
+        keeps the source's display aspect ratio (square pixels again when the new size has that ratio)."""
+        stretch = Fraction(self.width * height, self.height * width)
+        return replace(self.display, sample_aspect_ratio=_storable(self.display.sample_aspect_ratio * stretch))
 
     def _decode_first(self) -> list[av.VideoFrame]:
         """Decode up to the first frame now, so that size and rotation are known before iteration starts."""
@@ -292,6 +320,34 @@ def _open_input(path: Path) -> av.container.InputContainer:
     return container
 
 
+def _pixel_shape(ratio: Fraction | None, turns: int) -> Fraction:
+    """The stream's sample aspect ratio for the frames as the reader gives them (inverted when a quarter turn
+    made the rows columns); 1 when the stream gives none or an unusable one."""
+    if not ratio or ratio <= 0 or not Fraction(1, 100) <= ratio <= 100:
+        return Fraction(1)
+    return 1 / ratio if turns % 2 else Fraction(ratio)
+
+
+def _storable(ratio: Fraction) -> Fraction:
+    """A ratio whose terms fit the 16 bits some formats (H.264's VUI) store them in, nearest to `ratio`."""
+    limit = 65535
+    while max(ratio.numerator, ratio.denominator) > 65535:
+        limit //= 2
+        ratio = ratio.limit_denominator(limit)
+    return ratio
+
+
+def _known(code: int | None) -> int | None:
+    """An FFmpeg primaries or transfer code, or None for the codes that say nothing (0, 2 and 3 in both)."""
+    return None if code is None or int(code) in (0, 2, 3) else int(code)
+
+
+def _codec_name(stream: av.stream.Stream) -> str:
+    """The codec's own name ('mp3'), not its decoder's ('mp3float'), which is what muxers list."""
+    codec = stream.codec_context.codec
+    return getattr(codec, "canonical_name", None) or stream.codec_context.name
+
+
 def _reason(exc: BaseException) -> str:
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return str(text).strip().splitlines()[0]
@@ -350,7 +406,14 @@ class EncoderChoice:
     options: dict[str, str] = field(default_factory=dict)
 
 
-_ALPHA_PIX_FMTS = frozenset({"yuva420p", "yuva444p10le", "bgra", "rgba"})
+# The pixel formats tried, in this order, for an encoder given by name that does not take the usual one; the
+# writer makes each of them from RGB or RGBA (`_video_frame`).
+_OPAQUE_FORMATS = ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12", "yuv420p10le",
+                   "yuv422p10le", "yuv444p10le", "gbrp", "rgb24", "bgr24", "rgb0", "bgr0", "rgba", "bgra")
+_ALPHA_FORMATS = ("yuva420p", "yuva422p", "yuva444p", "yuva444p10le", "gbrap", "rgba", "bgra", "argb", "abgr")
+_PROBE_SIZE = (320, 240)  # a size every general-purpose encoder takes
+# Encoders that store the pixel shape in the video itself: PyAV gives Matroska no other way to record it.
+_SAR_IN_BITSTREAM = frozenset({"libx264", "libx265", "mpeg4", "mpeg2video", "mjpeg"})
 
 
 def _encoder_available(name: str) -> bool:
@@ -365,7 +428,9 @@ def choose_encoder(path: str | os.PathLike, *, alpha: bool, options: EncoderOpti
     """Pick the encoder for an output path: H.264 in .mp4/.mov/.mkv, VP9 in .webm, with alpha ProRes 4444 in .mov.
 
     Transparency needs .webm (VP9 yuva420p), .mov (ProRes 4444) or .mkv (lossless FFV1); .mp4 is
-    refused with a message that says why.
+    refused with a message that says why. An encoder forced by `options.codec` is tried at once on a
+    small frame in memory, in the first pixel format it takes, so that one that cannot work here is
+    refused now, with the file's name, instead of after the model has loaded.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -382,6 +447,8 @@ def choose_encoder(path: str | os.PathLike, *, alpha: bool, options: EncoderOpti
         codec = options.codec
         if not _encoder_available(codec):
             raise BgmatteError(f"{path}: the encoder {codec!r} is not available in this PyAV build")
+        if av.Codec(codec, "w").type != "video":
+            raise BgmatteError(f"{path}: {codec!r} is an {av.Codec(codec, 'w').type} encoder, not a video one")
     elif container == "webm":
         codec = "libvpx-vp9"
     elif alpha and container == "mov":
@@ -394,9 +461,7 @@ def choose_encoder(path: str | os.PathLike, *, alpha: bool, options: EncoderOpti
         "libvpx-vp9": "yuva420p" if alpha else "yuv420p",
         "prores_ks": "yuva444p10le" if alpha else "yuv422p10le",
         "ffv1": "bgra" if alpha else "yuv420p",
-    }.get(codec, "yuv420p")
-    if alpha and pix_fmt not in _ALPHA_PIX_FMTS:
-        raise BgmatteError(f"{path}: the encoder {codec} cannot keep transparency; leave the encoder to the extension")
+    }.get(codec, "yuva420p" if alpha and options.codec is not None else "yuv420p")
     settings: dict[str, str] = {}
     if codec == "libx264":
         settings = {"crf": str(options.crf if options.crf is not None else 18), "preset": options.preset or "veryfast"}
@@ -406,9 +471,87 @@ def choose_encoder(path: str | os.PathLike, *, alpha: bool, options: EncoderOpti
             settings["auto-alt-ref"] = "0"  # libvpx cannot combine alternate reference frames with alpha
     elif codec == "prores_ks":
         settings = {"profile": "4444" if alpha else "3"}
+    elif codec == "libx265":
+        settings = {"x265-params": "log-level=error"}  # x265 reports on stderr itself, past FFmpeg's logging
+    if options.codec is not None:
+        pix_fmt = _working_pixel_format(path, container, codec, alpha, pix_fmt, settings)
+    if alpha and not _has_alpha(pix_fmt):
+        raise BgmatteError(f"{path}: the encoder {codec} cannot keep transparency; leave the encoder to the extension")
     # Chroma subsampled by two needs even sizes, except in libvpx, which handles odd ones itself.
-    needs_even = any(tag in pix_fmt for tag in ("420", "422")) and codec not in ("libvpx-vp9", "libvpx")
+    needs_even = _subsampled(pix_fmt) and codec not in ("libvpx-vp9", "libvpx")
     return EncoderChoice(container=container, codec=codec, pix_fmt=pix_fmt, needs_even=needs_even, options=settings)
+
+
+def _working_pixel_format(path: Path, container: str, codec: str, alpha: bool, preferred: str,
+                          settings: dict[str, str]) -> str:
+    """The first pixel format that `codec` encodes a frame in and `container` takes: `preferred`, when the
+    encoder lists it (or lists nothing), then those it lists among the ones the writer can make."""
+    listed = [pixel_format.name for pixel_format in av.Codec(codec, "w").video_formats or ()]
+    candidates = [preferred] if not listed or preferred in listed else []
+    makeable = _ALPHA_FORMATS if alpha else _OPAQUE_FORMATS
+    candidates += [name for name in makeable if name in listed and name not in candidates]
+    if not candidates:
+        if alpha:
+            raise BgmatteError(f"{path}: the encoder {codec} cannot keep transparency; "
+                               "leave the encoder to the extension")
+        raise BgmatteError(f"{path}: the encoder {codec} takes none of the pixel formats bgmatte makes "
+                           f"(it takes {', '.join(listed[:8])}); choose another encoder or leave it to the extension")
+    failure = ""
+    for pix_fmt in candidates:
+        failure = _try_encoder(container, codec, pix_fmt, tuple(sorted(settings.items())))
+        if not failure:
+            if pix_fmt != preferred:
+                logger.debug("%s: %s does not take %s; using %s", path, codec, preferred, pix_fmt)
+            return pix_fmt
+    raise BgmatteError(f"{path}: the encoder {codec} does not work in {path.suffix.lower()} files here ({failure}); "
+                       "choose another encoder or leave it to the extension")
+
+
+@functools.lru_cache(maxsize=64)
+def _try_encoder(container: str, codec: str, pix_fmt: str, settings: tuple[tuple[str, str], ...]) -> str:
+    """Encode one blank frame with `codec` in `pix_fmt`, tagged as the writer tags it, into an in-memory
+    `container`: '' when that works, else the reason it failed."""
+    width, height = _PROBE_SIZE
+    output = None
+    try:
+        output = av.open(io.BytesIO(), mode="w", format=container)
+        stream = output.add_stream(codec, rate=25, options=dict(settings))
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        _tag_colours(stream.codec_context, pix_fmt, Display(), width, height)
+        output.start_encoding()
+        blank = np.zeros((height, width, 4 if _has_alpha(pix_fmt) else 3), np.uint8)
+        frame = _video_frame(blank, pix_fmt)
+        frame.pts = 0
+        output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+        output.close()
+        output = None
+    except Exception as exc:  # noqa: BLE001 - any failure means the encoder cannot be used so
+        return _reason(exc)
+    finally:
+        if output is not None:
+            try:
+                output.close()
+            except Exception:  # noqa: BLE001 - the probe already failed; its leftovers do not matter
+                pass
+    return ""
+
+
+def _has_alpha(pix_fmt: str) -> bool:
+    return len(av.VideoFormat(pix_fmt).components) in (2, 4)
+
+
+def _subsampled(pix_fmt: str) -> bool:
+    """Whether the format keeps colour at half the width or height (4:2:0, 4:2:2...), which needs even sides."""
+    pixel_format = av.VideoFormat(pix_fmt)
+    if pixel_format.is_rgb or len(pixel_format.components) < 3:
+        return False
+    return pixel_format.chroma_width(2) < 2 or pixel_format.chroma_height(2) < 2
+
+
+def _is_yuv(pix_fmt: str) -> bool:
+    pixel_format = av.VideoFormat(pix_fmt)
+    return not pixel_format.is_rgb and not pixel_format.has_palette and len(pixel_format.components) >= 3
 
 
 def _as_fraction(rate: Fraction | float | int) -> Fraction:
@@ -504,6 +647,10 @@ class _Worker:
                 if not self._thread.is_alive():
                     return
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def close(self) -> BaseException | None:
         if self._thread.is_alive():
             self.put(_END)
@@ -583,6 +730,48 @@ def to_yuv420p(image: np.ndarray) -> np.ndarray:
     return out
 
 
+# FFmpeg's colour codes (AVCOL_*), as the writers tag their streams.
+_SPC_RGB, _SPC_SMPTE170M = 0, 6  # matrix: none (RGB), BT.601
+_RANGE_MPEG, _RANGE_JPEG = 1, 2  # studio swing, full swing
+_PRI_BT709, _PRI_BT470BG, _PRI_SMPTE170M = 1, 5, 6
+_TRC_BT709, _TRC_SMPTE170M = 1, 6
+
+
+def _video_frame(pixels: np.ndarray, pix_fmt: str) -> av.VideoFrame:
+    """uint8 grey, RGB or RGBA pixels as a frame for an encoder of `pix_fmt`: YUV is always BT.601, studio swing
+    (full swing for the yuvj formats), made by `to_yuv420p` where it can and by FFmpeg's scaler elsewhere, and
+    the frame says so; other formats are left to the encoder's own conversion."""
+    if pix_fmt == "yuv420p" and (pixels.ndim == 2 or pixels.shape[2] == 3) and pixels.shape[0] % 2 == 0 \
+            and pixels.shape[1] % 2 == 0:
+        frame = av.VideoFrame.from_ndarray(to_yuv420p(pixels), format="yuv420p")
+    else:
+        layout = "gray" if pixels.ndim == 2 else "rgba" if pixels.shape[2] == 4 else "rgb24"
+        frame = av.VideoFrame.from_ndarray(pixels, format=layout)
+        if not _is_yuv(pix_fmt):
+            return frame
+        swing = _RANGE_JPEG if pix_fmt.startswith("yuvj") else _RANGE_MPEG
+        frame = frame.reformat(format=pix_fmt, dst_colorspace="ITU601", dst_color_range=swing)
+    frame.colorspace = _SPC_SMPTE170M
+    frame.color_range = _RANGE_JPEG if pix_fmt.startswith("yuvj") else _RANGE_MPEG
+    return frame
+
+
+def _tag_colours(context: Any, pix_fmt: str, display: Display, width: int, height: int) -> None:
+    """Tag an encoder with what its numbers are (`_video_frame`): the BT.601 matrix and its swing for YUV, or
+    RGB; the primaries and transfer are the source's (`display`), or when it does not say, those players
+    assume at this size (BT.709 from 1280 wide or 577 high, BT.601 below), so that all three tags are set:
+    MP4 and QuickTime files carry none of them otherwise, and players guess BT.709 for HD."""
+    if _is_yuv(pix_fmt):
+        context.colorspace = _SPC_SMPTE170M
+        context.color_range = _RANGE_JPEG if pix_fmt.startswith("yuvj") else _RANGE_MPEG
+    elif av.VideoFormat(pix_fmt).is_rgb:
+        context.colorspace = _SPC_RGB
+    high_definition = width >= 1280 or height > 576
+    context.color_primaries = display.color_primaries or (
+        _PRI_BT709 if high_definition else _PRI_BT470BG if height == 576 else _PRI_SMPTE170M)
+    context.color_trc = display.color_trc or (_TRC_BT709 if high_definition else _TRC_SMPTE170M)
+
+
 class VideoWriter(ClosesOnExit):
     """Encode frames to a video file on a background thread, keeping source timestamps and audio.
 
@@ -594,11 +783,17 @@ class VideoWriter(ClosesOnExit):
             container can hold its codec, else transcoded (AAC, or Opus in .webm); trimmed to the video.
         overwrite: replace an existing file instead of refusing.
         options: encoder choices (`EncoderOptions`).
+        display: the pixel shape and colour tags to give the stream (`VideoReader.display`); square
+            pixels and the usual colours for the size when None.
         niceness: encode at this much lower priority (`lower_thread_priority`).
 
     `write(image, pts, time_base)` takes uint8 (H, W, 3) RGB, or (H, W, 4) RGBA with alpha=True;
     grey (H, W) frames are expanded. Give each frame its source pts and time base to keep variable
-    frame rate; frames without pts follow `fps`.
+    frame rate; frames without pts follow `fps`. The stream is tagged with the colours its numbers are
+    in (BT.601 YUV; see `_tag_colours`), so that players show the frames' RGB.
+
+    The file is started (encoder opened, header written) on the first `write`, which waits for that:
+    a file that cannot be started fails there, and leaves nothing behind.
     """
 
     def __init__(
@@ -610,6 +805,7 @@ class VideoWriter(ClosesOnExit):
         audio_from: str | os.PathLike | None = None,
         overwrite: bool = False,
         options: EncoderOptions = EncoderOptions(),
+        display: Display | None = None,
         queue_size: int = 8,
         niceness: int = 0,
     ):
@@ -618,6 +814,7 @@ class VideoWriter(ClosesOnExit):
         self.fps = _as_fraction(fps)
         self.choice = choose_encoder(self.path, alpha=alpha, options=options)
         self.options = options
+        self.display = display or Display()
         self.audio_from = Path(audio_from) if audio_from is not None else None
         if self.audio_from is not None and not self.audio_from.is_file():
             raise BgmatteError(f"{self.audio_from}: no such file (to take the audio from)")
@@ -633,42 +830,59 @@ class VideoWriter(ClosesOnExit):
         self._last_pts: int | None = None
         self._last_step = 1
         self._closed = False
+        self._started = False  # the header is written: from here on the file is finished, whatever happens
+        self._opened = threading.Event()  # the encoding thread has tried to start the file
+        self._reported: BaseException | None = None  # the failure already raised to the caller
         self._worker = _Worker(f"bgmatte-write-{self.path.name}", self._encode, self._finish, queue_size, niceness)
 
     def write(self, image: np.ndarray, pts: int | None = None, time_base: Fraction | None = None) -> None:
-        """Queue one frame for encoding (blocks while the queue is full)."""
+        """Queue one frame for encoding (blocks while the queue is full; the first waits for the file to start)."""
         if self._closed:
             raise RuntimeError(f"{self.path}: the writer is closed")
         image = _frame_pixels(image, 4 if self.alpha else 3)
-        if self._input_shape is None:
+        first = self._input_shape is None
+        if first:
             self._input_shape = image.shape
         elif image.shape[:2] != self._input_shape[:2]:
             raise ValueError(f"{self.path}: frame size changed from {self._input_shape[:2]} to {image.shape[:2]}")
         try:
             self._worker.put((image, pts, time_base))
-        except BgmatteError:
-            raise
         except Exception as exc:
-            raise BgmatteError(f"{self.path}: encoding failed ({_reason(exc)})") from exc
+            raise self._report(exc)
+        if first:
+            while not self._opened.wait(_POLL_S) and self._worker.alive:
+                pass
+            if self._worker.error is not None:
+                raise self._report(self._worker.error)
 
     def close(self) -> Path | None:
-        """Finish the file (flush, audio, trailer) and rename it to its final name; returns it, or None if empty."""
+        """Finish the file (flush, audio, trailer) and rename it to its final name; returns it, or None if empty.
+
+        A failure that `write` has already raised is not raised again."""
         if self._closed:
             return self.path if self.path.exists() else None
         self._closed = True
         error = self._worker.close()
-        produced = self.frames_written > 0 and self._temporary.exists()
+        produced = self._started and self.frames_written > 0 and self._temporary.exists()
         if produced and not isinstance(error, _FinalizeError):
             os.replace(self._temporary, self.path)
         else:
+            produced = False
             self._temporary.unlink(missing_ok=True)
             if self.frames_written == 0 and error is None:
                 logger.warning("%s: no frames were written; no file was made", self.path)
-        if error is not None:
-            if isinstance(error, BgmatteError):
-                raise error
-            raise BgmatteError(f"{self.path}: encoding failed ({_reason(error)})") from error
+        if error is not None and error is not self._reported:
+            raise self._report(error)
         return self.path if produced else None
+
+    def _report(self, exc: BaseException) -> BgmatteError:
+        """The encoding thread's failure as the caller sees it, remembered so that it is raised only once."""
+        self._reported = exc
+        if isinstance(exc, BgmatteError):
+            return exc
+        error = BgmatteError(f"{self.path}: encoding failed ({_reason(exc)})")
+        error.__cause__ = exc
+        return error
 
     # Everything below runs on the encoding thread.
 
@@ -690,6 +904,28 @@ class VideoWriter(ClosesOnExit):
         if self.choice.codec == "mpeg4" and tb.denominator > 65535:
             tb = Fraction(1, 1000)  # MPEG-4 part 2 allows time bases up to 1/65535; milliseconds keep VFR
         self._time_base = tb
+        try:
+            self._start(copy_audio=True)
+        except Exception as exc:  # noqa: BLE001 - nothing is written yet: undo, and retry or report
+            copied = self._audio is not None and self._audio.copy
+            audio = self._audio.codec if self._audio is not None else None
+            self._abandon()
+            if not copied:
+                raise self._start_failure(exc, audio) from exc
+            # A muxer may list a codec it refuses when the header is written (QuickTime lists Opus and FLAC).
+            logger.info("%s: %s refused the %s audio as it is (%s); transcoding it",
+                        self.path, self.choice.container, audio, _reason(exc))
+            try:
+                self._start(copy_audio=False)
+            except Exception as again:  # noqa: BLE001
+                audio = self._audio.codec if self._audio is not None else audio
+                self._abandon()
+                raise self._start_failure(again, audio) from again
+        self._started = True
+
+    def _start(self, *, copy_audio: bool) -> None:
+        """Create the file, its video stream (and audio) and write its header."""
+        width, height = self.size
         # Matroska would otherwise shift every stream when copied audio starts before zero (AAC priming),
         # moving the video off its source timestamps; MP4 keeps them with an edit list by itself.
         muxer_options = {"avoid_negative_ts": "disabled"} if self.choice.container in ("matroska", "webm") else {}
@@ -698,8 +934,15 @@ class VideoWriter(ClosesOnExit):
         stream = container.add_stream(self.choice.codec, rate=self.fps, options=dict(self.choice.options))
         stream.width, stream.height = width, height
         stream.pix_fmt = self.choice.pix_fmt
-        stream.time_base = tb
-        stream.codec_context.time_base = tb
+        stream.time_base = self._time_base
+        stream.codec_context.time_base = self._time_base
+        if self.display.sample_aspect_ratio != 1:
+            stream.codec_context.sample_aspect_ratio = self.display.sample_aspect_ratio
+            if self.choice.container in ("matroska", "webm") and self.choice.codec not in _SAR_IN_BITSTREAM:
+                logger.warning("%s: %s in %s cannot record the source's non-square pixels (aspect %s); players will "
+                               "show it as square pixels: write .mp4 or .mov, or H.264, to keep its shape", self.path,
+                               self.choice.codec, self.path.suffix.lower(), self.display.sample_aspect_ratio)
+        _tag_colours(stream.codec_context, self.choice.pix_fmt, self.display, width, height)
         if self.choice.codec == "mpeg4":
             stream.codec_context.qscale = True
             stream.codec_context.global_quality = 3 * 118  # qscale 3 (FF_QP2LAMBDA = 118)
@@ -708,7 +951,27 @@ class VideoWriter(ClosesOnExit):
             stream.codec_context.thread_count = self.options.threads
         self._stream = stream
         if self.audio_from is not None:
-            self._audio = _AudioCarrier(self.audio_from, container, self.choice.container)
+            self._audio = _AudioCarrier(self.audio_from, container, self.choice.container, allow_copy=copy_audio)
+        container.start_encoding()
+
+    def _abandon(self) -> None:
+        """Drop a file whose header could not be written, and everything opened for it."""
+        if self._audio is not None:
+            self._audio.discard()
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:  # noqa: BLE001 - it is being thrown away
+                pass
+        self._container, self._stream, self._audio = None, None, None
+        self._temporary.unlink(missing_ok=True)
+
+    def _start_failure(self, exc: BaseException, audio: str | None) -> BgmatteError:
+        if isinstance(exc, BgmatteError):
+            return exc
+        width, height = self.size
+        streams = f"{self.choice.codec} video {width}x{height}" + (f" with {audio} audio" if audio else "")
+        return BgmatteError(f"{self.path}: could not start the file ({streams}): {_reason(exc)}; nothing was written")
 
     def _fit(self, image: np.ndarray) -> np.ndarray:
         width, height = self.size
@@ -741,12 +1004,11 @@ class VideoWriter(ClosesOnExit):
     def _encode(self, item: tuple[np.ndarray, int | None, Fraction | None]) -> None:
         image, pts, time_base = item
         if self._container is None:
-            self._open(image, time_base)
-        pixels = self._fit(image)
-        if self.choice.pix_fmt == "yuv420p" and not self.alpha and pixels.shape[0] % 2 == 0 and pixels.shape[1] % 2 == 0:
-            frame = av.VideoFrame.from_ndarray(to_yuv420p(pixels), format="yuv420p")
-        else:
-            frame = av.VideoFrame.from_ndarray(pixels, format="gray" if pixels.ndim == 2 else "rgba" if self.alpha else "rgb24")
+            try:
+                self._open(image, time_base)
+            finally:
+                self._opened.set()
+        frame = _video_frame(self._fit(image), self.choice.pix_fmt)
         frame.pts = self._next_pts(pts, time_base)
         frame.time_base = self._time_base
         packets = self._stream.encode(frame)
@@ -774,11 +1036,34 @@ class _FinalizeError(BgmatteError):
     """The trailer could not be written: the temporary file is not playable and is removed."""
 
 
-class _AudioCarrier:
-    """Carry the first audio track of a media file into an output container, interleaved with the video."""
+# Audio codecs that FFmpeg's MP4 and QuickTime muxers really write as they are, checked by muxing each: both
+# list more (QuickTime lists Opus and FLAC, which it takes only in MP4 mode; MP4 lists PCM and refuses it), and
+# a codec they list but refuse fails only when the header is written. QuickTime also takes the PCM it lists;
+# Matroska and WebM take what they list. Anything else is transcoded.
+_COPIED_AUDIO = {
+    "mov": frozenset({"aac", "mp3", "mp2", "ac3", "eac3", "alac"}),
+    "mp4": frozenset({"aac", "mp3", "mp2", "ac3", "eac3", "alac", "opus", "flac"}),
+}
 
-    def __init__(self, source: Path, output: av.container.OutputContainer, container: str):
+
+def _copies_audio(codec: str, container: str, output: av.container.OutputContainer) -> bool:
+    """Whether `codec` audio goes into `container` as it is (else it is transcoded)."""
+    if codec not in output.supported_codecs:
+        return False
+    if container in _COPIED_AUDIO:
+        return codec in _COPIED_AUDIO[container] or (container == "mov" and codec.startswith("pcm_"))
+    return True
+
+
+class _AudioCarrier:
+    """Carry the first audio track of a media file into an output container, interleaved with the video:
+    copied when `allow_copy` and the container takes its codec as it is (`_copies_audio`), else transcoded."""
+
+    def __init__(self, source: Path, output: av.container.OutputContainer, container: str, *,
+                 allow_copy: bool = True):
         self.source = source
+        self.copy = False
+        self.codec: str | None = None
         try:
             self._input = av.open(str(source), mode="r")
         except (av.FFmpegError, OSError) as exc:
@@ -790,20 +1075,31 @@ class _AudioCarrier:
             logger.info("%s: has no audio track; the output has none either", source)
             self._input.close()
             return
-        codec = self._in_stream.codec_context.name
-        self.copy = codec in output.supported_codecs and not (container in ("mp4", "mov") and codec == "vorbis")
-        if self.copy:
-            self._out_stream = output.add_stream_from_template(self._in_stream)
-        else:
-            target = "libopus" if container == "webm" and _encoder_available("libopus") else "opus" if container == "webm" else "aac"
-            rate = 48000 if target in ("libopus", "opus") else (self._in_stream.rate or 48000)
-            layout = self._in_stream.layout.name if (self._in_stream.channels or 0) <= 2 else "stereo"
-            self._out_stream = output.add_stream(target, rate=rate)
-            self._out_stream.layout = layout
-            self._resampler = av.AudioResampler(format=self._out_stream.format.name, layout=layout, rate=rate)
-            logger.info("%s: audio %s cannot go into %s as is; transcoding to %s", source, codec, container, target)
+        codec = self.codec = _codec_name(self._in_stream)
+        try:
+            self.copy = allow_copy and _copies_audio(codec, container, output)
+            if self.copy:
+                self._out_stream = output.add_stream_from_template(self._in_stream)
+            else:
+                target = "aac" if container != "webm" else "libopus" if _encoder_available("libopus") else "opus"
+                rate = 48000 if target in ("libopus", "opus") else (self._in_stream.rate or 48000)
+                # By count, not by the source's layout name: PCM in Matroska has "2 channels", which AAC refuses.
+                layout = "mono" if self._in_stream.channels == 1 else "stereo"
+                self._out_stream = output.add_stream(target, rate=rate)
+                self._out_stream.layout = layout
+                self._resampler = av.AudioResampler(format=self._out_stream.format.name, layout=layout, rate=rate)
+                logger.info("%s: audio %s cannot go into %s as is; transcoding to %s", source, codec, container, target)
+        except BaseException:
+            self._input.close()
+            raise
         self._output = output
         self._packets = self._input.demux(self._in_stream)
+
+    def discard(self) -> None:
+        """Close the source without carrying anything (the output is being thrown away)."""
+        self._packets = None
+        if self._in_stream is not None:
+            self._input.close()
 
     def carry(self, until: float) -> None:
         """Mux the source's audio up to `until` seconds (exclusive)."""
