@@ -45,6 +45,7 @@ from bgmatte.io.images import IMAGE_EXTENSIONS, list_images, match_by_stem, read
 from bgmatte.io.video import (
     OUTPUT_CONTAINERS,
     VIDEO_EXTENSIONS,
+    Display,
     EncoderOptions,
     ImageSequenceWriter,
     VideoReader,
@@ -606,6 +607,7 @@ def plan_video_outputs(
     output_format: str,
     transparent: bool,
     overwrite: bool,
+    encoder: EncoderOptions = EncoderOptions(),
 ) -> list[OutputFile]:
     """Where each output goes, checked before any work: containers that fit, nothing overwritten by accident.
 
@@ -663,19 +665,21 @@ def plan_video_outputs(
             raise BgmatteError(f"{plan.path}: both the {seen[resolved]} and the {plan.kind} outputs would go there")
         seen[resolved] = plan.kind
         if not plan.folder:
-            choose_encoder(plan.path, alpha=plan.alpha)  # refuses .mp4 with transparency, and unknown containers
+            # Refuses .mp4 with transparency, unknown containers, and a forced encoder that does not work there.
+            choose_encoder(plan.path, alpha=plan.alpha, options=encoder)
         if plan.path.exists() and not overwrite:
             raise BgmatteError(f"{plan.path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
     return plans
 
 
 def _open_writer(plan: OutputFile, *, fps: Fraction | None, audio_from: Path | None, overwrite: bool,
-                 encoder: EncoderOptions, frame_count: int | None, niceness: int) -> VideoWriter | ImageSequenceWriter:
+                 encoder: EncoderOptions, frame_count: int | None, niceness: int,
+                 display: Display | None = None) -> VideoWriter | ImageSequenceWriter:
     if plan.folder:
         return ImageSequenceWriter(plan.path, overwrite=overwrite, digits=max(4, len(str(frame_count or 0))),
                                    niceness=niceness)
     return VideoWriter(plan.path, fps=fps or 30, alpha=plan.alpha, audio_from=audio_from if plan.kind == "com" else None,
-                       overwrite=overwrite, options=encoder, niceness=niceness)
+                       overwrite=overwrite, options=encoder, display=display, niceness=niceness)
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -907,7 +911,9 @@ def convert_video(
         target_bgr: what the composite goes over: a colour name or hex, an image, a video (looped),
             ``blur``, or ``transparent`` (RGBA: .webm VP9, .mov ProRes 4444 or PNGs; .mp4 is refused).
             None: the reference's green for video files, transparent for PNG folders.
-        resize: (width, height) to resize the frames (and plate) to before matting.
+        resize: (width, height) to resize the frames (and plate) to before matting. The video outputs
+            keep the source's display aspect ratio: where the new size has another, their pixels are
+            tagged non-square, as an anamorphic source's are.
         align: align the plate to each frame (feature matching and a homography), for handheld shots;
             a frame where that fails uses the unaligned plate, with a warning.
         match_exposure: correct exposure and white-balance drift of the plate on each frame, fitted on
@@ -944,7 +950,7 @@ def convert_video(
         if target_bgr is None:
             target_bgr = TargetBackground("transparent") if sequences else TargetBackground("colour", colour=REFERENCE_GREEN)
         plans = plan_video_outputs(src, kinds, output=output, output_dir=output_dir, output_format=output_format,
-                                   transparent=target_bgr.kind == "transparent", overwrite=overwrite)
+                                   transparent=target_bgr.kind == "transparent", overwrite=overwrite, encoder=encoder)
         options = model if isinstance(model, ModelOptions) else None
         if options is not None and options.model_type == "mattingbase" and "ref" in kinds:
             raise BgmatteError("the ref output needs the refine model: drop ref, or use --model-type mattingrefine")
@@ -966,7 +972,7 @@ def convert_video(
         writers = {
             plan.kind: stack.enter_context(_open_writer(plan, fps=reader.fps, audio_from=src, overwrite=overwrite,
                                                         encoder=encoder, frame_count=reader.frame_count,
-                                                        niceness=niceness))
+                                                        niceness=niceness, display=reader.display_at(*size)))
             for plan in plans
         }
         from tqdm import tqdm
@@ -1045,6 +1051,60 @@ def collect_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> 
     return found
 
 
+def _make_output_folders(folders: Sequence[Path]) -> list[Path]:
+    """Create the output folders, or raise a one-line error naming the path that cannot be one.
+
+    Done before the model loads, so that a bad -o fails at once. Returns the folders that did not exist
+    before (deepest first), for a run that fails to remove again if it left them empty.
+    """
+    created: list[Path] = []
+    for folder in folders:
+        new = [path for path in (folder, *folder.parents) if not os.path.lexists(path)]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise BgmatteError(f"{folder}: is a file, not a folder (for the outputs)") from None
+        except NotADirectoryError:
+            blocker = next((path for path in folder.parents if path.exists() and not path.is_dir()), None)
+            because = f"{blocker} is a file" if blocker is not None else "a part of the path is not a folder"
+            raise BgmatteError(f"{folder}: cannot create this output folder: {because}") from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename and Path(exc.filename) != folder else ""
+            raise BgmatteError(f"{folder}: cannot create this output folder ({where}{exc.strerror or exc})") from None
+        created.extend(path for path in new if path not in created)
+    return sorted(created, key=lambda path: len(path.parts), reverse=True)
+
+
+def _remove_empty_folders(folders: Sequence[Path]) -> None:
+    """Remove those of `folders` that are empty (deepest first), leaving any that hold files."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def _size_options(model: ModelLike) -> ModelOptions | None:
+    """The options `load_predictor` reads when it loads the model itself; None when `model` is given ready."""
+    if isinstance(model, (Predictor, nn.Module)):
+        return None
+    return model if isinstance(model, ModelOptions) else ModelOptions(checkpoint=model)
+
+
+def _fit_to_size(predictor: Predictor, options: ModelOptions | None, width: int, height: int) -> None:
+    """Give the loaded network the paper's backbone scale and refined pixels for this image's size, where
+    `options` leave them open: one set of weights serves a folder of mixed sizes, each image at its own."""
+    if options is None:
+        return
+    scale, pixels = settings_for_size(width, height)
+    network = getattr(predictor, "model", None)
+    if options.backbone_scale is None and hasattr(network, "backbone_scale"):
+        network.backbone_scale = scale
+    refiner = getattr(network, "refiner", None)
+    if options.refine_sample_pixels is None and hasattr(refiner, "sample_pixels"):
+        refiner.sample_pixels = pixels
+
+
 def matte_images(
     src: str | os.PathLike | Sequence[str | os.PathLike],
     bgr: str | os.PathLike,
@@ -1087,7 +1147,10 @@ def matte_images(
     if str(bgr).strip().lower() == "auto":
         raise BgmatteError("an automatic plate (--bgr auto) needs a video; for images give a plate image or folder")
     if plate_path.is_dir():
-        pairs = match_by_stem(sources, list_images(plate_path))
+        plate_files = list_images(plate_path)
+        if not plate_files:
+            raise BgmatteError(f"{plate_path}: no plates in this folder ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        pairs = match_by_stem(sources, plate_files)
     else:
         if not plate_path.exists():
             raise BgmatteError(f"{plate_path}: no such plate file or folder")
@@ -1096,16 +1159,33 @@ def matte_images(
     if folder.exists() and not folder.is_dir():
         raise BgmatteError(f"{folder}: is a file, not a folder (for the outputs)")
     destinations = {kind: [folder / kind / f"{source.stem}.png" for source in sources] for kind in kinds}
-    if not overwrite:
-        for paths in destinations.values():
-            for path in paths:
-                if path.exists():
-                    raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+    for paths in destinations.values():
+        for path in paths:
+            if path.is_dir():
+                raise BgmatteError(f"{path}: is a folder, where this output image would go")
+            if path.exists() and not overwrite:
+                raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
     if "ref" in kinds and isinstance(model, ModelOptions) and model.model_type == "mattingbase":
         raise BgmatteError("the ref output needs the refine model: drop ref, or use --model-type mattingrefine")
+    created = _make_output_folders([folder / kind for kind in kinds])
+    try:
+        return _matte_pairs(pairs, folder, kinds, target_bgr=target_bgr, align=align,
+                            match_exposure=match_exposure, model=model, overwrite=overwrite, progress=progress)
+    except BaseException:
+        _remove_empty_folders(created)  # a run that wrote nothing leaves no empty folders behind
+        raise
 
+
+def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, kinds: Sequence[str], *,
+                 target_bgr: TargetBackground, align: bool, match_exposure: bool, model: ModelLike,
+                 overwrite: bool, progress: bool) -> dict[str, list[Path]]:
+    """The work of `matte_images` once its arguments are checked and its folders made: each (image, plate)
+    pair matted, and its outputs written to ``folder/<kind>/<name>.png``."""
     from tqdm import tqdm
 
+    from bgmatte.predictor import NotEnoughMemory, is_out_of_memory
+
+    options = _size_options(model)
     predictor: Predictor | None = None
     cached_plate: tuple[Path, np.ndarray] | None = None  # one plate file for many images is read once
     written: dict[str, list[Path]] = {kind: [] for kind in kinds}
@@ -1125,6 +1205,7 @@ def matte_images(
                 height, width = image.shape[:2]
                 if predictor is None:
                     predictor = load_predictor(model, width, height)
+                _fit_to_size(predictor, options, width, height)
                 if cached_plate is None or cached_plate[0] != plate_file:
                     cached_plate = (plate_file, read_image(plate_file))
                 plate = cached_plate[1]
@@ -1134,18 +1215,18 @@ def matte_images(
                     plate = resize_image(plate, width, height)
                 if align:
                     plate = PlateAligner(plate).align(image)[0]
-                if match_exposure:
-                    # A first fit keeps the subject out by rejecting outliers; the matte it allows
-                    # tells the second fit which pixels are background.
-                    first = fit_exposure(plate, image).apply(plate)
-                    foreground = (predictor(image, first).pha[0, 0] >= 0.05).cpu().numpy()
-                    plate = fit_exposure(plate, image, foreground).apply(plate) if not foreground.all() else first
-                matte = predictor(image, plate)
-                with TargetFrames(target_bgr, width, height, device=predictor.device) as backdrop:
-                    frames = render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop.take(1), src=image[None])
+                try:
+                    frames = _matte_one(predictor, image, plate, kinds, target_bgr, match_exposure)
+                except Exception as exc:
+                    if not isinstance(exc, NotEnoughMemory) and not is_out_of_memory(exc):
+                        raise
+                    raise BgmatteError(
+                        f"{source}: not enough memory to matte this {width}x{height} image on {predictor.device}: "
+                        "scale it down, or try a smaller --backbone-scale or --refine-sample-pixels, or another "
+                        "--device"
+                    ) from None
                 for kind in kinds:
                     path = folder / kind / f"{source.stem}.png"
-                    path.parent.mkdir(parents=True, exist_ok=True)
                     pending.append((kind, pool.submit(write_png, path, frames[kind][0], overwrite=overwrite)))
                 collect(8)  # a few images may wait for their PNG encoding; not the whole folder
             collect(0)
@@ -1158,6 +1239,21 @@ def matte_images(
                     logger.debug("%s", exc)
             raise
     return written
+
+
+def _matte_one(predictor: Predictor, image: np.ndarray, plate: np.ndarray, kinds: Sequence[str],
+               target_bgr: TargetBackground, match_exposure: bool) -> dict[str, np.ndarray]:
+    """The requested outputs for one image against its plate (already of its size), as (1, H, W, C) arrays."""
+    height, width = image.shape[:2]
+    if match_exposure:
+        # A first fit keeps the subject out by rejecting outliers; the matte it allows
+        # tells the second fit which pixels are background.
+        first = fit_exposure(plate, image).apply(plate)
+        foreground = (predictor(image, first).pha[0, 0] >= 0.05).cpu().numpy()
+        plate = fit_exposure(plate, image, foreground).apply(plate) if not foreground.all() else first
+    matte = predictor(image, plate)
+    with TargetFrames(target_bgr, width, height, device=predictor.device) as backdrop:
+        return render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop.take(1), src=image[None])
 
 
 # ------------------------------------------------------------------------------------- measuring speed

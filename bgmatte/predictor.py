@@ -45,6 +45,22 @@ class Matte:
         return F.interpolate(self.ref_sm.float(), self.pha.shape[-2:], mode="nearest")
 
 
+class NotEnoughMemory(BgmatteError):
+    """The model ran out of memory on frames of some size: a one-line error, which callers may reword
+    to name their input."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception means memory ran out: torch's OutOfMemoryError (CUDA), Python's MemoryError,
+    or the RuntimeError torch raises when a CPU allocation fails."""
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
 def settings_for_size(width: int, height: int) -> tuple[float, int]:
     """The paper's (backbone_scale, refine_sample_pixels) for a frame size: 1/4 and 80k up to HD, 1/8 and 320k at 4K."""
     if width * height >= UHD_MIN_PIXELS:
@@ -89,11 +105,26 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, src: np.ndarray | Tensor, bgr: np.ndarray | Tensor) -> Matte:
-        """Matte uint8 RGB frames ``src`` against plates ``bgr`` ((B,H,W,3) or (H,W,3) each)."""
-        src_t = frames_to_tensor(src, self.device, self.dtype)
-        bgr_t = frames_to_tensor(bgr, self.device, self.dtype)
-        if src_t.shape != bgr_t.shape:
-            raise BgmatteError(f"the plate is {bgr_t.shape[-1]}x{bgr_t.shape[-2]} but the frame is "
-                               f"{src_t.shape[-1]}x{src_t.shape[-2]}")
-        pha, fgr, _, _, err_sm, ref_sm = self.model(src_t, bgr_t)
-        return Matte(pha.float(), fgr.float(), err_sm, ref_sm)
+        """Matte uint8 RGB frames ``src`` against plates ``bgr`` ((B,H,W,3) or (H,W,3) each).
+
+        Running out of memory raises `NotEnoughMemory`, one line saying what to lower, not a traceback.
+        """
+        try:
+            src_t = frames_to_tensor(src, self.device, self.dtype)
+            bgr_t = frames_to_tensor(bgr, self.device, self.dtype)
+            if src_t.shape != bgr_t.shape:
+                raise BgmatteError(f"the plate is {bgr_t.shape[-1]}x{bgr_t.shape[-2]} but the frame is "
+                                   f"{src_t.shape[-1]}x{src_t.shape[-2]}")
+            pha, fgr, _, _, err_sm, ref_sm = self.model(src_t, bgr_t)
+            return Matte(pha.float(), fgr.float(), err_sm, ref_sm)
+        except (MemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            shape = tuple(src.shape)
+            count = shape[0] if len(shape) == 4 else 1
+            width, height = shape[-2], shape[-3]
+            raise NotEnoughMemory(
+                f"not enough memory to matte {count} frame{'s' if count != 1 else ''} of {width}x{height} on "
+                f"{self.device}: try smaller or fewer frames at a time, a smaller --backbone-scale or "
+                "--refine-sample-pixels, or another --device"
+            ) from None

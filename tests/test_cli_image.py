@@ -1,6 +1,8 @@
 """`bgmatte image`: files or folders, one plate or plates by name, both spellings, messages and exit codes."""
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import cv2
@@ -9,6 +11,7 @@ import torch
 
 import bgmatte.pipeline as pipeline
 from bgmatte.cli import main
+from bgmatte.errors import BgmatteError
 from bgmatte.io.images import write_png
 from bgmatte.model.matting import MattingRefine
 from bgmatte.predictor import Predictor
@@ -125,3 +128,127 @@ def test_existing_outputs_are_refused_and_missing_arguments_explained(photos, ca
     one_line_error(code, err, "nowhere", "no such file")
     code, _, err = run(capsys, "image", "src", "--bgr", "plate.png", "-o", "out2", "--target-bgr", "clip.mp4")
     one_line_error(code, err, "clip.mp4")
+
+
+def refuse_to_load(*args, **kwargs):
+    raise BgmatteError("the model was loaded")
+
+
+def test_output_folders_that_cannot_be_made_are_named_before_the_model_loads(photos, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_predictor", refuse_to_load)
+    (photos / "x").mkdir()
+    (photos / "x" / "com").write_bytes(b"")  # a file where the com folder would go
+    (photos / "file").write_bytes(b"")
+    code, _, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "x")
+    one_line_error(code, err, str(Path("x/com")), "is a file, not a folder")
+    code, _, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "file/sub")
+    one_line_error(code, err, str(Path("file/sub/com")), "file is a file")
+    real_mkdir = Path.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if "ro" in path.parts:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    code, _, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "ro/out", "--outputs", "pha")
+    one_line_error(code, err, str(Path("ro/out/pha")), "Read-only file system")
+
+
+def test_a_run_that_fails_before_writing_leaves_no_empty_output_folders(photos, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_predictor", refuse_to_load)
+    code, _, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "new/out", "--outputs", "com", "pha")
+    one_line_error(code, err, "the model was loaded")
+    assert not (photos / "new").exists()
+
+
+def test_an_output_name_taken_by_a_folder_is_refused_even_with_overwrite(photos, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_predictor", refuse_to_load)
+    (photos / "out" / "com" / "beach.png").mkdir(parents=True)
+    code, _, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "out", "--overwrite")
+    one_line_error(code, err, str(Path("out/com/beach.png")), "is a folder")
+
+
+class _FullDisk:
+    """`os` as `bgmatte.io.images` sees it, on a disk with no space left for the renamed file."""
+
+    def replace(self, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(photos, capsys, monkeypatch):
+    import bgmatte.io.images as images
+
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    monkeypatch.setattr(images, "os", _FullDisk())
+    code, _, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "out", "--outputs", "com", "pha", "-q")
+    one_line_error(code, err, "No space left on device")
+    assert [path for path in (photos / "out").rglob("*") if path.is_file()] == []
+
+
+def test_an_empty_plate_folder_says_so(photos, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_predictor", refuse_to_load)
+    (photos / "plates").mkdir()
+    code, _, err = run(capsys, "image", "src", "--bgr", "plates", "-o", "out")
+    one_line_error(code, err, "plates: no plates in this folder")
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 6400000000 bytes. Error code 12 (Cannot allocate memory)"),
+], ids=["torch", "python", "cpu-allocator"])
+def test_running_out_of_memory_names_the_image_its_size_and_what_to_lower(photos, capsys, monkeypatch, error):
+    class Exhausted(DifferenceModel):
+        def forward(self, src, bgr):
+            raise error
+
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(Exhausted()))
+    code, _, err = run(capsys, "image", "src/office.png", "--bgr", "plate.png", "-o", "out", "-q")
+    one_line_error(code, err, "office.png", f"{WIDTH}x{HEIGHT}", "not enough memory", "--backbone-scale", "--device")
+
+
+def test_other_model_errors_are_not_mistaken_for_memory(photos, monkeypatch):
+    class Broken(DifferenceModel):
+        def forward(self, src, bgr):
+            raise RuntimeError("a bug, not a lack of memory")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        pipeline.matte_images("src/office.png", "plate.png", output_dir="out", model=Predictor(Broken()),
+                              progress=False)
+
+
+def test_a_folder_of_mixed_sizes_gets_each_size_its_settings_from_one_load(photos, capsys, checkpoint, monkeypatch):
+    import bgmatte.predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "UHD_MIN_PIXELS", 150 * 100)  # "4K" from 150x100 up: the test stays small
+    big_plate = plate_image(192, 128, seed=5)
+    write_png(photos / "bgr" / "zebra.png", big_plate)
+    write_png(photos / "src" / "zebra.png", subject_frame(big_plate, 1))
+    loads, seen = [], []
+    real_load = pipeline.load_predictor
+
+    def spy(model, width, height):
+        predictor = real_load(model, width, height)
+        loads.append((width, height))
+        predictor.model.register_forward_pre_hook(
+            lambda module, inputs: seen.append((inputs[0].shape[-1], module.backbone_scale,
+                                                module.refiner.sample_pixels)))
+        return predictor
+
+    monkeypatch.setattr(pipeline, "load_predictor", spy)
+    code, _, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "out", "--checkpoint", checkpoint,
+                       "--device", "cpu", "-q")
+    assert code == 0, err
+    assert loads == [(WIDTH, HEIGHT)]  # the weights are loaded once, for the first image
+    assert seen == [(WIDTH, 0.25, 80_000), (WIDTH, 0.25, 80_000), (192, 0.125, 320_000)]
+    # A setting given on the command line holds for every image; the other one still follows the size.
+    seen.clear()
+    code, _, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "out2", "--checkpoint", checkpoint,
+                       "--device", "cpu", "--backbone-scale", "0.25", "-q")
+    assert code == 0, err
+    assert seen == [(WIDTH, 0.25, 80_000), (WIDTH, 0.25, 80_000), (192, 0.25, 320_000)]

@@ -1,7 +1,11 @@
 """Still images: reading (with the pixel limit checked from the header), atomic PNGs, listing, plate matching."""
 from __future__ import annotations
 
+import errno
+import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -91,6 +95,74 @@ def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path):
     assert read_image(small, max_pixels=None).shape == (12, 20, 3)
 
 
+def test_limit_message_is_exact_near_the_limit(tmp_path):
+    # Rounded to whole megapixels, 10000x10001 would read "100 megapixels, above the limit of 100".
+    bomb = bomb_png(tmp_path / "near.png", 10_000, 10_001)
+    with pytest.raises(BgmatteError, match=r"10000x10001 is 100\.01 megapixels, above the limit of 100 "):
+        read_image(bomb)
+
+
+def radiance_header(width: int, height: int) -> bytes:
+    """The header of a Radiance HDR file and no pixels: what a decompression bomb in that format starts with."""
+    return b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n" + f"-Y {height} +X {width}\n".encode()
+
+
+def test_formats_opencv_reads_without_a_header_parser_elsewhere_are_sized_from_their_header(tmp_path):
+    for suffix in (".hdr", ".ppm", ".pam", ".pfm", ".ras"):
+        ok, encoded = cv2.imencode(suffix, cv2.cvtColor(rgb_pattern(12, 20), cv2.COLOR_RGB2BGR))
+        assert ok, suffix
+        assert image_header_size(encoded.tobytes()) == (20, 12), suffix
+    assert image_header_size(b"P5\n# made by hand\n33 17\n255\n") == (33, 17)
+    assert image_header_size(radiance_header(640, 480)) == (640, 480)
+    assert image_header_size(b"P6 is a word, not a header") is None
+
+
+def test_a_header_only_radiance_bomb_is_refused_before_decoding(tmp_path):
+    bomb = tmp_path / "bomb.hdr"
+    bomb.write_bytes(radiance_header(12_000, 12_000))
+    with pytest.raises(BgmatteError, match=r"bomb.hdr: 12000x12000 is 144 megapixels, above the limit of 100"):
+        read_image(bomb)
+
+
+def test_opencv_is_given_the_same_pixel_limit_before_it_loads_and_its_refusal_reads_as_ours(tmp_path):
+    script = (
+        "import os, sys\n"
+        "from bgmatte.io.images import read_image, DEFAULT_MAX_PIXELS\n"
+        "print(os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'] == str(DEFAULT_MAX_PIXELS))\n"
+        "try:\n"
+        "    read_image(sys.argv[1])\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    path = save_with_cv2(tmp_path / "wide.png", rgb_pattern(12, 100))  # 1200 pixels
+    environment = {key: value for key, value in os.environ.items() if key != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    unset = subprocess.run([sys.executable, "-c", script, str(path)], env=environment, capture_output=True,
+                           text=True, check=True)
+    assert unset.stdout.splitlines() == ["True"]
+    # A limit set by the user is kept, and OpenCV's refusal (here of a format bgmatte sized and let through)
+    # is the usual one-line message.
+    small = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True,
+                           env={**environment, "OPENCV_IO_MAX_IMAGE_PIXELS": "1000"})
+    assert small.stdout.splitlines()[1] == (f"BgmatteError {path}: larger than 0.001 megapixels, the limit for "
+                                            "images (refused as a possible decompression bomb)")
+
+
+def test_empty_and_truncated_files_are_named_as_such_without_libpng_noise(tmp_path, capfd):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(BgmatteError, match=r"empty.png: empty file"):
+        read_image(tmp_path / "empty.png")
+    whole = save_with_cv2(tmp_path / "whole.png", rgb_pattern(40, 60)).read_bytes()
+    for name, data in (("cut.png", whole[: len(whole) * 2 // 3]), ("no_end.png", whole[:-12])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(BgmatteError, match=rf"{name}: damaged or truncated PNG$"):
+            read_image(tmp_path / name)
+    jpeg = save_with_cv2(tmp_path / "whole.jpg", rgb_pattern(40, 60)).read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(jpeg[:200])
+    with pytest.raises(BgmatteError, match=r"cut.jpg: damaged or truncated JPEG$"):
+        read_image(tmp_path / "cut.jpg")
+    assert "libpng" not in capfd.readouterr().err
+
+
 def test_missing_and_unreadable_files_are_one_line_errors(tmp_path):
     with pytest.raises(BgmatteError, match="nope.png: no such image file"):
         read_image(tmp_path / "nope.png")
@@ -137,6 +209,35 @@ def test_write_png_is_atomic_and_refuses_to_overwrite(tmp_path):
 def test_write_png_into_a_missing_folder_names_it(tmp_path):
     with pytest.raises(BgmatteError, match="does not exist"):
         write_png(tmp_path / "nowhere" / "out.png", rgb_pattern())
+
+
+class _FailingReplace:
+    """The `os` module as `bgmatte.io.images` sees it, except that renaming fails with `error`."""
+
+    def __init__(self, error: OSError):
+        self.error = error
+
+    def replace(self, *args):
+        raise self.error
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+def test_write_png_turns_a_full_disk_into_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import bgmatte.io.images as images
+
+    monkeypatch.setattr(images, "os", _FailingReplace(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    with pytest.raises(BgmatteError, match=r"out.png: cannot write \(No space left on device\)$"):
+        write_png(tmp_path / "out.png", rgb_pattern())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_png_over_a_folder_is_refused_in_one_line(tmp_path):
+    (tmp_path / "out.png").mkdir()
+    with pytest.raises(BgmatteError, match="out.png: is a folder"):
+        write_png(tmp_path / "out.png", rgb_pattern(), overwrite=True)
+    assert [path.name for path in tmp_path.iterdir()] == ["out.png"] and (tmp_path / "out.png").is_dir()
 
 
 def test_write_png_rejects_odd_shapes(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -515,3 +516,127 @@ def test_cli_help_lists_the_webcam_options(capsys):
     assert exited.value.code == 0
     for option in ("--camera", "--virtual-cam-backend", "--target-bgr", "--record", "--max-frames", "--bgr"):
         assert option in text
+
+
+# ------------------------------------------------------------------------------------ start-up and shutdown
+
+
+class TinyModel(torch.nn.Module):
+    """A model double for `run_webcam`: alpha 1/2 everywhere, the source as foreground."""
+
+    def forward(self, src, bgr):
+        pha = torch.full_like(src[:, :1], 0.5)
+        return pha, src, pha, src, pha, torch.zeros_like(pha)
+
+
+class WatchedCamera:
+    """An endless camera that records whether it was released while its reader thread was inside a read."""
+
+    size, fps, name = (WIDTH, HEIGHT), 30.0, "watched camera"
+
+    def __init__(self):
+        self.reading = False
+        self.released_while_reading = False
+        self.closed = False
+        self.reads = 0
+        self.thread: threading.Thread | None = None
+
+    def __iter__(self):
+        self.thread = threading.current_thread()
+        while not self.closed:
+            self.reading = True
+            time.sleep(0.005)  # a read takes a while; a release now would pull the device from under it
+            self.reads += 1
+            self.reading = False
+            yield scene(self.reads % 8)
+
+    def close(self):
+        self.released_while_reading = self.released_while_reading or self.reading
+        self.closed = True
+
+
+def test_run_webcam_refuses_max_frames_below_one_before_opening_the_camera(monkeypatch, tmp_path):
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    for value in (0, -1):
+        with pytest.raises(BgmatteError, match=f"--max-frames must be at least 1, not {value}"):
+            run_webcam(camera="0", record=tmp_path / "out.mp4", max_frames=value, preview=False)
+
+
+def test_a_failure_after_the_camera_thread_starts_stops_it_before_the_camera_is_released(monkeypatch, tmp_path):
+    camera = WatchedCamera()
+    monkeypatch.setattr(webcam, "open_camera", lambda *args, **kwargs: camera)
+    monkeypatch.setattr("bgmatte.model.build.load_model", lambda *args, **kwargs: TinyModel())
+
+    def failing_session(*args, **kwargs):
+        while camera.reads < 3:  # the camera thread is well under way
+            time.sleep(0.005)
+        raise BgmatteError("the session could not start")
+
+    monkeypatch.setattr(webcam, "WebcamSession", failing_session)
+    with pytest.raises(BgmatteError, match="could not start"):
+        run_webcam(camera="0", record=tmp_path / "out.mp4", preview=False)
+    assert camera.closed and not camera.released_while_reading
+    assert camera.thread is not None and not camera.thread.is_alive()
+
+
+class SlowCapture:
+    """A cv2.VideoCapture double whose reads are slow, recording whether `release` overlapped one."""
+
+    def __init__(self):
+        self.reading = False
+        self.overlapped = False
+        self.released = False
+
+    def isOpened(self):
+        return True
+
+    def set(self, *args):
+        return True
+
+    def get(self, prop):
+        return 30.0
+
+    def read(self):
+        self.reading = True
+        time.sleep(0.05)
+        self.reading = False
+        return True, np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+
+    def release(self):
+        self.overlapped = self.overlapped or self.reading
+        self.released = True
+
+
+def test_camera_source_waits_for_a_read_in_progress_before_releasing(monkeypatch):
+    capture = SlowCapture()
+    monkeypatch.setattr(webcam, "_open_capture", lambda camera: capture)
+    source = CameraSource(0)
+    next(source)  # the frame read when opening
+    reader = threading.Thread(target=lambda: [None for _ in zip(range(20), source)])
+    reader.start()
+    while not capture.reading:
+        time.sleep(0.001)
+    source.close()
+    reader.join(5)
+    assert capture.released and not capture.overlapped and not reader.is_alive()
+
+
+def test_cli_shows_each_warning_once_and_the_progress_lines(tmp_path, capsys, monkeypatch):
+    # Without handlers on the root logger, as outside pytest: a second handler there would repeat every warning.
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr("bgmatte.model.build.load_model", lambda *args, **kwargs: TinyModel())
+    plate = tmp_path / "plate.png"
+    cv2.imwrite(str(plate), np.full((40, 50, 3), 77, np.uint8))  # another size: a warning
+    code = main(["webcam", "--camera", str(make_clip(tmp_path / "camera.mp4", 30)), "--bgr", str(plate),
+                 "--record", str(tmp_path / "out.mp4"), "--no-preview", "--max-frames", "2"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == len(set(lines)), err
+    assert sum("resizing the plate" in line for line in lines) == 1
+    assert any(line.startswith("bgmatte webcam: matting ") for line in lines)  # INFO progress
+    assert any(line.startswith("bgmatte webcam: 2 frames in") for line in lines)
+    assert logging.getLogger().handlers == []

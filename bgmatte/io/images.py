@@ -1,10 +1,11 @@
 """Still images: reading with a decompression-bomb limit, atomic PNG writing, folder listing and plate matching.
 
 The pixel limit is checked before decoding: the file's bytes are read once, its header is parsed here
-for PNG, JPEG, BMP, GIF, WebP and TIFF (width and height sit at known places in all of them), and only
-then are the same bytes handed to OpenCV. A format whose header is not understood is decoded first and
-checked after; OpenCV's own limit (``OPENCV_IO_MAX_IMAGE_PIXELS``, 2**30 by default) still bounds that
-decode.
+for PNG, JPEG, BMP, GIF, WebP, TIFF, Radiance HDR, the Netpbm family (PPM, PGM, PAM, PFM) and Sun raster
+(width and height sit at known places in all of them), and only then are the same bytes handed to OpenCV.
+A format whose header is not understood here (AVIF, JPEG 2000) is bounded by OpenCV's own check, which
+``bgmatte/__init__.py`` sets to the same limit (``OPENCV_IO_MAX_IMAGE_PIXELS``, read by OpenCV once, when
+it is loaded), and is checked again after decoding.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import re
 import struct
 import tempfile
 from collections.abc import Iterable, Sequence
+from decimal import Decimal
 from pathlib import Path
 
 import cv2
@@ -40,8 +42,29 @@ def image_header_size(data: bytes) -> tuple[int, int] | None:
             return _webp_size(data)
         if data[:4] in (b"II*\x00", b"MM\x00*"):
             return _tiff_size(data)
-    except (struct.error, IndexError):
+        if data[:4] == b"\x59\xa6\x6a\x95":  # Sun raster
+            return struct.unpack(">II", data[4:12])
+        if data[:6] in (b"#?RADI", b"#?RGBE"):
+            return _radiance_size(data)
+        if data[:1] == b"P" and data[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"F", b"f"):
+            return _netpbm_size(data)
+    except (struct.error, IndexError, ValueError):
         return None
+    return None
+
+
+def _format_name(data: bytes) -> str | None:
+    """The format's usual name from the file's first bytes, for messages; None if not recognised."""
+    signatures = (
+        (b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"BM", "BMP"), (b"GIF8", "GIF"), (b"II*\x00", "TIFF"),
+        (b"MM\x00*", "TIFF"), (b"\x59\xa6\x6a\x95", "Sun raster"), (b"#?RADIANCE", "Radiance HDR"),
+        (b"#?RGBE", "Radiance HDR"),
+    )
+    for signature, name in signatures:
+        if data.startswith(signature):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
     return None
 
 
@@ -96,6 +119,42 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _radiance_size(data: bytes) -> tuple[int, int] | None:
+    """The resolution line after the blank line that ends a Radiance header, such as ``-Y 480 +X 640``."""
+    end = data.find(b"\n\n", 0, 65536)
+    if end < 0:
+        return None
+    tokens = data[end + 2 : end + 66].split(b"\n", 1)[0].split()
+    if len(tokens) != 4:
+        return None
+    sides = {tokens[0][-1:]: int(tokens[1]), tokens[2][-1:]: int(tokens[3])}
+    if set(sides) != {b"X", b"Y"}:
+        return None
+    return sides[b"X"], sides[b"Y"]
+
+
+def _netpbm_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PBM, PGM, PPM or PFM header (numbers after the magic, # comments skipped),
+    or from the WIDTH and HEIGHT lines of a PAM header."""
+    head = data[:4096]
+    if head[1:2] == b"7":
+        found = {}
+        for line in head.split(b"\n")[1:]:
+            words = line.split()
+            if words[:1] == [b"ENDHDR"]:
+                break
+            if len(words) == 2 and words[0] in (b"WIDTH", b"HEIGHT"):
+                found[words[0]] = int(words[1])
+        return (found[b"WIDTH"], found[b"HEIGHT"]) if len(found) == 2 else None
+    numbers: list[int] = []
+    for line in head[2:].split(b"\n"):
+        for word in line.split(b"#", 1)[0].split():
+            numbers.append(int(word))
+            if len(numbers) == 2:
+                return numbers[0], numbers[1]
+    return None
+
+
 def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int = 3,
                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image as upright (H, W, 3) RGB, or (H, W) grey with channels=1, uint8 or float32 in [0, 1];
@@ -110,15 +169,29 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int =
         raise ValueError(f"channels must be 1 or 3, not {channels}")
     path = Path(path)
     data = _read_bytes(path, "image")
+    if not data:
+        raise BgmatteError(f"{path}: empty file (0 bytes), not an image")
     size = image_header_size(data)
     if size is not None:
         _check_pixels(path, size, max_pixels)
+    kind = _format_name(data)
+    if kind == "PNG" and not _png_complete(data):
+        # libpng would print its own complaint on stderr before failing; say it once, here.
+        raise BgmatteError(f"{path}: damaged or truncated PNG")
     flags = (cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE) | (cv2.IMREAD_ANYDEPTH if dtype == "float32" else 0)
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as exc:
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):
+            raise BgmatteError(f"{path}: larger than {_opencv_pixel_limit()}, the limit for images "
+                               "(refused as a possible decompression bomb)") from None
         raise BgmatteError(f"{path}: cannot decode this image ({str(exc).strip().splitlines()[-1]})") from None
     if image is None:
+        if kind in ("PNG", "JPEG"):  # OpenCV's decoders for these read every ordinary file
+            raise BgmatteError(f"{path}: damaged or truncated {kind}")
+        if kind is not None:
+            raise BgmatteError(f"{path}: cannot decode this {kind} file (damaged, truncated, or a variant "
+                               "OpenCV does not read)")
         raise BgmatteError(f"{path}: not an image file OpenCV can read")
     if size is None:
         _check_pixels(path, (image.shape[1], image.shape[0]), max_pixels)
@@ -143,12 +216,35 @@ def _read_bytes(path: Path, what: str) -> bytes:
         raise BgmatteError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
+def _png_complete(data: bytes) -> bool:
+    """Whether a PNG's chunks all fit in its bytes up to an IEND chunk: a cut-off file fails this."""
+    position = 8
+    while position + 12 <= len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind = data[position + 4 : position + 8]
+        position += 12 + length
+        if kind == b"IEND":
+            return position <= len(data)
+    return False
+
+
+def _opencv_pixel_limit() -> str:
+    """OpenCV's decoder limit as set in the environment, for a message ("100 megapixels")."""
+    value = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "")
+    return f"{_megapixels(int(value))} megapixels" if value.isdigit() else "OpenCV's pixel limit"
+
+
+def _megapixels(pixels: int) -> str:
+    """A pixel count in megapixels, exact ("100.01"): rounded, 10000x10001 would read as the limit itself."""
+    return format(Decimal(pixels).scaleb(-6).normalize(), "f")
+
+
 def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
     width, height = size
     if max_pixels is not None and width * height > max_pixels:
         raise BgmatteError(
-            f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, above the limit of "
-            f"{max_pixels / 1e6:.0f} (refused as a possible decompression bomb)"
+            f"{path}: {width}x{height} is {_megapixels(width * height)} megapixels, above the limit of "
+            f"{_megapixels(max_pixels)} (refused as a possible decompression bomb)"
         )
     if width == 0 or height == 0:
         raise BgmatteError(f"{path}: the image is empty ({width}x{height})")
@@ -185,13 +281,23 @@ def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = F
         raise BgmatteError(f"{path}: the folder {folder} does not exist") from None
     except PermissionError:
         raise BgmatteError(f"{path}: cannot write in {folder} (permission denied)") from None
+    except OSError as exc:
+        raise BgmatteError(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from None
     try:
-        os.fchmod(handle, default_file_mode())
         with os.fdopen(handle, "wb") as file:
+            os.fchmod(file.fileno(), default_file_mode())
             file.write(encoded.tobytes())
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as exc:
+        # Whatever stopped it (a full disk, Ctrl-C), no half-written file stays behind under either name.
+        try:
+            Path(temporary).unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(exc, IsADirectoryError):
+            raise BgmatteError(f"{path}: is a folder, so the image cannot take its place") from None
+        if isinstance(exc, OSError):
+            raise BgmatteError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
     return path
 

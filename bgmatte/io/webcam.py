@@ -133,6 +133,7 @@ class CameraSource:
         self._pending: np.ndarray | None = first
         self._start: float | None = None
         self._released = False
+        self._lock = threading.Lock()  # a read and the release never overlap, whichever threads they run on
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
@@ -142,7 +143,10 @@ class CameraSource:
             raise StopIteration
         frame, self._pending = self._pending, None
         if frame is None:
-            frame = self._read()
+            with self._lock:
+                if self._released:
+                    raise StopIteration
+                frame = self._read()
         if self.is_file:
             now = time.perf_counter()
             if self._start is None:
@@ -167,10 +171,11 @@ class CameraSource:
         raise StopIteration
 
     def close(self) -> None:
-        """Release the camera or file; safe to call twice."""
-        if not self._released:
-            self._released = True
-            self._capture.release()
+        """Release the camera or file, after any read in progress; safe to call twice."""
+        with self._lock:
+            if not self._released:
+                self._released = True
+                self._capture.release()
 
 
 def open_camera(camera: int | str | os.PathLike, *, width: int | None = None, height: int | None = None,
@@ -749,6 +754,8 @@ def run_webcam(
     for name, value in (("--width", width), ("--height", height), ("--fps", fps)):
         if value is not None and value <= 0:
             raise BgmatteError(f"{name} must be positive, not {value}")
+    if max_frames is not None and max_frames < 1:
+        raise BgmatteError(f"--max-frames must be at least 1, not {max_frames}")
     targets = [parse_target_background(spec) for spec in target_bgr] or [parse_target_background("green")]
     auto_plate = AutoPlate(auto_plate_delay, auto_plate_frames)
     if virtual_cam:
@@ -789,6 +796,9 @@ def run_webcam(
         else:
             logger.info("no preview window (%s): press Ctrl-C to stop", why_not)
         reader = LatestFrameReader(source)
+        # Its thread reads the camera from now on: whatever fails next, the thread is stopped and joined
+        # before the camera is released (the stack unwinds in reverse), never released under a read.
+        stack.callback(reader.close)
         session = WebcamSession(reader, predictor, targets, sinks=sinks, preview=window,
                                 keys=window.poll_key if window is not None else None, plate=plate,
                                 auto_plate=auto_plate, max_frames=max_frames)
