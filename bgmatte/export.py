@@ -13,17 +13,17 @@ plain module's.
 """
 # No ``from __future__ import annotations`` here: TorchScript reads ExportableMatting's annotations as types.
 import math
-import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bgmatte.errors import BgmatteError
+from bgmatte.io.files import check_destination, write_through_temporary
 from bgmatte.model.matting import MattingBase, MattingRefine, RefineOptions
 from bgmatte.model.plate_solve import solve_alpha
 
@@ -213,11 +213,11 @@ def export_torchscript(model: MattingRefine, path: str | Path, *, overwrite: boo
     An existing file is refused unless ``overwrite``; the model is written under a temporary name and renamed.
     """
     path = Path(path)
-    _check_destination(path, overwrite)
+    check_destination(path, overwrite)
     scripted = to_torchscript(model)
     # torch.jit.save reports a file it cannot write as a RuntimeError, not an OSError.
-    _write_through_temporary(path, lambda temporary: torch.jit.save(scripted, temporary), "TorchScript",
-                             (OSError, RuntimeError))
+    write_through_temporary(path, lambda temporary: torch.jit.save(scripted, str(temporary)),
+                            "the TorchScript model", (OSError, RuntimeError))
     return path
 
 
@@ -231,7 +231,7 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     """
     _check_model(model)
     path = Path(path)
-    _check_destination(path, overwrite)
+    check_destination(path, overwrite)
     onnx = _import_onnx("onnx")
     if opset < 17:
         raise BgmatteError(f"ONNX opset {opset} is too old: use 17 or later")
@@ -259,48 +259,9 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    _write_through_temporary(path, lambda temporary: onnx.save_model(proto, temporary), "ONNX", (OSError, ValueError))
+    write_through_temporary(path, lambda temporary: onnx.save_model(proto, str(temporary)), "the ONNX model",
+                            (OSError, ValueError))
     return path
-
-
-def _check_destination(path: Path, overwrite: bool) -> None:
-    """Refuse an output path that is a folder, that exists (unless ``overwrite``), or whose folder is missing or
-    read-only: checked before exporting, which can take a minute, rather than after."""
-    if path.is_dir():
-        raise BgmatteError(f"{path}: is a folder; give a file name for the exported model")
-    if path.exists() and not overwrite:
-        raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
-    folder = path.parent
-    if not folder.is_dir():
-        problem = "is not a folder" if folder.exists() else "does not exist"
-        raise BgmatteError(f"{path}: the folder {folder} {problem}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise BgmatteError(f"{path}: cannot write in {folder} (permission denied)")
-
-
-def _write_through_temporary(path: Path, write: Callable[[str], None], kind: str,
-                             failures: Tuple[type, ...]) -> None:
-    """Have ``write`` fill a hidden temporary file beside ``path``, then rename it over ``path``: a failed or
-    interrupted export never leaves half a model under the final name, and the temporary file is removed.
-    ``failures`` are the exceptions that mean the file could not be written; they become one-line errors."""
-    from bgmatte.io.images import default_file_mode
-
-    folder = path.parent
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=folder)
-    except OSError as exc:
-        raise BgmatteError(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from None
-    try:
-        os.fchmod(handle, default_file_mode())  # mkstemp makes the file private; an exported model is for sharing
-        os.close(handle)
-        write(temporary)
-        os.replace(temporary, path)
-    except failures as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
-            (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise BgmatteError(f"{path}: cannot write the {kind} model ({reason})") from None
-    finally:
-        Path(temporary).unlink(missing_ok=True)
 
 
 def _settings_metadata(options: RefineOptions) -> dict[str, str]:
@@ -344,7 +305,7 @@ def export_checkpoint(checkpoint: str | Path | None, output: str | Path, *, form
         raise BgmatteError(f"unknown export format {format!r}: choose torchscript or onnx")
     if format == "onnx" and precision != "fp32":
         raise BgmatteError("ONNX export is fp32 only (onnxruntime converts at load time if it needs to)")
-    _check_destination(Path(output), overwrite)
+    check_destination(Path(output), overwrite)
     model = load_model(checkpoint, backbone=backbone, backbone_scale=options.backbone_scale,
                        refine_mode=options.refine_mode, refine_sample_pixels=options.refine_sample_pixels,
                        refine_threshold=options.refine_threshold, refine_kernel_size=refine_kernel_size,

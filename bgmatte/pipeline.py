@@ -1397,50 +1397,6 @@ def _measure(model: ModelLike, width: int, height: int, frames: int, batch_size:
                          best(pipeline_times, 0), best(model_times, 1), best(pipeline_times, 1))
 
 
-def benchmark_pipeline(
-    *,
-    backbone: str = "mobilenetv2",
-    checkpoint: str | os.PathLike | None = None,
-    width: int = 1920,
-    height: int = 1080,
-    refine: Any = None,
-    precision: str = "fp32",
-    device: str = "auto",
-    optimize: bool = True,
-    threads: int | None = None,
-    batch_size: int | None = None,
-    outputs: Sequence[str] = ("com",),
-    frames: int = 32,
-    rounds: int = 2,
-) -> PipelineSpeed:
-    """`bgmatte bench --pipeline`: `measure_pipeline` on a model with random weights (or `checkpoint`).
-
-    `refine` is a `RefineOptions` (default: the paper's settings for the size). Random weights do
-    the same amount of work as trained ones: the sampling mode refines its whole budget.
-    """
-    from bgmatte.model.build import load_model, resolve_device
-    from bgmatte.model.matting import RefineOptions
-
-    if refine is None:
-        scale, pixels = settings_for_size(width, height)
-        refine = RefineOptions(backbone_scale=scale, refine_sample_pixels=pixels)
-    if checkpoint is not None:
-        module = load_model(checkpoint, backbone=backbone, backbone_scale=refine.backbone_scale,
-                            refine_mode=refine.refine_mode, refine_sample_pixels=refine.refine_sample_pixels,
-                            refine_threshold=refine.refine_threshold, device=device, optimize=optimize)
-    else:
-        from bgmatte.bench import random_model  # heads set so that the error map is nowhere 0
-
-        module = random_model(backbone, refine).to(resolve_device(device))
-        if optimize:
-            from bgmatte.model.fast import optimize_model
-
-            module = optimize_model(module)
-    predictor = Predictor(module, precision=precision)
-    return measure_pipeline(predictor, width=width, height=height, frames=frames, batch_size=batch_size,
-                            outputs=outputs, rounds=rounds, threads=threads)
-
-
 def format_speed(speed: PipelineSpeed) -> str:
     """A small table of a `PipelineSpeed` for the terminal."""
     model_ms, pipeline_ms = 1000 / speed.model_fps, 1000 / speed.pipeline_fps

@@ -180,10 +180,10 @@ class _FullDisk:
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary_files(photos, capsys, monkeypatch):
-    import bgmatte.io.images as images
+    import bgmatte.io.files as files
 
     monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
-    monkeypatch.setattr(images, "os", _FullDisk())
+    monkeypatch.setattr(files, "os", _FullDisk())
     code, _, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "out", "--outputs", "com", "pha", "-q")
     one_line_error(code, err, "No space left on device")
     assert [path for path in (photos / "out").rglob("*") if path.is_file()] == []

@@ -212,7 +212,7 @@ def test_write_png_into_a_missing_folder_names_it(tmp_path):
 
 
 class _FailingReplace:
-    """The `os` module as `bgmatte.io.images` sees it, except that renaming fails with `error`."""
+    """The `os` module as `bgmatte.io.files` sees it, except that renaming fails with `error`."""
 
     def __init__(self, error: OSError):
         self.error = error
@@ -225,10 +225,10 @@ class _FailingReplace:
 
 
 def test_write_png_turns_a_full_disk_into_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
-    import bgmatte.io.images as images
+    import bgmatte.io.files as files
 
-    monkeypatch.setattr(images, "os", _FailingReplace(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
-    with pytest.raises(BgmatteError, match=r"out.png: cannot write \(No space left on device\)$"):
+    monkeypatch.setattr(files, "os", _FailingReplace(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    with pytest.raises(BgmatteError, match=r"out.png: cannot write the image \(No space left on device\)$"):
         write_png(tmp_path / "out.png", rgb_pattern())
     assert list(tmp_path.iterdir()) == []
 

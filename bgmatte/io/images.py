@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +20,7 @@ import cv2
 import numpy as np
 
 from bgmatte.errors import BgmatteError
+from bgmatte.io.files import write_through_temporary
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -250,21 +250,6 @@ def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> 
         raise BgmatteError(f"{path}: the image is empty ({width}x{height})")
 
 
-def _umask() -> int:
-    umask = os.umask(0)  # the only way to read it is to set it: done once, at import, before any thread writes
-    os.umask(umask)
-    return umask
-
-
-_FILE_MODE = 0o666 & ~_umask()
-
-
-def default_file_mode() -> int:
-    """The permissions a newly created file gets under the umask (0o644 under the usual 022): temporary files
-    are created private, and outputs renamed from them should not stay that way."""
-    return _FILE_MODE
-
-
 def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False) -> Path:
     """Write an 8-bit PNG (grey, RGB or RGBA; uint8, or float in [0, 1]) to a temporary name, then rename it."""
     path = Path(path)
@@ -274,31 +259,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = F
     ok, encoded = cv2.imencode(".png", pixels)
     if not ok:
         raise BgmatteError(f"{path}: PNG encoding failed")
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.png", dir=folder)
-    except FileNotFoundError:
-        raise BgmatteError(f"{path}: the folder {folder} does not exist") from None
-    except PermissionError:
-        raise BgmatteError(f"{path}: cannot write in {folder} (permission denied)") from None
-    except OSError as exc:
-        raise BgmatteError(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(handle, "wb") as file:
-            os.fchmod(file.fileno(), default_file_mode())
-            file.write(encoded.tobytes())
-        os.replace(temporary, path)
-    except BaseException as exc:
-        # Whatever stopped it (a full disk, Ctrl-C), no half-written file stays behind under either name.
-        try:
-            Path(temporary).unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(exc, IsADirectoryError):
-            raise BgmatteError(f"{path}: is a folder, so the image cannot take its place") from None
-        if isinstance(exc, OSError):
-            raise BgmatteError(f"{path}: cannot write ({exc.strerror or exc})") from None
-        raise
+    write_through_temporary(path, lambda temporary: temporary.write_bytes(encoded.tobytes()), "the image")
     return path
 
 

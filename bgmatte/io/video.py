@@ -21,7 +21,6 @@ import queue
 import shutil
 import sys
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -33,6 +32,7 @@ import cv2
 import numpy as np
 
 from bgmatte.errors import BgmatteError
+from bgmatte.io.files import check_destination, temporary_sibling
 from bgmatte.io.images import write_png
 
 logger = logging.getLogger(__name__)
@@ -561,24 +561,6 @@ def _as_fraction(rate: Fraction | float | int) -> Fraction:
     return value
 
 
-def _temporary_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{path.suffix}")
-
-
-def _check_destination(path: Path, overwrite: bool, *, folder: bool = False) -> None:
-    if path.exists() and not overwrite:
-        raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
-    if path.is_dir() and not folder:
-        raise BgmatteError(f"{path}: is a folder")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BgmatteError(f"{path}: cannot create the folder {parent} ({exc.strerror or exc})") from None
-    if not os.access(parent, os.W_OK):
-        raise BgmatteError(f"{path}: cannot write in {parent} (permission denied)")
-
-
 def lower_thread_priority(niceness: int) -> None:
     """Lower the calling thread's scheduling priority by ``niceness`` (Linux, where priorities are per thread;
     elsewhere nothing happens). Threads it starts later, FFmpeg's among them, inherit the lower priority.
@@ -818,10 +800,10 @@ class VideoWriter(ClosesOnExit):
         self.audio_from = Path(audio_from) if audio_from is not None else None
         if self.audio_from is not None and not self.audio_from.is_file():
             raise BgmatteError(f"{self.audio_from}: no such file (to take the audio from)")
-        _check_destination(self.path, overwrite)
+        check_destination(self.path, overwrite)
         self.frames_written = 0
         self.size: tuple[int, int] | None = None  # (width, height) as encoded
-        self._temporary = _temporary_sibling(self.path)
+        self._temporary = temporary_sibling(self.path)
         self._input_shape: tuple[int, ...] | None = None
         self._container: av.container.OutputContainer | None = None
         self._stream: av.video.stream.VideoStream | None = None
@@ -1174,12 +1156,12 @@ class ImageSequenceWriter(ClosesOnExit):
         niceness: int = 0,
     ):
         self.path = Path(folder)
-        _check_destination(self.path, overwrite, folder=True)
+        check_destination(self.path, overwrite, folder=True)
         self.frames_written = 0
         self._next = start
         self._digits = digits
         self._names: set[str] = set()
-        self._temporary = _temporary_sibling(self.path)
+        self._temporary = temporary_sibling(self.path)
         self._temporary.mkdir()
         self._closed = False
         self._worker = _Worker(f"bgmatte-png-{self.path.name}", self._save, lambda: None, queue_size, niceness)
@@ -1231,7 +1213,7 @@ class ImageSequenceWriter(ClosesOnExit):
     def _move_into_place(self) -> None:
         old: Path | None = None
         if self.path.exists() or self.path.is_symlink():
-            old = _temporary_sibling(self.path)
+            old = temporary_sibling(self.path)
             os.replace(self.path, old)
         os.replace(self._temporary, self.path)
         if old is not None:

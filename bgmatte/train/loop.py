@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from bgmatte.errors import BgmatteError
-from bgmatte.io.images import default_file_mode
+from bgmatte.io.files import default_file_mode
 from bgmatte.model.build import detect_backbone, read_state_dict, resolve_device
 from bgmatte.model.matting import BACKBONES, MattingBase, MattingRefine
 from bgmatte.train.config import BASE_PARTS, PARTS, TrainOptions

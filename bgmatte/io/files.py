@@ -1,0 +1,86 @@
+"""Output files: the checks before writing one, and writing it through a temporary name.
+
+Every command refuses to replace an existing output unless asked, and writes under a hidden name beside
+the output that is renamed over it at the end, so that a crash, a full disk or Ctrl-C never leaves half a
+file under the name the user asked for. Streaming writers (video) keep their own temporary file open for
+the whole run; whole files (PNG, exported models) go through `write_through_temporary`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from bgmatte.errors import BgmatteError
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it: done once, at import, before any thread writes
+    os.umask(umask)
+    return umask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def default_file_mode() -> int:
+    """The permissions a newly created file gets under the umask (0o644 under the usual 022): temporary files
+    are created private, and outputs renamed from them should not stay that way."""
+    return _FILE_MODE
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A hidden name beside ``path`` for a file being written, with the same extension (muxers read it)."""
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{path.suffix}")
+
+
+def check_destination(path: Path, overwrite: bool, *, folder: bool = False) -> None:
+    """Refuse an output that exists (unless ``overwrite``) or that is a folder (unless ``folder``: image
+    sequences are written into one), and make its parent folder, refusing one that cannot be written in.
+    Done before any slow work, so that the user hears of it at once."""
+    if path.is_dir() and not folder:
+        raise BgmatteError(f"{path}: is a folder")
+    if path.exists() and not overwrite:
+        raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BgmatteError(f"{path}: cannot create the folder {parent} ({exc.strerror or exc})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BgmatteError(f"{path}: cannot write in {parent} (permission denied)")
+
+
+def write_through_temporary(path: Path, write: Callable[[Path], None], what: str = "",
+                            failures: tuple[type[BaseException], ...] = (OSError,)) -> Path:
+    """Have ``write`` fill a private temporary file beside ``path``, give it the usual permissions and rename it
+    over ``path``. Whatever stops it (an error, Ctrl-C), the temporary file is removed; ``failures`` (some
+    writers report a file they cannot write as RuntimeError) become one line naming ``path``."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=folder)
+    except FileNotFoundError:
+        raise BgmatteError(f"{path}: the folder {folder} does not exist") from None
+    except OSError as exc:
+        raise BgmatteError(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from None
+    temporary = Path(name)
+    try:
+        os.fchmod(handle, default_file_mode())
+        os.close(handle)
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException as exc:
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(exc, IsADirectoryError):
+            raise BgmatteError(f"{path}: is a folder, so {what or 'the file'} cannot take its place") from None
+        if isinstance(exc, failures):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+                (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise BgmatteError(f"{path}: cannot write {what + ' ' if what else ''}({reason})") from None
+        raise
+    return path
