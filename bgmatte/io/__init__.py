@@ -1,1 +1,2 @@
-"""Frames in and out: video with PyAV (`video`), still images and PNG output with OpenCV (`images`)."""
+"""Frames in and out: video with PyAV (`video`), still images and PNG output with OpenCV (`images`), cameras
+(`webcam`), and the rules every output file follows (`files`)."""
