@@ -314,12 +314,17 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
 
     The per-pixel median is right wherever the subject covered a pixel in fewer than half the
     samples. Where samples disagree, each pixel's samples are split into up to three clusters of
-    like colour (say: the background, a subject that stayed, another that passed), and the cluster
-    that continues the background around it wins. Decisions are made inward from the area that
-    never changed, each pixel predicted from the background decided next to it. So a subject that kept still for most of the clip, then
-    moved, is replaced by what it uncovered. Unchanged islands enclosed by such a region, which
-    the subject never uncovered, are inpainted. A subject that never moved at all cannot be told
-    from the background and stays.
+    like colour (say: the background, a subject that stayed, another that passed); the more often
+    seen cluster is favoured unless the evidence says another one continues the background around it.
+    That evidence is of two kinds. Each frame's regions that differ from the median sample are
+    judged whole, along their entire edge: a frame that continues its surroundings seamlessly there
+    shows background the median hid, one with a seam shows a subject in front. And pixels are decided
+    inward from the area that never changed, each predicted from the background decided next to it,
+    a prediction counting only as much as the decisions it rests on were sure, so that one wrong
+    guess at a texture edge cannot spread its colour ring after ring. So a subject that kept still
+    for most of the clip, then moved, is replaced by what it uncovered, while one that passed by is
+    left out. Unchanged islands enclosed by such a region, which the subject never uncovered, are
+    inpainted. A subject that never moved at all cannot be told from the background and stays.
     """
     frames = list(frames) if not isinstance(frames, np.ndarray) else frames
     if len(frames) < 3:
@@ -346,18 +351,30 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
         return _like(median / 255.0, dtype)
 
     rows, columns = np.nonzero(changing)
-    candidates = np.empty((3, len(rows), 3), np.float32)
-    members = np.empty((3, len(rows)), np.int32)
-    for start in range(0, len(rows), 65536):  # in pixel chunks, to bound the temporary memory
-        part = slice(start, start + 65536)
-        candidates[:, part], members[:, part] = _clusters(
-            stack[:, rows[part], columns[part]].astype(np.float32), differs[:, rows[part], columns[part]], threshold
-        )
-    del differs
     # Unchanged islands enclosed by change may be a subject that never moved there, so only the
     # unchanged area outside every changing region is trusted as background.
     enclosed = _fill_holes(changing)
-    chosen = _choose_from_surroundings(median, enclosed, rows, columns, candidates, members / count, options.smoothing)
+    penalty = _continuation_penalty(median, ~enclosed, options.smoothing)
+    verdicts = np.empty((count, len(rows)), np.float16)  # one per sample of a changing pixel: half precision will do
+    for index in range(count):
+        verdicts[index] = _seam_verdicts(
+            stack[index], reference, differs[index], rows, columns, penalty, options.smoothing
+        )
+    candidates = np.empty((3, len(rows), 3), np.float32)
+    members = np.empty((3, len(rows)), np.int32)
+    evidence = np.empty((3, len(rows)), np.float32)
+    for start in range(0, len(rows), 65536):  # in pixel chunks, to bound the temporary memory
+        part = slice(start, start + 65536)
+        candidates[:, part], members[:, part], evidence[:, part] = _clusters(
+            stack[:, rows[part], columns[part]].astype(np.float32),
+            differs[:, rows[part], columns[part]],
+            threshold,
+            verdicts[:, part].astype(np.float32),
+        )
+    del differs, verdicts
+    chosen = _choose_from_surroundings(
+        median, enclosed, rows, columns, candidates, members / count, evidence, penalty, options.smoothing
+    )
     plate = median.copy()
     plate[rows, columns] = candidates[chosen, np.arange(len(rows))]
 
@@ -402,11 +419,15 @@ def _temporal_median(stack: np.ndarray, rows_per_chunk: int = 64) -> tuple[np.nd
     return median, reference
 
 
-def _clusters(samples: np.ndarray, outside: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Split each pixel's samples (T, N, 3) into up to three clusters; their medians (3, N, 3) and sizes (3, N).
+def _clusters(
+    samples: np.ndarray, outside: np.ndarray, threshold: float, verdicts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split each pixel's samples (T, N, 3) into up to three clusters; their medians (3, N, 3), sizes (3, N)
+    and evidence (3, N): the mean seam verdict (`_seam_verdicts`, (T, N)) of the frames each cluster holds.
 
     Cluster 0 holds the samples near the reference (those not `outside`); cluster 1 those near the
-    median-brightness sample of the rest; cluster 2 whatever remains. Empty clusters get cluster 0's colour.
+    median-brightness sample of the rest; cluster 2 whatever remains. Empty clusters get cluster 0's
+    colour. Cluster 0's evidence is zero: the verdicts already weigh the other clusters against it.
     """
     first = _masked_median(samples, ~outside, fallback=None)
     second_reference = _median_brightness_sample(samples, outside)
@@ -418,7 +439,10 @@ def _clusters(samples: np.ndarray, outside: np.ndarray, threshold: float) -> tup
         [first, _masked_median(samples, near_second, fallback=first), _masked_median(samples, third, fallback=first)]
     )
     sizes = np.stack([(~outside).sum(axis=0), near_second.sum(axis=0), third.sum(axis=0)]).astype(np.int32)
-    return colours, sizes
+    evidence = np.zeros(sizes.shape, np.float32)
+    for cluster, member in ((1, near_second), (2, third)):
+        evidence[cluster] = np.where(member, verdicts, 0.0).sum(axis=0) / np.maximum(sizes[cluster], 1)
+    return colours, sizes, evidence
 
 
 def _median_brightness_sample(samples: np.ndarray, include: np.ndarray) -> np.ndarray:
@@ -456,20 +480,26 @@ def _choose_from_surroundings(
     columns: np.ndarray,
     candidates: np.ndarray,
     shares: np.ndarray,
+    evidence: np.ndarray,
+    penalty: np.ndarray,
     smoothing: float,
 ) -> np.ndarray:
     """For each changing pixel, the index of the candidate colour that best continues the background.
 
     Pixels are decided in rings of growing distance from the trusted area (unchanged and not
     enclosed). Each ring is predicted by a Gaussian-weighted average of the background decided
-    so far. A candidate's cost is its distance to that prediction, in units of how well such
-    predictions fit the trusted background, minus the log of its share of the samples: a far
-    better fit beats a frequent colour (a subject that stayed is seen more often than what it
-    hid), while between similar fits the more often seen colour wins.
+    so far. A candidate's cost is the penalty for its departure from that prediction (how rare such
+    a miss is on this background), minus the log of its share of the samples, minus its seam
+    evidence. The penalty is scaled by the support behind the prediction: 1 next to the trusted
+    area; for a decided pixel, its neighbours' support times the probability its choice had among
+    the candidates. A choice that barely won thus lends little weight further in, and a wrong one
+    made at a texture edge fades instead of feeding on itself ring after ring, while a clear one
+    (a subject that stayed, against the background it hid) carries inward.
     """
-    known = (~enclosed).astype(np.float32)
-    values = median * known[:, :, None]
-    scale = _prediction_error(median, ~enclosed, smoothing)
+    trusted = (~enclosed).astype(np.float32)[:, :, None]
+    # Per pixel: the colour decided so far (0 where undecided), 1 where decided, and how sure that
+    # decision was; kept as one array so that a ring needs one blur.
+    layers = np.concatenate([median * trusted, trusted, trusted], axis=2)
     distance = cv2.distanceTransform(enclosed.astype(np.uint8), cv2.DIST_L2, 3)
     ring_of_pixel = np.ceil(distance[rows, columns]).astype(np.int64)
     chosen = np.zeros(len(rows), np.int64)
@@ -479,34 +509,108 @@ def _choose_from_surroundings(
         r, c = rows[members], columns[members]
         top, bottom = max(0, r.min() - reach), min(median.shape[0], r.max() + reach + 1)
         left, right = max(0, c.min() - reach), min(median.shape[1], c.max() + reach + 1)
-        weight = cv2.GaussianBlur(known[top:bottom, left:right], (0, 0), smoothing, borderType=cv2.BORDER_CONSTANT)
-        total = cv2.GaussianBlur(values[top:bottom, left:right], (0, 0), smoothing, borderType=cv2.BORDER_CONSTANT)
-        local_weight = weight[r - top, c - left]
-        predicted = total[r - top, c - left] / np.maximum(local_weight, 1e-6)[:, None]
+        blurred = cv2.GaussianBlur(layers[top:bottom, left:right], (0, 0), smoothing, borderType=cv2.BORDER_CONSTANT)
+        blurred = blurred[r - top, c - left]
+        local_weight = np.maximum(blurred[:, 3], 1e-6)
+        predicted = blurred[:, :3] / local_weight[:, None]
+        support = np.minimum(blurred[:, 4] / local_weight, 1.0)
+        error = np.abs(candidates[:, members] - predicted[None]).sum(axis=2)
         with np.errstate(divide="ignore"):
-            cost = np.abs(candidates[:, members] - predicted[None]).sum(axis=2) / scale - np.log(shares[:, members])
+            cost = support[None] * _penalise(penalty, error) - np.log(shares[:, members]) - evidence[:, members]
         pick = np.argmin(cost, axis=0)
-        pick[local_weight < 1e-3] = 0  # nothing decided nearby yet: keep the reference cluster
+        # The winner's probability under a softmax of the costs: near 1 when no rival comes close.
+        confidence = 1.0 / np.exp(cost[pick, np.arange(len(members))][None] - cost).sum(axis=0)
+        isolated = local_weight < 1e-3  # nothing decided nearby yet: keep the reference cluster
+        pick[isolated], confidence[isolated] = 0, 0.0
         chosen[members] = pick
-        values[r, c] = candidates[pick, members]
-        known[r, c] = 1.0
+        layers[r, c, :3] = candidates[pick, members]
+        layers[r, c, 3] = 1.0
+        layers[r, c, 4] = support * confidence
     return chosen
 
 
-def _prediction_error(image: np.ndarray, trusted: np.ndarray, smoothing: float) -> float:
-    """Typical L1 error (summed over channels) of predicting a trusted pixel from its neighbours alone."""
-    kernel = cv2.getGaussianKernel(2 * max(1, int(np.ceil(3 * smoothing))) + 1, smoothing)
-    kernel = kernel @ kernel.T
-    centre = kernel.shape[0] // 2
-    centre_weight = float(kernel[centre, centre])
-    kernel[centre, centre] = 0.0
-    weight = cv2.filter2D(trusted.astype(np.float32), -1, kernel, borderType=cv2.BORDER_CONSTANT)
-    total = cv2.filter2D(image * trusted[:, :, None], -1, kernel, borderType=cv2.BORDER_CONSTANT)
-    usable = trusted & (weight > 0.9 * (1.0 - centre_weight))
-    if usable.sum() < 16:
-        return 30.0
-    error = np.abs(total[usable] / weight[usable][:, None] - image[usable]).sum(axis=1)
-    return max(3.0, float(np.mean(error)))
+def _penalise(penalty: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """The penalty table (`_continuation_penalty`) looked up at L1 errors, rounded to whole levels."""
+    return penalty[np.minimum(np.rint(error), len(penalty) - 1).astype(np.intp)]
+
+
+def _continuation_penalty(image: np.ndarray, trusted: np.ndarray, smoothing: float) -> np.ndarray:
+    """Penalty (in nats) for missing a prediction by each L1 error of 0..765 levels: minus the log of the
+    share of trusted pixels whose prediction from one side misses by at least that much.
+
+    The rings are predicted from the side already decided, so the trusted pixels are predicted from
+    the half of a Gaussian neighbourhood to their left, right, top or bottom. On a busy background,
+    texture edges make large misses common, so a large miss is weak evidence there; on a smooth one
+    it is strong. The penalty is at most a nat per 3 levels of miss, so noise is not over-weighted,
+    and a nat per 30 levels when too little is trusted to measure.
+    """
+    levels = np.arange(766, dtype=np.float32)
+    radius = max(1, int(np.ceil(3 * smoothing)))
+    kernel = cv2.getGaussianKernel(2 * radius + 1, smoothing).astype(np.float32)
+    before = kernel.copy()
+    before[radius:] = 0.0  # the taps on one side, without the centre
+    after = before[::-1].copy()
+    full_half = float(before.sum())
+    mask = trusted.astype(np.float32)
+    masked = image * mask[:, :, None]
+    counts = np.zeros(len(levels), np.int64)
+    for along_x, along_y in ((before, kernel), (after, kernel), (kernel, before), (kernel, after)):
+        weight = cv2.sepFilter2D(mask, -1, along_x, along_y, borderType=cv2.BORDER_CONSTANT)
+        total = cv2.sepFilter2D(masked, -1, along_x, along_y, borderType=cv2.BORDER_CONSTANT)
+        usable = trusted & (weight > 0.9 * full_half)
+        error = np.abs(total[usable] / weight[usable][:, None] - image[usable]).sum(axis=1)
+        counts += np.bincount(np.minimum(np.rint(error), len(levels) - 1).astype(np.intp), minlength=len(levels))
+    samples = int(counts.sum())
+    if samples < 16:
+        return levels / 30.0
+    at_least = np.cumsum(counts[::-1])[::-1] / samples
+    return np.minimum(-np.log(np.maximum(at_least, 0.5 / samples)), levels / 3.0).astype(np.float32)
+
+
+def _seam_verdicts(
+    frame: np.ndarray,
+    reference: np.ndarray,
+    differs: np.ndarray,
+    rows: np.ndarray,
+    columns: np.ndarray,
+    penalty: np.ndarray,
+    smoothing: float,
+) -> np.ndarray:
+    """At the pixels (rows, columns): the verdict on the region of `differs` (one frame's difference
+    from the reference) that each lies in, or 0 outside every region.
+
+    Along a region's edge the reference just outside predicts what continues it. The verdict is the
+    mean, over that edge band, of how much more the reference departs from the prediction than the
+    frame does (penalty nats): positive where the frame continues its surroundings and the reference
+    has a seam (background the reference hid), negative where the frame has the seam (a subject in
+    front). One texture edge cannot decide it, since the whole edge is weighed. The prediction comes
+    from the reference, not the frame, so a subject whose colour nearly matches the background in
+    places cannot vouch for itself there.
+    """
+    regions = differs.astype(np.uint8)
+    count, labels = cv2.connectedComponents(regions, connectivity=8)
+    if count < 2:
+        return np.zeros(len(rows), np.float32)
+    reach = max(1, int(np.ceil(3 * smoothing)))  # only the regions and their surroundings matter
+    x, y, w, h = cv2.boundingRect(regions)
+    top, left = max(0, y - reach), max(0, x - reach)
+    window = (slice(top, y + h + reach), slice(left, x + w + reach))
+    agree = (~differs[window]).astype(np.float32)[:, :, None]
+    known = reference[window].astype(np.float32)
+    blurred = cv2.GaussianBlur(
+        np.concatenate([known * agree, agree], axis=2), (0, 0), smoothing, borderType=cv2.BORDER_CONSTANT
+    )
+    edge = differs[window] & (blurred[:, :, 3] > 0.05)  # within about 1.6 sigma of the region's edge
+    share = blurred[:, :, 3][edge]
+    predicted = blurred[:, :, :3][edge] / share[:, None]
+    frame_miss = np.abs(frame[window][edge].astype(np.float32) - predicted).sum(axis=1)
+    reference_miss = np.abs(known[edge] - predicted).sum(axis=1)
+    gain = _penalise(penalty, reference_miss) - _penalise(penalty, frame_miss)
+    label = labels[window][edge]
+    verdict = np.bincount(label, weights=share * gain, minlength=count)
+    verdict /= np.maximum(np.bincount(label, weights=share, minlength=count), 1e-6)
+    verdict[0] = 0.0
+    return verdict[labels[rows, columns]].astype(np.float32)
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
