@@ -501,6 +501,7 @@ def _choose_from_surroundings(
     # decision was; kept as one array so that a ring needs one blur.
     layers = np.concatenate([median * trusted, trusted, trusted], axis=2)
     distance = cv2.distanceTransform(enclosed.astype(np.uint8), cv2.DIST_L2, 3)
+    distance = np.minimum(distance, sum(enclosed.shape))  # finite when nothing is trusted (the whole frame changed)
     ring_of_pixel = np.ceil(distance[rows, columns]).astype(np.int64)
     chosen = np.zeros(len(rows), np.int64)
     reach = max(1, int(np.ceil(3 * smoothing)))
@@ -607,8 +608,9 @@ def _seam_verdicts(
     reference_miss = np.abs(known[edge] - predicted).sum(axis=1)
     gain = _penalise(penalty, reference_miss) - _penalise(penalty, frame_miss)
     label = labels[window][edge]
-    verdict = np.bincount(label, weights=share * gain, minlength=count)
-    verdict /= np.maximum(np.bincount(label, weights=share, minlength=count), 1e-6)
+    # (np.bincount gives int64 for an empty band: a frame unlike the reference everywhere, a flash or a cut.)
+    verdict = np.bincount(label, weights=share * gain, minlength=count).astype(np.float64)
+    verdict /= np.maximum(np.bincount(label, weights=share, minlength=count).astype(np.float64), 1e-6)
     verdict[0] = 0.0
     return verdict[labels[rows, columns]].astype(np.float32)
 

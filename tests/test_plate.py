@@ -323,3 +323,10 @@ def test_sampling_keeps_an_even_spread_with_bounded_memory():
     assert len(picked) == 10 and picked[0] == 0 and picked[-1] > 800
     assert np.all(np.diff(picked) > 50)
     assert sample_frames(range(4), count=10) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("flash", [np.full((48, 64, 3), 255, np.uint8), np.zeros((48, 64, 3), np.uint8)])
+def test_a_frame_unlike_the_background_everywhere_does_not_break_the_estimate(flash):
+    background = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    plate = estimate_plate([background, background, flash, background, background])
+    assert np.abs(plate.astype(int) - background).max() <= 1
