@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from bgmatte import BgmatteError
-from bgmatte.cli import main
-from bgmatte.cli.train import parse_save_every
+from bgmatte.cli import build_parser, main
+from bgmatte.cli.train import parse_save_every, training_options
 from bgmatte.model.build import load_model
 from bgmatte.model.matting import MattingBase, MattingRefine
 from bgmatte.train import loop
@@ -227,7 +227,9 @@ def _fake_state(out: Path, **options) -> Path:
     record = tiny_options(out, **options).to_record()
     groups = [{"name": "backbone", "lr": 1e-4, "params": []}, {"name": "aspp", "lr": 5e-4, "params": []},
               {"name": "decoder", "lr": 2e-3, "params": []}]
-    state = {"format": loop.STATE_FORMAT, "stage": "base", "backbone": "mobilenetv2", "step": 1,
+    if record["stage"] == "refine":
+        groups = [*([] if record["freeze_base"] else groups), {"name": "refiner", "lr": 3e-4, "params": []}]
+    state = {"format": loop.STATE_FORMAT, "stage": record["stage"], "backbone": "mobilenetv2", "step": 1,
              "options": {k: v for k, v in record.items() if not isinstance(v, dict)},
              "optimizer": {"state": {}, "param_groups": groups}}
     out.mkdir(parents=True, exist_ok=True)
@@ -267,6 +269,67 @@ def test_the_command_line_refuses_a_conflicting_option_on_resume_in_one_line(tmp
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "state.pt: the run was started with --batch-size 2" in lines[0], lines
+
+
+def test_paths_are_saved_absolute_and_a_resume_knows_them_however_spelled(tmp_path, monkeypatch):
+    (tmp_path / "wd1" / "tex").mkdir(parents=True)
+    (tmp_path / "wd2").mkdir()
+    (tmp_path / "weights.pth").write_bytes(b"")
+    (tmp_path / "wd2" / "link").symlink_to(tmp_path / "wd1" / "tex")
+    monkeypatch.chdir(tmp_path / "wd1")
+    started, _ = loop._open_run_folder(tiny_options(Path("../run"), data_root="tex", init="../weights.pth"), None)
+    tex, weights = (tmp_path / "wd1" / "tex").resolve(), (tmp_path / "weights.pth").resolve()
+    assert (started.data_root, started.init) == (tex, weights)
+    path = _fake_state(tmp_path / "run", data_root=started.data_root, init=started.init)
+    saved = torch.load(path, weights_only=True)
+    assert (saved["options"]["data_root"], saved["options"]["init"]) == (str(tex), str(weights))
+
+    monkeypatch.chdir(tmp_path / "wd2")  # resumed from elsewhere: the paths left out are the run's
+    kept = loop.resumed_options(tiny_options(Path("../run"), resume=True), saved, {"steps"}, path)
+    assert (kept.data_root, kept.init) == (tex, weights)
+    for spelling in ("../wd1/tex", "link", str(tex), "../wd1/../wd1/tex/"):
+        again = tiny_options(Path("../run"), resume=True, data_root=spelling, init="../weights.pth")
+        assert loop.resumed_options(again, saved, None, path).data_root == Path(spelling)
+    with pytest.raises(BgmatteError, match=r"started with --data-root .*tex; it cannot go on with --data-root \."):
+        loop.resumed_options(tiny_options(Path("../run"), resume=True, data_root="."), saved, {"data_root"}, path)
+
+
+def test_relative_paths_that_older_versions_saved_are_found_or_asked_for(tmp_path, monkeypatch, capsys):
+    (tmp_path / "wd1" / "tex").mkdir(parents=True)
+    (tmp_path / "wd2").mkdir()
+    path = _fake_state(tmp_path / "run", data_root="tex")  # saved as typed, in wd1
+    saved = torch.load(path, weights_only=True)
+    monkeypatch.chdir(tmp_path / "wd1")
+    resumed = loop.resumed_options(tiny_options(tmp_path / "run", resume=True), saved, {"steps"}, path)
+    assert resumed.data_root == (tmp_path / "wd1" / "tex").resolve()
+    beside = _fake_state(tmp_path / "run2", data_root="wd1/tex")  # relative to the run folder's parent
+    monkeypatch.chdir(tmp_path / "wd2")
+    resumed = loop.resumed_options(tiny_options(tmp_path / "run2", resume=True),
+                                   torch.load(beside, weights_only=True), {"steps"}, beside)
+    assert resumed.data_root == (tmp_path / "wd1" / "tex").resolve()
+
+    with pytest.raises(BgmatteError, match="started with --data-root tex, a relative path .* give --data-root again"):
+        loop.resumed_options(tiny_options(tmp_path / "run", resume=True), saved, {"steps"}, path)
+    again = tiny_options(tmp_path / "run", resume=True, data_root="../wd1/tex")
+    assert loop.resumed_options(again, saved, {"data_root"}, path).data_root == Path("../wd1/tex")
+    code = main(["train", "base", "--out", str(tmp_path / "run"), "--resume", "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].endswith("give --data-root again"), lines
+
+
+def test_a_resume_checks_that_options_fit_together_once_the_runs_own_are_in(tmp_path):
+    path = _fake_state(tmp_path / "run", stage="refine", crop=40, backbone_scale=0.5)
+    args = build_parser().parse_args(["train", "refine", "--out", str(tmp_path / "run"), "--resume", "--crop", "40"])
+    options, given = training_options(args)  # --crop 40 would not do at the default backbone scale, 0.25
+    resumed = loop.resumed_options(options, torch.load(path, weights_only=True), given, path)
+    assert (resumed.crop, resumed.backbone_scale) == (40, 0.5)
+
+    frozen = _fake_state(tmp_path / "frozen", stage="refine", freeze_base=True)
+    args = build_parser().parse_args(["train", "refine", "--out", str(tmp_path / "frozen"), "--resume",
+                                      "--lr-backbone", "1e-5"])
+    options, given = training_options(args)  # fine alone; not with the run's --freeze-base
+    with pytest.raises(BgmatteError, match="do not fit the run's: with --freeze-base only the refiner learns"):
+        loop.resumed_options(options, torch.load(frozen, weights_only=True), given, frozen)
 
 
 @pytest.mark.slow
@@ -437,6 +500,7 @@ def test_stage_defaults_for_crop_and_refined_pixels():
 @pytest.mark.parametrize("changes, message", [
     (dict(stage="middle"), "stage"),
     (dict(stage="refine", crop=66), "multiple of 4"),
+    (dict(stage="refine", crop=40), "less than 16 pixels"),
     (dict(stage="base", lr={"refiner": 1e-3}), "refine stage only"),
     (dict(stage="base", lr={"head": 1e-3}), "unknown network parts"),
     (dict(stage="base", precision="fp8"), "precision"),

@@ -125,7 +125,9 @@ def _is_helper_process() -> bool:
 
 def training_options(args: argparse.Namespace) -> tuple[TrainOptions, set[str]]:
     """The options the arguments ask for, options left out at their defaults, and the names of the
-    TrainOptions fields that were given (a resumed run takes the others from its saved state)."""
+    TrainOptions fields that were given (a resumed run takes the others from its saved state). Each option
+    is checked here; for a resume, whether they fit together waits until the run's own have replaced the
+    defaults (see ``TrainOptions.check_combinations``)."""
     from bgmatte.train.config import TrainOptions
 
     values = {dest: (value if value is not None else _DEFAULTS.get(dest)) for dest, value in vars(args).items()}

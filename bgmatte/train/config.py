@@ -56,7 +56,8 @@ class TrainOptions:
             fixed pool of synthetic samples, or one batch to overfit.
         crop: square training crop side (a multiple of 4 for refine).
         init: weights to start from (``.pth`` or ``.safetensors``; a base checkpoint for refine is fine).
-        resume: continue the run saved in ``out/state.pt`` exactly where it stopped.
+        resume: continue the run saved in ``out/state.pt`` exactly where it stopped. Options that must fit
+            together are then checked by ``check_combinations`` once the run's own have filled the gaps.
         lr: learning rates per part (``backbone``, ``aspp``, ``decoder``, ``refiner``) overriding the paper's.
         freeze_base: refine stage: train the refiner alone, the base network (backbone, ASPP, decoder)
             kept as initialised, batch-norm statistics included, so that short refine runs on small
@@ -136,9 +137,6 @@ class TrainOptions:
             raise BgmatteError(f"--crop {crop}: the refine stage needs a multiple of 4")
         if self.stage == "refine" and not 0 < self.backbone_scale <= 0.5:
             raise BgmatteError(f"--backbone-scale must be in (0, 0.5], not {self.backbone_scale}")
-        if self.stage == "refine" and crop * self.backbone_scale < 16:
-            raise BgmatteError(f"--crop {crop} at backbone scale {self.backbone_scale} leaves the base network "
-                               "less than 16 pixels; use a larger crop")
         unknown = sorted(set(self.lr) - set(PARTS))
         if unknown:
             raise BgmatteError(f"unknown network parts in learning rates: {', '.join(unknown)} "
@@ -147,8 +145,6 @@ class TrainOptions:
             raise BgmatteError("the base stage has no refiner: --lr-refiner applies to the refine stage only")
         if self.freeze_base and self.stage != "refine":
             raise BgmatteError("--freeze-base applies to the refine stage only")
-        if self.freeze_base and set(self.lr) - {"refiner"}:
-            raise BgmatteError("with --freeze-base only the refiner learns: give --lr-refiner alone")
         if any(not value > 0 for value in self.lr.values()):
             raise BgmatteError("learning rates must be positive")
         if self.train_samples is not None and self.train_samples < 1:
@@ -159,6 +155,17 @@ class TrainOptions:
                 raise BgmatteError(f"--{name.replace('_', '-')} is a share of samples, from 0 to 1, not {value}")
         if self.sample_pixels is not None and self.sample_pixels < 16:
             raise BgmatteError(f"--sample-pixels must be at least 16 (one 4x4 patch), not {self.sample_pixels}")
+        if not self.resume:
+            self.check_combinations()
+
+    def check_combinations(self) -> None:
+        """Refuse options that are fine one by one but not together. A resumed run checks them only once the
+        options left out are the run's own, since the defaults standing in for them until then may not fit."""
+        if self.stage == "refine" and self.crop_size * self.backbone_scale < 16:
+            raise BgmatteError(f"--crop {self.crop_size} at backbone scale {self.backbone_scale} leaves the base "
+                               "network less than 16 pixels; use a larger crop")
+        if self.freeze_base and set(self.lr) - {"refiner"}:
+            raise BgmatteError("with --freeze-base only the refiner learns: give --lr-refiner alone")
 
     @property
     def crop_size(self) -> int:

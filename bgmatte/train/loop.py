@@ -731,6 +731,41 @@ The rest (``device``, ``num_workers``, ``progress``) belong to each session and 
 _PATH_OPTIONS = ("data_root", "backgrounds", "init")
 
 
+def _real(path: Path | str) -> Path:
+    """A path made absolute with its links followed, as far as they exist (never an error: loops stay as they are)."""
+    return Path(os.path.realpath(path))
+
+
+def absolute_paths(options: TrainOptions) -> TrainOptions:
+    """The options with --data-root, --backgrounds and --init made absolute and resolved, as a run starts:
+    its saved record then names the same files whichever folder the run is resumed from."""
+    changes = {name: _real(getattr(options, name)) for name in _PATH_OPTIONS if getattr(options, name) is not None}
+    return replace(options, **changes) if changes else options
+
+
+def _same_path(a: Path | str, b: Path | str) -> bool:
+    """Whether two spellings name one file or folder: equal once resolved, or (both existing) the same file."""
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _recorded_path(text: str, out: Path) -> Path | None:
+    """A path of a saved run's options, absolute. Older versions saved paths as typed, relative to a folder they
+    did not write down: the current folder or else the run folder's parent is taken if the path is there; None if
+    it is in neither."""
+    path = Path(text)
+    if path.is_absolute():
+        return path
+    for folder in (Path.cwd(), _real(out).parent):
+        if (folder / path).exists():
+            return _real(folder / path)
+    return None
+
+
 def _as_flag(name: str, value: object) -> str:
     """An option and its value in the command line's words, for messages."""
     flag = "--" + name.replace("_", "-")
@@ -743,7 +778,9 @@ def resumed_options(options: TrainOptions, saved: dict[str, object], given: Coll
                     state_path: Path) -> TrainOptions:
     """The options a resumed run continues with: those not ``given`` are the run's own, from its saved
     options (learning rates from its saved optimiser); a given one of ``RUN_OPTIONS`` that differs from
-    the run's is refused, since the run would silently become another. ``given`` None counts all as given."""
+    the run's is refused, since the run would silently become another. ``given`` None counts all as given.
+    Paths count as the same when they name the same file, however spelled. Options that must fit together
+    are checked here, on the merged result, since until now defaults stood in for the run's own."""
     record = saved.get("options")
     if not isinstance(record, dict):
         raise BgmatteError(f"{state_path}: holds no record of the run's options")
@@ -753,13 +790,20 @@ def resumed_options(options: TrainOptions, saved: dict[str, object], given: Coll
         if name not in record:  # saved before the option existed: what is given now stands
             continue
         was, now = record[name], current[name]
+        flag = "--" + name.replace("_", "-")
+        if name in _PATH_OPTIONS and isinstance(was, str):
+            was = _recorded_path(was, options.out)
+            if was is None and (given is None or name in given):
+                continue  # an older run's relative path found nowhere: the one given now stands
+            if was is None:
+                raise BgmatteError(f"{state_path}: the run was started with {flag} {record[name]}, a relative "
+                                   f"path that names nothing here nor beside the run's folder; give {flag} again")
         if given is not None and name not in given:
-            changes[name] = Path(was) if name in _PATH_OPTIONS and isinstance(was, str) else was
+            changes[name] = was
         elif name in RUN_OPTIONS:
-            same = Path(was) == Path(now) if name in _PATH_OPTIONS and was is not None and now is not None \
+            same = _same_path(was, now) if name in _PATH_OPTIONS and was is not None and now is not None \
                 else was == now
             if not same:
-                flag = "--" + name.replace("_", "-")
                 raise BgmatteError(f"{state_path}: the run was started with {_as_flag(name, was)}; it cannot go on "
                                    f"with {_as_flag(name, now)} (leave {flag} out to keep the run's setting, "
                                    "or start a new run in another --out)")
@@ -773,11 +817,18 @@ def resumed_options(options: TrainOptions, saved: dict[str, object], given: Coll
             raise BgmatteError(f"{state_path}: the saved optimiser has no learning rates per part") from None
         changes["lr"] = {**rates, **options.lr}
     try:
-        return replace(options, **changes)
+        resumed = replace(options, **changes)
     except BgmatteError as exc:
         raise BgmatteError(f"{state_path}: the run's saved options do not work here: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise BgmatteError(f"{state_path}: holds saved options this version cannot read ({exc})") from None
+    try:
+        resumed.check_combinations()
+    except BgmatteError as exc:
+        raise BgmatteError(f"{state_path}: the options given do not fit the run's: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise BgmatteError(f"{state_path}: holds saved options this version cannot read ({exc})") from None
+    return resumed
 
 
 RUN_FILES = ("state.pt", "last.safetensors", "best.safetensors", "train.csv", "valid.csv", "samples", "tensorboard")
@@ -813,6 +864,7 @@ def earlier_run_files(folder: Path) -> list[str]:
 def _open_run_folder(options: TrainOptions, given: Collection[str] | None
                      ) -> tuple[TrainOptions, dict[str, object] | None]:
     """Rank 0's part of `_prepare_run_folder`."""
+    options = absolute_paths(options)
     out = options.out
     state_path = out / "state.pt"
     saved = None
@@ -852,8 +904,9 @@ def _open_run_folder(options: TrainOptions, given: Collection[str] | None
 def _prepare_run_folder(options: TrainOptions, runtime: Runtime, given: Collection[str] | None
                         ) -> tuple[TrainOptions, dict[str, object] | None]:
     """Before anything is built, rank 0 readies the run's folder: it creates it for a new run (refusing
-    one that holds an earlier run), or reads the state of the run to resume and settles its options;
-    then it removes what interrupted saves left. The options and state, or the refusal, go to every process."""
+    one that holds an earlier run), or reads the state of the run to resume and settles its options (its
+    paths made absolute, to be saved so); then it removes what interrupted saves left. The options and
+    state, or the refusal, go to every process."""
     message, saved = None, None
     if runtime.is_main:
         try:
