@@ -15,17 +15,11 @@ functions. Everything else lives in a module named for what it does.
 """
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from bgmatte.errors import BgmatteError
 
 __version__ = "0.1.0"
-
-# OpenCV reads its decoder's pixel limit once, when it is loaded, so it is set here, before any module of
-# the package imports cv2: a format whose header bgmatte.io.images does not parse is then refused by OpenCV
-# before its pixels are allocated. The same 100 megapixels as bgmatte.io.images.DEFAULT_MAX_PIXELS.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", "100000000")
 
 # Heavy imports (torch, PyAV, OpenCV) wait until first use, so that `bgmatte --help` is quick.
 _LAZY = {

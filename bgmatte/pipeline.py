@@ -608,13 +608,15 @@ def plan_video_outputs(
     transparent: bool,
     overwrite: bool,
     encoder: EncoderOptions = EncoderOptions(),
+    size: tuple[int, int] | None = None,
 ) -> list[OutputFile]:
     """Where each output goes, checked before any work: containers that fit, nothing overwritten by accident.
 
     With `output_dir`: ``DIR/com.mp4``, ``DIR/pha.mp4``... (a transparent composite: ``com.webm``), or
     ``DIR/com/``... with ``image_sequences``. With `output`: the composite's file (its extension picks
     the container; no extension means a folder of PNGs) and the others beside it as ``NAME_pha.mp4``...
-    With neither: ``SRC_com.mp4``, ``SRC_pha.mp4``... beside the source.
+    With neither: ``SRC_com.mp4``, ``SRC_pha.mp4``... beside the source. `size` (width, height), the
+    frames' size when known, is the size a forced encoder is tried at (`choose_encoder`).
     """
     if output_format not in ("video", "image_sequences"):
         raise BgmatteError(f"output format {output_format!r} is not supported: use video or image_sequences")
@@ -666,7 +668,7 @@ def plan_video_outputs(
         seen[resolved] = plan.kind
         if not plan.folder:
             # Refuses .mp4 with transparency, unknown containers, and a forced encoder that does not work there.
-            choose_encoder(plan.path, alpha=plan.alpha, options=encoder)
+            choose_encoder(plan.path, alpha=plan.alpha, options=encoder, size=size)
         if plan.path.exists() and not overwrite:
             raise BgmatteError(f"{plan.path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
     return plans
@@ -950,7 +952,8 @@ def convert_video(
         if target_bgr is None:
             target_bgr = TargetBackground("transparent") if sequences else TargetBackground("colour", colour=REFERENCE_GREEN)
         plans = plan_video_outputs(src, kinds, output=output, output_dir=output_dir, output_format=output_format,
-                                   transparent=target_bgr.kind == "transparent", overwrite=overwrite, encoder=encoder)
+                                   transparent=target_bgr.kind == "transparent", overwrite=overwrite, encoder=encoder,
+                                   size=size)
         options = model if isinstance(model, ModelOptions) else None
         if options is not None and options.model_type == "mattingbase" and "ref" in kinds:
             raise BgmatteError("the ref output needs the refine model: drop ref, or use --model-type mattingrefine")

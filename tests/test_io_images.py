@@ -15,6 +15,7 @@ import pytest
 
 from bgmatte.errors import BgmatteError
 from bgmatte.io.images import (
+    DEFAULT_MAX_PIXELS,
     image_header_size,
     list_images,
     match_by_stem,
@@ -124,11 +125,12 @@ def test_a_header_only_radiance_bomb_is_refused_before_decoding(tmp_path):
         read_image(bomb)
 
 
-def test_opencv_is_given_the_same_pixel_limit_before_it_loads_and_its_refusal_reads_as_ours(tmp_path):
+def test_opencv_keeps_its_own_pixel_limit_and_a_users_limit_reads_as_ours(tmp_path):
     script = (
         "import os, sys\n"
-        "from bgmatte.io.images import read_image, DEFAULT_MAX_PIXELS\n"
-        "print(os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'] == str(DEFAULT_MAX_PIXELS))\n"
+        "import bgmatte\n"
+        "from bgmatte.io.images import read_image\n"
+        "print(os.environ.get('OPENCV_IO_MAX_IMAGE_PIXELS'))\n"
         "try:\n"
         "    read_image(sys.argv[1])\n"
         "except Exception as exc:\n"
@@ -136,15 +138,44 @@ def test_opencv_is_given_the_same_pixel_limit_before_it_loads_and_its_refusal_re
     )
     path = save_with_cv2(tmp_path / "wide.png", rgb_pattern(12, 100))  # 1200 pixels
     environment = {key: value for key, value in os.environ.items() if key != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    # Importing bgmatte leaves OpenCV's process-wide limit (2**30 pixels) alone: read_image(max_pixels=None)
+    # and the caller's own cv2.imread can still open images above bgmatte's default limit.
     unset = subprocess.run([sys.executable, "-c", script, str(path)], env=environment, capture_output=True,
                            text=True, check=True)
-    assert unset.stdout.splitlines() == ["True"]
+    assert unset.stdout.splitlines() == ["None"]
     # A limit set by the user is kept, and OpenCV's refusal (here of a format bgmatte sized and let through)
     # is the usual one-line message.
     small = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True,
                            env={**environment, "OPENCV_IO_MAX_IMAGE_PIXELS": "1000"})
     assert small.stdout.splitlines()[1] == (f"BgmatteError {path}: larger than 0.001 megapixels, the limit for "
                                             "images (refused as a possible decompression bomb)")
+
+
+def test_a_format_whose_size_is_not_in_a_parsed_header_is_refused_under_the_limit(tmp_path):
+    """OpenCV gives no size without decoding: an AVIF is refused while a limit is set, and read without one."""
+    ok, encoded = cv2.imencode(".avif", cv2.cvtColor(rgb_pattern(12, 20), cv2.COLOR_RGB2BGR))
+    if not ok:
+        pytest.skip("this OpenCV build writes no AVIF")
+    path = tmp_path / "picture.avif"
+    path.write_bytes(encoded.tobytes())
+    assert image_header_size(path.read_bytes()) is None
+    with pytest.raises(BgmatteError) as caught:
+        read_image(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: the size of this kind of image cannot be checked before decoding")
+    assert "PNG, JPEG" in message and "max_pixels=None" in message and "\n" not in message
+    assert read_image(path, max_pixels=None).shape == (12, 20, 3)
+    # A file no decoder recognises is still named as such, limit or not.
+    (tmp_path / "noise.avif").write_bytes(b"\x00\x01 not an image")
+    for limit in (DEFAULT_MAX_PIXELS, None):
+        with pytest.raises(BgmatteError, match=r"noise.avif: not an image file OpenCV can read$"):
+            read_image(tmp_path / "noise.avif", max_pixels=limit)
+
+
+def test_a_jpeg_with_stray_bytes_before_a_marker_is_still_sized(tmp_path):
+    """libjpeg skips bytes that are not a marker where one should start; the header walk does the same."""
+    jpeg = save_with_cv2(tmp_path / "a.jpg", rgb_pattern(12, 20)).read_bytes()
+    assert image_header_size(jpeg[:2] + b"\x00\x17" + jpeg[2:]) == (20, 12)
 
 
 def test_empty_and_truncated_files_are_named_as_such_without_libpng_noise(tmp_path, capfd):

@@ -661,12 +661,81 @@ def test_a_failure_is_raised_once_even_when_close_follows(tmp_path):
     assert writer.close() is None  # no third time
 
 
+def test_the_first_write_raises_a_start_failure_the_worker_records_late(tmp_path, monkeypatch):
+    """The worker records a failure only once `_encode` has returned; the first write must not depend on it."""
+    encode = VideoWriter._encode
+
+    def late(self, item):
+        try:
+            encode(self, item)
+        except BaseException:
+            time.sleep(0.3)  # the window in which the worker has not stored the error yet, made wide
+            raise
+
+    monkeypatch.setattr(VideoWriter, "_encode", late)
+    folder = tmp_path / "gone"
+    writer = VideoWriter(folder / "out.mp4", fps=25)
+    folder.rmdir()
+    with pytest.raises(BgmatteError, match="could not start the file"):
+        writer.write(pattern(0))
+    assert writer.close() is None  # raised once, by the write
+    assert list(tmp_path.iterdir()) == []
+
+
+def counted_starts(monkeypatch) -> list[dict]:
+    """Record the keyword arguments of every `VideoWriter._start`, which still runs."""
+    calls: list[dict] = []
+    start = VideoWriter._start
+
+    def counting(self, **kwargs):
+        calls.append(kwargs)
+        return start(self, **kwargs)
+
+    monkeypatch.setattr(VideoWriter, "_start", counting)
+    return calls
+
+
+def test_a_start_that_fails_for_the_video_does_not_blame_copied_audio(tmp_path, monkeypatch, caplog):
+    """x264 refuses a 20000x16 frame: the file is not started again with the audio transcoded, nor said to be."""
+    source = tmp_path / "src.mp4"
+    make_clip(source, count=3)
+    starts = counted_starts(monkeypatch)
+    target = tmp_path / "wide.mp4"
+    with caplog.at_level(logging.INFO, logger="bgmatte.io.video"), pytest.raises(BgmatteError) as caught:
+        with VideoWriter(target, fps=25, audio_from=source) as writer:
+            writer.write(np.zeros((16, 20000, 3), np.uint8))
+    assert str(caught.value).startswith(f"{target}: could not start the file (libx264 video 20000x16)")
+    assert len(starts) == 1 and "refused the aac audio" not in caplog.text and "transcoding" not in caplog.text
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["src.mp4"]
+
+
+def test_a_file_that_cannot_be_created_does_not_blame_copied_audio_and_warns_once(tmp_path, monkeypatch, caplog):
+    """With copied audio, a failed start is tried once without audio: failing too, it is not the audio's, and the
+    file is not started again with the audio transcoded; the warning about the pixel shape comes once."""
+    source = tmp_path / "src.mp4"
+    make_clip(source, count=3)
+    starts = counted_starts(monkeypatch)
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    writer = VideoWriter(folder / "out.mkv", fps=25, audio_from=source, options=EncoderOptions(codec="ffv1"),
+                         display=video_io.Display(Fraction(4, 3)))
+    folder.rmdir()
+    with caplog.at_level(logging.INFO, logger="bgmatte.io.video"), pytest.raises(BgmatteError) as caught:
+        with writer:
+            writer.write(pattern(0))
+    assert "could not start the file (ffv1 video 64x48 with aac audio)" in str(caught.value)
+    assert starts == [{"copy_audio": True}, {"copy_audio": False, "audio": False}]
+    assert "refused the aac audio" not in caplog.text
+    assert caplog.text.count("cannot record the source's non-square pixels") == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["src.mp4"]
+
+
 def test_a_pipeline_output_that_cannot_start_gives_one_error_and_no_frame_count(tmp_path, monkeypatch, caplog):
     from media import DifferenceModel, make_clip as make_scene, plate_image
 
     from bgmatte.pipeline import convert_video
 
-    def refuse(self, *, copy_audio):
+    def refuse(self, *, copy_audio, audio=True):
         raise OSError("the muxer refused")
 
     monkeypatch.setattr(VideoWriter, "_start", refuse)
@@ -712,6 +781,60 @@ def test_a_forced_encoder_that_cannot_work_is_refused_at_once(tmp_path, name, co
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / name}: ") and expected in message and "\n" not in message
     assert list(tmp_path.iterdir()) == []
+
+
+needs_h263 = pytest.mark.skipif(not video_io._encoder_available("h263"), reason="no H.263 encoder in this PyAV")
+
+
+@needs_h263
+def test_a_forced_encoder_that_takes_only_some_sizes_is_tried_at_the_frames_size(tmp_path):
+    """H.263 takes 352x288 (CIF) but not the 320x240 of the early check: the frames' own size decides."""
+    options = EncoderOptions(codec="h263")
+    assert choose_encoder(tmp_path / "a.mov", alpha=False, options=options).provisional
+    assert not choose_encoder(tmp_path / "a.mov", alpha=False, options=options, size=(352, 288)).provisional
+    target = tmp_path / "cif.mov"
+    with VideoWriter(target, fps=25, options=options) as writer:
+        for index in range(3):
+            writer.write(pattern(index, 352, 288))
+    reader, frames = read_all(target)
+    assert reader.size == (352, 288) and len(frames) == 3
+    with av.open(str(target)) as container:
+        assert container.streams.video[0].codec_context.name == "h263"
+    # A size it does not take is refused at the first frame, in one line, with nothing left behind.
+    other = tmp_path / "other.mov"
+    writer = VideoWriter(other, fps=25, options=options)
+    with pytest.raises(BgmatteError) as caught:
+        writer.write(pattern(0, 300, 200))
+    message = str(caught.value)
+    assert message.startswith(f"{other}: the encoder h263 does not take 300x200 frames") and "\n" not in message
+    assert writer.close() is None
+    with pytest.raises(BgmatteError, match=r"other\.mov: the encoder h263 does not take 300x200 frames"):
+        choose_encoder(other, alpha=False, options=options, size=(300, 200))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cif.mov"]
+
+
+@needs_h263
+def test_the_pipeline_tries_a_forced_encoder_at_the_output_size(tmp_path, monkeypatch):
+    from media import DifferenceModel, make_clip as make_scene, plate_image
+
+    import bgmatte.pipeline as pipeline
+
+    clip = tmp_path / "clip.mp4"
+    make_scene(clip, count=3)  # 96x64, which H.263 does not take
+    load_predictor = pipeline.load_predictor
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_predictor", no_model)
+    with pytest.raises(BgmatteError, match=r"out\.mov: the encoder h263 does not take 96x64 frames"):
+        pipeline.convert_video(clip, plate_image(), output=tmp_path / "out.mov", encoder=EncoderOptions(codec="h263"),
+                               progress=False)
+    monkeypatch.setattr(pipeline, "load_predictor", load_predictor)
+    pipeline.convert_video(clip, plate_image(), output=tmp_path / "out.mov", encoder=EncoderOptions(codec="h263"),
+                           resize=(176, 144), model=DifferenceModel(), progress=False)
+    reader, frames = read_all(tmp_path / "out.mov")
+    assert reader.size == (176, 144) and len(frames) == 3
 
 
 def test_the_pipeline_refuses_a_forced_encoder_before_loading_the_model(tmp_path, monkeypatch):

@@ -624,6 +624,75 @@ def test_camera_source_waits_for_a_read_in_progress_before_releasing(monkeypatch
     assert capture.released and not capture.overlapped and not reader.is_alive()
 
 
+class StallingCapture:
+    """A cv2.VideoCapture double for a camera that gave a frame and then stalled: every later read blocks for
+    `stall` seconds and fails, as a V4L2 read whose select() times out does. Counts reads and releases."""
+
+    def __init__(self, stall: float):
+        self.stall = stall
+        self.reads = 0
+        self.releases = 0
+        self.reading = False
+        self.overlapped = False
+
+    def isOpened(self):
+        return True
+
+    def set(self, *args):
+        return True
+
+    def get(self, prop):
+        return 30.0
+
+    def read(self):
+        self.reads += 1
+        if self.reads == 1:
+            return True, np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+        self.reading = True
+        time.sleep(self.stall)
+        self.reading = False
+        return False, None
+
+    def release(self):
+        self.overlapped = self.overlapped or self.reading
+        self.releases += 1
+
+
+def reader_in_a_stalled_read(monkeypatch, stall: float) -> tuple[StallingCapture, CameraSource, LatestFrameReader]:
+    capture = StallingCapture(stall)
+    monkeypatch.setattr(webcam, "_open_capture", lambda camera: capture)
+    source = CameraSource(0)
+    reader = LatestFrameReader(source)
+    next(reader)  # the frame read when opening
+    while not capture.reading:  # the thread is now inside a read that stalls
+        time.sleep(0.001)
+    return capture, source, reader
+
+
+def test_closing_a_stalled_camera_keeps_to_the_timeout_and_the_read_releases_it(monkeypatch, caplog):
+    capture, source, reader = reader_in_a_stalled_read(monkeypatch, stall=1.0)
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="bgmatte.io.webcam"):
+        reader.close(timeout=0.3)
+        source.close()  # run_webcam closes the camera again afterwards: that does not wait either
+    assert time.perf_counter() - start < 0.8  # neither the read under way nor the four tries after it
+    assert "camera 0: a read is still under way; the capture is released when it returns" in caplog.text
+    reader._thread.join(5)
+    assert not reader._thread.is_alive()
+    assert capture.reads == 2 and capture.releases == 1 and not capture.overlapped
+
+
+def test_closing_waits_for_the_read_under_way_but_not_for_the_tries_after_it(monkeypatch, caplog):
+    capture, source, reader = reader_in_a_stalled_read(monkeypatch, stall=0.3)
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="bgmatte.io.webcam"):
+        reader.close(timeout=3.0)
+    assert time.perf_counter() - start < 1.0  # five tries would take 1.5 s
+    assert caplog.text == ""  # a camera that stops when asked is no news
+    assert not reader._thread.is_alive()
+    assert capture.reads == 2 and capture.releases == 1 and not capture.overlapped
+
+
 def test_cli_shows_each_warning_once_and_the_progress_lines(tmp_path, capsys, monkeypatch):
     # Without handlers on the root logger, as outside pytest: a second handler there would repeat every warning.
     monkeypatch.setattr(logging.getLogger(), "handlers", [])

@@ -3,9 +3,10 @@
 The pixel limit is checked before decoding: the file's bytes are read once, its header is parsed here
 for PNG, JPEG, BMP, GIF, WebP, TIFF, Radiance HDR, the Netpbm family (PPM, PGM, PAM, PFM) and Sun raster
 (width and height sit at known places in all of them), and only then are the same bytes handed to OpenCV.
-A format whose header is not understood here (AVIF, JPEG 2000) is bounded by OpenCV's own check, which
-``bgmatte/__init__.py`` sets to the same limit (``OPENCV_IO_MAX_IMAGE_PIXELS``, read by OpenCV once, when
-it is loaded), and is checked again after decoding.
+OpenCV has no way to give a size without decoding, so a file whose size is not found here (AVIF, JPEG
+2000, a damaged header) is refused while a limit is set; with ``max_pixels=None`` it is decoded, bounded
+only by OpenCV's own limit (``OPENCV_IO_MAX_IMAGE_PIXELS``, 2**30 pixels unless the user sets it), which
+bgmatte leaves alone: it is the whole process's, the caller's own ``cv2.imread`` included.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from bgmatte.io.files import write_through_temporary
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 DEFAULT_MAX_PIXELS = 100_000_000
+# The formats whose size `image_header_size` reads, as messages name them.
+_SIZED_FORMATS = "PNG, JPEG, BMP, GIF, WebP, TIFF, Radiance HDR, Netpbm and Sun raster"
 
 
 def image_header_size(data: bytes) -> tuple[int, int] | None:
@@ -72,8 +75,11 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     """Walk the JPEG segments to the first start-of-frame marker, which holds the size."""
     position = 2
     while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            return None
+        if data[position] != 0xFF:  # stray bytes before a marker, which libjpeg skips as well
+            position = data.find(b"\xff", position)
+            if position < 0:
+                return None
+            continue
         marker = data[position + 1]
         if marker == 0xFF:  # fill byte
             position += 1
@@ -158,7 +164,7 @@ def _netpbm_size(data: bytes) -> tuple[int, int] | None:
 def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int = 3,
                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read an image as upright (H, W, 3) RGB, or (H, W) grey with channels=1, uint8 or float32 in [0, 1];
-    refuse files above `max_pixels`.
+    refuse files above `max_pixels`, and while it is set, files whose size the header does not give.
 
     EXIF orientation is applied, grey images become three channels (colour ones grey with channels=1),
     alpha is dropped, and with dtype="float32" 16-bit files keep their precision.
@@ -178,6 +184,8 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int =
     if kind == "PNG" and not _png_complete(data):
         # libpng would print its own complaint on stderr before failing; say it once, here.
         raise BgmatteError(f"{path}: damaged or truncated PNG")
+    if size is None and max_pixels is not None:
+        _refuse_unsized(path, kind)
     flags = (cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE) | (cv2.IMREAD_ANYDEPTH if dtype == "float32" else 0)
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
@@ -201,6 +209,21 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int =
         return image
     scale = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else 1.0
     return (image.astype(np.float32) / scale).clip(0.0, 1.0) if scale != 1.0 else image.astype(np.float32)
+
+
+def _refuse_unsized(path: Path, kind: str | None) -> None:
+    """Refuse a file whose size could not be read from its header: decoding it is the only way OpenCV offers
+    to learn its size, and that would allocate the pixels of a decompression bomb before any check."""
+    if kind == "JPEG":  # libjpeg cannot decode without the start-of-frame segment the header walk looks for
+        raise BgmatteError(f"{path}: damaged or truncated JPEG")
+    if kind is not None:
+        raise BgmatteError(f"{path}: the size in its {kind} header cannot be read (damaged, or a variant "
+                           "bgmatte does not parse); not decoded, so that the pixel limit holds")
+    if not cv2.haveImageReader(str(path)):  # looks at the file's signature only
+        raise BgmatteError(f"{path}: not an image file OpenCV can read")
+    raise BgmatteError(f"{path}: the size of this kind of image cannot be checked before decoding, so it is "
+                       f"refused under the pixel limit (checked: {_SIZED_FORMATS}; convert it to one of them, "
+                       "or pass max_pixels=None)")
 
 
 def _read_bytes(path: Path, what: str) -> bytes:

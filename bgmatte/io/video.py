@@ -404,6 +404,9 @@ class EncoderChoice:
     pix_fmt: str
     needs_even: bool
     options: dict[str, str] = field(default_factory=dict)
+    # A forced encoder that the early check, made before the frames' size was known, saw refuse its usual
+    # stand-in size but take another (H.263 takes only a few): the writer tries it at the frames' own size.
+    provisional: bool = False
 
 
 # The pixel formats tried, in this order, for an encoder given by name that does not take the usual one; the
@@ -412,6 +415,9 @@ _OPAQUE_FORMATS = ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuv
                    "yuv422p10le", "yuv444p10le", "gbrp", "rgb24", "bgr24", "rgb0", "bgr0", "rgba", "bgra")
 _ALPHA_FORMATS = ("yuva420p", "yuva422p", "yuva444p", "yuva444p10le", "gbrap", "rgba", "bgra", "argb", "abgr")
 _PROBE_SIZE = (320, 240)  # a size every general-purpose encoder takes
+# Stand-ins tried when the frame size is not known yet and an encoder refuses _PROBE_SIZE: CIF, which H.261 and
+# H.263 take, and PAL, which DV takes. An encoder that works at one of them is left for the real size to decide.
+_OTHER_PROBE_SIZES = ((352, 288), (720, 576))
 # Encoders that store the pixel shape in the video itself: PyAV gives Matroska no other way to record it.
 _SAR_IN_BITSTREAM = frozenset({"libx264", "libx265", "mpeg4", "mpeg2video", "mjpeg"})
 
@@ -424,13 +430,17 @@ def _encoder_available(name: str) -> bool:
     return True
 
 
-def choose_encoder(path: str | os.PathLike, *, alpha: bool, options: EncoderOptions = EncoderOptions()) -> EncoderChoice:
+def choose_encoder(path: str | os.PathLike, *, alpha: bool, options: EncoderOptions = EncoderOptions(),
+                   size: tuple[int, int] | None = None) -> EncoderChoice:
     """Pick the encoder for an output path: H.264 in .mp4/.mov/.mkv, VP9 in .webm, with alpha ProRes 4444 in .mov.
 
     Transparency needs .webm (VP9 yuva420p), .mov (ProRes 4444) or .mkv (lossless FFV1); .mp4 is
     refused with a message that says why. An encoder forced by `options.codec` is tried at once on a
-    small frame in memory, in the first pixel format it takes, so that one that cannot work here is
-    refused now, with the file's name, instead of after the model has loaded.
+    blank frame in memory, in the first pixel format it takes, so that one that cannot work here is
+    refused now, with the file's name, instead of after the model has loaded. The frame is of `size`
+    (width, height: the frames that will be written) when given, since some encoders take only a few
+    sizes; without it a stand-in size is tried, and an encoder that refuses only that is left
+    `provisional`, for the writer to try at the real size.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -473,19 +483,40 @@ def choose_encoder(path: str | os.PathLike, *, alpha: bool, options: EncoderOpti
         settings = {"profile": "4444" if alpha else "3"}
     elif codec == "libx265":
         settings = {"x265-params": "log-level=error"}  # x265 reports on stderr itself, past FFmpeg's logging
+    provisional = False
     if options.codec is not None:
-        pix_fmt = _working_pixel_format(path, container, codec, alpha, pix_fmt, settings)
+        pix_fmt, provisional = _working_pixel_format(path, container, codec, alpha, pix_fmt, settings, size,
+                                                     options.even)
     if alpha and not _has_alpha(pix_fmt):
         raise BgmatteError(f"{path}: the encoder {codec} cannot keep transparency; leave the encoder to the extension")
-    # Chroma subsampled by two needs even sizes, except in libvpx, which handles odd ones itself.
-    needs_even = _subsampled(pix_fmt) and codec not in ("libvpx-vp9", "libvpx")
-    return EncoderChoice(container=container, codec=codec, pix_fmt=pix_fmt, needs_even=needs_even, options=settings)
+    return EncoderChoice(container=container, codec=codec, pix_fmt=pix_fmt, needs_even=_needs_even(codec, pix_fmt),
+                         options=settings, provisional=provisional)
+
+
+def _needs_even(codec: str, pix_fmt: str) -> bool:
+    """Whether frames must have even sides: chroma subsampled by two needs them, except in libvpx, which
+    handles odd ones itself."""
+    return _subsampled(pix_fmt) and codec not in ("libvpx-vp9", "libvpx")
+
+
+def _encoded_size(size: tuple[int, int], needs_even: bool, even: str) -> tuple[int, int]:
+    """The size frames of `size` are encoded at: made even, by padding or cropping (`EncoderOptions.even`),
+    where the pixel format needs it."""
+    width, height = size
+    if not needs_even:
+        return width, height
+    if even == "crop":
+        return width - width % 2, height - height % 2
+    return width + width % 2, height + height % 2
 
 
 def _working_pixel_format(path: Path, container: str, codec: str, alpha: bool, preferred: str,
-                          settings: dict[str, str]) -> str:
-    """The first pixel format that `codec` encodes a frame in and `container` takes: `preferred`, when the
-    encoder lists it (or lists nothing), then those it lists among the ones the writer can make."""
+                          settings: dict[str, str], size: tuple[int, int] | None, even: str) -> tuple[str, bool]:
+    """The first pixel format that `codec` encodes a frame of `size` in and `container` takes: `preferred`, when
+    the encoder lists it (or lists nothing), then those it lists among the ones the writer can make.
+
+    Returned with whether the choice is provisional: with no `size`, stand-ins are tried, and an encoder that
+    works at one of them but not at the first may still work at the real size, which the writer tries."""
     listed = [pixel_format.name for pixel_format in av.Codec(codec, "w").video_formats or ()]
     candidates = [preferred] if not listed or preferred in listed else []
     makeable = _ALPHA_FORMATS if alpha else _OPAQUE_FORMATS
@@ -496,22 +527,38 @@ def _working_pixel_format(path: Path, container: str, codec: str, alpha: bool, p
                                "leave the encoder to the extension")
         raise BgmatteError(f"{path}: the encoder {codec} takes none of the pixel formats bgmatte makes "
                            f"(it takes {', '.join(listed[:8])}); choose another encoder or leave it to the extension")
+    options = tuple(sorted(settings.items()))
+    at_size = size or _PROBE_SIZE
     failure = ""
     for pix_fmt in candidates:
-        failure = _try_encoder(container, codec, pix_fmt, tuple(sorted(settings.items())))
+        probe_size = _encoded_size(at_size, _needs_even(codec, pix_fmt), even) if size is not None else at_size
+        failure = _try_encoder(container, codec, pix_fmt, options, probe_size)
         if not failure:
             if pix_fmt != preferred:
                 logger.debug("%s: %s does not take %s; using %s", path, codec, preferred, pix_fmt)
-            return pix_fmt
+            return pix_fmt, False
+    # Some encoders take only a few sizes. One that works at another stand-in (tried in the first format only:
+    # a size refused is refused in every format) fails here for its size alone.
+    stand_ins = [stand_in for stand_in in (_PROBE_SIZE, *_OTHER_PROBE_SIZES) if stand_in != at_size]
+    elsewhere = next((stand_in for stand_in in stand_ins
+                      if not _try_encoder(container, codec, candidates[0], options, stand_in)), None)
+    if elsewhere is not None and size is None:
+        logger.debug("%s: %s refuses %dx%d frames but takes %dx%d; it is tried again at the frames' own size",
+                     path, codec, *at_size, *elsewhere)
+        return candidates[0], True
+    if elsewhere is not None:
+        raise BgmatteError(f"{path}: the encoder {codec} does not take {size[0]}x{size[1]} frames ({failure}); "
+                           "choose another encoder or size, or leave the encoder to the extension")
     raise BgmatteError(f"{path}: the encoder {codec} does not work in {path.suffix.lower()} files here ({failure}); "
                        "choose another encoder or leave it to the extension")
 
 
 @functools.lru_cache(maxsize=64)
-def _try_encoder(container: str, codec: str, pix_fmt: str, settings: tuple[tuple[str, str], ...]) -> str:
-    """Encode one blank frame with `codec` in `pix_fmt`, tagged as the writer tags it, into an in-memory
-    `container`: '' when that works, else the reason it failed."""
-    width, height = _PROBE_SIZE
+def _try_encoder(container: str, codec: str, pix_fmt: str, settings: tuple[tuple[str, str], ...],
+                 size: tuple[int, int]) -> str:
+    """Encode one blank frame of `size` with `codec` in `pix_fmt`, tagged as the writer tags it, into an
+    in-memory `container`: '' when that works, else the reason it failed."""
+    width, height = size
     output = None
     try:
         output = av.open(io.BytesIO(), mode="w", format=container)
@@ -814,6 +861,7 @@ class VideoWriter(ClosesOnExit):
         self._closed = False
         self._started = False  # the header is written: from here on the file is finished, whatever happens
         self._opened = threading.Event()  # the encoding thread has tried to start the file
+        self._start_error: BaseException | None = None  # why it could not, recorded before `_opened` is set
         self._reported: BaseException | None = None  # the failure already raised to the caller
         self._worker = _Worker(f"bgmatte-write-{self.path.name}", self._encode, self._finish, queue_size, niceness)
 
@@ -834,8 +882,10 @@ class VideoWriter(ClosesOnExit):
         if first:
             while not self._opened.wait(_POLL_S) and self._worker.alive:
                 pass
-            if self._worker.error is not None:
-                raise self._report(self._worker.error)
+            # The worker records a failure only after the signal; the writer's own record comes before it.
+            error = self._start_error or self._worker.error
+            if error is not None:
+                raise self._report(error)
 
     def close(self) -> Path | None:
         """Finish the file (flush, audio, trailer) and rename it to its final name; returns it, or None if empty.
@@ -870,29 +920,32 @@ class VideoWriter(ClosesOnExit):
 
     def _open(self, image: np.ndarray, time_base: Fraction | None) -> None:
         height, width = image.shape[:2]
-        if self.choice.needs_even and (width % 2 or height % 2):
-            if self.options.even == "crop":
-                width, height = width - width % 2, height - height % 2
-                action = "cropping"
-            else:
-                width, height = width + width % 2, height + height % 2
-                action = "padding"
+        if self.choice.provisional:
+            # The early check found this encoder only at a stand-in size; try it at the frames' own size, which
+            # refuses it here, in one line and before any file exists, if it cannot take them.
+            self.choice = choose_encoder(self.path, alpha=self.alpha, options=self.options, size=(width, height))
+        self.size = _encoded_size((width, height), self.choice.needs_even, self.options.even)
+        if self.size != (width, height):
             logger.warning(
-                "%s: %s with %s needs even dimensions; %s %dx%d to %dx%d",
-                self.path, self.choice.codec, self.choice.pix_fmt, action, image.shape[1], image.shape[0], width, height,
+                "%s: %s with %s needs even dimensions; %s %dx%d to %dx%d", self.path, self.choice.codec,
+                self.choice.pix_fmt, "cropping" if self.options.even == "crop" else "padding", width, height, *self.size,
             )
-        self.size = (width, height)
         tb = time_base if time_base is not None else 1 / self.fps
         if self.choice.codec == "mpeg4" and tb.denominator > 65535:
             tb = Fraction(1, 1000)  # MPEG-4 part 2 allows time bases up to 1/65535; milliseconds keep VFR
         self._time_base = tb
+        if self.display.sample_aspect_ratio != 1 and self.choice.container in ("matroska", "webm") \
+                and self.choice.codec not in _SAR_IN_BITSTREAM:
+            logger.warning("%s: %s in %s cannot record the source's non-square pixels (aspect %s); players will "
+                           "show it as square pixels: write .mp4 or .mov, or H.264, to keep its shape", self.path,
+                           self.choice.codec, self.path.suffix.lower(), self.display.sample_aspect_ratio)
         try:
             self._start(copy_audio=True)
         except Exception as exc:  # noqa: BLE001 - nothing is written yet: undo, and retry or report
             copied = self._audio is not None and self._audio.copy
             audio = self._audio.codec if self._audio is not None else None
             self._abandon()
-            if not copied:
+            if not copied or not self._starts_without_audio():
                 raise self._start_failure(exc, audio) from exc
             # A muxer may list a codec it refuses when the header is written (QuickTime lists Opus and FLAC).
             logger.info("%s: %s refused the %s audio as it is (%s); transcoding it",
@@ -905,8 +958,20 @@ class VideoWriter(ClosesOnExit):
                 raise self._start_failure(again, audio) from again
         self._started = True
 
-    def _start(self, *, copy_audio: bool) -> None:
-        """Create the file, its video stream (and audio) and write its header."""
+    def _starts_without_audio(self) -> bool:
+        """Whether the file starts with no audio track (and is dropped again): only then was a start that failed
+        with copied audio refused for the audio, and worth trying again with the audio transcoded."""
+        try:
+            self._start(copy_audio=False, audio=False)
+        except Exception:  # noqa: BLE001 - the failure with the audio is the one reported
+            return False
+        finally:
+            self._abandon()
+        return True
+
+    def _start(self, *, copy_audio: bool, audio: bool = True) -> None:
+        """Create the file, its video stream (opened first, so that the encoder's own refusal is never taken
+        for the audio's) and audio (unless `audio` is False), and write its header."""
         width, height = self.size
         # Matroska would otherwise shift every stream when copied audio starts before zero (AAC priming),
         # moving the video off its source timestamps; MP4 keeps them with an edit list by itself.
@@ -920,10 +985,6 @@ class VideoWriter(ClosesOnExit):
         stream.codec_context.time_base = self._time_base
         if self.display.sample_aspect_ratio != 1:
             stream.codec_context.sample_aspect_ratio = self.display.sample_aspect_ratio
-            if self.choice.container in ("matroska", "webm") and self.choice.codec not in _SAR_IN_BITSTREAM:
-                logger.warning("%s: %s in %s cannot record the source's non-square pixels (aspect %s); players will "
-                               "show it as square pixels: write .mp4 or .mov, or H.264, to keep its shape", self.path,
-                               self.choice.codec, self.path.suffix.lower(), self.display.sample_aspect_ratio)
         _tag_colours(stream.codec_context, self.choice.pix_fmt, self.display, width, height)
         if self.choice.codec == "mpeg4":
             stream.codec_context.qscale = True
@@ -932,7 +993,8 @@ class VideoWriter(ClosesOnExit):
         if self.options.threads is not None:
             stream.codec_context.thread_count = self.options.threads
         self._stream = stream
-        if self.audio_from is not None:
+        stream.codec_context.open()
+        if self.audio_from is not None and audio:
             self._audio = _AudioCarrier(self.audio_from, container, self.choice.container, allow_copy=copy_audio)
         container.start_encoding()
 
@@ -988,6 +1050,9 @@ class VideoWriter(ClosesOnExit):
         if self._container is None:
             try:
                 self._open(image, time_base)
+            except BaseException as exc:
+                self._start_error = exc  # before the signal, so that the first write() cannot miss it
+                raise
             finally:
                 self._opened.set()
         frame = _video_frame(self._fit(image), self.choice.pix_fmt)

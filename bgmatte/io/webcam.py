@@ -133,20 +133,19 @@ class CameraSource:
         self._pending: np.ndarray | None = first
         self._start: float | None = None
         self._released = False
-        self._lock = threading.Lock()  # a read and the release never overlap, whichever threads they run on
+        self._closing = False  # stop() or close() was called: a read under way is the last, and its tries stop
+        self._release_left_to_reader = False  # close() gave up waiting for a read, which releases when it returns
+        self._lock = threading.Lock()  # held by each read and by the release: they never overlap
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
 
     def __next__(self) -> np.ndarray:
-        if self._released:
+        if self._released or self._closing:
             raise StopIteration
         frame, self._pending = self._pending, None
         if frame is None:
-            with self._lock:
-                if self._released:
-                    raise StopIteration
-                frame = self._read()
+            frame = self._read()
         if self.is_file:
             now = time.perf_counter()
             if self._start is None:
@@ -160,22 +159,50 @@ class CameraSource:
         return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
     def _read(self) -> np.ndarray:
-        for _ in range(1 if self.is_file else _CAMERA_RETRIES):
-            ok, frame = self._capture.read()
+        """The next frame; a live camera has a few tries. The lock is held for each try, not across them, so
+        that `close()` gets in between; a try that ends once closing has begun releases the capture itself."""
+        for attempt in range(1 if self.is_file else _CAMERA_RETRIES):
+            if attempt:
+                time.sleep(0.01)
+            with self._lock:
+                if self._closing:
+                    self._release()
+                    raise StopIteration
+                ok, frame = self._capture.read()
+                if self._closing:  # close() may have stopped waiting for this read: the release is left to it
+                    self._release()
             if ok and frame is not None:
                 return frame
-            if not self.is_file:
-                time.sleep(0.01)
-        if not self.is_file:
+        if not self.is_file and not self._closing:
             logger.warning("%s stopped delivering frames", self.name)
         raise StopIteration
 
-    def close(self) -> None:
-        """Release the camera or file, after any read in progress; safe to call twice."""
-        with self._lock:
-            if not self._released:
-                self._released = True
-                self._capture.release()
+    def _release(self) -> None:
+        """Release the capture, once; the caller holds the lock."""
+        if not self._released:
+            self._released = True
+            self._capture.release()
+
+    def stop(self) -> None:
+        """Make a read under way the last, from any thread: no try follows it, and the capture is released when
+        it returns (or by `close()`, if no read is under way)."""
+        self._closing = True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Release the camera or file, never during a read: one under way is waited for (at most `timeout`
+        seconds; past that it releases the capture itself when it returns), and no try follows it. Safe to
+        call twice."""
+        self._closing = True
+        if self._release_left_to_reader:
+            return
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._release_left_to_reader = True
+            logger.warning("%s: a read is still under way; the capture is released when it returns", self.name)
+            return
+        try:
+            self._release()
+        finally:
+            self._lock.release()
 
 
 def open_camera(camera: int | str | os.PathLike, *, width: int | None = None, height: int | None = None,
@@ -238,11 +265,19 @@ class LatestFrameReader:
         raise StopIteration
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop reading, wait for the thread, and close the source (if it can be closed)."""
+        """Stop reading, wait for the thread, and close the source (if it can be closed), all within about
+        `timeout` seconds: a `CameraSource` stuck in a read is left to release itself when the read returns."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
+        camera = self._source if isinstance(self._source, CameraSource) else None
+        if camera is not None:
+            camera.stop()  # a camera that keeps failing would otherwise go on trying while we wait
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("the camera thread did not stop within %.0f s", timeout)
+        if camera is not None:
+            camera.close(timeout=deadline - time.monotonic())
+            return
         close = getattr(self._source, "close", None)
         if close is not None:
             close()
