@@ -8,7 +8,8 @@ CVPR 2021), and loads that work's released checkpoints. The vocabulary, used thr
 - ``pha``: the alpha matte; ``fgr``: the foreground colour; ``err``: the predicted error of the
   coarse matte; ``ref``: where the refiner worked (1 on refined 4x4 patches, quarter resolution);
   ``hid``: hidden features passed from the base network to the refiner.
-- ``*_sm``: the same at the base network's reduced resolution.
+- ``*_sm``: the same at the base network's reduced resolution (``backbone_scale``); ``ref_sm`` is the
+  exception, always at quarter resolution.
 
 The public API is small: the networks, ``load_model``, and the one-call video and image
 functions. Everything else lives in a module named for what it does.

@@ -323,6 +323,9 @@ def test_encoder_options_are_checked():
     assert choose_encoder(Path("a.mp4"), alpha=False, options=EncoderOptions(preset="slow", crf=23)).options == {
         "crf": "23", "preset": "slow"}
     assert choose_encoder(Path("a.mp4"), alpha=False).options["preset"] == "veryfast"
+    with pytest.raises(BgmatteError, match=r"a.mp4: crf 55 is out of H.264's range \(0-51\)"):
+        choose_encoder(Path("a.mp4"), alpha=False, options=EncoderOptions(crf=55))
+    assert choose_encoder(Path("a.webm"), alpha=False, options=EncoderOptions(crf=55)).options["crf"] == "55"
 
 
 def test_frames_without_timestamps_follow_the_frame_rate(tmp_path):

@@ -7,8 +7,8 @@ from bgmatte.cli.video import add_plate_solve_argument, plate_solve_choice
 from bgmatte.errors import BgmatteError
 
 DESCRIPTION = """\
-Export a checkpoint (the released .pth files or .safetensors; without one, the embedded default model
-once it ships) for deployment:
+Export a checkpoint (the released .pth files or .safetensors; without one, the embedded default model)
+for deployment:
 
   torchscript   a TorchScript model; backbone_scale, refine_mode, refine_sample_pixels,
                 refine_threshold (and plate_solve) can still be changed after torch.jit.load, as

@@ -474,6 +474,8 @@ def choose_encoder(path: str | os.PathLike, *, alpha: bool, options: EncoderOpti
     }.get(codec, "yuva420p" if alpha and options.codec is not None else "yuv420p")
     settings: dict[str, str] = {}
     if codec == "libx264":
+        if options.crf is not None and options.crf > 51:
+            raise BgmatteError(f"{path}: crf {options.crf} is out of H.264's range (0-51)")
         settings = {"crf": str(options.crf if options.crf is not None else 18), "preset": options.preset or "veryfast"}
     elif codec == "libvpx-vp9":
         settings = {"crf": str(options.crf if options.crf is not None else 30), "b": "0", "deadline": "good", "cpu-used": "5", "row-mt": "1"}
