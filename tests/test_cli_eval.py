@@ -143,16 +143,8 @@ def test_model_path_without_out_uses_a_temporary_folder_and_removes_it(tmp_path,
 
 
 def test_model_path_names_a_missing_background_plate(tmp_path, capsys):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
-    import bgmatte
-
-    checkpoint = tmp_path / "random.safetensors"
-    model = bgmatte.MattingRefine("mobilenetv2")
-    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
-    data = tmp_path / "data"
-    _ground_truth(data, names=("frame",), size=(32, 32))
-    _write(data / "src" / "frame.png", np.zeros((32, 32, 3), np.uint8))
-    (data / "bgr").mkdir()
+    checkpoint, data = _model_data(tmp_path)
+    (data / "bgr" / "frame.png").unlink()
     assert main(["eval", "--model", str(checkpoint), "--data", str(data), "--device", "cpu"]) == 2
     assert "'frame'" in capsys.readouterr().err
 

@@ -70,16 +70,21 @@ def test_base_only_checkpoint_loads_with_a_warning(tmp_path):
     assert torch.equal(model.decoder.conv4.weight, base.decoder.conv4.weight)
 
 
+class _RunsCode:
+    """Unpickling this would run a shell command that creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
 def test_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            import os
-            return (os.system, (f"touch {marker}",))
-
     path = tmp_path / "evil.pth"
-    torch.save({"backbone.features.0.0.weight": torch.zeros(1), "x": Evil()}, path)
+    torch.save({"backbone.features.0.0.weight": torch.zeros(1), "x": _RunsCode(marker)}, path)
     with pytest.raises(BgmatteError, match="evil.pth: refused to load"):
         load_model(path, device="cpu")
     assert not marker.exists()
@@ -125,14 +130,8 @@ def test_garbage_files_get_a_clear_error(tmp_path, content):
 
 def test_legacy_pickle_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            import os
-            return (os.system, (f"touch {marker}",))
-
     path = tmp_path / "evil.pth"
-    path.write_bytes(pickle.dumps({"x": Evil()}, protocol=2))
+    path.write_bytes(pickle.dumps({"x": _RunsCode(marker)}, protocol=2))
     with pytest.raises(BgmatteError, match="evil.pth: refused to load: the file holds Python objects"):
         read_state_dict(path)
     assert not marker.exists()

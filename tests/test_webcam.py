@@ -583,12 +583,18 @@ def test_a_failure_after_the_camera_thread_starts_stops_it_before_the_camera_is_
 
 
 class SlowCapture:
-    """A cv2.VideoCapture double whose reads are slow, recording whether `release` overlapped one."""
+    """A cv2.VideoCapture double whose reads are slow, counting reads and releases and recording whether a
+    release overlapped a read."""
 
     def __init__(self):
+        self.reads = 0
+        self.releases = 0
         self.reading = False
         self.overlapped = False
-        self.released = False
+
+    @property
+    def released(self):
+        return self.releases > 0
 
     def isOpened(self):
         return True
@@ -600,6 +606,7 @@ class SlowCapture:
         return 30.0
 
     def read(self):
+        self.reads += 1
         self.reading = True
         time.sleep(0.05)
         self.reading = False
@@ -607,7 +614,7 @@ class SlowCapture:
 
     def release(self):
         self.overlapped = self.overlapped or self.reading
-        self.released = True
+        self.releases += 1
 
 
 def test_camera_source_waits_for_a_read_in_progress_before_releasing(monkeypatch):
@@ -624,25 +631,13 @@ def test_camera_source_waits_for_a_read_in_progress_before_releasing(monkeypatch
     assert capture.released and not capture.overlapped and not reader.is_alive()
 
 
-class StallingCapture:
-    """A cv2.VideoCapture double for a camera that gave a frame and then stalled: every later read blocks for
-    `stall` seconds and fails, as a V4L2 read whose select() times out does. Counts reads and releases."""
+class StallingCapture(SlowCapture):
+    """A camera that gave a frame and then stalled: every later read blocks for `stall` seconds and fails, as a
+    V4L2 read whose select() times out does."""
 
     def __init__(self, stall: float):
+        super().__init__()
         self.stall = stall
-        self.reads = 0
-        self.releases = 0
-        self.reading = False
-        self.overlapped = False
-
-    def isOpened(self):
-        return True
-
-    def set(self, *args):
-        return True
-
-    def get(self, prop):
-        return 30.0
 
     def read(self):
         self.reads += 1
@@ -652,10 +647,6 @@ class StallingCapture:
         time.sleep(self.stall)
         self.reading = False
         return False, None
-
-    def release(self):
-        self.overlapped = self.overlapped or self.reading
-        self.releases += 1
 
 
 def reader_in_a_stalled_read(monkeypatch, stall: float) -> tuple[StallingCapture, CameraSource, LatestFrameReader]:
