@@ -454,11 +454,7 @@ def predict_folder(model: torch.nn.Module, data_dir: str | Path, out_dir: str | 
         pha = outputs[0][0, 0].float().clamp(0, 1).cpu().numpy()
         fgr = outputs[1][0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
         for kind, image in (("pha", pha), ("fgr", fgr)):
-            path = out_root / kind / f"{stem}.png"
-            try:
-                images.write_png(path, image, overwrite=overwrite)
-            except OSError as exc:  # write_png words the usual failures itself; this is a full disk and the like
-                raise BgmatteError(f"{path}: cannot write ({exc.strerror or exc})") from None
+            images.write_png(out_root / kind / f"{stem}.png", image, overwrite=overwrite)  # failures are one line
     return len(src_files)
 
 

@@ -54,18 +54,24 @@ def check_destination(path: Path, overwrite: bool, *, folder: bool = False) -> N
 
 
 def write_through_temporary(path: Path, write: Callable[[Path], None], what: str = "",
-                            failures: tuple[type[BaseException], ...] = (OSError,)) -> Path:
+                            failures: tuple[type[BaseException], ...] = (OSError,), *,
+                            temporary: Path | None = None) -> Path:
     """Have ``write`` fill a private temporary file beside ``path``, give it the usual permissions and rename it
     over ``path``. Whatever stops it (an error, Ctrl-C), the temporary file is removed; ``failures`` (some
-    writers report a file they cannot write as RuntimeError) become one line naming ``path``."""
+    writers report a file they cannot write as RuntimeError) become one line naming ``path``. The temporary
+    name is a fresh random one unless given (training names its own after the process, to tell a save under
+    way from one a killed process left)."""
     folder = path.parent if str(path.parent) else Path(".")
     try:
-        handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=folder)
+        if temporary is None:
+            handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=folder)
+            temporary = Path(name)
+        else:
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except FileNotFoundError:
         raise BgmatteError(f"{path}: the folder {folder} does not exist") from None
     except OSError as exc:
         raise BgmatteError(f"{path}: cannot write in {folder} ({exc.strerror or exc})") from None
-    temporary = Path(name)
     try:
         os.fchmod(handle, default_file_mode())
         os.close(handle)

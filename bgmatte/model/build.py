@@ -221,14 +221,19 @@ def _optimized(model: MattingRefine) -> torch.nn.Module:
 
 
 def save_weights(model: torch.nn.Module, path: str | Path, *, half: bool = False,
-                 metadata: dict[str, str] | None = None) -> None:
-    """Write a model's state_dict as safetensors (``half`` stores floating tensors as fp16)."""
+                 metadata: dict[str, str] | None = None, temporary: Path | None = None) -> None:
+    """Write a model's state_dict as safetensors (``half`` stores floating tensors as fp16), through a temporary
+    name (`write_through_temporary`; ``temporary`` names it). The bytes are made in memory: safetensors'
+    own ``save_file`` would add a randomly named temporary file that a killed process leaves behind."""
+    from safetensors.torch import save
+
+    from bgmatte.io.files import write_through_temporary
+
     state = {}
     for key, value in model.state_dict().items():
         value = value.detach().cpu()
         if half and value.is_floating_point():
             value = value.half()
         state[key] = value.contiguous()
-    from safetensors.torch import save_file
-
-    save_file(state, str(path), metadata=metadata or {})
+    data = save(state, metadata=metadata or {})
+    write_through_temporary(Path(path), lambda file: file.write_bytes(data), "the weights", temporary=temporary)

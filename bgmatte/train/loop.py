@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from bgmatte.errors import BgmatteError
-from bgmatte.io.files import default_file_mode
-from bgmatte.model.build import detect_backbone, read_state_dict, resolve_device
+from bgmatte.io.files import write_through_temporary
+from bgmatte.io.images import write_png
+from bgmatte.model.build import detect_backbone, read_state_dict, resolve_device, save_weights
 from bgmatte.model.matting import BACKBONES, MattingBase, MattingRefine
 from bgmatte.train.config import BASE_PARTS, PARTS, TrainOptions
 from bgmatte.train.losses import BASE_TERMS, REFINE_TERMS, base_loss, refine_loss
@@ -427,31 +428,20 @@ _SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 """The name safetensors gave its own temporary file when it wrote our weights straight to their path."""
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """Write through ``write(temporary_path)`` and rename over ``path``, so that a crash never leaves half a file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.chmod(temporary, default_file_mode())  # some writers create private files; weights are for sharing
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+def _own_temporary(path: Path) -> Path:
+    """The temporary name this process saves ``path`` under (`CHECKPOINT_FILES`, `remove_stale_temporaries`)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def save_model_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    """Write ``load_model``-ready safetensors weights atomically. The bytes are made in memory and written
-    to our own temporary name: ``safetensors.save_file`` would add a temporary file of its own, named
-    at random, which a killed process leaves behind."""
-    from safetensors.torch import save
-
-    tensors = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    _replace_atomically(path, lambda tmp: tmp.write_bytes(save(tensors, metadata=metadata)))
+    """Write ``load_model``-ready safetensors weights atomically, under this process's own temporary name."""
+    save_weights(model, path, metadata=metadata, temporary=_own_temporary(path))
 
 
 def save_training_state(path: Path, state: dict[str, object]) -> None:
     """Write the resumable state atomically."""
-    _replace_atomically(path, lambda tmp: torch.save(state, tmp))
+    write_through_temporary(path, lambda file: torch.save(state, file), "the training state",
+                            temporary=_own_temporary(path))
 
 
 def _process_alive(pid: int) -> bool:
@@ -577,14 +567,6 @@ def sample_grid(batch: dict[str, Tensor], outputs: tuple[Tensor, ...], rows: int
                fgr * pha + green * (1 - pha), err.clamp(0, 1).expand(-1, 3, -1, -1)]
     grid = torch.cat([torch.cat(list(column.float()), dim=1) for column in columns], dim=2)  # (3, H*n, W*6)
     return (grid.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
-
-
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    """Write an RGB uint8 image as PNG."""
-    import cv2
-
-    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1])):
-        raise BgmatteError(f"{path}: could not write the sample image")
 
 
 # --------------------------------------------------------------------------------------------
@@ -826,12 +808,10 @@ def resumed_options(options: TrainOptions, saved: dict[str, object], given: Coll
         resumed.check_combinations()
     except BgmatteError as exc:
         raise BgmatteError(f"{state_path}: the options given do not fit the run's: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise BgmatteError(f"{state_path}: holds saved options this version cannot read ({exc})") from None
     return resumed
 
 
-RUN_FILES = ("state.pt", "last.safetensors", "best.safetensors", "train.csv", "valid.csv", "samples", "tensorboard")
+RUN_FILES = (*CHECKPOINT_FILES, "train.csv", "valid.csv", "samples", "tensorboard")
 """What a run writes in its folder; a new run refuses a folder that holds any of them."""
 
 
@@ -1054,7 +1034,7 @@ class _Run:
         metrics, outputs = validate(self.network, self.valid_batches, self.options.stage, self.amp)
         self.logger.scalars("valid", self.step, metrics)
         grid = sample_grid(self.valid_batches[0], outputs)
-        write_png(self.options.out / "samples" / f"step_{self.step:07d}.png", grid)
+        write_png(self.options.out / "samples" / f"step_{self.step:07d}.png", grid, overwrite=True)
         self.logger.image(self.step, grid)
         if metrics["loss"] < self.best:
             self.best = metrics["loss"]
