@@ -665,6 +665,7 @@ def test_closing_a_stalled_camera_keeps_to_the_timeout_and_the_read_releases_it(
     start = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="bgmatte.io.webcam"):
         reader.close(timeout=0.3)
+        reader.close(timeout=0.3)  # the session and the command both close the reader: the second returns at once
         source.close()  # run_webcam closes the camera again afterwards: that does not wait either
     assert time.perf_counter() - start < 0.8  # neither the read under way nor the four tries after it
     assert "camera 0: a read is still under way; the capture is released when it returns" in caplog.text

@@ -61,7 +61,7 @@ def write_through_temporary(path: Path, write: Callable[[Path], None], what: str
     writers report a file they cannot write as RuntimeError) become one line naming ``path``. The temporary
     name is a fresh random one unless given (training names its own after the process, to tell a save under
     way from one a killed process left)."""
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
     try:
         if temporary is None:
             handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=folder)

@@ -141,7 +141,7 @@ class CameraSource:
         return self
 
     def __next__(self) -> np.ndarray:
-        if self._released or self._closing:
+        if self._closing:  # set before any release
             raise StopIteration
         frame, self._pending = self._pending, None
         if frame is None:
@@ -266,7 +266,10 @@ class LatestFrameReader:
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop reading, wait for the thread, and close the source (if it can be closed), all within about
-        `timeout` seconds: a `CameraSource` stuck in a read is left to release itself when the read returns."""
+        `timeout` seconds: a `CameraSource` stuck in a read is left to release itself when the read returns.
+        A second call (the session and the command both close it) returns at once instead of waiting again."""
+        if self._stop.is_set():
+            return
         deadline = time.monotonic() + timeout
         self._stop.set()
         camera = self._source if isinstance(self._source, CameraSource) else None
