@@ -27,10 +27,11 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", 
 DEFAULT_MAX_PIXELS = 100_000_000
 # The formats whose size `image_header_size` reads, as messages name them.
 _SIZED_FORMATS = "PNG, JPEG, BMP, GIF, WebP, TIFF, Radiance HDR, Netpbm and Sun raster"
+_NETPBM_KINDS = (b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"F", b"f")  # the digit or letter after "P"
 
 
 def image_header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header of a PNG, JPEG, BMP, GIF, WebP or TIFF file's bytes; None if unknown."""
+    """(width, height) from the header of a file's bytes in one of `_SIZED_FORMATS`; None if unknown."""
     try:
         if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
             return struct.unpack(">II", data[16:24])
@@ -49,7 +50,7 @@ def image_header_size(data: bytes) -> tuple[int, int] | None:
             return struct.unpack(">II", data[4:12])
         if data[:6] in (b"#?RADI", b"#?RGBE"):
             return _radiance_size(data)
-        if data[:1] == b"P" and data[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"F", b"f"):
+        if data[:1] == b"P" and data[1:2] in _NETPBM_KINDS:
             return _netpbm_size(data)
     except (struct.error, IndexError, ValueError):
         return None
@@ -60,7 +61,7 @@ def _format_name(data: bytes) -> str | None:
     """The format's usual name from the file's first bytes, for messages; None if not recognised."""
     signatures = (
         (b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"BM", "BMP"), (b"GIF8", "GIF"), (b"II*\x00", "TIFF"),
-        (b"MM\x00*", "TIFF"), (b"\x59\xa6\x6a\x95", "Sun raster"), (b"#?RADIANCE", "Radiance HDR"),
+        (b"MM\x00*", "TIFF"), (b"\x59\xa6\x6a\x95", "Sun raster"), (b"#?RADI", "Radiance HDR"),
         (b"#?RGBE", "Radiance HDR"),
     )
     for signature, name in signatures:
@@ -68,6 +69,8 @@ def _format_name(data: bytes) -> str | None:
             return name
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WebP"
+    if data[:1] == b"P" and data[1:2] in _NETPBM_KINDS:
+        return "Netpbm"
     return None
 
 
