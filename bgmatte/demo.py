@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bgmatte.errors import BgmatteError
+from bgmatte.io.files import check_destination
 from bgmatte.io.images import write_png
 from bgmatte.io.video import VideoWriter
 from bgmatte.sample import sample_frame, sample_plate
@@ -30,11 +30,9 @@ def run_demo(out_dir: str | Path, *, checkpoint: str | None = None, overwrite: b
 
     out_dir = Path(out_dir)
     composite, alpha = out_dir / "com.mp4", out_dir / "com_pha.mp4"
-    for path in (composite, alpha):
-        if path.exists() and not overwrite:
-            raise BgmatteError(f"{path}: already exists (use --overwrite to replace it)")
+    for path in (out_dir / "sample.mp4", out_dir / "plate.png", composite, alpha):
+        check_destination(path, overwrite)  # all four, before the model loads; makes the folder
     model = load_model(checkpoint)  # fails early, with a clear message, when there are no weights
-    out_dir.mkdir(parents=True, exist_ok=True)
     video, plate = write_sample(out_dir)
     convert_video(video, plate, output=composite, outputs=("com", "pha"), target_bgr="#3a7bd5", model=model,
                   overwrite=True, progress=progress)

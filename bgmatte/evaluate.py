@@ -23,6 +23,7 @@ import numpy as np
 
 from bgmatte.errors import BgmatteError
 from bgmatte.io import images
+from bgmatte.io.files import refuse_existing
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -399,8 +400,7 @@ def check_prediction_folder(data_dir: str | Path, out_dir: str | Path, *, overwr
     for stem in list_images(src_dir):
         for kind in PREDICTED:
             path = out_root / kind / f"{stem}.png"
-            if path.exists():
-                raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+            refuse_existing(path, overwrite)
 
 
 def predict_folder(model: torch.nn.Module, data_dir: str | Path, out_dir: str | Path, *,

@@ -36,14 +36,19 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial{path.suffix}")
 
 
+def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless ``overwrite``: the one wording every command uses."""
+    if not overwrite and os.path.lexists(path):
+        raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+
+
 def check_destination(path: Path, overwrite: bool, *, folder: bool = False) -> None:
     """Refuse an output that exists (unless ``overwrite``) or that is a folder (unless ``folder``: image
     sequences are written into one), and make its parent folder, refusing one that cannot be written in.
     Done before any slow work, so that the user hears of it at once."""
     if path.is_dir() and not folder:
         raise BgmatteError(f"{path}: is a folder")
-    if path.exists() and not overwrite:
-        raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+    refuse_existing(path, overwrite)
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

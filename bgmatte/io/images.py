@@ -21,57 +21,42 @@ import cv2
 import numpy as np
 
 from bgmatte.errors import BgmatteError
-from bgmatte.io.files import write_through_temporary
+from bgmatte.io.files import refuse_existing, write_through_temporary
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 DEFAULT_MAX_PIXELS = 100_000_000
-# The formats whose size `image_header_size` reads, as messages name them.
-_SIZED_FORMATS = "PNG, JPEG, BMP, GIF, WebP, TIFF, Radiance HDR, Netpbm and Sun raster"
 _NETPBM_KINDS = (b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"F", b"f")  # the digit or letter after "P"
 
 
-def image_header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header of a file's bytes in one of `_SIZED_FORMATS`; None if unknown."""
-    try:
-        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
-            return struct.unpack(">II", data[16:24])
-        if data[:2] == b"\xff\xd8":
-            return _jpeg_size(data)
-        if data[:2] == b"BM":
-            width, height = struct.unpack("<ii", data[18:26])
-            return abs(width), abs(height)
-        if data[:6] in (b"GIF87a", b"GIF89a"):
-            return struct.unpack("<HH", data[6:10])
-        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            return _webp_size(data)
-        if data[:4] in (b"II*\x00", b"MM\x00*"):
-            return _tiff_size(data)
-        if data[:4] == b"\x59\xa6\x6a\x95":  # Sun raster
-            return struct.unpack(">II", data[4:12])
-        if data[:6] in (b"#?RADI", b"#?RGBE"):
-            return _radiance_size(data)
-        if data[:1] == b"P" and data[1:2] in _NETPBM_KINDS:
-            return _netpbm_size(data)
-    except (struct.error, IndexError, ValueError):
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
         return None
-    return None
+    return struct.unpack(">II", data[16:24])
 
 
-def _format_name(data: bytes) -> str | None:
-    """The format's usual name from the file's first bytes, for messages; None if not recognised."""
-    signatures = (
-        (b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"BM", "BMP"), (b"GIF8", "GIF"), (b"II*\x00", "TIFF"),
-        (b"MM\x00*", "TIFF"), (b"\x59\xa6\x6a\x95", "Sun raster"), (b"#?RADI", "Radiance HDR"),
-        (b"#?RGBE", "Radiance HDR"),
-    )
-    for signature, name in signatures:
-        if data.startswith(signature):
-            return name
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WebP"
-    if data[:1] == b"P" and data[1:2] in _NETPBM_KINDS:
-        return "Netpbm"
-    return None
+def _bmp_size(data: bytes) -> tuple[int, int]:
+    width, height = struct.unpack("<ii", data[18:26])  # a negative height means rows stored top-down
+    return abs(width), abs(height)
+
+
+def _gif_size(data: bytes) -> tuple[int, int] | None:
+    return struct.unpack("<HH", data[6:10]) if data[:6] in (b"GIF87a", b"GIF89a") else None
+
+
+def _sun_size(data: bytes) -> tuple[int, int]:
+    return struct.unpack(">II", data[4:12])
+
+
+def _is_webp(data: bytes) -> bool:
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+
+
+def _is_netpbm(data: bytes) -> bool:
+    return data[:1] == b"P" and data[1:2] in _NETPBM_KINDS
+
+
+def _starts(*signatures: bytes):
+    return lambda data: data.startswith(signatures)
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -162,6 +147,44 @@ def _netpbm_size(data: bytes) -> tuple[int, int] | None:
             if len(numbers) == 2:
                 return numbers[0], numbers[1]
     return None
+
+
+# Every format whose header gives its size: the name messages use, how its first bytes are recognised, and the
+# reader of its size (None where the header cannot be read). The size check and the format names share it.
+_FORMATS = (
+    ("PNG", _starts(b"\x89PNG"), _png_size),
+    ("JPEG", _starts(b"\xff\xd8"), _jpeg_size),
+    ("BMP", _starts(b"BM"), _bmp_size),
+    ("GIF", _starts(b"GIF8"), _gif_size),
+    ("WebP", _is_webp, _webp_size),
+    ("TIFF", _starts(b"II*\x00", b"MM\x00*"), _tiff_size),
+    ("Radiance HDR", _starts(b"#?RADI", b"#?RGBE"), _radiance_size),
+    ("Netpbm", _is_netpbm, _netpbm_size),
+    ("Sun raster", _starts(b"\x59\xa6\x6a\x95"), _sun_size),
+)
+_SIZED_FORMATS = ", ".join(name for name, _, _ in _FORMATS[:-1]) + f" and {_FORMATS[-1][0]}"  # for messages
+
+
+def _recognise(data: bytes):
+    """The entry of `_FORMATS` that the file's first bytes match, or None."""
+    return next((entry for entry in _FORMATS if entry[1](data)), None)
+
+
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a file's bytes in one of `_SIZED_FORMATS`; None if unknown."""
+    entry = _recognise(data)
+    if entry is None:
+        return None
+    try:
+        return entry[2](data)
+    except (struct.error, IndexError, ValueError):
+        return None
+
+
+def _format_name(data: bytes) -> str | None:
+    """The format's usual name from the file's first bytes, for messages; None if not recognised."""
+    entry = _recognise(data)
+    return None if entry is None else entry[0]
 
 
 def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int = 3,
@@ -279,8 +302,7 @@ def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> 
 def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False) -> Path:
     """Write an 8-bit PNG (grey, RGB or RGBA; uint8, or float in [0, 1]) to a temporary name, then rename it."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+    refuse_existing(path, overwrite)
     pixels = _png_pixels(image)
     ok, encoded = cv2.imencode(".png", pixels)
     if not ok:

@@ -1,0 +1,51 @@
+"""`bgmatte demo`, the README's main job: the default model over the generated sample, and its refusals."""
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+
+from bgmatte.cli import main
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    code = main([str(arg) for arg in argv])
+    return code, capsys.readouterr().err
+
+
+def frames(path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def test_the_demo_writes_a_composite_and_an_alpha_video_with_the_subject(tmp_path, capsys):
+    code, err = run(capsys, "demo", "--out", tmp_path / "demo", "--quiet")
+    assert code == 0, err
+    names = sorted(path.name for path in (tmp_path / "demo").iterdir())
+    assert names == ["com.mp4", "com_pha.mp4", "plate.png", "sample.mp4"]  # no temporary files left
+    composite, alpha = frames(tmp_path / "demo" / "com.mp4"), frames(tmp_path / "demo" / "com_pha.mp4")
+    assert len(composite) == len(alpha) == 48 and alpha[0].shape == (360, 640, 3)
+    coverage = np.mean([(frame[..., 0] > 128).mean() for frame in alpha])
+    assert 0.03 < coverage < 0.6, coverage  # a person, not an empty or a full matte
+    # Over the blue target colour (#3a7bd5) where alpha is empty.
+    empty = alpha[10][..., 0] < 10
+    assert np.abs(composite[10][empty].mean(axis=0) - (0x3A, 0x7B, 0xD5)).max() < 12
+
+
+def test_the_demo_keeps_an_existing_sample_and_says_so(tmp_path, capsys):
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    (folder / "sample.mp4").write_bytes(b"mine")
+    code, err = run(capsys, "demo", "--out", folder, "--quiet")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "sample.mp4: already exists" in lines[0]
+    assert (folder / "sample.mp4").read_bytes() == b"mine" and sorted(folder.iterdir()) == [folder / "sample.mp4"]
+
+
+def test_a_file_given_as_the_demo_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    code, err = run(capsys, "demo", "--out", tmp_path / "afile", "--quiet")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "afile" in err
+    assert (tmp_path / "afile").read_text() == "mine"
