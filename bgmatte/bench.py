@@ -47,7 +47,9 @@ class BenchOptions:
         threads: CPU threads for both candidates (None: PyTorch's current setting, restored after).
         device: auto, cpu or cuda.
         batch: frames per call.
-        repeats: timed calls per candidate; warmup: untimed calls first.
+        repeats: timed calls per candidate, or with ``benchmark_pipeline`` rounds over the clip; None: the
+            default of whichever runs (``DEFAULT_REPEATS``, ``DEFAULT_PIPELINE_ROUNDS``).
+        warmup: untimed calls first (not used by ``benchmark_pipeline``).
         checkpoint: weights to use instead of random ones.
         plate_solve: ``off`` or ``on`` (`bgmatte.model.plate_solve`, for both candidates), or ``compare``:
             the fast path without it against the fast path with it, to price the step.
@@ -62,13 +64,15 @@ class BenchOptions:
     threads: int | None = None
     device: str = "auto"
     batch: int = 1
-    repeats: int = 10
+    repeats: int | None = None
     warmup: int = 2
     checkpoint: str | None = None
     plate_solve: str = "off"
 
 
 PLATE_SOLVE_CHOICES = ("off", "on", "compare")
+DEFAULT_REPEATS = 10  # timed calls of each candidate in ``benchmark``
+DEFAULT_PIPELINE_ROUNDS = 2  # rounds over the clip in ``benchmark_pipeline``: each is slow, and the best is kept
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,7 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], repeats: int, 
 
 def benchmark(options: BenchOptions) -> BenchResult:
     """Time the plain module against the fast path (or onnxruntime) on one frame size, interleaved."""
+    options = _with_repeats(options, DEFAULT_REPEATS)
     _check_options(options)
     if options.plate_solve == "compare" and options.backend != "torch":
         raise BgmatteError("plate_solve compare times the torch fast path with and without it: use backend torch")
@@ -211,6 +216,11 @@ def benchmark(options: BenchOptions) -> BenchResult:
         return _benchmark(options)
     finally:
         torch.set_num_threads(threads)
+
+
+def _with_repeats(options: BenchOptions, default: int) -> BenchOptions:
+    """The options with ``repeats`` filled in when not given, so that the result says what was run."""
+    return options if options.repeats is not None else replace(options, repeats=default)
 
 
 def _check_options(options: BenchOptions) -> None:
@@ -292,19 +302,22 @@ def benchmark_pipeline(options: BenchOptions) -> PipelineBenchResult:
     """Time ``bgmatte video`` end to end (decode, matte, composite, encode) against the model alone on a
     generated clip (``measure_pipeline``), with the fast path of the model ``benchmark`` would build.
 
-    ``repeats`` is the number of rounds over the clip (the best of each is kept); ``warmup`` is not used
-    (one untimed call always comes first). Only the torch backend and the plate solve ``off`` or ``on``
-    make sense here: there is no second candidate to compare.
+    ``repeats`` is the number of rounds over the clip (the best of each is kept; ``DEFAULT_PIPELINE_ROUNDS``
+    when not given); ``warmup`` is not used (one untimed call always comes first). Only the torch backend
+    and the plate solve ``off`` or ``on`` make sense here: there is no second candidate to compare.
     """
     from bgmatte.model.fast import optimize_model
     from bgmatte.pipeline import measure_pipeline
     from bgmatte.predictor import Predictor
 
+    options = _with_repeats(options, DEFAULT_PIPELINE_ROUNDS)
     _check_options(options)
     if options.backend != "torch":
-        raise BgmatteError(f"the pipeline benchmark runs the torch fast path, not {options.backend}")
+        raise BgmatteError(f"the pipeline benchmark (--pipeline) runs the torch fast path: backend "
+                           f"{options.backend} goes without it")
     if options.plate_solve == "compare":
-        raise BgmatteError("the pipeline benchmark times one model: plate_solve must be off or on, not compare")
+        raise BgmatteError("the pipeline benchmark (--pipeline) times one model: plate_solve must be off or on, "
+                           "not compare")
     plain, weights, options = _plain_model(options, resolve_device(options.device))
     predictor = Predictor(optimize_model(plain), precision=options.precision)
     speed = measure_pipeline(predictor, width=options.width, height=options.height, batch_size=options.batch,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bgmatte import BgmatteError
-from bgmatte.bench import (BenchOptions, benchmark, example_frames, format_result, parse_resolution, random_model,
-                           time_interleaved)
+from bgmatte.bench import (BenchOptions, benchmark, benchmark_pipeline, example_frames, format_result,
+                           parse_resolution, random_model, time_interleaved)
 from bgmatte.cli import main
 from bgmatte.model.matting import RefineOptions
 
@@ -120,7 +120,7 @@ def test_random_weights_default_to_mobilenetv2():
     assert result.options.backbone == "mobilenetv2" and "mobilenetv2" in format_result(result)
 
 
-@pytest.mark.parametrize("extra,expected", [(["--backend", "onnxruntime"], "--backend onnxruntime"),
+@pytest.mark.parametrize("extra,expected", [(["--backend", "onnxruntime"], "backend onnxruntime"),
                                             (["--plate-solve", "compare"], "not compare"),
                                             (["--warmup", "1"], "--warmup")])
 def test_pipeline_refuses_the_options_it_cannot_honour(capsys, extra, expected):
@@ -159,3 +159,32 @@ def test_pipeline_plate_solve_is_off_unless_asked_whatever_the_weights_say(tmp_p
     (first, first_kwargs), (second, second_kwargs) = measured
     assert first.model.plate_solve is False and second.model.plate_solve is True
     assert first_kwargs["rounds"] == 2 and second_kwargs["rounds"] == 5  # --repeats: rounds over the clip
+
+
+def test_python_and_the_cli_agree_on_the_default_rounds_and_repeats(capsys, measured, monkeypatch):
+    from bgmatte import bench
+
+    result = benchmark_pipeline(BenchOptions(width=64, height=64, device="cpu"))
+    assert main(["bench", "--pipeline", "--resolution", "64x64", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["repeats"] == 2
+    assert [kwargs["rounds"] for _, kwargs in measured] == [2, 2] and result.options.repeats == 2
+
+    timed = []
+
+    def time_nothing(candidates, repeats, warmup, synchronize):
+        timed.append(repeats)
+        return {name: [0.01] for name in candidates}
+
+    monkeypatch.setattr(bench, "time_interleaved", time_nothing)
+    result = benchmark(BenchOptions(width=64, height=64, options=RefineOptions(refine_sample_pixels=256),
+                                    threads=1, device="cpu"))
+    assert main(["bench", "--resolution", "64x64", "--pixels", "256", "--threads", "1", "--device", "cpu"]) == 0
+    assert timed == [10, 10] and result.options.repeats == 10
+    assert "median of 10 interleaved runs after 2 warm-up" in capsys.readouterr().out
+
+
+def test_the_pipeline_benchmark_itself_refuses_what_needs_a_second_candidate():
+    with pytest.raises(BgmatteError, match="backend onnxruntime"):
+        benchmark_pipeline(BenchOptions(width=64, height=64, backend="onnxruntime"))
+    with pytest.raises(BgmatteError, match="not compare"):
+        benchmark_pipeline(BenchOptions(width=64, height=64, plate_solve="compare"))

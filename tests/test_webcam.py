@@ -565,6 +565,21 @@ def test_run_webcam_refuses_max_frames_below_one_before_opening_the_camera(monke
             run_webcam(camera="0", record=tmp_path / "out.mp4", max_frames=value, preview=False)
 
 
+@pytest.mark.parametrize("kind", ["file", "dangling link"])
+def test_run_webcam_refuses_an_existing_recording_before_opening_the_camera(monkeypatch, tmp_path, kind):
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    out = tmp_path / "out.mp4"
+    if kind == "file":
+        out.write_bytes(b"kept")
+    else:
+        out.symlink_to(tmp_path / "nowhere.mp4")  # replacing it would write through the link
+    with pytest.raises(BgmatteError, match=r"out\.mp4: already exists \(pass overwrite=True, or --overwrite"):
+        run_webcam(camera="0", record=out, preview=False)
+
+
 def test_a_failure_after_the_camera_thread_starts_stops_it_before_the_camera_is_released(monkeypatch, tmp_path):
     camera = WatchedCamera()
     monkeypatch.setattr(webcam, "open_camera", lambda *args, **kwargs: camera)
@@ -685,6 +700,37 @@ def test_closing_waits_for_the_read_under_way_but_not_for_the_tries_after_it(mon
     assert capture.reads == 2 and capture.releases == 1 and not capture.overlapped
 
 
+class PoliteSource:
+    """A source with `stop` and a `close` that takes a time limit, as `CameraSource` has: the reader uses them."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, float | None]] = []
+        self.stopped = threading.Event()
+
+    def __iter__(self):
+        while not self.stopped.is_set():
+            time.sleep(0.005)
+            yield scene(0)
+
+    def stop(self):
+        self.calls.append(("stop", None))
+        self.stopped.set()
+
+    def close(self, timeout=None):
+        self.calls.append(("close", timeout))
+
+
+def test_latest_frame_reader_stops_and_closes_any_source_that_can_be_stopped_within_its_timeout():
+    source = PoliteSource()
+    reader = LatestFrameReader(source)
+    next(reader)
+    reader.close(timeout=2.0)
+    reader.close(timeout=2.0)  # the second returns at once, closing nothing again
+    assert not reader._thread.is_alive()
+    assert [name for name, _ in source.calls] == ["stop", "close"]
+    assert 0 < source.calls[1][1] <= 2.0  # what is left of the reader's time limit
+
+
 def test_cli_shows_each_warning_once_and_the_progress_lines(tmp_path, capsys, monkeypatch):
     # Without handlers on the root logger, as outside pytest: a second handler there would repeat every warning.
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
@@ -701,3 +747,20 @@ def test_cli_shows_each_warning_once_and_the_progress_lines(tmp_path, capsys, mo
     assert any(line.startswith("bgmatte webcam: matting ") for line in lines)  # INFO progress
     assert any(line.startswith("bgmatte webcam: 2 frames in") for line in lines)
     assert logging.getLogger().handlers == []
+
+
+def test_cli_progress_goes_through_the_one_cli_handler_and_every_line_shows(capsys, monkeypatch):
+    package = logging.getLogger("bgmatte")
+    handlers_during_the_run = []
+
+    def progress_only(*args, **kwargs):
+        handlers_during_the_run.extend(package.handlers)
+        for _ in range(5):  # as key t pressed five times: progress is not a per-frame warning, so none is hidden
+            logging.getLogger("bgmatte.io.webcam").info("target background: %s (%d of %d)", "green", 1, 1)
+        logging.getLogger("bgmatte.io.webcam").warning("a warning")
+
+    monkeypatch.setattr(webcam, "run_webcam", progress_only)
+    assert main(["webcam", "--no-preview", "--record", "unused.mp4"]) == 0
+    assert len(handlers_during_the_run) == len(package.handlers) + 1  # the CLI's, and no other
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["bgmatte webcam: target background: green (1 of 1)"] * 5 + ["bgmatte webcam: warning: a warning"]

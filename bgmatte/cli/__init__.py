@@ -1,8 +1,10 @@
 """The `bgmatte` command: one module per subcommand, each parsing arguments and calling a library function.
 
 Each subcommand module has `register(subparsers)`, which adds its parser and sets `func` to a
-function taking the parsed arguments and returning an exit code. Errors meant for people
-(`BgmatteError`) become one line on stderr and exit code 2; `--debug` shows the traceback instead.
+function taking the parsed arguments and returning an exit code; it may also set `log_level`, the
+least severe records shown without --debug (default WARNING; `webcam` shows its INFO progress).
+Errors meant for people (`BgmatteError`) become one line on stderr and exit code 2; `--debug` shows
+the traceback instead.
 """
 from __future__ import annotations
 
@@ -39,11 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _OneLineHandler(logging.Handler):
-    """Log records as one line each on the current stderr, past any progress bar; a message repeated
-    more than a few times (a per-frame warning) is shown three times, then counted silently."""
+    """Log records as one line each on the current stderr, past any progress bar: INFO as a plain progress
+    line, other levels named. A warning repeated more than a few times (a per-frame one) is shown three
+    times, then counted silently; progress lines are always shown."""
 
-    def __init__(self, command: str, debug: bool):
-        super().__init__(logging.DEBUG if debug else logging.WARNING)
+    def __init__(self, command: str, debug: bool, level: int = logging.WARNING):
+        super().__init__(logging.DEBUG if debug else level)
         self.prefix = f"bgmatte {command}"
         self.debug = debug
         self.seen: dict[tuple[str, object], int] = {}
@@ -52,11 +55,13 @@ class _OneLineHandler(logging.Handler):
         try:
             key = (record.name, record.getMessage() if record.msg == "%s" else record.msg)
             count = self.seen[key] = self.seen.get(key, 0) + 1
-            if count > 3 and not self.debug:
+            quiet = record.levelno >= logging.WARNING and not self.debug
+            if count > 3 and quiet:
                 return
             lines = record.getMessage().strip().splitlines() or [""]
-            text = f"{self.prefix}: {record.levelname.lower()}: {lines[0]}"
-            if count == 3 and not self.debug:
+            level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+            text = f"{self.prefix}: {level}{lines[0]}"
+            if count == 3 and quiet:
                 text += " (further ones like it are not shown)"
             if self.debug and record.exc_info:
                 text = self.format(record)
@@ -67,17 +72,18 @@ class _OneLineHandler(logging.Handler):
             self.handleError(record)
 
 
-def configure_logging(command: str, debug: bool = False) -> Callable[[], None]:
-    """Send the package's warnings (and Python warnings) to stderr as one-line messages; returns an undo.
+def configure_logging(command: str, debug: bool = False, level: int = logging.WARNING) -> Callable[[], None]:
+    """Send the package's log records from `level` up (and Python warnings) to stderr as one-line messages,
+    through one handler; returns an undo.
 
     Warnings show by default; --debug shows everything, tracebacks included.
     """
     package = logging.getLogger("bgmatte")
-    handler = _OneLineHandler(command, debug)
+    handler = _OneLineHandler(command, debug, level)
     previous_level = package.level
     package.addHandler(handler)
-    if debug:
-        package.setLevel(logging.DEBUG)
+    if package.getEffectiveLevel() > handler.level:
+        package.setLevel(handler.level)
     previous_show = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = debug
-    undo_logging = configure_logging(args.command, debug)
+    undo_logging = configure_logging(args.command, debug, getattr(args, "log_level", logging.WARNING))
     try:
         return int(args.func(args) or 0)
     except BgmatteError as exc:

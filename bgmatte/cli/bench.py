@@ -73,15 +73,14 @@ def run(args: argparse.Namespace) -> int:
         settings = RefineOptions(args.scale, args.mode, args.pixels, args.threshold)
     except ValueError as exc:
         raise BgmatteError(str(exc)) from None
-    if args.pipeline:
-        _refuse_for_pipeline(args)
-    repeats = args.repeats if args.repeats is not None else 2 if args.pipeline else 10
+    if args.pipeline and args.warmup is not None:  # benchmark_pipeline cannot tell a given warmup from the default
+        raise BgmatteError("--pipeline makes one untimed call itself: --warmup goes without --pipeline")
+    warmup = {} if args.warmup is None else {"warmup": args.warmup}  # None: the library's default
     options = bench.BenchOptions(backbone=args.backbone, width=width, height=height, options=settings,
                                  precision=args.precision, backend=args.backend, threads=args.threads,
-                                 device=args.device, batch=args.batch, repeats=repeats,
-                                 warmup=args.warmup if args.warmup is not None else 2,
-                                 checkpoint=args.checkpoint, plate_solve=args.plate_solve)
-    if args.pipeline:
+                                 device=args.device, batch=args.batch, repeats=args.repeats,
+                                 checkpoint=args.checkpoint, plate_solve=args.plate_solve, **warmup)
+    if args.pipeline:  # refuses --backend onnxruntime and --plate-solve compare itself
         result = bench.benchmark_pipeline(options)
         print(json.dumps(result.as_dict(), indent=2) if args.json else bench.format_pipeline_result(result))
         return 0
@@ -89,13 +88,3 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(result.as_dict(), indent=2) if args.json else bench.format_result(result))
     return 0
 
-
-def _refuse_for_pipeline(args: argparse.Namespace) -> None:
-    """--pipeline times one model: refuse the options that only mean something with two candidates, rather than
-    ignore them."""
-    if args.backend != "torch":
-        raise BgmatteError("--pipeline times the torch fast path: --backend onnxruntime goes without --pipeline")
-    if args.plate_solve == "compare":
-        raise BgmatteError("--pipeline times one model: use --plate-solve off or on, not compare")
-    if args.warmup is not None:
-        raise BgmatteError("--pipeline makes one untimed call itself: --warmup goes without --pipeline")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from bgmatte.cli.video import add_plate_solve_argument, plate_solve_choice
 
@@ -71,28 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     model.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                        help="inference precision (default fp32)")
-    parser.set_defaults(func=run)
-
-
-class _ProgressHandler(logging.Handler):
-    """The package's INFO records (what the live loop is doing) as ``bgmatte webcam: ...`` lines on stderr.
-
-    Warnings and errors are left to the CLI's own handler, so that each message is shown once.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.addFilter(lambda record: record.levelno < logging.WARNING)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            print(f"bgmatte webcam: {record.getMessage()}", file=sys.stderr, flush=True)
-        except Exception:  # noqa: BLE001 - logging must never break the command
-            self.handleError(record)
+    parser.set_defaults(func=run, log_level=logging.INFO)  # the live loop says what it is doing
 
 
 def run(args: argparse.Namespace) -> int:
-    """Call `bgmatte.io.webcam.run_webcam` with the parsed options; it logs its progress to stderr."""
+    """Call `bgmatte.io.webcam.run_webcam` with the parsed options; its progress goes to stderr through the
+    CLI's logging (`log_level` INFO)."""
     from bgmatte.errors import BgmatteError
 
     width, height = args.width, args.height
@@ -100,23 +83,7 @@ def run(args: argparse.Namespace) -> int:
         if width is not None or height is not None:
             raise BgmatteError("give --resolution W H or --width/--height, not both")
         width, height = args.resolution
-    package = logging.getLogger("bgmatte")
-    if getattr(args, "debug", False):  # the CLI's handler shows INFO and below already
-        return _run(args, width, height)
-    handler, previous_level = _ProgressHandler(), package.level
-    package.addHandler(handler)
-    if package.getEffectiveLevel() > logging.INFO:
-        package.setLevel(logging.INFO)
-    try:
-        return _run(args, width, height)
-    finally:
-        package.removeHandler(handler)
-        package.setLevel(previous_level)
-
-
-def _run(args: argparse.Namespace, width: int | None, height: int | None) -> int:
-    """The call itself, with the frame size settled."""
-    from bgmatte.io.webcam import run_webcam
+    from bgmatte.io.webcam import run_webcam  # torch and OpenCV: after the quick checks
 
     run_webcam(
         args.checkpoint,

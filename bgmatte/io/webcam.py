@@ -22,7 +22,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from bgmatte.composite import TargetBackground, parse_target_background
 from bgmatte.errors import BgmatteError
+from bgmatte.io.files import refuse_existing
 from bgmatte.io.video import ClosesOnExit
 from bgmatte.pipeline import TargetFrames, render_outputs
 from bgmatte.predictor import Matte
@@ -58,6 +59,41 @@ class FrameSink(Protocol):
 
 
 # ------------------------------------------------------------------------------------------------ capture
+
+
+@runtime_checkable
+class StoppableSource(Protocol):
+    """A frame source that `LatestFrameReader` can shut down within a time limit (`CameraSource` is one):
+    any other iterable of frames is read through `_PlainSource`, which gives it the same two methods."""
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """The frames, read on the reader's thread."""
+
+    def stop(self) -> None:
+        """From another thread: make a read under way the last."""
+
+    def close(self, timeout: float | None = None) -> None:
+        """Release what the source holds, waiting at most `timeout` seconds for a read under way."""
+
+
+class _PlainSource:
+    """Any iterable of frames as a `StoppableSource`: it has no read to cut short, and closing it calls its
+    own `close()`, if it has one."""
+
+    def __init__(self, frames: Iterable[np.ndarray]):
+        self.frames = frames
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return iter(self.frames)
+
+    def stop(self) -> None:
+        """Nothing to do: the reader stops between frames."""
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close the iterable, if it can be closed (no time limit can be kept: it is its own business)."""
+        close = getattr(self.frames, "close", None)
+        if close is not None:
+            close()
 
 
 def _requested_size(native: tuple[int, int], width: int | None, height: int | None) -> tuple[int, int]:
@@ -222,7 +258,7 @@ class LatestFrameReader:
     """
 
     def __init__(self, source: Iterable[np.ndarray]):
-        self._source = source
+        self._source: StoppableSource = source if isinstance(source, StoppableSource) else _PlainSource(source)
         self._condition = threading.Condition()
         self._latest: np.ndarray | None = None
         self._done = False
@@ -266,24 +302,18 @@ class LatestFrameReader:
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop reading, wait for the thread, and close the source (if it can be closed), all within about
-        `timeout` seconds: a `CameraSource` stuck in a read is left to release itself when the read returns.
-        A second call (the session and the command both close it) returns at once instead of waiting again."""
+        `timeout` seconds, for a `StoppableSource`: one stuck in a read (a `CameraSource`) is left to release
+        itself when the read returns. A second call (the session and the command both close it) returns at
+        once instead of waiting again."""
         if self._stop.is_set():
             return
         deadline = time.monotonic() + timeout
         self._stop.set()
-        camera = self._source if isinstance(self._source, CameraSource) else None
-        if camera is not None:
-            camera.stop()  # a camera that keeps failing would otherwise go on trying while we wait
+        self._source.stop()  # a camera that keeps failing would otherwise go on trying while we wait
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("the camera thread did not stop within %.0f s", timeout)
-        if camera is not None:
-            camera.close(timeout=deadline - time.monotonic())
-            return
-        close = getattr(self._source, "close", None)
-        if close is not None:
-            close()
+        self._source.close(timeout=max(0.0, deadline - time.monotonic()))
 
 
 # -------------------------------------------------------------------------------------------------- sinks
@@ -802,8 +832,8 @@ def run_webcam(
     if not (show or virtual_cam or record is not None):
         raise BgmatteError("nothing to show or send: ask for --virtual-cam, --record FILE or --preview "
                            "(the preview needs a display)")
-    if record is not None and Path(record).exists() and not overwrite:
-        raise BgmatteError(f"{record}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+    if record is not None:
+        refuse_existing(record, overwrite)
 
     from bgmatte.model.build import load_model
     from bgmatte.predictor import Predictor
