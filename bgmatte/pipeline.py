@@ -41,11 +41,13 @@ from torch import Tensor, nn
 
 from bgmatte.composite import TargetBackground, blur, colour_like, parse_target_background, to_rgba, to_uint8
 from bgmatte.errors import BgmatteError
+from bgmatte.io.files import refuse_existing
 from bgmatte.io.images import IMAGE_EXTENSIONS, list_images, match_by_stem, read_image, write_png
 from bgmatte.io.video import (
     OUTPUT_CONTAINERS,
     VIDEO_EXTENSIONS,
     Display,
+    EncoderChoice,
     EncoderOptions,
     ImageSequenceWriter,
     VideoReader,
@@ -62,6 +64,7 @@ OUTPUT_KINDS = ("com", "pha", "fgr", "err", "ref")
 # The reference script's composite background when no target is given.
 REFERENCE_GREEN = (120, 255, 155)
 PLATE_SAMPLES = 30  # frames sampled for an automatic plate
+_BACKDROP_SIZES = 4  # image sizes a folder of photos keeps its target background scaled to
 _QUEUE_BATCHES = 2  # batches waiting between two stages
 
 ModelLike = Any  # nn.Module | Predictor | ModelOptions | str | os.PathLike | None
@@ -224,12 +227,14 @@ class TargetFrames:
         target: what `parse_target_background` returned.
         width, height: the output size; images and video frames are scaled to cover it (centre crop).
         device: where the tensors go (the model's device).
+        picture: an image target's pixels when already read (a folder of photos reads its target once).
 
     `take(count)` returns (count, 3, H, W) floats for a video target (looped to length), a cached
     (1, 3, H, W) for an image, and None for colours, blur and transparency, which need no frames.
     """
 
-    def __init__(self, target: TargetBackground, width: int, height: int, device: torch.device | str = "cpu"):
+    def __init__(self, target: TargetBackground, width: int, height: int, device: torch.device | str = "cpu", *,
+                 picture: np.ndarray | None = None):
         self.target = target
         self.size = (width, height)
         self.device = torch.device(device)
@@ -238,7 +243,7 @@ class TargetFrames:
         self._frames: Any = None
         self.loops = 0
         if target.kind == "image":
-            picture = cover(read_image(target.path), width, height)
+            picture = cover(picture if picture is not None else read_image(target.path), width, height)
             self._image = self._tensor(picture[None])
         elif target.kind == "video":
             self._open()
@@ -585,12 +590,14 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool) -> np.ndar
 
 @dataclass(frozen=True)
 class OutputFile:
-    """One output: a video file, or a folder of PNGs (`folder`), RGBA when `alpha`."""
+    """One output: a video file, or a folder of PNGs (`folder`), RGBA when `alpha`; a video file's `encoder`
+    is the one the plan chose, which its writer takes rather than choosing (and trying a forced one) again."""
 
     kind: str
     path: Path
     folder: bool
     alpha: bool
+    encoder: EncoderChoice | None = None
 
 
 def _sequence_name(path: Path) -> bool:
@@ -659,7 +666,7 @@ def plan_video_outputs(
                 path = base.with_name(f"{base.stem if not sequence else base.name}_{kind}{'' if sequence else base.suffix}")
             plans.append(OutputFile(kind, path, sequence, kind == "com" and transparent))
     seen: dict[Path, str] = {}
-    for plan in plans:
+    for index, plan in enumerate(plans):
         resolved = plan.path.resolve()
         if resolved == src.resolve():
             raise BgmatteError(f"{plan.path}: the {plan.kind} output would overwrite the input video")
@@ -668,9 +675,9 @@ def plan_video_outputs(
         seen[resolved] = plan.kind
         if not plan.folder:
             # Refuses .mp4 with transparency, unknown containers, and a forced encoder that does not work there.
-            choose_encoder(plan.path, alpha=plan.alpha, options=encoder, size=size)
-        if plan.path.exists() and not overwrite:
-            raise BgmatteError(f"{plan.path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+            choice = choose_encoder(plan.path, alpha=plan.alpha, options=encoder, size=size)
+            plans[index] = replace(plan, encoder=choice)
+        refuse_existing(plan.path, overwrite)
     return plans
 
 
@@ -681,7 +688,7 @@ def _open_writer(plan: OutputFile, *, fps: Fraction | None, audio_from: Path | N
         return ImageSequenceWriter(plan.path, overwrite=overwrite, digits=max(4, len(str(frame_count or 0))),
                                    niceness=niceness)
     return VideoWriter(plan.path, fps=fps or 30, alpha=plan.alpha, audio_from=audio_from if plan.kind == "com" else None,
-                       overwrite=overwrite, options=encoder, display=display, niceness=niceness)
+                       overwrite=overwrite, options=encoder, choice=plan.encoder, display=display, niceness=niceness)
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -951,6 +958,14 @@ def convert_video(
         sequences = output_format == "image_sequences" or (output is not None and _sequence_name(Path(output)))
         if target_bgr is None:
             target_bgr = TargetBackground("transparent") if sequences else TargetBackground("colour", colour=REFERENCE_GREEN)
+        if on_cpu:
+            # The model keeps every core busy, so whatever else runs takes time from it: each output gets one
+            # encoding thread (no cost of synchronising several) and x264's fastest preset (at 1080p about
+            # 15 ms of CPU a frame against 25 to 40 for veryfast; the files are larger at the same quality), and
+            # OpenCV works on the calling thread only, so that it never interrupts both of the model's threads.
+            # Settled before the plan, so that its try of a forced encoder is the only one, with these settings.
+            encoder = replace(encoder, threads=encoder.threads or 1, preset=encoder.preset or "ultrafast")
+            stack.enter_context(opencv_threads(1))
         plans = plan_video_outputs(src, kinds, output=output, output_dir=output_dir, output_format=output_format,
                                    transparent=target_bgr.kind == "transparent", overwrite=overwrite, encoder=encoder,
                                    size=size)
@@ -960,13 +975,6 @@ def convert_video(
         predictor = load_predictor(model, *size)
         if batch_size is None:
             batch_size = 4 if predictor.device.type == "cuda" else 1
-        if on_cpu:
-            # The model keeps every core busy, so whatever else runs takes time from it: each output gets one
-            # encoding thread (no cost of synchronising several) and x264's fastest preset (at 1080p about
-            # 15 ms of CPU a frame against 25 to 40 for veryfast; the files are larger at the same quality), and
-            # OpenCV works on the calling thread only, so that it never interrupts both of the model's threads.
-            encoder = replace(encoder, threads=encoder.threads or 1, preset=encoder.preset or "ultrafast")
-            stack.enter_context(opencv_threads(1))
         targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device))
         if auto_plate:
             image = _estimate_plate(src, size, progress)
@@ -1097,15 +1105,18 @@ def _size_options(model: ModelLike) -> ModelOptions | None:
 def _fit_to_size(predictor: Predictor, options: ModelOptions | None, width: int, height: int) -> None:
     """Give the loaded network the paper's backbone scale and refined pixels for this image's size, where
     `options` leave them open: one set of weights serves a folder of mixed sizes, each image at its own."""
-    if options is None:
+    from bgmatte.model.matting import MattingRefine
+
+    network = getattr(predictor, "model", None)
+    if options is None or not isinstance(network, MattingRefine):  # FastMattingRefine is one; mattingbase has none
         return
     scale, pixels = settings_for_size(width, height)
-    network = getattr(predictor, "model", None)
-    if options.backbone_scale is None and hasattr(network, "backbone_scale"):
-        network.backbone_scale = scale
-    refiner = getattr(network, "refiner", None)
-    if options.refine_sample_pixels is None and hasattr(refiner, "sample_pixels"):
-        refiner.sample_pixels = pixels
+    current = network.options
+    network.configure(replace(
+        current,
+        backbone_scale=scale if options.backbone_scale is None else current.backbone_scale,
+        refine_sample_pixels=pixels if options.refine_sample_pixels is None else current.refine_sample_pixels,
+    ))
 
 
 def matte_images(
@@ -1166,8 +1177,7 @@ def matte_images(
         for path in paths:
             if path.is_dir():
                 raise BgmatteError(f"{path}: is a folder, where this output image would go")
-            if path.exists() and not overwrite:
-                raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+            refuse_existing(path, overwrite)
     if "ref" in kinds and isinstance(model, ModelOptions) and model.model_type == "mattingbase":
         raise BgmatteError("the ref output needs the refine model: drop ref, or use --model-type mattingrefine")
     created = _make_output_folders([folder / kind for kind in kinds])
@@ -1191,6 +1201,9 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, kinds: Sequen
     options = _size_options(model)
     predictor: Predictor | None = None
     cached_plate: tuple[Path, np.ndarray] | None = None  # one plate file for many images is read once
+    # An image target is read once too, and scaled once per image size (a few sizes kept: photos mostly share one).
+    picture = read_image(target_bgr.path) if target_bgr.kind == "image" else None
+    backdrops: dict[tuple[int, int], Tensor | None] = {}
     written: dict[str, list[Path]] = {kind: [] for kind in kinds}
     pending: list[tuple[str, Future]] = []
 
@@ -1219,7 +1232,13 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, kinds: Sequen
                 if align:
                     plate = PlateAligner(plate).align(image)[0]
                 try:
-                    frames = _matte_one(predictor, image, plate, kinds, target_bgr, match_exposure)
+                    if (width, height) not in backdrops:
+                        if len(backdrops) == _BACKDROP_SIZES:
+                            del backdrops[next(iter(backdrops))]  # the size seen first goes
+                        with TargetFrames(target_bgr, width, height, device=predictor.device, picture=picture) as target:
+                            backdrops[width, height] = target.take(1)
+                    frames = _matte_one(predictor, image, plate, kinds, target_bgr, backdrops[width, height],
+                                        match_exposure)
                 except Exception as exc:
                     if not isinstance(exc, NotEnoughMemory) and not is_out_of_memory(exc):
                         raise
@@ -1245,9 +1264,9 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, kinds: Sequen
 
 
 def _matte_one(predictor: Predictor, image: np.ndarray, plate: np.ndarray, kinds: Sequence[str],
-               target_bgr: TargetBackground, match_exposure: bool) -> dict[str, np.ndarray]:
-    """The requested outputs for one image against its plate (already of its size), as (1, H, W, C) arrays."""
-    height, width = image.shape[:2]
+               target_bgr: TargetBackground, backdrop: Tensor | None, match_exposure: bool) -> dict[str, np.ndarray]:
+    """The requested outputs for one image against its plate (already of its size) and the target at its size
+    (`TargetFrames.take`), as (1, H, W, C) arrays."""
     if match_exposure:
         # A first fit keeps the subject out by rejecting outliers; the matte it allows
         # tells the second fit which pixels are background.
@@ -1255,8 +1274,7 @@ def _matte_one(predictor: Predictor, image: np.ndarray, plate: np.ndarray, kinds
         foreground = (predictor(image, first).pha[0, 0] >= 0.05).cpu().numpy()
         plate = fit_exposure(plate, image, foreground).apply(plate) if not foreground.all() else first
     matte = predictor(image, plate)
-    with TargetFrames(target_bgr, width, height, device=predictor.device) as backdrop:
-        return render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop.take(1), src=image[None])
+    return render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop, src=image[None])
 
 
 # ------------------------------------------------------------------------------------- measuring speed

@@ -840,6 +840,30 @@ def test_the_pipeline_tries_a_forced_encoder_at_the_output_size(tmp_path, monkey
     assert reader.size == (176, 144) and len(frames) == 3
 
 
+def test_the_pipeline_tries_a_forced_encoder_once_per_output_with_the_settings_it_encodes_with(tmp_path, monkeypatch):
+    """The early check is the only try: made at the frames' size with the CPU run's settings (x264's
+    ultrafast preset), whose choice the writers then take as it is."""
+    from media import HEIGHT, WIDTH, DifferenceModel, make_clip as make_scene, plate_image
+
+    import bgmatte.pipeline as pipeline
+
+    clip = tmp_path / "clip.mp4"
+    make_scene(clip, count=3)
+    probe, tries = video_io._try_encoder.__wrapped__, []  # the probe itself, past its cache
+
+    def counted(container, codec, pix_fmt, settings, size):
+        tries.append((codec, dict(settings).get("preset"), size))
+        return probe(container, codec, pix_fmt, settings, size)
+
+    monkeypatch.setattr(video_io, "_try_encoder", counted)
+    codec = "libx264" if video_io._encoder_available("libx264") else "mpeg4"
+    result = pipeline.convert_video(clip, plate_image(), output=tmp_path / "out.mp4", outputs=["com", "pha"],
+                                    encoder=EncoderOptions(codec=codec), model=DifferenceModel(), progress=False)
+    preset = "ultrafast" if codec == "libx264" else None
+    assert tries == [(codec, preset, (WIDTH, HEIGHT))] * 2  # two outputs, one try each
+    assert [len(read_all(path)[1]) for path in result.outputs.values()] == [3, 3]
+
+
 def test_the_pipeline_refuses_a_forced_encoder_before_loading_the_model(tmp_path, monkeypatch):
     from media import make_clip as make_scene, plate_image
 

@@ -812,6 +812,8 @@ class VideoWriter(ClosesOnExit):
             container can hold its codec, else transcoded (AAC, or Opus in .webm); trimmed to the video.
         overwrite: replace an existing file instead of refusing.
         options: encoder choices (`EncoderOptions`).
+        choice: what `choose_encoder` already gave for this path, alpha and `options` (the pipeline's early
+            check), so that a forced encoder is not tried a second time; None chooses here.
         display: the pixel shape and colour tags to give the stream (`VideoReader.display`); square
             pixels and the usual colours for the size when None.
         niceness: encode at this much lower priority (`lower_thread_priority`).
@@ -834,6 +836,7 @@ class VideoWriter(ClosesOnExit):
         audio_from: str | os.PathLike | None = None,
         overwrite: bool = False,
         options: EncoderOptions = EncoderOptions(),
+        choice: EncoderChoice | None = None,
         display: Display | None = None,
         queue_size: int = 8,
         niceness: int = 0,
@@ -841,7 +844,7 @@ class VideoWriter(ClosesOnExit):
         self.path = Path(path)
         self.alpha = alpha
         self.fps = _as_fraction(fps)
-        self.choice = choose_encoder(self.path, alpha=alpha, options=options)
+        self.choice = choice if choice is not None else choose_encoder(self.path, alpha=alpha, options=options)
         self.options = options
         self.display = display or Display()
         self.audio_from = Path(audio_from) if audio_from is not None else None
