@@ -1,4 +1,4 @@
-"""`bgmatte demo`, the README's main job: the default model over the generated sample, and its refusals."""
+"""`bgmatte demo`, the README's main job: the default model over the generated sample, and its refusals; `--version`."""
 from __future__ import annotations
 
 import av
@@ -49,3 +49,11 @@ def test_a_file_given_as_the_demo_folder_is_one_line(tmp_path, capsys):
     code, err = run(capsys, "demo", "--out", tmp_path / "afile", "--quiet")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "afile" in err
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"bgmatte {version('bgmatte')}"

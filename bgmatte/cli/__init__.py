@@ -15,6 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from bgmatte import __version__
 from bgmatte.errors import BgmatteError
 
 SUBCOMMANDS = ("video", "image", "webcam", "train", "eval", "export", "bench", "demo")
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real-time high-resolution background matting (BackgroundMattingV2).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"bgmatte {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         module_name = f"bgmatte.cli.{name}"
