@@ -5,6 +5,8 @@ held-out evaluation uses (1280x720), so the model and the classical baseline can
 """
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 from bgmatte.errors import BgmatteError
 from bgmatte.io.images import write_png
 from bgmatte.train.augment import SYNTHETIC, AugmentOptions
-from bgmatte.train.data import SyntheticDataset
+from bgmatte.train.data import SyntheticDataset, load_images
 
 # A plate shot right after the take: the background is the same, but each capture has its own sensor
 # noise. The training augmentations (plate colour drift, misalignment, cast shadows) stay off.
@@ -40,9 +42,19 @@ def make_validation_set(out_dir: str | Path, *, count: int = 24, width: int = 12
     """Write ``count`` generated samples into ``out_dir`` and return it; ``augment`` decides how the plate
     differs from the shot (``CLEAN_PLATE`` by default, ``SYNTHETIC`` for the training's harder plates)."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BgmatteError(f"{out}: already exists and is not empty (use overwrite=True to write into it)")
-    dataset = SyntheticDataset((height, width), count, seed=seed, photos=photos, augment=augment)
+    if count < 1:
+        raise BgmatteError(f"the count of samples must be at least 1, not {count}")
+    if out.exists() and not out.is_dir():
+        raise BgmatteError(f"{out}: is a file, not a folder (for the validation set)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BgmatteError(f"{out}: already exists and is not empty (pass overwrite=True, or --overwrite, to "
+                           "write into it)")
+    pictures = None
+    if photos is not None:
+        pictures = load_images(photos)  # a missing folder is one line from here
+        if not pictures:  # the generator would fall back on procedural textures alone, without a word
+            raise BgmatteError(f"{photos}: no images in this folder")
+    dataset = SyntheticDataset((height, width), count, seed=seed, photos=pictures, augment=augment)
     for name in ("src", "bgr", "pha", "fgr", "trimap"):
         (out / name).mkdir(parents=True, exist_ok=True)
     for index in range(count):
@@ -55,18 +67,29 @@ def make_validation_set(out_dir: str | Path, *, count: int = 24, width: int = 12
     return out
 
 
-if __name__ == "__main__":  # pragma: no cover
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("out")
-    parser.add_argument("--photos")
-    parser.add_argument("--count", type=int, default=24)
-    parser.add_argument("--overwrite", action="store_true")
+def main(argv: list[str] | None = None) -> int:
+    """Command line: write a validation set and print its folder; bad input is one line and exit code 2."""
+    parser = argparse.ArgumentParser(prog="python -m bgmatte.train.validation", description=__doc__)
+    parser.add_argument("out", type=Path, help="folder to write the set into")
+    parser.add_argument("--photos", type=Path, help="photographs kept out of training (default: procedural "
+                        "textures only)")
+    parser.add_argument("--count", type=int, default=24, help="samples (default 24)")
+    parser.add_argument("--seed", type=int, default=20261124, help="the generator's seed (default 20261124)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
     parser.add_argument("--jittered-plates", action="store_true",
                         help="plates drift in colour and alignment as in training (harder)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     augment = SYNTHETIC if args.jittered_plates else CLEAN_PLATE
-    print(make_validation_set(args.out, count=args.count, photos=args.photos, overwrite=args.overwrite,
-                              augment=augment))
+    try:
+        out = make_validation_set(args.out, count=args.count, photos=args.photos, seed=args.seed,
+                                  overwrite=args.overwrite, augment=augment)
+    except BgmatteError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

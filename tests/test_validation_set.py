@@ -1,0 +1,53 @@
+"""`python -m bgmatte.train.validation`: a validation set laid out for `bgmatte eval`, and its refusals."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bgmatte.io.images import read_image, write_png
+from bgmatte.train.validation import main, make_validation_set
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_a_small_set_has_every_folder_and_a_trimap_that_fits_its_alpha(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_png(photos / "a.png", np.random.default_rng(0).integers(0, 255, (80, 120, 3), dtype=np.uint8))
+    out = make_validation_set(tmp_path / "val", count=2, width=96, height=64, photos=photos)
+    for name in ("src", "bgr", "pha", "fgr", "trimap"):
+        assert sorted(path.name for path in (out / name).iterdir()) == ["0000.png", "0001.png"], name
+    pha = read_image(out / "pha" / "0000.png", channels=1)
+    trimap = read_image(out / "trimap" / "0000.png", channels=1)
+    assert set(np.unique(trimap)) <= {0, 128, 255}
+    assert (trimap[(pha > 0) & (pha < 255)] == 128).all()  # every fractional pixel is in the unknown band
+    again = make_validation_set(tmp_path / "again", count=2, width=96, height=64, photos=photos)
+    assert (read_image(again / "src" / "0001.png") == read_image(out / "src" / "0001.png")).all()  # seeded
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("count", "at least 1"), ("file", "is a file"), ("missing photos", "no such folder"),
+    ("empty photos", "no images"), ("not empty", "--overwrite"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, needle):
+    out = tmp_path / "val"
+    argv = [str(out), "--count", "0" if case == "count" else "1"]
+    if case == "file":
+        out.write_text("mine")
+    if case == "missing photos":
+        argv += ["--photos", str(tmp_path / "nothere")]
+    if case == "empty photos":
+        (tmp_path / "empty").mkdir()
+        argv += ["--photos", str(tmp_path / "empty")]
+    if case == "not empty":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+    if case == "file":
+        assert out.read_text() == "mine"
+    elif case == "not empty":
+        assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
+    else:
+        assert not out.exists()
