@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from bgmatte.cli.video import add_plate_solve_argument, plate_solve_choice
+from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, plate_solve_choice
 from bgmatte.errors import BgmatteError
 
 DESCRIPTION = """\
@@ -42,16 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="with --out: replace predictions already there")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     model = parser.add_argument_group("model options (with --model)")
-    model.add_argument("--backbone", choices=("resnet50", "resnet101", "mobilenetv2"),
-                       help="the checkpoint's backbone (default: read from the weights)")
-    model.add_argument("--backbone-scale", type=float, default=0.25, metavar="SCALE",
-                       help="base network scale (default 0.25)")
-    model.add_argument("--refine-mode", choices=("full", "sampling", "thresholding"), default="sampling",
-                       help="where the refiner works (default sampling)")
-    model.add_argument("--refine-sample-pixels", type=int, default=80_000, metavar="N",
-                       help="pixels refined in sampling mode (default 80000)")
-    model.add_argument("--refine-threshold", type=float, default=0.1, metavar="T",
-                       help="error threshold in thresholding mode (default 0.1)")
+    add_refine_arguments(model, reference_names=False)
     add_plate_solve_argument(model)
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.set_defaults(func=run)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from bgmatte.cli.video import add_plate_solve_argument, plate_solve_choice
+from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, plate_solve_choice
 from bgmatte.errors import BgmatteError
 
 DESCRIPTION = """\
@@ -35,16 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("checkpoint", nargs="?", help="weights (.pth or .safetensors); default: the embedded model")
     parser.add_argument("-o", "--output", required=True, metavar="PATH", help="the file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    parser.add_argument("--backbone", choices=("resnet50", "resnet101", "mobilenetv2"),
-                        help="the checkpoint's backbone (default: read from the weights)")
-    parser.add_argument("--backbone-scale", type=float, default=0.25, metavar="SCALE",
-                        help="base network scale (default 0.25)")
-    parser.add_argument("--refine-mode", choices=("full", "sampling", "thresholding"), default="sampling",
-                        help="where the refiner works (default sampling)")
-    parser.add_argument("--refine-sample-pixels", type=int, default=80_000, metavar="N",
-                        help="pixels refined in sampling mode (default 80000)")
-    parser.add_argument("--refine-threshold", type=float, default=0.1, metavar="T",
-                        help="error threshold in thresholding mode (default 0.1)")
+    add_refine_arguments(parser, reference_names=False)
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="weights' dtype, TorchScript only (default fp32)")
     parser.add_argument("--device", default="cpu", help="device for the TorchScript weights (default cpu)")

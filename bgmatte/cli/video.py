@@ -48,19 +48,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, refine_threshold: fl
     group.add_argument("--model-type", choices=("mattingrefine", "mattingbase"), default="mattingrefine",
                        help="mattingrefine (default), or mattingbase: the coarse network alone at full "
                             "resolution (slower, no ref output)")
-    group.add_argument("--backbone", "--model-backbone", dest="backbone", choices=BACKBONES,
-                       help="default: read from the checkpoint")
-    group.add_argument("--backbone-scale", "--model-backbone-scale", dest="backbone_scale", type=float,
-                       metavar="S", help="base network scale (default 0.25, or 0.125 from 4K up)")
-    group.add_argument("--refine-mode", "--model-refine-mode", dest="refine_mode",
-                       choices=("full", "sampling", "thresholding"), default="sampling",
-                       help="where the refiner works (default sampling)")
-    group.add_argument("--refine-sample-pixels", "--model-refine-sample-pixels", dest="refine_sample_pixels",
-                       type=int, metavar="N", help="pixels refined in sampling mode (default 80000, or 320000 "
-                                                   "from 4K up)")
-    group.add_argument("--refine-threshold", "--model-refine-threshold", dest="refine_threshold", type=float,
-                       default=refine_threshold, metavar="T",
-                       help=f"error threshold in thresholding mode (default {refine_threshold}, as the reference)")
+    add_refine_arguments(group, scale=None, pixels=None, threshold=refine_threshold)
     group.add_argument("--refine-kernel-size", "--model-refine-kernel-size", dest="refine_kernel_size", type=int,
                        choices=(1, 3), help="the refiner's kernel size (default: read from the checkpoint)")
     add_plate_solve_argument(group)
@@ -69,6 +57,29 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, refine_threshold: fl
                        help="inference precision (default fp32)")
     group.add_argument("--no-optimize", dest="optimize", action="store_false",
                        help="run the plain model instead of the fast inference path (same outputs)")
+
+
+def add_refine_arguments(group, *, scale: float | None = 0.25, pixels: int | None = 80_000, threshold: float = 0.1,
+                         reference_names: bool = True) -> None:
+    """The backbone and where the refiner works: --backbone, --backbone-scale, --refine-mode,
+    --refine-sample-pixels, --refine-threshold (also as the reference scripts' --model-* names where
+    `reference_names`). A default of None leaves the scale or the pixels to the frame size."""
+
+    def names(name: str) -> tuple[str, ...]:
+        return (f"--{name}", f"--model-{name}") if reference_names else (f"--{name}",)
+
+    by_size = "default 0.25, or 0.125 from 4K up" if scale is None else f"default {scale}"
+    group.add_argument(*names("backbone"), dest="backbone", choices=BACKBONES,
+                       help="the checkpoint's backbone (default: read from the weights)")
+    group.add_argument(*names("backbone-scale"), dest="backbone_scale", type=float, default=scale, metavar="S",
+                       help=f"base network scale ({by_size})")
+    group.add_argument(*names("refine-mode"), dest="refine_mode", choices=("full", "sampling", "thresholding"),
+                       default="sampling", help="where the refiner works (default sampling)")
+    by_size = "default 80000, or 320000 from 4K up" if pixels is None else f"default {pixels}"
+    group.add_argument(*names("refine-sample-pixels"), dest="refine_sample_pixels", type=int, default=pixels,
+                       metavar="N", help=f"pixels refined in sampling mode ({by_size})")
+    group.add_argument(*names("refine-threshold"), dest="refine_threshold", type=float, default=threshold,
+                       metavar="T", help=f"error threshold in thresholding mode (default {threshold})")
 
 
 def model_options(args: argparse.Namespace):

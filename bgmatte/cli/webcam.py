@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from bgmatte.cli.video import add_plate_solve_argument, plate_solve_choice
+from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, plate_solve_choice
 
 DESCRIPTION = """\
 Matte a camera live against a plate (a photo of the background without you) and composite onto a target
@@ -55,17 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--checkpoint", "--model-checkpoint", dest="checkpoint", metavar="C",
                        help="weights (.pth or .safetensors; default: the embedded model)")
-    model.add_argument("--backbone", "--model-backbone", dest="backbone",
-                       choices=("resnet50", "resnet101", "mobilenetv2"), help="default: read from the weights")
-    model.add_argument("--backbone-scale", "--model-backbone-scale", dest="backbone_scale", type=float,
-                       default=0.25, metavar="SCALE", help="base network scale (default 0.25)")
-    model.add_argument("--refine-mode", "--model-refine-mode", dest="refine_mode",
-                       choices=("full", "sampling", "thresholding"), default="sampling",
-                       help="where the refiner works (default sampling)")
-    model.add_argument("--refine-sample-pixels", "--model-refine-sample-pixels", dest="refine_sample_pixels",
-                       type=int, default=80_000, metavar="N", help="pixels refined in sampling mode (default 80000)")
-    model.add_argument("--refine-threshold", "--model-refine-threshold", dest="refine_threshold", type=float,
-                       default=0.1, metavar="T", help="error threshold in thresholding mode (default 0.1)")
+    add_refine_arguments(model)
     add_plate_solve_argument(model)
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     model.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
