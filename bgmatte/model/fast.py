@@ -21,7 +21,6 @@ alpha agrees to about 1e-6 (see tests/test_fast.py).
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 
 from bgmatte.model.aspp import ASPP
 from bgmatte.model.decoder import Decoder
-from bgmatte.model.matting import MattingRefine, check_inputs
+from bgmatte.model.matting import MattingRefine, prepare_inputs
 from bgmatte.model.mobilenetv2 import MobileNetV2Encoder
 from bgmatte.model.plate_solve import solve_alpha
 from bgmatte.model.refiner import Refiner
@@ -479,21 +478,9 @@ class FastMattingRefine(MattingRefine):
             return self._fast_forward(src, bgr)
 
     def _fast_forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        check_inputs(src, bgr)
-        if not 0 < self.backbone_scale <= 0.5:
-            raise ValueError(f"backbone_scale must be in (0, 1/2], not {self.backbone_scale}")
+        src, bgr, small, (height, width) = prepare_inputs(src, bgr, self.backbone_scale,
+                                                          next(self.parameters()).dtype)
         layers = self._layers()
-        dtype = next(self.parameters()).dtype
-        src, bgr = src.to(dtype).contiguous(), bgr.to(dtype).contiguous()
-        height, width = src.shape[2:]
-        pad_h, pad_w = -height % 4, -width % 4
-        if pad_h or pad_w:
-            src = F.pad(src, (0, pad_w, 0, pad_h), mode="replicate")
-            bgr = F.pad(bgr, (0, pad_w, 0, pad_h), mode="replicate")
-
-        small = (math.floor(src.shape[2] * self.backbone_scale), math.floor(src.shape[3] * self.backbone_scale))
-        if min(small) < 1:
-            raise ValueError(f"input {height}x{width} is too small for backbone_scale {self.backbone_scale}")
         src_sm, bgr_sm = _resize(src, small), _resize(bgr, small)
         x = torch.cat([src_sm, bgr_sm], dim=1).contiguous(memory_format=torch.channels_last)
         features = layers["encoder"](x)
@@ -510,9 +497,7 @@ class FastMattingRefine(MattingRefine):
             pha, fgr, ref_sm = self._refine_patches(layers["refiner"], src, bgr, coarse, err_sm)
         if self.plate_solve:
             pha = solve_alpha(src, bgr, pha, fgr)
-        if pad_h or pad_w:
-            pha, fgr = pha[:, :, :height, :width], fgr[:, :, :height, :width]
-        return pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm
+        return pha[:, :, :height, :width], fgr[:, :, :height, :width], pha_sm, fgr_sm, err_sm, ref_sm
 
     def _refine_patches(self, refiner: _FastRefiner, src: Tensor, bgr: Tensor, coarse: Tensor,
                         err_sm: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -65,6 +65,27 @@ def check_inputs(src: Tensor, bgr: Tensor) -> None:
         raise ValueError(f"src and bgr must be float tensors in [0, 1], got {src.dtype} and {bgr.dtype}")
 
 
+def prepare_inputs(src: Tensor, bgr: Tensor, backbone_scale: float,
+                   dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, tuple[int, int], tuple[int, int]]:
+    """Check a frame and its plate, cast them to ``dtype`` (when given) and pad both to sides that are multiples
+    of 4 by edge replication (the refiner works on 4x4 patches); returns them, the base network's input size and
+    the size given, to crop the outputs back to."""
+    check_inputs(src, bgr)
+    if not 0 < backbone_scale <= 0.5:
+        raise ValueError(f"backbone_scale must be in (0, 1/2], not {backbone_scale}")
+    if dtype is not None:
+        src, bgr = src.to(dtype).contiguous(), bgr.to(dtype).contiguous()
+    height, width = src.shape[2:]
+    pad_h, pad_w = -height % 4, -width % 4
+    if pad_h or pad_w:
+        src = F.pad(src, (0, pad_w, 0, pad_h), mode="replicate")
+        bgr = F.pad(bgr, (0, pad_w, 0, pad_h), mode="replicate")
+    small = (math.floor(src.shape[2] * backbone_scale), math.floor(src.shape[3] * backbone_scale))
+    if min(small) < 1:
+        raise ValueError(f"input {height}x{width} is too small for backbone_scale {backbone_scale}")
+    return src, bgr, small, (height, width)
+
+
 def build_encoder(backbone: str) -> nn.Module:
     """The 6-channel encoder for a backbone name."""
     if backbone in RESNET_LAYERS:
@@ -147,18 +168,7 @@ class MattingRefine(MattingBase):
         return self
 
     def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        check_inputs(src, bgr)
-        if not 0 < self.backbone_scale <= 0.5:
-            raise ValueError(f"backbone_scale must be in (0, 1/2], not {self.backbone_scale}")
-        height, width = src.shape[2:]
-        pad_h, pad_w = -height % 4, -width % 4
-        if pad_h or pad_w:
-            src = F.pad(src, (0, pad_w, 0, pad_h), mode="replicate")
-            bgr = F.pad(bgr, (0, pad_w, 0, pad_h), mode="replicate")
-
-        small = (math.floor(src.shape[2] * self.backbone_scale), math.floor(src.shape[3] * self.backbone_scale))
-        if min(small) < 1:
-            raise ValueError(f"input {height}x{width} is too small for backbone_scale {self.backbone_scale}")
+        src, bgr, small, (height, width) = prepare_inputs(src, bgr, self.backbone_scale)
         src_sm = F.interpolate(src, small, mode="bilinear", align_corners=False)
         bgr_sm = F.interpolate(bgr, small, mode="bilinear", align_corners=False)
         x = self.predict(src_sm, bgr_sm)
@@ -173,6 +183,4 @@ class MattingRefine(MattingBase):
         fgr_sm = (fgr_residual_sm + src_sm).clamp(0.0, 1.0)
         if self.plate_solve:
             pha = solve_alpha(src, bgr, pha, fgr)
-        if pad_h or pad_w:
-            pha, fgr = pha[:, :, :height, :width], fgr[:, :, :height, :width]
-        return pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm
+        return pha[:, :, :height, :width], fgr[:, :, :height, :width], pha_sm, fgr_sm, err_sm, ref_sm
