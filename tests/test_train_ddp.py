@@ -1,5 +1,5 @@
 """`torchrun --standalone --nproc_per_node 2 -m bgmatte train base ...` trains on this CPU with gloo, and resumes
-(with the run's own options, refusing a conflicting one in one line)."""
+(with the run's own options, refusing a conflicting one in one line); a refusal is said once, not per process."""
 from __future__ import annotations
 
 import csv
@@ -29,6 +29,10 @@ def test_two_gloo_processes_train_save_once_and_resume(tmp_path):
     common = ["train", "base", "--out", str(out), "--crop", "64", "--batch-size", "4", "--backbone", "mobilenetv2",
               "--device", "cpu", "--num-workers", "0", "--val-every", "2", "--val-samples", "2", "--log-every", "1",
               "--save-every", "2"]
+    refused = torchrun(*common, "--steps", "2", "--init", str(tmp_path / "missing.pth"))  # each process reads it
+    assert refused.returncode != 0
+    assert refused.stderr.count("bgmatte train: error:") == 1, refused.stderr[-3000:]
+    assert "missing.pth: checkpoint not found" in refused.stderr
     first = torchrun(*common, "--steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     conflicting = torchrun("train", "base", "--out", str(out), "--resume", "--crop", "96", "--device", "cpu")

@@ -355,7 +355,7 @@ def test_resuming_from_the_command_line_keeps_the_runs_options(tmp_path):
 def test_only_the_temporary_files_of_interrupted_saves_are_removed(tmp_path):
     dead = 99_999_999
     ours = [tmp_path / f".state.pt.{dead}.tmp", tmp_path / f".last.safetensors.{dead}.tmp",
-            tmp_path / f".best.safetensors.{os.getpid()}.tmp"]
+            tmp_path / f".best.safetensors.{os.getpid()}.tmp", tmp_path / f".train.csv.{dead}.tmp"]
     for path in ours:
         path.write_bytes(b"half a file")
     loop.save_model_weights(MattingBase("mobilenetv2"), tmp_path / "w.safetensors", {"format": "bgmatte"})
@@ -387,6 +387,25 @@ def test_weights_are_written_through_our_own_temporary_name(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
     assert torch.equal(load_file(str(tmp_path / "last.safetensors"))["decoder.conv4.weight"],
                        model.state_dict()["decoder.conv4.weight"])
+
+
+def test_a_log_rewritten_on_resume_survives_a_crash_midway(tmp_path, monkeypatch):
+    log = tmp_path / "train.csv"
+    log.write_text("step,loss,time\n1,0.5,10\n2,0.4,11\n3,0.3,12\n")
+    earlier = log.read_bytes()
+
+    class FullDisk(csv.DictWriter):
+        def writerows(self, rows):
+            raise OSError(28, "No space left on device")  # after the header went out
+
+    monkeypatch.setattr(loop.csv, "DictWriter", FullDisk)
+    with pytest.raises(BgmatteError, match="train.csv: cannot write the log .No space left on device"):
+        loop.CsvLog(log, ["step", "loss", "time"], resume_step=2)
+    assert log.read_bytes() == earlier and [p.name for p in tmp_path.iterdir()] == ["train.csv"]
+    monkeypatch.undo()
+    resumed = loop.CsvLog(log, ["step", "loss", "time"], resume_step=2)
+    resumed.write({"step": 3, "loss": 0.25, "time": "13"})
+    assert [(row["step"], row["loss"]) for row in read_rows(log)] == [("1", "0.5"), ("2", "0.4"), ("3", "0.25")]
 
 
 def test_a_state_holding_code_is_refused(tmp_path):
@@ -487,10 +506,12 @@ def test_learning_rates_per_part_follow_the_paper_and_can_be_overridden():
         == {"backbone", "aspp", "decoder"}
 
 
-def test_stage_defaults_for_crop_and_refined_pixels():
-    assert TrainOptions(stage="base", out="x").crop_size == 256
+def test_stage_defaults_for_crop_batch_and_refined_pixels():
+    base = TrainOptions(stage="base", out="x")
+    assert (base.crop_size, base.batch_size) == (256, 8)
     refine = TrainOptions(stage="refine", out="x")
-    assert refine.crop_size == 512 and refine.refine_sample_pixels == scaled_sample_pixels(512)
+    assert (refine.crop_size, refine.batch_size) == (512, 4)
+    assert refine.refine_sample_pixels == scaled_sample_pixels(512)
     assert scaled_sample_pixels(1536) == 80_000 and scaled_sample_pixels(8) == 16
     model = loop.build_model(refine, "mobilenetv2")
     assert model.backbone_scale == 0.25 and model.refiner.mode == "sampling"
@@ -516,6 +537,34 @@ def test_one_image_per_process_is_refused_on_the_cpu(tmp_path):
         loop.train(tiny_options(tmp_path, batch_size=1))
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--precision", "fp16"], "--precision fp16 needs a GPU"),
+    (["--init", "missing.pth"], "missing.pth: checkpoint not found"),
+    (["--log", "tensorboard"], "TensorBoard is not installed"),
+])
+def test_refusals_are_said_by_rank_0_alone(tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    command = ["train", "base", "--out", str(tmp_path / "run"), *TINY, "--steps", "1", "--num-workers", "0", *extra]
+    monkeypatch.setenv("RANK", "1")  # a helper process of a torchrun group: it exits without a word
+    assert main(command) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(command) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bgmatte train: error: ") and message in lines[0], lines
+
+
+def test_a_refusal_of_one_process_stops_them_all_and_rank_0_says_it(monkeypatch):
+    runtime = loop.Runtime(torch.device("cpu"), rank=0, world_size=3)
+    loop._refuse_together(loop.Runtime(torch.device("cpu")), None)  # nothing refused: nothing raised
+    monkeypatch.setattr(loop.dist, "all_gather_object", lambda gathered, mine: gathered.__setitem__(
+        slice(None), [mine, None, "this GPU has no bfloat16"]))
+    with pytest.raises(loop.RunRefused, match="^process 2: this GPU has no bfloat16$"):
+        loop._refuse_together(runtime, None)
+    with pytest.raises(loop.RunRefused, match="^mine$"):
+        loop._refuse_together(runtime, "mine")
+
+
 def test_fp16_needs_a_gpu():
     with pytest.raises(BgmatteError, match="GPU"):
         loop.autocast_dtype("fp16", torch.device("cpu"))
@@ -538,6 +587,30 @@ def test_a_base_checkpoint_fills_everything_but_the_refiner():
     broken = {**base, "decoder.conv4.weight": torch.zeros(1)}
     with pytest.raises(BgmatteError, match="wrong shape"):
         loop.load_initial_weights(MattingBase("mobilenetv2"), broken, Path("broken.pth"))
+
+
+@pytest.mark.parametrize("stage", ["base", "refine"])
+def test_the_command_line_leaves_the_options_not_given_to_train_options(stage):
+    args = build_parser().parse_args(["train", stage, "--out", "x"])
+    options, given = training_options(args)
+    assert options == TrainOptions(stage=stage, out=Path("x"))  # every default is TrainOptions' own
+    assert given == {"stage", "out", "resume"}
+    args = build_parser().parse_args(["train", stage, "--out", "x", "--quiet", "--save-every", "15m",
+                                      "--lr-decoder", "1e-3", "--seed", "0", "--num-workers", "2"])
+    options, given = training_options(args)
+    assert not options.progress and (options.save_every, options.save_minutes) == (0, 15.0)
+    assert options.lr == {"decoder": 1e-3}
+    assert given == {"stage", "out", "resume", "progress", "save_every", "save_minutes", "lr", "seed",
+                     "num_workers"}  # given, even at their default values
+
+
+def test_a_dataset_of_files_needs_its_folders_once_the_options_are_complete():
+    with pytest.raises(BgmatteError, match="--dataset aim needs --data-root .* and --backgrounds"):
+        TrainOptions(stage="base", out="x", dataset="aim", data_root="d")
+    waiting = TrainOptions(stage="base", out="x", dataset="aim", resume=True)  # the run's folders come later
+    with pytest.raises(BgmatteError, match="needs --data-root"):
+        waiting.check_combinations()
+    TrainOptions(stage="base", out="x", dataset="aim", data_root="d", backgrounds="b").check_combinations()
 
 
 def test_save_every_takes_steps_or_minutes():

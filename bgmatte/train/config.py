@@ -25,6 +25,9 @@ PAPER_LEARNING_RATES: dict[str, dict[str, float]] = {
 DEFAULT_CROP = {"base": 256, "refine": 512}
 """Square crop side per stage when none is given (the reference used 256-512 and 1024-2048)."""
 
+DEFAULT_BATCH = {"base": 8, "refine": 4}
+"""Global batch per stage when none is given (the refine stage's crops are larger)."""
+
 PAPER_SAMPLE_PIXELS = 80_000
 PAPER_REFINE_CROP = 1536
 """The reference refined 80,000 pixels of crops 1024 to 2048 pixels wide (1536 on average); smaller
@@ -51,7 +54,8 @@ class TrainOptions:
         backbone: ``mobilenetv2``, ``resnet50`` or ``resnet101``; None takes it from ``init`` or
             uses ``mobilenetv2``.
         steps: total optimiser steps of the run (a resumed run continues up to this).
-        batch_size: the global batch, split evenly over the processes of a distributed run.
+        batch_size: the global batch, split evenly over the processes of a distributed run (None: the
+            stage's, ``DEFAULT_BATCH``; the options hold the number once made).
         train_samples: train on the dataset's first this many items only (None: all), for example a
             fixed pool of synthetic samples, or one batch to overfit.
         crop: square training crop side (a multiple of 4 for refine).
@@ -87,7 +91,7 @@ class TrainOptions:
     backgrounds: Path | None = None
     backbone: str | None = None
     steps: int = 10_000
-    batch_size: int = 8
+    batch_size: int | None = None
     train_samples: int | None = None
     crop: int | None = None
     init: Path | None = None
@@ -118,6 +122,8 @@ class TrainOptions:
         object.__setattr__(self, "lr", dict(self.lr))
         if self.stage not in STAGES:
             raise BgmatteError(f"unknown training stage {self.stage!r}: choose one of {', '.join(STAGES)}")
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", DEFAULT_BATCH[self.stage])
         if self.precision not in PRECISIONS:
             raise BgmatteError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.log not in LOGGERS:
@@ -166,6 +172,9 @@ class TrainOptions:
                                "network less than 16 pixels; use a larger crop")
         if self.freeze_base and set(self.lr) - {"refiner"}:
             raise BgmatteError("with --freeze-base only the refiner learns: give --lr-refiner alone")
+        if self.dataset.lower() != "synthetic" and (self.data_root is None or self.backgrounds is None):
+            raise BgmatteError(f"--dataset {self.dataset} needs --data-root (the dataset's folder) and "
+                               "--backgrounds (a folder of background images)")
 
     @property
     def crop_size(self) -> int:

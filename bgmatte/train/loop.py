@@ -14,6 +14,7 @@ reads), ``state.pt`` (model, optimiser, loss scaler, step, random states; read w
 from __future__ import annotations
 
 import csv
+import importlib
 import math
 import os
 import random
@@ -423,13 +424,17 @@ def preserved_random_state():
 
 CHECKPOINT_FILES = ("last.safetensors", "best.safetensors", "state.pt")
 """The files a run rewrites as it goes, each through a temporary ``.NAME.PID.tmp`` beside it."""
-_OUR_TEMPORARY = re.compile(r"\.(" + "|".join(re.escape(name) for name in CHECKPOINT_FILES) + r")\.(\d+)\.tmp")
+LOG_FILES = ("train.csv", "valid.csv")
+"""The CSV logs, rewritten the same way when a run starts or resumes (and appended to as it goes)."""
+_OUR_TEMPORARY = re.compile(r"\.(" + "|".join(re.escape(name) for name in CHECKPOINT_FILES + LOG_FILES)
+                            + r")\.(\d+)\.tmp")
 _SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 """The name safetensors gave its own temporary file when it wrote our weights straight to their path."""
 
 
 def _own_temporary(path: Path) -> Path:
-    """The temporary name this process saves ``path`` under (`CHECKPOINT_FILES`, `remove_stale_temporaries`)."""
+    """The temporary name this process writes ``path`` under (`CHECKPOINT_FILES`, `LOG_FILES`,
+    `remove_stale_temporaries`)."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
@@ -468,7 +473,7 @@ def _holds_bgmatte_weights(path: Path) -> bool:
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete the temporary files that interrupted saves left in a run's folder, and return them.
 
-    Only two kinds are touched: ``.NAME.PID.tmp`` for a checkpoint file whose process no longer runs here,
+    Only two kinds are touched: ``.NAME.PID.tmp`` for a checkpoint or log file whose process no longer runs here,
     and ``.tmpXXXXXX`` files holding bgmatte weights, which safetensors itself made for earlier versions.
     Anything else, links included, is left alone; a file that cannot be removed stays too.
     """
@@ -579,18 +584,22 @@ class CsvLog:
 
     def __init__(self, path: Path, columns: list[str], resume_step: int | None) -> None:
         self.path, self.columns = path, columns
+        kept: list[dict[str, str]] = []
         if resume_step is not None and path.is_file():
             with path.open(newline="") as file:
                 kept = [row for row in csv.DictReader(file) if int(row.get("step") or 0) <= resume_step]
-            self._rewrite(kept)
-        elif not path.is_file() or resume_step is None:
-            self._rewrite([])
+        self._rewrite(kept)
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
-        with self.path.open("w", newline="") as file:
-            writer = csv.DictWriter(file, self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        """Write the header and ``rows`` through a temporary file, so that a crash meanwhile leaves the earlier
+        log whole (rows are then appended in place: a crash loses at most the row being written)."""
+        def write(temporary: Path) -> None:
+            with temporary.open("w", newline="") as file:
+                writer = csv.DictWriter(file, self.columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        write_through_temporary(self.path, write, "the log", temporary=_own_temporary(self.path))
 
     def write(self, row: dict[str, object]) -> None:
         """Append one row (floats to 6 significant digits)."""
@@ -632,10 +641,10 @@ class Logger:
 
 
 def check_logging(options: TrainOptions) -> None:
-    """Fail early, in every process, when the log format asked for cannot be written."""
+    """Fail early when the log format asked for cannot be written (rank 0 checks, as it is the one that logs)."""
     if options.log == "tensorboard":
         try:
-            import tensorboard  # noqa: F401
+            importlib.import_module("tensorboard")
         except ImportError:
             raise BgmatteError("--log tensorboard: TensorBoard is not installed (pip install tensorboard); "
                                "or use --log csv") from None
@@ -683,8 +692,22 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 class RunRefused(BgmatteError):
-    """A refusal that every process of the run reaches alike (rank 0 decided it and told the others, or
-    each checked the same options), so that only rank 0 need print it."""
+    """A refusal that every process of the run raises alike (rank 0 decided it and told the others, or the
+    processes told each other theirs), so that only rank 0 need print it."""
+
+
+def _refuse_together(runtime: Runtime, refusal: str | None) -> None:
+    """Raise RunRefused in every process if any of them refused to go on (``refusal`` is this one's reason, or
+    None): rank 0's reason, else that of the lowest rank with one, naming it. So a refusal that only some
+    processes reach (a GPU without bfloat16, a file another node lacks) is neither left unsaid, since rank 0
+    alone speaks, nor leaves the other processes waiting for it."""
+    refusals = [refusal]
+    if runtime.distributed:
+        refusals = [None] * runtime.world_size
+        dist.all_gather_object(refusals, refusal)
+    for rank, reason in enumerate(refusals):
+        if reason is not None:
+            raise RunRefused(reason if rank == 0 else f"process {rank}: {reason}")
 
 
 def train(options: TrainOptions, given: Collection[str] | None = None) -> TrainResult:
@@ -811,7 +834,7 @@ def resumed_options(options: TrainOptions, saved: dict[str, object], given: Coll
     return resumed
 
 
-RUN_FILES = (*CHECKPOINT_FILES, "train.csv", "valid.csv", "samples", "tensorboard")
+RUN_FILES = (*CHECKPOINT_FILES, *LOG_FILES, "samples", "tensorboard")
 """What a run writes in its folder; a new run refuses a folder that holds any of them."""
 
 
@@ -857,7 +880,8 @@ def _open_run_folder(options: TrainOptions, given: Collection[str] | None
         if options.backbone is not None and options.backbone != saved["backbone"]:
             raise BgmatteError(f"{state_path}: is a {saved['backbone']} run, not {options.backbone}")
         options = resumed_options(options, saved, given, state_path)
-    else:
+    check_logging(options)  # only rank 0 logs; and a resumed run's --log may be the run's own
+    if not options.resume:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -885,8 +909,8 @@ def _prepare_run_folder(options: TrainOptions, runtime: Runtime, given: Collecti
                         ) -> tuple[TrainOptions, dict[str, object] | None]:
     """Before anything is built, rank 0 readies the run's folder: it creates it for a new run (refusing
     one that holds an earlier run), or reads the state of the run to resume and settles its options (its
-    paths made absolute, to be saved so); then it removes what interrupted saves left. The options and
-    state, or the refusal, go to every process."""
+    paths made absolute, to be saved so); it checks that the logs asked for can be written, and removes what
+    interrupted saves left. The options and state, or the refusal, go to every process."""
     message, saved = None, None
     if runtime.is_main:
         try:
@@ -910,15 +934,36 @@ class _Run:
     def __init__(self, options: TrainOptions, runtime: Runtime, given: Collection[str] | None = None) -> None:
         options, saved = _prepare_run_folder(options, runtime, given)
         self.options, self.runtime = options, runtime
-        check_logging(options)
+        refusal = None
+        try:
+            self._build(saved)
+        except BgmatteError as exc:
+            refusal = str(exc)
+        _refuse_together(runtime, refusal)
+        self.model: nn.Module = self.network
+        if runtime.distributed:
+            device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.network, device_ids=device_ids)
+
+        self.logger: Logger | None = None
+        self.valid_batches: list[dict[str, Tensor]] = []
+        if runtime.is_main:
+            self.logger = Logger(options, self.step if saved is not None else None)
+            self.valid_batches = validation_batches(options, runtime, self.per_process)
+
+    def _build(self, saved: dict[str, object] | None) -> None:
+        """Set up this process's model, optimiser and loss scaler, from the initial weights or the saved state.
+        What it refuses (the batch size, the precision on this device, the --init file, a saved optimiser that
+        does not fit) is a BgmatteError, on which the processes then agree (`_refuse_together`)."""
+        options, runtime = self.options, self.runtime
         self.per_process, remainder = divmod(options.batch_size, runtime.world_size)
         if remainder:
-            raise RunRefused(f"--batch-size {options.batch_size} does not split evenly over "
-                             f"{runtime.world_size} processes")
+            raise BgmatteError(f"--batch-size {options.batch_size} does not split evenly over "
+                               f"{runtime.world_size} processes")
         self.sync_bn = runtime.distributed and runtime.device.type == "cuda"
         if self.per_process < 2 and not self.sync_bn:
-            raise RunRefused(f"--batch-size {options.batch_size} leaves {self.per_process} image per process, "
-                             "and batch norm needs at least 2 (only SyncBatchNorm, on GPUs, pools processes)")
+            raise BgmatteError(f"--batch-size {options.batch_size} leaves {self.per_process} image per process, "
+                               "and batch norm needs at least 2 (only SyncBatchNorm, on GPUs, pools processes)")
         self.amp = autocast_dtype(options.precision, runtime.device)
 
         init_state = None
@@ -951,16 +996,6 @@ class _Run:
         self.step, self.best, self.saved_step = 0, math.inf, -1
         if saved is not None:
             self._restore(saved)
-        self.model: nn.Module = network
-        if runtime.distributed:
-            device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
-
-        self.logger: Logger | None = None
-        self.valid_batches: list[dict[str, Tensor]] = []
-        if runtime.is_main:
-            self.logger = Logger(options, self.step if saved is not None else None)
-            self.valid_batches = validation_batches(options, runtime, self.per_process)
 
     # -- saved state --------------------------------------------------------------------------
 
