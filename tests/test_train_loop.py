@@ -408,6 +408,19 @@ def test_a_log_rewritten_on_resume_survives_a_crash_midway(tmp_path, monkeypatch
     assert [(row["step"], row["loss"]) for row in read_rows(log)] == [("1", "0.5"), ("2", "0.4"), ("3", "0.25")]
 
 
+def test_a_resumed_log_drops_damaged_rows_and_refuses_a_file_that_is_no_log(tmp_path, capsys):
+    log = tmp_path / "train.csv"
+    # Row 3 was cut short by a crash while it was appended; one row's step is not a number.
+    log.write_text("step,loss,time\n1,0.5,10\nx,0.45,10\n2,0.4,11\n3,0.3\n")
+    loop.CsvLog(log, ["step", "loss", "time"], resume_step=5)
+    assert [(row["step"], row["loss"]) for row in read_rows(log)] == [("1", "0.5"), ("2", "0.4")]
+    assert "dropped 2 damaged row(s)" in capsys.readouterr().err
+    log.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(BgmatteError, match="train.csv: cannot read this log"):
+        loop.CsvLog(log, ["step", "loss", "time"], resume_step=5)
+    assert log.read_bytes() == b"\xff\xfe\x00binary"
+
+
 def test_a_state_holding_code_is_refused(tmp_path):
     import pickle
 

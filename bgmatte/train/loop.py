@@ -584,11 +584,30 @@ class CsvLog:
 
     def __init__(self, path: Path, columns: list[str], resume_step: int | None) -> None:
         self.path, self.columns = path, columns
-        kept: list[dict[str, str]] = []
-        if resume_step is not None and path.is_file():
-            with path.open(newline="") as file:
-                kept = [row for row in csv.DictReader(file) if int(row.get("step") or 0) <= resume_step]
+        kept = self._rows_up_to(resume_step) if resume_step is not None and path.is_file() else []
         self._rewrite(kept)
+
+    def _rows_up_to(self, step: int) -> list[dict[str, str]]:
+        """The log's whole rows up to ``step``; a row cut short (a crash while it was appended) or whose step is
+        not a number is dropped with a warning, and a file that is not a CSV log is refused."""
+        kept, dropped = [], 0
+        try:
+            with self.path.open(newline="", encoding="utf-8") as file:
+                for row in csv.DictReader(file):
+                    try:
+                        row_step = int(row.get("step") or "")
+                    except ValueError:
+                        row_step = None
+                    if row_step is None or None in row.values() or None in row:
+                        dropped += 1
+                    elif row_step <= step:
+                        kept.append(row)
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise BgmatteError(f"{self.path}: cannot read this log ({exc}); move it away to resume") from None
+        if dropped:
+            print(f"bgmatte train: {self.path}: dropped {dropped} damaged row(s) (cut short, or without a step)",
+                  file=sys.stderr)
+        return kept
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
         """Write the header and ``rows`` through a temporary file, so that a crash meanwhile leaves the earlier
