@@ -314,10 +314,10 @@ def benchmark_pipeline(options: BenchOptions) -> PipelineBenchResult:
     _check_options(options)
     if options.backend != "torch":
         raise BgmatteError(f"the pipeline benchmark (--pipeline) runs the torch fast path: backend "
-                           f"{options.backend} goes without it")
+                           f"{options.backend} (--backend) goes without it")
     if options.plate_solve == "compare":
-        raise BgmatteError("the pipeline benchmark (--pipeline) times one model: plate_solve must be off or on, "
-                           "not compare")
+        raise BgmatteError("the pipeline benchmark (--pipeline) times one model: the plate solve (--plate-solve) "
+                           "must be off or on, not compare")
     plain, weights, options = _plain_model(options, resolve_device(options.device))
     predictor = Predictor(optimize_model(plain), precision=options.precision)
     speed = measure_pipeline(predictor, width=options.width, height=options.height, batch_size=options.batch,

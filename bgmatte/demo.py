@@ -1,9 +1,11 @@
 """The demo job: a generated shot and its plate, matted by the default model into videos a person can open."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from bgmatte.io.files import check_destination
+from bgmatte.errors import BgmatteError
+from bgmatte.io.files import check_destination, refuse_existing
 from bgmatte.io.images import write_png
 from bgmatte.io.video import VideoWriter
 from bgmatte.sample import sample_frame, sample_plate
@@ -30,9 +32,14 @@ def run_demo(out_dir: str | Path, *, checkpoint: str | None = None, overwrite: b
 
     out_dir = Path(out_dir)
     composite, alpha = out_dir / "com.mp4", out_dir / "com_pha.mp4"
-    for path in (out_dir / "sample.mp4", out_dir / "plate.png", composite, alpha):
-        check_destination(path, overwrite)  # all four, before the model loads; makes the folder
+    outputs = (out_dir / "sample.mp4", out_dir / "plate.png", composite, alpha)
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise BgmatteError(f"{out_dir}: is a file, not a folder (for the demo's outputs)")
+    for path in outputs:
+        refuse_existing(path, overwrite)  # all four, before anything slow
     model = load_model(checkpoint)  # fails early, with a clear message, when there are no weights
+    for path in outputs:
+        check_destination(path, overwrite)  # makes the folder, now that there is something to write
     video, plate = write_sample(out_dir)
     convert_video(video, plate, output=composite, outputs=("com", "pha"), target_bgr="#3a7bd5", model=model,
                   overwrite=True, progress=progress)

@@ -64,7 +64,6 @@ OUTPUT_KINDS = ("com", "pha", "fgr", "err", "ref")
 # The reference script's composite background when no target is given.
 REFERENCE_GREEN = (120, 255, 155)
 PLATE_SAMPLES = 30  # frames sampled for an automatic plate
-_BACKDROP_SIZES = 4  # image sizes a folder of photos keeps its target background scaled to
 _QUEUE_BATCHES = 2  # batches waiting between two stages
 
 ModelLike = Any  # nn.Module | Predictor | ModelOptions | str | os.PathLike | None
@@ -597,7 +596,7 @@ class OutputFile:
     path: Path
     folder: bool
     alpha: bool
-    encoder: EncoderChoice | None = None
+    encoder: EncoderChoice | None = field(default=None, compare=False, repr=False)  # a dict: not part of the hash
 
 
 def _sequence_name(path: Path) -> bool:
@@ -1201,9 +1200,9 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, kinds: Sequen
     options = _size_options(model)
     predictor: Predictor | None = None
     cached_plate: tuple[Path, np.ndarray] | None = None  # one plate file for many images is read once
-    # An image target is read once too, and scaled once per image size (a few sizes kept: photos mostly share one).
+    # An image target is read once too, and scaled again only when the size changes.
     picture = read_image(target_bgr.path) if target_bgr.kind == "image" else None
-    backdrops: dict[tuple[int, int], Tensor | None] = {}
+    backdrop: tuple[tuple[int, int], Tensor | None] | None = None  # at the last size: photos mostly share one
     written: dict[str, list[Path]] = {kind: [] for kind in kinds}
     pending: list[tuple[str, Future]] = []
 
@@ -1232,12 +1231,10 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, kinds: Sequen
                 if align:
                     plate = PlateAligner(plate).align(image)[0]
                 try:
-                    if (width, height) not in backdrops:
-                        if len(backdrops) == _BACKDROP_SIZES:
-                            del backdrops[next(iter(backdrops))]  # the size seen first goes
+                    if backdrop is None or backdrop[0] != (width, height):
                         with TargetFrames(target_bgr, width, height, device=predictor.device, picture=picture) as target:
-                            backdrops[width, height] = target.take(1)
-                    frames = _matte_one(predictor, image, plate, kinds, target_bgr, backdrops[width, height],
+                            backdrop = ((width, height), target.take(1))
+                    frames = _matte_one(predictor, image, plate, kinds, target_bgr, backdrop[1],
                                         match_exposure)
                 except Exception as exc:
                     if not isinstance(exc, NotEnoughMemory) and not is_out_of_memory(exc):

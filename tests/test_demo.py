@@ -47,8 +47,13 @@ def test_the_demo_keeps_an_existing_sample_and_says_so(tmp_path, capsys):
 def test_a_file_given_as_the_demo_folder_is_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("mine")
     code, err = run(capsys, "demo", "--out", tmp_path / "afile", "--quiet")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "afile" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "afile: is a file, not a folder" in err
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_demo_whose_model_cannot_load_leaves_no_folder(tmp_path, capsys):
+    code, err = run(capsys, "demo", "--out", tmp_path / "demo", "--checkpoint", tmp_path / "nothere.pth", "--quiet")
+    assert code == 2 and "nothere.pth: checkpoint not found" in err and not (tmp_path / "demo").exists()
 
 
 def test_version_is_the_installed_package_version(capsys):

@@ -554,7 +554,7 @@ def test_matte_images_with_one_plate_a_target_and_exposure_matching(tmp_path):
     assert background_pixels(com, 4).min() >= 250
 
 
-def test_matte_images_reads_an_image_target_once_and_scales_it_once_per_size(tmp_path, monkeypatch):
+def test_matte_images_reads_an_image_target_once_and_scales_it_when_the_size_changes(tmp_path, monkeypatch):
     import bgmatte.pipeline as pipeline
 
     plate, sources = plate_image(), tmp_path / "src"
@@ -564,8 +564,8 @@ def test_matte_images_reads_an_image_target_once_and_scales_it_once_per_size(tmp
     write_png(target, plate_image(150, 80, seed=7))
     big = plate_image(2 * WIDTH, 2 * HEIGHT, seed=0)
     write_png(sources / "a.png", subject_frame(plate, 2))
-    write_png(sources / "b.png", subject_frame(big, 3))  # another size between two of the same
-    write_png(sources / "c.png", subject_frame(plate, 4))
+    write_png(sources / "b.png", subject_frame(plate, 3))
+    write_png(sources / "c.png", subject_frame(big, 4))
     reads, covers = [], []
     read_image, cover = pipeline.read_image, pipeline.cover
     monkeypatch.setattr(pipeline, "read_image", lambda path: reads.append(Path(path).name) or read_image(path))
@@ -573,7 +573,7 @@ def test_matte_images_reads_an_image_target_once_and_scales_it_once_per_size(tmp
     together = matte_images(sources, plate_file, output_dir=tmp_path / "out", outputs=["com"], target_bgr=str(target),
                             model=DifferenceModel(), progress=False)
     assert reads.count("beach.png") == 1
-    assert covers == [(WIDTH, HEIGHT), (2 * WIDTH, 2 * HEIGHT)]
+    assert covers == [(WIDTH, HEIGHT), (2 * WIDTH, 2 * HEIGHT)]  # b.png takes a.png's
     for index, source in enumerate(sorted(sources.iterdir())):  # the same pixels as each photo matted alone
         alone = matte_images([source], plate_file, output_dir=tmp_path / f"alone{index}", outputs=["com"],
                              target_bgr=str(target), model=DifferenceModel(), progress=False)

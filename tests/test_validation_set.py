@@ -26,7 +26,7 @@ def test_a_small_set_has_every_folder_and_a_trimap_that_fits_its_alpha(tmp_path)
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("count", "at least 1"), ("file", "is a file"), ("missing photos", "no such folder"),
+    ("count", "at least 1"), ("file", "is a file"), ("dangling link", "is a file"), ("missing photos", "no such folder"),
     ("empty photos", "no images"), ("not empty", "--overwrite"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, needle):
@@ -34,6 +34,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, needle
     argv = [str(out), "--count", "0" if case == "count" else "1"]
     if case == "file":
         out.write_text("mine")
+    if case == "dangling link":
+        out.symlink_to(tmp_path / "nowhere")
     if case == "missing photos":
         argv += ["--photos", str(tmp_path / "nothere")]
     if case == "empty photos":
@@ -47,6 +49,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, needle
     assert len(lines) == 1 and needle in lines[0], lines
     if case == "file":
         assert out.read_text() == "mine"
+    elif case == "dangling link":
+        assert out.is_symlink() and not (tmp_path / "nowhere").exists()
     elif case == "not empty":
         assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
     else:

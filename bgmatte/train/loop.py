@@ -953,9 +953,14 @@ class _Run:
     def __init__(self, options: TrainOptions, runtime: Runtime, given: Collection[str] | None = None) -> None:
         options, saved = _prepare_run_folder(options, runtime, given)
         self.options, self.runtime = options, runtime
+        self.logger: Logger | None = None
+        self.valid_batches: list[dict[str, Tensor]] = []
         refusal = None
         try:
             self._build(saved)
+            if runtime.is_main:  # the logs and the validation set are rank 0's alone, their refusals too
+                self.logger = Logger(options, self.step if saved is not None else None)
+                self.valid_batches = validation_batches(options, runtime, self.per_process)
         except BgmatteError as exc:
             refusal = str(exc)
         _refuse_together(runtime, refusal)
@@ -963,12 +968,6 @@ class _Run:
         if runtime.distributed:
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.network, device_ids=device_ids)
-
-        self.logger: Logger | None = None
-        self.valid_batches: list[dict[str, Tensor]] = []
-        if runtime.is_main:
-            self.logger = Logger(options, self.step if saved is not None else None)
-            self.valid_batches = validation_batches(options, runtime, self.per_process)
 
     def _build(self, saved: dict[str, object] | None) -> None:
         """Set up this process's model, optimiser and loss scaler, from the initial weights or the saved state.

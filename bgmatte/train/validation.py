@@ -6,6 +6,7 @@ held-out evaluation uses (1280x720), so the model and the classical baseline can
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +45,7 @@ def make_validation_set(out_dir: str | Path, *, count: int = 24, width: int = 12
     out = Path(out_dir)
     if count < 1:
         raise BgmatteError(f"the count of samples must be at least 1, not {count}")
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():  # a file, or a link to nowhere
         raise BgmatteError(f"{out}: is a file, not a folder (for the validation set)")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise BgmatteError(f"{out}: already exists and is not empty (pass overwrite=True, or --overwrite, to "
