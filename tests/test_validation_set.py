@@ -1,6 +1,8 @@
 """`python -m bgmatte.train.validation`: a validation set laid out for `bgmatte eval`, and its refusals."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -25,13 +27,34 @@ def test_a_small_set_has_every_folder_and_a_trimap_that_fits_its_alpha(tmp_path)
     assert (read_image(again / "src" / "0001.png") == read_image(out / "src" / "0001.png")).all()  # seeded
 
 
+def test_overwrite_removes_the_earlier_sets_samples_and_nothing_else(tmp_path):
+    out = make_validation_set(tmp_path / "val", count=3, width=48, height=32)
+    (out / "src" / "notes.txt").write_text("mine")
+    (out / "pha" / "0001.jpg").write_text("mine")
+    (out / "fgr" / "extra.png").write_text("mine")
+    (out / "trimap" / "0002.png").unlink()
+    (out / "trimap" / "0002.png").mkdir()  # a folder, even one named like a sample, is left alone
+    make_validation_set(out, count=1, width=48, height=32, overwrite=True)
+    kept = {"src": ["notes.txt"], "pha": ["0001.jpg"], "fgr": ["extra.png"], "trimap": ["0002.png"]}
+    for name in ("src", "bgr", "pha", "fgr", "trimap"):
+        assert sorted(path.name for path in (out / name).iterdir()) == sorted(["0000.png", *kept.get(name, [])]), name
+
+
 @pytest.mark.parametrize("case, needle", [
     ("count", "at least 1"), ("file", "is a file"), ("dangling link", "is a file"), ("missing photos", "no such folder"),
-    ("empty photos", "no images"), ("not empty", "--overwrite"),
+    ("empty photos", "no images"), ("not empty", "--overwrite"), ("photos is a file", "is a file, not a folder"),
+    ("under a file", "cannot create this folder"), ("uncreatable", "cannot create this folder"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, needle):
-    out = tmp_path / "val"
+    plate = tmp_path / "plate.png"
+    out = {"under a file": plate / "sub", "uncreatable": Path("/proc/bgmatte-test")}.get(case, tmp_path / "val")
+    if case == "uncreatable" and not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc, where no folder can be created")
     argv = [str(out), "--count", "0" if case == "count" else "1"]
+    if case in ("under a file", "photos is a file"):
+        write_png(plate, np.zeros((8, 8, 3), np.uint8))
+    if case == "photos is a file":
+        argv += ["--photos", str(plate)]
     if case == "file":
         out.write_text("mine")
     if case == "dangling link":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,8 @@ from bgmatte.train.data import SyntheticDataset, load_images
 # A plate shot right after the take: the background is the same, but each capture has its own sensor
 # noise. The training augmentations (plate colour drift, misalignment, cast shadows) stay off.
 CLEAN_PLATE = replace(SYNTHETIC, plate_color_probability=0.0, plate_affine_probability=0.0, shadow_probability=0.0)
+FOLDERS = ("src", "bgr", "pha", "fgr", "trimap")
+_SAMPLE_NAME = re.compile(r"\d{4,}\.png")  # the names the set's samples are written under: 0000.png ...
 
 
 def trimap_from_alpha(pha: np.ndarray, band: int = 7) -> np.ndarray:
@@ -35,6 +38,18 @@ def trimap_from_alpha(pha: np.ndarray, band: int = 7) -> np.ndarray:
     trimap = np.where(known_fg, 255, 0).astype(np.uint8)
     trimap[unknown] = 128
     return trimap
+
+
+def remove_samples(out: Path) -> None:
+    """Delete an earlier set's samples from ``out`` (only files named like them, NNNN.png), so that a smaller
+    set written over a larger one does not keep the larger one's extra samples beside its own."""
+    for name in FOLDERS:
+        try:
+            for path in (out / name).iterdir():
+                if _SAMPLE_NAME.fullmatch(path.name) and not path.is_dir():
+                    path.unlink()
+        except OSError as exc:
+            raise BgmatteError(f"{out / name}: cannot remove the earlier samples ({exc.strerror or exc})") from None
 
 
 def make_validation_set(out_dir: str | Path, *, count: int = 24, width: int = 1280, height: int = 720,
@@ -52,12 +67,21 @@ def make_validation_set(out_dir: str | Path, *, count: int = 24, width: int = 12
                            "write into it)")
     pictures = None
     if photos is not None:
+        if Path(photos).exists() and not Path(photos).is_dir():
+            raise BgmatteError(f"{photos}: is a file, not a folder (of photographs)")
         pictures = load_images(photos)  # a missing folder is one line from here
         if not pictures:  # the generator would fall back on procedural textures alone, without a word
             raise BgmatteError(f"{photos}: no images in this folder")
     dataset = SyntheticDataset((height, width), count, seed=seed, photos=pictures, augment=augment)
-    for name in ("src", "bgr", "pha", "fgr", "trimap"):
-        (out / name).mkdir(parents=True, exist_ok=True)
+    for folder in (out, *(out / name for name in FOLDERS)):  # the set's folder first, to be named if it fails
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BgmatteError(f"{folder}: cannot create this folder ({exc.strerror or exc})") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise BgmatteError(f"{folder}: cannot write in this folder (permission denied)")
+    if overwrite:
+        remove_samples(out)
     for index in range(count):
         item = dataset[index]
         arrays = {name: item[name].permute(1, 2, 0).numpy() for name in ("src", "bgr", "pha", "fgr")}
@@ -76,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                         "textures only)")
     parser.add_argument("--count", type=int, default=24, help="samples (default 24)")
     parser.add_argument("--seed", type=int, default=20261124, help="the generator's seed (default 20261124)")
-    parser.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
+    parser.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty, "
+                        "replacing an earlier set's samples")
     parser.add_argument("--jittered-plates", action="store_true",
                         help="plates drift in colour and alignment as in training (harder)")
     args = parser.parse_args(argv)
