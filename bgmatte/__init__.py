@@ -11,8 +11,9 @@ CVPR 2021), and loads that work's released checkpoints. The vocabulary, used thr
 - ``*_sm``: the same at the base network's reduced resolution (``backbone_scale``); ``ref_sm`` is the
   exception, always at quarter resolution.
 
-The public API is small: the networks, ``load_model``, and the one-call video and image
-functions. Everything else lives in a module named for what it does.
+The public API is small: the networks, ``load_model``, the one-call video and image functions,
+and ``ModelOptions``, their choice of model, device and precision. Everything else lives in a
+module named for what it does.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ _LAZY = {
     "MattingRefine": "bgmatte.model.matting",
     "RefineOptions": "bgmatte.model.matting",
     "load_model": "bgmatte.model.build",
+    "ModelOptions": "bgmatte.pipeline",
     "convert_video": "bgmatte.pipeline",
     "matte_images": "bgmatte.pipeline",
 }
@@ -48,4 +50,4 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # pragma: no cover
     from bgmatte.model.build import load_model
     from bgmatte.model.matting import MattingBase, MattingRefine, RefineOptions
-    from bgmatte.pipeline import convert_video, matte_images
+    from bgmatte.pipeline import ModelOptions, convert_video, matte_images

@@ -56,7 +56,14 @@ from bgmatte.io.video import (
     lower_thread_priority,
 )
 from bgmatte.plate import PlateAligner, estimate_plate, fit_exposure, sample_frames
-from bgmatte.predictor import Matte, Predictor, frames_to_tensor, settings_for_size
+from bgmatte.predictor import (
+    Matte,
+    Predictor,
+    first_parameter,
+    frames_to_tensor,
+    refuse_training_mode,
+    settings_for_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +73,7 @@ REFERENCE_GREEN = (120, 255, 155)
 PLATE_SAMPLES = 30  # frames sampled for an automatic plate
 _QUEUE_BATCHES = 2  # batches waiting between two stages
 
-ModelLike = Any  # nn.Module | Predictor | ModelOptions | str | os.PathLike | None
+ModelLike = Any  # nn.Module | OnnxMatting | Predictor | ModelOptions | str | os.PathLike | None
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -114,27 +121,67 @@ HELPER_NICENESS = 10
 the CPU (`bgmatte.io.video.lower_thread_priority`)."""
 
 
+def _loads_itself(model: ModelLike) -> bool:
+    """Whether `model` names weights for `load_predictor` to load (a checkpoint, options or None), rather than
+    being a model ready to run."""
+    return model is None or isinstance(model, (str, os.PathLike, ModelOptions))
+
+
+def _is_base_network(model: ModelLike) -> bool:
+    """Whether `model` is a bare ``MattingBase`` (not the ``MattingRefine`` subclass), for `_BaseAsRefine` to wrap."""
+    from bgmatte.model.matting import MattingBase, MattingRefine
+
+    return isinstance(model, MattingBase) and not isinstance(model, MattingRefine)
+
+
+def _base_only(model: ModelLike) -> bool:
+    """Whether `model` is the coarse network alone, which has no refiner and so no ``ref`` output."""
+    if isinstance(model, ModelOptions):
+        return model.model_type == "mattingbase"
+    network = model.model if isinstance(model, Predictor) else model
+    return isinstance(network, _BaseAsRefine) or _is_base_network(network)
+
+
+def check_model(model: ModelLike, kinds: Sequence[str] = ()) -> None:
+    """Refuse, before any work, a `model` the pipeline cannot run as given: a type it does not take, a module in
+    training mode, or the coarse network alone when the ``ref`` output (among `kinds`) is asked for."""
+    if not _loads_itself(model) and not isinstance(model, (Predictor, nn.Module)):
+        from bgmatte.export import OnnxMatting
+
+        if not isinstance(model, OnnxMatting):
+            raise BgmatteError("model takes a checkpoint path, ModelOptions, a torch module, an ONNX model from "
+                               f"load_model(backend='onnxruntime') or a Predictor, not {type(model).__name__}")
+    refuse_training_mode(model.model if isinstance(model, Predictor) else model)
+    if "ref" in kinds and _base_only(model):
+        raise BgmatteError("the ref output needs the refine model: drop ref, or use MattingRefine (model type "
+                           "mattingrefine) instead of MattingBase")
+
+
 def model_device(model: ModelLike) -> torch.device:
     """The device `load_predictor` will run `model` on, known before anything is loaded."""
     if isinstance(model, Predictor):
         return model.device
-    if isinstance(model, nn.Module):
-        return next(model.parameters(), torch.empty(0)).device
-    from bgmatte.model.build import resolve_device
+    if _loads_itself(model):
+        from bgmatte.model.build import resolve_device
 
-    return resolve_device(model.device if isinstance(model, ModelOptions) else "auto")
+        return resolve_device(model.device if isinstance(model, ModelOptions) else "auto")
+    parameter = first_parameter(model)
+    return parameter.device if parameter is not None else torch.device("cpu")  # ONNX hands back CPU tensors
 
 
 def load_predictor(model: ModelLike, width: int, height: int) -> Predictor:
-    """A `Predictor` for frames of `width` x `height` from a module, a Predictor, `ModelOptions`, a checkpoint or None.
+    """A `Predictor` for frames of `width` x `height` from a module, an ONNX model, a Predictor, `ModelOptions`,
+    a checkpoint or None.
 
-    A module is used as it is (it should be in eval mode); options and checkpoints are loaded, with
-    the speed settings left open chosen for the frame size.
+    A model is used as it is (a module must be in eval mode; a ``MattingBase`` alone is run without
+    refinement); options and checkpoints are loaded, with the speed settings left open chosen for the
+    frame size.
     """
+    check_model(model)
     if isinstance(model, Predictor):
         return model
-    if isinstance(model, nn.Module):
-        return Predictor(model)
+    if not _loads_itself(model):
+        return Predictor(_BaseAsRefine(model) if _is_base_network(model) else model)
     options = model if isinstance(model, ModelOptions) else ModelOptions(checkpoint=model)
     if options.model_type == "mattingbase":
         return Predictor(_load_base(options), precision=options.precision)
@@ -926,7 +973,10 @@ def convert_video(
             a frame where that fails uses the unaligned plate, with a warning.
         match_exposure: correct exposure and white-balance drift of the plate on each frame, fitted on
             pixels the latest matte says are background.
-        model: a module, a `Predictor`, `ModelOptions`, a checkpoint path, or None (the default model).
+        model: a checkpoint path, None (the default model), `ModelOptions` (to choose the device,
+            precision and settings), or a model ready to run: a module in eval mode (in its own
+            precision; a ``MattingBase`` has no ``ref`` output), what ``load_model(...,
+            backend="onnxruntime")`` returns, or a `Predictor`.
         batch_size: frames per model call (default 4 on a GPU, 1 on the CPU).
         overwrite: replace existing outputs instead of refusing.
         progress: show a progress bar (with fps and ETA) on stderr when it is a terminal.
@@ -939,6 +989,7 @@ def convert_video(
     started = time.perf_counter()
     src = Path(src)
     kinds = check_outputs(outputs)
+    check_model(model, kinds)
     if isinstance(target_bgr, str):
         target_bgr = parse_target_background(target_bgr)
     if batch_size is not None and batch_size < 1:
@@ -968,9 +1019,6 @@ def convert_video(
         plans = plan_video_outputs(src, kinds, output=output, output_dir=output_dir, output_format=output_format,
                                    transparent=target_bgr.kind == "transparent", overwrite=overwrite, encoder=encoder,
                                    size=size)
-        options = model if isinstance(model, ModelOptions) else None
-        if options is not None and options.model_type == "mattingbase" and "ref" in kinds:
-            raise BgmatteError("the ref output needs the refine model: drop ref, or use --model-type mattingrefine")
         predictor = load_predictor(model, *size)
         if batch_size is None:
             batch_size = 4 if predictor.device.type == "cuda" else 1
@@ -1094,9 +1142,30 @@ def _remove_empty_folders(folders: Sequence[Path]) -> None:
             pass
 
 
+def _refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[tuple[str, Path]]) -> None:
+    """Refuse an output that is one of the `inputs` ((what, path) pairs) however it is spelled, through a link
+    included, since it would destroy what is being read: ``overwrite`` replaces old outputs, never inputs."""
+    known: dict[tuple[int, int], tuple[str, Path]] = {}
+    for what, path in inputs:
+        try:
+            status = os.stat(path)
+        except OSError:
+            continue  # a missing input is named when it is read
+        known.setdefault((status.st_dev, status.st_ino), (what, path))  # what os.path.samefile compares
+    for output in outputs:
+        try:
+            status = os.stat(output)
+        except OSError:
+            continue  # nothing there yet, so no input either
+        found = known.get((status.st_dev, status.st_ino))
+        if found is not None:
+            raise BgmatteError(f"{output}: this output would overwrite the {found[0]} {found[1]}: "
+                               "choose another output folder")
+
+
 def _size_options(model: ModelLike) -> ModelOptions | None:
     """The options `load_predictor` reads when it loads the model itself; None when `model` is given ready."""
-    if isinstance(model, (Predictor, nn.Module)):
+    if not _loads_itself(model):
         return None
     return model if isinstance(model, ModelOptions) else ModelOptions(checkpoint=model)
 
@@ -1146,9 +1215,11 @@ def matte_images(
             matte, then matte again with the corrected plate.
         model, overwrite, progress: as in `convert_video`.
 
-    Returns each output's written files. Existing files are refused before any work, unless `overwrite`.
+    Returns each output's written files. Existing files are refused before any work, unless `overwrite`;
+    an output that would replace one of the input images (a photo, a plate or the target) always is.
     """
     kinds = check_outputs(outputs)
+    check_model(model, kinds)
     sources = collect_images(src)
     if isinstance(target_bgr, str):
         target_bgr = parse_target_background(target_bgr)
@@ -1172,13 +1243,16 @@ def matte_images(
     if folder.exists() and not folder.is_dir():
         raise BgmatteError(f"{folder}: is a file, not a folder (for the outputs)")
     destinations = {kind: [folder / kind / f"{source.stem}.png" for source in sources] for kind in kinds}
+    plates = dict.fromkeys(plate for _, plate in pairs)  # one plate for many images, listed once
+    inputs = [*(("source image", path) for path in sources), *(("plate", path) for path in plates)]
+    if target_bgr.kind == "image":
+        inputs.append(("target background", target_bgr.path))
+    _refuse_overwriting_inputs([path for paths in destinations.values() for path in paths], inputs)
     for paths in destinations.values():
         for path in paths:
             if path.is_dir():
                 raise BgmatteError(f"{path}: is a folder, where this output image would go")
             refuse_existing(path, overwrite)
-    if "ref" in kinds and isinstance(model, ModelOptions) and model.model_type == "mattingbase":
-        raise BgmatteError("the ref output needs the refine model: drop ref, or use --model-type mattingrefine")
     created = _make_output_folders([folder / kind for kind in kinds])
     try:
         return _matte_pairs(pairs, folder, kinds, target_bgr=target_bgr, align=align,

@@ -83,23 +83,44 @@ def frames_to_tensor(frames: np.ndarray | Tensor, device: torch.device, dtype: t
     return tensor.to(dtype)
 
 
+# Layers that behave differently in training mode: batch norm normalises by the batch and updates its
+# running statistics, dropout zeroes activations. torch names their common bases only privately.
+_TRAINING_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
+
+
+def refuse_training_mode(model: object) -> None:
+    """Refuse a module whose batch-norm or dropout layers are in training mode: it would write wrong mattes and
+    learn the frames into the caller's running statistics. The module is not switched behind the caller's back."""
+    if isinstance(model, torch.nn.Module) and any(
+            layer.training for layer in model.modules() if isinstance(layer, _TRAINING_LAYERS)):
+        raise BgmatteError(f"the {type(model).__name__} model is in training mode, which gives wrong mattes: "
+                           "call .eval() on it first")
+
+
+def first_parameter(model: object) -> Tensor | None:
+    """A module's first parameter, which tells its device and dtype; None for a model without any (ONNX)."""
+    parameters = getattr(model, "parameters", None)
+    return next(iter(parameters()), None) if callable(parameters) else None
+
+
 class Predictor:
     """Runs a matting model on batches of frames and plates.
 
     Arguments:
         model: a ``MattingRefine`` (plain or fast) in eval mode, or anything returning its tuple.
-        precision: ``fp32``, ``fp16`` or ``bf16``; the model is cast once here.
+        precision: ``fp32``, ``fp16`` or ``bf16``, to which the model is cast once here; None keeps the
+            module's own (fp32 for a model without parameters).
     """
 
-    def __init__(self, model: torch.nn.Module, *, precision: str = "fp32") -> None:
-        if precision not in PRECISIONS:
+    def __init__(self, model: torch.nn.Module, *, precision: str | None = None) -> None:
+        if precision is not None and precision not in PRECISIONS:
             raise BgmatteError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        self.dtype = PRECISIONS[precision]
-        try:
-            self.device = next(model.parameters()).device
-        except (StopIteration, AttributeError):
-            self.device = torch.device("cpu")
-        if self.dtype != torch.float32 and isinstance(model, torch.nn.Module):
+        refuse_training_mode(model)
+        parameter = first_parameter(model)
+        self.device = parameter.device if parameter is not None else torch.device("cpu")
+        own = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+        self.dtype = PRECISIONS[precision] if precision is not None else own
+        if self.dtype != own and isinstance(model, torch.nn.Module):
             model = model.to(self.dtype)
         self.model = model
 

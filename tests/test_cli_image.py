@@ -169,6 +169,15 @@ def test_an_output_name_taken_by_a_folder_is_refused_even_with_overwrite(photos,
     one_line_error(code, err, str(Path("out/com/beach.png")), "is a folder")
 
 
+def test_an_output_that_would_replace_its_own_source_is_refused_even_with_overwrite(photos, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_predictor", refuse_to_load)
+    (photos / "out" / "com").mkdir(parents=True)
+    (photos / "out" / "com" / "beach.png").write_bytes((photos / "src" / "beach.png").read_bytes())
+    code, _, err = run(capsys, "image", "out/com", "--bgr", "bgr", "-o", "out", "--overwrite")
+    one_line_error(code, err, str(Path("out/com/beach.png")), "would overwrite the source image")
+    assert (photos / "out" / "com" / "beach.png").read_bytes() == (photos / "src" / "beach.png").read_bytes()
+
+
 class _FullDisk:
     """`os` as `bgmatte.io.images` sees it, on a disk with no space left for the renamed file."""
 

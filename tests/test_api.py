@@ -1,0 +1,210 @@
+"""The public Python API's `model=` argument: every kind of model it takes, and the ones it refuses in one line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import bgmatte
+from bgmatte.errors import BgmatteError
+from bgmatte.io.images import read_image, write_png
+from bgmatte.model.matting import MattingBase, MattingRefine
+from bgmatte.predictor import Predictor
+from media import DifferenceModel, make_clip, plate_image, read_frames, subject_box, subject_frame
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: torch's thread pool only slows these tiny inputs down."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture()
+def scene(tmp_path):
+    """A 5-frame clip of the subject over the plate, the plate as a PNG, and one still of it."""
+    clip, plate, still = tmp_path / "src.mp4", tmp_path / "plate.png", tmp_path / "still.png"
+    make_clip(clip, 5, audio=False)
+    write_png(plate, plate_image())
+    write_png(still, subject_frame(plate_image(), 2))
+    return clip, plate, still
+
+
+def one_line(caught: pytest.ExceptionInfo) -> str:
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+# -------------------------------------------------------------------------------------- training mode
+
+
+@pytest.mark.parametrize("call", ["video", "images"])
+def test_a_model_in_training_mode_is_refused_and_left_as_it_was(scene, tmp_path, call):
+    clip, plate, still = scene
+    model = MattingRefine("mobilenetv2")  # no .eval()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(BgmatteError, match=r"training mode.*\.eval\(\)") as caught:
+        if call == "video":
+            bgmatte.convert_video(clip, plate, output_dir=tmp_path / "out", model=model, progress=False)
+        else:
+            bgmatte.matte_images(still, plate, output_dir=tmp_path / "out", model=model, progress=False)
+    one_line(caught)
+    assert model.training  # the caller's module is not switched for them
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())  # nor its statistics
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(BgmatteError, match="training mode"):
+        Predictor(model)
+
+
+def test_a_module_without_training_behaviour_needs_no_eval(scene, tmp_path):
+    clip, plate, _ = scene
+    model = DifferenceModel()  # in training mode, but nothing in it behaves differently there
+    result = bgmatte.convert_video(clip, plate, output_dir=tmp_path / "out", outputs=["pha"], model=model,
+                                   progress=False)
+    assert result.frames == 5 and model.calls == [1] * 5
+
+
+# ----------------------------------------------------------------------------------------- model types
+
+
+def difference_onnx(path: Path) -> Path:
+    """A tiny ONNX graph with bgmatte's inputs, outputs and settings: alpha 1 where src and bgr differ by
+    more than 0.1, the source as foreground (what `DifferenceModel` does), in place of a minute's export."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    sizes = ["batch", 3, "height", "width"]
+    nodes = [
+        helper.make_node("Sub", ["src", "bgr"], ["diff"]),
+        helper.make_node("Abs", ["diff"], ["distance"]),
+        helper.make_node("ReduceMax", ["distance"], ["largest"], axes=[1], keepdims=1),
+        helper.make_node("Greater", ["largest", "threshold"], ["differs"]),
+        helper.make_node("Cast", ["differs"], ["alpha"], to=TensorProto.FLOAT),
+        helper.make_node("Identity", ["alpha"], ["pha"]),
+        helper.make_node("Identity", ["src"], ["fgr"]),
+        helper.make_node("Identity", ["alpha"], ["pha_sm"]),
+        helper.make_node("Identity", ["src"], ["fgr_sm"]),
+        helper.make_node("Identity", ["alpha"], ["err_sm"]),
+        helper.make_node("Identity", ["alpha"], ["ref_sm"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "difference",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, sizes) for name in ("src", "bgr")],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+         for name in ("pha", "fgr", "pha_sm", "fgr_sm", "err_sm", "ref_sm")],
+        [helper.make_tensor("threshold", TensorProto.FLOAT, [], [0.1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {
+        "backbone": "mobilenetv2", "backbone_scale": "0.25", "refine_mode": "sampling",
+        "refine_sample_pixels": "80000", "refine_threshold": "0.1", "refine_kernel_size": "3",
+        "refine_prevent_oversampling": "True",
+    })
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_model_from_the_onnxruntime_backend_is_taken(scene, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    clip, plate, still = scene
+    model = bgmatte.load_model(difference_onnx(tmp_path / "difference.onnx"), backend="onnxruntime", device="cpu")
+    result = bgmatte.convert_video(clip, plate, output_dir=tmp_path / "video", outputs=["pha"], model=model,
+                                   progress=False)
+    frames = read_frames(result.outputs["pha"])
+    rows, columns = subject_box(3)
+    assert len(frames) == 5 and frames[3][rows, columns].mean() > 240 and frames[3][0, 0].max() < 16
+    written = bgmatte.matte_images(still, plate, output_dir=tmp_path / "images", outputs=["pha"], model=model,
+                                   progress=False)
+    rows, columns = subject_box(2)
+    assert read_image(written["pha"][0])[rows, columns].min() == 255
+
+
+@pytest.mark.parametrize("call", ["video", "images"])
+def test_an_unsupported_model_type_is_named(scene, tmp_path, call):
+    clip, plate, still = scene
+    for wrong, name in ((42, "int"), (lambda src, bgr: None, "function")):
+        with pytest.raises(BgmatteError, match=f"model.*not {name}") as caught:
+            if call == "video":
+                bgmatte.convert_video(clip, plate, output_dir=tmp_path / "out", model=wrong, progress=False)
+            else:
+                bgmatte.matte_images(still, plate, output_dir=tmp_path / "out", model=wrong, progress=False)
+        one_line(caught)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_base_network_alone_runs_without_ref(scene, tmp_path):
+    clip, plate, still = scene
+    base = MattingBase("mobilenetv2").eval()
+    result = bgmatte.convert_video(clip, plate, output_dir=tmp_path / "video", outputs=["com", "err"], model=base,
+                                   progress=False)
+    assert result.frames == 5 and len(read_frames(result.outputs["err"])) == 5
+    written = bgmatte.matte_images(still, plate, output_dir=tmp_path / "images", outputs=["pha"], model=base,
+                                   progress=False)
+    assert read_image(written["pha"][0]).shape[:2] == (64, 96)
+    for call in (lambda: bgmatte.convert_video(clip, plate, output_dir=tmp_path / "v2", outputs=["com", "ref"],
+                                               model=base, progress=False),
+                 lambda: bgmatte.matte_images(still, plate, output_dir=tmp_path / "i2", outputs=["ref"], model=base,
+                                              progress=False)):
+        with pytest.raises(BgmatteError, match="ref output needs the refine model.*MattingRefine") as caught:
+            call()
+        one_line(caught)
+    assert not (tmp_path / "v2").exists() and not (tmp_path / "i2").exists()
+
+
+def test_a_half_precision_module_runs_in_its_own_precision(scene, tmp_path):
+    clip, plate, still = scene
+    weights = tmp_path / "w.pth"
+    torch.save(MattingRefine("mobilenetv2").state_dict(), weights)
+    model = bgmatte.load_model(weights, precision="fp16", optimize=False, device="cpu", refine_sample_pixels=2000)
+    assert Predictor(model).dtype == torch.float16
+    assert next(model.parameters()).dtype == torch.float16  # left as it is
+    result = bgmatte.convert_video(clip, plate, output_dir=tmp_path / "video", outputs=["pha"], model=model,
+                                   progress=False)
+    assert result.frames == 5
+    written = bgmatte.matte_images(still, plate, output_dir=tmp_path / "images", outputs=["pha"], model=model,
+                                   progress=False)
+    assert len(written["pha"]) == 1
+
+
+# ---------------------------------------------------------------------------------- inputs kept safe
+
+
+@pytest.mark.parametrize("role", ["source", "plate", "target"])
+def test_matte_images_never_overwrites_its_own_inputs(tmp_path, role):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "com").mkdir(parents=True)  # where the com outputs of output_dir=work go
+    elsewhere.mkdir()
+    # The input in the role named is work/com/a.png, just where the output for a.png goes.
+    source = (work / "com" if role == "source" else elsewhere) / "a.png"
+    plate = work / "com" / "a.png" if role == "plate" else elsewhere / "plate.png"
+    target = work / "com" / "a.png" if role == "target" else elsewhere / "beach.png"
+    write_png(plate, plate_image())
+    write_png(target, plate_image(seed=3))
+    write_png(source, subject_frame(plate_image(), 2))
+    kept = (work / "com" / "a.png").read_bytes()
+    (tmp_path / "alias").symlink_to(work, target_is_directory=True)  # the same folder, spelled another way
+    model = DifferenceModel()
+    for folder in (work, tmp_path / "alias"):
+        with pytest.raises(BgmatteError, match=f"com.a.png: .*would overwrite the {role}") as caught:
+            bgmatte.matte_images(source, plate.parent if role == "plate" else plate, output_dir=folder,
+                                 target_bgr=str(target), model=model, overwrite=True, progress=False)
+        one_line(caught)
+    assert (work / "com" / "a.png").read_bytes() == kept and model.calls == []
+
+
+# -------------------------------------------------------------------------------------------- exports
+
+
+def test_model_options_are_exported_lazily():
+    import bgmatte.pipeline
+
+    assert "ModelOptions" in bgmatte.__all__
+    assert bgmatte.ModelOptions is bgmatte.pipeline.ModelOptions
