@@ -12,6 +12,7 @@ plain module's.
   the file's metadata, and ``OnnxMatting`` reads them back.
 """
 # No ``from __future__ import annotations`` here: TorchScript reads ExportableMatting's annotations as types.
+import logging
 import math
 import tempfile
 import warnings
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from bgmatte.errors import BgmatteError
 from bgmatte.io.files import check_destination, write_through_temporary
-from bgmatte.model.matting import MattingBase, MattingRefine, RefineOptions
+from bgmatte.model.matting import MattingBase, MattingRefine, RefineOptions, check_inputs
 from bgmatte.model.plate_solve import solve_alpha
 
 ONNX_OPSET = 18
@@ -245,6 +246,10 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     batch = torch.export.Dim("batch", min=1, max=256)
     height, width = torch.export.Dim("height", min=16, max=16384), torch.export.Dim("width", min=16, max=16384)
     sizes = {0: batch, 2: height, 3: width}
+    # The exporter logs one "torchvision is not installed. Skipping torchvision::..." line per torchvision
+    # operator it could register; bgmatte uses none of them, so those records (only those) are dropped.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration.addFilter(_no_torchvision_notice)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -252,6 +257,7 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
                                         input_names=["src", "bgr"], output_names=list(OUTPUT_NAMES),
                                         dynamic_shapes={"src": sizes, "bgr": sizes}, verbose=False)
     finally:
+        registration.removeFilter(_no_torchvision_notice)
         model.to(parameter.device)
     proto = program.model_proto
     metadata = {"producer": "bgmatte", "backbone": model.backbone_name, **_settings_metadata(model.options),
@@ -262,6 +268,10 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     write_through_temporary(path, lambda temporary: onnx.save_model(proto, str(temporary)), "the ONNX model",
                             (OSError, ValueError))
     return path
+
+
+def _no_torchvision_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("torchvision is not installed")
 
 
 def _settings_metadata(options: RefineOptions) -> dict[str, str]:
@@ -316,6 +326,28 @@ def export_checkpoint(checkpoint: str | Path | None, output: str | Path, *, form
     return export_onnx(model, output, opset=opset, overwrite=overwrite)
 
 
+def onnx_providers(device: str | torch.device | None) -> list:
+    """onnxruntime's execution providers for ``auto`` (or None), ``cpu``, ``cuda`` or ``cuda:N``, checked before
+    anything is exported or loaded; ``auto`` takes CUDA only where both onnxruntime and PyTorch have it."""
+    ort = _import_onnx("onnxruntime")
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        name = "cuda" if has_cuda and torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(name)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise BgmatteError(f"the onnxruntime backend cannot run on device {name!r}: use auto, cpu, cuda or cuda:N")
+    if resolved.type == "cpu":
+        return ["CPUExecutionProvider"]
+    if not has_cuda:
+        raise BgmatteError(f"device {name!r} was asked for, but this onnxruntime has no CUDA provider "
+                           "(install onnxruntime-gpu)")
+    return [("CUDAExecutionProvider", {"device_id": resolved.index or 0}), "CPUExecutionProvider"]
+
+
 class OnnxMatting:
     """An exported ONNX model run by onnxruntime, called as ``MattingRefine`` is.
 
@@ -323,7 +355,8 @@ class OnnxMatting:
     CPU tensors. The settings were fixed at export; ``options`` and ``backbone_name`` tell them.
     """
 
-    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, device: str | torch.device | None = "cpu",
+                 threads: int | None = None) -> None:
         ort = _import_onnx("onnxruntime")
         self.path = Path(path)
         if not self.path.is_file():
@@ -332,12 +365,7 @@ class OnnxMatting:
         if threads:
             session_options.intra_op_num_threads = threads
             session_options.inter_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
-        if str(device).startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BgmatteError("device cuda was asked for, but this onnxruntime has no CUDA provider "
-                                   "(install onnxruntime-gpu)")
-            providers.insert(0, "CUDAExecutionProvider")
+        providers = onnx_providers(device)
         try:
             self.session = ort.InferenceSession(str(self.path), session_options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -354,9 +382,9 @@ class OnnxMatting:
         return self
 
     def __call__(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        if src.shape != bgr.shape or src.ndim != 4 or src.shape[1] != 3:
-            raise ValueError(f"src and bgr must be (B, 3, H, W) of one shape, got {tuple(src.shape)} "
-                             f"and {tuple(bgr.shape)}")
+        if not isinstance(src, Tensor) or not isinstance(bgr, Tensor):
+            raise TypeError(f"src and bgr must be torch tensors, got {type(src).__name__} and {type(bgr).__name__}")
+        check_inputs(src, bgr)  # as the torch model: uint8 frames must be scaled to [0, 1] first, not cast
         feed = {"src": src.detach().float().cpu().contiguous().numpy(),
                 "bgr": bgr.detach().float().cpu().contiguous().numpy()}
         outputs = self.session.run(list(OUTPUT_NAMES), feed)
@@ -364,14 +392,13 @@ class OnnxMatting:
 
 
 def load_onnx_backend(checkpoint: str | Path | None, *, backbone: str | None, options: RefineOptions,
-                      refine_kernel_size: int | None, device: str, precision: str,
+                      refine_kernel_size: int | None, device: str | torch.device | None, precision: str,
                       threads: int | None = None, plate_solve: bool | None = None) -> OnnxMatting:
     """``load_model(..., backend="onnxruntime")``: an ``.onnx`` file runs as it is; a checkpoint is exported
     to ONNX with the given settings first (about a minute), into a temporary file."""
-    _import_onnx("onnxruntime")
     if precision != "fp32":
         raise BgmatteError("the onnxruntime backend runs fp32 models only")
-    device = "cuda" if str(device) == "auto" and torch.cuda.is_available() else str(device)
+    onnx_providers(device)  # an unusable device is refused before a checkpoint spends a minute exporting
     if checkpoint is not None and Path(checkpoint).suffix == ".onnx":
         model = OnnxMatting(checkpoint, device=device, threads=threads)
         _check_fixed_settings(model, backbone, options, refine_kernel_size)

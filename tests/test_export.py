@@ -1,6 +1,7 @@
 """Exports: TorchScript keeps the settings changeable, ONNX runs in onnxruntime with any size, both as the plain model."""
 from __future__ import annotations
 
+import logging
 import sys
 
 import numpy as np
@@ -190,14 +191,37 @@ def test_onnxruntime_backend_refuses_low_precision(tmp_path):
         load_model(tmp_path / "m.onnx", backend="onnxruntime", precision="fp16")
 
 
+class _Notices(logging.Handler):
+    """The messages a logger passes on (a logger's filters run before its handlers)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
-def onnx_model(reference, tmp_path_factory):
-    """One export for the ONNX tests (it takes the better part of a minute): MobileNetV2, sampling 2400 px."""
+def onnx_export(reference, tmp_path_factory):
+    """One export for the ONNX tests (it takes the better part of a minute): MobileNetV2, sampling 2400 px;
+    with what the exporter's operator registry logged meanwhile."""
     model = reference_style(reference, refine_sample_pixels=2400)
     checkpoint = tmp_path_factory.mktemp("onnx") / "w.pth"
     torch.save(model.state_dict(), checkpoint)
     path = checkpoint.with_suffix(".onnx")
-    assert main(["export", "onnx", str(checkpoint), "-o", str(path), "--refine-sample-pixels", "2400"]) == 0
+    registry, notices = logging.getLogger("torch.onnx._internal.exporter._registration"), _Notices()
+    registry.addHandler(notices)
+    try:
+        assert main(["export", "onnx", str(checkpoint), "-o", str(path), "--refine-sample-pixels", "2400"]) == 0
+    finally:
+        registry.removeHandler(notices)
+    return model, path, notices.messages
+
+
+@pytest.fixture(scope="module")
+def onnx_model(onnx_export):
+    model, path, _ = onnx_export
     return model, path
 
 
@@ -273,3 +297,62 @@ def test_onnx_settings_are_fixed_and_other_ones_are_refused(onnx_model):
         load_model(path, backend="onnxruntime", refine_mode="thresholding")
     with pytest.raises(BgmatteError, match="backbone mobilenetv2, not resnet50"):
         load_model(path, backend="onnxruntime", backbone="resnet50")
+
+
+@pytest.mark.slow
+def test_onnx_export_does_not_print_the_torchvision_notices(onnx_export):
+    """torch's exporter logs one "torchvision is not installed" line per torchvision operator; bgmatte uses none."""
+    *_, messages = onnx_export
+    assert not [message for message in messages if "torchvision" in message]
+
+
+@pytest.mark.slow
+def test_onnx_model_refuses_what_the_torch_model_refuses(onnx_model):
+    """uint8 frames used to be cast to float unscaled (a matte of garbage), numpy arrays an AttributeError."""
+    _, path = onnx_model
+    runner = load_model(path, backend="onnxruntime", device="cpu")
+    src, bgr = frames()
+    with pytest.raises(ValueError, match="float tensors"):
+        runner((src * 255).to(torch.uint8), (bgr * 255).to(torch.uint8))
+    with pytest.raises(TypeError, match="torch tensors, got ndarray"):
+        runner(src.numpy(), bgr.numpy())
+    with pytest.raises(ValueError, match="same shape"):
+        runner(src, bgr[..., :-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["gpu", "mps", "meta"])
+def test_onnxruntime_backend_refuses_devices_it_cannot_run_on(onnx_model, device):
+    """'gpu' used to run on the CPU without a word, although the torch backend refuses it."""
+    _, path = onnx_model
+    with pytest.raises(BgmatteError, match=f"cannot run on device '{device}': use auto, cpu, cuda or cuda:N"):
+        load_model(path, backend="onnxruntime", device=device)
+
+
+def test_onnxruntime_backend_checks_for_cuda_before_exporting(tmp_path, monkeypatch):
+    import onnxruntime
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the device is checked before the minute-long export")
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr("bgmatte.export.export_checkpoint", no_export)
+    checkpoint = tmp_path / "w.pth"
+    torch.save(MattingRefine("mobilenetv2").state_dict(), checkpoint)
+    with pytest.raises(BgmatteError, match="no CUDA provider"):
+        load_model(checkpoint, backend="onnxruntime", device="cuda")
+
+
+def test_onnxruntime_providers_follow_the_device(monkeypatch):
+    import onnxruntime
+
+    from bgmatte.export import onnx_providers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert onnx_providers("auto") == onnx_providers(None) == ["CPUExecutionProvider"]  # torch's GPU is not enough
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_providers("auto")[0] == ("CUDAExecutionProvider", {"device_id": 0})
+    assert onnx_providers("cuda:1")[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert onnx_providers(torch.device("cpu")) == ["CPUExecutionProvider"]

@@ -130,16 +130,38 @@ def load_weights(model: MattingRefine, state: dict[str, Tensor], source: str) ->
                       "so refined patches are noise until it is trained", UserWarning, stacklevel=3)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
-    if str(device) == "auto":
+def usable_devices() -> str:
+    """The devices this PyTorch build can run on here, worded for an error message."""
+    names = ["auto", "cpu"]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count:
+        names += ["cuda", "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None) picks CUDA when present, else the CPU. ``cpu``, ``cuda``, ``cuda:N`` and, where this
+    PyTorch has it, ``mps`` are checked here, so that a device that cannot run is one line rather than a failure
+    deep inside the model; other device types (meta, xpu ...) are refused."""
+    if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(device)
     try:
         resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise BgmatteError(f"unknown device {device!r} ({exc})") from None
+    except (RuntimeError, TypeError):
+        raise BgmatteError(f"unknown device {name!r}: use {usable_devices()}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise BgmatteError(f"device {device!r} was asked for, but PyTorch sees no CUDA GPU here")
+        raise BgmatteError(f"device {name!r} was asked for, but PyTorch sees no CUDA GPU here: use {usable_devices()}")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise BgmatteError(f"device {name!r} was asked for, but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                           f"here: use {usable_devices()}")
+    if resolved.type == "mps" and not (torch.backends.mps.is_available() and (resolved.index or 0) == 0):
+        raise BgmatteError(f"device {name!r} was asked for, but this PyTorch has no such Apple GPU (MPS) here: "
+                           f"use {usable_devices()}")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise BgmatteError(f"device {name!r} cannot run the model: use {usable_devices()}")
     return resolved
 
 
@@ -149,7 +171,7 @@ BACKENDS = ("torch", "onnxruntime")
 
 def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = None, backbone_scale: float = 0.25,
                refine_mode: str = "sampling", refine_sample_pixels: int = 80_000, refine_threshold: float = 0.1,
-               refine_kernel_size: int | None = None, device: str | torch.device = "auto",
+               refine_kernel_size: int | None = None, device: str | torch.device | None = "auto",
                optimize: bool = True, precision: str = "fp32", backend: str = "torch",
                plate_solve: bool | None = None) -> torch.nn.Module:
     """A ready ``MattingRefine`` in eval mode, from a checkpoint path or (None) the embedded default model.
@@ -174,7 +196,7 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
         except ValueError as exc:
             raise BgmatteError(str(exc)) from None
         return load_onnx_backend(checkpoint, backbone=backbone, options=options, refine_kernel_size=refine_kernel_size,
-                                 device=str(device), precision=precision, plate_solve=plate_solve)
+                                 device=device, precision=precision, plate_solve=plate_solve)
     source = Path(checkpoint) if checkpoint is not None else DEFAULT_WEIGHTS
     if checkpoint is None and not DEFAULT_WEIGHTS.is_file():
         raise BgmatteError("no embedded default model is shipped in this build of bgmatte yet: "
