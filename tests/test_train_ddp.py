@@ -44,8 +44,8 @@ def test_two_gloo_processes_train_save_once_and_resume(tmp_path):
     (out / "train.csv").write_bytes(b"\xff\xfe\x00binary")
     damaged = torchrun("train", "base", "--out", str(out), "--resume", "--steps", "4", "--device", "cpu",
                        "--num-workers", "0")
-    assert damaged.returncode != 0 and "[rank1]" not in damaged.stderr, damaged.stderr[-3000:]  # no crash in DDP
-    assert "rank      : 1 (local_rank: 1)\n  exitcode  : 2" in damaged.stderr  # rank 1 refused, as rank 0
+    # Rank 1 refuses too rather than crash in DDP (torchrun may stop it first, so its exit code is not checked).
+    assert damaged.returncode != 0 and "[rank1]" not in damaged.stderr, damaged.stderr[-3000:]
     assert damaged.stderr.count("bgmatte train: error:") == 1 and "train.csv: cannot read this log" in damaged.stderr
     (out / "train.csv").write_bytes(log)
     # The run's own options (crop, batch, validation and saving) carry on without being repeated.
