@@ -42,6 +42,19 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
         raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
 
 
+def make_folder(folder: Path, what: str = "") -> None:
+    """Make ``folder`` (and its parents) to write into, or refuse in one line one that is a file (or a link to
+    nowhere), cannot be made or cannot be written in; ``what`` says what it is for, in the first message."""
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise BgmatteError(f"{folder}: is a file, not a folder{f' (for {what})' if what else ''}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BgmatteError(f"{folder}: cannot create this folder ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BgmatteError(f"{folder}: cannot write in this folder (permission denied)")
+
+
 def check_destination(path: Path, overwrite: bool, *, folder: bool = False) -> None:
     """Refuse an output that exists (unless ``overwrite``) or that is a folder (unless ``folder``: image
     sequences are written into one), and make its parent folder, refusing one that cannot be written in.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ import cv2
 import numpy as np
 
 from bgmatte.errors import BgmatteError
-from bgmatte.io.files import refuse_existing, write_through_temporary
+from bgmatte.io.files import make_folder, refuse_existing, write_through_temporary
 
 PACKAGES = ("plasma-workspace-wallpapers", "ukui-wallpapers", "gnome-backgrounds")
 RESERVED = frozenset({"mate-backgrounds", "opencv-doc"})  # held-out evaluation data: never for training
@@ -118,19 +117,6 @@ def download_package(package: str, folder: Path, log: Callable[[str], None] = pr
     return debs[-1]
 
 
-def prepare_folder(out_dir: Path) -> None:
-    """Make the output folder, or refuse in one line one that is a file, cannot be made or cannot be written
-    in: before any download, so that the user hears of it at once."""
-    if os.path.lexists(out_dir) and not out_dir.is_dir():  # a file, or a link to nowhere
-        raise BgmatteError(f"{out_dir}: is a file, not a folder (for the pictures)")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BgmatteError(f"{out_dir}: cannot create this folder ({exc.strerror or exc})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise BgmatteError(f"{out_dir}: cannot write in this folder (permission denied)")
-
-
 def fetch_backgrounds(
     out_dir: str | Path,
     packages: Sequence[str] = PACKAGES,
@@ -151,7 +137,7 @@ def fetch_backgrounds(
         if shutil.which(tool) is None:
             raise BgmatteError(f"{tool} not found: the backgrounds come from Debian packages")
     out_dir = Path(out_dir)
-    prepare_folder(out_dir)
+    make_folder(out_dir, "the pictures")  # before any download, so that the user hears of it at once
     for name in names:  # before the download, not after it
         earlier = sorted(out_dir.glob(f"{name}--*.jpg"))
         if earlier:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from bgmatte.errors import BgmatteError
+from bgmatte.io.files import make_folder
 from bgmatte.io.images import write_png
 from bgmatte.train.augment import SYNTHETIC, AugmentOptions
 from bgmatte.train.data import SyntheticDataset, load_images
@@ -74,12 +75,7 @@ def make_validation_set(out_dir: str | Path, *, count: int = 24, width: int = 12
             raise BgmatteError(f"{photos}: no images in this folder")
     dataset = SyntheticDataset((height, width), count, seed=seed, photos=pictures, augment=augment)
     for folder in (out, *(out / name for name in FOLDERS)):  # the set's folder first, to be named if it fails
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BgmatteError(f"{folder}: cannot create this folder ({exc.strerror or exc})") from None
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise BgmatteError(f"{folder}: cannot write in this folder (permission denied)")
+        make_folder(folder, "the validation set")
     if overwrite:
         remove_samples(out)
     for index in range(count):
