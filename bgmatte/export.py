@@ -382,8 +382,6 @@ class OnnxMatting:
         return self
 
     def __call__(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        if not isinstance(src, Tensor) or not isinstance(bgr, Tensor):
-            raise TypeError(f"src and bgr must be torch tensors, got {type(src).__name__} and {type(bgr).__name__}")
         check_inputs(src, bgr)  # as the torch model: uint8 frames must be scaled to [0, 1] first, not cast
         feed = {"src": src.detach().float().cpu().contiguous().numpy(),
                 "bgr": bgr.detach().float().cpu().contiguous().numpy()}

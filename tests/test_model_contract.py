@@ -190,3 +190,10 @@ def test_replace_patches_writes_only_the_chosen_cells():
     index = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]))
     out = replace_patches(x, torch.ones(1, 2, 4, 4), index)
     assert out[0, :, 4:8, 0:4].eq(1).all() and out.sum() == 32 and x.sum() == 0
+
+
+def test_numpy_inputs_are_a_type_error_that_says_what_to_pass():
+    model = MattingRefine("mobilenetv2").eval()
+    frame = np.zeros((1, 3, 32, 32), np.float32)
+    with pytest.raises(TypeError, match="must be torch tensors, got ndarray and ndarray"):
+        model(frame, frame)

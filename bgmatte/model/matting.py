@@ -56,7 +56,10 @@ class RefineOptions:
 
 
 def check_inputs(src: Tensor, bgr: Tensor) -> None:
-    """Raise ValueError unless src and bgr are float (B,3,H,W) tensors of one shape."""
+    """Raise ValueError unless src and bgr are float (B,3,H,W) tensors of one shape (TypeError for non-tensors)."""
+    if not isinstance(src, Tensor) or not isinstance(bgr, Tensor):
+        raise TypeError(f"src and bgr must be torch tensors, got {type(src).__name__} and {type(bgr).__name__} "
+                        "(float, (B, 3, H, W), in [0, 1])")
     if src.shape != bgr.shape:
         raise ValueError(f"src and bgr must have the same shape, got src {tuple(src.shape)} and bgr {tuple(bgr.shape)}")
     if src.ndim != 4 or src.shape[1] != 3:
