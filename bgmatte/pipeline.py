@@ -42,7 +42,15 @@ from torch import Tensor, nn
 from bgmatte.composite import TargetBackground, blur, colour_like, parse_target_background, to_rgba, to_uint8
 from bgmatte.errors import BgmatteError
 from bgmatte.io.files import refuse_existing
-from bgmatte.io.images import IMAGE_EXTENSIONS, list_images, match_by_stem, read_image, write_png
+from bgmatte.io.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    _megapixels,
+    list_images,
+    match_by_stem,
+    read_image,
+    write_png,
+)
 from bgmatte.io.video import (
     OUTPUT_CONTAINERS,
     VIDEO_EXTENSIONS,
@@ -52,6 +60,7 @@ from bgmatte.io.video import (
     ImageSequenceWriter,
     VideoReader,
     VideoWriter,
+    check_frame_folder,
     choose_encoder,
     lower_thread_priority,
 )
@@ -627,6 +636,8 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool) -> np.ndar
                 samples = [resize_image(frame.image, *size) for frame in bar if frame.index in chosen]
             else:
                 samples = sample_frames((resize_image(frame.image, *size) for frame in bar), count)
+    if len(samples) < 3:  # estimate_plate's own refusal cannot name the clip
+        raise BgmatteError(f"{src}: an automatic plate needs at least 3 frames of the clip; it gave {len(samples)}")
     logger.info("estimating a clean plate from %d frames sampled over the clip", len(samples))
     return estimate_plate(samples)
 
@@ -662,6 +673,7 @@ def plan_video_outputs(
     overwrite: bool,
     encoder: EncoderOptions = EncoderOptions(),
     size: tuple[int, int] | None = None,
+    inputs: Sequence[tuple[str, Path]] = (),
 ) -> list[OutputFile]:
     """Where each output goes, checked before any work: containers that fit, nothing overwritten by accident.
 
@@ -670,6 +682,10 @@ def plan_video_outputs(
     the container; no extension means a folder of PNGs) and the others beside it as ``NAME_pha.mp4``...
     With neither: ``SRC_com.mp4``, ``SRC_pha.mp4``... beside the source. `size` (width, height), the
     frames' size when known, is the size a forced encoder is tried at (`choose_encoder`).
+
+    Even with `overwrite`, an output is refused that is `src` or one of the other `inputs` ((what, path)
+    pairs: the plate, the target background), and a PNG folder that holds one of them or anything but
+    numbered frames (`check_frame_folder`): replacing it would delete what is in it.
     """
     if output_format not in ("video", "image_sequences"):
         raise BgmatteError(f"output format {output_format!r} is not supported: use video or image_sequences")
@@ -723,8 +739,25 @@ def plan_video_outputs(
             # Refuses .mp4 with transparency, unknown containers, and a forced encoder that does not work there.
             choice = choose_encoder(plan.path, alpha=plan.alpha, options=encoder, size=size)
             plans[index] = replace(plan, encoder=choice)
+    everything = [("input video", src), *inputs]
+    _refuse_overwriting_inputs([plan.path for plan in plans], everything, advice="choose another output")
+    for plan in plans:
+        if plan.folder:
+            _refuse_holding_inputs(plan.path, everything)
         refuse_existing(plan.path, overwrite)
+        if plan.folder:
+            check_frame_folder(plan.path)
     return plans
+
+
+def _refuse_holding_inputs(folder: Path, inputs: Iterable[tuple[str, Path]]) -> None:
+    """Refuse a PNG folder output that holds one of the `inputs` ((what, path) pairs), at any depth or through a
+    link: replacing the folder would delete it."""
+    place = folder.resolve()
+    for what, path in inputs:
+        if place in Path(path).resolve().parents:
+            raise BgmatteError(f"{folder}: this output folder holds the {what} {path}, which replacing it would "
+                               "delete: choose another output")
 
 
 def _open_writer(plan: OutputFile, *, fps: Fraction | None, audio_from: Path | None, overwrite: bool,
@@ -978,7 +1011,8 @@ def convert_video(
             precision; a ``MattingBase`` has no ``ref`` output), what ``load_model(...,
             backend="onnxruntime")`` returns, or a `Predictor`.
         batch_size: frames per model call (default 4 on a GPU, 1 on the CPU).
-        overwrite: replace existing outputs instead of refusing.
+        overwrite: replace existing outputs instead of refusing; never an input, nor a PNG folder that holds
+            anything but numbered frames (`plan_video_outputs`).
         progress: show a progress bar (with fps and ETA) on stderr when it is a terminal.
         encoder: video encoder choices.
 
@@ -994,13 +1028,14 @@ def convert_video(
         target_bgr = parse_target_background(target_bgr)
     if batch_size is not None and batch_size < 1:
         raise BgmatteError(f"batch size must be at least 1, not {batch_size}")
+    resize = _check_resize(resize, src)
     with ExitStack() as stack:
         on_cpu = model_device(model).type == "cpu"
         # With the model on the CPU, everything else runs at a lower priority, in the gaps of its work.
         niceness = HELPER_NICENESS if on_cpu else 0
         reader = stack.enter_context(VideoReader(src, niceness=niceness))
         native = reader.size
-        size = _check_resize(resize) or native
+        size = resize or native
         auto_plate = isinstance(bgr, str) and bgr.strip().lower() == "auto"
         image, plate_video = (None, None) if auto_plate else _open_plate(bgr)
         if plate_video is not None:
@@ -1016,9 +1051,12 @@ def convert_video(
             # Settled before the plan, so that its try of a forced encoder is the only one, with these settings.
             encoder = replace(encoder, threads=encoder.threads or 1, preset=encoder.preset or "ultrafast")
             stack.enter_context(opencv_threads(1))
+        inputs = [] if auto_plate or isinstance(bgr, np.ndarray) else [("plate", Path(bgr))]
+        if target_bgr.kind in ("image", "video"):
+            inputs.append(("target background", Path(target_bgr.path)))
         plans = plan_video_outputs(src, kinds, output=output, output_dir=output_dir, output_format=output_format,
                                    transparent=target_bgr.kind == "transparent", overwrite=overwrite, encoder=encoder,
-                                   size=size)
+                                   size=size, inputs=inputs)
         predictor = load_predictor(model, *size)
         if batch_size is None:
             batch_size = 4 if predictor.device.type == "cuda" else 1
@@ -1072,12 +1110,18 @@ def convert_video(
     return VideoResult({plan.kind: plan.path for plan in plans}, written, time.perf_counter() - started)
 
 
-def _check_resize(resize: Sequence[int] | None) -> tuple[int, int] | None:
+def _check_resize(resize: Sequence[int] | None, src: Path) -> tuple[int, int] | None:
+    """`resize` as (width, height), refused when a side is below 1 or the frames would exceed the pixel limit
+    that every input is held to."""
     if resize is None:
         return None
     if len(resize) != 2 or any(int(side) < 1 for side in resize):
         raise BgmatteError(f"resize needs a width and a height of at least 1 pixel, not {tuple(resize)}")
-    return int(resize[0]), int(resize[1])
+    width, height = int(resize[0]), int(resize[1])
+    if width * height > DEFAULT_MAX_PIXELS:
+        raise BgmatteError(f"{src}: cannot resize to {width}x{height}: {_megapixels(width * height)} megapixels, "
+                           f"above the limit of {_megapixels(DEFAULT_MAX_PIXELS)}")
+    return width, height
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -1142,9 +1186,11 @@ def _remove_empty_folders(folders: Sequence[Path]) -> None:
             pass
 
 
-def _refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[tuple[str, Path]]) -> None:
+def _refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[tuple[str, Path]], *,
+                               advice: str = "choose another output folder") -> None:
     """Refuse an output that is one of the `inputs` ((what, path) pairs) however it is spelled, through a link
-    included, since it would destroy what is being read: ``overwrite`` replaces old outputs, never inputs."""
+    included, since it would destroy what is being read: ``overwrite`` replaces old outputs, never inputs.
+    `advice` ends the message."""
     known: dict[tuple[int, int], tuple[str, Path]] = {}
     for what, path in inputs:
         try:
@@ -1159,8 +1205,7 @@ def _refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[tuple[s
             continue  # nothing there yet, so no input either
         found = known.get((status.st_dev, status.st_ino))
         if found is not None:
-            raise BgmatteError(f"{output}: this output would overwrite the {found[0]} {found[1]}: "
-                               "choose another output folder")
+            raise BgmatteError(f"{output}: this output would overwrite the {found[0]} {found[1]}: {advice}")
 
 
 def _size_options(model: ModelLike) -> ModelOptions | None:

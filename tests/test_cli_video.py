@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import av
@@ -175,6 +177,35 @@ def test_existing_output_is_refused_unless_overwrite(scene, capsys, monkeypatch)
     assert (scene / "com.mp4").read_bytes() == b"precious"
     code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "com.mp4", "--overwrite")
     assert code == 0 and len(read_frames(scene / "com.mp4")) == 12
+
+
+def test_overwriting_a_png_folder_never_deletes_the_source_plate_or_other_files(scene, capsys, monkeypatch):
+    model = use_difference_model(monkeypatch)
+    shot = scene / "ow2"
+    shot.mkdir()
+    (shot / "src.mp4").write_bytes((scene / "src.mp4").read_bytes())
+    (shot / "plate.png").write_bytes((scene / "bgr.png").read_bytes())
+    (shot / "notes.txt").write_text("precious")
+    before = {path.name: path.read_bytes() for path in shot.iterdir()}
+    code, _, err = run(capsys, "video", "ow2/src.mp4", "--bgr", "ow2/plate.png", "-o", "ow2", "--overwrite")
+    one_line_error(code, err, "ow2: this output folder holds the input video ow2/src.mp4")
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "ow2", "--overwrite")
+    one_line_error(code, err, "ow2: holds more than numbered PNG frames (notes.txt, plate.png, src.mp4)")
+    assert {path.name: path.read_bytes() for path in shot.iterdir()} == before
+    assert model.calls == []
+
+
+def test_a_picture_declaring_too_many_pixels_is_refused_as_a_source(scene, capsys, monkeypatch):
+    use_difference_model(monkeypatch)
+    data = bytearray((scene / "bgr.png").read_bytes())  # the plate, its header claiming 12000x10000
+    data[16:24] = struct.pack(">II", 12000, 10000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    (scene / "bomb.png").write_bytes(bytes(data))
+    code, _, err = run(capsys, "video", "bomb.png", "--bgr", "bgr.png", "-o", "out.mp4", "--resize", "96", "64")
+    one_line_error(code, err, "bomb.png: 12000x10000 is 120 megapixels, above the limit of 100")
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--resize", "100000", "100000")
+    one_line_error(code, err, "src.mp4: cannot resize to 100000x100000: 10000 megapixels, above the limit of 100")
+    assert not (scene / "out.mp4").exists()
 
 
 def test_warnings_reach_stderr_as_one_line_each(scene, capsys, monkeypatch):

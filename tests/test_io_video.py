@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+import struct
 import sys
 import threading
 import time
+import zlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -208,6 +210,131 @@ def test_closing_the_reader_early_stops_its_thread(tmp_path):
     assert threading.active_count() <= before
 
 
+def intra_clip(path: Path, count: int = 8, damaged: tuple[int, ...] = ()) -> None:
+    """An all-intra H.264 clip of `pattern` frames (each packet decodes alone) whose `damaged` packets (0-based)
+    are overwritten in place with random bytes, as a bad sector or a broken download leaves them."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"g": "1", "crf": "12"})
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for index in range(count):
+            frame = av.VideoFrame.from_ndarray(pattern(index), format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with av.open(str(path)) as container:
+        packets = [bytes(packet) for packet in container.demux(video=0) if packet.size]
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(1)
+    for index in damaged:
+        start = data.find(packets[index])
+        data[start : start + len(packets[index])] = rng.integers(0, 256, len(packets[index]), dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", [0, 3], ids=["first", "fourth"])
+def test_a_damaged_packet_costs_its_frame_and_nothing_more(tmp_path, caplog, damaged):
+    clip = tmp_path / "bad.mkv"
+    intra_clip(clip, 8, damaged=(damaged,))
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        reader, frames = read_all(clip)
+    assert len(frames) == 7 and reader.skipped == 1 and reader.error is None
+    # The frames that survive are the other seven, with their own timestamps.
+    assert [round(frame.time, 2) for frame in frames] == [0.04 * index for index in range(8) if index != damaged]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings == [f"{clip}: skipped 1 damaged video packet that could not be decoded; its frame is missing"]
+
+
+def test_many_damaged_packets_in_a_row_end_the_stream(tmp_path, monkeypatch):
+    monkeypatch.setattr(video_io, "_MAX_BAD_PACKETS", 3)
+    clip = tmp_path / "bad.mkv"
+    intra_clip(clip, 10, damaged=(2, 3, 4, 5, 6))
+    reader, frames = read_all(clip)
+    # The decoder's threads report an error a packet or two late; the frames they still held are kept.
+    assert [round(frame.time, 2) for frame in frames[:2]] == [0.0, 0.04] and len(frames) < 5
+    assert all(frame.time is not None for frame in frames)
+    assert f"bad.mkv: decoding stopped after {len(frames)} frames (3 damaged packets in a row" in str(reader.error)
+    intra_clip(clip, 8, damaged=(0, 1, 2))
+    with pytest.raises(BgmatteError, match="bad.mkv: no decodable video frame"):
+        VideoReader(clip)
+
+
+def huge_png(path: Path, width: int, height: int) -> None:
+    """A small PNG whose header declares `width` x `height` (with a valid checksum), like a decompression bomb's."""
+    data = bytearray(cv2.imencode(".png", np.zeros((2, 2), np.uint8))[1].tobytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def test_a_picture_declaring_too_many_pixels_is_refused_before_ffmpeg_opens_it(tmp_path, monkeypatch):
+    bomb = tmp_path / "bomb.png"
+    huge_png(bomb, 12000, 10000)
+    opened = []
+    monkeypatch.setattr(video_io.av, "open", lambda *args, **kwargs: opened.append(args))
+    with pytest.raises(BgmatteError) as caught:
+        VideoReader(bomb)
+    assert str(caught.value) == (f"{bomb}: 12000x10000 is 120 megapixels, above the limit of 100 "
+                                 "(refused as a possible decompression bomb)")
+    assert opened == []
+
+
+def test_a_video_above_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    clip = tmp_path / "clip.mkv"
+    make_clip(clip, count=3, audio=False)
+    decoded = []
+    original = VideoReader._decode
+    monkeypatch.setattr(VideoReader, "_decode", lambda self, packet: decoded.append(packet) or original(self, packet))
+    with pytest.raises(BgmatteError, match=r"clip.mkv: 64x48 is 0.003072 megapixels, above the limit of 0.003 "):
+        VideoReader(clip, max_pixels=3000)
+    assert decoded == []
+    with VideoReader(clip, max_pixels=None) as reader:
+        assert len(list(reader)) == 3
+
+
+def test_a_frame_that_grows_past_the_pixel_limit_in_mid_stream_ends_the_stream(tmp_path):
+    parts = []
+    for name, size in (("small.h264", (WIDTH, HEIGHT)), ("large.h264", (2 * WIDTH, 2 * HEIGHT))):
+        part = tmp_path / name
+        write_clip(part, [pattern(index, *size) for index in range(4)], audio=False)
+        parts.append(part.read_bytes())
+    joined = tmp_path / "joined.h264"  # a raw stream whose size changes after four frames
+    joined.write_bytes(b"".join(parts))
+    reader, frames = read_all(joined)
+    assert [frame.image.shape[:2] for frame in frames] == [(HEIGHT, WIDTH)] * 4 + [(2 * HEIGHT, 2 * WIDTH)] * 4
+    with VideoReader(joined, max_pixels=WIDTH * HEIGHT) as reader:
+        frames = list(reader)
+    assert len(frames) == 4
+    assert str(reader.error) == (f"{joined}: decoding stopped after 4 frames (frame 5 is 128x96, 0.012288 megapixels, "
+                                 "above the limit of 0.003072)")
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_the_best_video_stream_is_read_never_a_cover_picture(tmp_path, suffix, caplog):
+    """Matroska keeps a cover picture as a plain one-frame stream, here the first; MP4 marks it as one (and puts it
+    last)."""
+    clip = tmp_path / f"covered{suffix}"
+    with av.open(str(clip), mode="w") as container:
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 32, 32, "yuvj420p"
+        if suffix == ".mp4":
+            cover.disposition = av.stream.Disposition.attached_pic
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        picture = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+        picture.pts = 0
+        container.mux(cover.encode(picture) + cover.encode(None))
+        for index in range(5):
+            frame = av.VideoFrame.from_ndarray(pattern(index), format="rgb24")
+            frame.pts = index
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+    with caplog.at_level(logging.INFO, logger="bgmatte"):
+        reader, frames = read_all(clip)
+    assert len(frames) == 5 and reader.size == (WIDTH, HEIGHT) and reader.fps == 25
+    index = 1 if suffix == ".mkv" else 0
+    assert f"{clip}: reading video stream #{index} (h264 64x48) of its 2 video streams" in caplog.messages
+
+
 # ------------------------------------------------------------------------------------------- writer
 
 
@@ -230,6 +357,29 @@ def test_writer_keeps_every_frame_timestamps_and_audio(tmp_path):
     assert audio_seconds(target) == pytest.approx(0.56, abs=0.05)  # trimmed to the video's end
     # Pixels survive the round trip (lossy, but close).
     assert np.abs(frames[5].image.astype(int) - pattern(5).astype(int)).mean() < 4
+
+
+def test_a_one_frame_clip_keeps_the_audio_of_its_frame(tmp_path):
+    """Until a second frame gives the step, the last frame lasts one frame period: one at 1 fps keeps 1 s of audio."""
+    source = tmp_path / "still.mp4"
+    with av.open(str(source), mode="w") as container:
+        video = container.add_stream("libx264", rate=1)
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        sound = container.add_stream("aac", rate=48000)
+        sound.layout = "mono"
+        frame = av.VideoFrame.from_ndarray(pattern(0), format="rgb24")
+        frame.pts = 0
+        container.mux(video.encode(frame) + video.encode(None))
+        for start in range(0, 48960, 1024):  # 1.02 s
+            tone = np.sin(np.arange(start, start + 1024) / 20).astype(np.float32)[None]
+            chunk = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts = 48000, start
+            container.mux(sound.encode(chunk))
+        container.mux(sound.encode(None))
+    target = tmp_path / "out.mp4"
+    reader = copy_clip(source, target)
+    assert reader.fps == 1 and reader.frames_read == 1
+    assert audio_seconds(target) == pytest.approx(1.0, abs=0.05)
 
 
 def test_constant_rate_and_frame_count_survive(tmp_path):
@@ -537,13 +687,53 @@ def test_image_sequence_appears_only_when_closed(tmp_path):
 def test_image_sequence_refuses_an_existing_folder_unless_overwrite(tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
-    (folder / "old.png").write_bytes(b"old")
+    for name in ("0001.png", "0002.png", "00003.png"):  # an older, longer run
+        (folder / name).write_bytes(b"old")
     with pytest.raises(BgmatteError, match="out: already exists"):
         ImageSequenceWriter(folder)
     with ImageSequenceWriter(folder, overwrite=True) as writer:
         writer.write(pattern(0))
     assert [path.name for path in folder.iterdir()] == ["0001.png"]
+    assert (folder / "0001.png").read_bytes() != b"old"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("other", ["clip.mp4", "notes.txt", "plate.png", ".hidden", "sub/"])
+def test_overwriting_an_image_sequence_never_deletes_anything_but_its_frames(tmp_path, other):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "0001.png").write_bytes(b"old frame")
+    if other.endswith("/"):
+        (folder / other).mkdir()
+        (folder / other / "keep.txt").write_text("precious")
+    else:
+        (folder / other).write_text("precious")
+    with pytest.raises(BgmatteError, match=rf"out: holds more than numbered PNG frames \({other.rstrip('/')}\)") as caught:
+        ImageSequenceWriter(folder, overwrite=True)
+    assert "\n" not in str(caught.value)
+    assert sorted(path.name for path in folder.iterdir()) == sorted(["0001.png", other.rstrip("/")])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+
+
+def test_overwriting_a_file_with_an_image_sequence_is_refused(tmp_path):
+    notes = tmp_path / "notes"
+    notes.write_text("precious")
+    with pytest.raises(BgmatteError, match="notes: is a file, not a folder of PNG frames"):
+        ImageSequenceWriter(notes, overwrite=True)
+    assert notes.read_text() == "precious"
+
+
+def test_something_put_in_the_folder_during_the_run_is_kept(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "0001.png").write_bytes(b"old frame")
+    writer = ImageSequenceWriter(folder, overwrite=True)
+    writer.write(pattern(0))
+    (folder / "notes.txt").write_text("precious")
+    with pytest.raises(BgmatteError, match="holds more than numbered PNG frames.*the new frames are in"):
+        writer.close()
+    assert sorted(path.name for path in folder.iterdir()) == ["0001.png", "notes.txt"]
+    assert (folder / "0001.png").read_bytes() == b"old frame"
 
 
 def test_image_sequence_keeps_frames_written_before_an_error(tmp_path):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import bgmatte.pipeline as pipeline
 from bgmatte.composite import TargetBackground
 from bgmatte.errors import BgmatteError
 from bgmatte.io.images import write_png
@@ -417,6 +420,85 @@ def test_output_over_the_input_is_refused(scene):
         convert_video(clip, plate, output=clip, model=DifferenceModel(), overwrite=True, progress=False)
 
 
+@pytest.fixture()
+def no_model(monkeypatch):
+    """Fail the test if the model is loaded: the refusals below come before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(pipeline, "load_predictor", refuse)
+
+
+def test_outputs_never_replace_the_plate_or_the_target_even_with_overwrite(scene, tmp_path, no_model):
+    clip, _ = scene
+    plate, target = tmp_path / "pv_pha.mp4", tmp_path / "pv_fgr.mp4"
+    make_clip(plate, 4, audio=False)
+    make_clip(target, 6, audio=False)
+    before = {path: path.read_bytes() for path in (clip, plate, target)}
+    with pytest.raises(BgmatteError, match=r"pv_pha.mp4: this output would overwrite the plate .*pv_pha.mp4"):
+        convert_video(clip, plate, output=tmp_path / "pv.mp4", outputs=["com", "pha", "fgr"], target_bgr=str(target),
+                      overwrite=True, progress=False)
+    with pytest.raises(BgmatteError, match=r"pv_fgr.mp4: this output would overwrite the target background"):
+        convert_video(clip, plate, output=tmp_path / "pv.mp4", outputs=["com", "fgr"], target_bgr=str(target),
+                      overwrite=True, progress=False)
+    link = tmp_path / "link.mp4"  # the source under another name
+    os.link(clip, link)
+    with pytest.raises(BgmatteError, match=r"link.mp4: this output would overwrite the input video"):
+        convert_video(clip, plate, output=link, overwrite=True, progress=False)
+    assert {path: path.read_bytes() for path in before} == before
+
+
+def test_a_png_folder_output_never_deletes_its_inputs_or_other_files(scene, tmp_path, no_model):
+    clip, plate = scene
+    folder = tmp_path / "shot"
+    folder.mkdir()
+    inside_clip, inside_plate, notes = folder / "src.mp4", folder / "plate.png", folder / "notes.txt"
+    inside_clip.write_bytes(clip.read_bytes())
+    inside_plate.write_bytes(plate.read_bytes())
+    notes.write_text("precious")
+    with pytest.raises(BgmatteError, match=r"shot: this output folder holds the input video .*src.mp4"):
+        convert_video(inside_clip, inside_plate, output=folder, overwrite=True, progress=False)
+    with pytest.raises(BgmatteError, match=r"shot: this output folder holds the plate .*plate.png"):
+        convert_video(clip, inside_plate, output=folder, overwrite=True, progress=False)
+    deep = tmp_path / "out" / "com" / "plates" / "plate.png"  # deeper, in the reference's layout
+    deep.parent.mkdir(parents=True)
+    deep.write_bytes(plate.read_bytes())
+    with pytest.raises(BgmatteError, match=r"com: this output folder holds the plate .*plates/plate.png"):
+        convert_video(clip, deep, output_dir=tmp_path / "out", output_format="image_sequences", overwrite=True,
+                      progress=False)
+    assert deep.read_bytes() == plate.read_bytes()
+    shutil.rmtree(tmp_path / "out")
+    with pytest.raises(BgmatteError, match=r"shot: holds more than numbered PNG frames \(notes.txt, plate.png, src.mp4\)"):
+        convert_video(clip, plate, output=folder, overwrite=True, progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["plate.png", "shot", "src.mp4"]
+    assert sorted(path.name for path in folder.iterdir()) == ["notes.txt", "plate.png", "src.mp4"]
+    assert inside_clip.read_bytes() == clip.read_bytes() and notes.read_text() == "precious"
+
+
+def test_a_png_folder_output_is_replaced_when_it_holds_only_frames(scene, tmp_path):
+    clip, plate = scene
+    folder = tmp_path / "frames"
+    convert_video(clip, plate, output=folder, model=DifferenceModel(), progress=False)
+    (folder / "0099.png").write_bytes(b"from a longer run")
+    convert_video(clip, plate, output=folder, model=DifferenceModel(), overwrite=True, progress=False)
+    assert sorted(path.name for path in folder.iterdir()) == [f"{index:04d}.png" for index in range(1, 13)]
+
+
+def test_resize_above_the_pixel_limit_is_refused(scene, no_model):
+    clip, plate = scene
+    with pytest.raises(BgmatteError) as caught:
+        convert_video(clip, plate, resize=(100_000, 100_000), progress=False)
+    assert str(caught.value) == f"{clip}: cannot resize to 100000x100000: 10000 megapixels, above the limit of 100"
+
+
+def test_an_automatic_plate_from_too_few_frames_names_the_clip(tmp_path):
+    clip = tmp_path / "still.mp4"
+    make_clip(clip, 1)
+    with pytest.raises(BgmatteError) as caught:
+        convert_video(clip, "auto", output=tmp_path / "com.mp4", model=DifferenceModel(), progress=False)
+    assert str(caught.value) == f"{clip}: an automatic plate needs at least 3 frames of the clip; it gave 1"
+    assert not (tmp_path / "com.mp4").exists()
+
+
 def test_interrupt_leaves_playable_outputs_with_every_frame_matted(scene, tmp_path):
     clip, plate = scene
     model = DifferenceModel(interrupt_on=5)  # Ctrl-C while the fifth frame is being matted
@@ -470,7 +552,6 @@ def test_reading_stays_a_bounded_distance_ahead_of_the_model(tmp_path):
     make_clip(clip, 60, audio=False)
     write_png(plate, plate_image())
     ahead: list[int] = []
-    import bgmatte.pipeline as pipeline
 
     original = pipeline.VideoReader.__iter__
 
@@ -555,7 +636,6 @@ def test_matte_images_with_one_plate_a_target_and_exposure_matching(tmp_path):
 
 
 def test_matte_images_reads_an_image_target_once_and_scales_it_when_the_size_changes(tmp_path, monkeypatch):
-    import bgmatte.pipeline as pipeline
 
     plate, sources = plate_image(), tmp_path / "src"
     sources.mkdir()

@@ -35,8 +35,10 @@ estimated from the clip itself in a first pass).
 Default: the reference's green (120,255,155) in video files, transparent in PNG folders.
 
 Every frame goes into every output, upright, with its timestamps; the audio goes into the composite.
-Existing outputs are refused unless --overwrite. Ctrl-C, or an input that ends early, leaves
-playable outputs with every frame matted so far, and a non-zero exit.
+Existing outputs are refused unless --overwrite, which still never replaces an input (the source, the
+plate, the target) nor a PNG folder holding anything but numbered frames. Ctrl-C, or an input that ends
+early, leaves playable outputs with every frame matted so far, and a non-zero exit. A damaged packet
+costs its frame alone, with a warning. Inputs above 100 megapixels a frame are refused.
 """
 
 

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import queue
+import re
 import shutil
 import sys
 import threading
@@ -33,7 +34,7 @@ import numpy as np
 
 from bgmatte.errors import BgmatteError
 from bgmatte.io.files import check_destination, temporary_sibling
-from bgmatte.io.images import write_png
+from bgmatte.io.images import DEFAULT_MAX_PIXELS, _megapixels, image_header_size, write_png
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ OUTPUT_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matro
 
 _END = object()  # queue sentinel
 _POLL_S = 0.1
+# Damaged packets in a row after which a stream is given up: one bad packet costs a frame, not the rest of the clip.
+_MAX_BAD_PACKETS = 50
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -95,8 +98,12 @@ class VideoReader:
         apply_rotation: turn frames upright according to the display-matrix rotation.
         niceness: run the decoding at this much lower priority, on the reading thread alone
             (`lower_thread_priority`); 0 leaves priority and FFmpeg's decoding threads as they are.
+        max_pixels: refuse frames larger than this (the still images' limit by default; None: no limit),
+            from the size the file declares before anything is decoded, and again for every frame.
 
-    A corrupt or truncated input ends the iteration at the last decodable frame; `error` then holds a
+    The file's best video stream is read (FFmpeg's choice, never a cover picture). A damaged packet is
+    skipped, its frame lost, with one warning at the end that counts them (`skipped`); a truncated input,
+    or one damaged beyond that, ends the iteration at the last decodable frame, and `error` then holds a
     `BgmatteError` that says what happened (None after a clean end). Use it as a context manager, or
     call `close()`, so that stopping early also stops the thread.
 
@@ -105,22 +112,27 @@ class VideoReader:
     """
 
     def __init__(self, path: str | os.PathLike, *, queue_size: int = 8, apply_rotation: bool = True,
-                 niceness: int = 0):
+                 niceness: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.path = Path(path)
         self.niceness = niceness
+        self.max_pixels = max_pixels
         self.error: BgmatteError | None = None
         self.frames_read = 0
+        self.skipped = 0  # damaged packets left out
+        self._bad_in_a_row = 0
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._stop = threading.Event()
         self._iterated = False
-        self._container = _open_input(self.path)
+        self._container = _open_input(self.path, max_pixels)
         try:
-            self._stream = self._container.streams.video[0]
+            self._stream = _video_stream(self.path, self._container)
+            self._refuse_size(self._stream.codec_context.width, self._stream.codec_context.height)
             self._stream.thread_type = "AUTO"
             if niceness > 0:  # decode on the reading thread itself, whose priority is lowered, not in FFmpeg's
                 self._stream.codec_context.thread_count = 1
             self._packets = self._container.demux(self._stream)
             self._pending = self._decode_first()
+            self._refuse_size(self._pending[0].width, self._pending[0].height)
         except BaseException:
             self._container.close()
             raise
@@ -158,16 +170,36 @@ class VideoReader:
         stretch = Fraction(self.width * height, self.height * width)
         return replace(self.display, sample_aspect_ratio=_storable(self.display.sample_aspect_ratio * stretch))
 
+    def _refuse_size(self, width: int, height: int) -> None:
+        """Refuse a stream whose frames are above `max_pixels`, before they are decoded (0 x 0: not known yet)."""
+        excess = _excess_pixels(width, height, self.max_pixels)
+        if excess:
+            raise BgmatteError(f"{self.path}: {width}x{height} is {excess} (refused as a possible decompression bomb)")
+
     def _decode_first(self) -> list[av.VideoFrame]:
         """Decode up to the first frame now, so that size and rotation are known before iteration starts."""
         try:
             for packet in self._packets:
-                frames = self._stream.decode(packet)
+                frames = self._decode(packet)
                 if frames:
                     return frames
         except av.FFmpegError as exc:
             raise BgmatteError(f"{self.path}: no decodable video frame ({_reason(exc)})") from None
         raise BgmatteError(f"{self.path}: the video stream has no frames")
+
+    def _decode(self, packet: av.Packet) -> list[av.VideoFrame]:
+        """The frames of one packet. A damaged one (invalid data) is skipped and counted, and the decoder goes on
+        with the next: only `_MAX_BAD_PACKETS` in a row end the stream, with that error."""
+        try:
+            frames = self._stream.decode(packet)
+        except av.InvalidDataError:
+            self.skipped += 1
+            self._bad_in_a_row += 1
+            if self._bad_in_a_row >= _MAX_BAD_PACKETS:
+                raise
+            return []
+        self._bad_in_a_row = 0
+        return frames
 
     def _duration(self) -> float | None:
         stream = self._stream
@@ -232,11 +264,16 @@ class VideoReader:
         index = 0
         last_time: float | None = None
         failure: str | None = None
+        flush = True  # after a failure: whether the frames the decoder still holds are worth taking
         try:
             frames: list[av.VideoFrame] = self._pending
             self._pending = []
             while True:
                 for frame in frames:
+                    excess = _excess_pixels(frame.width, frame.height, self.max_pixels)
+                    if excess:  # the size may change in mid-stream
+                        failure, flush = f"frame {index + 1} is {frame.width}x{frame.height}, {excess}", False
+                        return
                     if not self._put(self._to_frame(frame, index)):
                         return
                     if frame.pts is not None and frame.time_base is not None:
@@ -248,16 +285,20 @@ class VideoReader:
                     break
                 if self._stop.is_set():
                     return
-                frames = self._stream.decode(packet)
+                frames = self._decode(packet)
         except av.FFmpegError as exc:
             failure = _reason(exc)
+            if self._bad_in_a_row >= _MAX_BAD_PACKETS:
+                failure = f"{self._bad_in_a_row} damaged packets in a row: {failure}"
         except Exception as exc:  # noqa: BLE001 - reported to the consumer, never lost
             failure = f"{type(exc).__name__}: {exc}"
         finally:
             if failure is not None:
                 # Frames the decoder still holds (reordering delay) were decoded fine; keep them.
                 try:
-                    for frame in self._stream.decode(None):
+                    for frame in self._stream.decode(None) if flush else ():
+                        if _excess_pixels(frame.width, frame.height, self.max_pixels):
+                            break
                         if not self._put(self._to_frame(frame, index)):
                             break
                         index += 1
@@ -266,14 +307,19 @@ class VideoReader:
                 self.error = BgmatteError(f"{self.path}: decoding stopped after {index} frames ({failure})")
             elif not self._stop.is_set():
                 self.error = self._check_complete(index, last_time)
+            if self.skipped:
+                lost = "packet that could not be decoded; its frame is" if self.skipped == 1 else \
+                    "packets that could not be decoded; their frames are"
+                logger.warning("%s: skipped %d damaged video %s missing", self.path, self.skipped, lost)
             self._container.close()
             self._put(_END)
 
     def _check_complete(self, decoded: int, last_time: float | None) -> BgmatteError | None:
         """A file cut short decodes without an error; compare with what the header promised."""
         expected = int(self._stream.frames or 0)
-        # A little slack: edit lists may legitimately hide a frame or two that the index counts.
-        if expected and decoded < expected - max(2, expected // 100):
+        # A little slack: edit lists may legitimately hide a frame or two that the index counts. Frames lost to
+        # damaged packets were in the file all the same (the warning counts them).
+        if expected and decoded + self.skipped < expected - max(2, expected // 100):
             return BgmatteError(f"{self.path}: ended after {decoded} of {expected} frames (the file looks truncated or damaged)")
         if not expected and self.duration and last_time is not None and self.fps:
             start = float(self._stream.start_time * self._stream.time_base) if self._stream.start_time else 0.0
@@ -288,7 +334,8 @@ class VideoReader:
         image = frame.to_ndarray(format="rgb24")
         if self._turns:
             image = np.ascontiguousarray(np.rot90(image, self._turns))
-        return Frame(image=image, index=index, pts=frame.pts, time_base=frame.time_base)
+        # Frames drained from the decoder at the end come without a time base; theirs is the stream's.
+        return Frame(image=image, index=index, pts=frame.pts, time_base=frame.time_base or self._stream.time_base)
 
     def _put(self, item: object) -> bool:
         """Put with a timeout loop so that a consumer that went away (close) never leaves us blocked."""
@@ -303,11 +350,12 @@ class VideoReader:
                     return False
 
 
-def _open_input(path: Path) -> av.container.InputContainer:
+def _open_input(path: Path, max_pixels: int | None) -> av.container.InputContainer:
     if not path.exists():
         raise BgmatteError(f"{path}: no such file")
     if path.is_dir():
         raise BgmatteError(f"{path}: is a folder, not a video file")
+    _refuse_large_picture(path, max_pixels)
     try:
         container = av.open(str(path), mode="r")
     except PermissionError:
@@ -318,6 +366,46 @@ def _open_input(path: Path) -> av.container.InputContainer:
         container.close()
         raise BgmatteError(f"{path}: has no video stream")
     return container
+
+
+def _refuse_large_picture(path: Path, max_pixels: int | None) -> None:
+    """Refuse a still image given as a video (a PNG, a JPEG...) whose header declares more than `max_pixels`, before
+    FFmpeg opens it: its probe decodes the whole picture to learn the stream's format."""
+    if max_pixels is None:
+        return
+    try:
+        with open(path, "rb") as file:
+            head = file.read(65536)
+    except OSError:
+        return  # FFmpeg says why when it opens the file
+    size = image_header_size(head)
+    excess = _excess_pixels(*size, max_pixels) if size is not None else None
+    if excess:
+        raise BgmatteError(f"{path}: {size[0]}x{size[1]} is {excess} (refused as a possible decompression bomb)")
+
+
+def _excess_pixels(width: int, height: int, max_pixels: int | None) -> str | None:
+    """In words, how frames of `width` x `height` exceed `max_pixels` ("120 megapixels, above the limit of 100"),
+    or None when they do not."""
+    if max_pixels is None or width * height <= max_pixels:
+        return None
+    return f"{_megapixels(width * height)} megapixels, above the limit of {_megapixels(max_pixels)}"
+
+
+def _video_stream(path: Path, container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    """The video stream to read: FFmpeg's best one (the most frames, the default), never a cover picture; which one
+    is logged when the file has several."""
+    streams = container.streams.video
+    moving = [stream for stream in streams if not stream.disposition & av.stream.Disposition.attached_pic]
+    if not moving:
+        raise BgmatteError(f"{path}: has no video stream, only a cover picture")
+    best = container.streams.best("video")
+    chosen = next((stream for stream in moving if stream is best), moving[0])
+    if len(streams) > 1:
+        context = chosen.codec_context
+        logger.info("%s: reading video stream #%d (%s %dx%d) of its %d video streams", path, chosen.index,
+                    context.name, context.width, context.height, len(streams))
+    return chosen
 
 
 def _pixel_shape(ratio: Fraction | None, turns: int) -> Fraction:
@@ -936,6 +1024,9 @@ class VideoWriter(ClosesOnExit):
         if self.choice.codec == "mpeg4" and tb.denominator > 65535:
             tb = Fraction(1, 1000)  # MPEG-4 part 2 allows time bases up to 1/65535; milliseconds keep VFR
         self._time_base = tb
+        # How long the last frame shows, and so where the audio is cut: the step between the last two frames, or
+        # one frame period until there are two (a one-frame clip keeps the audio of that frame, not 1 tick of it).
+        self._last_step = max(1, round(1 / (self.fps * tb)))
         if self.display.sample_aspect_ratio != 1 and self.choice.container in ("matroska", "webm") \
                 and self.choice.codec not in _SAR_IN_BITSTREAM:
             logger.warning("%s: %s in %s cannot record the source's non-square pixels (aspect %s); players will "
@@ -1204,7 +1295,8 @@ class ImageSequenceWriter(ClosesOnExit):
 
     Arguments:
         folder: the output folder; it is built under a hidden temporary name beside it and renamed.
-        overwrite: replace an existing folder instead of refusing.
+        overwrite: replace an existing folder of numbered PNG frames instead of refusing; a folder that holds
+            anything else is refused all the same (`check_frame_folder`), since replacing it would delete that.
         start: the number of the first file (0001.png by default).
         digits: zero-padding of the numbers.
 
@@ -1223,6 +1315,7 @@ class ImageSequenceWriter(ClosesOnExit):
     ):
         self.path = Path(folder)
         check_destination(self.path, overwrite, folder=True)
+        check_frame_folder(self.path)
         self.frames_written = 0
         self._next = start
         self._digits = digits
@@ -1278,12 +1371,54 @@ class ImageSequenceWriter(ClosesOnExit):
 
     def _move_into_place(self) -> None:
         old: Path | None = None
-        if self.path.exists() or self.path.is_symlink():
+        if os.path.lexists(self.path):
+            try:  # again: something else may have been put there during the run
+                check_frame_folder(self.path)
+            except BgmatteError as exc:
+                raise BgmatteError(f"{exc}; the new frames are in {self._temporary}") from None
             old = temporary_sibling(self.path)
             os.replace(self.path, old)
         os.replace(self._temporary, self.path)
         if old is not None:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+            self._remove_replaced(old)
+
+    def _remove_replaced(self, old: Path) -> None:
+        """Delete the folder this one replaced: its numbered PNGs one by one, then the folder itself, so that
+        nothing else could ever go with it (a link is removed, never what it points to)."""
+        if old.is_symlink() or not old.is_dir():
+            old.unlink(missing_ok=True)
+            return
+        for entry in os.scandir(old):
+            if _is_frame_file(entry):
+                Path(entry.path).unlink(missing_ok=True)
+        try:
+            old.rmdir()
+        except OSError:
+            logger.warning("%s: the folder it replaced held other files at the end; they are kept in %s",
+                           self.path, old)
+
+
+_FRAME_NAME = re.compile(r"[0-9]+\.png")  # what ImageSequenceWriter names its frames by default
+
+
+def _is_frame_file(entry: os.DirEntry) -> bool:
+    return _FRAME_NAME.fullmatch(entry.name) is not None and entry.is_file(follow_symlinks=False)
+
+
+def check_frame_folder(folder: Path) -> None:
+    """Refuse to replace `folder` unless it holds nothing but numbered PNG frames (0001.png...), which is what
+    `ImageSequenceWriter` writes: overwriting a sequence must never delete a video, a plate or a note that sits
+    in the same folder, nor a file of that name. A link is replaced itself, so what it points to is not checked."""
+    if not os.path.lexists(folder) or folder.is_symlink():
+        return
+    if not folder.is_dir():
+        raise BgmatteError(f"{folder}: is a file, not a folder of PNG frames (only such a folder is replaced); "
+                           "remove it or choose another output")
+    try:
+        others = sorted(entry.name for entry in os.scandir(folder) if not _is_frame_file(entry))
+    except OSError as exc:
+        raise BgmatteError(f"{folder}: cannot list this folder ({exc.strerror or exc})") from None
+    if others:
+        named = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise BgmatteError(f"{folder}: holds more than numbered PNG frames ({named}), which replacing it would "
+                           "delete; empty it or choose another output folder")
