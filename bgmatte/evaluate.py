@@ -8,6 +8,12 @@ connectivity errors, and kept it for SAD only. The trimap's unknown region is wh
 
 Every alpha matte here is a float array (H, W) in [0, 1]; the MATLAB code works on 8-bit values divided by
 255, so its numbers are ours for 8-bit images (up to its single-precision rounding; we compute in float64).
+
+Files are compared as stored: EXIF orientation is applied to none of them (mattes, trimaps, foregrounds, and the
+source and plate a model is run on), since they are data that must line up pixel for pixel, and a tag on some
+files but not on others would silently turn one against the rest. Mattes are read by
+`bgmatte.io.images.read_matte` (an RGBA file's alpha channel, else grey; float files must be in [0, 1]); a trimap
+must hold only 0, 128 and 255.
 """
 from __future__ import annotations
 
@@ -36,6 +42,9 @@ METRICS = ("sad", "mse", "grad", "conn", "fgr_mse", "sad_all", "mse_all")
 
 TRIMAP_METRICS = ("sad", "mse", "grad", "conn", "fgr_mse")
 """The metrics that need a trimap (all but the whole-frame ones)."""
+
+TRIMAP_VALUES = (0, UNKNOWN, 255)
+"""The only values a trimap may hold: background, unknown, foreground."""
 
 IMAGE_SUFFIXES = images.IMAGE_EXTENSIONS
 
@@ -192,7 +201,8 @@ def score_image(
     pred_fgr: np.ndarray | None = None,
     true_fgr: np.ndarray | None = None,
 ) -> dict[str, float | None]:
-    """Every metric for one image, keyed as `METRICS`. Without a trimap the trimap-based metrics are None, and
+    """Every metric for one image, keyed as `METRICS`. Without a trimap, or with one that has no unknown pixel
+    (where they measure nothing, and zeros would pull the means down), the trimap-based metrics are None, and
     without both foregrounds `fgr_mse` is None; mattes are (H, W) floats in [0, 1], foregrounds (H, W, 3)."""
     pred_pha = _as_float(pred_pha)
     true_pha = _as_float(true_pha)
@@ -210,6 +220,8 @@ def score_image(
     if trimap.shape != true_pha.shape:
         raise BgmatteError(f"trimap is {_shape_text(trimap)} but the ground-truth alpha is "
                            f"{_shape_text(true_pha)}")
+    if not _unknown(trimap).any():
+        return scores
     scores["sad"] = sad(pred_pha, true_pha, trimap)
     scores["mse"] = mse(pred_pha, true_pha, trimap)
     scores["grad"] = gradient_error(pred_pha, true_pha, trimap)
@@ -251,40 +263,52 @@ class Evaluation:
 
 
 def list_images(folder: Path) -> dict[str, Path]:
-    """The image files of `folder` by file stem; two images with one stem is an error, since files are matched
-    across folders by stem."""
-    images: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        if path.stem in images:
-            raise BgmatteError(f"{path}: two images named {path.stem!r} in {folder} ({images[path.stem].name})")
-        images[path.stem] = path
-    return images
+    """The image files of `folder` by file stem, hidden ones skipped (`bgmatte.io.images.list_images`); two
+    images with one stem is an error, since files are matched across folders by stem."""
+    found: dict[str, Path] = {}
+    for path in images.list_images(folder):
+        if path.stem in found:
+            raise BgmatteError(f"{path}: two images named {path.stem!r} in {folder} ({found[path.stem].name})")
+        found[path.stem] = path
+    return found
 
 
 def read_image(path: Path) -> np.ndarray:
-    """An RGB image file as (H, W, 3) float64 in [0, 1] (8- or 16-bit, any format OpenCV reads)."""
-    return images.read_image(path, dtype="float32").astype(np.float64)
+    """An RGB image file as (H, W, 3) float64 in [0, 1] (8- or 16-bit, any format OpenCV reads), as stored."""
+    return images.read_image(path, dtype="float32", orient=False).astype(np.float64)
 
 
 def read_alpha(path: Path) -> np.ndarray:
-    """An alpha matte file as (H, W) float64 in [0, 1]; a colour file is converted to grey (exact for grey
-    stored as colour)."""
-    return images.read_image(path, dtype="float32", channels=1).astype(np.float64)
+    """An alpha matte file as (H, W) float64 in [0, 1]: an RGBA file's alpha, else its grey level; colour,
+    and float values outside [0, 1], are refused (`bgmatte.io.images.read_matte`)."""
+    return images.read_matte(path).astype(np.float64)
 
 
 def read_trimap(path: Path) -> np.ndarray:
-    """A trimap file as (H, W) uint8 values (128 = unknown); a 16-bit trimap is brought to 8 bits."""
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        raise BgmatteError(f"{path}: cannot read this trimap")
+    """A trimap file as (H, W) uint8 values, as stored; a 16-bit trimap is brought to 8 bits.
+
+    Values other than 0, 128 (unknown) and 255 are refused: they would silently move pixels into or out of the
+    unknown region the metrics sum over (a JPEG trimap, or one resized smoothly, has values in between; one coded
+    0/1/2 has no 128 at all, and would score a perfect zero).
+    """
+    data = images.read_as_stored(path)
     if data.ndim == 3:
-        data = data[:, :, 0]
+        colour = data[:, :, :3]
+        if (colour != colour[:, :, :1]).any():
+            raise BgmatteError(f"{path}: a trimap must be grey, but this one has colour")
+        data = colour[:, :, 0]
     if data.dtype == np.uint16:
         data = np.round(data / 257.0).astype(np.uint8)
     elif data.dtype != np.uint8:
         raise BgmatteError(f"{path}: a trimap must be an 8- or 16-bit image, not {data.dtype}")
+    present = np.unique(data)
+    stray = present[~np.isin(present, TRIMAP_VALUES)]
+    if stray.size:
+        shown = ", ".join(str(int(value)) for value in stray[:4]) + (", ..." if stray.size > 4 else "")
+        hint = " (JPEG compression changes values: save trimaps as PNG)" if path.suffix.lower() in (".jpg", ".jpeg") \
+            else ""
+        raise BgmatteError(f"{path}: a trimap may only hold 0, 128 (unknown) and 255, but this one also holds "
+                           f"{shown}{hint}")
     return data
 
 
@@ -312,8 +336,9 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, crop_multiple:
     Every image of `gt_dir/pha` must have a prediction. Like `benchmark.m`, both are cropped to the ground
     truth's size rounded down to a multiple of `crop_multiple` (1 crops nothing); a prediction may have the full
     or the cropped size. Without a `trimap/` folder the trimap-based metrics (sad, mse, grad, conn, fgr_mse) are
-    None and a note says so; without `fgr/` in either folder, fgr_mse is None. A folder that exists but lacks an
-    image's file is an error, not a silent skip.
+    None and a note says so, as they are for an image whose trimap has no unknown pixel; without `fgr/` in either
+    folder, fgr_mse is None. A folder that exists but lacks an image's file is an error, not a silent skip. Files
+    are read as stored, EXIF orientation ignored (see the module's notes).
     """
     pred_root, gt_root = Path(pred_dir), Path(gt_dir)
     for root in (pred_root, gt_root):
@@ -371,7 +396,8 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, *, crop_multiple:
         except BgmatteError as exc:
             raise BgmatteError(f"{pred_path}: {exc}") from None
         if trimap is not None and scores["mse"] is None:
-            notes.append(f"{stem}: the trimap has no unknown (128) pixel, so mse and fgr_mse are not computed")
+            notes.append(f"{stem}: the trimap has no unknown (128) pixel, so sad, mse, grad, conn and fgr_mse are "
+                         "not computed for it")
         per_image.append({"name": stem, **scores})
     return Evaluation(mean=mean_scores(per_image), per_image=per_image, notes=notes)
 

@@ -64,7 +64,7 @@ def test_table_shows_the_mean_row_then_each_image(tmp_path, capsys):
     assert [line.split()[0] for line in lines[4:]] == ["one", "two"]
 
 
-@pytest.mark.parametrize("problem", ["missing_dir", "unreadable", "size"])
+@pytest.mark.parametrize("problem", ["missing_dir", "unreadable", "size", "trimap", "colour"])
 def test_errors_are_one_line_naming_the_file(tmp_path, capsys, problem):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     _ground_truth(gt)
@@ -74,6 +74,12 @@ def test_errors_are_one_line_naming_the_file(tmp_path, capsys, problem):
     elif problem == "unreadable":
         (pred / "pha" / "two.png").write_bytes(b"garbage")
         args, expected = ["--pred", str(pred), "--gt", str(gt)], "two.png"
+    elif problem == "trimap":
+        _write(gt / "trimap" / "two.png", np.full((8, 8), 127, np.uint8))
+        args, expected = ["--pred", str(pred), "--gt", str(gt)], "trimap/two.png: a trimap may only hold"
+    elif problem == "colour":
+        _write(gt / "pha" / "two.png", np.dstack([np.zeros((8, 8)), np.full((8, 8), 99), np.zeros((8, 8))]))
+        args, expected = ["--pred", str(pred), "--gt", str(gt)], "pha/two.png: a colour image, not a matte"
     else:
         (pred / "pha" / "two.png").unlink()
         _write(pred / "pha" / "two.png", np.zeros((16, 8), np.uint8))

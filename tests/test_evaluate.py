@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from collections import deque
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 from bgmatte.errors import BgmatteError
 from bgmatte.evaluate import (
     METRICS,
+    TRIMAP_METRICS,
     connectivity_error,
     evaluate_folders,
     foreground_mse,
@@ -369,6 +372,111 @@ def test_evaluate_folders_names_an_unreadable_image(tmp_path):
     (pred / "pha" / "a.png").write_bytes(b"not a png")
     with pytest.raises(BgmatteError, match=r"a\.png: not an image file OpenCV can read"):
         evaluate_folders(pred, gt)
+
+
+@pytest.mark.parametrize("values, shown", [
+    ((0, 127, 255), "127"),  # unknown coded as 127
+    ((0, 1, 2), "1, 2"),  # a trimap coded 0/1/2 has no 128 at all
+    ((0, 64, 128, 192, 255), "64, 192"),  # a trimap resized smoothly
+])
+def test_a_trimap_with_values_other_than_0_128_255_is_refused_naming_it(tmp_path, values, shown):
+    pred, gt = _dataset(tmp_path)
+    trimap = np.resize(np.array(values, np.uint8), (8, 8))
+    _write(gt / "trimap" / "b.png", trimap)
+    with pytest.raises(BgmatteError, match=rf"trimap.b\.png: a trimap may only hold 0, 128 .* also holds {shown}$"):
+        evaluate_folders(pred, gt)
+
+
+def test_a_jpeg_trimap_is_refused_with_the_reason(tmp_path):
+    pred, gt = _dataset(tmp_path)
+    trimap = np.zeros((8, 8), np.uint8)
+    trimap[:, 2:6] = 128
+    trimap[:, 6:] = 255
+    (gt / "trimap" / "b.png").unlink()
+    _write(gt / "trimap" / "b.jpg", trimap)
+    with pytest.raises(BgmatteError, match=r"b\.jpg: a trimap may only hold .*save trimaps as PNG"):
+        evaluate_folders(pred, gt)
+
+
+def test_a_16_bit_trimap_is_read_on_the_8_bit_scale(tmp_path):
+    pred, gt = _dataset(tmp_path)
+    eight = evaluate_folders(pred, gt).per_image[0]
+    _write(gt / "trimap" / "a.png", np.full((8, 8), 128 * 257, np.uint16))
+    assert evaluate_folders(pred, gt).per_image[0] == eight
+
+
+def test_an_image_whose_trimap_has_no_unknown_pixel_is_left_out_of_the_trimap_means(tmp_path):
+    pred, gt = _dataset(tmp_path)
+    only_a = evaluate_folders(pred, gt).per_image[0]
+    _write(gt / "trimap" / "b.png", np.where(np.arange(64).reshape(8, 8) % 2, 255, 0).astype(np.uint8))
+    result = evaluate_folders(pred, gt)
+    assert all(result.per_image[1][name] is None for name in TRIMAP_METRICS)
+    assert all(result.mean[name] == pytest.approx(only_a[name]) for name in TRIMAP_METRICS)
+    assert any("b: the trimap has no unknown (128) pixel" in note for note in result.notes)
+
+
+def test_a_damaged_or_oversized_trimap_is_one_line_without_opencv_noise(tmp_path, capfd):
+    pred, gt = _dataset(tmp_path)
+    whole = (gt / "trimap" / "b.png").read_bytes()
+    (gt / "trimap" / "b.png").write_bytes(whole[:-20])
+    with pytest.raises(BgmatteError, match=r"b\.png: damaged or truncated PNG"):
+        evaluate_folders(pred, gt)
+    assert capfd.readouterr().err == ""
+    header = b"IHDR" + struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    (gt / "trimap" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + header
+                                         + struct.pack(">I", zlib.crc32(header)))
+    with pytest.raises(BgmatteError, match=r"b\.png: 20000x20000 is 400 megapixels"):
+        evaluate_folders(pred, gt)
+
+
+def test_a_prediction_saved_as_an_rgba_cutout_is_scored_by_its_alpha(tmp_path):
+    pred, gt = _dataset(tmp_path)
+    grey = evaluate_folders(pred, gt).per_image[0]
+    rgba = np.full((8, 8, 4), 200, np.uint8)
+    rgba[..., 3] = cv2.imread(str(pred / "pha" / "a.png"), cv2.IMREAD_UNCHANGED)
+    _write(pred / "pha" / "a.png", rgba)
+    assert evaluate_folders(pred, gt).per_image[0] == grey
+
+
+def test_colour_and_out_of_range_float_mattes_are_refused(tmp_path):
+    pred, gt = _dataset(tmp_path)
+    (pred / "pha" / "a.png").unlink()
+    _write(pred / "pha" / "a.png", np.dstack([np.zeros((8, 8)), np.full((8, 8), 255), np.zeros((8, 8))]))
+    with pytest.raises(BgmatteError, match=r"a\.png: a colour image, not a matte"):
+        evaluate_folders(pred, gt)
+    (pred / "pha" / "a.png").unlink()
+    _write(pred / "pha" / "a.tif", np.full((8, 8), 200.0, np.float32))  # 0-255 saved as float
+    with pytest.raises(BgmatteError, match=r"a\.tif: a float matte must hold values from 0 to 1"):
+        evaluate_folders(pred, gt)
+    (pred / "pha" / "a.tif").unlink()
+    _write(pred / "pha" / "a.tif", np.full((8, 8), 0.5, np.float32))
+    assert evaluate_folders(pred, gt).per_image[0]["sad"] is not None
+
+
+def _with_orientation(path: Path, orientation: int) -> None:
+    """Give a JPEG an EXIF block that holds only an orientation tag."""
+    tiff = b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x112, 3, 1, orientation, 0)
+    exif = b"Exif\x00\x00" + tiff + struct.pack(">I", 0)
+    data = path.read_bytes()
+    path.write_bytes(data[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + data[2:])
+
+
+def test_exif_orientation_is_ignored_on_every_input(tmp_path):
+    pred, gt = _dataset(tmp_path)
+    pha = np.zeros((8, 8), np.uint8)
+    pha[:, 4:] = 255  # a vertical edge, which a rotation turns into a horizontal one
+    (gt / "pha" / "b.png").unlink()
+    _write(gt / "pha" / "b.jpg", pha)
+    _with_orientation(gt / "pha" / "b.jpg", 6)
+    _write(pred / "pha" / "b.png", cv2.imread(str(gt / "pha" / "b.jpg"), cv2.IMREAD_UNCHANGED))  # as stored
+    assert evaluate_folders(pred, gt).per_image[1]["mse_all"] == 0.0
+
+
+def test_hidden_files_are_not_taken_for_images(tmp_path):
+    pred, gt = _dataset(tmp_path)
+    for folder in ("pha", "trimap", "fgr"):
+        (gt / folder / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert [row["name"] for row in evaluate_folders(pred, gt).per_image] == ["a", "b"]
 
 
 def test_evaluate_folders_names_a_missing_folder(tmp_path):

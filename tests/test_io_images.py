@@ -16,11 +16,13 @@ import pytest
 from bgmatte.errors import BgmatteError
 from bgmatte.io.images import (
     DEFAULT_MAX_PIXELS,
+    header_size,
     image_header_size,
     list_images,
     match_by_stem,
     natural_key,
     read_image,
+    read_matte,
     write_png,
 )
 
@@ -194,6 +196,73 @@ def test_empty_and_truncated_files_are_named_as_such_without_libpng_noise(tmp_pa
     assert "libpng" not in capfd.readouterr().err
 
 
+def with_orientation(path: Path, orientation: int, padding: int = 0) -> Path:
+    """Give a JPEG an EXIF block that holds an orientation tag (and `padding` bytes after it, as a thumbnail would)."""
+    tiff = b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x112, 3, 1, orientation, 0)
+    exif = b"Exif\x00\x00" + tiff + struct.pack(">I", 0) + b"\x00" * padding
+    data = path.read_bytes()
+    path.write_bytes(data[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + data[2:])
+    return path
+
+
+def test_header_size_reads_only_the_header_and_refuses_what_read_image_would(tmp_path, monkeypatch):
+    png = save_with_cv2(tmp_path / "a.png", rgb_pattern(12, 20))
+    jpeg = with_orientation(save_with_cv2(tmp_path / "a.jpg", rgb_pattern(12, 20)), 6, padding=40000)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    monkeypatch.setattr(cv2, "imdecode", None)  # nothing is decoded
+    assert header_size(png) == (20, 12)
+    assert header_size(jpeg) == (20, 12)  # the size as stored, found past a large EXIF block
+    with pytest.raises(BgmatteError, match="bomb.png: 50000x50000 is 2500 megapixels"):
+        header_size(bomb_png(tmp_path / "bomb.png", 50_000, 50_000))
+    for name, message in (("empty.png", "empty file"), ("garbage.png", "damaged or truncated PNG"),
+                          ("missing.png", "no such image file")):
+        with pytest.raises(BgmatteError, match=rf"{name}: {message}"):
+            header_size(tmp_path / name)
+
+
+def test_orientation_is_applied_unless_pixels_are_wanted_as_stored(tmp_path):
+    jpeg = with_orientation(save_with_cv2(tmp_path / "a.jpg", rgb_pattern(12, 20)), 6)
+    assert read_image(jpeg).shape == (20, 12, 3)
+    assert read_image(jpeg, orient=False).shape == (12, 20, 3)
+    cv2.imwrite(str(tmp_path / "matte.jpg"), np.full((12, 20), 128, np.uint8))
+    assert read_matte(with_orientation(tmp_path / "matte.jpg", 6)).shape == (12, 20)
+
+
+def test_a_matte_is_the_alpha_channel_when_it_varies_else_the_grey_level(tmp_path):
+    alpha = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    cutout = np.zeros((6, 8, 4), np.uint8)
+    cutout[..., 3] = alpha  # black colour: read from its colour, this matte would be 0 everywhere
+    cv2.imwrite(str(tmp_path / "cutout.png"), cutout)
+    assert read_matte(tmp_path / "cutout.png") == pytest.approx(alpha / 255)
+    opaque = np.dstack([alpha, alpha, alpha, np.full_like(alpha, 255)])  # an unused alpha channel
+    cv2.imwrite(str(tmp_path / "opaque.png"), opaque)
+    assert read_matte(tmp_path / "opaque.png") == pytest.approx(alpha / 255)
+    cv2.imwrite(str(tmp_path / "grey16.png"), alpha.astype(np.uint16) * 257)
+    assert read_matte(tmp_path / "grey16.png") == pytest.approx(alpha / 255)
+    near = np.dstack([alpha, alpha, np.clip(alpha.astype(int) + 1, 0, 255).astype(np.uint8)])  # rounding
+    cv2.imwrite(str(tmp_path / "near.png"), near)
+    assert read_matte(tmp_path / "near.png") == pytest.approx(alpha / 255, abs=1 / 255)
+
+
+def test_colour_and_out_of_range_float_mattes_are_refused_naming_the_file(tmp_path):
+    save_with_cv2(tmp_path / "colour.png", rgb_pattern())
+    with pytest.raises(BgmatteError, match=r"colour.png: a colour image, not a matte"):
+        read_matte(tmp_path / "colour.png")
+    cv2.imwrite(str(tmp_path / "scaled.tif"), np.full((4, 4), 255.0, np.float32))
+    with pytest.raises(BgmatteError, match=r"scaled.tif: a float matte must hold values from 0 to 1, but this one "
+                                           r"goes from 255 to 255 \(0-255 stored as float\? divide by 255\)$"):
+        read_matte(tmp_path / "scaled.tif")
+    cv2.imwrite(str(tmp_path / "nan.tif"), np.full((4, 4), np.nan, np.float32))
+    with pytest.raises(BgmatteError, match=r"nan.tif: a float matte holding NaN"):
+        read_matte(tmp_path / "nan.tif")
+    rounded = np.full((4, 4), 0.5, np.float32)
+    rounded[0, 0], rounded[0, 1] = 1.0000001, -1e-7  # a writer's rounding is let through, clipped
+    cv2.imwrite(str(tmp_path / "rounded.tif"), rounded)
+    matte = read_matte(tmp_path / "rounded.tif")
+    assert matte.dtype == np.float32 and matte.min() == 0.0 and matte.max() == 1.0
+
+
 def test_missing_and_unreadable_files_are_one_line_errors(tmp_path):
     with pytest.raises(BgmatteError, match="nope.png: no such image file"):
         read_image(tmp_path / "nope.png")
@@ -291,8 +360,19 @@ def test_list_images_is_natural_and_skips_others(tmp_path):
     assert [path.name for path in list_images(tmp_path)] == ["1.JPEG", "2.jpg", "9.webp", "10.png"]
     with pytest.raises(BgmatteError, match="no such folder"):
         list_images(tmp_path / "missing")
+    (tmp_path / "._10.png").write_bytes(b"\x00\x05\x16\x07")  # macOS's companion of 10.png
+    assert [path.name for path in list_images(tmp_path)] == ["1.JPEG", "2.jpg", "9.webp", "10.png"]
     with pytest.raises(BgmatteError, match="is not a folder"):
         list_images(tmp_path / "notes.txt")
+
+
+def test_list_images_can_search_subfolders_skipping_hidden_ones(tmp_path):
+    for name in ["b/2.png", "b/10.png", "a.png", ".cache/x.png", "b/.y.png", "b/._2.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [str(path.relative_to(tmp_path)) for path in list_images(tmp_path, recursive=True)] == [
+        "a.png", "b/2.png", "b/10.png"]
+    assert [path.name for path in list_images(tmp_path)] == ["a.png"]
 
 
 def test_plates_are_matched_by_stem():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -40,11 +41,11 @@ def _write(path: Path, image: np.ndarray) -> Path:
     return path
 
 
-def _colour(height: int = 12, width: int = 16, seed: int = 0) -> np.ndarray:
+def _colour(height: int = 36, width: int = 48, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def _grey(height: int = 12, width: int = 16, seed: int = 0) -> np.ndarray:
+def _grey(height: int = 36, width: int = 48, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
 
 
@@ -65,10 +66,10 @@ def test_read_image_gives_rgb_or_grey_floats(tmp_path):
     colour[0, 0] = (0, 0, 255)  # BGR red
     path = _write(tmp_path / "c.png", colour)
     rgb = read_image(path, 3)
-    assert rgb.shape == (3, 12, 16) and rgb.dtype == torch.float32
+    assert rgb.shape == (3, 36, 48) and rgb.dtype == torch.float32
     assert rgb[:, 0, 0].tolist() == [1.0, 0.0, 0.0]
     grey = read_image(_write(tmp_path / "g.png", _grey()), 1)
-    assert grey.shape == (1, 12, 16)
+    assert grey.shape == (1, 36, 48)
     deep = np.full((4, 4), 65535, dtype=np.uint16)
     assert float(read_image(_write(tmp_path / "d.png", deep), 1).min()) == 1.0
     assert read_image(path, 3, dtype=torch.uint8).dtype == torch.uint8
@@ -100,7 +101,7 @@ def test_videomatte_frame_folders_are_paired_by_clip_and_frame(tmp_path):
         assert fgr.parts[-3] == "fgr" and pha.parts[-3] == "pha"
     assert all("test" in str(f) for f, _ in videomatte_pairs(tmp_path, "valid"))
     item = MatteDataset(pairs)[0]
-    assert item["fgr"].shape == (3, 12, 16) and item["pha"].shape == (1, 12, 16)
+    assert item["fgr"].shape == (3, 36, 48) and item["pha"].shape == (1, 36, 48)
 
 
 def test_a_frame_without_its_matte_is_named(tmp_path):
@@ -120,15 +121,15 @@ def test_aim_folders_match_by_name_across_extensions(tmp_path):
 
 
 def test_mismatched_sizes_are_reported(tmp_path):
-    fgr = _write(tmp_path / "fgr" / "x.png", _colour(12, 16))
-    pha = _write(tmp_path / "pha" / "x.png", _grey(10, 16))
+    fgr = _write(tmp_path / "fgr" / "x.png", _colour(36, 48))
+    pha = _write(tmp_path / "pha" / "x.png", _grey(34, 48))
     with pytest.raises(BgmatteError, match="x.png"):
         MatteDataset([(fgr, pha)])[0]
 
 
 def _backgrounds(folder: Path, count: int = 3) -> Path:
     for i in range(count):
-        _write(folder / f"bg{i}.jpg", _colour(30, 40, seed=10 + i))
+        _write(folder / f"bg{i}.jpg", _colour(40, 56, seed=10 + i))
     return folder
 
 
@@ -162,7 +163,7 @@ def test_background_folders_use_their_split_subfolder(tmp_path):
     assert len(BackgroundDataset.from_folder(tmp_path, "train")) == 2
     assert len(BackgroundDataset.from_folder(tmp_path, "valid")) == 1
     assert len(BackgroundDataset.from_folder(tmp_path)) == 3
-    assert BackgroundDataset.from_folder(tmp_path, "train")[0]["bgr"].shape == (3, 30, 40)
+    assert BackgroundDataset.from_folder(tmp_path, "train")[0]["bgr"].shape == (3, 40, 56)
 
 
 def test_synthetic_dataset_is_fixed_per_index_and_split():
@@ -209,6 +210,138 @@ def test_dataset_names_and_missing_folders_are_reported(tmp_path):
         build_dataset("aim", tmp_path, backgrounds=_backgrounds(tmp_path / "bg"))
     with pytest.raises(BgmatteError, match="no such folder"):
         build_dataset("synthetic", backgrounds=tmp_path / "nowhere")
+
+
+def _photomatte(root: Path, count: int = 3) -> Path:
+    for i in range(count):
+        _write(root / "fgr" / f"{i:04d}.jpg", _colour(seed=i))
+        _write(root / "pha" / f"{i:04d}.png", _grey(seed=i))
+    return root
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG cut off after its IHDR chunk: the header gives a size, the pixels are gone."""
+    header = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + header + struct.pack(">I", zlib.crc32(header)))
+    return path
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "0002.png: empty file"),
+    ("garbage", "0002.png: damaged or truncated PNG"),
+    ("small matte", "0001.png: matte is 48x34 but 0001.jpg is 48x36"),
+    ("tiny", "0000.jpg: 6x8 is too small to train on"),
+    ("tiny background", "bg1.jpg: 2x2 is too small to train on"),
+    ("bomb", "0002.png: 9000x9000 is 81 megapixels"),
+])
+def test_bad_files_are_refused_from_their_headers_before_training(tmp_path, monkeypatch, damage, message):
+    root, behind = _photomatte(tmp_path / "data"), _backgrounds(tmp_path / "bg")
+    if damage == "empty":
+        (root / "pha" / "0002.png").write_bytes(b"")
+    elif damage == "garbage":
+        (root / "pha" / "0002.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    elif damage == "small matte":
+        _write(root / "pha" / "0001.png", _grey(34, 48))
+    elif damage == "tiny":
+        _write(root / "fgr" / "0000.jpg", _colour(8, 6))
+        _write(root / "pha" / "0000.png", _grey(8, 6))
+    elif damage == "tiny background":
+        _write(behind / "bg1.jpg", _colour(2, 2))
+    else:
+        _png_header_only(root / "pha" / "0002.png", 9000, 9000)
+    reads = []
+    monkeypatch.setattr(cv2, "imdecode", lambda *args: reads.append(args))  # nothing may be decoded
+    with pytest.raises(BgmatteError, match=message):
+        build_dataset("photomatte", root, size=32, backgrounds=behind)
+    assert reads == []
+
+
+def test_the_header_check_passes_good_data_and_cannot_see_damage_past_the_header(tmp_path):
+    root, behind = _photomatte(tmp_path / "data"), _backgrounds(tmp_path / "bg")
+    whole = (root / "pha" / "0001.png").read_bytes()
+    (root / "pha" / "0001.png").write_bytes(whole[: len(whole) // 2])  # the header intact, the pixels cut off
+    dataset = build_dataset("photomatte", root, size=32, backgrounds=behind)
+    with pytest.raises(BgmatteError, match="0001.png: damaged or truncated PNG"):
+        dataset[1]
+
+
+def test_hidden_files_are_skipped_in_mattes_and_backgrounds(tmp_path):
+    root, behind = _photomatte(tmp_path / "data", 2), _backgrounds(tmp_path / "bg", 2)
+    for folder in (root / "fgr", root / "pha", behind):
+        (folder / "._0000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (behind / ".thumbnails").mkdir()
+    _write(behind / ".thumbnails" / "bg0.png", _colour(8, 8))
+    dataset = build_dataset("photomatte", root, size=32, backgrounds=behind)
+    assert len(dataset) == 2 and len(dataset.backgrounds) == 2
+    assert dataset[0]["src"].shape == (3, 32, 32)
+
+
+def test_two_files_of_one_name_are_refused(tmp_path):
+    root = _photomatte(tmp_path / "data", 2)
+    _write(root / "pha" / "0001.jpg", _grey(seed=1))
+    with pytest.raises(BgmatteError, match=r"two images named '0001' .*0001\.jpg and 0001\.png"):
+        match_folders(root / "fgr", root / "pha")
+
+
+def test_a_matte_in_an_rgba_alpha_channel_is_read_from_the_alpha(tmp_path):
+    alpha = _grey()
+    rgba = np.zeros((*alpha.shape, 4), np.uint8)
+    rgba[..., 3] = alpha  # a cutout: black colour, the matte in alpha
+    fgr, pha = _write(tmp_path / "fgr" / "a.png", _colour()), _write(tmp_path / "pha" / "a.png", rgba)
+    item = MatteDataset([(fgr, pha)])[0]
+    assert torch.allclose(item["pha"][0], torch.from_numpy(alpha / 255.0).float())
+
+
+def test_float_mattes_out_of_range_are_refused(tmp_path):
+    fgr = _write(tmp_path / "fgr" / "a.png", _colour())
+    pha = _write(tmp_path / "pha" / "a.tif", _grey().astype(np.float32))  # 0-255 saved as float
+    with pytest.raises(BgmatteError, match="a.tif: a float matte must hold values from 0 to 1"):
+        MatteDataset([(fgr, pha)])[0]
+
+
+def test_foreground_and_matte_are_read_as_stored_whatever_their_exif_orientation(tmp_path):
+    fgr = _write(tmp_path / "fgr" / "a.jpg", _colour(36, 48))
+    pha = _write(tmp_path / "pha" / "a.jpg", _grey(36, 48))
+    for path in (fgr, pha):
+        _set_jpeg_orientation(path, 6)  # "rotate 90 degrees to view"
+    item = MatteDataset([(fgr, pha)])[0]
+    assert item["fgr"].shape == (3, 36, 48) and item["pha"].shape == (1, 36, 48)
+
+
+def _set_jpeg_orientation(path: Path, orientation: int) -> None:
+    """Insert an EXIF block holding only an orientation tag after a JPEG's start marker."""
+    tiff = b"MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", 1) + struct.pack(">HHIHH", 0x112, 3, 1, orientation, 0)
+    tiff += struct.pack(">I", 0)
+    exif = b"Exif\x00\x00" + tiff
+    data = path.read_bytes()
+    path.write_bytes(data[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + data[2:])
+
+
+def test_validation_on_the_training_folders_is_warned_about(tmp_path):
+    root, behind = _photomatte(tmp_path / "data"), _backgrounds(tmp_path / "bg")
+    with pytest.warns(UserWarning, match="validation uses the training images"):
+        build_dataset("photomatte", root, split="valid", size=32, backgrounds=behind)
+    _photomatte(tmp_path / "split" / "train")
+    _photomatte(tmp_path / "split" / "valid", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(build_dataset("photomatte", tmp_path / "split", split="valid", size=32, backgrounds=behind)) == 1
+
+
+def test_messages_name_what_is_wrong_with_a_folder(tmp_path):
+    script = tmp_path / "gen.py"
+    script.write_text("print()")
+    with pytest.raises(BgmatteError, match="gen.py: is a file, not a folder"):
+        build_dataset("photomatte", _photomatte(tmp_path / "data"), size=32, backgrounds=script)
+    _videomatte(tmp_path / "vm")
+    with pytest.raises(BgmatteError, match=r"no valid/, val/ or test/ folder"):
+        videomatte_pairs(tmp_path / "vm" / "train", "valid")
+    clips = tmp_path / "mp4" / "train"
+    (clips / "fgr").mkdir(parents=True)
+    (clips / "pha").mkdir()
+    (clips / "fgr" / "0000.mp4").write_bytes(b"")
+    with pytest.raises(BgmatteError, match="holds videos .*0000.mp4.*folder of frames"):
+        videomatte_pairs(tmp_path / "mp4", "train")
 
 
 @pytest.mark.parametrize("package", ["mate-backgrounds", "opencv-doc", "opencv-doc:all"])

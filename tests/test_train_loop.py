@@ -12,9 +12,12 @@ import warnings
 from itertools import islice
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch._utils import ExceptionWrapper
 
 from bgmatte import BgmatteError
 from bgmatte.cli import build_parser, main
@@ -503,6 +506,75 @@ def test_ctrl_c_saves_state_and_weights_then_exits_nonzero(tmp_path):
     assert state["step"] >= 1
     assert load_file(str(out / "last.safetensors"))
     assert int(read_rows(out / "train.csv")[-1]["step"]) == state["step"]
+
+
+def _photomatte(root: Path, count: int = 4) -> tuple[Path, Path]:
+    """A PhotoMatte-style folder of `count` pairs and a folder of two backgrounds, all 48x40."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        for folder, image in (("fgr", rng.integers(0, 256, (40, 48, 3))), ("pha", rng.integers(0, 256, (40, 48)))):
+            (root / "data" / folder).mkdir(parents=True, exist_ok=True)
+            assert cv2.imwrite(str(root / "data" / folder / f"{i:04d}.png"), image.astype(np.uint8))
+    (root / "bg").mkdir()
+    for i in range(2):
+        assert cv2.imwrite(str(root / "bg" / f"{i}.jpg"), rng.integers(0, 256, (40, 48, 3)).astype(np.uint8))
+    return root / "data", root / "bg"
+
+
+@pytest.mark.slow
+def test_a_damaged_file_met_in_a_loader_worker_is_one_line_exits_at_once_and_leaves_a_resumable_run(tmp_path):
+    data, behind = _photomatte(tmp_path)
+    # The second batch's first item: its foreground is cut short past the header, which the check before
+    # training cannot see, so that the run trains one step and then meets it in the worker.
+    order = [index for _, index in islice(loop.ResumableSampler(range(4), 0, 1, TrainOptions.seed), 4)]
+    victim = data / "fgr" / f"{order[2]:04d}.png"
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "bgmatte", "train", "base", "--out", str(out), *TINY, "--steps", "4",
+               "--dataset", "photomatte", "--data-root", str(data), "--backgrounds", str(behind),
+               "--num-workers", "1", "--val-every", "0", "--save-every", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("the run did not exit after the damaged file")
+    lines = stderr.decode().strip().splitlines()
+    assert process.returncode == 2 and len(lines) == 1, lines
+    assert f"{victim.name}: damaged or truncated PNG; stopped at step 1" in lines[0] and "--resume" in lines[0]
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 1
+    victim.write_bytes(whole)  # repaired: the run goes on from where it stopped
+    assert main(["train", "base", "--out", str(out), "--resume", "--num-workers", "0", "--quiet"]) == 0
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 4
+
+
+def test_a_damaged_file_before_the_first_step_leaves_a_folder_that_can_be_run_again(tmp_path, capsys):
+    data, behind = _photomatte(tmp_path, 2)
+    victim = data / "pha" / "0001.png"
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[: len(whole) // 2])
+    command = ["train", "base", "--out", str(tmp_path / "run"), *TINY, "--steps", "2", "--dataset", "photomatte",
+               "--data-root", str(data), "--backgrounds", str(behind), "--num-workers", "0", "--val-every", "0"]
+    assert main(command) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("0001.png: damaged or truncated PNG"), lines
+    assert not (tmp_path / "run" / "state.pt").exists()
+    victim.write_bytes(whole)
+    assert main(command) == 0
+
+
+def test_a_worker_error_keeps_only_the_original_message():
+    try:
+        raise loop.DataError("/data/fgr/0002.png: damaged or truncated PNG")
+    except loop.DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(loop.DataError) as raised:
+        wrapped.reraise()
+    assert str(raised.value) == "/data/fgr/0002.png: damaged or truncated PNG"
 
 
 # -- options ----------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ connectivity errors over the trimap's unknown region (value 128), foreground MSE
 above 0, and SAD/1000 and MSE over the whole frame. Files are matched by name stem; both sides are cropped to a
 multiple of 4 pixels, as the paper's benchmark.m does.
 
+A matte is the alpha channel of an RGBA file (when it is not constant), else the grey level; colour mattes and
+float mattes outside [0, 1] are refused. A trimap may hold only 0, 128 and 255 (so no JPEG trimaps); an image
+whose trimap has no 128 pixel gets no trimap metrics and is left out of their means. Every file is compared as
+stored: EXIF orientation tags are ignored.
+
   bgmatte eval --pred DIR --gt DIR       DIR/pha (and DIR/fgr) against GT/pha, GT/fgr, GT/trimap
   bgmatte eval --model CKPT --data DIR   run the model over DIR/src + DIR/bgr first, then score against DIR
   bgmatte eval --baseline closed-form --data DIR

@@ -1,4 +1,5 @@
-"""Still images: reading with a decompression-bomb limit, atomic PNG writing, folder listing and plate matching.
+"""Still images: reading (mattes too) with a decompression-bomb limit, atomic PNG writing, folder listing and
+plate matching.
 
 The pixel limit is checked before decoding: the file's bytes are read once, its header is parsed here
 for PNG, JPEG, BMP, GIF, WebP, TIFF, Radiance HDR, the Netpbm family (PPM, PGM, PAM, PFM) and Sun raster
@@ -188,31 +189,124 @@ def _format_name(data: bytes) -> str | None:
 
 
 def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int = 3,
-               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, orient: bool = True) -> np.ndarray:
     """Read an image as upright (H, W, 3) RGB, or (H, W) grey with channels=1, uint8 or float32 in [0, 1];
     refuse files above `max_pixels`, and while it is set, files whose size the header does not give.
 
-    EXIF orientation is applied, grey images become three channels (colour ones grey with channels=1),
-    alpha is dropped, and with dtype="float32" 16-bit files keep their precision.
+    EXIF orientation is applied unless `orient` is False (pixels as stored: for files that must line up pixel
+    for pixel with others, such as a foreground and its matte), grey images become three channels (colour ones
+    grey with channels=1), alpha is dropped, and with dtype="float32" 16-bit files keep their precision. Mattes
+    have their own reader, `read_matte`, which keeps an alpha channel.
     """
     if dtype not in ("uint8", "float32"):
         raise ValueError(f"dtype must be 'uint8' or 'float32', not {dtype!r}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, not {channels}")
+    flags = (cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE) | (cv2.IMREAD_ANYDEPTH if dtype == "float32" else 0)
+    image = _decode(Path(path), flags | (0 if orient else cv2.IMREAD_IGNORE_ORIENTATION), max_pixels)
+    if channels == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if dtype == "uint8":
+        return image
+    scale = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else 1.0
+    return (image.astype(np.float32) / scale).clip(0.0, 1.0) if scale != 1.0 else image.astype(np.float32)
+
+
+def read_as_stored(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image's pixels as the file stores them: no EXIF orientation, OpenCV's channel order (grey, BGR or
+    BGRA) and the file's depth (uint8, uint16 or float); the checks and refusals of `read_image`."""
+    return _decode(Path(path), cv2.IMREAD_UNCHANGED, max_pixels)
+
+
+MATTE_TOLERANCE = 1e-3
+"""How far a float matte may stray outside [0, 1] (rounding in the program that wrote it) before it is refused."""
+GREY_TOLERANCE = 2 / 255
+"""How far apart (as a fraction of full scale) the colour channels of a matte stored in colour may be and still
+count as grey: two 8-bit steps, the rounding of colour conversions and JPEG, never a real colour."""
+
+
+def read_matte(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an alpha matte as (H, W) float32 in [0, 1], pixels as stored.
+
+    The matte is the file's alpha channel if it has one that is not constant (a cutout saved as RGBA), else its
+    grey level; a colour file whose channels differ (by more than `GREY_TOLERANCE`) is refused, since no grey
+    conversion of a colour picture is a matte. 8- and 16-bit files are scaled to [0, 1]; a float file must hold
+    values in [0, 1] already (within `MATTE_TOLERANCE`) and is refused otherwise. EXIF orientation is not
+    applied: a matte is data that lines up with its foreground or prediction pixel for pixel, not a photograph.
+    """
     path = Path(path)
-    data = _read_bytes(path, "image")
+    image = read_as_stored(path, max_pixels=max_pixels)
+    if image.dtype == np.uint8 or image.dtype == np.uint16:
+        full = float(np.iinfo(image.dtype).max)
+    elif image.dtype in (np.float32, np.float64):
+        full = 1.0
+    else:
+        raise BgmatteError(f"{path}: a matte must be 8- or 16-bit, or float in [0, 1], not {image.dtype}")
+    if image.ndim == 3 and image.shape[2] in (2, 4) and image[:, :, -1].min() != image[:, :, -1].max():
+        matte = image[:, :, -1].astype(np.float32)
+    elif image.ndim == 3:
+        colour = image[:, :, : max(1, image.shape[2] - 1)] if image.shape[2] in (2, 4) else image
+        spread = float((colour.max(axis=2) - colour.min(axis=2)).max()) / full
+        if spread > GREY_TOLERANCE:
+            raise BgmatteError(f"{path}: a colour image, not a matte: its channels differ by up to "
+                               f"{spread * 255:.0f}/255 (a matte is grey, or the alpha channel of an RGBA file)")
+        matte = colour.mean(axis=2, dtype=np.float32)
+    else:
+        matte = image.astype(np.float32)
+    if full != 1.0:
+        return matte / np.float32(full)
+    if not np.isfinite(matte).all():
+        raise BgmatteError(f"{path}: a float matte holding NaN or infinite values")
+    low, high = float(matte.min()), float(matte.max())
+    if low < -MATTE_TOLERANCE or high > 1.0 + MATTE_TOLERANCE:
+        raise BgmatteError(f"{path}: a float matte must hold values from 0 to 1, but this one goes from {low:g} "
+                           f"to {high:g}" + (" (0-255 stored as float? divide by 255)" if high > 2.0 else ""))
+    return matte.clip(0.0, 1.0)
+
+
+_HEADER_BYTES = 16384
+"""How much of a file `header_size` reads first: enough for the header of every format in `_FORMATS`, except a
+JPEG whose size comes after a large EXIF or ICC block, or a TIFF whose directory is at its end."""
+
+
+def header_size(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image file as stored, from its header alone: the refusals `read_image` makes before
+    it decodes (no such file, an empty file, over `max_pixels`, a size the header does not give), at the cost of
+    reading the file's first bytes (the whole file only where the size lies further on). Damage past the header
+    is not seen."""
+    path = Path(path)
+    data = _read_bytes(path, "image", limit=_HEADER_BYTES)
+    if data and image_header_size(data) is None and len(data) == _HEADER_BYTES:
+        data = _read_bytes(path, "image")
+    size, kind = _checked_header(path, data, max_pixels)
+    if size is None:
+        if kind == "PNG":
+            raise BgmatteError(f"{path}: damaged or truncated PNG")
+        _refuse_unsized(path, kind)
+    return size
+
+
+def _checked_header(path: Path, data: bytes, max_pixels: int | None) -> tuple[tuple[int, int] | None, str | None]:
+    """The size the header gives (None if it gives none) and the format's name, once an empty file and one
+    above `max_pixels` are refused."""
     if not data:
         raise BgmatteError(f"{path}: empty file (0 bytes), not an image")
     size = image_header_size(data)
     if size is not None:
         _check_pixels(path, size, max_pixels)
-    kind = _format_name(data)
+    return size, _format_name(data)
+
+
+def _decode(path: Path, flags: int, max_pixels: int | None) -> np.ndarray:
+    """The pixels OpenCV decodes from a file with `flags`, after the checks that need no decoding (the pixel
+    limit, from the header, first); every failure is one line naming the file."""
+    data = _read_bytes(path, "image")
+    size, kind = _checked_header(path, data, max_pixels)
     if kind == "PNG" and not _png_complete(data):
         # libpng would print its own complaint on stderr before failing; say it once, here.
         raise BgmatteError(f"{path}: damaged or truncated PNG")
     if size is None and max_pixels is not None:
         _refuse_unsized(path, kind)
-    flags = (cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE) | (cv2.IMREAD_ANYDEPTH if dtype == "float32" else 0)
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as exc:
@@ -229,12 +323,7 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int =
         raise BgmatteError(f"{path}: not an image file OpenCV can read")
     if size is None:
         _check_pixels(path, (image.shape[1], image.shape[0]), max_pixels)
-    if channels == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if dtype == "uint8":
-        return image
-    scale = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else 1.0
-    return (image.astype(np.float32) / scale).clip(0.0, 1.0) if scale != 1.0 else image.astype(np.float32)
+    return image
 
 
 def _refuse_unsized(path: Path, kind: str | None) -> None:
@@ -252,9 +341,13 @@ def _refuse_unsized(path: Path, kind: str | None) -> None:
                        "or pass max_pixels=None)")
 
 
-def _read_bytes(path: Path, what: str) -> bytes:
+def _read_bytes(path: Path, what: str, limit: int | None = None) -> bytes:
+    """The file's bytes (its first `limit` bytes if given); a file that cannot be read is one line."""
     try:
-        return path.read_bytes()
+        if limit is None:
+            return path.read_bytes()
+        with path.open("rb") as file:
+            return file.read(limit)
     except FileNotFoundError:
         raise BgmatteError(f"{path}: no such {what} file") from None
     except IsADirectoryError:
@@ -334,19 +427,23 @@ def natural_key(name: str) -> tuple:
     return tuple((0, int(part), part) if part.isdigit() else (1, 0, part.casefold()) for part in re.split(r"(\d+)", name))
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly in `folder` (by extension, hidden files skipped), in natural order."""
+def list_images(folder: str | os.PathLike, *, recursive: bool = False) -> list[Path]:
+    """The image files directly in `folder`, or anywhere under it with `recursive` (by extension), in natural
+    order. Hidden files and folders are skipped: names starting with ".", such as the "._NAME" files macOS
+    leaves beside every file it copies to other disks, which are not images."""
     folder = Path(folder)
     if not folder.exists():
         raise BgmatteError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise BgmatteError(f"{folder}: is not a folder")
+    found = folder.rglob("*") if recursive else folder.iterdir()
     files = [
         entry
-        for entry in folder.iterdir()
-        if entry.suffix.lower() in IMAGE_EXTENSIONS and not entry.name.startswith(".") and entry.is_file()
+        for entry in found
+        if entry.suffix.lower() in IMAGE_EXTENSIONS and entry.is_file()
+        and not any(part.startswith(".") for part in entry.relative_to(folder).parts)
     ]
-    return sorted(files, key=lambda entry: natural_key(entry.name))
+    return sorted(files, key=lambda entry: natural_key(str(entry.relative_to(folder))))
 
 
 def match_by_stem(sources: Sequence[Path], plates: Iterable[Path]) -> list[tuple[Path, Path]]:

@@ -7,10 +7,14 @@ and `pha` (1,H,W), the background datasets `bgr` (3,H,W), and the training datas
 seeded by (seed, epoch, index), so results do not depend on the number of loader workers.
 
 Images are limited to `MAX_PIXELS` against decompression bombs, checked from the file's header
-before decoding (`bgmatte.io.images.read_image`).
+before decoding (`bgmatte.io.images.read_image`). `build_dataset` checks the headers of every file of a
+real dataset before training starts (`check_pairs`, `check_backgrounds`), so that most bad files are
+refused at once rather than after hours of training. A foreground and its matte are read as stored (EXIF
+orientation is not applied to either), so that they line up pixel for pixel as their headers say.
 """
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +31,12 @@ from bgmatte.train.augment import PAPER, SYNTHETIC, AugmentOptions, make_trainin
 from bgmatte.train.synthetic import DEFAULT, TRAINING, SyntheticOptions, generate_batch
 
 IMAGE_SUFFIXES = tuple(sorted(images.IMAGE_EXTENSIONS))
+_VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 MAX_PIXELS = 50_000_000
+MIN_SIDE = 32
+"""The shortest side a training image may have: the smallest --crop. A smaller file (a thumbnail, a 1x1
+placeholder, a failed export) holds no matte or background worth learning from, and would be blown up
+many times over to fill a crop, so it is refused rather than trained on silently."""
 DATASETS = ("synthetic", "videomatte", "photomatte", "aim")
 
 
@@ -37,15 +46,26 @@ DATASETS = ("synthetic", "videomatte", "photomatte", "aim")
 
 
 def read_image(
-    path: str | Path, channels: int = 3, *, dtype: torch.dtype = torch.float32, max_pixels: int = MAX_PIXELS
+    path: str | Path, channels: int = 3, *, dtype: torch.dtype = torch.float32, max_pixels: int = MAX_PIXELS,
+    orient: bool = True,
 ) -> Tensor:
     """Read an image as a (C,H,W) tensor: RGB for 3 channels, grey for 1; float in [0,1], or uint8.
 
-    Reading, and the refusal of images over `max_pixels` before they are decoded, is
-    `bgmatte.io.images.read_image`'s.
+    Reading, the refusal of images over `max_pixels` before they are decoded, and EXIF orientation (applied
+    unless `orient` is False), are `bgmatte.io.images.read_image`'s.
     """
     image = images.read_image(path, dtype="uint8" if dtype == torch.uint8 else "float32", channels=channels,
-                              max_pixels=max_pixels)
+                              max_pixels=max_pixels, orient=orient)
+    return _as_tensor(image, dtype)
+
+
+def read_matte(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Tensor:
+    """Read an alpha matte as a (1,H,W) float tensor in [0,1]: an RGBA file's alpha, else its grey level, as
+    `bgmatte.io.images.read_matte` reads and checks it."""
+    return _as_tensor(images.read_matte(path, max_pixels=max_pixels), torch.float32)
+
+
+def _as_tensor(image: np.ndarray, dtype: torch.dtype) -> Tensor:
     if image.ndim == 2:
         image = image[:, :, None]
     tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -53,12 +73,12 @@ def read_image(
 
 
 def list_images(folder: str | Path, *, recursive: bool = True) -> list[Path]:
-    """Image files in `folder` (and its subfolders), in natural order; BgmatteError if it has none."""
+    """Image files in `folder` (and its subfolders), hidden ones skipped, in natural order
+    (`bgmatte.io.images.list_images`); BgmatteError if it has none."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise BgmatteError(f"{folder}: no such folder")
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    paths = sorted((p for p in found if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=lambda path: images.natural_key(str(path)))
+    if folder.exists() and not folder.is_dir():
+        raise BgmatteError(f"{folder}: is a file, not a folder")
+    paths = images.list_images(folder, recursive=recursive)
     if not paths:
         raise BgmatteError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     return paths
@@ -87,13 +107,12 @@ def load_images(folder: str | Path, *, max_side: int = 1024, limit: int | None =
 
 def match_folders(fgr_dir: str | Path, pha_dir: str | Path) -> list[tuple[Path, Path]]:
     """Pair the foregrounds in `fgr_dir` with the mattes in `pha_dir` of the same file name (the
-    extensions may differ, so `0001.jpg` goes with `0001.png`); every foreground needs its matte."""
+    extensions may differ, so `0001.jpg` goes with `0001.png`); every foreground needs its matte, and
+    two files of one name in a folder (`0001.png` and `0001.jpg`) are refused, as either could be meant."""
     fgr_dir, pha_dir = Path(fgr_dir), Path(pha_dir)
-    mattes: dict[str, Path] = {}
-    for path in list_images(pha_dir, recursive=False):
-        mattes.setdefault(path.stem, path)
+    mattes = _by_stem(list_images(pha_dir, recursive=False))
     pairs = []
-    for path in list_images(fgr_dir, recursive=False):
+    for path in _by_stem(list_images(fgr_dir, recursive=False)).values():
         matte = mattes.get(path.stem)
         if matte is None:
             raise BgmatteError(f"{path}: no matte named {path.stem}.* in {pha_dir}")
@@ -101,16 +120,33 @@ def match_folders(fgr_dir: str | Path, pha_dir: str | Path) -> list[tuple[Path, 
     return pairs
 
 
+def _by_stem(paths: Sequence[Path]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in found:
+            raise BgmatteError(f"{path}: two images named {path.stem!r} in {path.parent} ({found[path.stem].name} "
+                               f"and {path.name}); keep one")
+        found[path.stem] = path
+    return found
+
+
 def videomatte_pairs(root: str | Path, split: str = "train") -> list[tuple[Path, Path]]:
     """Frame pairs of VideoMatte240K as frame folders: root/{train,test}/fgr/CLIP/*.jpg with the
     matching root/{train,test}/pha/CLIP/*.jpg."""
-    base = Path(root) / _split_folder(Path(root), split, ("train", "test"))
+    base = Path(root) / _split_folder(Path(root), split)
     fgr_root, pha_root = base / "fgr", base / "pha"
     if not fgr_root.is_dir() or not pha_root.is_dir():
         raise BgmatteError(f"{base}: expected VideoMatte240K folders fgr/CLIP/ and pha/CLIP/")
-    clips = sorted((p for p in fgr_root.iterdir() if p.is_dir()), key=lambda path: images.natural_key(str(path)))
+    clips = sorted((p for p in fgr_root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                   key=lambda path: images.natural_key(str(path)))
     if not clips:
-        raise BgmatteError(f"{fgr_root}: no clip folders")
+        videos = sorted(p.name for p in fgr_root.iterdir() if p.suffix.lower() in _VIDEO_SUFFIXES)
+        if videos:
+            raise BgmatteError(f"{fgr_root}: holds videos ({videos[0]}{' ...' if len(videos) > 1 else ''}), which "
+                               "training does not read: it needs each clip as a folder of frames "
+                               "(fgr/CLIP/00000.jpg and pha/CLIP/00000.jpg); extract the frames first")
+        raise BgmatteError(f"{fgr_root}: no clip folders (VideoMatte240K is read as folders of frames, "
+                           "fgr/CLIP/00000.jpg and pha/CLIP/00000.jpg)")
     pairs = []
     for clip in clips:
         if not (pha_root / clip.name).is_dir():
@@ -120,15 +156,32 @@ def videomatte_pairs(root: str | Path, split: str = "train") -> list[tuple[Path,
 
 
 def folder_pairs(root: str | Path, split: str, names: Sequence[tuple[str, str]]) -> list[tuple[Path, Path]]:
-    """Pairs from the first (foreground, matte) folder names found in root/split/ or in root/."""
+    """Pairs from the first (foreground, matte) folder names found in root/split/ or in root/.
+
+    A validation split that finds no folder of its own falls back on root/, where training finds its data
+    too; it is allowed (the run still gets its sample images and a loss to watch), with a warning that it
+    validates on the training images, so that its losses are not taken for ones on unseen images.
+    """
     root = Path(root)
-    bases = [root / s for s in _split_candidates(split)] + [root]
-    for base in bases:
+    found = _pair_folders(root, split, names)
+    if found is None:
+        expected = " or ".join(f"{f}/ + {p}/" for f, p in names)
+        raise BgmatteError(f"{root}: expected {expected} (directly or under {split}/)")
+    if split != "train" and found == _pair_folders(root, "train", names):
+        searched = _folder_names(_split_candidates(split))
+        warnings.warn(f"{root}: no {searched} folder with {found[0].name}/ + {found[1].name}/, so validation "
+                      "uses the training images and its losses look better than on unseen ones (add a valid/ "
+                      "folder, or pass --val-every 0)", stacklevel=2)
+    return match_folders(*found)
+
+
+def _pair_folders(root: Path, split: str, names: Sequence[tuple[str, str]]) -> tuple[Path, Path] | None:
+    """The first (foreground, matte) folders of `names` in root/split/ (or its other names) or in root/."""
+    for base in [root / s for s in _split_candidates(split)] + [root]:
         for fgr_name, pha_name in names:
             if (base / fgr_name).is_dir() and (base / pha_name).is_dir():
-                return match_folders(base / fgr_name, base / pha_name)
-    expected = " or ".join(f"{f}/ + {p}/" for f, p in names)
-    raise BgmatteError(f"{root}: expected {expected} (directly or under {split}/)")
+                return base / fgr_name, base / pha_name
+    return None
 
 
 def split_folder(folder: Path, split: str) -> Path:
@@ -143,11 +196,18 @@ def _split_candidates(split: str) -> list[str]:
     return {"train": ["train"], "valid": ["valid", "val", "test"], "test": ["test", "valid", "val"]}.get(split, [split])
 
 
-def _split_folder(root: Path, split: str, present: Sequence[str]) -> str:
-    for name in _split_candidates(split):
+def _split_folder(root: Path, split: str) -> str:
+    candidates = _split_candidates(split)
+    for name in candidates:
         if (root / name).is_dir():
             return name
-    raise BgmatteError(f"{root}: no {split} folder (expected one of {', '.join(present)})")
+    raise BgmatteError(f"{root}: no {_folder_names(candidates)} folder")
+
+
+def _folder_names(names: Sequence[str]) -> str:
+    """``valid/, val/ or test/``, for messages."""
+    folders = [f"{name}/" for name in names]
+    return folders[0] if len(folders) == 1 else f"{', '.join(folders[:-1])} or {folders[-1]}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +218,34 @@ def _split_folder(root: Path, split: str, present: Sequence[str]) -> str:
 def item_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (seed, epoch, index), independent of worker layout."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def checked_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a training image from its header (`bgmatte.io.images.header_size`), refusing what
+    reading it would refuse before decoding and a shorter side under `MIN_SIDE`."""
+    width, height = images.header_size(path, max_pixels=MAX_PIXELS)
+    if min(width, height) < MIN_SIDE:
+        raise BgmatteError(f"{path}: {width}x{height} is too small to train on (at least {MIN_SIDE} pixels a side)")
+    return width, height
+
+
+def check_pairs(pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Refuse, before training, a pair that a header shows is unreadable, too small, or of two sizes. Only
+    headers are read: damage further into a file is found when the file is decoded, during training."""
+    for fgr_path, pha_path in pairs:
+        fgr_size, pha_size = checked_size(fgr_path), checked_size(pha_path)
+        if fgr_size != pha_size:
+            raise BgmatteError(_size_mismatch(fgr_path, pha_path, fgr_size, pha_size))
+
+
+def check_backgrounds(paths: Sequence[Path]) -> None:
+    """Refuse, before training, a background image that its header shows is unreadable or too small."""
+    for path in paths:
+        checked_size(path)
+
+
+def _size_mismatch(fgr_path: Path, pha_path: Path, fgr_size: tuple[int, int], pha_size: tuple[int, int]) -> str:
+    return f"{pha_path}: matte is {pha_size[0]}x{pha_size[1]} but {fgr_path.name} is {fgr_size[0]}x{fgr_size[1]}"
 
 
 class MatteDataset(Dataset):
@@ -173,11 +261,10 @@ class MatteDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         fgr_path, pha_path = self.pairs[index]
-        fgr, pha = read_image(fgr_path, 3), read_image(pha_path, 1)
+        fgr, pha = read_image(fgr_path, 3, orient=False), read_matte(pha_path)
         if fgr.shape[1:] != pha.shape[1:]:
-            raise BgmatteError(
-                f"{pha_path}: matte is {pha.shape[2]}x{pha.shape[1]} but {fgr_path.name} is {fgr.shape[2]}x{fgr.shape[1]}"
-            )
+            sizes = [(int(image.shape[2]), int(image.shape[1])) for image in (fgr, pha)]
+            raise BgmatteError(_size_mismatch(fgr_path, pha_path, *sizes))
         return {"fgr": fgr, "pha": pha}
 
 
@@ -320,7 +407,8 @@ def build_dataset(
     - "videomatte": VideoMatte240K frame folders under `root` (split train or test).
     - "photomatte": PhotoMatte13K-style fgr/ + pha/ folders, under root/split/ or root/.
     - "aim": AIM/Adobe-style fg/ + alpha/ folders, under root/split/ or root/.
-    The real datasets composite over the images of `backgrounds` (its split subfolder if any).
+    The real datasets composite over the images of `backgrounds` (its split subfolder if any); the headers of
+    all their files are checked first (`check_pairs`, `check_backgrounds`).
     """
     key = name.lower()
     if key not in DATASETS:
@@ -345,9 +433,12 @@ def build_dataset(
         pairs = folder_pairs(root, split, [("fgr", "pha")])
     else:
         pairs = folder_pairs(root, split, [("fg", "alpha"), ("fgr", "pha")])
+    mattes, behind = MatteDataset(pairs), BackgroundDataset.from_folder(backgrounds, split)
+    check_pairs(mattes.pairs)
+    check_backgrounds(behind.paths)
     return CompositeDataset(
-        MatteDataset(pairs),
-        BackgroundDataset.from_folder(backgrounds, split),
+        mattes,
+        behind,
         size,
         options=augment or default_augment(key),
         seed=seed,

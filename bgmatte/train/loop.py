@@ -248,9 +248,24 @@ class ResumableSampler(Sampler[tuple[int, int]]):
             epoch, offset = epoch + 1, 0
 
 
+class DataError(BgmatteError):
+    """A file's problem met while reading a training item (a BgmatteError of the dataset's), stopping the run.
+
+    A loader worker hands it to the training process through PyTorch, which raises it there by calling this
+    class with its own report: a header line and the worker's whole traceback, ending with this class's name
+    and the message. The message alone is kept from that, so that the user reads one line, not a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"\n{DataError.__module__}.{DataError.__qualname__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 class EpochItems(Dataset):
     """Reads item ``(epoch, index)`` of a dataset, first telling it the epoch (``set_epoch``) if it cares,
-    so that each epoch draws new augmentations."""
+    so that each epoch draws new augmentations; a file it cannot read becomes a `DataError`."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -263,7 +278,10 @@ class EpochItems(Dataset):
         inner = self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
         if hasattr(inner, "set_epoch"):
             inner.set_epoch(epoch)
-        return self.dataset[index]
+        try:
+            return self.dataset[index]
+        except BgmatteError as exc:
+            raise DataError(str(exc)) from None
 
 
 def open_dataset(options: TrainOptions, split: str, seed: int, length: int | None = None) -> Dataset:
@@ -303,7 +321,26 @@ def training_batches(options: TrainOptions, runtime: Runtime, per_process: int, 
     loader = DataLoader(EpochItems(dataset), batch_size=per_process, sampler=sampler,
                         num_workers=options.num_workers, pin_memory=runtime.device.type == "cuda", drop_last=True,
                         generator=generator, worker_init_fn=_ignore_stop_signals if options.num_workers else None)
-    return (_to_device(batch, runtime.device) for batch in loader)
+    return _loaded_batches(loader, runtime.device)
+
+
+def _loaded_batches(loader: DataLoader, device: torch.device) -> Iterator[dict[str, Tensor]]:
+    """A DataLoader's batches on the device; its workers are shut down however the iteration ends."""
+    iterator = iter(loader)
+    try:
+        for batch in iterator:
+            yield _to_device(batch, device)
+    finally:
+        _shut_down(iterator)
+
+
+def _shut_down(iterator: Iterator) -> None:
+    """Stop a DataLoader iterator's workers now and wait for them. Left to garbage collection, they may
+    outlive the run: the exception PyTorch re-raises from a worker holds the iterator in a reference cycle,
+    and at exit Python's multiprocessing then waits for the workers, which ignore SIGTERM, forever."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # PyTorch's own clean-up; absent without workers
+    if shutdown is not None:
+        shutdown()
 
 
 def generated_batches(dataset, seed: int, runtime: Runtime, per_process: int, start_step: int
@@ -325,9 +362,10 @@ def make_pool(dataset: Dataset, indices: list[int], runtime: Runtime, num_worker
     finer than 8-bit images), made once by a DataLoader's workers; the global random state is untouched."""
     parts: dict[str, list[Tensor]] = {key: [] for key in POOL_KEYS}
     with preserved_random_state():
-        loader = DataLoader(Subset(dataset, indices), batch_size=chunk, shuffle=False, num_workers=num_workers,
+        loader = DataLoader(EpochItems(Subset(dataset, indices)), batch_size=chunk,
+                            sampler=[(0, position) for position in range(len(indices))], num_workers=num_workers,
                             worker_init_fn=_ignore_stop_signals if num_workers else None)
-        for batch in loader:
+        for batch in _loaded_batches(loader, torch.device("cpu")):
             for key in POOL_KEYS:
                 parts[key].append(batch[key].to(runtime.device, torch.float16))
     return {key: torch.cat(values) for key, values in parts.items()}
@@ -700,7 +738,9 @@ class StopRequest:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Data workers leave Ctrl-C to the training process, which stops between steps and shuts them down."""
+    """Data workers leave Ctrl-C and SIGTERM to the training process, which stops between steps, saves, and
+    shuts them down (`_shut_down`): killed at once by a signal sent to the whole process group (Ctrl-C, a job
+    scheduler's SIGTERM), they would make PyTorch raise in the training process wherever it is, a save included."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -735,7 +775,8 @@ def train(options: TrainOptions, given: Collection[str] | None = None) -> TrainR
     ``given`` names the options the user set (the command line's); when resuming, the others are those
     the run was started with, as ``resumed_options`` explains. None counts every option as given.
     Returns when ``options.steps`` steps are done, with weights and state saved. On SIGINT or SIGTERM it
-    finishes the current step, saves weights and state, and raises KeyboardInterrupt.
+    finishes the current step, saves weights and state, and raises KeyboardInterrupt. A data file that cannot
+    be read raises `DataError` (its message in one line), after saving what was trained so that it can resume.
     """
     runtime, created_group = start_runtime(options.device)
     try:
@@ -1104,7 +1145,7 @@ class _Run:
         self.window: dict[str, float] = {}
         self.window_steps, self.window_start = 0, time.monotonic()
         self.bad_in_a_row = 0
-        last_save, interrupted = time.monotonic(), False
+        last_save, interrupted, failure = time.monotonic(), False, None
         batches = training_batches(options, self.runtime, self.per_process, self.step) \
             if self.step < options.steps else iter(())
         try:
@@ -1112,6 +1153,11 @@ class _Run:
                 while self.step < options.steps:
                     try:
                         batch = next(batches)
+                    except DataError as exc:
+                        if self.runtime.distributed:  # the other processes are not here to save with
+                            raise
+                        failure = exc
+                        break
                     except Exception:
                         if stop.requested and not self.runtime.distributed:  # workers died of the same Ctrl-C
                             interrupted = True
@@ -1127,13 +1173,21 @@ class _Run:
                         with self._paused():
                             self.save()
                         last_save = time.monotonic()
-            if self.step != self.saved_step or interrupted:
+            if failure is not None:  # what was trained is kept, as on Ctrl-C, unless nothing was
+                if self.step > 0 and self.step != self.saved_step:
+                    self.save()
+            elif self.step != self.saved_step or interrupted:
                 self.save()
         finally:
             if hasattr(batches, "close"):
                 batches.close()
             if self.logger is not None:
                 self.logger.close()
+        if failure is not None and self.step > 0:
+            raise DataError(f"{failure}; stopped at step {self.step} with the run saved in {options.out} (repair or "
+                            "remove that file, then continue with --resume)")
+        if failure is not None:
+            raise failure
         if interrupted:
             if self.runtime.is_main and options.progress:
                 print(f"bgmatte train: stopped at step {self.step}; saved {options.out / 'state.pt'} "
