@@ -45,7 +45,7 @@ from bgmatte.io.files import refuse_existing
 from bgmatte.io.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
-    _megapixels,
+    megapixels,
     list_images,
     match_by_stem,
     read_image,
@@ -1119,8 +1119,8 @@ def _check_resize(resize: Sequence[int] | None, src: Path) -> tuple[int, int] | 
         raise BgmatteError(f"resize needs a width and a height of at least 1 pixel, not {tuple(resize)}")
     width, height = int(resize[0]), int(resize[1])
     if width * height > DEFAULT_MAX_PIXELS:
-        raise BgmatteError(f"{src}: cannot resize to {width}x{height}: {_megapixels(width * height)} megapixels, "
-                           f"above the limit of {_megapixels(DEFAULT_MAX_PIXELS)}")
+        raise BgmatteError(f"{src}: cannot resize to {width}x{height}: {megapixels(width * height)} megapixels, "
+                           f"above the limit of {megapixels(DEFAULT_MAX_PIXELS)}")
     return width, height
 
 

@@ -33,3 +33,12 @@ def reference():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture()
+def one_thread():
+    """Two shared cores: torch's thread pool only slows tiny inputs down (modules opt in with usefixtures)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -13,16 +13,8 @@ from bgmatte.model.matting import MattingBase, MattingRefine
 from bgmatte.predictor import Predictor
 from media import DifferenceModel, make_clip, plate_image, read_frames, subject_box, subject_frame
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: torch's thread pool only slows these tiny inputs down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture()

@@ -17,15 +17,8 @@ from bgmatte.model.matting import MattingRefine
 from bgmatte.predictor import Predictor
 from media import HEIGHT, WIDTH, DifferenceModel, plate_image, subject_box, subject_frame
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -23,16 +23,9 @@ from bgmatte.model.matting import MattingRefine
 from bgmatte.predictor import Predictor
 from media import DifferenceModel, alpha_planes, audio_seconds, decode_times, make_clip, plate_image, read_frames, write_clip
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 ROOT = Path(__file__).resolve().parent.parent
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

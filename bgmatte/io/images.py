@@ -373,10 +373,10 @@ def _png_complete(data: bytes) -> bool:
 def _opencv_pixel_limit() -> str:
     """OpenCV's decoder limit as set in the environment, for a message ("100 megapixels")."""
     value = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "")
-    return f"{_megapixels(int(value))} megapixels" if value.isdigit() else "OpenCV's pixel limit"
+    return f"{megapixels(int(value))} megapixels" if value.isdigit() else "OpenCV's pixel limit"
 
 
-def _megapixels(pixels: int) -> str:
+def megapixels(pixels: int) -> str:
     """A pixel count in megapixels, exact ("100.01"): rounded, 10000x10001 would read as the limit itself."""
     return format(Decimal(pixels).scaleb(-6).normalize(), "f")
 
@@ -385,8 +385,8 @@ def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> 
     width, height = size
     if max_pixels is not None and width * height > max_pixels:
         raise BgmatteError(
-            f"{path}: {width}x{height} is {_megapixels(width * height)} megapixels, above the limit of "
-            f"{_megapixels(max_pixels)} (refused as a possible decompression bomb)"
+            f"{path}: {width}x{height} is {megapixels(width * height)} megapixels, above the limit of "
+            f"{megapixels(max_pixels)} (refused as a possible decompression bomb)"
         )
     if width == 0 or height == 0:
         raise BgmatteError(f"{path}: the image is empty ({width}x{height})")
