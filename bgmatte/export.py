@@ -351,8 +351,9 @@ def onnx_providers(device: str | torch.device | None) -> list:
 class OnnxMatting:
     """An exported ONNX model run by onnxruntime, called as ``MattingRefine`` is.
 
-    ``model(src, bgr)`` takes float tensors (B, 3, H, W) in [0, 1] and returns the six outputs as
-    CPU tensors. The settings were fixed at export; ``options`` and ``backbone_name`` tell them.
+    ``model(src, bgr)`` takes float tensors (B, 3, H, W) in [0, 1] and returns the six outputs on
+    ``device``, the torch device of the provider the session runs on (it has no parameters to tell it).
+    The settings were fixed at export; ``options`` and ``backbone_name`` tell them.
     """
 
     def __init__(self, path: str | Path, *, device: str | torch.device | None = "cpu",
@@ -371,6 +372,7 @@ class OnnxMatting:
         except Exception as exc:  # onnxruntime raises its own exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BgmatteError(f"{self.path}: onnxruntime cannot load it ({first})") from None
+        self.device = _session_device(self.session, providers)
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.options = _options_from_metadata(metadata, str(self.path))
         self.backbone_name = metadata.get("backbone", "unknown")
@@ -386,7 +388,17 @@ class OnnxMatting:
         feed = {"src": src.detach().float().cpu().contiguous().numpy(),
                 "bgr": bgr.detach().float().cpu().contiguous().numpy()}
         outputs = self.session.run(list(OUTPUT_NAMES), feed)
-        return tuple(torch.from_numpy(output) for output in outputs)  # type: ignore[return-value]
+        return tuple(torch.from_numpy(output).to(self.device) for output in outputs)  # type: ignore[return-value]
+
+
+def _session_device(session, providers: list) -> torch.device:
+    """The torch device an onnxruntime session computes on: CUDA only if its CUDA provider really loaded (it
+    falls back to the CPU with a warning when the CUDA libraries are missing)."""
+    for provider in providers:
+        if isinstance(provider, tuple) and provider[0] == "CUDAExecutionProvider":
+            if "CUDAExecutionProvider" in session.get_providers():
+                return torch.device("cuda", provider[1]["device_id"])
+    return torch.device("cpu")
 
 
 def load_onnx_backend(checkpoint: str | Path | None, *, backbone: str | None, options: RefineOptions,

@@ -66,10 +66,12 @@ from bgmatte.io.video import (
 )
 from bgmatte.plate import PlateAligner, estimate_plate, fit_exposure, sample_frames
 from bgmatte.predictor import (
+    BaseAsRefine,
     Matte,
     Predictor,
-    first_parameter,
     frames_to_tensor,
+    is_base_network,
+    model_device_of,
     refuse_training_mode,
     settings_for_size,
 )
@@ -136,19 +138,12 @@ def _loads_itself(model: ModelLike) -> bool:
     return model is None or isinstance(model, (str, os.PathLike, ModelOptions))
 
 
-def _is_base_network(model: ModelLike) -> bool:
-    """Whether `model` is a bare ``MattingBase`` (not the ``MattingRefine`` subclass), for `_BaseAsRefine` to wrap."""
-    from bgmatte.model.matting import MattingBase, MattingRefine
-
-    return isinstance(model, MattingBase) and not isinstance(model, MattingRefine)
-
-
 def _base_only(model: ModelLike) -> bool:
     """Whether `model` is the coarse network alone, which has no refiner and so no ``ref`` output."""
     if isinstance(model, ModelOptions):
         return model.model_type == "mattingbase"
     network = model.model if isinstance(model, Predictor) else model
-    return isinstance(network, _BaseAsRefine) or _is_base_network(network)
+    return isinstance(network, BaseAsRefine) or is_base_network(network)
 
 
 def check_model(model: ModelLike, kinds: Sequence[str] = ()) -> None:
@@ -174,8 +169,7 @@ def model_device(model: ModelLike) -> torch.device:
         from bgmatte.model.build import resolve_device
 
         return resolve_device(model.device if isinstance(model, ModelOptions) else "auto")
-    parameter = first_parameter(model)
-    return parameter.device if parameter is not None else torch.device("cpu")  # ONNX hands back CPU tensors
+    return model_device_of(model)  # an ONNX model has no parameters but states its device
 
 
 def load_predictor(model: ModelLike, width: int, height: int) -> Predictor:
@@ -184,13 +178,12 @@ def load_predictor(model: ModelLike, width: int, height: int) -> Predictor:
 
     A model is used as it is (a module must be in eval mode; a ``MattingBase`` alone is run without
     refinement); options and checkpoints are loaded, with the speed settings left open chosen for the
-    frame size.
+    frame size. Callers refuse what cannot run with `check_model` first, once, before any work.
     """
-    check_model(model)
     if isinstance(model, Predictor):
         return model
     if not _loads_itself(model):
-        return Predictor(_BaseAsRefine(model) if _is_base_network(model) else model)
+        return Predictor(model)
     options = model if isinstance(model, ModelOptions) else ModelOptions(checkpoint=model)
     if options.model_type == "mattingbase":
         return Predictor(_load_base(options), precision=options.precision)
@@ -210,19 +203,6 @@ def load_predictor(model: ModelLike, width: int, height: int) -> Predictor:
         plate_solve=options.plate_solve,
     )
     return Predictor(loaded, precision=options.precision)
-
-
-class _BaseAsRefine(nn.Module):
-    """``MattingBase`` behind ``MattingRefine``'s output tuple, so that `Predictor` runs it: no patch is refined."""
-
-    def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self.base = base
-
-    def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, ...]:
-        pha, fgr, err, _ = self.base(src, bgr)
-        ref = torch.zeros(src.shape[0], 1, 1, 1, dtype=pha.dtype, device=pha.device)
-        return pha, fgr, pha, fgr, err, ref
 
 
 def _load_base(options: ModelOptions) -> nn.Module:
@@ -249,7 +229,7 @@ def _load_base(options: ModelOptions) -> nn.Module:
                     for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong)) if keys]
         raise BgmatteError(f"{source}: does not fit a MattingBase({backbone}) model: " + "; ".join(problems))
     base.load_state_dict(state)
-    return _BaseAsRefine(base).eval().to(resolve_device(options.device))
+    return BaseAsRefine(base).eval().to(resolve_device(options.device))
 
 
 # -------------------------------------------------------------------------------- target backgrounds
@@ -1477,6 +1457,7 @@ def measure_pipeline(
     a shared machine. `threads` sets torch's CPU threads for the measurement (restored after).
     """
     kinds = check_outputs(outputs)
+    check_model(model, kinds)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from bgmatte.errors import BgmatteError
 from bgmatte.model.build import PRECISIONS
+from bgmatte.model.matting import MattingBase, MattingRefine
 
 # Sides at or above this many pixels count as 4K, where the paper's settings are 1/8 and 320,000 pixels.
 UHD_MIN_PIXELS = 3200 * 1800
@@ -103,11 +104,40 @@ def first_parameter(model: object) -> Tensor | None:
     return next(iter(parameters()), None) if callable(parameters) else None
 
 
+def model_device_of(model: object) -> torch.device:
+    """The device a ready model runs on: its first parameter's, else the ``device`` it states (an ONNX model
+    on CUDA), else the CPU."""
+    parameter = first_parameter(model)
+    if parameter is not None:
+        return parameter.device
+    stated = getattr(model, "device", None)
+    return torch.device(stated) if isinstance(stated, (str, torch.device)) else torch.device("cpu")
+
+
+def is_base_network(model: object) -> bool:
+    """Whether `model` is a bare ``MattingBase`` (not the ``MattingRefine`` subclass), which `BaseAsRefine` wraps."""
+    return isinstance(model, MattingBase) and not isinstance(model, MattingRefine)
+
+
+class BaseAsRefine(torch.nn.Module):
+    """``MattingBase`` behind ``MattingRefine``'s output tuple, so that `Predictor` runs it: no patch is refined."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, ...]:
+        pha, fgr, err, _ = self.base(src, bgr)
+        ref = torch.zeros(src.shape[0], 1, 1, 1, dtype=pha.dtype, device=pha.device)
+        return pha, fgr, pha, fgr, err, ref
+
+
 class Predictor:
     """Runs a matting model on batches of frames and plates.
 
     Arguments:
-        model: a ``MattingRefine`` (plain or fast) in eval mode, or anything returning its tuple.
+        model: a ``MattingRefine`` (plain or fast) in eval mode, or anything returning its tuple; a bare
+            ``MattingBase`` is wrapped in `BaseAsRefine` and runs without refinement.
         precision: ``fp32``, ``fp16`` or ``bf16``, to which the model is cast once here; None keeps the
             module's own (fp32 for a model without parameters).
     """
@@ -116,8 +146,10 @@ class Predictor:
         if precision is not None and precision not in PRECISIONS:
             raise BgmatteError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         refuse_training_mode(model)
+        if is_base_network(model):
+            model = BaseAsRefine(model)
         parameter = first_parameter(model)
-        self.device = parameter.device if parameter is not None else torch.device("cpu")
+        self.device = model_device_of(model)
         own = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
         self.dtype = PRECISIONS[precision] if precision is not None else own
         if self.dtype != own and isinstance(model, torch.nn.Module):

@@ -108,6 +108,7 @@ def test_a_model_from_the_onnxruntime_backend_is_taken(scene, tmp_path):
     pytest.importorskip("onnxruntime")
     clip, plate, still = scene
     model = bgmatte.load_model(difference_onnx(tmp_path / "difference.onnx"), backend="onnxruntime", device="cpu")
+    assert model.device == torch.device("cpu") and Predictor(model).device == torch.device("cpu")
     result = bgmatte.convert_video(clip, plate, output_dir=tmp_path / "video", outputs=["pha"], model=model,
                                    progress=False)
     frames = read_frames(result.outputs["pha"])
@@ -117,6 +118,23 @@ def test_a_model_from_the_onnxruntime_backend_is_taken(scene, tmp_path):
                                    progress=False)
     rows, columns = subject_box(2)
     assert read_image(written["pha"][0])[rows, columns].min() == 255
+
+
+def test_an_onnx_session_is_placed_where_its_provider_really_loaded():
+    """onnxruntime falls back to the CPU when the CUDA libraries are missing: the device follows the session."""
+    from bgmatte.export import _session_device
+
+    class Session:
+        def __init__(self, loaded):
+            self.loaded = loaded
+
+        def get_providers(self):
+            return self.loaded
+
+    asked = [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert _session_device(Session(["CUDAExecutionProvider", "CPUExecutionProvider"]), asked) == torch.device("cuda", 1)
+    assert _session_device(Session(["CPUExecutionProvider"]), asked) == torch.device("cpu")
+    assert _session_device(Session(["CPUExecutionProvider"]), ["CPUExecutionProvider"]) == torch.device("cpu")
 
 
 @pytest.mark.parametrize("call", ["video", "images"])
@@ -149,6 +167,25 @@ def test_the_base_network_alone_runs_without_ref(scene, tmp_path):
             call()
         one_line(caught)
     assert not (tmp_path / "v2").exists() and not (tmp_path / "i2").exists()
+
+
+def test_a_predictor_around_the_base_network_runs_and_is_checked_once(scene, tmp_path, monkeypatch):
+    import bgmatte.pipeline as pipeline
+
+    clip, plate, still = scene
+    model = Predictor(MattingBase("mobilenetv2").eval())
+    checks = []
+    check_model = pipeline.check_model
+    monkeypatch.setattr(pipeline, "check_model", lambda *args: checks.append(args) or check_model(*args))
+    result = bgmatte.convert_video(clip, plate, output_dir=tmp_path / "video", outputs=["pha"], model=model,
+                                   progress=False)
+    assert result.frames == 5 and len(checks) == 1
+    written = bgmatte.matte_images(still, plate, output_dir=tmp_path / "images", outputs=["pha"], model=model,
+                                   progress=False)
+    assert len(written["pha"]) == 1 and len(checks) == 2
+    with pytest.raises(BgmatteError, match="ref output needs the refine model") as caught:
+        bgmatte.matte_images(still, plate, output_dir=tmp_path / "i2", outputs=["ref"], model=model, progress=False)
+    one_line(caught)
 
 
 def test_a_half_precision_module_runs_in_its_own_precision(scene, tmp_path):

@@ -698,7 +698,8 @@ def test_image_sequence_refuses_an_existing_folder_unless_overwrite(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("other", ["clip.mp4", "notes.txt", "plate.png", ".hidden", "sub/"])
+@pytest.mark.parametrize("other", ["clip.mp4", "notes.txt", "plate.png", ".hidden", "sub/",
+                                   ".DS_Store/", "DS_Store", "Thumbs.db.bak"])  # only OS metadata files pass
 def test_overwriting_an_image_sequence_never_deletes_anything_but_its_frames(tmp_path, other):
     folder = tmp_path / "out"
     folder.mkdir()
@@ -713,6 +714,20 @@ def test_overwriting_an_image_sequence_never_deletes_anything_but_its_frames(tmp
     assert "\n" not in str(caught.value)
     assert sorted(path.name for path in folder.iterdir()) == sorted(["0001.png", other.rstrip("/")])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("metadata", [".DS_Store", "Thumbs.db", "desktop.ini", "._0001.png"])
+def test_overwriting_an_image_sequence_tolerates_os_metadata_files(tmp_path, metadata):
+    """Finder and Explorer leave files in a folder merely opened: they must not block a rerun, and go with it."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "0001.png").write_bytes(b"old frame")
+    (folder / metadata).write_bytes(b"\0" * 10)
+    with ImageSequenceWriter(folder, overwrite=True) as writer:
+        writer.write(pattern(0))
+    assert [path.name for path in folder.iterdir()] == ["0001.png"]
+    assert (folder / "0001.png").read_bytes() != b"old frame"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
 def test_overwriting_a_file_with_an_image_sequence_is_refused(tmp_path):

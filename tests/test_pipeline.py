@@ -30,7 +30,7 @@ from bgmatte.pipeline import (
     plan_video_outputs,
     render_outputs,
 )
-from bgmatte.predictor import Matte
+from bgmatte.predictor import Matte, Predictor
 from media import (
     HEIGHT,
     SUBJECT,
@@ -585,6 +585,23 @@ def test_mattingbase_runs_at_full_resolution_and_has_no_ref(scene, tmp_path):
     result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["com", "err"], model=options,
                            progress=False)
     assert len(read_frames(result.outputs["err"])) == 12
+
+
+class _StatesCuda:
+    """A model without parameters that says it runs on CUDA, as an ONNX model on the CUDA provider does."""
+
+    device = torch.device("cuda", 1)
+
+    def __call__(self, src, bgr):
+        raise AssertionError("not run")
+
+
+def test_a_model_without_parameters_is_placed_by_the_device_it_states():
+    """So that an ONNX model on CUDA gets the GPU's batch and encoder settings, not the CPU's; no GPU is needed."""
+    model = _StatesCuda()
+    assert pipeline.model_device(model) == torch.device("cuda", 1)
+    assert Predictor(model).device == torch.device("cuda", 1)
+    assert pipeline.model_device(DifferenceModel()) == torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------- images

@@ -1383,13 +1383,13 @@ class ImageSequenceWriter(ClosesOnExit):
             self._remove_replaced(old)
 
     def _remove_replaced(self, old: Path) -> None:
-        """Delete the folder this one replaced: its numbered PNGs one by one, then the folder itself, so that
-        nothing else could ever go with it (a link is removed, never what it points to)."""
+        """Delete the folder this one replaced: its numbered PNGs and OS metadata files one by one, then the
+        folder itself, so that nothing else could ever go with it (a link is removed, never what it points to)."""
         if old.is_symlink() or not old.is_dir():
             old.unlink(missing_ok=True)
             return
         for entry in os.scandir(old):
-            if _is_frame_file(entry):
+            if _is_replaceable(entry):
                 Path(entry.path).unlink(missing_ok=True)
         try:
             old.rmdir()
@@ -1399,23 +1399,36 @@ class ImageSequenceWriter(ClosesOnExit):
 
 
 _FRAME_NAME = re.compile(r"[0-9]+\.png")  # what ImageSequenceWriter names its frames by default
+_OS_METADATA = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})  # left by Finder and Explorer on browsing
 
 
 def _is_frame_file(entry: os.DirEntry) -> bool:
     return _FRAME_NAME.fullmatch(entry.name) is not None and entry.is_file(follow_symlinks=False)
 
 
+def _is_os_metadata(entry: os.DirEntry) -> bool:
+    """A file the desktop writes on its own (Finder, Explorer, AppleDouble ``._*``): nothing a user would miss."""
+    named = entry.name in _OS_METADATA or entry.name.startswith("._")
+    return named and entry.is_file(follow_symlinks=False)
+
+
+def _is_replaceable(entry: os.DirEntry) -> bool:
+    return _is_frame_file(entry) or _is_os_metadata(entry)
+
+
 def check_frame_folder(folder: Path) -> None:
     """Refuse to replace `folder` unless it holds nothing but numbered PNG frames (0001.png...), which is what
     `ImageSequenceWriter` writes: overwriting a sequence must never delete a video, a plate or a note that sits
-    in the same folder, nor a file of that name. A link is replaced itself, so what it points to is not checked."""
+    in the same folder, nor a file of that name. Files the OS drops on browsing (.DS_Store, Thumbs.db,
+    desktop.ini, ``._*``) are allowed and go with the frames. A link is replaced itself, so what it points to
+    is not checked."""
     if not os.path.lexists(folder) or folder.is_symlink():
         return
     if not folder.is_dir():
         raise BgmatteError(f"{folder}: is a file, not a folder of PNG frames (only such a folder is replaced); "
                            "remove it or choose another output")
     try:
-        others = sorted(entry.name for entry in os.scandir(folder) if not _is_frame_file(entry))
+        others = sorted(entry.name for entry in os.scandir(folder) if not _is_replaceable(entry))
     except OSError as exc:
         raise BgmatteError(f"{folder}: cannot list this folder ({exc.strerror or exc})") from None
     if others:
