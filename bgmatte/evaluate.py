@@ -9,11 +9,12 @@ connectivity errors, and kept it for SAD only. The trimap's unknown region is wh
 Every alpha matte here is a float array (H, W) in [0, 1]; the MATLAB code works on 8-bit values divided by
 255, so its numbers are ours for 8-bit images (up to its single-precision rounding; we compute in float64).
 
-Files are compared as stored: EXIF orientation is applied to none of them (mattes, trimaps, foregrounds, and the
-source and plate a model is run on), since they are data that must line up pixel for pixel, and a tag on some
-files but not on others would silently turn one against the rest. Mattes are read by
-`bgmatte.io.images.read_matte` (an RGBA file's alpha channel, else grey; float files must be in [0, 1]); a trimap
-must hold only 0, 128 and 255.
+Files compared pixel for pixel are read as stored: EXIF orientation is applied to no matte, trimap or foreground,
+since they are data, and a tag on some files but not on others would silently turn one against the rest. The
+source and plate a model is run on are photographs: they are turned upright by their EXIF orientation, as viewers
+show them, unless the ground-truth matte fits only their pixels as stored (`bgmatte.io.images.read_to_fit`).
+Mattes are read by `bgmatte.io.images.read_matte` (an RGBA file's alpha channel, else grey; float files must be
+in [0, 1]); a trimap must hold only 0, 128 and 255.
 """
 from __future__ import annotations
 
@@ -273,9 +274,12 @@ def list_images(folder: Path) -> dict[str, Path]:
     return found
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An RGB image file as (H, W, 3) float64 in [0, 1] (8- or 16-bit, any format OpenCV reads), as stored."""
-    return images.read_image(path, dtype="float32", orient=False).astype(np.float64)
+def read_image(path: Path, fit: tuple[int, int] | None = None) -> np.ndarray:
+    """An RGB image file as (H, W, 3) float64 in [0, 1] (8- or 16-bit, any format OpenCV reads): as stored, or
+    for a photograph given the (width, height) of its matte, `fit`, upright unless only as stored fits it."""
+    if fit is None:
+        return images.read_image(path, dtype="float32", orient=False).astype(np.float64)
+    return images.read_to_fit(path, fit, dtype="float32").astype(np.float64)
 
 
 def read_alpha(path: Path) -> np.ndarray:
@@ -445,6 +449,8 @@ def predict_folder(model: torch.nn.Module, data_dir: str | Path, out_dir: str | 
     src_dir = _subfolder(data_root, "src", required=True)
     bgr_dir = _subfolder(data_root, "bgr", required=True)
     src_files, bgr_files = list_images(src_dir), list_images(bgr_dir)
+    gt_pha_dir = data_root / "pha"
+    mattes = list_images(gt_pha_dir) if gt_pha_dir.is_dir() else {}
     if not src_files:
         raise BgmatteError(f"{src_dir}: no images found")
     check_prediction_folder(data_root, out_root, overwrite=overwrite)
@@ -458,16 +464,17 @@ def predict_folder(model: torch.nn.Module, data_dir: str | Path, out_dir: str | 
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
 
-    def tensor(path: Path, height: int, width: int) -> torch.Tensor:
-        image = read_image(path)[:height, :width]
+    def tensor(image: np.ndarray, height: int, width: int) -> torch.Tensor:
+        image = image[:height, :width]
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].to(device, dtype)
 
     for stem, src_path in src_files.items():
         if stem not in bgr_files:
             raise BgmatteError(f"{bgr_dir}: no background plate named {stem!r} (needed for {src_path})")
         bgr_path = bgr_files[stem]
-        src_shape = read_image(src_path).shape[:2]
-        bgr_shape = read_image(bgr_path).shape[:2]
+        fit = images.header_size(mattes[stem]) if stem in mattes else None  # the ground truth's, if any
+        src, bgr = read_image(src_path, fit), read_image(bgr_path, fit)
+        src_shape, bgr_shape = src.shape[:2], bgr.shape[:2]
         if src_shape != bgr_shape:
             raise BgmatteError(f"{bgr_path}: plate is {bgr_shape[0]}x{bgr_shape[1]} but the source is "
                                f"{src_shape[0]}x{src_shape[1]}")
@@ -476,7 +483,7 @@ def predict_folder(model: torch.nn.Module, data_dir: str | Path, out_dir: str | 
         if height == 0 or width == 0:
             raise BgmatteError(f"{src_path}: image is smaller than {crop_multiple}x{crop_multiple}")
         with torch.inference_mode():
-            outputs = model(tensor(src_path, height, width), tensor(bgr_path, height, width))
+            outputs = model(tensor(src, height, width), tensor(bgr, height, width))
         pha = outputs[0][0, 0].float().clamp(0, 1).cpu().numpy()
         fgr = outputs[1][0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
         for kind, image in (("pha", pha), ("fgr", fgr)):

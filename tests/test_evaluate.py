@@ -472,6 +472,33 @@ def test_exif_orientation_is_ignored_on_every_input(tmp_path):
     assert evaluate_folders(pred, gt).per_image[1]["mse_all"] == 0.0
 
 
+@pytest.mark.parametrize("matte", ["upright", "as stored", "square"])
+def test_a_source_and_plate_are_turned_upright_unless_the_matte_fits_them_only_as_stored(tmp_path, matte):
+    import torch
+
+    from bgmatte.evaluate import predict_folder
+
+    class Source(torch.nn.Module):
+        """A stand-in model whose alpha is the source's red channel: the prediction shows how src was read."""
+
+        def forward(self, src, bgr):
+            return src[:, :1], src
+
+    height, width = (16, 16) if matte == "square" else (16, 24)
+    stored = np.zeros((height, width, 3), np.uint8)
+    stored[:, : width // 2, 2] = 255  # the subject on the stored left half (red, in OpenCV's BGR)
+    data = tmp_path / "data"
+    for kind in ("src", "bgr"):
+        _write(data / kind / "a.jpg", stored)
+        _with_orientation(data / kind / "a.jpg", 6)
+    mask = stored[:, :, 2] > 127
+    truth = mask if matte == "as stored" else np.rot90(mask, -1)  # orientation 6: a quarter turn clockwise
+    _write(data / "pha" / "a.png", truth.astype(np.uint8) * 255)
+    predict_folder(Source(), data, tmp_path / "out")
+    predicted = cv2.imread(str(tmp_path / "out" / "pha" / "a.png"), cv2.IMREAD_UNCHANGED) > 127
+    assert predicted.shape == truth.shape and (predicted == truth).all()
+
+
 def test_hidden_files_are_not_taken_for_images(tmp_path):
     pred, gt = _dataset(tmp_path)
     for folder in ("pha", "trimap", "fgr"):

@@ -16,6 +16,7 @@ import pytest
 from bgmatte.errors import BgmatteError
 from bgmatte.io.images import (
     DEFAULT_MAX_PIXELS,
+    exif_orientation,
     header_size,
     image_header_size,
     list_images,
@@ -219,6 +220,41 @@ def test_header_size_reads_only_the_header_and_refuses_what_read_image_would(tmp
                           ("missing.png", "no such image file")):
         with pytest.raises(BgmatteError, match=rf"{name}: {message}"):
             header_size(tmp_path / name)
+
+
+def test_header_size_seeks_past_large_jpeg_blocks_instead_of_reading_them(tmp_path, monkeypatch):
+    jpeg = save_with_cv2(tmp_path / "a.jpg", rgb_pattern(12, 20))
+    data = jpeg.read_bytes()
+    blocks = b"".join(b"\xff\xe2" + struct.pack(">H", 50_002) + bytes(50_000) for _ in range(2))  # 100 KB
+    jpeg.write_bytes(data[:2] + blocks + data[2:] + bytes(10_000_000))  # a camera-sized file
+    with_orientation(jpeg, 6)
+    read, real_open = [], Path.open
+    monkeypatch.setattr(Path, "open", lambda self, *args, **kwargs: _Counting(real_open(self, *args, **kwargs), read))
+    assert header_size(jpeg) == (20, 12)
+    assert 0 < sum(read) < 40_000
+    read.clear()
+    assert exif_orientation(jpeg) == 6 and sum(read) < 40_000
+
+
+class _Counting:
+    """A file that counts the bytes its reads return."""
+
+    def __init__(self, file, counts: list) -> None:
+        self.file, self.counts = file, counts
+
+    def read(self, *size):
+        chunk = self.file.read(*size)
+        self.counts.append(len(chunk))
+        return chunk
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
 
 
 def test_orientation_is_applied_unless_pixels_are_wanted_as_stored(tmp_path):

@@ -19,6 +19,7 @@ from bgmatte.train.data import (
     MatteDataset,
     SyntheticDataset,
     build_dataset,
+    check_pairs,
     match_folders,
     read_image,
     videomatte_pairs,
@@ -231,7 +232,6 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
     ("garbage", "0002.png: damaged or truncated PNG"),
     ("small matte", "0001.png: matte is 48x34 but 0001.jpg is 48x36"),
     ("tiny", "0000.jpg: 6x8 is too small to train on"),
-    ("tiny background", "bg1.jpg: 2x2 is too small to train on"),
     ("bomb", "0002.png: 9000x9000 is 81 megapixels"),
 ])
 def test_bad_files_are_refused_from_their_headers_before_training(tmp_path, monkeypatch, damage, message):
@@ -245,8 +245,6 @@ def test_bad_files_are_refused_from_their_headers_before_training(tmp_path, monk
     elif damage == "tiny":
         _write(root / "fgr" / "0000.jpg", _colour(8, 6))
         _write(root / "pha" / "0000.png", _grey(8, 6))
-    elif damage == "tiny background":
-        _write(behind / "bg1.jpg", _colour(2, 2))
     else:
         _png_header_only(root / "pha" / "0002.png", 9000, 9000)
     reads = []
@@ -304,8 +302,77 @@ def test_foreground_and_matte_are_read_as_stored_whatever_their_exif_orientation
     pha = _write(tmp_path / "pha" / "a.jpg", _grey(36, 48))
     for path in (fgr, pha):
         _set_jpeg_orientation(path, 6)  # "rotate 90 degrees to view"
+    check_pairs([(fgr, pha)])
     item = MatteDataset([(fgr, pha)])[0]
     assert item["fgr"].shape == (3, 36, 48) and item["pha"].shape == (1, 36, 48)
+
+
+def _phone_photo(tmp_path: Path, height: int, width: int) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A JPEG stored sideways with EXIF orientation 6, its subject on the stored left half; returns the file and
+    the subject's mask as stored and as viewers show it (upright)."""
+    stored = np.zeros((height, width, 3), np.uint8)
+    stored[:, : width // 2] = 255
+    path = _write(tmp_path / "fgr" / "a.jpg", stored)
+    _set_jpeg_orientation(path, 6)
+    mask = stored[:, :, 0] > 127
+    return path, mask, np.rot90(mask, -1)  # orientation 6: turned a quarter clockwise to view
+
+
+@pytest.mark.parametrize("drawn", ["upright", "as stored"])
+def test_a_photo_is_turned_upright_unless_its_matte_fits_it_only_as_stored(tmp_path, drawn):
+    fgr, stored, upright = _phone_photo(tmp_path, 36, 48)
+    mask = upright if drawn == "upright" else stored
+    pha = _write(tmp_path / "pha" / "a.png", mask.astype(np.uint8) * 255)
+    check_pairs([(fgr, pha)])
+    item = MatteDataset([(fgr, pha)])[0]
+    assert item["pha"].shape == (1, *mask.shape)
+    assert torch.equal(item["fgr"][0] > 0.5, item["pha"][0] > 0.5)  # the matte covers the subject
+
+
+def test_a_square_photo_is_turned_upright_to_meet_its_matte(tmp_path):
+    fgr, stored, upright = _phone_photo(tmp_path, 40, 40)
+    pha = _write(tmp_path / "pha" / "a.png", upright.astype(np.uint8) * 255)
+    item = MatteDataset([(fgr, pha)])[0]
+    assert torch.equal(item["fgr"][0] > 0.5, item["pha"][0] > 0.5)
+
+
+def test_a_matte_fitting_neither_orientation_names_both_sizes(tmp_path):
+    fgr = _phone_photo(tmp_path, 36, 48)[0]
+    pha = _write(tmp_path / "pha" / "a.png", _grey(40, 40))
+    message = "a.png: matte is 40x40 but a.jpg is 48x36 as stored and 36x48 turned by its EXIF orientation"
+    with pytest.raises(BgmatteError, match=message):
+        check_pairs([(fgr, pha)])
+    with pytest.raises(BgmatteError, match=message):
+        MatteDataset([(fgr, pha)])[0]
+
+
+def test_too_small_backgrounds_are_left_out_with_one_warning(tmp_path):
+    root, behind = _photomatte(tmp_path / "data"), _backgrounds(tmp_path / "bg")
+    for name in ("favicon.png", "thumb_a.jpg", "thumb_b.jpg"):
+        _write(behind / name, _colour(24, 24))
+    with pytest.warns(UserWarning, match=r"3 background images under 32 pixels a side left out \(.*favicon.png"):
+        dataset = build_dataset("photomatte", root, size=32, backgrounds=behind)
+    assert len(dataset.backgrounds) == 3
+    tiny = _write(tmp_path / "tiny" / "a.png", _colour(8, 8))
+    with pytest.raises(BgmatteError, match=r"every background is too small.*a.png: 8x8"):
+        build_dataset("photomatte", root, size=32, backgrounds=tiny.parent)
+
+
+def test_every_bad_pair_is_counted_in_one_refusal(tmp_path):
+    root, behind = _photomatte(tmp_path / "data", 5), _backgrounds(tmp_path / "bg")
+    for i in range(5):
+        _write(root / "pha" / f"{i:04d}.png", _grey(34, 48))
+    message = r"5 foreground/matte pairs cannot be used: .*0000.png: matte is 48x34.*0002.png: .*; and 2 more$"
+    with pytest.raises(BgmatteError, match=message):
+        build_dataset("photomatte", root, size=32, backgrounds=behind)
+
+
+def test_a_validation_set_checks_only_the_pairs_it_reads(tmp_path):
+    root, behind = _photomatte(tmp_path / "data"), _backgrounds(tmp_path / "bg")
+    (root / "pha" / "0002.png").write_bytes(b"")
+    assert len(build_dataset("photomatte", root, size=32, backgrounds=behind, used=2)) == 3
+    with pytest.raises(BgmatteError, match="0002.png: empty file"):
+        build_dataset("photomatte", root, size=32, backgrounds=behind, used=3)
 
 
 def _set_jpeg_orientation(path: Path, orientation: int) -> None:

@@ -577,6 +577,25 @@ def test_a_worker_error_keeps_only_the_original_message():
     assert str(raised.value) == "/data/fgr/0002.png: damaged or truncated PNG"
 
 
+def test_pytorch_still_has_the_worker_shutdown_the_loop_relies_on():
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    assert callable(getattr(_MultiProcessingDataLoaderIter, "_shutdown_workers", None))
+
+
+def test_a_loader_without_that_shutdown_is_warned_about():
+    class Renamed:
+        """A multi-process iterator of a PyTorch that renamed its clean-up."""
+
+        _workers = ["worker"]
+
+    with pytest.warns(UserWarning, match="cannot shut down the data loader's workers"):
+        loop._shut_down(Renamed())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loop._shut_down(iter(torch.utils.data.DataLoader(range(2))))  # no workers: nothing to say
+
+
 # -- options ----------------------------------------------------------------------------------
 
 

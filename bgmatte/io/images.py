@@ -193,8 +193,8 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int =
     """Read an image as upright (H, W, 3) RGB, or (H, W) grey with channels=1, uint8 or float32 in [0, 1];
     refuse files above `max_pixels`, and while it is set, files whose size the header does not give.
 
-    EXIF orientation is applied unless `orient` is False (pixels as stored: for files that must line up pixel
-    for pixel with others, such as a foreground and its matte), grey images become three channels (colour ones
+    EXIF orientation is applied unless `orient` is False (pixels as stored: for data that must line up pixel
+    for pixel with other files; `read_to_fit` picks for a photo and its matte), grey images become three channels (colour ones
     grey with channels=1), alpha is dropped, and with dtype="float32" 16-bit files keep their precision. Mattes
     have their own reader, `read_matte`, which keeps an alpha channel.
     """
@@ -266,24 +266,131 @@ def read_matte(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
 
 _HEADER_BYTES = 16384
 """How much of a file `header_size` reads first: enough for the header of every format in `_FORMATS`, except a
-JPEG whose size comes after a large EXIF or ICC block, or a TIFF whose directory is at its end."""
+JPEG whose size comes after a large EXIF or ICC block, or a TIFF whose directory is further on."""
+_HEADER_BYTES_MAX = 262144
+"""How much `header_size` reads at most from a file other than a JPEG before it gives up on the size."""
 
 
-def header_size(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+def header_size(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
     """(width, height) of an image file as stored, from its header alone: the refusals `read_image` makes before
-    it decodes (no such file, an empty file, over `max_pixels`, a size the header does not give), at the cost of
-    reading the file's first bytes (the whole file only where the size lies further on). Damage past the header
-    is not seen."""
+    it decodes (no such file, an empty file, over `max_pixels`, a size the header does not give).
+
+    Only the file's first bytes are read: a JPEG's segments are followed by their lengths, reading each one's
+    marker alone, to the one holding the size; any other file is read up to `_HEADER_BYTES_MAX`, and None says
+    its size lies further on (decoding the file is then the way to learn it). Damage past the header is not seen.
+    """
     path = Path(path)
     data = _read_bytes(path, "image", limit=_HEADER_BYTES)
     if data and image_header_size(data) is None and len(data) == _HEADER_BYTES:
-        data = _read_bytes(path, "image")
+        if data[:2] == b"\xff\xd8":
+            size = _walk_jpeg(path)[0]
+            if size is not None:
+                data = b"\xff\xd8\xff\xc0\x00\x0b\x08" + struct.pack(">HH", size[1], size[0])  # that SOF alone
+        else:
+            data = _read_bytes(path, "image", limit=_HEADER_BYTES_MAX)
+            if image_header_size(data) is None and len(data) == _HEADER_BYTES_MAX and _recognise(data) is not None:
+                return None
     size, kind = _checked_header(path, data, max_pixels)
     if size is None:
         if kind == "PNG":
             raise BgmatteError(f"{path}: damaged or truncated PNG")
         _refuse_unsized(path, kind)
     return size
+
+
+def exif_orientation(path: str | os.PathLike) -> int | None:
+    """A JPEG's EXIF orientation (1 to 8; 1, upright, when it has none), read from its segment headers; None for
+    other formats, whose orientation only decoding tells (OpenCV applies it to PNG and WebP files too)."""
+    found = _jpeg_header(Path(path))
+    return None if found is None else found[1]
+
+
+def _jpeg_header(path: Path) -> tuple[tuple[int, int] | None, int] | None:
+    """`_walk_jpeg`'s size and orientation for a JPEG file; None for any other."""
+    return _walk_jpeg(path) if _read_bytes(path, "image", limit=2) == b"\xff\xd8" else None
+
+
+def _walk_jpeg(path: Path) -> tuple[tuple[int, int] | None, int]:
+    """The size in a JPEG's start-of-frame segment (None if the file ends first) and its EXIF orientation,
+    found by seeking from segment to segment: only markers, lengths and the start of an EXIF block are read,
+    never the rest of a large EXIF, ICC or thumbnail block."""
+    orientation, stray = 1, 0
+    try:
+        with path.open("rb", buffering=0) as file:  # unbuffered: a seek past a block reads none of it
+            file.seek(2)
+            while True:
+                byte = file.read(1)
+                if not byte:
+                    return None, orientation
+                if byte != b"\xff":  # stray bytes before a marker, which libjpeg skips as well
+                    stray += 1
+                    if stray > _HEADER_BYTES:  # not a header any more
+                        return None, orientation
+                    continue
+                marker = file.read(1)
+                while marker == b"\xff":  # fill bytes
+                    marker = file.read(1)
+                if not marker:
+                    return None, orientation
+                code = marker[0]
+                if code in (0xD9, 0xDA):  # the image's end, or its data, before any start-of-frame: damaged
+                    return None, orientation
+                if code in (0x01, *range(0xD0, 0xD9)):  # markers without a length
+                    continue
+                head = file.read(2)
+                if len(head) < 2:
+                    return None, orientation
+                (length,) = struct.unpack(">H", head)
+                if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):
+                    frame = file.read(5)
+                    if len(frame) < 5:
+                        return None, orientation
+                    height, width = struct.unpack(">HH", frame[1:5])
+                    return (width, height), orientation
+                body = b""
+                if code == 0xE1:  # APP1: the orientation tag sits in the first directory, near its start
+                    body = file.read(min(max(length - 2, 0), 4096))
+                    orientation = _exif_orientation(body) or orientation
+                file.seek(length - 2 - len(body), os.SEEK_CUR)
+    except OSError as exc:
+        raise BgmatteError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _exif_orientation(block: bytes) -> int | None:
+    """The orientation tag (0x0112) of an APP1 block's first EXIF directory, or None."""
+    if block[:6] != b"Exif\x00\x00" or block[6:8] not in (b"II", b"MM"):
+        return None
+    tiff = block[6:]
+    endian = "<" if tiff[:2] == b"II" else ">"
+    try:
+        (offset,) = struct.unpack(endian + "I", tiff[4:8])
+        (count,) = struct.unpack(endian + "H", tiff[offset : offset + 2])
+        for index in range(count):
+            entry = tiff[offset + 2 + 12 * index : offset + 14 + 12 * index]
+            tag, kind = struct.unpack(endian + "HH", entry[:4])
+            if tag == 0x0112 and kind == 3:
+                (value,) = struct.unpack(endian + "H", entry[8:10])
+                return value if 1 <= value <= 8 else None
+    except struct.error:
+        return None
+    return None
+
+
+def read_to_fit(path: str | os.PathLike, size: tuple[int, int] | None, **options) -> np.ndarray:
+    """`read_image`'s pixels turned upright by the file's EXIF orientation, unless only the pixels as stored
+    are `size` (width, height): then those. A photo and the matte drawn for it line up either way: a matte drawn
+    in an editor that honours EXIF is upright, one made from the stored pixels is not; where both fit (a square
+    photo, a flip), upright wins, as every viewer shows it so. `options` are `read_image`'s, less `orient`."""
+    found = _jpeg_header(Path(path)) if size is not None else None
+    if found is not None and found[0] is not None:  # a JPEG's header gives both sizes: one decode
+        stored, orientation = found
+        upright = (stored[1], stored[0]) if orientation >= 5 else stored
+        return read_image(path, orient=not (tuple(size) == stored != upright), **options)
+    image = read_image(path, **options)
+    if size is None or (image.shape[1], image.shape[0]) == tuple(size):
+        return image
+    stored = read_image(path, orient=False, **options)
+    return stored if (stored.shape[1], stored.shape[0]) == tuple(size) else image
 
 
 def _checked_header(path: Path, data: bytes, max_pixels: int | None) -> tuple[tuple[int, int] | None, str | None]:

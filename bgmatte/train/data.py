@@ -9,8 +9,9 @@ seeded by (seed, epoch, index), so results do not depend on the number of loader
 Images are limited to `MAX_PIXELS` against decompression bombs, checked from the file's header
 before decoding (`bgmatte.io.images.read_image`). `build_dataset` checks the headers of every file of a
 real dataset before training starts (`check_pairs`, `check_backgrounds`), so that most bad files are
-refused at once rather than after hours of training. A foreground and its matte are read as stored (EXIF
-orientation is not applied to either), so that they line up pixel for pixel as their headers say.
+refused at once rather than after hours of training. A matte is read as stored (it is data); its foreground,
+a photograph, is turned upright by its EXIF orientation, as viewers show it, unless only its pixels as stored
+fit the matte (`bgmatte.io.images.read_to_fit`).
 """
 from __future__ import annotations
 
@@ -220,32 +221,102 @@ def item_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def checked_size(path: Path) -> tuple[int, int]:
+_CHECKED: dict[tuple[Path, int, int], tuple[int, int] | None] = {}
+"""Header sizes already checked in this process, by (path, size in bytes, modification time): a validation split
+in the training folders is not checked twice."""
+_SHOWN_PROBLEMS = 3
+"""How many of a dataset's problems one refusal quotes (it counts them all)."""
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
     """(width, height) of a training image from its header (`bgmatte.io.images.header_size`), refusing what
-    reading it would refuse before decoding and a shorter side under `MIN_SIDE`."""
-    width, height = images.header_size(path, max_pixels=MAX_PIXELS)
-    if min(width, height) < MIN_SIDE:
-        raise BgmatteError(f"{path}: {width}x{height} is too small to train on (at least {MIN_SIDE} pixels a side)")
-    return width, height
+    reading it would refuse before decoding; None where the header leaves it to decoding."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return images.header_size(path, max_pixels=MAX_PIXELS)  # which names the problem
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _CHECKED:
+        _CHECKED[key] = images.header_size(path, max_pixels=MAX_PIXELS)
+    return _CHECKED[key]
+
+
+def _too_small(path: Path, size: tuple[int, int] | None) -> str | None:
+    if size is not None and min(size) < MIN_SIDE:
+        return f"{path}: {size[0]}x{size[1]} is too small to train on (at least {MIN_SIDE} pixels a side)"
+    return None
+
+
+def checked_size(path: Path) -> tuple[int, int] | None:
+    """`header_size`, also refusing a shorter side under `MIN_SIDE`."""
+    size = header_size(path)
+    problem = _too_small(path, size)
+    if problem:
+        raise BgmatteError(problem)
+    return size
 
 
 def check_pairs(pairs: Sequence[tuple[Path, Path]]) -> None:
-    """Refuse, before training, a pair that a header shows is unreadable, too small, or of two sizes. Only
-    headers are read: damage further into a file is found when the file is decoded, during training."""
+    """Refuse, before training, pairs that headers show are unreadable, too small, or of two sizes (a photo
+    fits a matte as stored or turned upright by its EXIF orientation, see `MatteDataset`), all in one line.
+    Only headers are read: damage further into a file is found when the file is decoded, during training."""
+    problems = []
     for fgr_path, pha_path in pairs:
-        fgr_size, pha_size = checked_size(fgr_path), checked_size(pha_path)
-        if fgr_size != pha_size:
-            raise BgmatteError(_size_mismatch(fgr_path, pha_path, fgr_size, pha_size))
+        try:
+            fgr_size, pha_size = checked_size(fgr_path), checked_size(pha_path)
+            if fgr_size is None or pha_size is None or fgr_size == pha_size:
+                continue
+            upright = _upright_size(fgr_path, fgr_size) if pha_size == fgr_size[::-1] else fgr_size
+            if upright != pha_size:
+                problems.append(_size_mismatch(fgr_path, pha_path, fgr_size, pha_size))
+        except BgmatteError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise BgmatteError(_summary(problems, "foreground/matte pairs"))
 
 
-def check_backgrounds(paths: Sequence[Path]) -> None:
-    """Refuse, before training, a background image that its header shows is unreadable or too small."""
+def _upright_size(path: Path, stored: tuple[int, int]) -> tuple[int, int]:
+    """A photo's size once turned upright by its EXIF orientation: from a JPEG's header, else by decoding it."""
+    orientation = images.exif_orientation(path)
+    if orientation is None:
+        image = images.read_image(path, max_pixels=MAX_PIXELS)
+        return image.shape[1], image.shape[0]
+    return (stored[1], stored[0]) if orientation >= 5 else stored
+
+
+def check_backgrounds(paths: Sequence[Path]) -> list[Path]:
+    """The background images usable for training, once their headers are checked: one that is unreadable is
+    refused, one too small is left out (a favicon or thumbnail among photos), with one warning for them all."""
+    kept, small = [], []
     for path in paths:
-        checked_size(path)
+        (small if _too_small(path, header_size(path)) else kept).append(path)
+    if small:
+        if not kept:
+            raise BgmatteError(f"{small[0].parent}: every background is too small to train on (at least "
+                               f"{MIN_SIDE} pixels a side; {_too_small(small[0], header_size(small[0]))})")
+        warnings.warn(f"{len(small)} background image{'s' if len(small) > 1 else ''} under {MIN_SIDE} pixels a "
+                      f"side left out ({small[0]}{', ...' if len(small) > 1 else ''})", stacklevel=2)
+    return kept
 
 
-def _size_mismatch(fgr_path: Path, pha_path: Path, fgr_size: tuple[int, int], pha_size: tuple[int, int]) -> str:
-    return f"{pha_path}: matte is {pha_size[0]}x{pha_size[1]} but {fgr_path.name} is {fgr_size[0]}x{fgr_size[1]}"
+def _summary(problems: Sequence[str], what: str) -> str:
+    """One line for a dataset's problems: the problem itself if it is alone, else their count and the first few."""
+    if len(problems) == 1:
+        return problems[0]
+    shown = "; ".join(problems[:_SHOWN_PROBLEMS])
+    more = f"; and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
+    return f"{len(problems)} {what} cannot be used: {shown}{more}"
+
+
+def _size_mismatch(fgr_path: Path, pha_path: Path, fgr_size: tuple[int, int], pha_size: tuple[int, int],
+                   upright: tuple[int, int] | None = None) -> str:
+    """The refusal of a pair of two sizes; `upright`, the photo's size turned by its EXIF orientation, if known."""
+    if upright is None and fgr_size[::-1] != fgr_size and images.exif_orientation(fgr_path) in (5, 6, 7, 8):
+        upright = fgr_size[::-1]
+    stored = f"{fgr_size[0]}x{fgr_size[1]}"
+    if upright is not None and upright != fgr_size:
+        stored += f" as stored and {upright[0]}x{upright[1]} turned by its EXIF orientation"
+    return f"{pha_path}: matte is {pha_size[0]}x{pha_size[1]} but {fgr_path.name} is {stored}"
 
 
 class MatteDataset(Dataset):
@@ -261,10 +332,13 @@ class MatteDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         fgr_path, pha_path = self.pairs[index]
-        fgr, pha = read_image(fgr_path, 3, orient=False), read_matte(pha_path)
+        pha = read_matte(pha_path)
+        size = (int(pha.shape[2]), int(pha.shape[1]))
+        fgr = _as_tensor(images.read_to_fit(fgr_path, size, dtype="float32", max_pixels=MAX_PIXELS), torch.float32)
         if fgr.shape[1:] != pha.shape[1:]:
-            sizes = [(int(image.shape[2]), int(image.shape[1])) for image in (fgr, pha)]
-            raise BgmatteError(_size_mismatch(fgr_path, pha_path, *sizes))
+            upright = (int(fgr.shape[2]), int(fgr.shape[1]))
+            stored = images.header_size(fgr_path, max_pixels=MAX_PIXELS) or upright
+            raise BgmatteError(_size_mismatch(fgr_path, pha_path, stored, size, upright))
         return {"fgr": fgr, "pha": pha}
 
 
@@ -397,6 +471,7 @@ def build_dataset(
     seed: int = 0,
     length: int | None = None,
     augment: AugmentOptions | None = None,
+    used: int | None = None,
 ) -> Dataset:
     """The training or validation dataset named `name` (one of `DATASETS`), items at `size`.
 
@@ -408,7 +483,8 @@ def build_dataset(
     - "photomatte": PhotoMatte13K-style fgr/ + pha/ folders, under root/split/ or root/.
     - "aim": AIM/Adobe-style fg/ + alpha/ folders, under root/split/ or root/.
     The real datasets composite over the images of `backgrounds` (its split subfolder if any); the headers of
-    all their files are checked first (`check_pairs`, `check_backgrounds`).
+    their files are checked first (`check_pairs`, `check_backgrounds`): those of every pair, or of the first
+    `used` ones only when no others will be read (a validation set of that many items), and every background's.
     """
     key = name.lower()
     if key not in DATASETS:
@@ -434,8 +510,8 @@ def build_dataset(
     else:
         pairs = folder_pairs(root, split, [("fg", "alpha"), ("fgr", "pha")])
     mattes, behind = MatteDataset(pairs), BackgroundDataset.from_folder(backgrounds, split)
-    check_pairs(mattes.pairs)
-    check_backgrounds(behind.paths)
+    check_pairs(mattes.pairs[:used])
+    behind.paths = check_backgrounds(behind.paths)
     return CompositeDataset(
         mattes,
         behind,

@@ -24,6 +24,7 @@ import stat
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -284,8 +285,10 @@ class EpochItems(Dataset):
             raise DataError(str(exc)) from None
 
 
-def open_dataset(options: TrainOptions, split: str, seed: int, length: int | None = None) -> Dataset:
-    """The run's dataset (``bgmatte.train.data.build_dataset``) for a split, items at the crop size."""
+def open_dataset(options: TrainOptions, split: str, seed: int, length: int | None = None,
+                 used: int | None = None) -> Dataset:
+    """The run's dataset (``bgmatte.train.data.build_dataset``) for a split, items at the crop size; `used`, the
+    number of its first items read, if no others are (only their files are checked)."""
     from bgmatte.train.data import build_dataset, default_augment
 
     changes = {name: value for name, value in (("plate_color_probability", options.plate_color),
@@ -293,7 +296,7 @@ def open_dataset(options: TrainOptions, split: str, seed: int, length: int | Non
                if value is not None}
     augment = replace(default_augment(options.dataset), **changes) if changes else None
     return build_dataset(options.dataset, options.data_root, split=split, size=options.crop_size,
-                         backgrounds=options.backgrounds, seed=seed, length=length, augment=augment)
+                         backgrounds=options.backgrounds, seed=seed, length=length, augment=augment, used=used)
 
 
 def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -341,6 +344,9 @@ def _shut_down(iterator: Iterator) -> None:
     shutdown = getattr(iterator, "_shutdown_workers", None)  # PyTorch's own clean-up; absent without workers
     if shutdown is not None:
         shutdown()
+    elif getattr(iterator, "_workers", None):  # PyTorch renamed it: say so, rather than hang at exit unexplained
+        warnings.warn("cannot shut down the data loader's workers (this PyTorch's loader has no _shutdown_workers); "
+                      "after an error the run may not exit until they are stopped", stacklevel=2)
 
 
 def generated_batches(dataset, seed: int, runtime: Runtime, per_process: int, start_step: int
@@ -399,7 +405,7 @@ def validation_batches(options: TrainOptions, runtime: Runtime, batch_size: int)
         return []
     with preserved_random_state():
         try:
-            dataset = open_dataset(options, "valid", VALIDATION_SEED, options.val_samples)
+            dataset = open_dataset(options, "valid", VALIDATION_SEED, options.val_samples, used=options.val_samples)
         except BgmatteError as exc:
             raise BgmatteError(f"{exc} (for the validation set; or pass --val-every 0)") from None
         total = min(options.val_samples, len(dataset))
