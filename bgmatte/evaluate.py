@@ -266,12 +266,7 @@ class Evaluation:
 def list_images(folder: Path) -> dict[str, Path]:
     """The image files of `folder` by file stem, hidden ones skipped (`bgmatte.io.images.list_images`); two
     images with one stem is an error, since files are matched across folders by stem."""
-    found: dict[str, Path] = {}
-    for path in images.list_images(folder):
-        if path.stem in found:
-            raise BgmatteError(f"{path}: two images named {path.stem!r} in {folder} ({found[path.stem].name})")
-        found[path.stem] = path
-    return found
+    return images.by_stem(images.list_images(folder), "files are matched across folders by name")
 
 
 def read_image(path: Path, fit: tuple[int, int] | None = None) -> np.ndarray:

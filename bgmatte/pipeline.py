@@ -45,9 +45,10 @@ from bgmatte.io.files import refuse_existing
 from bgmatte.io.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
-    megapixels,
+    by_stem,
     list_images,
     match_by_stem,
+    megapixels,
     read_image,
     write_png,
 )
@@ -1125,11 +1126,7 @@ def collect_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> 
             found.append(path)
     if not found:
         raise BgmatteError("no input images given")
-    stems: dict[str, Path] = {}
-    for path in found:
-        if path.stem in stems:
-            raise BgmatteError(f"{path}: has the same name as {stems[path.stem]}, so their outputs would collide")
-        stems[path.stem] = path
+    by_stem(found, "their outputs would collide")
     return found
 
 

@@ -553,21 +553,32 @@ def list_images(folder: str | os.PathLike, *, recursive: bool = False) -> list[P
     return sorted(files, key=lambda entry: natural_key(str(entry.relative_to(folder))))
 
 
+def by_stem(paths: Iterable[Path], why: str = "files are matched by name") -> dict[str, Path]:
+    """The files by stem (``0001`` for ``0001.png``), refusing two of one stem, ``why`` saying why it matters."""
+    found: dict[str, Path] = {}
+    for path in paths:
+        path = Path(path)
+        if path.stem in found:
+            raise BgmatteError(f"{path}: two images named {path.stem!r} ({found[path.stem]} and {path.name}): {why}")
+        found[path.stem] = path
+    return found
+
+
 def match_by_stem(sources: Sequence[Path], plates: Iterable[Path]) -> list[tuple[Path, Path]]:
     """Pair each source with the plate of the same file stem (case-insensitive if no exact match)."""
     plates = [Path(plate) for plate in plates]
-    by_stem: dict[str, Path] = {}
+    by_name: dict[str, Path] = {}
     by_folded: dict[str, list[Path]] = {}
     for plate in plates:
-        if plate.stem in by_stem:
-            raise BgmatteError(f"{plate}: two plates share the name {plate.stem!r} ({by_stem[plate.stem].name} and {plate.name})")
-        by_stem[plate.stem] = plate
+        if plate.stem in by_name:
+            raise BgmatteError(f"{plate}: two plates share the name {plate.stem!r} ({by_name[plate.stem].name} and {plate.name})")
+        by_name[plate.stem] = plate
         by_folded.setdefault(plate.stem.casefold(), []).append(plate)
     pairs: list[tuple[Path, Path]] = []
     missing: list[str] = []
     for source in sources:
         source = Path(source)
-        plate = by_stem.get(source.stem)
+        plate = by_name.get(source.stem)
         if plate is None and len(by_folded.get(source.stem.casefold(), [])) == 1:
             plate = by_folded[source.stem.casefold()][0]
         if plate is None:

@@ -32,7 +32,6 @@ from bgmatte.train.augment import PAPER, SYNTHETIC, AugmentOptions, make_trainin
 from bgmatte.train.synthetic import DEFAULT, TRAINING, SyntheticOptions, generate_batch
 
 IMAGE_SUFFIXES = tuple(sorted(images.IMAGE_EXTENSIONS))
-_VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 MAX_PIXELS = 50_000_000
 MIN_SIDE = 32
 """The shortest side a training image may have: the smallest --crop. A smaller file (a thumbnail, a 1x1
@@ -111,24 +110,14 @@ def match_folders(fgr_dir: str | Path, pha_dir: str | Path) -> list[tuple[Path, 
     extensions may differ, so `0001.jpg` goes with `0001.png`); every foreground needs its matte, and
     two files of one name in a folder (`0001.png` and `0001.jpg`) are refused, as either could be meant."""
     fgr_dir, pha_dir = Path(fgr_dir), Path(pha_dir)
-    mattes = _by_stem(list_images(pha_dir, recursive=False))
+    mattes = images.by_stem(list_images(pha_dir, recursive=False), "keep one")
     pairs = []
-    for path in _by_stem(list_images(fgr_dir, recursive=False)).values():
+    for path in images.by_stem(list_images(fgr_dir, recursive=False), "keep one").values():
         matte = mattes.get(path.stem)
         if matte is None:
             raise BgmatteError(f"{path}: no matte named {path.stem}.* in {pha_dir}")
         pairs.append((path, matte))
     return pairs
-
-
-def _by_stem(paths: Sequence[Path]) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in paths:
-        if path.stem in found:
-            raise BgmatteError(f"{path}: two images named {path.stem!r} in {path.parent} ({found[path.stem].name} "
-                               f"and {path.name}); keep one")
-        found[path.stem] = path
-    return found
 
 
 def videomatte_pairs(root: str | Path, split: str = "train") -> list[tuple[Path, Path]]:
@@ -141,7 +130,9 @@ def videomatte_pairs(root: str | Path, split: str = "train") -> list[tuple[Path,
     clips = sorted((p for p in fgr_root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                    key=lambda path: images.natural_key(str(path)))
     if not clips:
-        videos = sorted(p.name for p in fgr_root.iterdir() if p.suffix.lower() in _VIDEO_SUFFIXES)
+        from bgmatte.io.video import VIDEO_EXTENSIONS
+
+        videos = sorted(p.name for p in fgr_root.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
         if videos:
             raise BgmatteError(f"{fgr_root}: holds videos ({videos[0]}{' ...' if len(videos) > 1 else ''}), which "
                                "training does not read: it needs each clip as a folder of frames "
