@@ -58,12 +58,15 @@ from bgmatte.io.video import (
     Display,
     EncoderChoice,
     EncoderOptions,
+    Frame,
     ImageSequenceWriter,
+    TimedFrames,
     VideoReader,
     VideoWriter,
     check_frame_folder,
     choose_encoder,
     lower_thread_priority,
+    rates_differ,
 )
 from bgmatte.plate import PlateAligner, estimate_plate, fit_exposure, sample_frames
 from bgmatte.predictor import (
@@ -256,6 +259,11 @@ def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
+def _rate(fps: Fraction | None) -> str:
+    """A frame rate as people write it: 25, 29.97."""
+    return f"{float(fps):.2f}".rstrip("0").rstrip(".") if fps else "unknown"
+
+
 class TargetFrames:
     """The target background at the output size, as float tensors ready for `render_outputs`.
 
@@ -264,29 +272,43 @@ class TargetFrames:
         width, height: the output size; images and video frames are scaled to cover it (centre crop).
         device: where the tensors go (the model's device).
         picture: an image target's pixels when already read (a folder of photos reads its target once).
+        fps: the frame rate of the clip it goes behind: a video target of another rate is then played at its
+            own speed, its frames looked up by the clip's times (`take`'s `times`), not one for one.
+        live: play a video target by `take`'s times whatever its rate (a live output, whose rate varies).
 
     `take(count)` returns (count, 3, H, W) floats for a video target (looped to length), a cached
     (1, 3, H, W) for an image, and None for colours, blur and transparency, which need no frames.
     """
 
     def __init__(self, target: TargetBackground, width: int, height: int, device: torch.device | str = "cpu", *,
-                 picture: np.ndarray | None = None):
+                 picture: np.ndarray | None = None, fps: Fraction | None = None, live: bool = False):
         self.target = target
         self.size = (width, height)
         self.device = torch.device(device)
         self._image: Tensor | None = None
         self._reader: VideoReader | None = None
         self._frames: Any = None
+        self._timed: TimedFrames | None = None
+        self._offset = 0.0  # where the current loop of a timed target starts, in the clip's seconds
         self.loops = 0
         if target.kind == "image":
             picture = cover(picture if picture is not None else read_image(target.path), width, height)
             self._image = self._tensor(picture[None])
         elif target.kind == "video":
             self._open()
+            if live:
+                self._frames, self._timed = None, TimedFrames(self._reader)
+            elif rates_differ(fps, self._reader.fps):
+                logger.info("%s: the target background is %s fps and the clip %s fps; it plays at its own speed",
+                            target.path, _rate(self._reader.fps), _rate(fps))
+                self._frames, self._timed = None, TimedFrames(self._reader)
 
     def _open(self) -> None:
         self._reader = VideoReader(self.target.path, queue_size=4)
-        self._frames = iter(self._reader)
+        if self._timed is not None:
+            self._timed = TimedFrames(self._reader)
+        else:
+            self._frames = iter(self._reader)
 
     def _next_frame(self) -> np.ndarray:
         for _ in range(2):
@@ -300,12 +322,31 @@ class TargetFrames:
             self._open()
         raise BgmatteError(f"{self.target.path}: the target background video gave no frames")
 
-    def take(self, count: int = 1) -> Tensor | None:
-        """The next `count` background frames, or None when the target needs no frames."""
+    def _frame_at(self, seconds: float) -> np.ndarray:
+        for _ in range(2):
+            frame = self._timed.at(seconds - self._offset)
+            if frame is None:
+                break
+            looped = self._timed.duration
+            if not self._timed.ended or not looped:
+                return cover(frame.image, *self.size)
+            if self._reader.error is not None:
+                logger.warning("%s (the target background loops from its start)", self._reader.error)
+            self._offset += looped
+            self._reader.close()
+            self.loops += 1
+            self._open()
+        raise BgmatteError(f"{self.target.path}: the target background video gave no frames")
+
+    def take(self, count: int = 1, times: Sequence[float] | None = None) -> Tensor | None:
+        """The next `count` background frames, or None when the target needs no frames. `times` (seconds from the
+        clip's first frame, one per frame) place a video target of another frame rate (`fps`); else frame for frame."""
         if self._image is not None:
             return self._image
         if self._reader is None:
             return None
+        if self._timed is not None and times is not None:
+            return self._tensor(np.stack([self._frame_at(seconds) for seconds in times]))
         return self._tensor(np.stack([self._next_frame() for _ in range(count)]))
 
     def _tensor(self, frames: np.ndarray) -> Tensor:
@@ -503,16 +544,26 @@ class _ExposureFeedback:
 
 
 class _Plates:
-    """The plate for each frame: one image, or a video frame for frame (the last one held when it ends),
-    aligned to the frame and exposure-matched on request."""
+    """The plate for each frame: one image, or a video (the last frame held when it ends), aligned to the frame
+    and exposure-matched on request. A plate video goes frame for frame with the clip, as in the paper's code,
+    unless its frame rate is another: then by time (`TimedFrames`), so that it does not drift."""
 
     def __init__(self, image: np.ndarray | None, video: VideoReader | None, width: int, height: int, *,
-                 native: tuple[int, int], name: str | None, align: bool, exposure: _ExposureFeedback | None):
+                 native: tuple[int, int], name: str | None, align: bool, exposure: _ExposureFeedback | None,
+                 fps: Fraction | None = None):
         self.size = (width, height)
         self.native = native
         self._video = video
-        self._frames = iter(video) if video is not None else None
+        self._frames: Iterator[Frame] | None = None
+        self._timed: TimedFrames | None = None
+        if video is not None and rates_differ(fps, video.fps):
+            logger.info("%s: the plate video is %s fps and the clip %s fps; its frames are paired by time",
+                        video.path, _rate(video.fps), _rate(fps))
+            self._timed = TimedFrames(video)
+        elif video is not None:
+            self._frames = iter(video)
         self._held: np.ndarray | None = None
+        self._held_index = -1
         self._warned_size = False
         self._warned_end = False
         self.exposure = exposure
@@ -530,31 +581,35 @@ class _Plates:
                            f"{name}: " if name else "", width, height, *self.native)
         return resize_image(plate, *self.size)
 
-    def _video_plate(self) -> np.ndarray:
-        frame = next(self._frames, None)
-        if frame is None:
-            if self._held is None:
-                raise BgmatteError(f"{self._video.path}: the plate video gave no frames")
-            if not self._warned_end:
-                self._warned_end = True
-                cause = f" ({self._video.error})" if self._video.error else ""
-                logger.warning("%s: the plate video is shorter than the source%s; its last frame is held",
-                               self._video.path, cause)
-            return self._held
-        self._held = self._fit(frame.image, self._video.path)
+    def _video_plate(self, seconds: float) -> np.ndarray:
+        if self._timed is not None:
+            frame = self._timed.at(seconds)
+            ended = self._timed.ended
+        else:
+            frame = next(self._frames, None)
+            ended = frame is None
+        if frame is None and self._held is None:
+            raise BgmatteError(f"{self._video.path}: the plate video gave no frames")
+        if ended and not self._warned_end:
+            self._warned_end = True
+            cause = f" ({self._video.error})" if self._video.error else ""
+            logger.warning("%s: the plate video is shorter than the source%s; its last frame is held",
+                           self._video.path, cause)
+        if frame is not None and frame.index != self._held_index:  # a slower plate gives a frame more than once
+            self._held, self._held_index = self._fit(frame.image, self._video.path), frame.index
         return self._held
 
     @property
     def static(self) -> np.ndarray | None:
         """The plate when it is the same for every frame (an image, neither aligned nor exposure-matched)."""
-        if self._frames is None and self._aligner is None and self.exposure is None:
+        if self._video is None and self._aligner is None and self.exposure is None:
             return self.plate
         return None
 
-    def next(self, frame: np.ndarray) -> np.ndarray:
-        """The plate for `frame` (already at the working size)."""
-        if self._frames is not None:
-            plate = self._video_plate()
+    def next(self, frame: np.ndarray, seconds: float = 0.0) -> np.ndarray:
+        """The plate for `frame` (already at the working size), `seconds` after the clip's first frame."""
+        if self._video is not None:
+            plate = self._video_plate(seconds)
             if self._align:
                 plate = PlateAligner(plate).align(frame)[0]
         elif self._aligner is not None:
@@ -837,12 +892,14 @@ class _Batch:
     src_input: np.ndarray | Tensor
     bgr_input: np.ndarray | Tensor
     stamps: list[tuple[int | None, Fraction | None]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # seconds from the clip's first frame
 
     @classmethod
-    def of(cls, pending: list[tuple[np.ndarray, np.ndarray, int | None, Fraction | None]], inputs: _ModelInputs) -> _Batch:
+    def of(cls, pending: list[tuple[np.ndarray, np.ndarray, Frame, float]], inputs: _ModelInputs) -> _Batch:
         src = pending[0][0][None] if len(pending) == 1 else np.stack([item[0] for item in pending])
         src_input, bgr_input = inputs(src, [item[1] for item in pending])
-        return cls(src, src_input, bgr_input, [(item[2], item[3]) for item in pending])
+        return cls(src, src_input, bgr_input, [(item[2].pts, item[2].time_base) for item in pending],
+                   [item[3] for item in pending])
 
     def __len__(self) -> int:
         return len(self.stamps)
@@ -878,12 +935,21 @@ def _run_loop(
     def prepare() -> None:
         lower_thread_priority(niceness)
         try:
-            pending: list[tuple[np.ndarray, np.ndarray, int | None, Fraction | None]] = []
+            pending: list[tuple[np.ndarray, np.ndarray, Frame, float]] = []
+            start: float | None = None
+            resized = False  # warned that the frames changed size in mid-clip
             for frame in reader:
                 if stop_input.is_set() or failed.is_set():
                     return
+                if frame.image.shape[1::-1] != reader.size and not resized:
+                    resized = True
+                    logger.warning("%s: the frames change size at frame %d (%dx%d; the clip began %dx%d): they are "
+                                   "scaled to %dx%d", reader.path, frame.index + 1, *frame.image.shape[1::-1],
+                                   *reader.size, *size)
+                moment = frame.time if frame.time is not None else frame.index / float(reader.fps or 30)
+                start = moment if start is None else start
                 image = resize_image(frame.image, *size)
-                pending.append((image, plates.next(image), frame.pts, frame.time_base))
+                pending.append((image, plates.next(image, moment - start), frame, moment - start))
                 if len(pending) == batch_size:
                     if not batches.put(_Batch.of(pending, inputs)):
                         return
@@ -970,14 +1036,16 @@ def convert_video(
         src: the video. Every frame goes into every output, upright, with its own timestamp (variable
             frame rate kept); the audio is carried into the composite.
         bgr: the plate: an image (resized to the video, with a warning, if its size differs), a video
-            (frame for frame; when it is shorter, its last frame is held, with a warning), ``"auto"``
+            (frame for frame, or by time when its frame rate is another; when it is shorter, its last frame is
+            held, with a warning), ``"auto"``
             (estimated from frames sampled over a first pass through the clip), or an (H, W, 3) array.
         output: the composite's file; its extension picks the container (a name without extension is
             a folder of PNGs). The other outputs go beside it as ``NAME_pha.mp4`` and so on.
         output_dir: instead of `output`, the reference's layout: ``com.mp4``, ``pha.mp4``... in it,
             or one folder of PNGs per output with ``output_format="image_sequences"``.
         outputs: any of ``com``, ``pha``, ``fgr``, ``err``, ``ref``.
-        target_bgr: what the composite goes over: a colour name or hex, an image, a video (looped),
+        target_bgr: what the composite goes over: a colour name or hex, an image, a video (looped; at its own
+            speed when its frame rate is another),
             ``blur``, or ``transparent`` (RGBA: .webm VP9, .mov ProRes 4444 or PNGs; .mp4 is refused).
             None: the reference's green for video files, transparent for PNG folders.
         resize: (width, height) to resize the frames (and plate) to before matting. The video outputs
@@ -1038,14 +1106,17 @@ def convert_video(
         plans = plan_video_outputs(src, kinds, output=output, output_dir=output_dir, output_format=output_format,
                                    transparent=target_bgr.kind == "transparent", overwrite=overwrite, encoder=encoder,
                                    size=size, inputs=inputs)
+        if reader.audio is not None and any(plan.folder for plan in plans if plan.kind == "com"):
+            logger.warning("%s: the clip's audio is not kept in a folder of PNGs (%s); write the composite to a video "
+                           "file to keep it", src, next(plan.path for plan in plans if plan.kind == "com"))
         predictor = load_predictor(model, *size)
         if batch_size is None:
             batch_size = 4 if predictor.device.type == "cuda" else 1
-        targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device))
+        targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device, fps=reader.fps))
         if auto_plate:
             image = _estimate_plate(src, size, progress)
         plates = _Plates(image, plate_video, *size, native=native, name=None if auto_plate or isinstance(bgr, np.ndarray) else str(bgr),
-                         align=align, exposure=_ExposureFeedback() if match_exposure else None)
+                         align=align, exposure=_ExposureFeedback() if match_exposure else None, fps=reader.fps)
         writers = {
             plan.kind: stack.enter_context(_open_writer(plan, fps=reader.fps, audio_from=src, overwrite=overwrite,
                                                         encoder=encoder, frame_count=reader.frame_count,
@@ -1060,7 +1131,8 @@ def convert_video(
 
         def on_matte(batch: _Batch, matte: Matte) -> None:
             nonlocal written
-            frames = render_outputs(matte, kinds, target=target_bgr, backdrop=targets.take(len(batch)), src=batch.src)
+            backdrop = targets.take(len(batch), batch.times)
+            frames = render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop, src=batch.src)
             for index, (pts, time_base) in enumerate(batch.stamps):
                 for kind, writer in writers.items():
                     image = frames[kind][index]

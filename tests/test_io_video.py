@@ -1224,3 +1224,159 @@ def test_a_forced_encoder_is_not_refused_for_a_muxer_that_cannot_finish_a_one_fr
     # x265 into MP4 fails only when a one-frame in-memory file is finished; real files of it are fine.
     choice = choose_encoder(Path("a.mp4"), alpha=False, options=EncoderOptions(codec="libx265"), size=(64, 64))
     assert choice.codec == "libx265"
+
+
+# ------------------------------------------------------------------------------------------- several audio tracks
+
+
+# (codec, frequency, sample rate, layout, language, title) of each track of `clip_with_tracks`'s source.
+TRACKS = [("aac", 440, 48000, "stereo", "eng", "Mic"), ("flac", 1000, 44100, "mono", "fra", "Desktop")]
+
+
+def clip_with_tracks(path: Path, tracks: list[tuple[str, int, int, str, str, str]] = TRACKS, count: int = 10,
+                     seconds: float = 0.6) -> None:
+    """A `pattern` clip (H.264, 25 fps) with one tone per entry of `tracks`, each `seconds` long (longer than
+    the video, so that the writer must cut them), tagged with its language and title."""
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        sounds = []
+        for codec, _, rate, layout, language, title in tracks:
+            sound = container.add_stream(codec, rate=rate)
+            sound.layout = layout
+            sound.metadata["language"], sound.metadata["title"] = language, title
+            sounds.append(sound)
+        for index in range(count):
+            frame = av.VideoFrame.from_ndarray(pattern(index), format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        for sound, (_, frequency, rate, layout, _, _) in zip(sounds, tracks):
+            resampler = av.AudioResampler(format=sound.format.name, layout=layout, rate=rate)
+            channels = 1 if layout == "mono" else 2
+            for start in range(0, int(rate * seconds), 1024):
+                tone = (0.2 * np.sin(2 * np.pi * frequency * np.arange(start, start + 1024) / rate)).astype(np.float32)
+                frame = av.AudioFrame.from_ndarray(np.stack([tone] * channels), format="fltp", layout=layout)
+                frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+                for part in resampler.resample(frame):
+                    container.mux(sound.encode(part))
+            container.mux(sound.encode(None))
+
+
+def audio_tracks(path: Path) -> list[dict]:
+    """Each audio track of a file, in order: codec, language, title (MP4 reads it back as 'name'), the seconds
+    it decodes to and its dominant frequency."""
+    with av.open(str(path)) as container:
+        count = len(container.streams.audio)
+    tracks = []
+    for track in range(count):
+        with av.open(str(path)) as container:
+            stream = container.streams.audio[track]
+            mono = av.AudioResampler(format="flt", layout="mono", rate=stream.rate)
+            samples = np.concatenate([part.to_ndarray()[0] for frame in container.decode(stream)
+                                      for part in mono.resample(frame)])
+            spectrum = np.abs(np.fft.rfft(samples.astype(np.float64)))
+            tracks.append({
+                "codec": stream.codec_context.name,
+                "language": stream.metadata.get("language"),
+                "title": stream.metadata.get("title") or stream.metadata.get("name"),
+                "seconds": samples.size / stream.rate,
+                "frequency": float(np.fft.rfftfreq(samples.size, 1 / stream.rate)[spectrum.argmax()]),
+            })
+    return tracks
+
+
+@pytest.mark.parametrize(("suffix", "codecs"), [(".mp4", ["aac", "flac"]), (".mkv", ["aac", "flac"]),
+                                                (".mov", ["aac", "aac"]), (".webm", ["opus", "opus"])])
+def test_every_audio_track_is_carried_in_order_with_its_language_and_cut_to_the_video(tmp_path, suffix, codecs):
+    """Mic and desktop, or several languages: each track is copied where the container takes it (FLAC is
+    transcoded in .mov, both in .webm), keeps its language and title, and ends with the video (0.4 s)."""
+    source = tmp_path / "src.mkv"
+    clip_with_tracks(source)
+    target = tmp_path / f"out{suffix}"
+    copy_clip(source, target)
+    tracks = audio_tracks(target)
+    assert [track["codec"] for track in tracks] == codecs
+    assert [track["language"] for track in tracks] == ["eng", "fra"]
+    assert [track["title"] for track in tracks] == ["Mic", "Desktop"]
+    assert [track["frequency"] for track in tracks] == [pytest.approx(440, abs=15), pytest.approx(1000, abs=15)]
+    assert [track["seconds"] for track in tracks] == [pytest.approx(0.4, abs=0.04)] * 2  # within a frame
+    assert len(read_all(target)[1]) == 10
+
+
+def test_copied_tracks_the_muxer_refuses_at_the_header_are_all_transcoded_instead(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(video_io._COPIED_AUDIO, "mov", video_io._COPIED_AUDIO["mov"] | {"flac"})
+    source = tmp_path / "src.mkv"
+    clip_with_tracks(source)
+    target = tmp_path / "out.mov"
+    with caplog.at_level(logging.INFO, logger="bgmatte.io.video"):
+        copy_clip(source, target)
+    assert "refused the aac and flac audio" in caplog.text
+    tracks = audio_tracks(target)
+    assert [(track["codec"], track["language"]) for track in tracks] == [("aac", "eng"), ("aac", "fra")]
+    assert [track["frequency"] for track in tracks] == [pytest.approx(440, abs=15), pytest.approx(1000, abs=15)]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.mov", "src.mkv"]
+
+
+def test_an_audio_track_that_cannot_be_read_is_left_out_with_a_warning_and_the_others_kept(tmp_path, caplog):
+    """A first track whose codec FFmpeg does not know (its Matroska codec id altered) costs only itself."""
+    source = tmp_path / "src.mkv"
+    clip_with_tracks(source)
+    data = source.read_bytes()
+    assert data.count(b"A_AAC") == 1
+    source.write_bytes(data.replace(b"A_AAC", b"A_XYZ"))
+    target = tmp_path / "out.mp4"
+    with caplog.at_level(logging.WARNING, logger="bgmatte.io.video"):
+        reader = copy_clip(source, target)
+    assert reader.audio is not None and reader.audio.codec == "unknown"
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{source}: audio track 1 ") and "\n" not in warnings[0]
+    tracks = audio_tracks(target)
+    assert [(track["codec"], track["language"]) for track in tracks] == [("flac", "fra")]
+    assert tracks[0]["frequency"] == pytest.approx(1000, abs=15)
+    assert tracks[0]["seconds"] == pytest.approx(0.4, abs=0.04)
+
+
+def test_a_damaged_packet_in_a_transcoded_track_costs_its_sound_not_the_file(tmp_path, caplog):
+    source = tmp_path / "src.mkv"
+    clip_with_tracks(source)
+    with av.open(str(source)) as container:
+        flac = [bytes(packet) for packet in container.demux(container.streams.audio[1]) if packet.size]
+    data = source.read_bytes()
+    middle = data.index(flac[1]) + len(flac[1]) // 2
+    source.write_bytes(data[:middle] + bytes(64) + data[middle + 64:])  # the FLAC decoder refuses the packet
+    target = tmp_path / "out.mov"  # FLAC is transcoded into QuickTime
+    with caplog.at_level(logging.WARNING, logger="bgmatte.io.video"):
+        copy_clip(source, target)
+    assert f"{source}: audio track 2 of 2 has damaged packets; 1 left out" in caplog.text
+    tracks = audio_tracks(target)
+    assert [track["frequency"] for track in tracks] == [pytest.approx(440, abs=15), pytest.approx(1000, abs=15)]
+    assert tracks[0]["seconds"] == pytest.approx(0.4, abs=0.04) and 0.25 < tracks[1]["seconds"] < 0.35
+
+
+def test_a_track_left_out_is_warned_about_once_when_the_start_is_retried(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(video_io._COPIED_AUDIO, "mov", video_io._COPIED_AUDIO["mov"] | {"flac"})
+    source = tmp_path / "src.mkv"
+    clip_with_tracks(source)
+    source.write_bytes(source.read_bytes().replace(b"A_AAC", b"A_XYZ"))
+    target = tmp_path / "out.mov"
+    with caplog.at_level(logging.INFO, logger="bgmatte.io.video"):
+        copy_clip(source, target)
+    assert "refused the flac audio" in caplog.text
+    assert caplog.text.count("audio track 1 of 2 (unknown) cannot be carried (FFmpeg cannot decode it)") == 1
+    assert [(track["codec"], track["language"]) for track in audio_tracks(target)] == [("aac", "fra")]
+
+
+def test_two_aac_tracks_of_an_mp4_keep_their_titles_in_matroska(tmp_path):
+    """As OBS records them (microphone and desktop, both AAC): MP4 gives the titles back as 'name'."""
+    source = tmp_path / "obs.mp4"
+    clip_with_tracks(source, [("aac", 440, 48000, "stereo", "eng", "Mic"),
+                              ("aac", 1500, 48000, "stereo", "eng", "Desktop")])
+    target = tmp_path / "out.mkv"
+    copy_clip(source, target)
+    tracks = audio_tracks(target)
+    assert [(track["codec"], track["title"]) for track in tracks] == [("aac", "Mic"), ("aac", "Desktop")]
+    assert [track["frequency"] for track in tracks] == [pytest.approx(440, abs=15), pytest.approx(1500, abs=15)]
+    assert [track["seconds"] for track in tracks] == [pytest.approx(0.4, abs=0.04)] * 2
+    with av.open(str(target)) as container:
+        assert [stream.metadata.get("title") for stream in container.streams.audio] == ["Mic", "Desktop"]

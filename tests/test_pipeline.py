@@ -174,10 +174,14 @@ def test_resize_changes_the_working_and_output_size(scene, tmp_path):
             assert reader.size == (48, 32) and len(list(reader)) == 12
 
 
-def test_image_sequences_write_rgba_composites_and_grey_mattes(scene, tmp_path):
+def test_image_sequences_write_rgba_composites_and_grey_mattes(scene, tmp_path, caplog):
     clip, plate = scene
-    result = convert_video(clip, plate, output_dir=tmp_path / "out", output_format="image_sequences",
-                           outputs=["com", "pha"], model=DifferenceModel(), progress=False)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        result = convert_video(clip, plate, output_dir=tmp_path / "out", output_format="image_sequences",
+                               outputs=["com", "pha"], model=DifferenceModel(), progress=False)
+    assert [r.message for r in caplog.records if "audio" in r.message] == [
+        f"{clip}: the clip's audio is not kept in a folder of PNGs ({tmp_path / 'out' / 'com'}); write the composite "
+        "to a video file to keep it"]
     com = sorted((tmp_path / "out" / "com").iterdir())
     assert [path.name for path in com[:2]] == ["0001.png", "0002.png"] and len(com) == 12
     assert len(list((tmp_path / "out" / "pha").iterdir())) == 12
@@ -251,6 +255,25 @@ def test_video_target_is_looped_to_the_length_of_the_clip(scene, tmp_path):
     assert len(frames) == 12
     seen = [int(round(background_pixels(frame, index).mean())) for index, frame in enumerate(frames)]
     assert seen == pytest.approx([shades[index % 5] for index in range(12)], abs=6)
+
+
+def test_video_target_of_another_frame_rate_plays_at_its_own_speed(scene, tmp_path, caplog):
+    clip, plate = scene  # 12 frames at 25 fps: 0.48 s
+    target = tmp_path / "slow.mp4"
+    shades = [30, 90, 150, 210]  # one shade every 100 ms: 0.4 s, so the target loops once during the clip
+    write_clip(target, [np.full((HEIGHT, WIDTH, 3), shade, np.uint8) for shade in shades],
+               pts_ms=[100 * index for index in range(4)], audio=False)
+    with caplog.at_level(logging.INFO, logger="bgmatte"):
+        result = convert_video(clip, plate, output=tmp_path / "com.mp4", target_bgr=str(target),
+                               model=DifferenceModel(), progress=False)
+    frames = read_frames(result.outputs["com"])
+    seen = [int(round(background_pixels(frame, index).mean())) for index, frame in enumerate(frames)]
+    # Frame i shows at 40i ms; the target's frame nearest that time (the earlier on a tie), from its start again
+    # after 400 ms.
+    expected = [shades[0], shades[0], shades[1], shades[1], shades[2], shades[2], shades[2], shades[3], shades[3],
+                shades[3], shades[0], shades[0]]
+    assert seen == pytest.approx(expected, abs=6)
+    assert any("slow.mp4" in r.message and "own speed" in r.message for r in caplog.records)
 
 
 def test_blur_target_composites_over_the_blurred_frame(scene, tmp_path):
@@ -331,6 +354,65 @@ def test_plate_video_is_used_frame_for_frame_and_its_last_frame_held(tmp_path, c
         assert background_pixels(frames[index], index).mean() < 10, index
     assert background_pixels(frames[10], 10).mean() > 100  # the held plate no longer fits the frame
     assert any("plates.mp4" in r.message and "shorter" in r.message for r in caplog.records)
+
+
+def test_plate_video_of_another_frame_rate_is_paired_by_time(tmp_path, caplog):
+    plates = [plate_image(seed=seed) for seed in range(24)]
+    clip, plate_video = tmp_path / "src.mp4", tmp_path / "plates50.mp4"
+    write_clip(clip, [subject_frame(plates[2 * index], index) for index in range(12)], audio=False)  # 25 fps
+    write_clip(plate_video, plates, pts_ms=[20 * index for index in range(24)], audio=False)  # 50 fps, same 0.48 s
+    with VideoReader(plate_video) as reader:
+        assert float(reader.fps) > 40  # FFmpeg's average over these 24 frames: 48
+    with caplog.at_level(logging.INFO, logger="bgmatte"):
+        result = convert_video(clip, plate_video, output=tmp_path / "com.mp4", outputs=["pha"],
+                               model=DifferenceModel(), progress=False)
+    frames = read_frames(result.outputs["pha"])
+    assert len(frames) == 12
+    for index in range(12):  # frame i shows at 40i ms, as does plate frame 2i: only the subject differs
+        assert background_pixels(frames[index], index).mean() < 10, index
+    assert any("plates50.mp4" in r.message and "48 fps" in r.message and "25 fps" in r.message
+               and "by time" in r.message for r in caplog.records)
+    assert not any("shorter" in r.message for r in caplog.records)
+
+
+def test_slower_plate_video_is_held_between_its_frames_and_warned_when_it_ends(tmp_path, caplog):
+    plates = [plate_image(seed=seed) for seed in range(4)]
+    clip, plate_video = tmp_path / "src.mp4", tmp_path / "plates10.mp4"
+    # The plate at 10 fps (0, 100, 200, 300 ms); the 25 fps clip (40 ms apart) over the plate frame nearest in time
+    # (the earlier on a tie), and over the last once the plate has ended.
+    nearest = [min(3, int(np.ceil(40 * index / 100 - 0.5))) for index in range(14)]
+    assert nearest == [0, 0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3]
+    write_clip(clip, [subject_frame(plates[nearest[index]], index) for index in range(14)], audio=False)
+    write_clip(plate_video, plates, pts_ms=[100 * index for index in range(4)], audio=False)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        result = convert_video(clip, plate_video, output=tmp_path / "com.mp4", outputs=["pha"],
+                               model=DifferenceModel(), progress=False)
+    frames = read_frames(result.outputs["pha"])
+    assert len(frames) == 14
+    for index in range(14):
+        assert background_pixels(frames[index], index).mean() < 10, index
+    assert sum("plates10.mp4" in r.message and "shorter" in r.message for r in caplog.records) == 1
+
+
+def test_frames_that_change_size_mid_clip_are_scaled_with_one_warning(tmp_path, caplog):
+    first, second, clip = tmp_path / "small.ts", tmp_path / "large.ts", tmp_path / "grows.ts"
+    write_clip(first, [subject_frame(plate_image(), index) for index in range(3)], audio=False)
+    large = [np.repeat(np.repeat(subject_frame(plate_image(), index), 2, 0), 2, 1) for index in range(3, 6)]
+    write_clip(second, large, pts_ms=[40 * index for index in range(3, 6)], audio=False)
+    clip.write_bytes(first.read_bytes() + second.read_bytes())  # MPEG-TS joins by concatenation: a new size mid-stream
+    sizes = []
+    with VideoReader(clip) as reader:
+        sizes = [frame.image.shape[:2] for frame in reader]
+    if len(set(sizes)) == 1:
+        pytest.skip(f"this FFmpeg kept one frame size in the test clip: {sizes}")
+    plate = tmp_path / "plate.png"
+    write_png(plate, plate_image())
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["pha"], model=DifferenceModel(),
+                               progress=False)
+    assert len(read_frames(result.outputs["pha"])) == 6
+    warnings = [r.message for r in caplog.records if "change size" in r.message]
+    assert len(warnings) == 1 and "frame 4" in warnings[0] and f"{2 * WIDTH}x{2 * HEIGHT}" in warnings[0], warnings
 
 
 def test_auto_plate_is_estimated_from_the_clip(tmp_path):

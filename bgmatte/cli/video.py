@@ -27,14 +27,15 @@ writes com.mp4, pha.mp4 ... in a folder, or one PNG folder per output with --out
 image_sequences. Without either: SRC_com.mp4 ... beside the source.
 
 --bgr takes an image (resized to the video with a warning when its size differs), a video (frame for
-frame; when shorter than the source its last frame is held, with a warning) or `auto` (a clean plate
-estimated from the clip itself in a first pass).
+frame, or by time when its frame rate is another; when shorter than the source its last frame is held,
+with a warning) or `auto` (a clean plate estimated from the clip itself in a first pass).
 
---target-bgr takes a colour (name, #RRGGBB or R,G,B), an image, a video (looped), `blur` or
-`transparent` (.webm VP9, .mov ProRes 4444 or a PNG folder; .mp4 cannot hold transparency).
+--target-bgr takes a colour (name, #RRGGBB or R,G,B), an image, a video (looped, at its own speed),
+`blur` or `transparent` (.webm VP9, .mov ProRes 4444 or a PNG folder; .mp4 cannot hold transparency).
 Default: the reference's green (120,255,155) in video files, transparent in PNG folders.
 
-Every frame goes into every output, upright, with its timestamps; the audio goes into the composite.
+Every frame goes into every output, upright, with its timestamps; the audio goes into the composite
+(not into a PNG folder, which keeps neither sound nor timing).
 Existing outputs are refused unless --overwrite, which still never replaces an input (the source, the
 plate, the target) nor a PNG folder holding anything but numbered frames. Ctrl-C, or an input that ends
 early, leaves playable outputs with every frame matted so far, and a non-zero exit. A damaged packet

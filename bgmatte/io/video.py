@@ -82,7 +82,8 @@ class Display:
 
 @dataclass(frozen=True)
 class AudioInfo:
-    """What the source's first audio track is; give the source path to `VideoWriter(audio_from=...)` to carry it."""
+    """What the source's first audio track is (codec 'unknown' when FFmpeg cannot decode it); give the source path
+    to `VideoWriter(audio_from=...)` to carry that track and every other one."""
 
     codec: str
     sample_rate: int
@@ -150,9 +151,7 @@ class VideoReader:
                                _known(first.color_primaries) or _known(context.color_primaries),
                                _known(first.color_trc) or _known(context.color_trc))
         audio = self._container.streams.audio
-        self.audio: AudioInfo | None = (
-            AudioInfo(_codec_name(audio[0]), audio[0].rate or 0, audio[0].channels or 0) if audio else None
-        )
+        self.audio: AudioInfo | None = _audio_info(audio[0]) if audio else None
         self._thread = threading.Thread(target=self._run, name=f"bgmatte-read-{self.path.name}", daemon=True)
         self._thread.start()
 
@@ -350,6 +349,64 @@ class VideoReader:
                     return False
 
 
+def rates_differ(first: Fraction | None, second: Fraction | None) -> bool:
+    """Whether two frame rates differ by more than 1% (both known): frame-for-frame pairing would then drift."""
+    return bool(first and second) and abs(float(first) / float(second) - 1) > 0.01
+
+
+class TimedFrames:
+    """A video's frames looked up by time instead of position, for pairing it with a clip of another frame rate.
+
+    `at(seconds)` gives the frame nearest that time, counted from the video's first frame (the earlier one on
+    a tie); the times asked for must not go back. Past the end (the last frame shows as long as the one before
+    it) the last frame is given again and `ended` turns True. Frames without timestamps are placed by their
+    index at the reader's frame rate.
+    """
+
+    def __init__(self, reader: VideoReader):
+        self.reader = reader
+        self.ended = False
+        self._frames = iter(reader)
+        self._step = 1 / float(reader.fps) if reader.fps else 0.0
+        self._start: float | None = None
+        self._current: tuple[float, Frame] | None = None
+        self._last_step = self._step  # how long the current frame shows, as far as is known
+        self._next = self._pull()
+
+    def _pull(self) -> tuple[float, Frame] | None:
+        frame = next(self._frames, None)
+        if frame is None:
+            return None
+        moment = frame.time if frame.time is not None else frame.index * self._step
+        if self._start is None:
+            self._start = moment
+        return moment - self._start, frame
+
+    @property
+    def duration(self) -> float | None:
+        """How long the video lasted (to the end of its last frame), once it has been read to the end; else None."""
+        if self._next is not None or self._current is None:
+            return None
+        return self._current[0] + self._last_step
+
+    def _advance(self) -> None:
+        if self._current is not None and self._next[0] > self._current[0]:
+            self._last_step = self._next[0] - self._current[0]
+        self._current, self._next = self._next, self._pull()
+
+    def at(self, seconds: float) -> Frame | None:
+        """The frame showing at `seconds` after the first; None only for a video without frames."""
+        if self._current is None:
+            if self._next is None:
+                return None
+            self._advance()
+        while self._next is not None and self._next[0] - seconds < seconds - self._current[0]:
+            self._advance()
+        if self._next is None and seconds >= self._current[0] + self._last_step - 1e-6:  # a microsecond for rounding
+            self.ended = True
+        return self._current[1]
+
+
 def _open_input(path: Path, max_pixels: int | None) -> av.container.InputContainer:
     if not path.exists():
         raise BgmatteError(f"{path}: no such file")
@@ -431,9 +488,19 @@ def _known(code: int | None) -> int | None:
 
 
 def _codec_name(stream: av.stream.Stream) -> str:
-    """The codec's own name ('mp3'), not its decoder's ('mp3float'), which is what muxers list."""
+    """The codec's own name ('mp3'), not its decoder's ('mp3float'), which is what muxers list; 'unknown' for a
+    stream FFmpeg has no decoder for (PyAV gives it no codec context)."""
+    if stream.codec_context is None:
+        return "unknown"
     codec = stream.codec_context.codec
     return getattr(codec, "canonical_name", None) or stream.codec_context.name
+
+
+def _audio_info(stream: av.audio.stream.AudioStream) -> AudioInfo:
+    """An audio stream's codec, rate and channels; rate and channels are 0 when FFmpeg cannot decode it."""
+    if stream.codec_context is None:
+        return AudioInfo(_codec_name(stream), 0, 0)
+    return AudioInfo(_codec_name(stream), stream.rate or 0, stream.channels or 0)
 
 
 def _reason(exc: BaseException) -> str:
@@ -896,8 +963,9 @@ class VideoWriter(ClosesOnExit):
         path: the output file; its extension picks the container and encoder (`choose_encoder`).
         fps: the nominal frame rate (stream metadata, and timing for frames written without pts).
         alpha: frames are RGBA and the transparency is kept (.webm, .mov or .mkv).
-        audio_from: a media file whose first audio track is carried into the output: copied when the
-            container can hold its codec, else transcoded (AAC, or Opus in .webm); trimmed to the video.
+        audio_from: a media file whose audio tracks are all carried into the output, in their order and with
+            their language and title: each copied when the container can hold its codec, else transcoded (AAC,
+            or Opus in .webm); trimmed to the video. A track FFmpeg cannot read is left out with a warning.
         overwrite: replace an existing file instead of refusing.
         options: encoder choices (`EncoderOptions`).
         choice: what `choose_encoder` already gave for this path, alpha and `options` (the pipeline's early
@@ -945,7 +1013,8 @@ class VideoWriter(ClosesOnExit):
         self._input_shape: tuple[int, ...] | None = None
         self._container: av.container.OutputContainer | None = None
         self._stream: av.video.stream.VideoStream | None = None
-        self._audio: _AudioCarrier | None = None
+        self._audio: list[_AudioCarrier] = []  # one per audio track carried
+        self._tracks_warned: set[int] = set()  # audio tracks left out and warned about, so that a retry warns once
         self._time_base: Fraction | None = None
         self._last_pts: int | None = None
         self._last_step = 1
@@ -1035,18 +1104,19 @@ class VideoWriter(ClosesOnExit):
         try:
             self._start(copy_audio=True)
         except Exception as exc:  # noqa: BLE001 - nothing is written yet: undo, and retry or report
-            copied = self._audio is not None and self._audio.copy
-            audio = self._audio.codec if self._audio is not None else None
+            copied = [carrier.codec for carrier in self._audio if carrier.copy]
+            audio = _tracks_named(self._audio)
             self._abandon()
             if not copied or not self._starts_without_audio():
                 raise self._start_failure(exc, audio) from exc
-            # A muxer may list a codec it refuses when the header is written (QuickTime lists Opus and FLAC).
+            # A muxer may list a codec it refuses when the header is written (QuickTime lists Opus and FLAC). Which
+            # copied track it refused is not said, so every track is transcoded.
             logger.info("%s: %s refused the %s audio as it is (%s); transcoding it",
-                        self.path, self.choice.container, audio, _reason(exc))
+                        self.path, self.choice.container, _and_joined(copied), _reason(exc))
             try:
                 self._start(copy_audio=False)
             except Exception as again:  # noqa: BLE001
-                audio = self._audio.codec if self._audio is not None else audio
+                audio = _tracks_named(self._audio) or audio
                 self._abandon()
                 raise self._start_failure(again, audio) from again
 
@@ -1087,26 +1157,28 @@ class VideoWriter(ClosesOnExit):
         self._stream = stream
         stream.codec_context.open()
         if self.audio_from is not None and audio:
-            self._audio = _AudioCarrier(self.audio_from, container, self.choice.container, allow_copy=copy_audio)
+            self._audio = _audio_carriers(self.audio_from, container, self.choice.container, allow_copy=copy_audio,
+                                          warned=self._tracks_warned)
         container.start_encoding()
 
     def _abandon(self) -> None:
         """Drop a file whose header could not be written, and everything opened for it."""
-        if self._audio is not None:
-            self._audio.discard()
+        for carrier in self._audio:
+            carrier.discard()
         if self._container is not None:
             try:
                 self._container.close()
             except Exception:  # noqa: BLE001 - it is being thrown away
                 pass
-        self._container, self._stream, self._audio = None, None, None
+        self._container, self._stream, self._audio = None, None, []
         self._temporary.unlink(missing_ok=True)
 
     def _start_failure(self, exc: BaseException, audio: str | None) -> BgmatteError:
+        """`audio` names the audio tracks the failed start had (`_tracks_named`), None if it had none."""
         if isinstance(exc, BgmatteError):
             return exc
         width, height = self.size
-        streams = f"{self.choice.codec} video {width}x{height}" + (f" with {audio} audio" if audio else "")
+        streams = f"{self.choice.codec} video {width}x{height}" + (f" with {audio}" if audio else "")
         return BgmatteError(f"{self.path}: could not start the file ({streams}): {_reason(exc)}; nothing was written")
 
     def _fit(self, image: np.ndarray) -> np.ndarray:
@@ -1151,8 +1223,8 @@ class VideoWriter(ClosesOnExit):
         frame.pts = self._next_pts(pts, time_base)
         frame.time_base = self._time_base
         packets = self._stream.encode(frame)
-        if self._audio is not None:
-            self._audio.carry(until=float(frame.pts * self._time_base))
+        for carrier in self._audio:
+            carrier.carry(until=float(frame.pts * self._time_base))
         self._container.mux(packets)
         self.frames_written += 1
 
@@ -1161,10 +1233,12 @@ class VideoWriter(ClosesOnExit):
             return
         try:
             self._container.mux(self._stream.encode(None))
-            if self._audio is not None:
-                end = float((self._last_pts + self._last_step) * self._time_base)
-                self._audio.finish(until=end)
+            end = float((self._last_pts + self._last_step) * self._time_base)
+            for carrier in self._audio:
+                carrier.finish(until=end)
         finally:
+            for carrier in self._audio:  # the sources a failure above left open
+                carrier.discard()
             try:
                 self._container.close()
             except Exception as exc:  # noqa: BLE001
@@ -1194,29 +1268,85 @@ def _copies_audio(codec: str, container: str, output: av.container.OutputContain
     return True
 
 
-class _AudioCarrier:
-    """Carry the first audio track of a media file into an output container, interleaved with the video:
-    copied when `allow_copy` and the container takes its codec as it is (`_copies_audio`), else transcoded."""
+def _audio_carriers(source: Path, output: av.container.OutputContainer, container: str, *, allow_copy: bool,
+                    warned: set[int]) -> list[_AudioCarrier]:
+    """A carrier for every audio track of `source`, in the source's order. Each demuxes the file on its own, so
+    that each is cut exactly at the video's end and one that fails costs only itself: a track that cannot be
+    carried is left out with a warning, given once for each track (those warned about go into `warned`)."""
+    media = _open_audio_source(source)
+    count = len(media.streams.audio)
+    if count == 0:
+        logger.info("%s: has no audio track; the output has none either", source)
+        media.close()
+        return []
+    carriers: list[_AudioCarrier] = []
+    try:
+        for track in range(count):
+            if track > 0:
+                media = _open_audio_source(source)
+            codec = _codec_name(media.streams.audio[track])
+            try:
+                carriers.append(_AudioCarrier(source, media, track, count, output, container, allow_copy=allow_copy))
+            except (av.FFmpegError, ValueError) as exc:  # the carrier has closed `media`
+                if track not in warned:
+                    warned.add(track)
+                    logger.warning("%s: %s (%s) cannot be carried (%s); the output leaves it out", source,
+                                   _track_label(track, count), codec, _reason(exc))
+    except BaseException:
+        for carrier in carriers:
+            carrier.discard()
+        raise
+    return carriers
 
-    def __init__(self, source: Path, output: av.container.OutputContainer, container: str, *,
-                 allow_copy: bool = True):
+
+def _open_audio_source(source: Path) -> av.container.InputContainer:
+    try:
+        return av.open(str(source), mode="r")
+    except (av.FFmpegError, OSError) as exc:
+        raise BgmatteError(f"{source}: cannot read its audio ({_reason(exc)})") from None
+
+
+def _track_label(track: int, count: int) -> str:
+    """How messages name the 0-based audio `track` of `count`: 'audio' when it is the only one."""
+    return "audio" if count == 1 else f"audio track {track + 1} of {count}"
+
+
+def _tracks_named(carriers: list[_AudioCarrier]) -> str | None:
+    """The audio a file was started with, for an error: 'aac audio' or '2 audio tracks (aac, flac)'; None if none."""
+    if not carriers:
+        return None
+    if len(carriers) == 1:
+        return f"{carriers[0].codec} audio"
+    return f"{len(carriers)} audio tracks ({', '.join(carrier.codec for carrier in carriers)})"
+
+
+def _and_joined(names: list[str]) -> str:
+    """'aac', 'aac and flac', 'aac, flac and opus': each name once, in order."""
+    names = list(dict.fromkeys(names))
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+class _AudioCarrier:
+    """Carry one audio track of a media file into an output container, interleaved with the video and with the
+    track's language and title: copied when `allow_copy` and the container takes its codec as it is
+    (`_copies_audio`), else transcoded. `media` is the source opened for this carrier alone, which it closes,
+    also when it raises (av.FFmpegError or ValueError: the track cannot be carried)."""
+
+    def __init__(self, source: Path, media: av.container.InputContainer, track: int, count: int,
+                 output: av.container.OutputContainer, container: str, *, allow_copy: bool = True):
         self.source = source
+        self.label = _track_label(track, count)
+        self._input = media
+        self._in_stream = media.streams.audio[track]
+        self.codec = _codec_name(self._in_stream)
         self.copy = False
-        self.codec: str | None = None
-        try:
-            self._input = av.open(str(source), mode="r")
-        except (av.FFmpegError, OSError) as exc:
-            raise BgmatteError(f"{source}: cannot read its audio ({_reason(exc)})") from None
-        self._in_stream = self._input.streams.audio[0] if self._input.streams.audio else None
-        self._packets: Iterator[av.Packet] | None = None
+        self._output = output
         self._held: av.Packet | None = None
-        if self._in_stream is None:
-            logger.info("%s: has no audio track; the output has none either", source)
-            self._input.close()
-            return
-        codec = self.codec = _codec_name(self._in_stream)
+        self._damaged = 0  # packets the decoder refused, left out
         try:
-            self.copy = allow_copy and _copies_audio(codec, container, output)
+            if self._in_stream.codec_context is None:
+                raise ValueError("FFmpeg cannot decode it")
+            self.copy = allow_copy and _copies_audio(self.codec, container, output)
             if self.copy:
                 self._out_stream = output.add_stream_from_template(self._in_stream)
             else:
@@ -1227,21 +1357,26 @@ class _AudioCarrier:
                 self._out_stream = output.add_stream(target, rate=rate)
                 self._out_stream.layout = layout
                 self._resampler = av.AudioResampler(format=self._out_stream.format.name, layout=layout, rate=rate)
-                logger.info("%s: audio %s cannot go into %s as is; transcoding to %s", source, codec, container, target)
+                # Opened here rather than with the header, so that a decoder or encoder that refuses this track
+                # leaves out this track alone.
+                self._in_stream.codec_context.open(strict=False)
+                self._out_stream.codec_context.open()
+                logger.info("%s: %s (%s) cannot go into %s as is; transcoding to %s", source, self.label, self.codec,
+                            container, target)
+            for key, value in _track_names(self._in_stream).items():
+                self._out_stream.metadata[key] = value
         except BaseException:
-            self._input.close()
+            media.close()
             raise
-        self._output = output
-        self._packets = self._input.demux(self._in_stream)
+        self._packets: Iterator[av.Packet] | None = media.demux(self._in_stream)
 
     def discard(self) -> None:
-        """Close the source without carrying anything (the output is being thrown away)."""
+        """Close the source without carrying anything more (the output is being thrown away, or has failed)."""
         self._packets = None
-        if self._in_stream is not None:
-            self._input.close()
+        self._input.close()
 
     def carry(self, until: float) -> None:
-        """Mux the source's audio up to `until` seconds (exclusive)."""
+        """Mux the track up to `until` seconds (exclusive)."""
         if self._packets is None:
             return
         while True:
@@ -1254,7 +1389,7 @@ class _AudioCarrier:
                     self._packets = None
                     return
                 except av.FFmpegError as exc:
-                    logger.warning("%s: audio ends early (%s)", self.source, _reason(exc))
+                    logger.warning("%s: %s ends early (%s)", self.source, self.label, _reason(exc))
                     self._packets = None
                     return
             stamp = packet.pts if packet.pts is not None else packet.dts
@@ -1270,7 +1405,12 @@ class _AudioCarrier:
             packet.stream = self._out_stream
             self._output.mux(packet)
             return
-        for frame in self._in_stream.decode(packet):
+        try:
+            frames = self._in_stream.decode(packet)
+        except av.FFmpegError:  # a damaged packet costs its own sound, not the track or the file
+            self._damaged += 1
+            return
+        for frame in frames:
             self._encode(self._resampler.resample(frame))
 
     def _encode(self, frames: list[av.AudioFrame]) -> None:
@@ -1279,8 +1419,6 @@ class _AudioCarrier:
 
     def finish(self, until: float) -> None:
         """Carry the rest up to `until`, flush a transcoder and close the source."""
-        if self._in_stream is None:
-            return
         try:
             self.carry(until)
             if not self.copy:
@@ -1288,6 +1426,15 @@ class _AudioCarrier:
                 self._output.mux(self._out_stream.encode(None))
         finally:
             self._input.close()
+        if self._damaged:
+            logger.warning("%s: %s has damaged packets; %d left out", self.source, self.label, self._damaged)
+
+
+def _track_names(stream: av.stream.Stream) -> dict[str, str]:
+    """A track's language and title, as the output's metadata; MP4 and QuickTime files give the title as 'name'."""
+    names = {"language": stream.metadata.get("language"),
+             "title": stream.metadata.get("title") or stream.metadata.get("name")}
+    return {key: value for key, value in names.items() if value}
 
 
 class ImageSequenceWriter(ClosesOnExit):

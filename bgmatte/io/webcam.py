@@ -494,12 +494,16 @@ def checkerboard(height: int, width: int, *, device: torch.device | str = "cpu",
 
 class Backdrop:
     """One target background for the live output: `TargetFrames` of the video pipeline (images scaled to
-    cover the frame, videos looped), and `transparent` shown over a checkerboard, as a camera sends RGB."""
+    cover the frame, videos looped and played in real time by `clock`, however fast frames are matted), and
+    `transparent` shown over a checkerboard, as a camera sends RGB."""
 
-    def __init__(self, target: TargetBackground, size: tuple[int, int], device: torch.device | str = "cpu"):
+    def __init__(self, target: TargetBackground, size: tuple[int, int], device: torch.device | str = "cpu", *,
+                 clock: Callable[[], float] = time.monotonic):
         self.target = target
-        self.frames = TargetFrames(target, *size, device)
+        self.frames = TargetFrames(target, *size, device, live=True)
         self._board = checkerboard(size[1], size[0], device=device) if target.kind == "transparent" else None
+        self._clock = clock
+        self._start: float | None = None
 
     def render(self, matte: Matte, frame: np.ndarray) -> np.ndarray:
         """The composite of the first matte over this background ((H, W, 3) uint8; `frame` is the source)."""
@@ -507,7 +511,9 @@ class Backdrop:
         if self._board is not None:
             target, backdrop = _CHECKERBOARD, self._board
         else:
-            target, backdrop = self.target, self.frames.take(1)
+            now = self._clock()
+            self._start = now if self._start is None else self._start
+            target, backdrop = self.target, self.frames.take(1, [now - self._start])
         return render_outputs(matte, ["com"], target=target, backdrop=backdrop, src=frame[None])["com"][0]
 
     def close(self) -> None:
