@@ -463,6 +463,7 @@ def build_dataset(
     length: int | None = None,
     augment: AugmentOptions | None = None,
     used: int | None = None,
+    check: bool = True,
 ) -> Dataset:
     """The training or validation dataset named `name` (one of `DATASETS`), items at `size`.
 
@@ -476,6 +477,8 @@ def build_dataset(
     The real datasets composite over the images of `backgrounds` (its split subfolder if any); the headers of
     their files are checked first (`check_pairs`, `check_backgrounds`): those of every pair, or of the first
     `used` ones only when no others will be read (a validation set of that many items), and every background's.
+    With `check` False they are not read: a process of a distributed run leaves that to rank 0, and takes the
+    backgrounds that rank 0 kept (`bgmatte.train.loop.open_training_dataset`).
     """
     key = name.lower()
     if key not in DATASETS:
@@ -501,8 +504,9 @@ def build_dataset(
     else:
         pairs = folder_pairs(root, split, [("fg", "alpha"), ("fgr", "pha")])
     mattes, behind = MatteDataset(pairs), BackgroundDataset.from_folder(backgrounds, split)
-    check_pairs(mattes.pairs[:used])
-    behind.paths = check_backgrounds(behind.paths)
+    if check:
+        check_pairs(mattes.pairs[:used])
+        behind.paths = check_backgrounds(behind.paths)
     return CompositeDataset(
         mattes,
         behind,

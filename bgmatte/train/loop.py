@@ -28,8 +28,10 @@ import warnings
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from itertools import count, islice
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -286,9 +288,9 @@ class EpochItems(Dataset):
 
 
 def open_dataset(options: TrainOptions, split: str, seed: int, length: int | None = None,
-                 used: int | None = None) -> Dataset:
+                 used: int | None = None, check: bool = True) -> Dataset:
     """The run's dataset (``bgmatte.train.data.build_dataset``) for a split, items at the crop size; `used`, the
-    number of its first items read, if no others are (only their files are checked)."""
+    number of its first items read, if no others are (only their files are checked); `check` False, files unchecked."""
     from bgmatte.train.data import build_dataset, default_augment
 
     changes = {name: value for name, value in (("plate_color_probability", options.plate_color),
@@ -296,7 +298,38 @@ def open_dataset(options: TrainOptions, split: str, seed: int, length: int | Non
                if value is not None}
     augment = replace(default_augment(options.dataset), **changes) if changes else None
     return build_dataset(options.dataset, options.data_root, split=split, size=options.crop_size,
-                         backgrounds=options.backgrounds, seed=seed, length=length, augment=augment, used=used)
+                         backgrounds=options.backgrounds, seed=seed, length=length, augment=augment, used=used,
+                         check=check)
+
+
+CHECK_WAIT = timedelta(hours=6)
+"""How long the other processes wait for rank 0's check of the training files: the headers of a few hundred thousand
+files on a slow disk may take longer than the run's collectives may wait (10 minutes under NCCL)."""
+
+
+def open_training_dataset(options: TrainOptions, runtime: Runtime) -> Dataset:
+    """The training dataset, its files' headers checked before step 1 by rank 0 alone, not once per process.
+
+    The others open it unchecked and wait, in a gloo group of their own that waits up to `CHECK_WAIT`, for rank 0 to
+    finish; then every process stops on rank 0's refusal (or on its own, if it could not even open the dataset), said
+    once by rank 0, or goes on compositing over the backgrounds rank 0 kept (the check leaves out those too small).
+    """
+    waiting = dist.new_group(backend="gloo", timeout=CHECK_WAIT) if runtime.distributed else None
+    dataset, refusal = None, None
+    try:
+        dataset = open_dataset(options, "train", options.seed, options.train_samples, check=runtime.is_main)
+    except BgmatteError as exc:
+        refusal = str(exc)
+    if waiting is not None:
+        dist.barrier(group=waiting)
+        dist.destroy_process_group(waiting)
+    _refuse_together(runtime, refusal)
+    backgrounds = getattr(dataset, "backgrounds", None)  # the same in every process: the dataset's kind is an option
+    if runtime.distributed and backgrounds is not None:
+        kept = [backgrounds.paths if runtime.is_main else None]
+        dist.broadcast_object_list(kept, src=0)
+        backgrounds.paths = kept[0]
+    return dataset
 
 
 def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -311,9 +344,10 @@ def training_batches(options: TrainOptions, runtime: Runtime, per_process: int, 
     of it under torchrun). Otherwise synthetic data on a GPU is generated there, a whole batch at a
     time from a generator seeded by (seed, rank, step), so no step waits on the CPU; and any other
     case reads the dataset's items, each a function of (seed, epoch, index), through a DataLoader,
-    in an order fixed by the seed.
+    in an order fixed by the seed. Every process calls it at once: rank 0 checks the files for all
+    (`open_training_dataset`).
     """
-    dataset = open_dataset(options, "train", options.seed, options.train_samples)
+    dataset = open_training_dataset(options, runtime)
     if options.train_samples is not None:
         return _pooled_batches(dataset, options, runtime, per_process, start_step)
     if runtime.device.type == "cuda" and hasattr(dataset, "make_batch"):
@@ -761,8 +795,12 @@ class RunRefused(BgmatteError):
     processes told each other theirs), so that only rank 0 need print it."""
 
 
-def _refuse_together(runtime: Runtime, refusal: str | None) -> None:
-    """Raise RunRefused in every process if any of them refused to go on (``refusal`` is this one's reason, or
+class DataRefused(RunRefused, DataError):
+    """A `DataError` met by one process of a distributed run during training, which every process raises alike."""
+
+
+def _refuse_together(runtime: Runtime, refusal: str | None, kind: type[RunRefused] = RunRefused) -> None:
+    """Raise ``kind`` in every process if any of them refused to go on (``refusal`` is this one's reason, or
     None): rank 0's reason, else that of the lowest rank with one, naming it. So a refusal that only some
     processes reach (a GPU without bfloat16, a file another node lacks) is neither left unsaid, since rank 0
     alone speaks, nor leaves the other processes waiting for it."""
@@ -772,7 +810,7 @@ def _refuse_together(runtime: Runtime, refusal: str | None) -> None:
         dist.all_gather_object(refusals, refusal)
     for rank, reason in enumerate(refusals):
         if reason is not None:
-            raise RunRefused(reason if rank == 0 else f"process {rank}: {reason}")
+            raise kind(reason if rank == 0 else f"process {rank}: {reason}")
 
 
 def train(options: TrainOptions, given: Collection[str] | None = None) -> TrainResult:
@@ -782,7 +820,8 @@ def train(options: TrainOptions, given: Collection[str] | None = None) -> TrainR
     the run was started with, as ``resumed_options`` explains. None counts every option as given.
     Returns when ``options.steps`` steps are done, with weights and state saved. On SIGINT or SIGTERM it
     finishes the current step, saves weights and state, and raises KeyboardInterrupt. A data file that cannot
-    be read raises `DataError` (its message in one line), after saving what was trained so that it can resume.
+    be read raises `DataError` (its message in one line), after saving what was trained so that it can resume;
+    under torchrun every process stops at that step and raises it alike, as a `DataRefused`.
     """
     runtime, created_group = start_runtime(options.device)
     try:
@@ -1151,24 +1190,25 @@ class _Run:
         self.window: dict[str, float] = {}
         self.window_steps, self.window_start = 0, time.monotonic()
         self.bad_in_a_row = 0
-        last_save, interrupted, failure = time.monotonic(), False, None
-        batches = training_batches(options, self.runtime, self.per_process, self.step) \
-            if self.step < options.steps else iter(())
+        last_save, interrupted, failure, failed = time.monotonic(), False, None, False
+        batches: Iterator[dict[str, Tensor]] = iter(())
         try:
+            if self.step < options.steps:
+                batches = training_batches(options, self.runtime, self.per_process, self.step)
             with StopRequest() as stop:
                 while self.step < options.steps:
                     try:
                         batch = next(batches)
                     except DataError as exc:
-                        if self.runtime.distributed:  # the other processes are not here to save with
-                            raise
                         failure = exc
-                        break
                     except Exception:
                         if stop.requested and not self.runtime.distributed:  # workers died of the same Ctrl-C
                             interrupted = True
                             break
                         raise
+                    failed = self._data_failed(failure is not None)
+                    if failed:
+                        break
                     clock_due = 0 < options.save_minutes * 60 <= time.monotonic() - last_save
                     halt, save_now = self._step(batch, stop.requested, clock_due)
                     if halt:
@@ -1179,7 +1219,7 @@ class _Run:
                         with self._paused():
                             self.save()
                         last_save = time.monotonic()
-            if failure is not None:  # what was trained is kept, as on Ctrl-C, unless nothing was
+            if failed:  # what was trained is kept, as on Ctrl-C, unless nothing was
                 if self.step > 0 and self.step != self.saved_step:
                     self.save()
             elif self.step != self.saved_step or interrupted:
@@ -1189,11 +1229,8 @@ class _Run:
                 batches.close()
             if self.logger is not None:
                 self.logger.close()
-        if failure is not None and self.step > 0:
-            raise DataError(f"{failure}; stopped at step {self.step} with the run saved in {options.out} (repair or "
-                            "remove that file, then continue with --resume)")
-        if failure is not None:
-            raise failure
+        if failed:
+            self._stop_on_data_error(failure)
         if interrupted:
             if self.runtime.is_main and options.progress:
                 print(f"bgmatte train: stopped at step {self.step}; saved {options.out / 'state.pt'} "
@@ -1201,6 +1238,28 @@ class _Run:
             raise KeyboardInterrupt
         best = self.best if math.isfinite(self.best) else None
         return TrainResult(self.step, self.last_loss, best, options.out)
+
+    def _data_failed(self, mine: bool) -> bool:
+        """Whether this process's loader (``mine``) or another's met a file it cannot read instead of a batch. The
+        processes agree on it before the forward pass, whose collectives would leave the others waiting for the one
+        without a batch, so that all stop together with the state of the last step they all completed."""
+        if not self.runtime.distributed:
+            return mine
+        flag = torch.tensor([float(mine)], device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+    def _stop_on_data_error(self, failure: DataError | None) -> NoReturn:
+        """Raise the data error the run stopped on (``failure``, or None in a process whose own batch was fine),
+        saying where the run was saved if it got past step 0; said once, by rank 0, when several processes train."""
+        message = None
+        if failure is not None:
+            message = str(failure) if self.step == 0 else (
+                f"{failure}; stopped at step {self.step} with the run saved in {self.options.out} (repair or remove "
+                "that file, then continue with --resume)")
+        if self.runtime.distributed:
+            _refuse_together(self.runtime, message, DataRefused)
+        raise failure if self.step == 0 else DataError(message)
 
     def _step(self, batch: dict[str, Tensor], stop: bool, clock_due: bool) -> tuple[bool, bool]:
         """One optimiser step (skipped by every process if any saw a non-finite loss), then its logs and
