@@ -195,3 +195,15 @@ def test_a_damaged_file_in_one_process_stops_them_all_saved_for_resume_and_said_
     assert torch.load(out / "state.pt", map_location="cpu", weights_only=True)["step"] == 4
     with (out / "train.csv").open(newline="") as file:
         assert [int(row["step"]) for row in csv.DictReader(file)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_pool_too_small_for_one_process_is_refused_by_all_and_said_once(tmp_path):
+    # 3 samples over 2 processes of batch 2: rank 0 keeps 2, rank 1 only 1.
+    refused = torchrun("train", "base", "--out", str(tmp_path / "run"), "--steps", "2", "--train-samples", "3",
+                       "--num-workers", "0", *TINY, timeout=120)
+    assert refused.returncode != 0
+    assert refused.stderr.count("bgmatte train: error:") == 1, refused.stderr[-3000:]
+    assert "process 1: --train-samples 3 leaves 1 samples per process, fewer than its batch of 2" in refused.stderr
+    assert "[rank" not in refused.stderr, refused.stderr[-3000:]  # no process's traceback (torchrun prints its own)

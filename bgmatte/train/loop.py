@@ -303,26 +303,36 @@ def open_dataset(options: TrainOptions, split: str, seed: int, length: int | Non
 
 
 CHECK_WAIT = timedelta(hours=6)
-"""How long the other processes wait for rank 0's check of the training files: the headers of a few hundred thousand
+"""How long the other processes wait for rank 0's check of the data files: the headers of a few hundred thousand
 files on a slow disk may take longer than the run's collectives may wait (10 minutes under NCCL)."""
+
+
+@contextmanager
+def _waiting_for_main(runtime: Runtime) -> Iterator[None]:
+    """Work that rank 0 does alone while the others wait for it up to `CHECK_WAIT`, in a gloo group of their own, not
+    in a collective that would give up sooner. Every process must enter it; rank 0 leaves it even when it raises."""
+    waiting = dist.new_group(backend="gloo", timeout=CHECK_WAIT) if runtime.distributed else None
+    try:
+        yield
+    finally:
+        if waiting is not None:
+            dist.barrier(group=waiting)
+            dist.destroy_process_group(waiting)
 
 
 def open_training_dataset(options: TrainOptions, runtime: Runtime) -> Dataset:
     """The training dataset, its files' headers checked before step 1 by rank 0 alone, not once per process.
 
-    The others open it unchecked and wait, in a gloo group of their own that waits up to `CHECK_WAIT`, for rank 0 to
-    finish; then every process stops on rank 0's refusal (or on its own, if it could not even open the dataset), said
-    once by rank 0, or goes on compositing over the backgrounds rank 0 kept (the check leaves out those too small).
+    The others open it unchecked and wait for rank 0 to finish (`_waiting_for_main`); then every process stops on
+    rank 0's refusal (or on its own, if it could not even open the dataset), said once by rank 0, or goes on
+    compositing over the backgrounds rank 0 kept (the check leaves out those too small).
     """
-    waiting = dist.new_group(backend="gloo", timeout=CHECK_WAIT) if runtime.distributed else None
     dataset, refusal = None, None
-    try:
-        dataset = open_dataset(options, "train", options.seed, options.train_samples, check=runtime.is_main)
-    except BgmatteError as exc:
-        refusal = str(exc)
-    if waiting is not None:
-        dist.barrier(group=waiting)
-        dist.destroy_process_group(waiting)
+    with _waiting_for_main(runtime):
+        try:
+            dataset = open_dataset(options, "train", options.seed, options.train_samples, check=runtime.is_main)
+        except BgmatteError as exc:
+            refusal = str(exc)
     _refuse_together(runtime, refusal)
     backgrounds = getattr(dataset, "backgrounds", None)  # the same in every process: the dataset's kind is an option
     if runtime.distributed and backgrounds is not None:
@@ -345,14 +355,23 @@ def training_batches(options: TrainOptions, runtime: Runtime, per_process: int, 
     time from a generator seeded by (seed, rank, step), so no step waits on the CPU; and any other
     case reads the dataset's items, each a function of (seed, epoch, index), through a DataLoader,
     in an order fixed by the seed. Every process calls it at once: rank 0 checks the files for all
-    (`open_training_dataset`).
+    (`open_training_dataset`), and a dataset too small for the processes or their batches is refused by all.
     """
     dataset = open_training_dataset(options, runtime)
+    refusal, sampler = None, None
+    try:
+        if options.train_samples is not None:
+            share = _pool_share(dataset, options, runtime, per_process)
+        elif runtime.device.type != "cuda" or not hasattr(dataset, "make_batch"):
+            sampler = ResumableSampler(dataset, runtime.rank, runtime.world_size, options.seed,
+                                       start_step * per_process)
+    except BgmatteError as exc:
+        refusal = str(exc)
+    _refuse_together(runtime, refusal)
     if options.train_samples is not None:
-        return _pooled_batches(dataset, options, runtime, per_process, start_step)
-    if runtime.device.type == "cuda" and hasattr(dataset, "make_batch"):
+        return _pooled_batches(dataset, share, options, runtime, per_process, start_step)
+    if sampler is None:
         return generated_batches(dataset, options.seed, runtime, per_process, start_step)
-    sampler = ResumableSampler(dataset, runtime.rank, runtime.world_size, options.seed, start_step * per_process)
     # Worker seeds come from this generator, not from the global one, whose state a resumed run restores.
     generator = torch.Generator().manual_seed(stream_seed(options.seed, runtime.rank, start_step))
     loader = DataLoader(EpochItems(dataset), batch_size=per_process, sampler=sampler,
@@ -411,13 +430,18 @@ def make_pool(dataset: Dataset, indices: list[int], runtime: Runtime, num_worker
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
-def _pooled_batches(dataset: Dataset, options: TrainOptions, runtime: Runtime, per_process: int, start_step: int
-                    ) -> Iterator[dict[str, Tensor]]:
+def _pool_share(dataset: Dataset, options: TrainOptions, runtime: Runtime, per_process: int) -> list[int]:
+    """The items of the `--train-samples` pool that this process keeps; refused if they do not fill its batch."""
     total = min(options.train_samples, len(dataset))
-    indices = list(range(runtime.rank, total, runtime.world_size))  # each process keeps its own share
+    indices = list(range(runtime.rank, total, runtime.world_size))
     if len(indices) < per_process:
         raise BgmatteError(f"--train-samples {options.train_samples} leaves {len(indices)} samples per process, "
                            f"fewer than its batch of {per_process}")
+    return indices
+
+
+def _pooled_batches(dataset: Dataset, indices: list[int], options: TrainOptions, runtime: Runtime, per_process: int,
+                    start_step: int) -> Iterator[dict[str, Tensor]]:
     started = time.monotonic()
     pool = make_pool(dataset, indices, runtime, options.num_workers, per_process)
     if runtime.is_main and options.progress:
@@ -1044,11 +1068,15 @@ class _Run:
         refusal = None
         try:
             self._build(saved)
-            if runtime.is_main:  # the logs and the validation set are rank 0's alone, their refusals too
-                self.logger = Logger(options, self.step if saved is not None else None)
-                self.valid_batches = validation_batches(options, runtime, self.per_process)
         except BgmatteError as exc:
             refusal = str(exc)
+        with _waiting_for_main(runtime):  # making the validation set may take longer than a collective waits
+            try:
+                if runtime.is_main and refusal is None:  # the logs and the validation set are rank 0's alone
+                    self.logger = Logger(options, self.step if saved is not None else None)
+                    self.valid_batches = validation_batches(options, runtime, self.per_process)
+            except BgmatteError as exc:
+                refusal = str(exc)
         _refuse_together(runtime, refusal)
         self.model: nn.Module = self.network
         if runtime.distributed:
