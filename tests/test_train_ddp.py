@@ -207,3 +207,40 @@ def test_a_pool_too_small_for_one_process_is_refused_by_all_and_said_once(tmp_pa
     assert refused.stderr.count("bgmatte train: error:") == 1, refused.stderr[-3000:]
     assert "process 1: --train-samples 3 leaves 1 samples per process, fewer than its batch of 2" in refused.stderr
     assert "[rank" not in refused.stderr, refused.stderr[-3000:]  # no process's traceback (torchrun prints its own)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_damaged_file_in_one_process_pool_stops_them_all_said_once(tmp_path):
+    data, behind = photomatte(tmp_path)
+    victim = data / "fgr" / "0001.png"  # in process 1's pool (items 1, 3, 5, 7); made before step 1 by each process
+    victim.write_bytes(victim.read_bytes()[:200])
+    # Collectives that give up after 3 s (NCCL's 10 minutes, shortened), and a process 0 whose pool takes longer.
+    wrapper = tmp_path / "slow_pool.py"
+    wrapper.write_text("""\
+import os, sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from bgmatte.train import data
+start, read = dist.init_process_group, data.MatteDataset.__getitem__
+
+def short(*args, **options):
+    return start(*args, **{**options, "timeout": timedelta(seconds=3)})
+
+def slow(self, index):
+    if os.environ["RANK"] == "0":
+        time.sleep(1)
+    return read(self, index)
+
+dist.init_process_group, data.MatteDataset.__getitem__ = short, slow
+from bgmatte.cli import main
+sys.exit(main(sys.argv[1:]))
+""")
+    refused = torchrun("train", "base", "--out", str(tmp_path / "run"), *TINY, "--steps", "3", "--dataset",
+                       "photomatte", "--data-root", str(data), "--backgrounds", str(behind), "--num-workers", "0",
+                       "--train-samples", "8", program=(str(wrapper),), timeout=120)
+    assert refused.returncode != 0
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("bgmatte train: error:")]
+    assert errors == [f"bgmatte train: error: process 1: {victim}: damaged or truncated PNG (repair or remove that "
+                      "file)"], refused.stderr[-3000:]
+    assert "[rank" not in refused.stderr, refused.stderr[-3000:]

@@ -303,14 +303,15 @@ def open_dataset(options: TrainOptions, split: str, seed: int, length: int | Non
 
 
 CHECK_WAIT = timedelta(hours=6)
-"""How long the other processes wait for rank 0's check of the data files: the headers of a few hundred thousand
-files on a slow disk may take longer than the run's collectives may wait (10 minutes under NCCL)."""
+"""How long processes wait for each other's set-up: rank 0's check of the headers of a few hundred thousand files on
+a slow disk, or a large --train-samples pool, may take longer than the run's collectives wait (10 minutes, NCCL)."""
 
 
 @contextmanager
-def _waiting_for_main(runtime: Runtime) -> Iterator[None]:
-    """Work that rank 0 does alone while the others wait for it up to `CHECK_WAIT`, in a gloo group of their own, not
-    in a collective that would give up sooner. Every process must enter it; rank 0 leaves it even when it raises."""
+def _long_wait(runtime: Runtime) -> Iterator[None]:
+    """Set-up work (some processes', or rank 0's alone) that the others wait for up to `CHECK_WAIT`, in a gloo group
+    of their own, not in a collective that would give up sooner. Every process must enter it, and leaves it even when
+    its work raises."""
     waiting = dist.new_group(backend="gloo", timeout=CHECK_WAIT) if runtime.distributed else None
     try:
         yield
@@ -323,12 +324,12 @@ def _waiting_for_main(runtime: Runtime) -> Iterator[None]:
 def open_training_dataset(options: TrainOptions, runtime: Runtime) -> Dataset:
     """The training dataset, its files' headers checked before step 1 by rank 0 alone, not once per process.
 
-    The others open it unchecked and wait for rank 0 to finish (`_waiting_for_main`); then every process stops on
+    The others open it unchecked and wait for rank 0 to finish (`_long_wait`); then every process stops on
     rank 0's refusal (or on its own, if it could not even open the dataset), said once by rank 0, or goes on
     compositing over the backgrounds rank 0 kept (the check leaves out those too small).
     """
     dataset, refusal = None, None
-    with _waiting_for_main(runtime):
+    with _long_wait(runtime):
         try:
             dataset = open_dataset(options, "train", options.seed, options.train_samples, check=runtime.is_main)
         except BgmatteError as exc:
@@ -369,7 +370,8 @@ def training_batches(options: TrainOptions, runtime: Runtime, per_process: int, 
         refusal = str(exc)
     _refuse_together(runtime, refusal)
     if options.train_samples is not None:
-        return _pooled_batches(dataset, share, options, runtime, per_process, start_step)
+        pool = _shared_pool(dataset, share, options, runtime, per_process)
+        return _pooled_batches(pool, len(share), options, runtime, per_process, start_step)
     if sampler is None:
         return generated_batches(dataset, options.seed, runtime, per_process, start_step)
     # Worker seeds come from this generator, not from the global one, whose state a resumed run restores.
@@ -440,16 +442,29 @@ def _pool_share(dataset: Dataset, options: TrainOptions, runtime: Runtime, per_p
     return indices
 
 
-def _pooled_batches(dataset: Dataset, indices: list[int], options: TrainOptions, runtime: Runtime, per_process: int,
-                    start_step: int) -> Iterator[dict[str, Tensor]]:
+def _shared_pool(dataset: Dataset, indices: list[int], options: TrainOptions, runtime: Runtime, per_process: int
+                 ) -> dict[str, Tensor]:
+    """This process's `--train-samples` pool (`make_pool`), made by every process before step 1; a file that one of
+    them cannot read stops them all, said once, rather than leaving the others waiting for its batches."""
     started = time.monotonic()
-    pool = make_pool(dataset, indices, runtime, options.num_workers, per_process)
+    pool, refusal = None, None
+    with _long_wait(runtime):  # a large pool may take longer to make than a collective waits
+        try:
+            pool = make_pool(dataset, indices, runtime, options.num_workers, per_process)
+        except DataError as exc:
+            refusal = f"{exc} (repair or remove that file)"
+    _refuse_together(runtime, refusal, DataRefused)
     if runtime.is_main and options.progress:
         megabytes = sum(t.numel() * t.element_size() for t in pool.values()) / 2**20
         print(f"bgmatte train: made a pool of {len(indices)} samples per process ({megabytes:.0f} MiB) in "
               f"{time.monotonic() - started:.1f} s", file=sys.stderr)
-    sampler = ResumableSampler(range(len(indices)), 0, 1, stream_seed(options.seed, runtime.rank, 0),
-                               start_step * per_process)
+    return pool
+
+
+def _pooled_batches(pool: dict[str, Tensor], size: int, options: TrainOptions, runtime: Runtime, per_process: int,
+                    start_step: int) -> Iterator[dict[str, Tensor]]:
+    """Batches drawn from a pool of `size` items, in an order fixed by the seed and the rank."""
+    sampler = ResumableSampler(range(size), 0, 1, stream_seed(options.seed, runtime.rank, 0), start_step * per_process)
     positions = (index for _, index in sampler)
     while True:
         chosen = torch.tensor(list(islice(positions, per_process)), device=runtime.device)
@@ -1070,7 +1085,7 @@ class _Run:
             self._build(saved)
         except BgmatteError as exc:
             refusal = str(exc)
-        with _waiting_for_main(runtime):  # making the validation set may take longer than a collective waits
+        with _long_wait(runtime):  # making the validation set may take longer than a collective waits
             try:
                 if runtime.is_main and refusal is None:  # the logs and the validation set are rank 0's alone
                     self.logger = Logger(options, self.step if saved is not None else None)
