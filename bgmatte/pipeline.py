@@ -20,6 +20,7 @@ output holding those frames, and then raises `BgmatteError`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import sys
@@ -59,11 +60,14 @@ from bgmatte.io.video import (
     EncoderChoice,
     EncoderOptions,
     Frame,
+    FrameClock,
     ImageSequenceWriter,
+    StartPastEnd,
     TimedFrames,
     VideoReader,
     VideoWriter,
     check_frame_folder,
+    check_span,
     choose_encoder,
     lower_thread_priority,
     rates_differ,
@@ -272,8 +276,9 @@ class TargetFrames:
         width, height: the output size; images and video frames are scaled to cover it (centre crop).
         device: where the tensors go (the model's device).
         picture: an image target's pixels when already read (a folder of photos reads its target once).
-        fps: the frame rate of the clip it goes behind: a video target of another rate is then played at its
-            own speed, its frames looked up by the clip's times (`take`'s `times`), not one for one.
+        fps, frames: the frame rate and length of the clip it goes behind: a video target whose rate would drift
+            from it by half a frame (`rates_differ`) is played at its own speed, its frames looked up by the clip's
+            times (`take`'s `times`), not one for one.
         live: play a video target by `take`'s times whatever its rate (a live output, whose rate varies).
 
     `take(count)` returns (count, 3, H, W) floats for a video target (looped to length), a cached
@@ -281,7 +286,8 @@ class TargetFrames:
     """
 
     def __init__(self, target: TargetBackground, width: int, height: int, device: torch.device | str = "cpu", *,
-                 picture: np.ndarray | None = None, fps: Fraction | None = None, live: bool = False):
+                 picture: np.ndarray | None = None, fps: Fraction | None = None, frames: int | None = None,
+                 live: bool = False):
         self.target = target
         self.size = (width, height)
         self.device = torch.device(device)
@@ -290,6 +296,7 @@ class TargetFrames:
         self._frames: Any = None
         self._timed: TimedFrames | None = None
         self._offset = 0.0  # where the current loop of a timed target starts, in the clip's seconds
+        self._still: np.ndarray | None = None  # a timed target of one frame, kept
         self.loops = 0
         if target.kind == "image":
             picture = cover(picture if picture is not None else read_image(target.path), width, height)
@@ -298,7 +305,7 @@ class TargetFrames:
             self._open()
             if live:
                 self._frames, self._timed = None, TimedFrames(self._reader)
-            elif rates_differ(fps, self._reader.fps):
+            elif rates_differ(fps, self._reader.fps, frames):
                 logger.info("%s: the target background is %s fps and the clip %s fps; it plays at its own speed",
                             target.path, _rate(self._reader.fps), _rate(fps))
                 self._frames, self._timed = None, TimedFrames(self._reader)
@@ -323,18 +330,25 @@ class TargetFrames:
         raise BgmatteError(f"{self.target.path}: the target background video gave no frames")
 
     def _frame_at(self, seconds: float) -> np.ndarray:
+        if self._still is not None:
+            return self._still
         for _ in range(2):
             frame = self._timed.at(seconds - self._offset)
             if frame is None:
                 break
             looped = self._timed.duration
-            if not self._timed.ended or not looped:
+            if not self._timed.ended:
                 return cover(frame.image, *self.size)
+            if self._timed.count == 1:  # a one-frame video is a still: never read again
+                self._still = cover(frame.image, *self.size)
+                return self._still
             if self._reader.error is not None:
                 logger.warning("%s (the target background loops from its start)", self._reader.error)
-            self._offset += looped
+            # As many loops as fit before `seconds` (a live output that paused, a clip with a gap in its times).
+            loops = max(1, math.floor((seconds - self._offset) / looped))
+            self._offset += loops * looped
             self._reader.close()
-            self.loops += 1
+            self.loops += loops
             self._open()
         raise BgmatteError(f"{self.target.path}: the target background video gave no frames")
 
@@ -546,17 +560,18 @@ class _ExposureFeedback:
 class _Plates:
     """The plate for each frame: one image, or a video (the last frame held when it ends), aligned to the frame
     and exposure-matched on request. A plate video goes frame for frame with the clip, as in the paper's code,
-    unless its frame rate is another: then by time (`TimedFrames`), so that it does not drift."""
+    unless its frame rate would drift from the clip's by half a frame over the clip's `frames` (`rates_differ`):
+    then by time (`TimedFrames`)."""
 
     def __init__(self, image: np.ndarray | None, video: VideoReader | None, width: int, height: int, *,
                  native: tuple[int, int], name: str | None, align: bool, exposure: _ExposureFeedback | None,
-                 fps: Fraction | None = None):
+                 fps: Fraction | None = None, frames: int | None = None):
         self.size = (width, height)
         self.native = native
         self._video = video
         self._frames: Iterator[Frame] | None = None
         self._timed: TimedFrames | None = None
-        if video is not None and rates_differ(fps, video.fps):
+        if video is not None and rates_differ(fps, video.fps, frames):
             logger.info("%s: the plate video is %s fps and the clip %s fps; its frames are paired by time",
                         video.path, _rate(video.fps), _rate(fps))
             self._timed = TimedFrames(video)
@@ -629,24 +644,39 @@ def _is_video_path(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTENSIONS
 
 
-def _open_plate(bgr: str | os.PathLike | np.ndarray) -> tuple[np.ndarray | None, VideoReader | None]:
-    """Read a plate given as an array, an image file or a video file (by extension; else tried as both)."""
+def _open_plate(bgr: str | os.PathLike | np.ndarray, *,
+                start: float = 0.0) -> tuple[np.ndarray | None, VideoReader | None]:
+    """Read a plate given as an array, an image file or a video file (by extension; else tried as both). A plate
+    video is read from the clip's `start` (`_plate_video`)."""
     if isinstance(bgr, np.ndarray):
         if bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.dtype != np.uint8:
             raise BgmatteError(f"a plate array must be (H, W, 3) uint8 RGB, not {bgr.dtype} {bgr.shape}")
         return bgr, None
     path = Path(bgr)
     if _is_video_path(path):
-        return None, VideoReader(path, queue_size=4)
+        return None, _plate_video(path, start)
     if path.suffix.lower() in IMAGE_EXTENSIONS or not path.is_file():
         return read_image(path), None
     try:
         return read_image(path), None
     except BgmatteError:
         try:
-            return None, VideoReader(path, queue_size=4)
+            return None, _plate_video(path, start)
+        except StartPastEnd:
+            raise
         except BgmatteError:
             raise BgmatteError(f"{path}: the plate is neither an image nor a video that can be read") from None
+
+
+def _plate_video(path: Path, start: float) -> VideoReader:
+    """A plate video from the clip's `start` (seconds from its first frame), so that a span of the clip pairs with
+    the plate frames it pairs with in a whole run. One that ends before the start is refused: holding its last
+    frame would pair every frame with a plate the whole run never gives them."""
+    try:
+        return VideoReader(path, queue_size=4, start=start)
+    except StartPastEnd as exc:
+        raise StartPastEnd(f"{exc}; a plate video is read from the clip's start, to pair the frames it pairs in a "
+                           "whole run") from None
 
 
 def plate_sample_count(width: int, height: int) -> int:
@@ -654,8 +684,10 @@ def plate_sample_count(width: int, height: int) -> int:
     return max(12, min(PLATE_SAMPLES, PLATE_SAMPLES * 1920 * 1080 // (width * height)))
 
 
-def _estimate_plate(src: Path, size: tuple[int, int], progress: bool) -> np.ndarray:
-    """A clean plate from frames sampled evenly over a first pass through the clip.
+def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: float = 0.0,
+                    duration: float | None = None) -> np.ndarray:
+    """A clean plate from frames sampled evenly over a first pass through the clip, or through its span from
+    `start` for `duration` seconds (`VideoReader`), which is what is matted.
 
     When the clip says how many frames it has, only the chosen frames are kept as it is decoded;
     otherwise `sample_frames` thins as it goes, holding at most twice the count.
@@ -663,7 +695,7 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool) -> np.ndar
     from tqdm import tqdm
 
     count = plate_sample_count(*size)
-    with VideoReader(src) as reader:
+    with VideoReader(src, start=start, duration=duration) as reader:
         bar = tqdm(reader, total=reader.frame_count, desc="plate", unit="frame", file=sys.stderr,
                    disable=None if progress else True, leave=False)
         with bar:
@@ -798,12 +830,14 @@ def _refuse_holding_inputs(folder: Path, inputs: Iterable[tuple[str, Path]]) -> 
 
 def _open_writer(plan: OutputFile, *, fps: Fraction | None, audio_from: Path | None, overwrite: bool,
                  encoder: EncoderOptions, frame_count: int | None, niceness: int,
-                 display: Display | None = None) -> VideoWriter | ImageSequenceWriter:
+                 display: Display | None = None, audio_start: float = 0.0) -> VideoWriter | ImageSequenceWriter:
+    """The writer for one output; `audio_start` is where the audio of a span starts (`VideoReader.offset`)."""
     if plan.folder:
         return ImageSequenceWriter(plan.path, overwrite=overwrite, digits=max(4, len(str(frame_count or 0))),
                                    niceness=niceness)
     return VideoWriter(plan.path, fps=fps or 30, alpha=plan.alpha, audio_from=audio_from if plan.kind == "com" else None,
-                       overwrite=overwrite, options=encoder, choice=plan.encoder, display=display, niceness=niceness)
+                       audio_start=audio_start, overwrite=overwrite, options=encoder, choice=plan.encoder,
+                       display=display, niceness=niceness)
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -936,7 +970,7 @@ def _run_loop(
         lower_thread_priority(niceness)
         try:
             pending: list[tuple[np.ndarray, np.ndarray, Frame, float]] = []
-            start: float | None = None
+            clock = FrameClock(reader.fps)
             resized = False  # warned that the frames changed size in mid-clip
             for frame in reader:
                 if stop_input.is_set() or failed.is_set():
@@ -946,10 +980,9 @@ def _run_loop(
                     logger.warning("%s: the frames change size at frame %d (%dx%d; the clip began %dx%d): they are "
                                    "scaled to %dx%d", reader.path, frame.index + 1, *frame.image.shape[1::-1],
                                    *reader.size, *size)
-                moment = frame.time if frame.time is not None else frame.index / float(reader.fps or 30)
-                start = moment if start is None else start
+                seconds = clock(frame)
                 image = resize_image(frame.image, *size)
-                pending.append((image, plates.next(image, moment - start), frame, moment - start))
+                pending.append((image, plates.next(image, seconds), frame, seconds))
                 if len(pending) == batch_size:
                     if not batches.put(_Batch.of(pending, inputs)):
                         return
@@ -1029,6 +1062,8 @@ def convert_video(
     overwrite: bool = False,
     progress: bool = True,
     encoder: EncoderOptions = EncoderOptions(),
+    start: float = 0.0,
+    duration: float | None = None,
 ) -> VideoResult:
     """Matte a video against its plate and write the composite and any of pha, fgr, err, ref; one call does it all.
 
@@ -1064,6 +1099,13 @@ def convert_video(
             anything but numbered frames (`plan_video_outputs`).
         progress: show a progress bar (with fps and ETA) on stderr when it is a terminal.
         encoder: video encoder choices.
+        start, duration: matte only the frames whose time is in [start, start + duration) seconds from the
+            video's first frame (duration None: to the end), to preview part of a long clip. The outputs are
+            a clip of their own: they start at 0 and carry the source's audio from the same moment (copied
+            audio from its first packet there, up to some 20 ms later). An automatic plate is estimated from
+            the span alone; a plate video is read from the same start, so that it pairs with the frames it
+            pairs with in a whole run (one that ends before the start is refused); a target video still plays
+            from its beginning. A start at or past the end of the video is refused.
 
     Returns a `VideoResult`. Outputs are written under temporary names and renamed when complete;
     after Ctrl-C, or an input that ends early or is damaged, they hold every frame matted so far
@@ -1078,15 +1120,16 @@ def convert_video(
     if batch_size is not None and batch_size < 1:
         raise BgmatteError(f"batch size must be at least 1, not {batch_size}")
     resize = _check_resize(resize, src)
+    check_span(start, duration)
     with ExitStack() as stack:
         on_cpu = model_device(model).type == "cpu"
         # With the model on the CPU, everything else runs at a lower priority, in the gaps of its work.
         niceness = HELPER_NICENESS if on_cpu else 0
-        reader = stack.enter_context(VideoReader(src, niceness=niceness))
+        reader = stack.enter_context(VideoReader(src, niceness=niceness, start=start, duration=duration))
         native = reader.size
         size = resize or native
         auto_plate = isinstance(bgr, str) and bgr.strip().lower() == "auto"
-        image, plate_video = (None, None) if auto_plate else _open_plate(bgr)
+        image, plate_video = (None, None) if auto_plate else _open_plate(bgr, start=start)
         if plate_video is not None:
             stack.callback(plate_video.close)
         sequences = output_format == "image_sequences" or (output is not None and _sequence_name(Path(output)))
@@ -1112,15 +1155,18 @@ def convert_video(
         predictor = load_predictor(model, *size)
         if batch_size is None:
             batch_size = 4 if predictor.device.type == "cuda" else 1
-        targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device, fps=reader.fps))
+        targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device, fps=reader.fps,
+                                                         frames=reader.frame_count))
         if auto_plate:
-            image = _estimate_plate(src, size, progress)
+            image = _estimate_plate(src, size, progress, start=start, duration=duration)
         plates = _Plates(image, plate_video, *size, native=native, name=None if auto_plate or isinstance(bgr, np.ndarray) else str(bgr),
-                         align=align, exposure=_ExposureFeedback() if match_exposure else None, fps=reader.fps)
+                         align=align, exposure=_ExposureFeedback() if match_exposure else None, fps=reader.fps,
+                         frames=reader.frame_count)
         writers = {
             plan.kind: stack.enter_context(_open_writer(plan, fps=reader.fps, audio_from=src, overwrite=overwrite,
                                                         encoder=encoder, frame_count=reader.frame_count,
-                                                        niceness=niceness, display=reader.display_at(*size)))
+                                                        niceness=niceness, display=reader.display_at(*size),
+                                                        audio_start=reader.offset))
             for plan in plans
         }
         from tqdm import tqdm

@@ -3,6 +3,7 @@
 known in advance."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -52,8 +53,10 @@ def write_clip(
     codec: str = "libx264",
     pix_fmt: str = "yuv420p",
     options: dict[str, str] | None = None,
+    tone: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[int]:
-    """Encode `images` (25 fps unless `pts_ms` says otherwise) with a 440 Hz AAC tone; returns the pts in ms."""
+    """Encode `images` (25 fps unless `pts_ms` says otherwise) with an AAC tone, 440 Hz unless `tone` (the
+    frequency at each sample's time in seconds) says otherwise; returns the pts in ms."""
     pts_ms = pts_ms if pts_ms is not None else [40 * index for index in range(len(images))]
     height, width = images[0].shape[:2]
     container = av.open(str(path), mode="w", options=options or {})
@@ -75,8 +78,10 @@ def write_clip(
     if sound is not None:
         total = int(48000 * (pts_ms[-1] + 40) / 1000)
         for start in range(0, total, 1024):
-            tone = np.sin(2 * np.pi * 440 * np.arange(start, start + 1024) / 48000).astype(np.float32)
-            frame = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
+            times = np.arange(start, start + 1024) / 48000
+            frequency = tone(times) if tone is not None else 440
+            tone_samples = np.sin(2 * np.pi * frequency * times).astype(np.float32)
+            frame = av.AudioFrame.from_ndarray(np.stack([tone_samples, tone_samples]), format="fltp", layout="stereo")
             frame.sample_rate, frame.pts, frame.time_base = 48000, start, Fraction(1, 48000)
             container.mux(sound.encode(frame))
         container.mux(sound.encode(None))
@@ -142,3 +147,29 @@ class DifferenceModel(nn.Module):
         pha_sm = F.interpolate(pha, small, mode="area")
         fgr_sm = F.interpolate(src, small, mode="area")
         return pha, src.clone(), pha_sm, fgr_sm, pha_sm, (pha_sm > 0).to(src.dtype)
+
+
+def stepped_tone(times: np.ndarray) -> np.ndarray:
+    """A tone that tells where its sound came from: 440 Hz before 0.4 s, 1000 Hz up to 0.6 s, 2500 Hz after."""
+    return np.where(times < 0.4, 440.0, np.where(times < 0.6, 1000.0, 2500.0))
+
+
+def mono_samples(path: Path, track: int = 0) -> tuple[np.ndarray, int]:
+    """An audio track of `path` decoded, its channels mixed down, and its sample rate."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[track]
+        mono = av.AudioResampler(format="flt", layout="mono", rate=stream.rate)
+        samples = np.concatenate([part.to_ndarray()[0] for frame in container.decode(stream)
+                                  for part in mono.resample(frame)])
+        return samples, stream.rate
+
+
+def dominant_frequency(samples: np.ndarray, rate: int) -> float:
+    """The frequency (Hz) with the most energy in `samples`."""
+    spectrum = np.abs(np.fft.rfft(samples.astype(np.float64)))
+    return float(np.fft.rfftfreq(samples.size, 1 / rate)[spectrum.argmax()])
+
+
+def audio_frequency(path: Path, track: int = 0) -> float:
+    """The dominant frequency (Hz) of an audio track of `path`, its channels mixed down."""
+    return dominant_frequency(*mono_samples(path, track))

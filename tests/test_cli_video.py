@@ -278,3 +278,45 @@ def test_bench_pipeline_measures_the_model_and_the_whole_pipeline_in_one_run(cap
     assert speed["frames"] == 32 and speed["outputs"] == ["com"] and speed["threads"] == 1
     assert speed["model_fps"] > 0 and speed["pipeline_fps"] > 0
     assert speed["ratio"] == pytest.approx(speed["pipeline_fps"] / speed["model_fps"])
+
+
+# ------------------------------------------------------------------------------------------ --start, --duration
+
+
+def test_start_and_duration_take_seconds_or_clock_times(scene, capsys, monkeypatch):
+    calls: list[dict] = []
+
+    def convert(src, bgr, **kwargs):
+        calls.append(kwargs)
+        return pipeline.VideoResult({}, 0, 1.0)
+
+    monkeypatch.setattr(pipeline, "convert_video", convert)
+    for argv, start, duration in [((), 0.0, None), (("--start", "12.5"), 12.5, None),
+                                  (("--start", "1:02.5", "--duration", "01:00:01"), 62.5, 3601.0),
+                                  (("--duration", "0:07"), 0.0, 7.0), (("--start", "90:00"), 5400.0, None)]:
+        code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-q", *argv)
+        assert code == 0, err
+        assert (calls[-1]["start"], calls[-1]["duration"]) == (start, duration), argv
+
+
+@pytest.mark.parametrize(("option", "value"), [("--duration", "0"), ("--duration", "0:00"), ("--start", "-1"),
+                                               ("--start", "abc"), ("--start", "1:75"), ("--duration", "1:2:3:4"),
+                                               ("--start", "nan")])
+def test_a_bad_start_or_duration_is_a_one_line_error_naming_the_option_and_the_value(scene, capsys, monkeypatch,
+                                                                                       option, value):
+    model = use_difference_model(monkeypatch)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", option, value)
+    one_line_error(code, err, option, value)
+    assert model.calls == [] and not (scene / "src_com.mp4").exists()
+
+
+def test_a_span_of_the_clip_is_matted_with_its_sound_and_an_automatic_plate(scene, capsys, monkeypatch):
+    use_difference_model(monkeypatch)
+    code, out, err = run(capsys, "video", "src.mp4", "--bgr", "auto", "-o", "cut.mp4", "--start", "0:00.2",
+                         "--duration", "0.2", "-q")
+    assert code == 0, err
+    assert decode_times(scene / "cut.mp4") == [0.0, 0.04, 0.08, 0.12, 0.16]
+    assert audio_seconds(scene / "cut.mp4") == pytest.approx(0.2, abs=0.04)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "late.mp4", "--start", "1:00")
+    one_line_error(code, err, "src.mp4", "60 s", "0.48 s")
+    assert not (scene / "late.mp4").exists()

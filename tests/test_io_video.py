@@ -20,15 +20,26 @@ from bgmatte.errors import BgmatteError
 from bgmatte.io.video import (
     ClosesOnExit,
     EncoderOptions,
+    Frame,
+    FrameClock,
     ImageSequenceWriter,
     VideoReader,
     VideoWriter,
     choose_encoder,
     lower_thread_priority,
+    rates_differ,
     to_yuv420p,
 )
 
-from media import audio_seconds, decode_times, write_clip
+from media import (
+    audio_seconds,
+    decode_times,
+    dominant_frequency,
+    mono_samples,
+    read_frames,
+    stepped_tone,
+    write_clip,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -1233,21 +1244,24 @@ def test_a_forced_encoder_is_not_refused_for_a_muxer_that_cannot_finish_a_one_fr
 TRACKS = [("aac", 440, 48000, "stereo", "eng", "Mic"), ("flac", 1000, 44100, "mono", "fra", "Desktop")]
 
 
-def clip_with_tracks(path: Path, tracks: list[tuple[str, int, int, str, str, str]] = TRACKS, count: int = 10,
-                     seconds: float = 0.6) -> None:
-    """A `pattern` clip (H.264, 25 fps) with one tone per entry of `tracks`, each `seconds` long (longer than
-    the video, so that the writer must cut them), tagged with its language and title."""
+def clip_with_tracks(path: Path, tracks: list[tuple] = TRACKS, count: int = 10, seconds: float = 0.6, *,
+                     image=pattern, video_options: dict[str, str] | None = None) -> None:
+    """A clip of `image(index)` frames (H.264, 25 fps) with one tone per entry of `tracks` (its frequency a number,
+    or a function of the times), each `seconds` long (longer than the video, so that the writer must cut them),
+    tagged with its language and title where given."""
     with av.open(str(path), mode="w") as container:
-        video = container.add_stream("libx264", rate=25)
+        video = container.add_stream("libx264", rate=25, options=video_options or {})
         video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         sounds = []
         for codec, _, rate, layout, language, title in tracks:
             sound = container.add_stream(codec, rate=rate)
             sound.layout = layout
-            sound.metadata["language"], sound.metadata["title"] = language, title
+            for key, value in (("language", language), ("title", title)):
+                if value:
+                    sound.metadata[key] = value
             sounds.append(sound)
         for index in range(count):
-            frame = av.VideoFrame.from_ndarray(pattern(index), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(image(index), format="rgb24")
             frame.pts, frame.time_base = index, Fraction(1, 25)
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
@@ -1255,7 +1269,9 @@ def clip_with_tracks(path: Path, tracks: list[tuple[str, int, int, str, str, str
             resampler = av.AudioResampler(format=sound.format.name, layout=layout, rate=rate)
             channels = 1 if layout == "mono" else 2
             for start in range(0, int(rate * seconds), 1024):
-                tone = (0.2 * np.sin(2 * np.pi * frequency * np.arange(start, start + 1024) / rate)).astype(np.float32)
+                times = np.arange(start, start + 1024) / rate
+                pitch = frequency(times) if callable(frequency) else frequency
+                tone = (0.2 * np.sin(2 * np.pi * pitch * times)).astype(np.float32)
                 frame = av.AudioFrame.from_ndarray(np.stack([tone] * channels), format="fltp", layout=layout)
                 frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
                 for part in resampler.resample(frame):
@@ -1270,18 +1286,15 @@ def audio_tracks(path: Path) -> list[dict]:
         count = len(container.streams.audio)
     tracks = []
     for track in range(count):
+        samples, rate = mono_samples(path, track)
         with av.open(str(path)) as container:
             stream = container.streams.audio[track]
-            mono = av.AudioResampler(format="flt", layout="mono", rate=stream.rate)
-            samples = np.concatenate([part.to_ndarray()[0] for frame in container.decode(stream)
-                                      for part in mono.resample(frame)])
-            spectrum = np.abs(np.fft.rfft(samples.astype(np.float64)))
             tracks.append({
                 "codec": stream.codec_context.name,
                 "language": stream.metadata.get("language"),
                 "title": stream.metadata.get("title") or stream.metadata.get("name"),
-                "seconds": samples.size / stream.rate,
-                "frequency": float(np.fft.rfftfreq(samples.size, 1 / stream.rate)[spectrum.argmax()]),
+                "seconds": samples.size / rate,
+                "frequency": dominant_frequency(samples, rate),
             })
     return tracks
 
@@ -1380,3 +1393,173 @@ def test_two_aac_tracks_of_an_mp4_keep_their_titles_in_matroska(tmp_path):
     assert [track["seconds"] for track in tracks] == [pytest.approx(0.4, abs=0.04)] * 2
     with av.open(str(target)) as container:
         assert [stream.metadata.get("title") for stream in container.streams.audio] == ["Mic", "Desktop"]
+
+
+def test_frame_clock_follows_timestamps_and_falls_back_to_the_index_when_they_go_back():
+    def frame(index: int, pts: int | None) -> Frame:
+        return Frame(np.zeros((1, 1, 3), np.uint8), index, pts, Fraction(1, 50) if pts is not None else None)
+
+    clock = FrameClock(Fraction(50))
+    assert [clock(frame(i, 10 + i)) for i in range(3)] == pytest.approx([0, 0.02, 0.04])  # from the first stamp
+    variable = FrameClock(Fraction(25))
+    assert [variable(frame(i, pts)) for i, pts in enumerate([0, 1, 5, 6])] == pytest.approx([0, 0.02, 0.1, 0.12])
+    # An AVI's decode-order stamps on B-frames: once one goes back, the index places the frames, never going back.
+    scrambled = FrameClock(Fraction(50))
+    times = [scrambled(frame(i, pts)) for i, pts in enumerate([1, 4, 3, 5, 2, 8, 7, 9])]
+    assert times == sorted(times) and len(set(times)) == len(times)
+    assert times[4:] == pytest.approx([0.08, 0.10, 0.12, 0.14])
+    unstamped = FrameClock(None)  # no rate either: 30 fps
+    assert [unstamped(frame(i, None)) for i in range(3)] == pytest.approx([0, 1 / 30, 2 / 30])
+
+
+def test_rates_differ_when_frame_for_frame_would_drift_half_a_frame_over_the_clip():
+    ntsc, film = Fraction(30000, 1001), Fraction(30)
+    assert not rates_differ(ntsc, film, 400) and rates_differ(ntsc, film, 600)  # 0.1%: half a frame after 500
+    assert rates_differ(Fraction(25), Fraction(50), 2)
+    assert not rates_differ(ntsc, film) and rates_differ(Fraction(25), Fraction(24))  # no count: more than 1%
+    assert not rates_differ(None, film, 1000) and not rates_differ(Fraction(25), Fraction(25), 10**6)
+
+
+
+def test_a_track_at_a_rate_the_encoder_lacks_is_resampled_and_the_others_kept(tmp_path):
+    source, output = tmp_path / "src.mov", tmp_path / "out.mp4"
+    clip_with_tracks(source, [("aac", 440, 48000, "stereo", "eng", "Mic"), ("pcm_s24le", 1000, 192000, "stereo", "eng",
+                                                                             "Recorder")])
+    with VideoReader(source) as reader, VideoWriter(output, fps=reader.fps, audio_from=source) as writer:
+        for frame in reader:
+            writer.write(frame.image, frame.pts, frame.time_base)
+    tracks = audio_tracks(output)  # AAC stops at 96 kHz: the 192 kHz PCM is transcoded at 48 kHz
+    assert [track["codec"] for track in tracks] == ["aac", "aac"]
+    assert [round(track["frequency"], -1) for track in tracks] == [440, 1000]
+    with av.open(str(output)) as container:
+        assert [stream.rate for stream in container.streams.audio] == [48000, 48000]
+
+
+# ------------------------------------------------------------------------------------------- a span of a video
+
+
+def numbered(index: int) -> np.ndarray:
+    """A flat grey frame whose level tells its index (16 + 4 per frame, so up to 59 frames)."""
+    image = np.full((HEIGHT, WIDTH, 3), 16 + 4 * index, np.uint8)
+    image[:8, :8] = 255
+    return image
+
+
+def number_of(image: np.ndarray) -> int:
+    return round((int(image[30, 40, 0]) - 16) / 4)
+
+
+def span_clip(path: Path, count: int = 25, tracks: tuple[tuple[str, int, str], ...] = (("aac", 48000, "stereo"),),
+              video_options: dict[str, str] | None = None) -> None:
+    """A clip of `numbered` frames (H.264, 25 fps) with one `stepped_tone` track, as long as the video, for each
+    (codec, sample rate, layout) of `tracks`."""
+    clip_with_tracks(path, [(codec, stepped_tone, rate, layout, None, None) for codec, rate, layout in tracks], count,
+                     count / 25, image=numbered, video_options={"crf": "12", **(video_options or {})})
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".webm"])
+def test_a_span_gives_exactly_its_frames_from_zero_with_the_sound_of_that_span(tmp_path, suffix):
+    """0.4 s for 0.2 s of a 25 fps clip: frames 10 to 14, timed from 0, and 0.2 s of each track's sound from that same
+    span (1000 Hz; 440 Hz before it, 2500 Hz after), copied (AAC and FLAC into .mp4) or transcoded (FLAC into .mov,
+    both into .webm)."""
+    source = tmp_path / "src.mkv"
+    span_clip(source, tracks=(("aac", 48000, "stereo"), ("flac", 44100, "mono")))
+    with VideoReader(source, start=0.4, duration=0.2) as reader:
+        frames = list(reader)
+    assert [number_of(frame.image) for frame in frames] == [10, 11, 12, 13, 14]
+    assert [frame.index for frame in frames] == [0, 1, 2, 3, 4]
+    assert [round(frame.time, 4) for frame in frames] == [0.0, 0.04, 0.08, 0.12, 0.16] and frames[0].pts == 0
+    assert reader.offset == pytest.approx(0.4) and reader.error is None
+    assert reader.frame_count == 5 and reader.duration == pytest.approx(0.2, abs=0.01)
+    target = tmp_path / f"out{suffix}"
+    with VideoReader(source, start=0.4, duration=0.2) as reader, \
+            VideoWriter(target, fps=reader.fps, audio_from=source, audio_start=reader.offset) as writer:
+        for frame in reader:
+            writer.write(frame.image, frame.pts, frame.time_base)
+    assert decode_times(target) == [0.0, 0.04, 0.08, 0.12, 0.16]
+    assert [number_of(image) for image in read_frames(target)] == [10, 11, 12, 13, 14]
+    tracks = audio_tracks(target)
+    assert [track["frequency"] for track in tracks] == [pytest.approx(1000, abs=30)] * 2
+    assert [track["seconds"] for track in tracks] == [pytest.approx(0.2, abs=0.04)] * 2  # within a frame
+
+
+def test_a_start_inside_a_group_of_pictures_still_gives_the_exact_frames(tmp_path):
+    """Keyframes only at 0 and 2 s (frame 50), B-frames between: the seek lands on the keyframe before the start and
+    the frames up to it are decoded and dropped; a span across the keyframe is whole too."""
+    source = tmp_path / "long_gop.mp4"
+    span_clip(source, count=60, tracks=(), video_options={"g": "50", "keyint_min": "50", "sc_threshold": "0",
+                                                            "bf": "2"})
+    with av.open(str(source)) as container:
+        stream = container.streams.video[0]
+        keyframes = sorted(float(packet.pts * stream.time_base) for packet in container.demux(stream)
+                           if packet.size and packet.is_keyframe)
+    assert keyframes == [0.0, 2.0]
+    _, whole = read_all(source)
+    for start, duration, expected in [(0.84, 0.4, range(21, 31)), (1.8, 0.32, range(45, 53))]:
+        with VideoReader(source, start=start, duration=duration) as reader:
+            frames = list(reader)
+        assert [number_of(frame.image) for frame in frames] == list(expected)
+        assert all(np.array_equal(frame.image, whole[index].image) for frame, index in zip(frames, expected))
+        assert [round(frame.time, 4) for frame in frames] == [round(0.04 * index, 4) for index in range(len(expected))]
+        assert reader.offset == pytest.approx(start) and reader.error is None
+
+
+@pytest.mark.parametrize("start", [0.46, 0.48, 5.0])
+def test_a_start_at_or_past_the_end_is_one_line_naming_the_file_the_start_and_the_length(tmp_path, start):
+    clip = tmp_path / "short.mp4"
+    make_clip(clip, count=12)  # frames from 0 to 0.44 s, lasting 0.48 s
+    with pytest.raises(BgmatteError) as caught:
+        VideoReader(clip, start=start)
+    message = str(caught.value)
+    assert message.startswith(f"{clip}: ") and "\n" not in message
+    assert f"{start:g} s" in message and "0.48 s" in message
+
+
+@pytest.mark.parametrize(("start", "duration", "words"), [(-1, None, "start"), (0, 0, "duration"),
+                                                          (0, -2.5, "duration"), (float("nan"), None, "start")])
+def test_a_negative_start_or_an_empty_span_is_refused(tmp_path, start, duration, words):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, count=3)
+    with pytest.raises(BgmatteError, match=words):
+        VideoReader(clip, start=start, duration=duration)
+
+
+def test_a_span_that_ends_before_the_file_is_no_truncation_but_a_file_cut_inside_the_span_is(tmp_path):
+    clip = tmp_path / "whole.mkv"
+    make_clip(clip, count=25)
+    for start, duration, count in [(0.2, 0.2, 5), (0.0, 0.2, 5), (0.8, 5.0, 5)]:
+        with VideoReader(clip, start=start, duration=duration) as reader:
+            frames = list(reader)
+        assert len(frames) == count and reader.error is None, (start, duration, reader.error)
+        assert reader.frame_count == count
+    cut = tmp_path / "cut.mkv"
+    data = clip.read_bytes()
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    with VideoReader(cut) as reader:
+        decodable = len(list(reader))
+    assert 8 <= decodable <= 17  # at least 0.25 s (the slack for edit lists) short of 0.96 s
+    with VideoReader(cut, start=0.12, duration=0.2) as reader:  # inside what is left: whole
+        assert len(list(reader)) == 5 and reader.error is None
+    with VideoReader(cut, start=0.12, duration=0.84) as reader:  # past what is left, although the header says more
+        frames = list(reader)
+    assert len(frames) == decodable - 3
+    assert reader.error is not None and "cut.mkv" in str(reader.error) and "truncated" in str(reader.error)
+
+
+def test_a_span_keeps_rotation_size_limits_and_damaged_packet_skipping(tmp_path, caplog):
+    rotated = tmp_path / "rotated.mp4"
+    make_clip(rotated, count=12, rotation=90)
+    with VideoReader(rotated, start=0.2) as reader:
+        frames = list(reader)
+    assert reader.rotation == 90 and reader.size == (HEIGHT, WIDTH) and len(frames) == 7
+    assert all(frame.image.shape == (WIDTH, HEIGHT, 3) for frame in frames)
+    with pytest.raises(BgmatteError, match="decompression bomb"):
+        VideoReader(rotated, start=0.2, max_pixels=1000)
+    damaged = tmp_path / "bad.mkv"
+    intra_clip(damaged, 12, damaged=(2, 7))  # one packet before the span, one in it
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        with VideoReader(damaged, start=0.2) as reader:
+            frames = list(reader)
+    assert [round(frame.time, 2) for frame in frames] == [0.0, 0.04, 0.12, 0.16, 0.2, 0.24]
+    assert reader.skipped == 1 and reader.error is None
+    assert f"{damaged}: skipped 1 damaged video packet" in caplog.text

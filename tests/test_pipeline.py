@@ -15,7 +15,7 @@ import torch
 import bgmatte.pipeline as pipeline
 from bgmatte.composite import TargetBackground
 from bgmatte.errors import BgmatteError
-from bgmatte.io.images import write_png
+from bgmatte.io.images import read_image, write_png
 from bgmatte.io.video import VideoReader
 from bgmatte.model.build import save_weights
 from bgmatte.model.matting import MattingBase, MattingRefine
@@ -37,11 +37,13 @@ from media import (
     WIDTH,
     DifferenceModel,
     alpha_planes,
+    audio_frequency,
     audio_seconds,
     decode_times,
     make_clip,
     plate_image,
     read_frames,
+    stepped_tone,
     subject_box,
     subject_frame,
     write_clip,
@@ -274,6 +276,23 @@ def test_video_target_of_another_frame_rate_plays_at_its_own_speed(scene, tmp_pa
                 shades[3], shades[0], shades[0]]
     assert seen == pytest.approx(expected, abs=6)
     assert any("slow.mp4" in r.message and "own speed" in r.message for r in caplog.records)
+
+
+def test_one_frame_target_video_of_another_frame_rate_is_a_still(scene, tmp_path):
+    clip, plate = scene
+    target = tmp_path / "one.mp4"
+    with av.open(str(target), mode="w") as container:
+        stream = container.add_stream("libx264", rate=60)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((HEIGHT, WIDTH, 3), 200, np.uint8), "rgb24")))
+        container.mux(stream.encode(None))
+    with VideoReader(target) as reader:
+        assert float(reader.fps) == 60  # so that it is looked up by time
+    result = convert_video(clip, plate, output=tmp_path / "com.mp4", target_bgr=str(target), model=DifferenceModel(),
+                           progress=False)
+    frames = read_frames(result.outputs["com"])
+    assert len(frames) == 12
+    assert all(abs(background_pixels(frame, index).mean() - 200) < 6 for index, frame in enumerate(frames))
 
 
 def test_blur_target_composites_over_the_blurred_frame(scene, tmp_path):
@@ -770,3 +789,68 @@ def test_measure_pipeline_reports_model_and_end_to_end_throughput():
     speed = measure_pipeline(DifferenceModel(), width=96, height=64, frames=6, rounds=1, threads=1)
     assert speed.frames == 6 and speed.batch_size == 1 and speed.outputs == ("com",) and speed.threads == 1
     assert speed.model_fps > 0 and speed.pipeline_fps > 0 and speed.ratio == speed.pipeline_fps / speed.model_fps
+
+
+# ------------------------------------------------------------------------------------------ a span of the clip
+
+
+def test_a_span_is_matted_from_zero_with_the_sound_of_that_span(tmp_path):
+    """0.4 s for 0.2 s of a 25 fps clip: the subject of frames 10 to 14, timed from 0, over 0.2 s of the sound from
+    the same span (1000 Hz; the tone is 440 Hz before it and 2500 Hz after)."""
+    clip, plate = tmp_path / "src.mp4", tmp_path / "plate.png"
+    make_clip(clip, 25, tone=stepped_tone)
+    write_png(plate, plate_image())
+    result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["com", "pha"], model=DifferenceModel(),
+                           start=0.4, duration=0.2, progress=False)
+    assert result.frames == 5
+    assert decode_times(result.outputs["com"]) == decode_times(result.outputs["pha"]) == [0.0, 0.04, 0.08, 0.12, 0.16]
+    for index, frame in enumerate(read_frames(result.outputs["pha"]), start=10):
+        assert subject_pixels(frame, index).mean() > 200 and background_pixels(frame, index).mean() < 20, index
+    assert audio_seconds(result.outputs["com"]) == pytest.approx(0.2, abs=0.04)
+    assert audio_frequency(result.outputs["com"]) == pytest.approx(1000, abs=30)
+
+
+def test_an_automatic_plate_is_estimated_from_the_span(tmp_path):
+    """The first 15 frames are underexposed: a plate estimated over the whole clip would be dark, one from the span
+    (frames 15 to 24) is the plate itself."""
+    clip = tmp_path / "src.mp4"
+    write_clip(clip, [subject_frame(plate_image(), index, gain=0.5 if index < 15 else 1.0) for index in range(25)])
+    result = convert_video(clip, "auto", output_dir=tmp_path / "out", outputs=["pha"], model=DifferenceModel(),
+                           start=0.6, progress=False)
+    frames = read_frames(result.outputs["pha"])
+    assert len(frames) == 10
+    for index, frame in enumerate(frames, start=15):
+        assert subject_pixels(frame, index).mean() > 200 and background_pixels(frame, index).mean() < 20, index
+
+
+def marked_plate(index: int) -> np.ndarray:
+    """The plate with a black mark above the subject's rows at a place that tells `index`."""
+    image = plate_image()
+    image[2:8, 3 * index : 3 * index + 6] = 0
+    return image
+
+
+def test_a_plate_video_with_a_span_pairs_the_frames_it_pairs_untrimmed(tmp_path):
+    clip, plates = tmp_path / "src.mp4", tmp_path / "plates.mp4"
+    make_clip(clip, 25)
+    write_clip(plates, [marked_plate(index) for index in range(25)], audio=False)
+    outputs = {}
+    for name, span in [("whole", {}), ("span", {"start": 0.4, "duration": 0.2})]:
+        result = convert_video(clip, plates, output_dir=tmp_path / name, outputs=["pha"], model=DifferenceModel(),
+                               output_format="image_sequences", progress=False, **span)
+        outputs[name] = [read_image(path) for path in sorted(result.outputs["pha"].iterdir())]
+    assert len(outputs["whole"]) == 25 and len(outputs["span"]) == 5
+    for index, frame in enumerate(outputs["span"], start=10):
+        assert np.array_equal(frame, outputs["whole"][index]), index
+        assert frame[3:7, 3 * index + 1 : 3 * index + 5].min() == 255  # the mark of plate frame `index`
+
+
+def test_a_plate_video_that_ends_before_the_start_is_refused_by_name(tmp_path):
+    clip, plates = tmp_path / "src.mp4", tmp_path / "plates.mp4"
+    make_clip(clip, 25)
+    write_clip(plates, [marked_plate(index) for index in range(5)], audio=False)
+    with pytest.raises(BgmatteError) as caught:
+        convert_video(clip, plates, output=tmp_path / "com.mp4", model=DifferenceModel(), start=0.4, progress=False)
+    message = str(caught.value)
+    assert message.startswith(f"{plates}: ") and "0.4 s" in message and "\n" not in message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["plates.mp4", "src.mp4"]

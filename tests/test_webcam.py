@@ -258,8 +258,9 @@ def test_video_target_is_looped_and_played_in_real_time(tmp_path):
     backdrop = Backdrop(parse_target_background(str(video)), (WIDTH, HEIGHT), clock=lambda: now[0])
     pha = torch.zeros(1, 1, HEIGHT, WIDTH)
     matte = Matte(pha, torch.zeros(1, 3, HEIGHT, WIDTH), pha, pha)
-    # Matted at half the video's rate, then at its rate: every other frame of the background, then every one.
-    moments = [0, 2, 4, 6, 7, 8, 9, 10]
+    # Matted at half the video's rate, then at its rate: every other frame of the background, then every one; then a
+    # stall of five loops and a half.
+    moments = [0, 2, 4, 6, 7, 8, 9, 10, 26]
     try:
         means = []
         for moment in moments:

@@ -6,6 +6,7 @@ since each option has both names.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from bgmatte.errors import BgmatteError
@@ -36,6 +37,15 @@ Default: the reference's green (120,255,155) in video files, transparent in PNG 
 
 Every frame goes into every output, upright, with its timestamps; the audio goes into the composite
 (not into a PNG folder, which keeps neither sound nor timing).
+
+--start TIME and --duration TIME matte part of the clip, to preview a few seconds of a long one: the
+frames from the start (counted from the first frame) for the duration (default: to the end), each TIME
+given as seconds (12.5) or [HH:]MM:SS[.fff] (1:02.5). The outputs start at 0 with the sound of the same
+span (copied sound from its first packet there, up to some 20 ms later). --bgr auto estimates the plate
+from the span; a plate video is read from the same start, so that each frame gets the plate frame it
+would get in a whole run (a plate video that ends before the start is refused); a --target-bgr video
+plays from its own beginning.
+
 Existing outputs are refused unless --overwrite, which still never replaces an input (the source, the
 plate, the target) nor a PNG folder holding anything but numbered frames. Ctrl-C, or an input that ends
 early, leaves playable outputs with every frame matted so far, and a non-zero exit. A damaged packet
@@ -138,6 +148,24 @@ def encoder_options(args: argparse.Namespace):
     return EncoderOptions(codec=args.codec, crf=args.crf, preset=args.preset)
 
 
+# Seconds (12.5) or [HH:]MM:SS[.fff] (1:02.5, 01:00:01); the first field is not bounded (90:00 is 90 minutes).
+_TIME = re.compile(r"(?:(?:(\d+):)?(\d+):)?(\d+(?:\.\d*)?|\.\d+)")
+
+
+def parse_time(option: str, text: str) -> float:
+    """A time from the command line in seconds: ``12.5`` or ``[HH:]MM:SS[.fff]`` (``1:02.5``). A malformed or
+    negative one is a one-line `BgmatteError` that names `option` and `text`, before anything is read."""
+    match = _TIME.fullmatch(text.strip())
+    if match is None:
+        if _TIME.fullmatch(text.strip().removeprefix("-")) is not None:
+            raise BgmatteError(f"{option} {text}: a time cannot be negative")
+        raise BgmatteError(f"{option} {text}: not a time; give seconds (12.5) or [HH:]MM:SS[.fff] (1:02.5)")
+    hours, minutes, seconds = match.groups()
+    if (minutes is not None and float(seconds) >= 60) or (hours is not None and int(minutes) >= 60):
+        raise BgmatteError(f"{option} {text}: minutes and seconds must be below 60 in [HH:]MM:SS")
+    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `video` subcommand."""
     parser = subparsers.add_parser(
@@ -158,6 +186,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="composite over: a colour, an image, a video, blur or transparent")
     parser.add_argument("--resize", "--video-resize", dest="resize", nargs=2, type=int, metavar=("W", "H"),
                         help="resize the frames to W x H before matting")
+    parser.add_argument("--start", metavar="TIME",
+                        help="matte from this time on: seconds (12.5) or [HH:]MM:SS[.fff] (1:02.5); default 0")
+    parser.add_argument("--duration", metavar="TIME",
+                        help="matte this long from --start (same forms); default: to the end")
     add_plate_arguments(parser)
     parser.add_argument("--batch-size", type=int, metavar="N", help="frames per model call (default 1 on CPU, 4 on GPU)")
     add_encoder_arguments(parser)
@@ -176,13 +208,18 @@ def run(args: argparse.Namespace) -> int:
         raise BgmatteError("no source video: give SRC (or --video-src)")
     if not args.bgr:
         raise BgmatteError("no plate: give --bgr PLATE (an image, a video, or auto)")
+    start = parse_time("--start", args.start) if args.start is not None else 0.0
+    duration = parse_time("--duration", args.duration) if args.duration is not None else None
+    if duration is not None and duration <= 0:
+        raise BgmatteError(f"--duration {args.duration}: the duration must be more than 0 seconds")
     from bgmatte.pipeline import convert_video
 
     result = convert_video(
         src, args.bgr, output=args.output, output_dir=args.output_dir, outputs=args.outputs or ("com",),
         output_format=args.output_format, target_bgr=args.target_bgr, resize=args.resize, align=args.align,
         match_exposure=args.match_exposure, model=model_options(args), batch_size=args.batch_size,
-        overwrite=args.overwrite, progress=not args.quiet, encoder=encoder_options(args),
+        overwrite=args.overwrite, progress=not args.quiet, encoder=encoder_options(args), start=start,
+        duration=duration,
     )
     for path in result.outputs.values():
         print(path)

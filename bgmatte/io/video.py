@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
 import os
 import queue
 import re
@@ -48,6 +49,28 @@ _END = object()  # queue sentinel
 _POLL_S = 0.1
 # Damaged packets in a row after which a stream is given up: one bad packet costs a frame, not the rest of the clip.
 _MAX_BAD_PACKETS = 50
+# How far a time may fall short of a span's bound and still count as on it: decimal seconds and timestamps in
+# their own time base round differently (0.4 + 0.2 is not 0.6 in floats).
+_TIME_SLACK = 1e-6
+# Seeks tried before the start of a span, in seconds before it, when one lands after it (an index that is off);
+# the file is then read from its beginning.
+_SEEK_BACK = (0.0, 1.0, 10.0)
+# Sound decoded before a span's start when audio is transcoded, and cut off: a decoder that starts cold (AAC's
+# overlapping windows) gets its first packets wrong.
+_AUDIO_PREROLL_S = 0.1
+
+
+class StartPastEnd(BgmatteError):
+    """A span of a video asked to start at or past its end (`VideoReader(start=...)`)."""
+
+
+def check_span(start: float, duration: float | None) -> None:
+    """Refuse a span of a video that cannot be read: a start that is negative or not a number of seconds, or a
+    duration that is not more than 0."""
+    if not math.isfinite(start) or start < 0:
+        raise BgmatteError(f"the start must be 0 or more seconds from the first frame, not {start:g}")
+    if duration is not None and (not math.isfinite(duration) or duration <= 0):
+        raise BgmatteError(f"the duration must be more than 0 seconds, not {duration:g}")
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -58,7 +81,7 @@ class Frame:
     """One decoded frame: upright RGB pixels and the timestamp it had in the source."""
 
     image: np.ndarray  # (H, W, 3) uint8 RGB, rotation already applied
-    index: int  # 0-based position in decoding order
+    index: int  # 0-based position in decoding order (from a span's first frame: `VideoReader(start=...)`)
     pts: int | None  # presentation timestamp in `time_base` units (None if the container gave none)
     time_base: Fraction | None
 
@@ -101,6 +124,15 @@ class VideoReader:
             (`lower_thread_priority`); 0 leaves priority and FFmpeg's decoding threads as they are.
         max_pixels: refuse frames larger than this (the still images' limit by default; None: no limit),
             from the size the file declares before anything is decoded, and again for every frame.
+        start, duration: read only the frames whose time is in [start, start + duration) seconds from the
+            video's first frame (duration None: to the end). The reader seeks to the keyframe at or before the
+            start and decodes and drops the frames before it, so that the first frame is exact inside a long
+            group of pictures. A start at or past the end of the video is a `StartPastEnd` (a `BgmatteError`).
+
+    A span's frames are given as a clip of their own: `Frame.index` counts from its first frame and the
+    timestamps are shifted so that it is at 0 (in the same time base); `offset` is that frame's time in the
+    source's timeline (0.0 for a whole read, whose timestamps are the source's own), where the writer takes
+    the audio from (`VideoWriter(audio_start=...)`). `duration` and `frame_count` then estimate the span's.
 
     The file's best video stream is read (FFmpeg's choice, never a cover picture). A damaged packet is
     skipped, its frame lost, with one warning at the end that counts them (`skipped`); a truncated input,
@@ -113,10 +145,20 @@ class VideoReader:
     """
 
     def __init__(self, path: str | os.PathLike, *, queue_size: int = 8, apply_rotation: bool = True,
-                 niceness: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 niceness: int = 0, max_pixels: int | None = DEFAULT_MAX_PIXELS, start: float = 0.0,
+                 duration: float | None = None):
+        check_span(start, duration)
         self.path = Path(path)
         self.niceness = niceness
         self.max_pixels = max_pixels
+        self.start = float(start)
+        self._span = float(duration) if duration is not None else None  # seconds asked for; None: to the end
+        self._trimmed = self.start > 0 or self._span is not None
+        self.offset = 0.0  # the first frame's time in the source, taken off every timestamp of a span
+        self._shift = Fraction(0)  # the same, exact
+        self._origin = 0.0  # the time of the video's first frame, which the start counts from
+        self._clock: float | None = None  # the time of the last frame decoded (the decoding thread's, once started)
+        self._span_ended = False  # a frame after the span was met: the rest is not read
         self.error: BgmatteError | None = None
         self.frames_read = 0
         self.skipped = 0  # damaged packets left out
@@ -128,24 +170,35 @@ class VideoReader:
         try:
             self._stream = _video_stream(self.path, self._container)
             self._refuse_size(self._stream.codec_context.width, self._stream.codec_context.height)
-            self._stream.thread_type = "AUTO"
-            if niceness > 0:  # decode on the reading thread itself, whose priority is lowered, not in FFmpeg's
-                self._stream.codec_context.thread_count = 1
+            self._prepare_decoder()
             self._packets = self._container.demux(self._stream)
+            self.fps: Fraction | None = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
+            self._step = 1 / float(self.fps) if self.fps else 1 / 30  # a frame's length when nothing says
             self._pending = self._decode_first()
+            self._origin = self._time_of(self._pending[0])
+            if self.start > 0:
+                self._pending = self._seek_start(self._pending)
+            if self._span is not None and self._time_of(self._pending[0]) >= self._span_end():
+                raise BgmatteError(f"{self.path}: has no frame from {self.start:g} s to {self.start + self._span:g} s "
+                                   "(a gap in its timestamps); choose a longer duration")
             self._refuse_size(self._pending[0].width, self._pending[0].height)
         except BaseException:
             self._container.close()
             raise
         first = self._pending[0]
+        if self._trimmed:
+            self.offset = self._time_of(first)
+            base = first.time_base or self._stream.time_base
+            self._shift = first.pts * base if first.pts is not None and base else Fraction(self.offset)
         self.rotation: int = _frame_rotation(first)
         self._turns = (self.rotation // 90) % 4 if apply_rotation else 0
         width, height = first.width, first.height
         self.size: tuple[int, int] = (height, width) if self._turns % 2 else (width, height)
         self.time_base: Fraction | None = self._stream.time_base
-        self.fps: Fraction | None = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
         self.duration: float | None = self._duration()
         self.frame_count: int | None = self._frame_count()
+        if self._trimmed:
+            self.duration, self.frame_count = self._span_length()
         context = self._stream.codec_context  # ProRes frames lack the colour tags the container gives
         self.display = Display(_pixel_shape(self._stream.sample_aspect_ratio, self._turns),
                                _known(first.color_primaries) or _known(context.color_primaries),
@@ -177,14 +230,10 @@ class VideoReader:
 
     def _decode_first(self) -> list[av.VideoFrame]:
         """Decode up to the first frame now, so that size and rotation are known before iteration starts."""
-        try:
-            for packet in self._packets:
-                frames = self._decode(packet)
-                if frames:
-                    return frames
-        except av.FFmpegError as exc:
-            raise BgmatteError(f"{self.path}: no decodable video frame ({_reason(exc)})") from None
-        raise BgmatteError(f"{self.path}: the video stream has no frames")
+        frames = self._decode_next("")
+        if frames is None:
+            raise BgmatteError(f"{self.path}: the video stream has no frames")
+        return frames
 
     def _decode(self, packet: av.Packet) -> list[av.VideoFrame]:
         """The frames of one packet. A damaged one (invalid data) is skipped and counted, and the decoder goes on
@@ -192,13 +241,121 @@ class VideoReader:
         try:
             frames = self._stream.decode(packet)
         except av.InvalidDataError:
-            self.skipped += 1
+            if not self._before_start(packet):  # a frame of the span (or one whose time is unknown) was lost
+                self.skipped += 1
             self._bad_in_a_row += 1
             if self._bad_in_a_row >= _MAX_BAD_PACKETS:
                 raise
             return []
         self._bad_in_a_row = 0
         return frames
+
+    def _before_start(self, packet: av.Packet) -> bool:
+        """Whether a packet's frame is known to come before the span's start, which drops it anyway (never for a
+        whole read)."""
+        if self.start <= 0 or packet.pts is None or packet.time_base is None:
+            return False
+        return float(packet.pts * packet.time_base) < self._origin + self.start - _TIME_SLACK
+
+    def _prepare_decoder(self) -> None:
+        self._stream.thread_type = "AUTO"
+        if self.niceness > 0:  # decode on the reading thread itself, whose priority is lowered, not in FFmpeg's
+            self._stream.codec_context.thread_count = 1
+
+    def _time_of(self, frame: av.VideoFrame) -> float:
+        """A decoded frame's time in the source's seconds: its timestamp while those go forward; else (no timestamp,
+        or decode-order stamps that go back) one frame period after the frame before, or 0 for the first."""
+        base = frame.time_base or self._stream.time_base
+        if frame.pts is not None and base is not None:
+            moment = float(frame.pts * base)
+            if self._clock is None or moment > self._clock:
+                return moment
+        return self._clock + self._step if self._clock is not None else 0.0
+
+    def _seek_start(self, first: list[av.VideoFrame]) -> list[av.VideoFrame]:
+        """The frames from the span's start on, those of its packet: seek to the keyframe at or before it, then
+        decode and drop the frames before it. A seek that lands after the start (an index that is off) is tried
+        further back, and then the file is read from its beginning, so that no frame of the span is missed; so is
+        a video without timestamps, which can only be timed by counting its frames. `first`: the first frame's
+        packet, decoded."""
+        whole = self._duration()
+        if whole and self.start >= whole - _TIME_SLACK:
+            raise self._past_the_end()
+        target = self._origin + self.start
+        base = self._stream.time_base
+        if first[0].pts is None or not base:
+            return self._drop_before(first, target)
+        for back in _SEEK_BACK:
+            self._clock = None
+            try:
+                self._container.seek(math.floor((target - back) / base), stream=self._stream)
+            except av.FFmpegError:
+                break
+            self._packets = self._container.demux(self._stream)
+            frames = self._decode_next()
+            if frames and frames[0].pts is not None and self._time_of(frames[0]) <= target + _TIME_SLACK:
+                return self._drop_before(frames, target)
+        logger.debug("%s: seeking missed %.3f s; reading from the beginning", self.path, target)
+        self._reopen()
+        return self._drop_before(self._decode_first(), target)
+
+    def _reopen(self) -> None:
+        """Open the file again, to read it from its very beginning."""
+        index = self._stream.index
+        self._container.close()
+        self._container = _open_input(self.path, self.max_pixels)
+        self._stream = next(stream for stream in self._container.streams.video if stream.index == index)
+        self._prepare_decoder()
+        self._packets = self._container.demux(self._stream)
+        self._clock = None
+        self._bad_in_a_row = 0
+
+    def _decode_next(self, where: str | None = None) -> list[av.VideoFrame] | None:
+        """The frames of the next packet that gives any; None at the end of the file. A decoder that fails for good
+        is a `BgmatteError` saying `where` (by default: at the span's start)."""
+        try:
+            for packet in self._packets:
+                frames = self._decode(packet)
+                if frames:
+                    return frames
+        except av.FFmpegError as exc:
+            where = f" at {self.start:g} s" if where is None else where
+            raise BgmatteError(f"{self.path}: no decodable video frame{where} ({_reason(exc)})") from None
+        return None
+
+    def _drop_before(self, frames: list[av.VideoFrame] | None, target: float) -> list[av.VideoFrame]:
+        """Decode on from `frames` to the first frame at or after `target` (the source's seconds) and return it with
+        the rest of its packet's frames; those before it are dropped."""
+        while frames is not None:
+            for position, frame in enumerate(frames):
+                moment = self._time_of(frame)
+                if moment >= target - _TIME_SLACK:
+                    return frames[position:]
+                self._clock = moment
+            frames = self._decode_next()
+        raise self._past_the_end()
+
+    def _past_the_end(self) -> StartPastEnd:
+        """The error for a start at or past the end of the video, with its length: the header's, or how far it
+        could be decoded when that is less (a truncated file) or the header does not say."""
+        whole = self._duration()
+        reached = self._clock - self._origin + self._step if self._clock is not None else None
+        length = reached if reached is not None and (not whole or reached < whole - _TIME_SLACK) else whole
+        lasts = f", which lasts {length:.2f} s" if length else ""
+        cut = f" (its header says {whole:.2f} s: the file looks truncated)" if length and whole and length < whole - \
+            max(2 * self._step, 0.25) else ""
+        return StartPastEnd(f"{self.path}: the start ({self.start:g} s) is at or past the end of the video{lasts}{cut}")
+
+    def _span_length(self) -> tuple[float | None, int | None]:
+        """The span's estimated duration and frame count, from the header's duration and frame rate: what is left
+        after the start, or the duration asked for when less (None when neither is known)."""
+        left = self.duration - self.start if self.duration else None
+        length = min(left, self._span) if left is not None and self._span is not None else \
+            left if left is not None else self._span
+        if length is None:
+            return None, None
+        length = max(0.0, length)
+        return length, max(1, round(length * float(self.fps))) if self.fps else None
 
     def _duration(self) -> float | None:
         stream = self._stream
@@ -269,6 +426,8 @@ class VideoReader:
             self._pending = []
             while True:
                 for frame in frames:
+                    if self._after_span(frame):
+                        return
                     excess = _excess_pixels(frame.width, frame.height, self.max_pixels)
                     if excess:  # the size may change in mid-stream
                         failure, flush = f"frame {index + 1} is {frame.width}x{frame.height}, {excess}", False
@@ -296,7 +455,7 @@ class VideoReader:
                 # Frames the decoder still holds (reordering delay) were decoded fine; keep them.
                 try:
                     for frame in self._stream.decode(None) if flush else ():
-                        if _excess_pixels(frame.width, frame.height, self.max_pixels):
+                        if self._after_span(frame) or _excess_pixels(frame.width, frame.height, self.max_pixels):
                             break
                         if not self._put(self._to_frame(frame, index)):
                             break
@@ -313,8 +472,23 @@ class VideoReader:
             self._container.close()
             self._put(_END)
 
+    def _after_span(self, frame: av.VideoFrame) -> bool:
+        """Whether `frame` comes after the span, which then ends (`_span_ended`); else it is timed (`_clock`)."""
+        moment = self._time_of(frame)
+        if moment >= self._span_end():
+            self._span_ended = True
+            return True
+        self._clock = moment
+        return False
+
+    def _span_end(self) -> float:
+        """Where the span ends, in the source's seconds, less the slack for rounding (infinite with no duration)."""
+        return self._origin + self.start + self._span - _TIME_SLACK if self._span is not None else math.inf
+
     def _check_complete(self, decoded: int, last_time: float | None) -> BgmatteError | None:
         """A file cut short decodes without an error; compare with what the header promised."""
+        if self._trimmed:
+            return self._check_span_complete()
         expected = int(self._stream.frames or 0)
         # A little slack: edit lists may legitimately hide a frame or two that the index counts. Frames lost to
         # damaged packets were in the file all the same (the warning counts them).
@@ -329,12 +503,29 @@ class VideoReader:
                 )
         return None
 
+    def _check_span_complete(self) -> BgmatteError | None:
+        """`_check_complete` for a span, by time: one that a later frame ended is whole; otherwise the file ended
+        first, and is truncated if its header says that it goes on past where the decoding stopped."""
+        whole = self._duration()
+        if self._span_ended or not whole or self._clock is None:
+            return None
+        end = whole if self._span is None else min(whole, self.start + self._span)  # from the first frame
+        reached = self._clock - self._origin + self._step
+        if reached < end - max(2 * self._step, 0.25):
+            return BgmatteError(f"{self.path}: ended at {reached:.2f} s of {end:.2f} s (the file looks truncated or "
+                                "damaged)")
+        return None
+
     def _to_frame(self, frame: av.VideoFrame, index: int) -> Frame:
         image = frame.to_ndarray(format="rgb24")
         if self._turns:
             image = np.ascontiguousarray(np.rot90(image, self._turns))
         # Frames drained from the decoder at the end come without a time base; theirs is the stream's.
-        return Frame(image=image, index=index, pts=frame.pts, time_base=frame.time_base or self._stream.time_base)
+        base = frame.time_base or self._stream.time_base
+        pts = frame.pts
+        if pts is not None and self._shift and base:  # a span starts at 0
+            pts -= round(self._shift / base)
+        return Frame(image=image, index=index, pts=pts, time_base=base)
 
     def _put(self, item: object) -> bool:
         """Put with a timeout loop so that a consumer that went away (close) never leaves us blocked."""
@@ -349,9 +540,37 @@ class VideoReader:
                     return False
 
 
-def rates_differ(first: Fraction | None, second: Fraction | None) -> bool:
-    """Whether two frame rates differ by more than 1% (both known): frame-for-frame pairing would then drift."""
-    return bool(first and second) and abs(float(first) / float(second) - 1) > 0.01
+def rates_differ(first: Fraction | None, second: Fraction | None, frames: int | None = None) -> bool:
+    """Whether pairing a clip of `frames` frames at rate `first` frame for frame with a video at rate `second` would
+    drift half a frame or more by its end (29.97 against 30 fps does after 500 frames); when the count is not known,
+    whether the rates differ by more than 1%. False when either rate is unknown."""
+    if not first or not second:
+        return False
+    drift = abs(float(second) / float(first) - 1)
+    return drift * frames >= 0.5 if frames else drift > 0.01
+
+
+class FrameClock:
+    """Seconds from a clip's first frame for each of its frames, given in order: by their timestamps while those go
+    forward; else (a frame without one, and every frame once one goes back, as an AVI demuxer's decode-order stamps
+    on B-frames do) by index at the frame rate, never before a time already given."""
+
+    def __init__(self, fps: Fraction | None):
+        self._step = 1 / float(fps) if fps else 1 / 30
+        self._start: float | None = None
+        self._last = -math.inf
+        self._by_index = False
+
+    def __call__(self, frame: Frame) -> float:
+        moment = frame.time
+        if moment is not None and not self._by_index:
+            self._start = moment if self._start is None else self._start
+            if moment - self._start > self._last:
+                self._last = moment - self._start
+                return self._last
+            self._by_index = True
+        self._last = max(frame.index * self._step, math.nextafter(self._last, math.inf))
+        return self._last
 
 
 class TimedFrames:
@@ -359,28 +578,26 @@ class TimedFrames:
 
     `at(seconds)` gives the frame nearest that time, counted from the video's first frame (the earlier one on
     a tie); the times asked for must not go back. Past the end (the last frame shows as long as the one before
-    it) the last frame is given again and `ended` turns True. Frames without timestamps are placed by their
-    index at the reader's frame rate.
+    it, or one frame period) the last frame is given again and `ended` turns True. Frames are placed in time by
+    `FrameClock`.
     """
 
     def __init__(self, reader: VideoReader):
         self.reader = reader
         self.ended = False
+        self.count = 0  # frames read so far
         self._frames = iter(reader)
-        self._step = 1 / float(reader.fps) if reader.fps else 0.0
-        self._start: float | None = None
+        self._clock = FrameClock(reader.fps)
         self._current: tuple[float, Frame] | None = None
-        self._last_step = self._step  # how long the current frame shows, as far as is known
+        self._last_step = 1 / float(reader.fps) if reader.fps else 1 / 30  # how long the current frame shows
         self._next = self._pull()
 
     def _pull(self) -> tuple[float, Frame] | None:
         frame = next(self._frames, None)
         if frame is None:
             return None
-        moment = frame.time if frame.time is not None else frame.index * self._step
-        if self._start is None:
-            self._start = moment
-        return moment - self._start, frame
+        self.count += 1
+        return self._clock(frame), frame
 
     @property
     def duration(self) -> float | None:
@@ -966,6 +1183,10 @@ class VideoWriter(ClosesOnExit):
         audio_from: a media file whose audio tracks are all carried into the output, in their order and with
             their language and title: each copied when the container can hold its codec, else transcoded (AAC,
             or Opus in .webm); trimmed to the video. A track FFmpeg cannot read is left out with a warning.
+        audio_start: where in `audio_from`'s timeline (seconds) the output's time 0 is: the `VideoReader.offset`
+            of a span. The audio before it is left out and the rest moved back by it. Copied audio cannot be cut
+            inside a packet, so it starts with the first packet at or after it (up to a packet, some 20 ms for AAC,
+            later); transcoded audio is cut at the sample.
         overwrite: replace an existing file instead of refusing.
         options: encoder choices (`EncoderOptions`).
         choice: what `choose_encoder` already gave for this path, alpha and `options` (the pipeline's early
@@ -990,6 +1211,7 @@ class VideoWriter(ClosesOnExit):
         fps: Fraction | float | int = 30,
         alpha: bool = False,
         audio_from: str | os.PathLike | None = None,
+        audio_start: float = 0.0,
         overwrite: bool = False,
         options: EncoderOptions = EncoderOptions(),
         choice: EncoderChoice | None = None,
@@ -1004,6 +1226,9 @@ class VideoWriter(ClosesOnExit):
         self.options = options
         self.display = display or Display()
         self.audio_from = Path(audio_from) if audio_from is not None else None
+        if not math.isfinite(audio_start):  # negative is fine: a source whose first frame is before its 0
+            raise ValueError(f"audio_start must be a number of seconds, not {audio_start}")
+        self.audio_start = float(audio_start)
         if self.audio_from is not None and not self.audio_from.is_file():
             raise BgmatteError(f"{self.audio_from}: no such file (to take the audio from)")
         check_destination(self.path, overwrite)
@@ -1158,7 +1383,7 @@ class VideoWriter(ClosesOnExit):
         stream.codec_context.open()
         if self.audio_from is not None and audio:
             self._audio = _audio_carriers(self.audio_from, container, self.choice.container, allow_copy=copy_audio,
-                                          warned=self._tracks_warned)
+                                          warned=self._tracks_warned, start=self.audio_start)
         container.start_encoding()
 
     def _abandon(self) -> None:
@@ -1269,8 +1494,9 @@ def _copies_audio(codec: str, container: str, output: av.container.OutputContain
 
 
 def _audio_carriers(source: Path, output: av.container.OutputContainer, container: str, *, allow_copy: bool,
-                    warned: set[int]) -> list[_AudioCarrier]:
-    """A carrier for every audio track of `source`, in the source's order. Each demuxes the file on its own, so
+                    warned: set[int], start: float = 0.0) -> list[_AudioCarrier]:
+    """A carrier for every audio track of `source`, in the source's order, from `start` seconds of its timeline
+    (`VideoWriter.audio_start`). Each demuxes the file on its own, so
     that each is cut exactly at the video's end and one that fails costs only itself: a track that cannot be
     carried is left out with a warning, given once for each track (those warned about go into `warned`)."""
     media = _open_audio_source(source)
@@ -1286,7 +1512,8 @@ def _audio_carriers(source: Path, output: av.container.OutputContainer, containe
                 media = _open_audio_source(source)
             codec = _codec_name(media.streams.audio[track])
             try:
-                carriers.append(_AudioCarrier(source, media, track, count, output, container, allow_copy=allow_copy))
+                carriers.append(_AudioCarrier(source, media, track, count, output, container, allow_copy=allow_copy,
+                                              start=start))
             except (av.FFmpegError, ValueError) as exc:  # the carrier has closed `media`
                 if track not in warned:
                     warned.add(track)
@@ -1330,10 +1557,12 @@ class _AudioCarrier:
     """Carry one audio track of a media file into an output container, interleaved with the video and with the
     track's language and title: copied when `allow_copy` and the container takes its codec as it is
     (`_copies_audio`), else transcoded. `media` is the source opened for this carrier alone, which it closes,
-    also when it raises (av.FFmpegError or ValueError: the track cannot be carried)."""
+    also when it raises (av.FFmpegError or ValueError: the track cannot be carried). `start` (seconds of the
+    source's timeline) is the output's time 0: the sound before it is left out (`VideoWriter.audio_start`)."""
 
     def __init__(self, source: Path, media: av.container.InputContainer, track: int, count: int,
-                 output: av.container.OutputContainer, container: str, *, allow_copy: bool = True):
+                 output: av.container.OutputContainer, container: str, *, allow_copy: bool = True,
+                 start: float = 0.0):
         self.source = source
         self.label = _track_label(track, count)
         self._input = media
@@ -1343,6 +1572,7 @@ class _AudioCarrier:
         self._output = output
         self._held: av.Packet | None = None
         self._damaged = 0  # packets the decoder refused, left out
+        self._start = start
         try:
             if self._in_stream.codec_context is None:
                 raise ValueError("FFmpeg cannot decode it")
@@ -1351,15 +1581,19 @@ class _AudioCarrier:
                 self._out_stream = output.add_stream_from_template(self._in_stream)
             else:
                 target = "aac" if container != "webm" else "libopus" if _encoder_available("libopus") else "opus"
-                rate = 48000 if target in ("libopus", "opus") else (self._in_stream.rate or 48000)
+                rates = av.codec.Codec(target, "w").audio_rates  # AAC stops at 96 kHz, Opus takes 48 kHz and less
+                rate = self._in_stream.rate if self._in_stream.rate in (rates or ()) and target == "aac" else 48000
                 # By count, not by the source's layout name: PCM in Matroska has "2 channels", which AAC refuses.
                 layout = "mono" if self._in_stream.channels == 1 else "stereo"
+                # The decoder, and the encoder on a trial context, are opened before the track joins the output:
+                # a stream added and then refused would be left in the file, whose header would fail.
+                self._in_stream.codec_context.open(strict=False)
+                trial = av.CodecContext.create(target, "w")
+                trial.rate, trial.layout, trial.format = rate, layout, trial.codec.audio_formats[0]
+                trial.open()
                 self._out_stream = output.add_stream(target, rate=rate)
                 self._out_stream.layout = layout
                 self._resampler = av.AudioResampler(format=self._out_stream.format.name, layout=layout, rate=rate)
-                # Opened here rather than with the header, so that a decoder or encoder that refuses this track
-                # leaves out this track alone.
-                self._in_stream.codec_context.open(strict=False)
                 self._out_stream.codec_context.open()
                 logger.info("%s: %s (%s) cannot go into %s as is; transcoding to %s", source, self.label, self.codec,
                             container, target)
@@ -1368,7 +1602,31 @@ class _AudioCarrier:
         except BaseException:
             media.close()
             raise
-        self._packets: Iterator[av.Packet] | None = media.demux(self._in_stream)
+        self._packets: Iterator[av.Packet] | None = self._packets_from_start()
+
+    def _packets_from_start(self) -> Iterator[av.Packet]:
+        """The track's packets from the one at or before `start` (a little before, to prime a decoder), sought rather
+        than demuxed all the way to it in a long file; from the beginning when there is no start, or when the seek
+        fails or lands after it."""
+        stream, media = self._in_stream, self._input
+        if self._start > 0 and stream.time_base:
+            try:
+                preroll = 0.0 if self.copy else _AUDIO_PREROLL_S
+                media.seek(math.floor((self._start - preroll) / stream.time_base), stream=stream)
+                packets = media.demux(stream)
+                first = next(packets, None)
+            except av.FFmpegError as exc:
+                logger.debug("%s: %s: cannot seek to %.3f s (%s)", self.source, self.label, self._start, _reason(exc))
+                first = None
+            stamp = None if first is None else first.pts if first.pts is not None else first.dts
+            if stamp is not None and float(stamp * first.time_base) <= self._start + _TIME_SLACK:
+                yield first
+                yield from packets
+                return
+            logger.debug("%s: %s: seeking missed %.3f s; demuxing from the beginning", self.source, self.label,
+                         self._start)
+            media.seek(stream.start_time if stream.start_time is not None else 0, stream=stream)
+        yield from media.demux(stream)
 
     def discard(self) -> None:
         """Close the source without carrying anything more (the output is being thrown away, or has failed)."""
@@ -1395,13 +1653,23 @@ class _AudioCarrier:
             stamp = packet.pts if packet.pts is not None else packet.dts
             if stamp is None:
                 continue  # the demuxer's flush packet
-            if float(stamp * packet.time_base) >= until:
+            moment = float(stamp * packet.time_base) - self._start  # in the output's time
+            if moment >= until:
                 self._held = packet
                 return
+            if self.copy and self._start and moment < -_TIME_SLACK:
+                # A copied packet cannot be cut: one that starts before the output's 0 is left out, sound and all.
+                continue
             self._write(packet)
 
     def _write(self, packet: av.Packet) -> None:
         if self.copy:
+            if self._start:
+                ticks = round(Fraction(self._start) / packet.time_base)
+                if packet.pts is not None:
+                    packet.pts -= ticks
+                if packet.dts is not None:
+                    packet.dts -= ticks
             packet.stream = self._out_stream
             self._output.mux(packet)
             return
@@ -1415,7 +1683,30 @@ class _AudioCarrier:
 
     def _encode(self, frames: list[av.AudioFrame]) -> None:
         for frame in frames:
-            self._output.mux(self._out_stream.encode(frame))
+            frame = self._from_start(frame)
+            if frame is not None:
+                self._output.mux(self._out_stream.encode(frame))
+
+    def _from_start(self, frame: av.AudioFrame) -> av.AudioFrame | None:
+        """A transcoded frame in the output's time: moved back by `start`, its samples before it cut off (None when
+        it has none after it)."""
+        if not self._start or frame.pts is None:
+            return frame
+        rate = frame.sample_rate
+        first = round(frame.pts * (frame.time_base or Fraction(1, rate)) * rate)  # its first sample, in the source
+        start = round(self._start * rate)
+        cut = start - first
+        if cut >= frame.samples:
+            return None
+        if cut > 0:
+            samples = frame.to_ndarray()  # (channels, samples) when planar, else (1, samples * channels)
+            step = 1 if frame.format.is_planar else len(frame.layout.channels)
+            rest = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, cut * step:]), format=frame.format.name,
+                                              layout=frame.layout.name)
+            rest.sample_rate = rate
+            frame, first = rest, start
+        frame.pts, frame.time_base = first - start, Fraction(1, rate)
+        return frame
 
     def finish(self, until: float) -> None:
         """Carry the rest up to `until`, flush a transcoder and close the source."""
