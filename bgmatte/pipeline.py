@@ -561,19 +561,26 @@ class _Plates:
     """The plate for each frame: one image, or a video (the last frame held when it ends), aligned to the frame
     and exposure-matched on request. A plate video goes frame for frame with the clip, as in the paper's code,
     unless its frame rate would drift from the clip's by half a frame over the clip's `frames` (`rates_differ`):
-    then by time (`TimedFrames`)."""
+    then by time (`TimedFrames`), both counted from their first frame (a span of the clip, starting `clip_start`
+    seconds after it, gets the plate frames it gets in a whole run)."""
 
     def __init__(self, image: np.ndarray | None, video: VideoReader | None, width: int, height: int, *,
                  native: tuple[int, int], name: str | None, align: bool, exposure: _ExposureFeedback | None,
-                 fps: Fraction | None = None, frames: int | None = None):
+                 fps: Fraction | None = None, frames: int | None = None, clip_start: float = 0.0):
         self.size = (width, height)
         self.native = native
         self._video = video
         self._frames: Iterator[Frame] | None = None
         self._timed: TimedFrames | None = None
+        self._lead = 0.0  # what the plate's times lag the clip's by, both counted from their own first frame
         if video is not None and rates_differ(fps, video.fps, frames):
             logger.info("%s: the plate video is %s fps and the clip %s fps; its frames are paired by time",
                         video.path, _rate(video.fps), _rate(fps))
+            if video.start > 0:  # a span: from one plate frame earlier, which may be the nearest to the first
+                video.close()
+                video = self._video = VideoReader(video.path, queue_size=4,
+                                                  start=max(0.0, video.start - 1 / float(video.fps)))
+            self._lead = clip_start - video.span_start
             self._timed = TimedFrames(video)
         elif video is not None:
             self._frames = iter(video)
@@ -598,7 +605,7 @@ class _Plates:
 
     def _video_plate(self, seconds: float) -> np.ndarray:
         if self._timed is not None:
-            frame = self._timed.at(seconds)
+            frame = self._timed.at(seconds + self._lead)
             ended = self._timed.ended
         else:
             frame = next(self._frames, None)
@@ -638,6 +645,14 @@ class _Plates:
     def close(self) -> None:
         if self._video is not None:
             self._video.close()
+
+
+def _frames_to_end(reader: VideoReader) -> int | None:
+    """How many frames the clip has from its very first to the end of what is read: frame-for-frame pairing with a
+    plate video drifts from the first frame on, also in a span."""
+    if reader.frame_count is None:
+        return None
+    return reader.frame_count + (round(reader.span_start * float(reader.fps)) if reader.fps else 0)
 
 
 def _is_video_path(path: Path) -> bool:
@@ -689,8 +704,8 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: 
     """A clean plate from frames sampled evenly over a first pass through the clip, or through its span from
     `start` for `duration` seconds (`VideoReader`), which is what is matted.
 
-    When the clip says how many frames it has, only the chosen frames are kept as it is decoded;
-    otherwise `sample_frames` thins as it goes, holding at most twice the count.
+    When a whole clip says how many frames it has, only the chosen frames are kept as it is decoded;
+    otherwise (a span's count is an estimate) `sample_frames` thins as it goes, holding at most twice the count.
     """
     from tqdm import tqdm
 
@@ -699,13 +714,15 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: 
         bar = tqdm(reader, total=reader.frame_count, desc="plate", unit="frame", file=sys.stderr,
                    disable=None if progress else True, leave=False)
         with bar:
-            if reader.frame_count:
+            if reader.frame_count and not (start or duration):
                 chosen = set(np.linspace(0, reader.frame_count - 1, min(count, reader.frame_count)).round().astype(int).tolist())
                 samples = [resize_image(frame.image, *size) for frame in bar if frame.index in chosen]
             else:
                 samples = sample_frames((resize_image(frame.image, *size) for frame in bar), count)
     if len(samples) < 3:  # estimate_plate's own refusal cannot name the clip
-        raise BgmatteError(f"{src}: an automatic plate needs at least 3 frames of the clip; it gave {len(samples)}")
+        where = "the clip" if not (start or duration) else \
+            f"the span from {start:g} s" + (f" for {duration:g} s" if duration else "") + " (a longer --duration?)"
+        raise BgmatteError(f"{src}: an automatic plate needs at least 3 frames of {where}; it gave {len(samples)}")
     logger.info("estimating a clean plate from %d frames sampled over the clip", len(samples))
     return estimate_plate(samples)
 
@@ -1102,7 +1119,7 @@ def convert_video(
         start, duration: matte only the frames whose time is in [start, start + duration) seconds from the
             video's first frame (duration None: to the end), to preview part of a long clip. The outputs are
             a clip of their own: they start at 0 and carry the source's audio from the same moment (copied
-            audio from its first packet there, up to some 20 ms later). An automatic plate is estimated from
+            audio from its first packet there, up to a packet later: 20 ms for AAC, 100 ms for FLAC). An automatic plate is estimated from
             the span alone; a plate video is read from the same start, so that it pairs with the frames it
             pairs with in a whole run (one that ends before the start is refused); a target video still plays
             from its beginning. A start at or past the end of the video is refused.
@@ -1161,7 +1178,7 @@ def convert_video(
             image = _estimate_plate(src, size, progress, start=start, duration=duration)
         plates = _Plates(image, plate_video, *size, native=native, name=None if auto_plate or isinstance(bgr, np.ndarray) else str(bgr),
                          align=align, exposure=_ExposureFeedback() if match_exposure else None, fps=reader.fps,
-                         frames=reader.frame_count)
+                         frames=_frames_to_end(reader), clip_start=reader.span_start)
         writers = {
             plan.kind: stack.enter_context(_open_writer(plan, fps=reader.fps, audio_from=src, overwrite=overwrite,
                                                         encoder=encoder, frame_count=reader.frame_count,

@@ -1563,3 +1563,59 @@ def test_a_span_keeps_rotation_size_limits_and_damaged_packet_skipping(tmp_path,
     assert [round(frame.time, 2) for frame in frames] == [0.0, 0.04, 0.12, 0.16, 0.2, 0.24]
     assert reader.skipped == 1 and reader.error is None
     assert f"{damaged}: skipped 1 damaged video packet" in caplog.text
+
+
+def test_a_span_of_an_mpeg_program_stream_copies_its_audio_into_mp4(tmp_path):
+    # Just after a seek, MPEG-PS gives malformed audio packets, two with one timestamp, which MP4 refuses.
+    source, output = tmp_path / "tape.mpg", tmp_path / "out.mp4"
+    with av.open(str(source), mode="w") as container:
+        video = container.add_stream("mpeg2video", rate=25, options={"g": "15", "bf": "2"})
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        sound = container.add_stream("mp2", rate=48000)
+        sound.layout = "stereo"
+        for index in range(500):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(numbered(index % 50), format="rgb24")))
+        container.mux(video.encode(None))
+        for start in range(0, 48000 * 20, 1152):
+            times = np.arange(start, start + 1152) / 48000
+            tone = (0.2 * np.sin(2 * np.pi * 440 * times)).astype(np.float32)
+            frame = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = 48000, start, Fraction(1, 48000)
+            container.mux(sound.encode(frame))
+        container.mux(sound.encode(None))
+    with VideoReader(source, start=17.0, duration=1.0) as reader, \
+            VideoWriter(output, fps=reader.fps, audio_from=source, audio_start=reader.offset) as writer:
+        numbers = []
+        for frame in reader:
+            numbers.append(number_of(frame.image))
+            writer.write(frame.image, frame.pts, frame.time_base)
+    assert len(numbers) == 25 and numbers[-1] - numbers[0] >= 20  # frames 425-449 (MPEG-2 at 64x48 is coarse)
+    # FFmpeg's MPEG-PS timestamps after a seek are approximate (one goes back): the span's video may come out a
+    # little short, and its sound is cut to it.
+    assert 0.85 <= audio_seconds(output) <= 1.05
+
+
+def test_a_span_counts_every_frame_that_starts_in_it_and_names_the_last_one_past_the_end(tmp_path):
+    source = tmp_path / "clip.mp4"
+    span_clip(source, count=25)
+    with VideoReader(source, start=0.4, duration=0.1) as reader:  # 0.40, 0.44 and 0.48
+        assert reader.frame_count == 3 and len(list(reader)) == 3
+    with pytest.raises(BgmatteError, match=r"no frame starts at or after 0.99 s; the video lasts 1.00 s, its last "
+                                           r"frame starting at 0.96 s"):
+        VideoReader(source, start=0.99)
+
+
+def test_a_matroska_stream_that_starts_late_is_as_long_as_its_frames(tmp_path):
+    source = tmp_path / "late.mkv"  # a remuxed broadcast: its times start at 10 s, its DURATION tag says 11 s
+    with av.open(str(source), mode="w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for index in range(25):
+            frame = av.VideoFrame.from_ndarray(numbered(index), format="rgb24")
+            frame.pts, frame.time_base = 250 + index, Fraction(1, 25)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+    with VideoReader(source) as whole:
+        assert whole.duration == pytest.approx(1.0, abs=0.05) and len(list(whole)) == 25 and whole.error is None
+    with VideoReader(source, start=0.5) as span:
+        assert span.frame_count == pytest.approx(12, abs=1) and len(list(span)) == 12 and span.error is None

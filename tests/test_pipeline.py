@@ -413,6 +413,28 @@ def test_slower_plate_video_is_held_between_its_frames_and_warned_when_it_ends(t
     assert sum("plates10.mp4" in r.message and "shorter" in r.message for r in caplog.records) == 1
 
 
+def test_a_span_pairs_a_plate_video_of_another_rate_as_the_whole_run_does(tmp_path):
+    from fractions import Fraction as F
+
+    plates = [plate_image(seed=seed) for seed in range(60)]
+    clip, plate_video = tmp_path / "src.mp4", tmp_path / "plates24.mp4"
+    # Clip frame i (25 fps) over the 24 fps plate frame nearest its time, the earlier on a tie.
+    nearest = [min(range(60), key=lambda j: (abs(F(j, 24) - F(i, 25)), j)) for i in range(50)]
+    write_clip(clip, [subject_frame(plates[nearest[index]], index) for index in range(50)], audio=False)
+    with av.open(str(plate_video), mode="w") as container:
+        stream = container.add_stream("libx264", rate=24, options={"crf": "12"})
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for image in plates:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    for start in (0.0, 1.03, 1.37):
+        result = convert_video(clip, plate_video, output=tmp_path / f"pha{start}.mp4", outputs=["pha"], start=start,
+                               duration=0.5, model=DifferenceModel(), progress=False)
+        first = round(start * 25 + 0.49)  # the span's first frame: the first at or after the start
+        for offset, frame in enumerate(read_frames(result.outputs["pha"])):
+            assert background_pixels(frame, first + offset).mean() < 10, (start, first + offset)
+
+
 def test_frames_that_change_size_mid_clip_are_scaled_with_one_warning(tmp_path, caplog):
     first, second, clip = tmp_path / "small.ts", tmp_path / "large.ts", tmp_path / "grows.ts"
     write_clip(first, [subject_frame(plate_image(), index) for index in range(3)], audio=False)

@@ -55,8 +55,10 @@ _TIME_SLACK = 1e-6
 # Seeks tried before the start of a span, in seconds before it, when one lands after it (an index that is off);
 # the file is then read from its beginning.
 _SEEK_BACK = (0.0, 1.0, 10.0)
-# Sound decoded before a span's start when audio is transcoded, and cut off: a decoder that starts cold (AAC's
-# overlapping windows) gets its first packets wrong.
+# How far before a span's start the audio is sought (some demuxers, MPEG-PS's, give malformed packets just after a
+# seek), and how much of it a transcoded track decodes and cuts off (a decoder that starts cold, AAC's overlapping
+# windows, gets its first packets wrong); a copied track drops every packet before the start.
+_AUDIO_SEEK_BACK_S = 0.5
 _AUDIO_PREROLL_S = 0.1
 
 
@@ -159,6 +161,7 @@ class VideoReader:
         self._origin = 0.0  # the time of the video's first frame, which the start counts from
         self._clock: float | None = None  # the time of the last frame decoded (the decoding thread's, once started)
         self._span_ended = False  # a frame after the span was met: the rest is not read
+        self._scrambled = False  # a timestamp went back: frames are timed by counting from then on
         self.error: BgmatteError | None = None
         self.frames_read = 0
         self.skipped = 0  # damaged packets left out
@@ -186,8 +189,10 @@ class VideoReader:
             self._container.close()
             raise
         first = self._pending[0]
+        self.span_start = 0.0  # seconds from the video's first frame to the span's
         if self._trimmed:
             self.offset = self._time_of(first)
+            self.span_start = self.offset - self._origin
             base = first.time_base or self._stream.time_base
             self._shift = first.pts * base if first.pts is not None and base else Fraction(self.offset)
         self.rotation: int = _frame_rotation(first)
@@ -264,12 +269,14 @@ class VideoReader:
 
     def _time_of(self, frame: av.VideoFrame) -> float:
         """A decoded frame's time in the source's seconds: its timestamp while those go forward; else (no timestamp,
-        or decode-order stamps that go back) one frame period after the frame before, or 0 for the first."""
+        and every frame once one has gone back: an AVI's decode-order stamps on B-frames) one frame period after the
+        frame before, or its own stamp (else 0) for the first frame after a seek."""
         base = frame.time_base or self._stream.time_base
-        if frame.pts is not None and base is not None:
-            moment = float(frame.pts * base)
-            if self._clock is None or moment > self._clock:
-                return moment
+        moment = float(frame.pts * base) if frame.pts is not None and base is not None else None
+        if moment is not None and (self._clock is None or (moment > self._clock and not self._scrambled)):
+            return moment
+        if moment is not None and self._clock is not None and moment <= self._clock:
+            self._scrambled = True
         return self._clock + self._step if self._clock is not None else 0.0
 
     def _seek_start(self, first: list[av.VideoFrame]) -> list[av.VideoFrame]:
@@ -285,8 +292,9 @@ class VideoReader:
         base = self._stream.time_base
         if first[0].pts is None or not base:
             return self._drop_before(first, target)
+        skipped = self.skipped
         for back in _SEEK_BACK:
-            self._clock = None
+            self._clock, self.skipped = None, skipped  # a damaged packet that each try decodes again counts once
             try:
                 self._container.seek(math.floor((target - back) / base), stream=self._stream)
             except av.FFmpegError:
@@ -297,6 +305,7 @@ class VideoReader:
                 return self._drop_before(frames, target)
         logger.debug("%s: seeking missed %.3f s; reading from the beginning", self.path, target)
         self._reopen()
+        self.skipped = skipped
         return self._drop_before(self._decode_first(), target)
 
     def _reopen(self) -> None:
@@ -341,10 +350,11 @@ class VideoReader:
         whole = self._duration()
         reached = self._clock - self._origin + self._step if self._clock is not None else None
         length = reached if reached is not None and (not whole or reached < whole - _TIME_SLACK) else whole
-        lasts = f", which lasts {length:.2f} s" if length else ""
+        lasts = f"; the video lasts {length:.2f} s" if length else ""
+        last = f", its last frame starting at {self._clock - self._origin:.2f} s" if self._clock is not None else ""
         cut = f" (its header says {whole:.2f} s: the file looks truncated)" if length and whole and length < whole - \
             max(2 * self._step, 0.25) else ""
-        return StartPastEnd(f"{self.path}: the start ({self.start:g} s) is at or past the end of the video{lasts}{cut}")
+        return StartPastEnd(f"{self.path}: no frame starts at or after {self.start:g} s{lasts}{last}{cut}")
 
     def _span_length(self) -> tuple[float | None, int | None]:
         """The span's estimated duration and frame count, from the header's duration and frame rate: what is left
@@ -354,8 +364,8 @@ class VideoReader:
             left if left is not None else self._span
         if length is None:
             return None, None
-        length = max(0.0, length)
-        return length, max(1, round(length * float(self.fps))) if self.fps else None
+        length = max(0.0, length)  # frames start within it: 0.1 s at 25 fps holds 3 (at 0, 0.04 and 0.08)
+        return length, max(1, math.ceil(length * float(self.fps) - 1e-3)) if self.fps else None
 
     def _duration(self) -> float | None:
         stream = self._stream
@@ -365,12 +375,22 @@ class VideoReader:
         if tag:
             try:
                 hours, minutes, seconds = tag.split(":")
-                return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+                tagged = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
             except ValueError:
-                pass
+                tagged = None
+            if tagged is not None:
+                return tagged - self._matroska_start()
         if self._container.duration:
-            return self._container.duration / av.time_base
+            return self._container.duration / av.time_base - self._matroska_start()
         return None
+
+    def _matroska_start(self) -> float:
+        """Where a Matroska stream's timestamps start (0 elsewhere): its DURATION tag and segment duration say where
+        it ends (a remuxed MPEG-TS may start at 10 s), not how long it lasts."""
+        stream = self._stream
+        if "matroska" not in self._container.format.name or not stream.start_time or not stream.time_base:
+            return 0.0
+        return max(0.0, float(stream.start_time * stream.time_base))
 
     def _frame_count(self) -> int | None:
         """The container's frame count, or one estimated from duration and frame rate (None if neither)."""
@@ -1185,8 +1205,8 @@ class VideoWriter(ClosesOnExit):
             or Opus in .webm); trimmed to the video. A track FFmpeg cannot read is left out with a warning.
         audio_start: where in `audio_from`'s timeline (seconds) the output's time 0 is: the `VideoReader.offset`
             of a span. The audio before it is left out and the rest moved back by it. Copied audio cannot be cut
-            inside a packet, so it starts with the first packet at or after it (up to a packet, some 20 ms for AAC,
-            later); transcoded audio is cut at the sample.
+            inside a packet, so it starts with the first packet at or after it (up to a packet later: some 20 ms
+            for AAC, 100 ms for FLAC); transcoded audio is cut at the sample.
         overwrite: replace an existing file instead of refusing.
         options: encoder choices (`EncoderOptions`).
         choice: what `choose_encoder` already gave for this path, alpha and `options` (the pipeline's early
@@ -1573,6 +1593,7 @@ class _AudioCarrier:
         self._held: av.Packet | None = None
         self._damaged = 0  # packets the decoder refused, left out
         self._start = start
+        self._last_dts: int | None = None  # of the latest copied packet, in the source's time base
         try:
             if self._in_stream.codec_context is None:
                 raise ValueError("FFmpeg cannot decode it")
@@ -1611,8 +1632,7 @@ class _AudioCarrier:
         stream, media = self._in_stream, self._input
         if self._start > 0 and stream.time_base:
             try:
-                preroll = 0.0 if self.copy else _AUDIO_PREROLL_S
-                media.seek(math.floor((self._start - preroll) / stream.time_base), stream=stream)
+                media.seek(math.floor((self._start - _AUDIO_SEEK_BACK_S) / stream.time_base), stream=stream)
                 packets = media.demux(stream)
                 first = next(packets, None)
             except av.FFmpegError as exc:
@@ -1625,7 +1645,12 @@ class _AudioCarrier:
                 return
             logger.debug("%s: %s: seeking missed %.3f s; demuxing from the beginning", self.source, self.label,
                          self._start)
-            media.seek(stream.start_time if stream.start_time is not None else 0, stream=stream)
+            try:
+                media.seek(stream.start_time if stream.start_time is not None else 0, stream=stream)
+            except av.FFmpegError as exc:
+                logger.warning("%s: %s cannot be read from %.2f s (%s); the output leaves it out", self.source,
+                               self.label, self._start, _reason(exc))
+                return
         yield from media.demux(stream)
 
     def discard(self) -> None:
@@ -1657,9 +1682,13 @@ class _AudioCarrier:
             if moment >= until:
                 self._held = packet
                 return
-            if self.copy and self._start and moment < -_TIME_SLACK:
+            if self._start and moment < (-_TIME_SLACK if self.copy else -_AUDIO_PREROLL_S):
                 # A copied packet cannot be cut: one that starts before the output's 0 is left out, sound and all.
                 continue
+            if self.copy and self._start and packet.dts is not None:
+                if self._last_dts is not None and packet.dts <= self._last_dts:
+                    continue  # a muxer refuses a copied packet that does not move on (MPEG-PS's, after a seek)
+                self._last_dts = packet.dts
             self._write(packet)
 
     def _write(self, packet: av.Packet) -> None:
