@@ -1619,3 +1619,43 @@ def test_a_matroska_stream_that_starts_late_is_as_long_as_its_frames(tmp_path):
         assert whole.duration == pytest.approx(1.0, abs=0.05) and len(list(whole)) == 25 and whole.error is None
     with VideoReader(source, start=0.5) as span:
         assert span.frame_count == pytest.approx(12, abs=1) and len(list(span)) == 12 and span.error is None
+
+
+def test_every_audio_track_is_carried_from_one_opening_of_the_source(tmp_path, monkeypatch):
+    """Four tracks, copied and transcoded, come from one opened source read once, not one opening per track: a
+    multi-track 4K master on network storage is then read once for its sound, and closed once it is written."""
+    tracks = [("aac", 440, 48000, "stereo", "eng", "Mic"), ("flac", 1000, 44100, "mono", "fra", "Desktop"),
+              ("aac", 1500, 48000, "stereo", "ita", "Room"), ("flac", 2500, 44100, "stereo", "spa", "Music")]
+    source = tmp_path / "src.mkv"
+    clip_with_tracks(source, tracks)
+    opened: list[av.container.InputContainer] = []
+    original = video_io._open_audio_source
+
+    def counted(path: Path) -> av.container.InputContainer:
+        opened.append(original(path))
+        return opened[-1]
+
+    monkeypatch.setattr(video_io, "_open_audio_source", counted)
+    target = tmp_path / "out.mov"  # AAC copied, FLAC transcoded
+    copy_clip(source, target)
+    assert len(opened) == 1
+    with pytest.raises(AssertionError, match="not open"):  # closed once the writer is done
+        next(opened[0].demux())
+    carried = audio_tracks(target)
+    assert [(track["codec"], track["language"], track["title"]) for track in carried] == \
+        [("aac", "eng", "Mic"), ("aac", "fra", "Desktop"), ("aac", "ita", "Room"), ("aac", "spa", "Music")]
+    assert [track["frequency"] for track in carried] == [pytest.approx(frequency, abs=15)
+                                                        for _, frequency, *_ in tracks]
+    assert [track["seconds"] for track in carried] == [pytest.approx(0.4, abs=0.04)] * 4
+
+
+@pytest.mark.parametrize("suffix", [".mov", ".webm"])
+def test_transcoded_sound_ends_with_the_video_at_the_sample(tmp_path, suffix):
+    # FLAC at 48 kHz comes in packets of 96 ms: whole packets overran the 0.4 s video by up to one of them.
+    source, output = tmp_path / "src.mkv", tmp_path / f"out{suffix}"
+    clip_with_tracks(source, [("flac", 1000, 48000, "stereo", None, None)])
+    with VideoReader(source) as reader, VideoWriter(output, fps=reader.fps, audio_from=source) as writer:
+        for frame in reader:
+            writer.write(frame.image, frame.pts, frame.time_base)
+    (track,) = audio_tracks(output)
+    assert track["codec"] in ("aac", "opus") and track["seconds"] == pytest.approx(0.4, abs=0.025)

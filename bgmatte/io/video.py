@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ import re
 import shutil
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -60,6 +62,10 @@ _SEEK_BACK = (0.0, 1.0, 10.0)
 # windows, gets its first packets wrong); a copied track drops every packet before the start.
 _AUDIO_SEEK_BACK_S = 0.5
 _AUDIO_PREROLL_S = 0.1
+# How far out of time order a file may give the packets of its tracks (muxers interleave them by time, QuickTime's
+# demuxer within about a second), in seconds: the shared audio demuxer reads this far past the time a track asked up
+# to, and no further, for that track's next packet, so that a track that has ended never piles up the others' packets.
+_AUDIO_INTERLEAVE_S = 2.0
 
 
 class StartPastEnd(BgmatteError):
@@ -1202,7 +1208,8 @@ class VideoWriter(ClosesOnExit):
         alpha: frames are RGBA and the transparency is kept (.webm, .mov or .mkv).
         audio_from: a media file whose audio tracks are all carried into the output, in their order and with
             their language and title: each copied when the container can hold its codec, else transcoded (AAC,
-            or Opus in .webm); trimmed to the video. A track FFmpeg cannot read is left out with a warning.
+            or Opus in .webm); trimmed to the video. A track FFmpeg cannot read is left out with a warning. The file
+            is opened and demuxed once for all its tracks (`_AudioSource`), however many it has.
         audio_start: where in `audio_from`'s timeline (seconds) the output's time 0 is: the `VideoReader.offset`
             of a span. The audio before it is left out and the rest moved back by it. Copied audio cannot be cut
             inside a packet, so it starts with the first packet at or after it (up to a packet later: some 20 ms
@@ -1516,11 +1523,11 @@ def _copies_audio(codec: str, container: str, output: av.container.OutputContain
 def _audio_carriers(source: Path, output: av.container.OutputContainer, container: str, *, allow_copy: bool,
                     warned: set[int], start: float = 0.0) -> list[_AudioCarrier]:
     """A carrier for every audio track of `source`, in the source's order, from `start` seconds of its timeline
-    (`VideoWriter.audio_start`). Each demuxes the file on its own, so
-    that each is cut exactly at the video's end and one that fails costs only itself: a track that cannot be
-    carried is left out with a warning, given once for each track (those warned about go into `warned`)."""
-    media = _open_audio_source(source)
-    count = len(media.streams.audio)
+    (`VideoWriter.audio_start`). They share one `_AudioSource`, so that the file is opened and read once however many
+    tracks it has, and each is still cut exactly at the video's end. A track that cannot be carried costs only
+    itself: it is left out with a warning, given once for each track (those warned about go into `warned`)."""
+    media = _AudioSource(source, start)
+    count = len(media.input.streams.audio)
     if count == 0:
         logger.info("%s: has no audio track; the output has none either", source)
         media.close()
@@ -1528,13 +1535,10 @@ def _audio_carriers(source: Path, output: av.container.OutputContainer, containe
     carriers: list[_AudioCarrier] = []
     try:
         for track in range(count):
-            if track > 0:
-                media = _open_audio_source(source)
-            codec = _codec_name(media.streams.audio[track])
+            codec = _codec_name(media.input.streams.audio[track])
             try:
-                carriers.append(_AudioCarrier(source, media, track, count, output, container, allow_copy=allow_copy,
-                                              start=start))
-            except (av.FFmpegError, ValueError) as exc:  # the carrier has closed `media`
+                carriers.append(_AudioCarrier(media, track, count, output, container, allow_copy=allow_copy))
+            except (av.FFmpegError, ValueError) as exc:  # it has not joined `media`, which stays open for the others
                 if track not in warned:
                     warned.add(track)
                     logger.warning("%s: %s (%s) cannot be carried (%s); the output leaves it out", source,
@@ -1542,7 +1546,10 @@ def _audio_carriers(source: Path, output: av.container.OutputContainer, containe
     except BaseException:
         for carrier in carriers:
             carrier.discard()
+        media.close()
         raise
+    if not carriers:
+        media.close()
     return carriers
 
 
@@ -1573,107 +1580,223 @@ def _and_joined(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
+class _SpanUnreachable(Exception):
+    """The audio source could be read neither from a span's start nor from its beginning (`_AudioSource`)."""
+
+
+class _AudioSource:
+    """A media file opened once for all the audio tracks carried from it, read by one demuxer over those tracks
+    alone: a multi-track master is then read once, not once per track. Each `_AudioCarrier` joins it and asks for
+    its track's next packet; the packets of the other carried tracks read on the way wait in their queues. The file
+    is closed when the last carrier leaves (finished or discarded). `start` is as for `VideoWriter.audio_start`."""
+
+    def __init__(self, path: Path, start: float = 0.0):
+        self.path = path
+        self.start = start
+        self.input = _open_audio_source(path)
+        self._streams: list[av.audio.stream.AudioStream] = []  # those carried, in the order they joined
+        self._queues: dict[int, deque[av.Packet]] = {}  # by stream index, for the carried tracks only
+        self._packets: Iterator[av.Packet] | None = None  # the demuxer, started by the first request
+        self._begun = False
+        self._error: av.FFmpegError | None = None  # what ended the demuxer before the end of the file
+        self._unreachable: av.FFmpegError | None = None  # why the file could not even be sought back to its beginning
+        self._closed = False
+
+    def join(self, stream: av.audio.stream.AudioStream) -> None:
+        """Keep `stream`'s packets for its carrier, from the first request on (all tracks join before it)."""
+        self._streams.append(stream)
+        self._queues[stream.index] = deque()
+
+    def leave(self, stream: av.audio.stream.AudioStream) -> None:
+        """Stop keeping `stream`'s packets; the last track to leave closes the file. Leaving twice does nothing."""
+        if self._queues.pop(stream.index, None) is not None and not self._queues:
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._packets = None
+            self._queues.clear()
+            self.input.close()
+
+    def next_packet(self, stream: av.audio.stream.AudioStream, until: float, *,
+                    final: bool = False) -> av.Packet | None:
+        """`stream`'s next packet, or None when the file has none left for it or none up to `_AUDIO_INTERLEAVE_S`
+        past `until` (seconds of the output's time; it may come later). `final` (the output ends at `until`) reads
+        on to the end of the file if need be, so that a badly interleaved file loses nothing. Raises the demuxer's
+        error, once the packets read before it are given out, and `_SpanUnreachable` when the file cannot be sought."""
+        queue = self._queues[stream.index]
+        if not queue:
+            self._read(queue, until, final)
+        if queue:
+            return queue.popleft()
+        if self._unreachable is not None:
+            raise _SpanUnreachable(_reason(self._unreachable))
+        if self._error is not None:
+            raise self._error
+        return None
+
+    def _moment(self, packet: av.Packet) -> float | None:
+        """When `packet` starts in the output's time; None for the demuxer's flush packets, which have no time."""
+        stamp = packet.pts if packet.pts is not None else packet.dts
+        return None if stamp is None else float(stamp * packet.time_base) - self.start
+
+    def _reaches(self, packet: av.Packet, until: float) -> bool:
+        """Whether `packet` starts at or after `until` (a flush packet, which has no time, does not)."""
+        moment = self._moment(packet)
+        return moment is not None and moment >= until
+
+    def _read(self, queue: deque[av.Packet], until: float, final: bool) -> None:
+        """Demux into the carried tracks' queues until `queue` has a packet, the file is read up to
+        `_AUDIO_INTERLEAVE_S` past `until` (unless `final`), or it ends. When `final`, a track keeps only its first
+        packet at or after `until`, which ends it: the output has no room for the rest."""
+        if self._packets is None:
+            if self._begun or self._closed:
+                return
+            self._begin()
+            if self._packets is None:  # the file could not be sought
+                return
+        try:
+            for packet in self._packets:
+                waiting = self._queues.get(packet.stream_index)  # None for a track left out, or finished
+                if waiting is not None and not (final and waiting and self._reaches(waiting[-1], until)):
+                    waiting.append(packet)
+                if queue or (not final and self._reaches(packet, until + _AUDIO_INTERLEAVE_S)):
+                    return
+        except av.FFmpegError as exc:
+            self._error = exc
+        self._packets = None
+
+    def _begin(self) -> None:
+        """Start the demuxer over the carried tracks: from a little before the span's start when there is one (sought
+        rather than demuxed all the way to it in a long file), else, or when that fails, from the beginning."""
+        self._begun = True
+        streams, first = self._streams, self._streams[0]
+        if self.start > 0 and first.time_base:
+            packets = self._sought()
+            if packets is not None:
+                self._packets = packets
+                return
+            logger.debug("%s: seeking the audio missed %.3f s; demuxing from the beginning", self.path, self.start)
+            try:
+                self.input.seek(first.start_time if first.start_time is not None else 0, stream=first)
+            except av.FFmpegError as exc:
+                self._unreachable = exc
+                return
+        self._packets = self.input.demux(*streams)
+
+    def _sought(self) -> Iterator[av.Packet] | None:
+        """The demuxer from `_AUDIO_SEEK_BACK_S` before the span's start, the packets read to check the seek given
+        first; None when it fails or lands after the start for a track (an index that is off). The check reads until
+        each track has shown its first packet, and keeps only what a carrier would use, so it never holds much."""
+        first = self._streams[0]
+        unseen = set(self._queues)
+        read: list[av.Packet] = []
+        try:
+            self.input.seek(math.floor((self.start - _AUDIO_SEEK_BACK_S) / first.time_base), stream=first)
+            packets = self.input.demux(*self._streams)
+            for packet in packets:
+                moment = self._moment(packet)
+                if moment is None:
+                    continue  # a flush packet: the end of the file
+                if packet.stream_index in unseen:
+                    if moment > _TIME_SLACK:
+                        return None
+                    unseen.discard(packet.stream_index)
+                if moment >= -_AUDIO_PREROLL_S:  # every carrier drops those before (`_AudioCarrier.carry`)
+                    read.append(packet)
+                if not unseen:
+                    return itertools.chain(read, packets)
+                if moment > _AUDIO_INTERLEAVE_S:
+                    return None  # a track with nothing near the start: perhaps still before it, after an index miss
+        except av.FFmpegError as exc:
+            logger.debug("%s: cannot seek the audio to %.3f s (%s)", self.path, self.start, _reason(exc))
+            return None
+        # The file ended with some tracks unseen: they have nothing after the seek, so nothing after the start.
+        return iter(read) if len(unseen) < len(self._queues) else None
+
+
 class _AudioCarrier:
     """Carry one audio track of a media file into an output container, interleaved with the video and with the
     track's language and title: copied when `allow_copy` and the container takes its codec as it is
-    (`_copies_audio`), else transcoded. `media` is the source opened for this carrier alone, which it closes,
-    also when it raises (av.FFmpegError or ValueError: the track cannot be carried). `start` (seconds of the
-    source's timeline) is the output's time 0: the sound before it is left out (`VideoWriter.audio_start`)."""
+    (`_copies_audio`), else transcoded. `media` is the source it shares with the file's other carried tracks: the
+    carrier joins it once it can carry the track, and leaves it when finished or discarded; one that raises
+    (av.FFmpegError or ValueError: the track cannot be carried) never joins, and leaves it open for the others.
+    `media.start` (seconds of the source's timeline) is the output's time 0: the sound before it is left out
+    (`VideoWriter.audio_start`)."""
 
-    def __init__(self, source: Path, media: av.container.InputContainer, track: int, count: int,
-                 output: av.container.OutputContainer, container: str, *, allow_copy: bool = True,
-                 start: float = 0.0):
-        self.source = source
+    def __init__(self, media: _AudioSource, track: int, count: int, output: av.container.OutputContainer,
+                 container: str, *, allow_copy: bool = True):
+        self.source = media.path
         self.label = _track_label(track, count)
-        self._input = media
-        self._in_stream = media.streams.audio[track]
+        self._media = media
+        self._in_stream = media.input.streams.audio[track]
         self.codec = _codec_name(self._in_stream)
         self.copy = False
         self._output = output
         self._held: av.Packet | None = None
         self._damaged = 0  # packets the decoder refused, left out
-        self._start = start
+        self._start = media.start
         self._last_dts: int | None = None  # of the latest copied packet, in the source's time base
-        try:
-            if self._in_stream.codec_context is None:
-                raise ValueError("FFmpeg cannot decode it")
-            self.copy = allow_copy and _copies_audio(self.codec, container, output)
-            if self.copy:
-                self._out_stream = output.add_stream_from_template(self._in_stream)
-            else:
-                target = "aac" if container != "webm" else "libopus" if _encoder_available("libopus") else "opus"
-                rates = av.codec.Codec(target, "w").audio_rates  # AAC stops at 96 kHz, Opus takes 48 kHz and less
-                rate = self._in_stream.rate if self._in_stream.rate in (rates or ()) and target == "aac" else 48000
-                # By count, not by the source's layout name: PCM in Matroska has "2 channels", which AAC refuses.
-                layout = "mono" if self._in_stream.channels == 1 else "stereo"
-                # The decoder, and the encoder on a trial context, are opened before the track joins the output:
-                # a stream added and then refused would be left in the file, whose header would fail.
-                self._in_stream.codec_context.open(strict=False)
-                trial = av.CodecContext.create(target, "w")
-                trial.rate, trial.layout, trial.format = rate, layout, trial.codec.audio_formats[0]
-                trial.open()
-                self._out_stream = output.add_stream(target, rate=rate)
-                self._out_stream.layout = layout
-                self._resampler = av.AudioResampler(format=self._out_stream.format.name, layout=layout, rate=rate)
-                self._out_stream.codec_context.open()
-                logger.info("%s: %s (%s) cannot go into %s as is; transcoding to %s", source, self.label, self.codec,
-                            container, target)
-            for key, value in _track_names(self._in_stream).items():
-                self._out_stream.metadata[key] = value
-        except BaseException:
-            media.close()
-            raise
-        self._packets: Iterator[av.Packet] | None = self._packets_from_start()
-
-    def _packets_from_start(self) -> Iterator[av.Packet]:
-        """The track's packets from the one at or before `start` (a little before, to prime a decoder), sought rather
-        than demuxed all the way to it in a long file; from the beginning when there is no start, or when the seek
-        fails or lands after it."""
-        stream, media = self._in_stream, self._input
-        if self._start > 0 and stream.time_base:
-            try:
-                media.seek(math.floor((self._start - _AUDIO_SEEK_BACK_S) / stream.time_base), stream=stream)
-                packets = media.demux(stream)
-                first = next(packets, None)
-            except av.FFmpegError as exc:
-                logger.debug("%s: %s: cannot seek to %.3f s (%s)", self.source, self.label, self._start, _reason(exc))
-                first = None
-            stamp = None if first is None else first.pts if first.pts is not None else first.dts
-            if stamp is not None and float(stamp * first.time_base) <= self._start + _TIME_SLACK:
-                yield first
-                yield from packets
-                return
-            logger.debug("%s: %s: seeking missed %.3f s; demuxing from the beginning", self.source, self.label,
-                         self._start)
-            try:
-                media.seek(stream.start_time if stream.start_time is not None else 0, stream=stream)
-            except av.FFmpegError as exc:
-                logger.warning("%s: %s cannot be read from %.2f s (%s); the output leaves it out", self.source,
-                               self.label, self._start, _reason(exc))
-                return
-        yield from media.demux(stream)
+        self._end: float | None = None  # where the output ends (its time), once `finish` says
+        self._reading = False  # joined `media` and asking it for packets
+        if self._in_stream.codec_context is None:
+            raise ValueError("FFmpeg cannot decode it")
+        self.copy = allow_copy and _copies_audio(self.codec, container, output)
+        if self.copy:
+            self._out_stream = output.add_stream_from_template(self._in_stream)
+        else:
+            target = "aac" if container != "webm" else "libopus" if _encoder_available("libopus") else "opus"
+            rates = av.codec.Codec(target, "w").audio_rates  # AAC stops at 96 kHz, Opus takes 48 kHz and less
+            rate = self._in_stream.rate if self._in_stream.rate in (rates or ()) and target == "aac" else 48000
+            # By count, not by the source's layout name: PCM in Matroska has "2 channels", which AAC refuses.
+            layout = "mono" if self._in_stream.channels == 1 else "stereo"
+            # The decoder, and the encoder on a trial context, are opened before the track joins the output:
+            # a stream added and then refused would be left in the file, whose header would fail.
+            self._in_stream.codec_context.open(strict=False)
+            trial = av.CodecContext.create(target, "w")
+            trial.rate, trial.layout, trial.format = rate, layout, trial.codec.audio_formats[0]
+            trial.open()
+            self._out_stream = output.add_stream(target, rate=rate)
+            self._out_stream.layout = layout
+            self._resampler = av.AudioResampler(format=self._out_stream.format.name, layout=layout, rate=rate)
+            self._out_stream.codec_context.open()
+            logger.info("%s: %s (%s) cannot go into %s as is; transcoding to %s", self.source, self.label,
+                        self.codec, container, target)
+        for key, value in _track_names(self._in_stream).items():
+            self._out_stream.metadata[key] = value
+        media.join(self._in_stream)
+        self._reading = True
 
     def discard(self) -> None:
-        """Close the source without carrying anything more (the output is being thrown away, or has failed)."""
-        self._packets = None
-        self._input.close()
+        """Carry nothing more and leave the source, closing it if no other track is carried from it (the output is
+        being thrown away, or has failed)."""
+        self._reading = False
+        self._media.leave(self._in_stream)
 
-    def carry(self, until: float) -> None:
-        """Mux the track up to `until` seconds (exclusive)."""
-        if self._packets is None:
+    def carry(self, until: float, *, final: bool = False) -> None:
+        """Mux the track up to `until` seconds (exclusive); `final` when the output ends there (`finish`), where
+        transcoded sound is then cut at the sample."""
+        if final:
+            self._end = until
+        if not self._reading:
             return
         while True:
             packet = self._held
             self._held = None
             if packet is None:
                 try:
-                    packet = next(self._packets)
-                except StopIteration:
-                    self._packets = None
+                    packet = self._media.next_packet(self._in_stream, until, final=final)
+                except _SpanUnreachable as exc:
+                    logger.warning("%s: %s cannot be read from %.2f s (%s); the output leaves it out", self.source,
+                                   self.label, self._start, exc)
+                    self._reading = False
                     return
                 except av.FFmpegError as exc:
                     logger.warning("%s: %s ends early (%s)", self.source, self.label, _reason(exc))
-                    self._packets = None
+                    self._reading = False
+                    return
+                if packet is None:  # none before `until` yet, or none left
                     return
             stamp = packet.pts if packet.pts is not None else packet.dts
             if stamp is None:
@@ -1712,40 +1835,42 @@ class _AudioCarrier:
 
     def _encode(self, frames: list[av.AudioFrame]) -> None:
         for frame in frames:
-            frame = self._from_start(frame)
+            frame = self._in_output(frame)
             if frame is not None:
                 self._output.mux(self._out_stream.encode(frame))
 
-    def _from_start(self, frame: av.AudioFrame) -> av.AudioFrame | None:
-        """A transcoded frame in the output's time: moved back by `start`, its samples before it cut off (None when
-        it has none after it)."""
-        if not self._start or frame.pts is None:
+    def _in_output(self, frame: av.AudioFrame) -> av.AudioFrame | None:
+        """A transcoded frame in the output's time, cut at the sample: moved back by `start`, without its samples
+        before it or after the output's end (`_end`, once known); None when nothing of it is left."""
+        if frame.pts is None or (not self._start and self._end is None):
             return frame
         rate = frame.sample_rate
         first = round(frame.pts * (frame.time_base or Fraction(1, rate)) * rate)  # its first sample, in the source
         start = round(self._start * rate)
-        cut = start - first
-        if cut >= frame.samples:
+        end = round((self._start + self._end) * rate) if self._end is not None else first + frame.samples
+        keep_from, keep_to = max(first, start), min(first + frame.samples, end)
+        if keep_to <= keep_from:
             return None
-        if cut > 0:
+        if (keep_from, keep_to) != (first, first + frame.samples):
             samples = frame.to_ndarray()  # (channels, samples) when planar, else (1, samples * channels)
             step = 1 if frame.format.is_planar else len(frame.layout.channels)
-            rest = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, cut * step:]), format=frame.format.name,
+            part = samples[:, (keep_from - first) * step:(keep_to - first) * step]
+            rest = av.AudioFrame.from_ndarray(np.ascontiguousarray(part), format=frame.format.name,
                                               layout=frame.layout.name)
             rest.sample_rate = rate
-            frame, first = rest, start
-        frame.pts, frame.time_base = first - start, Fraction(1, rate)
+            frame = rest
+        frame.pts, frame.time_base = keep_from - start, Fraction(1, rate)
         return frame
 
     def finish(self, until: float) -> None:
-        """Carry the rest up to `until`, flush a transcoder and close the source."""
+        """Carry the rest up to `until`, flush a transcoder and leave the source (the last track closes it)."""
         try:
-            self.carry(until)
+            self.carry(until, final=True)
             if not self.copy:
                 self._encode(self._resampler.resample(None))
                 self._output.mux(self._out_stream.encode(None))
         finally:
-            self._input.close()
+            self.discard()
         if self._damaged:
             logger.warning("%s: %s has damaged packets; %d left out", self.source, self.label, self._damaged)
 
