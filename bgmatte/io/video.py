@@ -1659,6 +1659,9 @@ class _AudioSource:
         try:
             for packet in self._packets:
                 waiting = self._queues.get(packet.stream_index)  # None for a track left out, or finished
+                moment = self._moment(packet)
+                if self.start and moment is not None and moment < -_AUDIO_PREROLL_S:
+                    continue  # before any carrier's use (`_AudioCarrier.carry`): read from the beginning after a miss
                 if waiting is not None and not (final and waiting and self._reaches(waiting[-1], until)):
                     waiting.append(packet)
                 if queue or (not final and self._reaches(packet, until + _AUDIO_INTERLEAVE_S)):
@@ -1687,11 +1690,14 @@ class _AudioSource:
 
     def _sought(self) -> Iterator[av.Packet] | None:
         """The demuxer from `_AUDIO_SEEK_BACK_S` before the span's start, the packets read to check the seek given
-        first; None when it fails or lands after the start for a track (an index that is off). The check reads until
-        each track has shown its first packet, and keeps only what a carrier would use, so it never holds much."""
+        first; None when it fails, or when no track shows a packet at or before the start (an index that is off).
+        The check reads until each track has shown its first packet, or to `_AUDIO_INTERLEAVE_S` after the start (a
+        track unseen by then has nothing near it: it ended, or starts later), and keeps only what a carrier would
+        use, so it never holds much."""
         first = self._streams[0]
         unseen = set(self._queues)
         read: list[av.Packet] = []
+        before = False  # a track showed a packet at or before the start: the seek landed before it
         try:
             self.input.seek(math.floor((self.start - _AUDIO_SEEK_BACK_S) / first.time_base), stream=first)
             packets = self.input.demux(*self._streams)
@@ -1700,20 +1706,16 @@ class _AudioSource:
                 if moment is None:
                     continue  # a flush packet: the end of the file
                 if packet.stream_index in unseen:
-                    if moment > _TIME_SLACK:
-                        return None
                     unseen.discard(packet.stream_index)
+                    before = before or moment <= _TIME_SLACK
                 if moment >= -_AUDIO_PREROLL_S:  # every carrier drops those before (`_AudioCarrier.carry`)
                     read.append(packet)
-                if not unseen:
-                    return itertools.chain(read, packets)
-                if moment > _AUDIO_INTERLEAVE_S:
-                    return None  # a track with nothing near the start: perhaps still before it, after an index miss
+                if not unseen or moment > _AUDIO_INTERLEAVE_S:
+                    return itertools.chain(read, packets) if before else None
         except av.FFmpegError as exc:
             logger.debug("%s: cannot seek the audio to %.3f s (%s)", self.path, self.start, _reason(exc))
             return None
-        # The file ended with some tracks unseen: they have nothing after the seek, so nothing after the start.
-        return iter(read) if len(unseen) < len(self._queues) else None
+        return iter(read) if before else None  # the file ended: unseen tracks have nothing after the start
 
 
 class _AudioCarrier:
@@ -1802,7 +1804,11 @@ class _AudioCarrier:
             if stamp is None:
                 continue  # the demuxer's flush packet
             moment = float(stamp * packet.time_base) - self._start  # in the output's time
-            if moment >= until:
+            # A transcoded packet that runs past `until` waits too, so that the end of the output, once it is known
+            # (`finish`), cuts its sound at the sample.
+            runs_past = not self.copy and not final and packet.duration and \
+                moment + float(packet.duration * packet.time_base) > until + _TIME_SLACK
+            if moment >= until or runs_past:
                 self._held = packet
                 return
             if self._start and moment < (-_TIME_SLACK if self.copy else -_AUDIO_PREROLL_S):
