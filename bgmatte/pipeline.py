@@ -720,8 +720,8 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: 
             else:
                 samples = sample_frames((resize_image(frame.image, *size) for frame in bar), count)
     if len(samples) < 3:  # estimate_plate's own refusal cannot name the clip
-        where = "the clip" if not (start or duration) else \
-            f"the span from {start:g} s" + (f" for {duration:g} s" if duration else "") + " (a longer --duration?)"
+        where = "the clip" if not (start or duration) else f"the span from {start:g} s" + (
+            f" for {duration:g} s (a longer --duration?)" if duration else " to the end (an earlier --start?)")
         raise BgmatteError(f"{src}: an automatic plate needs at least 3 frames of {where}; it gave {len(samples)}")
     logger.info("estimating a clean plate from %d frames sampled over the clip", len(samples))
     return estimate_plate(samples)

@@ -876,3 +876,13 @@ def test_a_plate_video_that_ends_before_the_start_is_refused_by_name(tmp_path):
     message = str(caught.value)
     assert message.startswith(f"{plates}: ") and "0.4 s" in message and "\n" not in message
     assert sorted(path.name for path in tmp_path.iterdir()) == ["plates.mp4", "src.mp4"]
+
+
+def test_an_automatic_plate_from_too_short_a_span_says_what_to_change(scene, tmp_path):
+    clip, _ = scene  # 12 frames at 25 fps
+    with pytest.raises(BgmatteError, match=r"3 frames of the span from 0.4 s to the end \(an earlier --start\?\); "
+                                           r"it gave 2"):
+        convert_video(clip, "auto", output=tmp_path / "a.mp4", start=0.4, model=DifferenceModel(), progress=False)
+    with pytest.raises(BgmatteError, match=r"3 frames of the span from 0 s for 0.05 s \(a longer --duration\?\)"):
+        convert_video(clip, "auto", output=tmp_path / "b.mp4", duration=0.05, model=DifferenceModel(),
+                      progress=False)
