@@ -47,12 +47,18 @@ def make_folder(folder: Path, what: str = "") -> None:
     nowhere), cannot be made or cannot be written in; ``what`` says what it is for, in the first message."""
     if os.path.lexists(folder) and not folder.is_dir():
         raise BgmatteError(f"{folder}: is a file, not a folder{f' (for {what})' if what else ''}")
+    _writable(folder, folder, "this folder")
+
+
+def _writable(folder: Path, subject: Path, called: str) -> None:
+    """Make ``folder`` and its parents, and refuse in one line, about ``subject``, one that cannot be made or written
+    in; ``called`` is how the message names the folder."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BgmatteError(f"{folder}: cannot create this folder ({exc.strerror or exc})") from None
+        raise BgmatteError(f"{subject}: cannot create {called} ({exc.strerror or exc})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise BgmatteError(f"{folder}: cannot write in this folder (permission denied)")
+        raise BgmatteError(f"{subject}: cannot write in {called} (permission denied)")
 
 
 def check_destination(path: Path, overwrite: bool, *, folder: bool = False) -> None:
@@ -62,13 +68,7 @@ def check_destination(path: Path, overwrite: bool, *, folder: bool = False) -> N
     if path.is_dir() and not folder:
         raise BgmatteError(f"{path}: is a folder")
     refuse_existing(path, overwrite)
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BgmatteError(f"{path}: cannot create the folder {parent} ({exc.strerror or exc})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BgmatteError(f"{path}: cannot write in {parent} (permission denied)")
+    _writable(path.parent, path, f"the folder {path.parent}")
 
 
 def write_through_temporary(path: Path, write: Callable[[Path], None], what: str = "",

@@ -609,7 +609,6 @@ class TimedFrames:
     """
 
     def __init__(self, reader: VideoReader):
-        self.reader = reader
         self.ended = False
         self.count = 0  # frames read so far
         self._frames = iter(reader)
