@@ -60,7 +60,6 @@ from bgmatte.io.video import (
     EncoderChoice,
     EncoderOptions,
     Frame,
-    FrameClock,
     ImageSequenceWriter,
     StartPastEnd,
     TimedFrames,
@@ -987,7 +986,6 @@ def _run_loop(
         lower_thread_priority(niceness)
         try:
             pending: list[tuple[np.ndarray, np.ndarray, Frame, float]] = []
-            clock = FrameClock(reader.fps)
             resized = False  # warned that the frames changed size in mid-clip
             for frame in reader:
                 if stop_input.is_set() or failed.is_set():
@@ -997,9 +995,8 @@ def _run_loop(
                     logger.warning("%s: the frames change size at frame %d (%dx%d; the clip began %dx%d): they are "
                                    "scaled to %dx%d", reader.path, frame.index + 1, *frame.image.shape[1::-1],
                                    *reader.size, *size)
-                seconds = clock(frame)
                 image = resize_image(frame.image, *size)
-                pending.append((image, plates.next(image, seconds), frame, seconds))
+                pending.append((image, plates.next(image, frame.seconds), frame, frame.seconds))
                 if len(pending) == batch_size:
                     if not batches.put(_Batch.of(pending, inputs)):
                         return

@@ -1395,21 +1395,41 @@ def test_two_aac_tracks_of_an_mp4_keep_their_titles_in_matroska(tmp_path):
         assert [stream.metadata.get("title") for stream in container.streams.audio] == ["Mic", "Desktop"]
 
 
-def test_frame_clock_follows_timestamps_and_falls_back_to_the_index_when_they_go_back():
-    def frame(index: int, pts: int | None) -> Frame:
-        return Frame(np.zeros((1, 1, 3), np.uint8), index, pts, Fraction(1, 50) if pts is not None else None)
-
+def test_frame_clock_follows_timestamps_and_counts_frames_once_one_goes_back():
     clock = FrameClock(Fraction(50))
-    assert [clock(frame(i, 10 + i)) for i in range(3)] == pytest.approx([0, 0.02, 0.04])  # from the first stamp
-    variable = FrameClock(Fraction(25))
-    assert [variable(frame(i, pts)) for i, pts in enumerate([0, 1, 5, 6])] == pytest.approx([0, 0.02, 0.1, 0.12])
-    # An AVI's decode-order stamps on B-frames: once one goes back, the index places the frames, never going back.
-    scrambled = FrameClock(Fraction(50))
-    times = [scrambled(frame(i, pts)) for i, pts in enumerate([1, 4, 3, 5, 2, 8, 7, 9])]
-    assert times == sorted(times) and len(set(times)) == len(times)
-    assert times[4:] == pytest.approx([0.08, 0.10, 0.12, 0.14])
+    assert [clock.take(stamp) for stamp in (0.2, 0.22, 0.3)] == pytest.approx([0.2, 0.22, 0.3])  # variable rate kept
+    assert clock.peek(0.4) == 0.4 and clock.last == pytest.approx(0.3)  # a peek places nothing
+    # A stamp that goes back (a demuxer that mixes up the order): from then on one frame period after the last,
+    # even for stamps that go forward again.
+    assert [clock.take(stamp) for stamp in (0.25, 0.5, 0.6)] == pytest.approx([0.32, 0.34, 0.36])
+    assert clock.scrambled
     unstamped = FrameClock(None)  # no rate either: 30 fps
-    assert [unstamped(frame(i, None)) for i in range(3)] == pytest.approx([0, 1 / 30, 2 / 30])
+    assert [unstamped.take(None) for _ in range(3)] == pytest.approx([0, 1 / 30, 2 / 30])
+    restarted = FrameClock(Fraction(25))
+    restarted.take(1.0)
+    restarted.last = None  # after a seek: the next frame goes at its own stamp
+    assert restarted.take(0.4) == 0.4 and restarted.take(None) == pytest.approx(0.44)
+
+
+@pytest.mark.parametrize(("start", "first"), [(0.0, 0), (0.36, 9), (0.5, 13), (1.0, 25)])
+def test_h264_with_b_frames_in_avi_is_timed_by_its_decoding_stamps(tmp_path, start, first):
+    """AVI stores no presentation times: FFmpeg gives H.264's B-frames made-up stamps that go back. The frames are
+    timed by their decoding stamps less the decoder's delay, so that a whole read gives each frame at its place and a
+    span starts at the exact frame (it started up to two frames early, and a whole run's frames were a frame or two
+    late against their sound)."""
+    source = tmp_path / "camera.avi"
+    span_clip(source, count=40, tracks=(), video_options={"bf": "2", "g": "12"})
+    with av.open(str(source)) as container:  # what the demuxer gives: stamps that go back
+        stream = container.streams.video[0]
+        stamps = [frame.pts for frame in container.decode(stream)]
+    assert stamps != sorted(stamps)
+    with VideoReader(source, start=start, duration=0.4 if start else None) as reader:
+        frames = list(reader)
+    expected = list(range(first, first + 10 if start else 40))
+    assert [number_of(frame.image) for frame in frames] == expected
+    assert [frame.pts for frame in frames] == [number - (first if start else 0) for number in expected]
+    assert [frame.seconds for frame in frames] == pytest.approx([0.04 * i for i in range(len(expected))])
+    assert reader.offset == pytest.approx(0.04 * first) and reader.error is None
 
 
 def test_rates_differ_when_frame_for_frame_would_drift_half_a_frame_over_the_clip():

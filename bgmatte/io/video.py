@@ -92,6 +92,7 @@ class Frame:
     index: int  # 0-based position in decoding order (from a span's first frame: `VideoReader(start=...)`)
     pts: int | None  # presentation timestamp in `time_base` units (None if the container gave none)
     time_base: Fraction | None
+    seconds: float = 0.0  # from the clip's (or span's) first frame, by `FrameClock`: never going back
 
     @property
     def time(self) -> float | None:
@@ -165,9 +166,9 @@ class VideoReader:
         self.offset = 0.0  # the first frame's time in the source, taken off every timestamp of a span
         self._shift = Fraction(0)  # the same, exact
         self._origin = 0.0  # the time of the video's first frame, which the start counts from
-        self._clock: float | None = None  # the time of the last frame decoded (the decoding thread's, once started)
         self._span_ended = False  # a frame after the span was met: the rest is not read
-        self._scrambled = False  # a timestamp went back: frames are timed by counting from then on
+        self._first_dts: int | None = None  # the first video packet's decoding stamp
+        self._dts_delay: int | None = None  # an AVI's frames are timed by decoding stamp, less the decoder's delay
         self.error: BgmatteError | None = None
         self.frames_read = 0
         self.skipped = 0  # damaged packets left out
@@ -183,7 +184,9 @@ class VideoReader:
             self._packets = self._container.demux(self._stream)
             self.fps: Fraction | None = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
             self._step = 1 / float(self.fps) if self.fps else 1 / 30  # a frame's length when nothing says
+            self._timer = FrameClock(self.fps)  # the decoding thread's, once started
             self._pending = self._decode_first()
+            self._time_by_dts(self._pending[0])
             self._origin = self._time_of(self._pending[0])
             if self.start > 0:
                 self._pending = self._seek_start(self._pending)
@@ -196,11 +199,13 @@ class VideoReader:
             raise
         first = self._pending[0]
         self.span_start = 0.0  # seconds from the video's first frame to the span's
+        self._zero = self._origin  # the time `Frame.seconds` counts from
         if self._trimmed:
-            self.offset = self._time_of(first)
+            self.offset = self._zero = self._time_of(first)
             self.span_start = self.offset - self._origin
             base = first.time_base or self._stream.time_base
-            self._shift = first.pts * base if first.pts is not None and base else Fraction(self.offset)
+            pts = self._pts_at(first, self.offset)
+            self._shift = pts * base if pts is not None and base else Fraction(self.offset)
         self.rotation: int = _frame_rotation(first)
         self._turns = (self.rotation // 90) % 4 if apply_rotation else 0
         width, height = first.width, first.height
@@ -249,6 +254,8 @@ class VideoReader:
     def _decode(self, packet: av.Packet) -> list[av.VideoFrame]:
         """The frames of one packet. A damaged one (invalid data) is skipped and counted, and the decoder goes on
         with the next: only `_MAX_BAD_PACKETS` in a row end the stream, with that error."""
+        if self._first_dts is None:
+            self._first_dts = packet.dts
         try:
             frames = self._stream.decode(packet)
         except av.InvalidDataError:
@@ -273,17 +280,26 @@ class VideoReader:
         if self.niceness > 0:  # decode on the reading thread itself, whose priority is lowered, not in FFmpeg's
             self._stream.codec_context.thread_count = 1
 
-    def _time_of(self, frame: av.VideoFrame) -> float:
-        """A decoded frame's time in the source's seconds: its timestamp while those go forward; else (no timestamp,
-        and every frame once one has gone back: an AVI's decode-order stamps on B-frames) one frame period after the
-        frame before, or its own stamp (else 0) for the first frame after a seek."""
+    def _time_by_dts(self, first: av.VideoFrame) -> None:
+        """In an AVI, time the frames by their decoding stamps. AVI has no presentation stamps: FFmpeg makes them up
+        in decoding order, and they go back on every B-frame (H.264 in AVI), while a decoded frame's decoding stamp
+        is that of the packet which let the decoder give it out, a fixed number of frames (its reordering delay, seen
+        on the first frame) after the frame's own place."""
+        if self._container.format.name == "avi" and first.dts is not None and self._first_dts is not None:
+            self._dts_delay = max(0, first.dts - self._first_dts)
+
+    def _stamp(self, frame: av.VideoFrame) -> float | None:
+        """A decoded frame's timestamp in the source's seconds, as the file gives it (None: none)."""
         base = frame.time_base or self._stream.time_base
-        moment = float(frame.pts * base) if frame.pts is not None and base is not None else None
-        if moment is not None and (self._clock is None or (moment > self._clock and not self._scrambled)):
-            return moment
-        if moment is not None and self._clock is not None and moment <= self._clock:
-            self._scrambled = True
-        return self._clock + self._step if self._clock is not None else 0.0
+        if base is None:
+            return None
+        if self._dts_delay is not None:  # the last frames drained from the decoder have none: counted
+            return float((frame.dts - self._dts_delay) * base) if frame.dts is not None else None
+        return float(frame.pts * base) if frame.pts is not None else None
+
+    def _time_of(self, frame: av.VideoFrame) -> float:
+        """A decoded frame's time in the source's seconds (`FrameClock.peek`), before it is placed."""
+        return self._timer.peek(self._stamp(frame))
 
     def _seek_start(self, first: list[av.VideoFrame]) -> list[av.VideoFrame]:
         """The frames from the span's start on, those of its packet: seek to the keyframe at or before it, then
@@ -296,18 +312,18 @@ class VideoReader:
             raise self._past_the_end()
         target = self._origin + self.start
         base = self._stream.time_base
-        if first[0].pts is None or not base:
+        if self._stamp(first[0]) is None or not base:
             return self._drop_before(first, target)
         skipped = self.skipped
         for back in _SEEK_BACK:
-            self._clock, self.skipped = None, skipped  # a damaged packet that each try decodes again counts once
+            self._timer.last, self.skipped = None, skipped  # a damaged packet that each try decodes again counts once
             try:
                 self._container.seek(math.floor((target - back) / base), stream=self._stream)
             except av.FFmpegError:
                 break
             self._packets = self._container.demux(self._stream)
             frames = self._decode_next()
-            if frames and frames[0].pts is not None and self._time_of(frames[0]) <= target + _TIME_SLACK:
+            if frames and self._stamp(frames[0]) is not None and self._time_of(frames[0]) <= target + _TIME_SLACK:
                 return self._drop_before(frames, target)
         logger.debug("%s: seeking missed %.3f s; reading from the beginning", self.path, target)
         self._reopen()
@@ -322,7 +338,7 @@ class VideoReader:
         self._stream = next(stream for stream in self._container.streams.video if stream.index == index)
         self._prepare_decoder()
         self._packets = self._container.demux(self._stream)
-        self._clock = None
+        self._timer.last = None
         self._bad_in_a_row = 0
 
     def _decode_next(self, where: str | None = None) -> list[av.VideoFrame] | None:
@@ -343,10 +359,9 @@ class VideoReader:
         the rest of its packet's frames; those before it are dropped."""
         while frames is not None:
             for position, frame in enumerate(frames):
-                moment = self._time_of(frame)
-                if moment >= target - _TIME_SLACK:
+                if self._time_of(frame) >= target - _TIME_SLACK:
                     return frames[position:]
-                self._clock = moment
+                self._timer.take(self._stamp(frame))
             frames = self._decode_next()
         raise self._past_the_end()
 
@@ -354,10 +369,11 @@ class VideoReader:
         """The error for a start at or past the end of the video, with its length: the header's, or how far it
         could be decoded when that is less (a truncated file) or the header does not say."""
         whole = self._duration()
-        reached = self._clock - self._origin + self._step if self._clock is not None else None
+        clock = self._timer.last
+        reached = clock - self._origin + self._step if clock is not None else None
         length = reached if reached is not None and (not whole or reached < whole - _TIME_SLACK) else whole
         lasts = f"; the video lasts {length:.2f} s" if length else ""
-        last = f", its last frame starting at {self._clock - self._origin:.2f} s" if self._clock is not None else ""
+        last = f", its last frame starting at {clock - self._origin:.2f} s" if clock is not None else ""
         cut = f" (its header says {whole:.2f} s: the file looks truncated)" if length and whole and length < whole - \
             max(2 * self._step, 0.25) else ""
         return StartPastEnd(f"{self.path}: no frame starts at or after {self.start:g} s{lasts}{last}{cut}")
@@ -444,7 +460,6 @@ class VideoReader:
     def _run(self) -> None:
         lower_thread_priority(self.niceness)
         index = 0
-        last_time: float | None = None
         failure: str | None = None
         flush = True  # after a failure: whether the frames the decoder still holds are worth taking
         try:
@@ -460,8 +475,6 @@ class VideoReader:
                         return
                     if not self._put(self._to_frame(frame, index)):
                         return
-                    if frame.pts is not None and frame.time_base is not None:
-                        last_time = float(frame.pts * frame.time_base)
                     index += 1
                 try:
                     packet = next(self._packets)
@@ -490,7 +503,7 @@ class VideoReader:
                     pass
                 self.error = BgmatteError(f"{self.path}: decoding stopped after {index} frames ({failure})")
             elif not self._stop.is_set():
-                self.error = self._check_complete(index, last_time)
+                self.error = self._check_complete(index)
             if self.skipped:
                 lost = "packet that could not be decoded; its frame is" if self.skipped == 1 else \
                     "packets that could not be decoded; their frames are"
@@ -499,19 +512,18 @@ class VideoReader:
             self._put(_END)
 
     def _after_span(self, frame: av.VideoFrame) -> bool:
-        """Whether `frame` comes after the span, which then ends (`_span_ended`); else it is timed (`_clock`)."""
-        moment = self._time_of(frame)
-        if moment >= self._span_end():
+        """Whether `frame` comes after the span, which then ends (`_span_ended`); else it is placed in time (`_timer`)."""
+        if self._time_of(frame) >= self._span_end():
             self._span_ended = True
             return True
-        self._clock = moment
+        self._timer.take(self._stamp(frame))
         return False
 
     def _span_end(self) -> float:
         """Where the span ends, in the source's seconds, less the slack for rounding (infinite with no duration)."""
         return self._origin + self.start + self._span - _TIME_SLACK if self._span is not None else math.inf
 
-    def _check_complete(self, decoded: int, last_time: float | None) -> BgmatteError | None:
+    def _check_complete(self, decoded: int) -> BgmatteError | None:
         """A file cut short decodes without an error; compare with what the header promised."""
         if self._trimmed:
             return self._check_span_complete()
@@ -520,6 +532,7 @@ class VideoReader:
         # damaged packets were in the file all the same (the warning counts them).
         if expected and decoded + self.skipped < expected - max(2, expected // 100):
             return BgmatteError(f"{self.path}: ended after {decoded} of {expected} frames (the file looks truncated or damaged)")
+        last_time = self._timer.last
         if not expected and self.duration and last_time is not None and self.fps:
             start = float(self._stream.start_time * self._stream.time_base) if self._stream.start_time else 0.0
             step = 1.0 / float(self.fps)
@@ -533,25 +546,35 @@ class VideoReader:
         """`_check_complete` for a span, by time: one that a later frame ended is whole; otherwise the file ended
         first, and is truncated if its header says that it goes on past where the decoding stopped."""
         whole = self._duration()
-        if self._span_ended or not whole or self._clock is None:
+        if self._span_ended or not whole or self._timer.last is None:
             return None
         end = whole if self._span is None else min(whole, self.start + self._span)  # from the first frame
-        reached = self._clock - self._origin + self._step
+        reached = self._timer.last - self._origin + self._step
         if reached < end - max(2 * self._step, 0.25):
             return BgmatteError(f"{self.path}: ended at {reached:.2f} s of {end:.2f} s (the file looks truncated or "
                                 "damaged)")
         return None
 
     def _to_frame(self, frame: av.VideoFrame, index: int) -> Frame:
+        """The consumer's frame for one just placed in time (`_after_span`): its pts is that time, the file's own
+        stamp where the clock took it, and a span's start at 0."""
         image = frame.to_ndarray(format="rgb24")
         if self._turns:
             image = np.ascontiguousarray(np.rot90(image, self._turns))
         # Frames drained from the decoder at the end come without a time base; theirs is the stream's.
         base = frame.time_base or self._stream.time_base
-        pts = frame.pts
+        moment = self._timer.last
+        pts = self._pts_at(frame, moment)
         if pts is not None and self._shift and base:  # a span starts at 0
             pts -= round(self._shift / base)
-        return Frame(image=image, index=index, pts=pts, time_base=base)
+        return Frame(image=image, index=index, pts=pts, time_base=base, seconds=moment - self._zero)
+
+    def _pts_at(self, frame: av.VideoFrame, moment: float) -> int | None:
+        """The pts, in the frame's time base, of a frame placed at `moment`: the file's own where the clock took it."""
+        if self._dts_delay is None and frame.pts is not None and self._stamp(frame) == moment:
+            return frame.pts
+        base = frame.time_base or self._stream.time_base
+        return round(Fraction(moment) / base) if base else None
 
     def _put(self, item: object) -> bool:
         """Put with a timeout loop so that a consumer that went away (close) never leaves us blocked."""
@@ -577,26 +600,28 @@ def rates_differ(first: Fraction | None, second: Fraction | None, frames: int | 
 
 
 class FrameClock:
-    """Seconds from a clip's first frame for each of its frames, given in order: by their timestamps while those go
-    forward; else (a frame without one, and every frame once one goes back, as an AVI demuxer's decode-order stamps
-    on B-frames do) by index at the frame rate, never before a time already given."""
+    """Places a video's frames in time, in decoding order: each at its timestamp while those go forward; a frame
+    without one, and every frame once one has gone back (a demuxer that mixes up the order), one frame period after
+    the frame before, so that times never go back. `peek` says where a frame would go, `take` places it; setting
+    `last` to None starts again (after a seek: the next frame goes at its own stamp, else at 0)."""
 
     def __init__(self, fps: Fraction | None):
-        self._step = 1 / float(fps) if fps else 1 / 30
-        self._start: float | None = None
-        self._last = -math.inf
-        self._by_index = False
+        self.step = 1 / float(fps) if fps else 1 / 30
+        self.last: float | None = None  # the time of the last frame placed
+        self.scrambled = False  # a timestamp went back: frames are counted from then on
 
-    def __call__(self, frame: Frame) -> float:
-        moment = frame.time
-        if moment is not None and not self._by_index:
-            self._start = moment if self._start is None else self._start
-            if moment - self._start > self._last:
-                self._last = moment - self._start
-                return self._last
-            self._by_index = True
-        self._last = max(frame.index * self._step, math.nextafter(self._last, math.inf))
-        return self._last
+    def peek(self, stamp: float | None) -> float:
+        """The time a frame with this timestamp (in seconds; None: none) would take next."""
+        if stamp is not None and (self.last is None or (stamp > self.last and not self.scrambled)):
+            return stamp
+        if stamp is not None and self.last is not None:
+            self.scrambled = True
+        return self.last + self.step if self.last is not None else 0.0
+
+    def take(self, stamp: float | None) -> float:
+        """Place the next frame; its time."""
+        self.last = self.peek(stamp)
+        return self.last
 
 
 class TimedFrames:
@@ -605,14 +630,13 @@ class TimedFrames:
     `at(seconds)` gives the frame nearest that time, counted from the video's first frame (the earlier one on
     a tie); the times asked for must not go back. Past the end (the last frame shows as long as the one before
     it, or one frame period) the last frame is given again and `ended` turns True. Frames are placed in time by
-    `FrameClock`.
+    their `seconds`.
     """
 
     def __init__(self, reader: VideoReader):
         self.ended = False
         self.count = 0  # frames read so far
         self._frames = iter(reader)
-        self._clock = FrameClock(reader.fps)
         self._current: tuple[float, Frame] | None = None
         self._last_step = 1 / float(reader.fps) if reader.fps else 1 / 30  # how long the current frame shows
         self._next = self._pull()
@@ -622,7 +646,7 @@ class TimedFrames:
         if frame is None:
             return None
         self.count += 1
-        return self._clock(frame), frame
+        return frame.seconds, frame
 
     @property
     def duration(self) -> float | None:
