@@ -1279,6 +1279,72 @@ def clip_with_tracks(path: Path, tracks: list[tuple] = TRACKS, count: int = 10, 
             container.mux(sound.encode(None))
 
 
+def surround_clip(path: Path, codec: str, layout: str, channels: int) -> list[float]:
+    """A 0.4 s clip with one audio track of `channels` channels, each a tone of its own; the tones."""
+    tones = [300.0 + 200 * channel for channel in range(channels)]
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        sound = container.add_stream(codec, rate=48000)
+        sound.layout = layout
+        for index in range(10):
+            frame = av.VideoFrame.from_ndarray(pattern(index), format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        resampler = av.AudioResampler(format=sound.format.name, layout=layout, rate=48000)
+        for start in range(0, 48000 * 2 // 5, 1024):
+            times = np.arange(start, start + 1024) / 48000
+            samples = np.stack([0.2 * np.sin(2 * np.pi * tone * times) for tone in tones], -1).astype(np.float32)
+            frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout=layout)  # interleaved
+            frame.sample_rate, frame.pts, frame.time_base = 48000, start, Fraction(1, 48000)
+            for part in resampler.resample(frame):
+                container.mux(sound.encode(part))
+        container.mux(sound.encode(None))
+    return tones
+
+
+def channel_tones(path: Path) -> tuple[str, list[float]]:
+    """The first audio track's codec and the dominant frequency of each of its channels."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        planar = av.AudioResampler(format="fltp", rate=stream.rate)
+        samples = np.concatenate([part.to_ndarray() for frame in container.decode(stream)
+                                  for part in planar.resample(frame)], axis=1)
+        return stream.codec_context.name, [dominant_frequency(channel, stream.rate) for channel in samples]
+
+
+@pytest.mark.parametrize(("source_name", "codec", "layout", "suffix", "low"), [
+    ("camera.mov", "pcm_s24le", "4.0", ".mp4", None),  # four microphones: AAC 4.0
+    ("camera.mov", "pcm_s24le", "4.0", ".webm", None),  # Opus takes them as "quad"
+    ("mix.mkv", "pcm_s16le", "5.1", ".mp4", 3),  # Matroska names no PCM channel: AAC 5.1
+    ("mix.mkv", "flac", "5.1", ".mov", 3),
+])
+def test_a_transcoded_track_keeps_each_of_its_channels(tmp_path, source_name, codec, layout, suffix, low):
+    """More than two channels were mixed down to stereo whenever the track was transcoded; now each channel goes
+    through as it is, under the standard layout of its count (AAC's low-frequency channel, the fourth of 5.1,
+    keeps only its lowest notes)."""
+    source = tmp_path / source_name
+    tones = surround_clip(source, codec, layout, len(av.AudioLayout(layout).channels))
+    target = tmp_path / f"out{suffix}"
+    copy_clip(source, target)
+    name, heard = channel_tones(target)
+    assert name == ("opus" if suffix == ".webm" else "aac") and len(heard) == len(tones)
+    for channel, (tone, got) in enumerate(zip(tones, heard)):
+        if channel != low:
+            assert got == pytest.approx(tone, abs=15)
+
+
+def test_a_track_of_more_than_eight_channels_is_mixed_down_to_stereo_with_a_warning(tmp_path, caplog):
+    source = tmp_path / "array.mkv"
+    surround_clip(source, "pcm_s16le", "5.1.4", 10)
+    target = tmp_path / "out.mp4"
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        copy_clip(source, target)
+    assert channel_tones(target)[0] == "aac" and len(channel_tones(target)[1]) == 2
+    assert f"{source}: audio has 10 channels, more than aac takes; they are mixed down to stereo" in caplog.text
+
+
 def audio_tracks(path: Path) -> list[dict]:
     """Each audio track of a file, in order: codec, language, title (MP4 reads it back as 'name'), the seconds
     it decodes to and its dominant frequency."""

@@ -1760,6 +1760,7 @@ class _AudioCarrier:
         self.copy = False
         self._output = output
         self._held: av.Packet | None = None
+        self._relabel: str | None = None  # the layout transcoded frames are given, channel for channel
         self._damaged = 0  # packets the decoder refused, left out
         self._start = media.start
         self._last_dts: int | None = None  # of the latest copied packet, in the source's time base
@@ -1774,17 +1775,19 @@ class _AudioCarrier:
             target = "aac" if container != "webm" else "libopus" if _encoder_available("libopus") else "opus"
             rates = av.codec.Codec(target, "w").audio_rates  # AAC stops at 96 kHz, Opus takes 48 kHz and less
             rate = self._in_stream.rate if self._in_stream.rate in (rates or ()) and target == "aac" else 48000
-            # By count, not by the source's layout name: PCM in Matroska has "2 channels", which AAC refuses.
-            layout = "mono" if self._in_stream.channels == 1 else "stereo"
             # The decoder, and the encoder on a trial context, are opened before the track joins the output:
             # a stream added and then refused would be left in the file, whose header would fail.
             self._in_stream.codec_context.open(strict=False)
-            trial = av.CodecContext.create(target, "w")
-            trial.rate, trial.layout, trial.format = rate, layout, trial.codec.audio_formats[0]
-            trial.open()
+            layout = _encoder_layout(target, rate, self._in_stream)
+            if layout == "stereo" and self._in_stream.channels > 2:
+                logger.warning("%s: %s has %d channels, more than %s takes; they are mixed down to stereo",
+                               self.source, self.label, self._in_stream.channels, target)
             self._out_stream = output.add_stream(target, rate=rate)
             self._out_stream.layout = layout
             self._resampler = av.AudioResampler(format=self._out_stream.format.name, layout=layout, rate=rate)
+            # A layout the encoder refuses, or one that names no channel, goes under the one chosen channel for
+            # channel: the resampler would mix them (four discrete microphones labelled "4.0" into "quad").
+            self._relabel = layout if len(av.AudioLayout(layout).channels) == self._in_stream.channels else None
             self._out_stream.codec_context.open()
             logger.info("%s: %s (%s) cannot go into %s as is; transcoding to %s", self.source, self.label,
                         self.codec, container, target)
@@ -1860,6 +1863,9 @@ class _AudioCarrier:
             self._damaged += 1
             return
         for frame in frames:
+            if self._relabel and frame.layout.name != self._relabel and \
+                    len(frame.layout.channels) == len(av.AudioLayout(self._relabel).channels):
+                frame = _relabelled(frame, self._relabel)
             self._encode(self._resampler.resample(frame))
 
     def _encode(self, frames: list[av.AudioFrame]) -> None:
@@ -1902,6 +1908,45 @@ class _AudioCarrier:
             self.discard()
         if self._damaged:
             logger.warning("%s: %s has damaged packets; %d left out", self.source, self.label, self._damaged)
+
+
+# Channel layouts tried, in order, for a transcoded track of each channel count that its own layout does not fit:
+# the standard ones, which players know (AAC writes others with a program config element that some refuse; Opus
+# takes "quad" and not "4.0"). Six and eight channels get a low-frequency channel, which AAC keeps to its lowest
+# notes. Past 8 channels, or when none opens, the track is mixed down to stereo.
+_LAYOUTS_FOR = {1: ("mono",), 2: ("stereo",), 3: ("3.0",), 4: ("4.0", "quad"), 5: ("5.0",), 6: ("5.1",),
+                7: ("6.1",), 8: ("7.1",)}
+
+
+def _unnamed(layout: av.AudioLayout) -> bool:
+    """Whether a layout only counts its channels ("6 channels": PCM in Matroska), naming none of them."""
+    return layout.name.endswith("channels")
+
+
+def _encoder_layout(codec: str, rate: int, stream: av.audio.stream.AudioStream) -> str:
+    """The layout a transcoded track keeps: its own, or the usual one for its channel count (a camera's four
+    discrete microphones stay four channels), whichever the encoder opens with; else stereo, mixed down."""
+    count = stream.channels
+    own = () if _unnamed(stream.layout) or count <= 2 else (stream.layout.name,)
+    for layout in own + _LAYOUTS_FOR.get(count, ()):
+        trial = av.CodecContext.create(codec, "w")
+        trial.rate, trial.layout, trial.format = rate, layout, trial.codec.audio_formats[0]
+        try:
+            trial.open()
+        except (av.FFmpegError, ValueError):
+            continue
+        return layout
+    trial = av.CodecContext.create(codec, "w")  # as before: refused here, the track is left out with a warning
+    trial.rate, trial.layout, trial.format = rate, "stereo", trial.codec.audio_formats[0]
+    trial.open()
+    return "stereo"
+
+
+def _relabelled(frame: av.AudioFrame, layout: str) -> av.AudioFrame:
+    """The same samples under a named layout of as many channels, so that they pass through unmixed."""
+    named = av.AudioFrame.from_ndarray(frame.to_ndarray(), format=frame.format.name, layout=layout)
+    named.sample_rate, named.pts, named.time_base = frame.sample_rate, frame.pts, frame.time_base
+    return named
 
 
 def _track_names(stream: av.stream.Stream) -> dict[str, str]:
