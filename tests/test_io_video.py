@@ -1308,10 +1308,10 @@ def channel_tones(path: Path) -> tuple[str, list[float]]:
     """The first audio track's codec and the dominant frequency of each of its channels."""
     with av.open(str(path)) as container:
         stream = container.streams.audio[0]
-        planar = av.AudioResampler(format="fltp", rate=stream.rate)
-        samples = np.concatenate([part.to_ndarray() for frame in container.decode(stream)
-                                  for part in planar.resample(frame)], axis=1)
-        return stream.codec_context.name, [dominant_frequency(channel, stream.rate) for channel in samples]
+        packed = av.AudioResampler(format="flt", rate=stream.rate)  # PyAV crashes on planar arrays of 8 channels
+        samples = np.concatenate([part.to_ndarray().reshape(-1, stream.channels) for frame in container.decode(stream)
+                                  for part in packed.resample(frame)])
+        return stream.codec_context.name, [dominant_frequency(channel, stream.rate) for channel in samples.T]
 
 
 @pytest.mark.parametrize(("source_name", "codec", "layout", "suffix", "low"), [
@@ -1319,6 +1319,7 @@ def channel_tones(path: Path) -> tuple[str, list[float]]:
     ("camera.mov", "pcm_s24le", "4.0", ".webm", None),  # Opus takes them as "quad"
     ("mix.mkv", "pcm_s16le", "5.1", ".mp4", 3),  # Matroska names no PCM channel: AAC 5.1
     ("mix.mkv", "flac", "5.1", ".mov", 3),
+    ("wide.mp4", "aac", "7.1(wide)", ".webm", None),  # AAC read back as "8 channels", planar: Opus 7.1
 ])
 def test_a_transcoded_track_keeps_each_of_its_channels(tmp_path, source_name, codec, layout, suffix, low):
     """More than two channels were mixed down to stereo whenever the track was transcoded; now each channel goes
@@ -1335,14 +1336,19 @@ def test_a_transcoded_track_keeps_each_of_its_channels(tmp_path, source_name, co
             assert got == pytest.approx(tone, abs=15)
 
 
-def test_a_track_of_more_than_eight_channels_is_mixed_down_to_stereo_with_a_warning(tmp_path, caplog):
+@pytest.mark.parametrize(("layout", "suffix", "codec"), [("5.1.4", ".mp4", "aac"), ("5.0", ".webm", "libopus")])
+def test_a_track_whose_channels_the_encoder_cannot_keep_is_mixed_down_to_stereo_with_a_warning(tmp_path, caplog,
+                                                                                              layout, suffix, codec):
+    """More than 8 channels; or 5 (and 7) into Opus, which FFmpeg's libopus gives back shuffled."""
     source = tmp_path / "array.mkv"
-    surround_clip(source, "pcm_s16le", "5.1.4", 10)
-    target = tmp_path / "out.mp4"
+    count = len(av.AudioLayout(layout).channels)
+    surround_clip(source, "pcm_s16le", layout, count)
+    target = tmp_path / f"out{suffix}"
     with caplog.at_level(logging.WARNING, logger="bgmatte"):
         copy_clip(source, target)
-    assert channel_tones(target)[0] == "aac" and len(channel_tones(target)[1]) == 2
-    assert f"{source}: audio has 10 channels, more than aac takes; they are mixed down to stereo" in caplog.text
+    assert len(channel_tones(target)[1]) == 2
+    assert f"{source}: audio has {count} channels, which {codec} cannot keep; they are mixed down to stereo" in \
+        caplog.text
 
 
 def audio_tracks(path: Path) -> list[dict]:
@@ -1461,13 +1467,16 @@ def test_two_aac_tracks_of_an_mp4_keep_their_titles_in_matroska(tmp_path):
         assert [stream.metadata.get("title") for stream in container.streams.audio] == ["Mic", "Desktop"]
 
 
-def test_frame_clock_follows_timestamps_and_counts_frames_once_one_goes_back():
+def test_frame_clock_follows_timestamps_and_counts_frames_once_they_keep_going_back():
     clock = FrameClock(Fraction(50))
     assert [clock.take(stamp) for stamp in (0.2, 0.22, 0.3)] == pytest.approx([0.2, 0.22, 0.3])  # variable rate kept
     assert clock.peek(0.4) == 0.4 and clock.last == pytest.approx(0.3)  # a peek places nothing
-    # A stamp that goes back (a demuxer that mixes up the order): from then on one frame period after the last,
-    # even for stamps that go forward again.
-    assert [clock.take(stamp) for stamp in (0.25, 0.5, 0.6)] == pytest.approx([0.32, 0.34, 0.36])
+    # A lone stamp that repeats (a variable-rate recording's glitch) costs its own frame: one period after the last.
+    assert [clock.take(stamp) for stamp in (0.3, 0.5, 0.9)] == pytest.approx([0.32, 0.5, 0.9])
+    assert not clock.scrambled
+    # Stamps that go back again soon after (a demuxer that mixes up the order): counted from then on, even stamps
+    # that go forward.
+    assert [clock.take(stamp) for stamp in (0.85, 1.2, 1.5)] == pytest.approx([0.92, 0.94, 0.96])
     assert clock.scrambled
     unstamped = FrameClock(None)  # no rate either: 30 fps
     assert [unstamped.take(None) for _ in range(3)] == pytest.approx([0, 1 / 30, 2 / 30])
@@ -1475,6 +1484,52 @@ def test_frame_clock_follows_timestamps_and_counts_frames_once_one_goes_back():
     restarted.take(1.0)
     restarted.last = None  # after a seek: the next frame goes at its own stamp
     assert restarted.take(0.4) == 0.4 and restarted.take(None) == pytest.approx(0.44)
+
+
+@pytest.mark.parametrize("damaged", [1, 3])
+def test_an_avi_whose_first_frames_are_lost_keeps_the_rest_at_their_times(tmp_path, damaged):
+    """The first keyframe (and the frames after it) of an H.264 AVI damaged, as in a clip cut from a longer one: the
+    frames decoded from the next keyframe on keep their own times (the decoder's delay is its own, not counted from
+    the file's first packet, which put them up to a GOP early, ahead of their sound)."""
+    source = tmp_path / "cut.avi"
+    span_clip(source, count=40, tracks=(), video_options={"bf": "2", "g": "12"})
+    data = bytearray(source.read_bytes())
+    at = data.find(b"movi")
+    for _ in range(damaged):
+        at = data.find(b"00dc", at + 4)
+        size = int.from_bytes(data[at + 4:at + 8], "little")
+        data[at + 12:at + 8 + size] = b"\xff" * (size - 4)  # after the start code: no picture the decoder takes
+    source.write_bytes(bytes(data))
+    with VideoReader(source) as reader:
+        frames = list(reader)
+    numbers = [number_of(frame.image) for frame in frames]
+    assert numbers[0] >= 1 and numbers == list(range(numbers[0], 40))
+    assert [frame.pts for frame in frames] == numbers  # the time base is 1/25
+    assert [frame.seconds for frame in frames] == pytest.approx([0.04 * (n - numbers[0]) for n in numbers])
+
+
+def test_a_repeated_stamp_in_a_variable_rate_clip_moves_only_its_own_frame(tmp_path):
+    """One frame of a variable-rate recording repeats the stamp before it: the frames after it keep their own
+    stamps (they were counted at the nominal rate to the end, squeezing 1.54 s into 0.48 s against the sound)."""
+    source = tmp_path / "glitch.mkv"
+    stamps = [0, 40, 80, 80, 200, 240, 400, 440, 800, 840, 880, 1500, 1540]
+    with av.open(str(source), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"crf": "12", "bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        packets = []
+        for index in range(len(stamps)):
+            frame = av.VideoFrame.from_ndarray(numbered(index), format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            packets += stream.encode(frame)
+        packets += stream.encode(None)
+        for packet, stamp in zip(packets, stamps):  # without B-frames the packets come in display order
+            packet.time_base, packet.pts, packet.dts = Fraction(1, 1000), stamp, stamp
+            container.mux(packet)
+    with VideoReader(source) as reader:
+        frames = list(reader)
+    assert [number_of(frame.image) for frame in frames] == list(range(len(stamps)))
+    assert [round(frame.time * 1000) for frame in frames] == [0, 40, 80, 120] + stamps[4:]
+    assert [round(frame.seconds * 1000) for frame in frames] == [0, 40, 80, 120] + stamps[4:]
 
 
 @pytest.mark.parametrize(("start", "first"), [(0.0, 0), (0.36, 9), (0.5, 13), (1.0, 25)])

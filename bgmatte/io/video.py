@@ -167,8 +167,7 @@ class VideoReader:
         self._shift = Fraction(0)  # the same, exact
         self._origin = 0.0  # the time of the video's first frame, which the start counts from
         self._span_ended = False  # a frame after the span was met: the rest is not read
-        self._first_dts: int | None = None  # the first video packet's decoding stamp
-        self._dts_delay: int | None = None  # an AVI's frames are timed by decoding stamp, less the decoder's delay
+        self._by_dts = False  # an AVI's frames are timed by decoding stamp, less the decoder's delay
         self.error: BgmatteError | None = None
         self.frames_read = 0
         self.skipped = 0  # damaged packets left out
@@ -185,8 +184,8 @@ class VideoReader:
             self.fps: Fraction | None = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
             self._step = 1 / float(self.fps) if self.fps else 1 / 30  # a frame's length when nothing says
             self._timer = FrameClock(self.fps)  # the decoding thread's, once started
+            self._by_dts = self._container.format.name == "avi"
             self._pending = self._decode_first()
-            self._time_by_dts(self._pending[0])
             self._origin = self._time_of(self._pending[0])
             if self.start > 0:
                 self._pending = self._seek_start(self._pending)
@@ -254,8 +253,6 @@ class VideoReader:
     def _decode(self, packet: av.Packet) -> list[av.VideoFrame]:
         """The frames of one packet. A damaged one (invalid data) is skipped and counted, and the decoder goes on
         with the next: only `_MAX_BAD_PACKETS` in a row end the stream, with that error."""
-        if self._first_dts is None:
-            self._first_dts = packet.dts
         try:
             frames = self._stream.decode(packet)
         except av.InvalidDataError:
@@ -280,21 +277,20 @@ class VideoReader:
         if self.niceness > 0:  # decode on the reading thread itself, whose priority is lowered, not in FFmpeg's
             self._stream.codec_context.thread_count = 1
 
-    def _time_by_dts(self, first: av.VideoFrame) -> None:
-        """In an AVI, time the frames by their decoding stamps. AVI has no presentation stamps: FFmpeg makes them up
-        in decoding order, and they go back on every B-frame (H.264 in AVI), while a decoded frame's decoding stamp
-        is that of the packet which let the decoder give it out, a fixed number of frames (its reordering delay, seen
-        on the first frame) after the frame's own place."""
-        if self._container.format.name == "avi" and first.dts is not None and self._first_dts is not None:
-            self._dts_delay = max(0, first.dts - self._first_dts)
-
     def _stamp(self, frame: av.VideoFrame) -> float | None:
-        """A decoded frame's timestamp in the source's seconds, as the file gives it (None: none)."""
+        """A decoded frame's timestamp in the source's seconds (None: none). In an AVI, from its decoding stamp: AVI
+        has no presentation stamps, and those FFmpeg makes up go back on every B-frame (H.264 in AVI), while a
+        decoded frame's decoding stamp is that of the packet which let the decoder give it out, as many frames after
+        the frame's own place as the decoder holds back for reordering (the frames drained from it at the end have
+        none, and are counted)."""
         base = frame.time_base or self._stream.time_base
         if base is None:
             return None
-        if self._dts_delay is not None:  # the last frames drained from the decoder have none: counted
-            return float((frame.dts - self._dts_delay) * base) if frame.dts is not None else None
+        if self._by_dts:
+            if frame.dts is None:
+                return None
+            held = self._stream.codec_context.reorder_depth
+            return float((frame.dts - held * max(1, round(self._step / base))) * base)
         return float(frame.pts * base) if frame.pts is not None else None
 
     def _time_of(self, frame: av.VideoFrame) -> float:
@@ -571,7 +567,7 @@ class VideoReader:
 
     def _pts_at(self, frame: av.VideoFrame, moment: float) -> int | None:
         """The pts, in the frame's time base, of a frame placed at `moment`: the file's own where the clock took it."""
-        if self._dts_delay is None and frame.pts is not None and self._stamp(frame) == moment:
+        if not self._by_dts and frame.pts is not None and self._stamp(frame) == moment:
             return frame.pts
         base = frame.time_base or self._stream.time_base
         return round(Fraction(moment) / base) if base else None
@@ -601,27 +597,37 @@ def rates_differ(first: Fraction | None, second: Fraction | None, frames: int | 
 
 class FrameClock:
     """Places a video's frames in time, in decoding order: each at its timestamp while those go forward; a frame
-    without one, and every frame once one has gone back (a demuxer that mixes up the order), one frame period after
-    the frame before, so that times never go back. `peek` says where a frame would go, `take` places it; setting
-    `last` to None starts again (after a seek: the next frame goes at its own stamp, else at 0)."""
+    without one, or whose stamp is not after the last frame's, one frame period after that frame, so that times
+    never go back and a lone faulty stamp (a repeated one in a variable-rate recording) costs only its own frame.
+    Stamps that go back again within `SCRAMBLED_WITHIN` frames come from a demuxer that mixes up the order: every
+    frame is counted from then on. `peek` says where a frame would go, `take` places it; setting `last` to None
+    starts again (after a seek: the next frame goes at its own stamp, else at 0)."""
+
+    SCRAMBLED_WITHIN = 16
 
     def __init__(self, fps: Fraction | None):
         self.step = 1 / float(fps) if fps else 1 / 30
         self.last: float | None = None  # the time of the last frame placed
-        self.scrambled = False  # a timestamp went back: frames are counted from then on
+        self.scrambled = False  # stamps went back twice close together: frames are counted from then on
+        self._placed = 0
+        self._went_back: int | None = None  # the number of the last frame whose stamp went back
 
     def peek(self, stamp: float | None) -> float:
         """The time a frame with this timestamp (in seconds; None: none) would take next."""
         if stamp is not None and (self.last is None or (stamp > self.last and not self.scrambled)):
             return stamp
-        if stamp is not None and self.last is not None:
-            self.scrambled = True
         return self.last + self.step if self.last is not None else 0.0
 
     def take(self, stamp: float | None) -> float:
         """Place the next frame; its time."""
-        self.last = self.peek(stamp)
-        return self.last
+        moment = self.peek(stamp)
+        if stamp is not None and self.last is not None and stamp <= self.last:
+            if self._went_back is not None and self._placed - self._went_back <= self.SCRAMBLED_WITHIN:
+                self.scrambled = True
+            self._went_back = self._placed
+        self.last = moment
+        self._placed += 1
+        return moment
 
 
 class TimedFrames:
@@ -1760,7 +1766,7 @@ class _AudioCarrier:
         self.copy = False
         self._output = output
         self._held: av.Packet | None = None
-        self._relabel: str | None = None  # the layout transcoded frames are given, channel for channel
+        self._relabel: _Relabeller | None = None  # gives transcoded frames the output's layout
         self._damaged = 0  # packets the decoder refused, left out
         self._start = media.start
         self._last_dts: int | None = None  # of the latest copied packet, in the source's time base
@@ -1780,14 +1786,12 @@ class _AudioCarrier:
             self._in_stream.codec_context.open(strict=False)
             layout = _encoder_layout(target, rate, self._in_stream)
             if layout == "stereo" and self._in_stream.channels > 2:
-                logger.warning("%s: %s has %d channels, more than %s takes; they are mixed down to stereo",
+                logger.warning("%s: %s has %d channels, which %s cannot keep; they are mixed down to stereo",
                                self.source, self.label, self._in_stream.channels, target)
             self._out_stream = output.add_stream(target, rate=rate)
             self._out_stream.layout = layout
             self._resampler = av.AudioResampler(format=self._out_stream.format.name, layout=layout, rate=rate)
-            # A layout the encoder refuses, or one that names no channel, goes under the one chosen channel for
-            # channel: the resampler would mix them (four discrete microphones labelled "4.0" into "quad").
-            self._relabel = layout if len(av.AudioLayout(layout).channels) == self._in_stream.channels else None
+            self._relabel = _Relabeller(layout)
             self._out_stream.codec_context.open()
             logger.info("%s: %s (%s) cannot go into %s as is; transcoding to %s", self.source, self.label,
                         self.codec, container, target)
@@ -1863,10 +1867,8 @@ class _AudioCarrier:
             self._damaged += 1
             return
         for frame in frames:
-            if self._relabel and frame.layout.name != self._relabel and \
-                    len(frame.layout.channels) == len(av.AudioLayout(self._relabel).channels):
-                frame = _relabelled(frame, self._relabel)
-            self._encode(self._resampler.resample(frame))
+            for named in self._relabel(frame):
+                self._encode(self._resampler.resample(named))
 
     def _encode(self, frames: list[av.AudioFrame]) -> None:
         for frame in frames:
@@ -1910,43 +1912,56 @@ class _AudioCarrier:
             logger.warning("%s: %s has damaged packets; %d left out", self.source, self.label, self._damaged)
 
 
-# Channel layouts tried, in order, for a transcoded track of each channel count that its own layout does not fit:
-# the standard ones, which players know (AAC writes others with a program config element that some refuse; Opus
-# takes "quad" and not "4.0"). Six and eight channels get a low-frequency channel, which AAC keeps to its lowest
-# notes. Past 8 channels, or when none opens, the track is mixed down to stereo.
-_LAYOUTS_FOR = {1: ("mono",), 2: ("stereo",), 3: ("3.0",), 4: ("4.0", "quad"), 5: ("5.0",), 6: ("5.1",),
-                7: ("6.1",), 8: ("7.1",)}
-
-
-def _unnamed(layout: av.AudioLayout) -> bool:
-    """Whether a layout only counts its channels ("6 channels": PCM in Matroska), naming none of them."""
-    return layout.name.endswith("channels")
+# The channel layout a transcoded track of each channel count gets, channel for channel: the standard ones,
+# which players know (AAC writes others with a program config element that some refuse), and for Opus only those
+# that FFmpeg's libopus gives back in their order (5.0 and 6.1 come back shuffled). AAC keeps only the lowest notes
+# of the fourth channel of 5.1 and 7.1, their low-frequency one. A count with no layout here is mixed to stereo.
+_LAYOUTS = {
+    "aac": {1: "mono", 2: "stereo", 3: "3.0", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"},
+    "opus": {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 6: "5.1", 8: "7.1"},
+}
 
 
 def _encoder_layout(codec: str, rate: int, stream: av.audio.stream.AudioStream) -> str:
-    """The layout a transcoded track keeps: its own, or the usual one for its channel count (a camera's four
-    discrete microphones stay four channels), whichever the encoder opens with; else stereo, mixed down."""
-    count = stream.channels
-    own = () if _unnamed(stream.layout) or count <= 2 else (stream.layout.name,)
-    for layout in own + _LAYOUTS_FOR.get(count, ()):
+    """The layout a transcoded track gets: the standard one of its channel count (a camera's four discrete
+    microphones stay four channels), if the encoder opens with it; else stereo, mixed down."""
+    layouts = _LAYOUTS["aac" if codec == "aac" else "opus"]
+    for layout in (layouts.get(stream.channels), "stereo"):
+        if layout is None:
+            continue
         trial = av.CodecContext.create(codec, "w")
         trial.rate, trial.layout, trial.format = rate, layout, trial.codec.audio_formats[0]
         try:
             trial.open()
         except (av.FFmpegError, ValueError):
+            if layout == "stereo":
+                raise  # as before: the track is left out, with a warning
             continue
         return layout
-    trial = av.CodecContext.create(codec, "w")  # as before: refused here, the track is left out with a warning
-    trial.rate, trial.layout, trial.format = rate, "stereo", trial.codec.audio_formats[0]
-    trial.open()
-    return "stereo"
+    raise AssertionError("unreachable")
 
 
-def _relabelled(frame: av.AudioFrame, layout: str) -> av.AudioFrame:
-    """The same samples under a named layout of as many channels, so that they pass through unmixed."""
-    named = av.AudioFrame.from_ndarray(frame.to_ndarray(), format=frame.format.name, layout=layout)
-    named.sample_rate, named.pts, named.time_base = frame.sample_rate, frame.pts, frame.time_base
-    return named
+class _Relabeller:
+    """Gives a track's frames another layout of as many channels, the samples channel for channel, so that the
+    resampler passes them through instead of mixing them (a layout that names no channel, "6 channels", or 5.1
+    with side channels going into 5.1). Through the packed sample format: PyAV cannot hand out planar frames of
+    eight channels as arrays."""
+
+    def __init__(self, layout: str):
+        self.layout = layout
+        self._packer: av.AudioResampler | None = None
+
+    def __call__(self, frame: av.AudioFrame) -> list[av.AudioFrame]:
+        if frame.layout.name == self.layout or len(frame.layout.channels) != len(av.AudioLayout(self.layout).channels):
+            return [frame]
+        if self._packer is None:
+            self._packer = av.AudioResampler(format=frame.format.packed.name)
+        named = []
+        for packed in self._packer.resample(frame):
+            part = av.AudioFrame.from_ndarray(packed.to_ndarray(), format=packed.format.name, layout=self.layout)
+            part.sample_rate, part.pts, part.time_base = packed.sample_rate, packed.pts, packed.time_base
+            named.append(part)
+        return named
 
 
 def _track_names(stream: av.stream.Stream) -> dict[str, str]:
