@@ -167,10 +167,10 @@ def test_audio_only_file_is_refused(tmp_path):
         VideoReader(sound)
 
 
-@pytest.mark.parametrize("kind", ["mkv", "faststart-mp4"])
+@pytest.mark.parametrize("kind", ["mkv", "faststart-mp4", "avi"])
 def test_truncated_input_keeps_decoded_frames_and_reports_it(tmp_path, kind):
-    clip = tmp_path / ("whole.mkv" if kind == "mkv" else "whole.mp4")
-    make_clip(clip, count=25, options={"movflags": "faststart"} if kind != "mkv" else None)
+    clip = tmp_path / ("whole.mp4" if kind == "faststart-mp4" else f"whole.{kind}")
+    make_clip(clip, count=25, options={"movflags": "faststart"} if kind == "faststart-mp4" else None)
     data = clip.read_bytes()
     cut = tmp_path / f"cut{clip.suffix}"
     cut.write_bytes(data[: len(data) * 6 // 10])
@@ -1280,7 +1280,8 @@ def clip_with_tracks(path: Path, tracks: list[tuple] = TRACKS, count: int = 10, 
 
 
 def surround_clip(path: Path, codec: str, layout: str, channels: int) -> list[float]:
-    """A 0.4 s clip with one audio track of `channels` channels, each a tone of its own; the tones."""
+    """A 0.4 s clip with one audio track of `channels` channels, each a tone of its own, 0.6 s long (the writer cuts
+    it); the tones."""
     tones = [300.0 + 200 * channel for channel in range(channels)]
     with av.open(str(path), mode="w") as container:
         video = container.add_stream("libx264", rate=25)
@@ -1293,7 +1294,7 @@ def surround_clip(path: Path, codec: str, layout: str, channels: int) -> list[fl
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
         resampler = av.AudioResampler(format=sound.format.name, layout=layout, rate=48000)
-        for start in range(0, 48000 * 2 // 5, 1024):
+        for start in range(0, 48000 * 3 // 5, 1024):
             times = np.arange(start, start + 1024) / 48000
             samples = np.stack([0.2 * np.sin(2 * np.pi * tone * times) for tone in tones], -1).astype(np.float32)
             frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout=layout)  # interleaved
@@ -1320,6 +1321,9 @@ def channel_tones(path: Path) -> tuple[str, list[float]]:
     ("mix.mkv", "pcm_s16le", "5.1", ".mp4", 3),  # Matroska names no PCM channel: AAC 5.1
     ("mix.mkv", "flac", "5.1", ".mov", 3),
     ("wide.mp4", "aac", "7.1(wide)", ".webm", None),  # AAC read back as "8 channels", planar: Opus 7.1
+    ("mix.mkv", "pcm_s16le", "7.1", ".mp4", 3),  # eight planar channels cut at the video's end
+    ("rear.mov", "pcm_s16le", "quad", ".mp4", None),  # its own layouts where AAC keeps them: the rear pair
+    ("hex.mov", "pcm_s16le", "6.0", ".mp4", None),  # and a back-centre channel, not low-passed as 5.1's fourth
 ])
 def test_a_transcoded_track_keeps_each_of_its_channels(tmp_path, source_name, codec, layout, suffix, low):
     """More than two channels were mixed down to stereo whenever the track was transcoded; now each channel goes
@@ -1331,6 +1335,10 @@ def test_a_transcoded_track_keeps_each_of_its_channels(tmp_path, source_name, co
     copy_clip(source, target)
     name, heard = channel_tones(target)
     assert name == ("opus" if suffix == ".webm" else "aac") and len(heard) == len(tones)
+    assert mono_samples(target)[0].size == pytest.approx(0.4 * 48000, abs=1100)  # cut with the video
+    if layout == "quad":
+        with av.open(str(target)) as container:
+            assert container.streams.audio[0].layout.name == "quad"  # not 4.0, which has no rear pair
     for channel, (tone, got) in enumerate(zip(tones, heard)):
         if channel != low:
             assert got == pytest.approx(tone, abs=15)
@@ -1471,12 +1479,13 @@ def test_frame_clock_follows_timestamps_and_counts_frames_once_they_keep_going_b
     clock = FrameClock(Fraction(50))
     assert [clock.take(stamp) for stamp in (0.2, 0.22, 0.3)] == pytest.approx([0.2, 0.22, 0.3])  # variable rate kept
     assert clock.peek(0.4) == 0.4 and clock.last == pytest.approx(0.3)  # a peek places nothing
-    # A lone stamp that repeats (a variable-rate recording's glitch) costs its own frame: one period after the last.
-    assert [clock.take(stamp) for stamp in (0.3, 0.5, 0.9)] == pytest.approx([0.32, 0.5, 0.9])
+    # A lone stamp that repeats (a variable-rate recording's glitch) costs its own frame: half a period after the
+    # last, so that the next stamp is its own again.
+    assert [clock.take(stamp) for stamp in (0.3, 0.32, 0.9)] == pytest.approx([0.31, 0.32, 0.9])
     assert not clock.scrambled
     # Stamps that go back again soon after (a demuxer that mixes up the order): counted from then on, even stamps
     # that go forward.
-    assert [clock.take(stamp) for stamp in (0.85, 1.2, 1.5)] == pytest.approx([0.92, 0.94, 0.96])
+    assert [clock.take(stamp) for stamp in (0.85, 1.2, 1.5)] == pytest.approx([0.91, 0.93, 0.95])
     assert clock.scrambled
     unstamped = FrameClock(None)  # no rate either: 30 fps
     assert [unstamped.take(None) for _ in range(3)] == pytest.approx([0, 1 / 30, 2 / 30])
@@ -1508,11 +1517,48 @@ def test_an_avi_whose_first_frames_are_lost_keeps_the_rest_at_their_times(tmp_pa
     assert [frame.seconds for frame in frames] == pytest.approx([0.04 * (n - numbers[0]) for n in numbers])
 
 
+def test_an_avi_with_frames_dropped_by_its_capture_is_whole(tmp_path):
+    """A capture that dropped frames 10 to 13 leaves empty chunks that its header counts and FFmpeg skips: the frames
+    keep their times across the gap, and the file is not called truncated (4 of 30 frames looked missing)."""
+    source = tmp_path / "capture.avi"
+    kept = [index for index in range(30) if not 10 <= index < 14]
+    with av.open(str(source), mode="w") as container:
+        stream = container.add_stream("mjpeg", rate=25)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuvj420p"
+        for index in kept:
+            frame = av.VideoFrame.from_ndarray(numbered(index), format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    with av.open(str(source)) as container:
+        assert container.streams.video[0].frames == 30
+    with VideoReader(source) as reader:
+        frames = list(reader)
+    assert [frame.pts for frame in frames] == kept and reader.error is None
+
+
+def test_an_avi_in_milliseconds_keeps_its_frame_rate_and_times(tmp_path):
+    """FFmpeg writes an AVI of 1 ms ticks when the frames carry millisecond times: its average rate is the tick
+    rate (1000), its header counts ticks, and the reorder delay spans 40 ticks a frame. The frames keep their times
+    to the last ones drained from the decoder (they were 1 ms apart), and the whole file is not called truncated
+    (it was: 25 of 1000 frames)."""
+    clip = tmp_path / "ticks.avi"
+    make_clip(clip, count=25)
+    with av.open(str(clip)) as container:
+        assert container.streams.video[0].time_base == Fraction(1, 1000)
+    with VideoReader(clip) as reader:
+        frames = list(reader)
+    assert reader.fps == 25 and reader.error is None
+    assert [frame.pts for frame in frames] == [40 * index for index in range(25)]
+
+
 def test_a_repeated_stamp_in_a_variable_rate_clip_moves_only_its_own_frame(tmp_path):
-    """One frame of a variable-rate recording repeats the stamp before it: the frames after it keep their own
-    stamps (they were counted at the nominal rate to the end, squeezing 1.54 s into 0.48 s against the sound)."""
+    """One frame of a variable-rate recording repeats the stamp before it, and later two stamps are swapped: the
+    frames after each keep their own stamps (the first glitch had every later frame counted at the nominal rate,
+    squeezing 1.54 s into 0.48 s against the sound; a swapped pair, once, made every later frame a frame late)."""
     source = tmp_path / "glitch.mkv"
-    stamps = [0, 40, 80, 80, 200, 240, 400, 440, 800, 840, 880, 1500, 1540]
+    stamps = [0, 40, 80, 80, 200, 240, 400, 440] + [440 + 40 * i for i in range(1, 20)] + [1280, 1240, 1320, 1360]
+    expected = [0, 40, 80, 100, 200, 240, 400, 440] + [440 + 40 * i for i in range(1, 20)] + [1280, 1300, 1320, 1360]
     with av.open(str(source), mode="w") as container:
         stream = container.add_stream("libx264", rate=25, options={"crf": "12", "bf": "0"})
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
@@ -1522,14 +1568,14 @@ def test_a_repeated_stamp_in_a_variable_rate_clip_moves_only_its_own_frame(tmp_p
             frame.pts, frame.time_base = index, Fraction(1, 25)
             packets += stream.encode(frame)
         packets += stream.encode(None)
-        for packet, stamp in zip(packets, stamps):  # without B-frames the packets come in display order
-            packet.time_base, packet.pts, packet.dts = Fraction(1, 1000), stamp, stamp
+        for number, (packet, stamp) in enumerate(zip(packets, stamps)):  # without B-frames: in display order
+            packet.time_base, packet.pts, packet.dts = Fraction(1, 1000), stamp, number  # the muxer wants dts to rise
             container.mux(packet)
     with VideoReader(source) as reader:
         frames = list(reader)
     assert [number_of(frame.image) for frame in frames] == list(range(len(stamps)))
-    assert [round(frame.time * 1000) for frame in frames] == [0, 40, 80, 120] + stamps[4:]
-    assert [round(frame.seconds * 1000) for frame in frames] == [0, 40, 80, 120] + stamps[4:]
+    assert [round(frame.time * 1000) for frame in frames] == expected
+    assert [round(frame.seconds * 1000) for frame in frames] == expected
 
 
 @pytest.mark.parametrize(("start", "first"), [(0.0, 0), (0.36, 9), (0.5, 13), (1.0, 25)])

@@ -167,7 +167,8 @@ class VideoReader:
         self._shift = Fraction(0)  # the same, exact
         self._origin = 0.0  # the time of the video's first frame, which the start counts from
         self._span_ended = False  # a frame after the span was met: the rest is not read
-        self._by_dts = False  # an AVI's frames are timed by decoding stamp, less the decoder's delay
+        self._by_dts = False  # an AVI's frames are timed by the decoding stamps of its packets (`_stamp`)
+        self._packet_dts: deque[int] = deque(maxlen=64)  # the latest video packets' decoding stamps, in order
         self.error: BgmatteError | None = None
         self.frames_read = 0
         self.skipped = 0  # damaged packets left out
@@ -182,6 +183,8 @@ class VideoReader:
             self._prepare_decoder()
             self._packets = self._container.demux(self._stream)
             self.fps: Fraction | None = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
+            if self._container.format.name == "avi" and self._stream.guessed_rate:  # its average may be its tick rate
+                self.fps = self._stream.guessed_rate
             self._step = 1 / float(self.fps) if self.fps else 1 / 30  # a frame's length when nothing says
             self._timer = FrameClock(self.fps)  # the decoding thread's, once started
             self._by_dts = self._container.format.name == "avi"
@@ -253,6 +256,8 @@ class VideoReader:
     def _decode(self, packet: av.Packet) -> list[av.VideoFrame]:
         """The frames of one packet. A damaged one (invalid data) is skipped and counted, and the decoder goes on
         with the next: only `_MAX_BAD_PACKETS` in a row end the stream, with that error."""
+        if self._by_dts and packet.dts is not None and packet.size:
+            self._packet_dts.append(packet.dts)
         try:
             frames = self._stream.decode(packet)
         except av.InvalidDataError:
@@ -278,11 +283,12 @@ class VideoReader:
             self._stream.codec_context.thread_count = 1
 
     def _stamp(self, frame: av.VideoFrame) -> float | None:
-        """A decoded frame's timestamp in the source's seconds (None: none). In an AVI, from its decoding stamp: AVI
-        has no presentation stamps, and those FFmpeg makes up go back on every B-frame (H.264 in AVI), while a
-        decoded frame's decoding stamp is that of the packet which let the decoder give it out, as many frames after
-        the frame's own place as the decoder holds back for reordering (the frames drained from it at the end have
-        none, and are counted)."""
+        """A decoded frame's timestamp in the source's seconds (None: none). In an AVI, from decoding stamps: AVI has
+        no presentation stamps, and those FFmpeg makes up go back on every B-frame (H.264 in AVI). A decoded frame
+        carries the decoding stamp of the packet that let the decoder give it out, which comes as many packets after
+        the one holding the frame's place in time as the decoder holds back for reordering; that packet's stamp is
+        the frame's time (gaps of dropped frames included). The frames drained from the decoder at the end have
+        none, and are counted."""
         base = frame.time_base or self._stream.time_base
         if base is None:
             return None
@@ -290,7 +296,13 @@ class VideoReader:
             if frame.dts is None:
                 return None
             held = self._stream.codec_context.reorder_depth
-            return float((frame.dts - held * max(1, round(self._step / base))) * base)
+            seen = self._packet_dts
+            if held == 0:
+                return float(frame.dts * base)
+            for position in range(len(seen) - 1, held - 1, -1):
+                if seen[position] == frame.dts:
+                    return float(seen[position - held] * base)
+            return float((frame.dts - held * max(1, round(self._step / base))) * base)  # not seen: at the frame rate
         return float(frame.pts * base) if frame.pts is not None else None
 
     def _time_of(self, frame: av.VideoFrame) -> float:
@@ -313,6 +325,7 @@ class VideoReader:
         skipped = self.skipped
         for back in _SEEK_BACK:
             self._timer.last, self.skipped = None, skipped  # a damaged packet that each try decodes again counts once
+            self._packet_dts.clear()
             try:
                 self._container.seek(math.floor((target - back) / base), stream=self._stream)
             except av.FFmpegError:
@@ -335,6 +348,7 @@ class VideoReader:
         self._prepare_decoder()
         self._packets = self._container.demux(self._stream)
         self._timer.last = None
+        self._packet_dts.clear()
         self._bad_in_a_row = 0
 
     def _decode_next(self, where: str | None = None) -> list[av.VideoFrame] | None:
@@ -523,6 +537,8 @@ class VideoReader:
         """A file cut short decodes without an error; compare with what the header promised."""
         if self._trimmed:
             return self._check_span_complete()
+        if self._by_dts:
+            return self._check_avi_complete()
         expected = int(self._stream.frames or 0)
         # A little slack: edit lists may legitimately hide a frame or two that the index counts. Frames lost to
         # damaged packets were in the file all the same (the warning counts them).
@@ -536,6 +552,20 @@ class VideoReader:
                 return BgmatteError(
                     f"{self.path}: ended at {last_time - start:.2f} s of {self.duration:.2f} s (the file looks truncated or damaged)"
                 )
+        return None
+
+    def _check_avi_complete(self) -> BgmatteError | None:
+        """`_check_complete` for an AVI, by time: its header's length counts ticks of its time base, the empty chunks
+        of frames a capture dropped included (FFmpeg gives them no packet), and stays whole in a file cut short.
+        Frames lost to damaged packets were in the file all the same."""
+        stream, last = self._stream, self._timer.last
+        if not stream.frames or not stream.time_base or last is None:
+            return None
+        length = float(stream.frames * stream.time_base)
+        reached = last + self._step * (1 + self.skipped)
+        if reached < length - max(2 * self._step, length / 100):
+            return BgmatteError(f"{self.path}: ended at {reached:.2f} s of {length:.2f} s (the file looks truncated or "
+                                "damaged)")
         return None
 
     def _check_span_complete(self) -> BgmatteError | None:
@@ -596,12 +626,13 @@ def rates_differ(first: Fraction | None, second: Fraction | None, frames: int | 
 
 
 class FrameClock:
-    """Places a video's frames in time, in decoding order: each at its timestamp while those go forward; a frame
-    without one, or whose stamp is not after the last frame's, one frame period after that frame, so that times
-    never go back and a lone faulty stamp (a repeated one in a variable-rate recording) costs only its own frame.
-    Stamps that go back again within `SCRAMBLED_WITHIN` frames come from a demuxer that mixes up the order: every
-    frame is counted from then on. `peek` says where a frame would go, `take` places it; setting `last` to None
-    starts again (after a seek: the next frame goes at its own stamp, else at 0)."""
+    """Places a video's frames in time, in decoding order, so that times never go back: each at its timestamp while
+    those go forward. A frame without one goes one frame period after the frame before; a frame whose stamp is not
+    after the time already given (a stamp repeated, or two swapped, in a variable-rate recording) half a period
+    after it, so that the next stamps are theirs again. Stamps that go back twice within `SCRAMBLED_WITHIN` frames
+    come from a demuxer that mixes up the order: every frame is counted from then on. `peek` says where a frame
+    would go, `take` places it; setting `last` to None starts again (after a seek: the next frame goes at its own
+    stamp, else at 0)."""
 
     SCRAMBLED_WITHIN = 16
 
@@ -610,21 +641,26 @@ class FrameClock:
         self.last: float | None = None  # the time of the last frame placed
         self.scrambled = False  # stamps went back twice close together: frames are counted from then on
         self._placed = 0
+        self._stamp: float | None = None  # the last frame's own stamp
         self._went_back: int | None = None  # the number of the last frame whose stamp went back
 
     def peek(self, stamp: float | None) -> float:
         """The time a frame with this timestamp (in seconds; None: none) would take next."""
-        if stamp is not None and (self.last is None or (stamp > self.last and not self.scrambled)):
-            return stamp
-        return self.last + self.step if self.last is not None else 0.0
+        if self.last is None:
+            return stamp if stamp is not None else 0.0
+        if stamp is None or self.scrambled:
+            return self.last + self.step
+        return stamp if stamp > self.last else self.last + self.step / 2
 
     def take(self, stamp: float | None) -> float:
         """Place the next frame; its time."""
         moment = self.peek(stamp)
-        if stamp is not None and self.last is not None and stamp <= self.last:
+        if stamp is not None and self._stamp is not None and self.last is not None and stamp <= self._stamp:
             if self._went_back is not None and self._placed - self._went_back <= self.SCRAMBLED_WITHIN:
                 self.scrambled = True
             self._went_back = self._placed
+        if stamp is not None:
+            self._stamp = stamp
         self.last = moment
         self._placed += 1
         return moment
@@ -1889,13 +1925,7 @@ class _AudioCarrier:
         if keep_to <= keep_from:
             return None
         if (keep_from, keep_to) != (first, first + frame.samples):
-            samples = frame.to_ndarray()  # (channels, samples) when planar, else (1, samples * channels)
-            step = 1 if frame.format.is_planar else len(frame.layout.channels)
-            part = samples[:, (keep_from - first) * step:(keep_to - first) * step]
-            rest = av.AudioFrame.from_ndarray(np.ascontiguousarray(part), format=frame.format.name,
-                                              layout=frame.layout.name)
-            rest.sample_rate = rate
-            frame = rest
+            frame = _cut(frame, keep_from - first, keep_to - first)
         frame.pts, frame.time_base = keep_from - start, Fraction(1, rate)
         return frame
 
@@ -1912,21 +1942,30 @@ class _AudioCarrier:
             logger.warning("%s: %s has damaged packets; %d left out", self.source, self.label, self._damaged)
 
 
-# The channel layout a transcoded track of each channel count gets, channel for channel: the standard ones,
-# which players know (AAC writes others with a program config element that some refuse), and for Opus only those
-# that FFmpeg's libopus gives back in their order (5.0 and 6.1 come back shuffled). AAC keeps only the lowest notes
-# of the fourth channel of 5.1 and 7.1, their low-frequency one. A count with no layout here is mixed to stereo.
+# The channel layout a transcoded track of each channel count gets when its own cannot be kept: the standard ones,
+# which players know, and for Opus only those that FFmpeg's libopus gives back in their order (5.0 and 6.1 come
+# back shuffled). AAC keeps only the lowest notes of the fourth channel of 5.1 and 7.1, their low-frequency one.
+# A count with no layout here is mixed down to stereo.
 _LAYOUTS = {
     "aac": {1: "mono", 2: "stereo", 3: "3.0", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"},
     "opus": {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 6: "5.1", 8: "7.1"},
 }
+# Layouts that are a standard one with side channels for its back ones (what FFmpeg's AC-3, DTS and FLAC decoders
+# give): they take the standard layout channel for channel, which AAC writes as players expect.
+_SIDE_FOR_BACK = {"5.0(side)": "5.0", "5.1(side)": "5.1"}
 
 
 def _encoder_layout(codec: str, rate: int, stream: av.audio.stream.AudioStream) -> str:
-    """The layout a transcoded track gets: the standard one of its channel count (a camera's four discrete
-    microphones stay four channels), if the encoder opens with it; else stereo, mixed down."""
-    layouts = _LAYOUTS["aac" if codec == "aac" else "opus"]
-    for layout in (layouts.get(stream.channels), "stereo"):
+    """The layout a transcoded track gets: its own where the encoder keeps it (6.0 keeps its back-centre channel
+    whole, quad its rear pair), else the standard one of its channel count (a layout that names no channel: a
+    camera's four discrete microphones stay four channels), else stereo, mixed down."""
+    family = "aac" if codec == "aac" else "opus"
+    layouts = _LAYOUTS[family]
+    own = stream.layout.name
+    own = _SIDE_FOR_BACK.get(own, own)
+    keep_own = stream.channels > 2 and not own.endswith("channels") and (
+        family == "aac" or own in layouts.values())
+    for layout in (own if keep_own else None, layouts.get(stream.channels), "stereo"):
         if layout is None:
             continue
         trial = av.CodecContext.create(codec, "w")
@@ -1962,6 +2001,19 @@ class _Relabeller:
             part.sample_rate, part.pts, part.time_base = packed.sample_rate, packed.pts, packed.time_base
             named.append(part)
         return named
+
+
+def _cut(frame: av.AudioFrame, start: int, stop: int) -> av.AudioFrame:
+    """Samples `start` to `stop` of an audio frame, in its format and layout. Through the packed format: PyAV
+    cannot hand out planar frames of eight channels as arrays (it crashes)."""
+    planar = frame.format.is_planar
+    packed = av.AudioResampler(format=frame.format.packed.name).resample(frame)[0] if planar else frame
+    channels = len(frame.layout.channels)
+    samples = packed.to_ndarray()[:, start * channels:stop * channels]  # (1, samples * channels)
+    part = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format=packed.format.name,
+                                      layout=frame.layout.name)
+    part.sample_rate = frame.sample_rate
+    return av.AudioResampler(format=frame.format.name).resample(part)[0] if planar else part
 
 
 def _track_names(stream: av.stream.Stream) -> dict[str, str]:
