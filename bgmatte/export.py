@@ -14,6 +14,7 @@ plain module's.
 # No ``from __future__ import annotations`` here: TorchScript reads ExportableMatting's annotations as types.
 import logging
 import math
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -309,13 +310,14 @@ def export_checkpoint(checkpoint: str | Path | None, output: str | Path, *, form
     """Load a checkpoint (None: the embedded default model) and export it as ``torchscript`` or ``onnx``;
     ``plate_solve`` as for ``load_model`` (None: as the weights say). An existing ``output`` is refused,
     before the checkpoint is read, unless ``overwrite``."""
-    from bgmatte.model.build import load_model
+    from bgmatte.model.build import DEFAULT_WEIGHTS, load_model
 
     if format not in ("torchscript", "onnx"):
         raise BgmatteError(f"unknown export format {format!r}: choose torchscript or onnx")
     if format == "onnx" and precision != "fp32":
         raise BgmatteError("ONNX export is fp32 only (onnxruntime converts at load time if it needs to)")
     check_destination(Path(output), overwrite)
+    _refuse_replacing_source(Path(output), Path(checkpoint) if checkpoint is not None else DEFAULT_WEIGHTS)
     model = load_model(checkpoint, backbone=backbone, backbone_scale=options.backbone_scale,
                        refine_mode=options.refine_mode, refine_sample_pixels=options.refine_sample_pixels,
                        refine_threshold=options.refine_threshold, refine_kernel_size=refine_kernel_size,
@@ -324,6 +326,17 @@ def export_checkpoint(checkpoint: str | Path | None, output: str | Path, *, form
     if format == "torchscript":
         return export_torchscript(model, output, overwrite=overwrite)
     return export_onnx(model, output, opset=opset, overwrite=overwrite)
+
+
+def _refuse_replacing_source(output: Path, checkpoint: Path) -> None:
+    """Refuse an output that is the checkpoint being exported (the embedded weights when none is given), under
+    its own name or another (a link), even with ``overwrite``: the export would destroy what it reads."""
+    try:
+        same = output.exists() and checkpoint.exists() and os.path.samefile(output, checkpoint)
+    except OSError:
+        same = False
+    if same:
+        raise BgmatteError(f"{output}: is the checkpoint being exported ({checkpoint}); choose another output")
 
 
 def onnx_providers(device: str | torch.device | None) -> list:

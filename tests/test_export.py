@@ -117,6 +117,28 @@ def test_cli_export_refuses_an_existing_output_unless_overwrite(tmp_path, capsys
 
 
 @pytest.mark.parametrize("format", ["torchscript", "onnx"])
+def test_cli_export_never_replaces_the_checkpoint_it_reads(tmp_path, capsys, monkeypatch, format):
+    """Even with --overwrite, under its own name or through a link; nor the embedded weights (it wrote over the
+    checkpoint and said so, exit 0)."""
+    checkpoint = tmp_path / "w.pth"
+    torch.save(MattingRefine("mobilenetv2").state_dict(), checkpoint)
+    before = checkpoint.read_bytes()
+    link = tmp_path / "link.pth"
+    link.symlink_to(checkpoint)
+    for output in (checkpoint, link):
+        assert main(["export", format, str(checkpoint), "-o", str(output), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"bgmatte export: error: {output}: is the checkpoint being exported ({checkpoint}); choose " \
+                      "another output\n"
+    assert checkpoint.read_bytes() == before
+    embedded = tmp_path / "default.safetensors"
+    embedded.write_bytes(b"weights")
+    monkeypatch.setattr("bgmatte.model.build.DEFAULT_WEIGHTS", embedded)
+    assert main(["export", format, "-o", str(embedded), "--overwrite"]) == 2
+    assert "is the checkpoint being exported" in capsys.readouterr().err and embedded.read_bytes() == b"weights"
+
+
+@pytest.mark.parametrize("format", ["torchscript", "onnx"])
 def test_cli_export_into_a_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys, monkeypatch, format):
     def no_work(*args, **kwargs):
         raise AssertionError("the output is checked before the model is loaded")
