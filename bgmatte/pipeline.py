@@ -1251,6 +1251,7 @@ def collect_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> 
             images = list_images(path)
             if not images:
                 raise BgmatteError(f"{path}: no images in this folder ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            _warn_left_out(path, images)
             found.extend(images)
         elif not path.exists():
             raise BgmatteError(f"{path}: no such file or folder")
@@ -1260,6 +1261,18 @@ def collect_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> 
         raise BgmatteError("no input images given")
     by_stem(found, "their outputs would collide")
     return found
+
+
+def _warn_left_out(folder: Path, images: Sequence[Path]) -> None:
+    """Say which files of a folder are not taken as images (HEIC photos, videos, notes), so that none goes missing
+    unnoticed; hidden files (.DS_Store) stay unmentioned."""
+    taken = set(images)
+    others = sorted(entry.name for entry in folder.iterdir()
+                    if entry not in taken and not entry.name.startswith(".") and entry.is_file())
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        logger.warning("%s: %d file%s left out, not of a kind read as images (%s): %s", folder, len(others),
+                       "s" if len(others) > 1 else "", ", ".join(sorted(IMAGE_EXTENSIONS)), shown)
 
 
 def _make_output_folders(folders: Sequence[Path]) -> list[Path]:
@@ -1352,6 +1365,7 @@ def matte_images(
     match_exposure: bool = False,
     model: ModelLike = None,
     overwrite: bool = False,
+    skip_existing: bool = False,
     progress: bool = True,
 ) -> dict[str, list[Path]]:
     """Matte still images against their plates and write ``OUTPUT_DIR/<output>/<name>.png`` for each output.
@@ -1368,10 +1382,16 @@ def matte_images(
         match_exposure: fit the plate's exposure and white balance on the background of a first
             matte, then matte again with the corrected plate.
         model, overwrite, progress: as in `convert_video`.
+        skip_existing: leave existing outputs as they are and write only the missing ones (an image whose
+            outputs all exist is not matted again): to finish a run that was stopped, or that met a bad file.
 
-    Returns each output's written files. Existing files are refused before any work, unless `overwrite`;
-    an output that would replace one of the input images (a photo, a plate or the target) always is.
+    Returns each output's written files. Existing files are refused before any work, unless `overwrite` or
+    `skip_existing`; an output that would replace one of the input images (a photo, a plate or the target)
+    always is. A source image that cannot be read is left out and the others are matted; then a `BgmatteError`
+    names those left out (in one line).
     """
+    if overwrite and skip_existing:
+        raise BgmatteError("overwrite and skip_existing (--overwrite, --skip-existing) exclude each other: choose one")
     kinds = check_outputs(outputs)
     check_model(model, kinds)
     sources = collect_images(src)
@@ -1388,6 +1408,7 @@ def matte_images(
         plate_files = list_images(plate_path)
         if not plate_files:
             raise BgmatteError(f"{plate_path}: no plates in this folder ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        _warn_left_out(plate_path, plate_files)
         pairs = match_by_stem(sources, plate_files)
     else:
         if not plate_path.exists():
@@ -1402,25 +1423,38 @@ def matte_images(
     if target_bgr.kind == "image":
         inputs.append(("target background", target_bgr.path))
     _refuse_overwriting_inputs([path for paths in destinations.values() for path in paths], inputs)
-    for paths in destinations.values():
-        for path in paths:
+    wanted: dict[Path, tuple[str, ...]] = {}  # the outputs each image still needs
+    for index, source in enumerate(sources):
+        missing = []
+        for kind in kinds:
+            path = destinations[kind][index]
             if path.is_dir():
                 raise BgmatteError(f"{path}: is a folder, where this output image would go")
-            refuse_existing(path, overwrite)
+            if not skip_existing:
+                refuse_existing(path, overwrite)
+            if not (skip_existing and os.path.lexists(path)):
+                missing.append(kind)
+        wanted[source] = tuple(missing)
+    done = [source for source in sources if not wanted[source]]
+    if done:
+        logger.info("%d of %d images have all their outputs already; they are left as they are", len(done),
+                    len(sources))
+    pairs = [(source, plate) for source, plate in pairs if wanted[source]]
     created = _make_output_folders([folder / kind for kind in kinds])
     try:
-        return _matte_pairs(pairs, folder, kinds, target_bgr=target_bgr, align=align,
+        return _matte_pairs(pairs, folder, wanted, target_bgr=target_bgr, align=align,
                             match_exposure=match_exposure, model=model, overwrite=overwrite, progress=progress)
     except BaseException:
         _remove_empty_folders(created)  # a run that wrote nothing leaves no empty folders behind
         raise
 
 
-def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, kinds: Sequence[str], *,
+def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[Path, tuple[str, ...]], *,
                  target_bgr: TargetBackground, align: bool, match_exposure: bool, model: ModelLike,
                  overwrite: bool, progress: bool) -> dict[str, list[Path]]:
     """The work of `matte_images` once its arguments are checked and its folders made: each (image, plate)
-    pair matted, and its outputs written to ``folder/<kind>/<name>.png``."""
+    pair matted, and the outputs it still needs (`wanted`) written to ``folder/<kind>/<name>.png``. A source image
+    that cannot be read is left out; the others go on, and a `BgmatteError` names them at the end."""
     from tqdm import tqdm
 
     from bgmatte.predictor import NotEnoughMemory, is_out_of_memory
@@ -1431,8 +1465,10 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, kinds: Sequen
     # An image target is read once too, and scaled again only when the size changes.
     picture = read_image(target_bgr.path) if target_bgr.kind == "image" else None
     backdrop: tuple[tuple[int, int], Tensor | None] | None = None  # at the last size: photos mostly share one
+    kinds = [kind for kind in OUTPUT_KINDS if any(kind in needed for needed in wanted.values())]
     written: dict[str, list[Path]] = {kind: [] for kind in kinds}
     pending: list[tuple[str, Future]] = []
+    unreadable: list[str] = []
 
     def collect(limit: int) -> None:
         while len(pending) > limit:
@@ -1444,7 +1480,12 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, kinds: Sequen
             bar = stack.enter_context(tqdm(pairs, desc="images", unit="image", file=sys.stderr,
                                            disable=None if progress else True))
             for source, plate_file in bar:
-                image = read_image(source)
+                try:
+                    image = read_image(source)
+                except BgmatteError as exc:  # one bad photo in a folder costs itself, not the batch
+                    logger.debug("%s; left out", exc)
+                    unreadable.append(str(exc))
+                    continue
                 height, width = image.shape[:2]
                 if predictor is None:
                     predictor = load_predictor(model, width, height)
@@ -1462,7 +1503,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, kinds: Sequen
                     if backdrop is None or backdrop[0] != (width, height):
                         with TargetFrames(target_bgr, width, height, device=predictor.device, picture=picture) as target:
                             backdrop = ((width, height), target.take(1))
-                    frames = _matte_one(predictor, image, plate, kinds, target_bgr, backdrop[1],
+                    frames = _matte_one(predictor, image, plate, wanted[source], target_bgr, backdrop[1],
                                         match_exposure)
                 except Exception as exc:
                     if not isinstance(exc, NotEnoughMemory) and not is_out_of_memory(exc):
@@ -1472,11 +1513,17 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, kinds: Sequen
                         "scale it down, or try a smaller --backbone-scale or --refine-sample-pixels, or another "
                         "--device"
                     ) from None
-                for kind in kinds:
+                for kind in wanted[source]:
                     path = folder / kind / f"{source.stem}.png"
                     pending.append((kind, pool.submit(write_png, path, frames[kind][0], overwrite=overwrite)))
                 collect(8)  # a few images may wait for their PNG encoding; not the whole folder
             collect(0)
+            if unreadable:
+                named = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+                others = "the others were matted; " if len(unreadable) < len(pairs) else ""
+                raise BgmatteError(f"{len(unreadable)} of {len(pairs)} images could not be read and were left out "
+                                   f"({named}); {others}repair or remove them, then run again with --skip-existing "
+                                   "to add theirs")
         except BaseException:
             # Stopped early: the files already queued are finished (each is complete or absent).
             for kind, future in pending:

@@ -254,3 +254,41 @@ def test_a_folder_of_mixed_sizes_gets_each_size_its_settings_from_one_load(photo
                        "--device", "cpu", "--backbone-scale", "0.25", "-q")
     assert code == 0, err
     assert seen == [(WIDTH, 0.25, 80_000), (WIDTH, 0.25, 80_000), (192, 0.25, 320_000)]
+
+
+def test_an_unreadable_photo_costs_itself_and_a_rerun_with_skip_existing_finishes_the_batch(photos, capsys,
+                                                                                            checkpoint):
+    """A damaged photo among good ones: the others are matted, the bad one named, the exit non-zero; once it is
+    repaired, --skip-existing writes only what is missing (a rerun was refused on the outputs already there)."""
+    good = (photos / "src" / "office.png").read_bytes()
+    (photos / "src" / "zoo.png").write_bytes(good[: len(good) // 3])  # truncated
+    args = ["image", "src", "--bgr", "plate.png", "-o", "out", "--outputs", "com", "pha", "--checkpoint", checkpoint,
+            "--device", "cpu", "-q"]
+    code, _, err = run(capsys, *args)
+    assert code == 2 and err.count("\n") == 1
+    assert "1 of 3 images could not be read and were left out (src/zoo.png: " in err and "--skip-existing" in err
+    assert sorted(path.name for path in (photos / "out" / "com").iterdir()) == ["beach.png", "office.png"]
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "already exists" in err  # no silent overwrite
+    (photos / "src" / "zoo.png").write_bytes(good)
+    (photos / "out" / "pha" / "beach.png").unlink()
+    kept = (photos / "out" / "com" / "beach.png").stat().st_mtime_ns
+    code, out, err = run(capsys, *args, "--skip-existing")
+    assert code == 0, err
+    assert sorted(out.split()) == ["out/com/zoo.png", "out/pha/beach.png", "out/pha/zoo.png"]
+    assert (photos / "out" / "com" / "beach.png").stat().st_mtime_ns == kept
+    with pytest.raises(SystemExit) as stopped:
+        run(capsys, *args, "--skip-existing", "--overwrite")
+    assert stopped.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_files_of_a_folder_that_are_not_read_as_images_are_named(photos, capsys, checkpoint, caplog):
+    for name in ("IMG_0001.HEIC", "notes.txt", ".DS_Store"):
+        (photos / "src" / name).write_bytes(b"...")
+    (photos / "src" / "office.png").rename(photos / "src" / "office.jfif")  # a JPEG name; OpenCV reads any kind
+    code, out, err = run(capsys, "image", "src", "--bgr", "plate.png", "-o", "out", "--checkpoint", checkpoint,
+                         "--device", "cpu", "-q")
+    assert code == 0, err
+    assert sorted(out.split()) == ["out/com/beach.png", "out/com/office.png"]
+    assert "src: 2 files left out, not of a kind read as images (" in caplog.text
+    assert caplog.text.rstrip().endswith("IMG_0001.HEIC, notes.txt") and ".DS_Store" not in caplog.text

@@ -19,7 +19,9 @@ Matte still images shot against a plate. Writes OUT/com/NAME.png (an RGBA cutout
   bgmatte image --images-src DIR --images-bgr DIR --output-dir OUT --output-types com pha   (the reference's)
 
 --bgr is one plate for every image, or a folder of plates matched to the images by file name.
-Existing outputs are refused unless --overwrite (or -y).
+Existing outputs are refused unless --overwrite (or -y), or kept with --skip-existing, which writes only
+the missing ones: to finish a run stopped by Ctrl-C. An image that cannot be read is left out with an
+error naming it, the others are matted, and the exit status is non-zero.
 """
 
 
@@ -38,7 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--target-bgr", dest="target_bgr", metavar="BG",
                         help="composite over a colour, an image or blur instead of writing RGBA cutouts")
     add_plate_arguments(parser)
-    parser.add_argument("--overwrite", "-y", dest="overwrite", action="store_true", help="replace existing outputs")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", "-y", dest="overwrite", action="store_true", help="replace existing outputs")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="keep existing outputs and write only the missing ones (finish a stopped run)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_model_arguments(parser)
     parser.set_defaults(func=run)
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     written = matte_images(
         sources, args.bgr, output_dir=args.output_dir, outputs=args.outputs or ("com",), target_bgr=args.target_bgr,
         align=args.align, match_exposure=args.match_exposure, model=model_options(args), overwrite=args.overwrite,
-        progress=not args.quiet,
+        skip_existing=args.skip_existing, progress=not args.quiet,
     )
     for kind, paths in written.items():
         for path in paths:

@@ -24,7 +24,8 @@ import numpy as np
 from bgmatte.errors import BgmatteError
 from bgmatte.io.files import refuse_existing, write_through_temporary
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+                              ".pbm", ".pgm", ".ppm", ".pnm"})
 DEFAULT_MAX_PIXELS = 100_000_000
 _NETPBM_KINDS = (b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"F", b"f")  # the digit or letter after "P"
 
@@ -444,8 +445,7 @@ def _refuse_unsized(path: Path, kind: str | None) -> None:
     if not cv2.haveImageReader(str(path)):  # looks at the file's signature only
         raise BgmatteError(f"{path}: not an image file OpenCV can read")
     raise BgmatteError(f"{path}: the size of this kind of image cannot be checked before decoding, so it is "
-                       f"refused under the pixel limit (checked: {_SIZED_FORMATS}; convert it to one of them, "
-                       "or pass max_pixels=None)")
+                       f"refused under the pixel limit (checked: {_SIZED_FORMATS}; convert it to one of them)")
 
 
 def _read_bytes(path: Path, what: str, limit: int | None = None) -> bytes:
