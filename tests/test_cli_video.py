@@ -320,3 +320,37 @@ def test_a_span_of_the_clip_is_matted_with_its_sound_and_an_automatic_plate(scen
     code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "late.mp4", "--start", "1:00")
     one_line_error(code, err, "src.mp4", "60 s", "0.48 s")
     assert not (scene / "late.mp4").exists()
+
+
+@pytest.mark.parametrize("signum", [15, 1])  # SIGTERM (kill, a job scheduler), SIGHUP (the terminal closed)
+def test_termination_finalizes_the_outputs_as_ctrl_c_does(tmp_path, signum):
+    """Stopped by a signal in mid-run: the composite is playable with the frames matted so far, with its sound,
+    no temporary file is left, and the exit status says which signal (the process died at once, leaving a hidden
+    partial file and no output)."""
+    import signal
+    import time
+
+    make_clip(tmp_path / "src.mp4", 600)
+    write_png(tmp_path / "bgr.png", plate_image())
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "bgmatte", "video", "src.mp4", "--bgr", "bgr.png", "-o",
+                                "out.mp4", "-q"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and process.poll() is None:
+            partial = list(tmp_path.glob(".out.*"))
+            if partial and partial[0].stat().st_size > 2000:  # past the header: frames are being written
+                break
+            time.sleep(0.1)
+        assert process.poll() is None, process.communicate()[1].decode()
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signum, stderr.decode()
+    assert f"terminated ({signal.Signals(signum).name})" in stderr.decode()
+    frames = read_frames(tmp_path / "out.mp4")
+    assert 0 < len(frames) < 600
+    assert audio_seconds(tmp_path / "out.mp4") > 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bgr.png", "out.mp4", "src.mp4"]

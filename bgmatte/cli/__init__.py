@@ -4,14 +4,17 @@ Each subcommand module has `register(subparsers)`, which adds its parser and set
 function taking the parsed arguments and returning an exit code; it may also set `log_level`, the
 least severe records shown without --debug (default WARNING; `webcam` shows its INFO progress).
 Errors meant for people (`BgmatteError`) become one line on stderr and exit code 2; `--debug` shows
-the traceback instead.
+the traceback instead. SIGTERM and SIGHUP (a job scheduler, `kill`, a closed terminal) stop a command as
+Ctrl-C does, so that its outputs are finalized and its temporary files removed.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -103,6 +106,37 @@ def configure_logging(command: str, debug: bool = False, level: int = logging.WA
     return undo
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the command is, as Ctrl-C's KeyboardInterrupt is: every path that finalizes
+    outputs on Ctrl-C does so on these too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_termination() -> Callable[[], None]:
+    """Turn SIGTERM and SIGHUP into `Terminated` in the main thread while a command runs (where they are not
+    handled already); returns an undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {}
+
+    def handle(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) == signal.SIG_DFL:
+            previous[number] = signal.signal(number, handle)
+
+    def undo() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+    return undo
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, run the subcommand and return its exit code; never a traceback unless --debug."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -113,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.debug = debug
     undo_logging = configure_logging(args.command, debug, getattr(args, "log_level", logging.WARNING))
+    undo_signals = stop_on_termination()
     try:
         return int(args.func(args) or 0)
     except BgmatteError as exc:
@@ -120,10 +155,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"bgmatte {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
+        if isinstance(exc, Terminated):
+            print(f"bgmatte {args.command}: terminated ({exc})", file=sys.stderr)
+            return 128 + exc.signum
         print(f"bgmatte {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
+        undo_signals()
         undo_logging()

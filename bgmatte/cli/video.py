@@ -47,8 +47,8 @@ the plate frame it would get in a whole run (a plate video that ends before the 
 --target-bgr video plays from its own beginning.
 
 Existing outputs are refused unless --overwrite, which still never replaces an input (the source, the
-plate, the target) nor a PNG folder holding anything but numbered frames. Ctrl-C, or an input that ends
-early, leaves playable outputs with every frame matted so far, and a non-zero exit. A damaged packet
+plate, the target) nor a PNG folder holding anything but numbered frames. Ctrl-C (or SIGTERM, SIGHUP),
+or an input that ends early, leaves playable outputs with every frame matted so far, and a non-zero exit. A damaged packet
 costs its frame alone, with a warning. Inputs above 100 megapixels a frame are refused.
 """
 
