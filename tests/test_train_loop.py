@@ -481,7 +481,9 @@ def test_batches_made_on_the_device_depend_only_on_seed_rank_and_step():
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_state_and_weights_then_exits_nonzero(tmp_path):
+@pytest.mark.parametrize(("signum", "status", "said"), [(signal.SIGINT, 130, "interrupted"),
+                                                       (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_saves_state_and_weights_then_exits_nonzero(tmp_path, signum, status, said):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "bgmatte", "train", "base", "--out", str(out), *TINY, "--steps", "10000",
                "--train-samples", "2", "--num-workers", "0", "--val-every", "0", "--save-every", "0",
@@ -495,13 +497,13 @@ def test_ctrl_c_saves_state_and_weights_then_exits_nonzero(tmp_path):
                 break
             time.sleep(0.2)
         assert process.poll() is None, process.communicate()[1].decode()
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130, stderr.decode()
-    assert "interrupted" in stderr.decode()
+    assert process.returncode == status, stderr.decode()
+    assert said in stderr.decode()
     state = torch.load(out / "state.pt", weights_only=True)
     assert state["step"] >= 1
     assert load_file(str(out / "last.safetensors"))

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 
 from bgmatte import __version__
-from bgmatte.errors import BgmatteError
+from bgmatte.errors import BgmatteError, Terminated
 
 SUBCOMMANDS = ("video", "image", "webcam", "train", "eval", "export", "bench", "demo")
 
@@ -104,15 +104,6 @@ def configure_logging(command: str, debug: bool = False, level: int = logging.WA
             warnings.showwarning = previous_show
 
     return undo
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the command is, as Ctrl-C's KeyboardInterrupt is: every path that finalizes
-    outputs on Ctrl-C does so on these too."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def stop_on_termination() -> Callable[[], None]:

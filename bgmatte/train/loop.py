@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from bgmatte.errors import BgmatteError
+from bgmatte.errors import BgmatteError, Terminated
 from bgmatte.io.files import write_through_temporary
 from bgmatte.io.images import write_png
 from bgmatte.model.build import detect_backbone, read_state_dict, resolve_device, save_weights
@@ -797,10 +797,12 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None  # the signal that asked
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        self.signum = signum
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def __enter__(self) -> "StopRequest":
@@ -1238,7 +1240,8 @@ class _Run:
         try:
             if self.step < options.steps:
                 batches = training_batches(options, self.runtime, self.per_process, self.step)
-            with StopRequest() as stop:
+            stop = StopRequest()
+            with stop:
                 while self.step < options.steps:
                     try:
                         batch = next(batches)
@@ -1278,7 +1281,7 @@ class _Run:
             if self.runtime.is_main and options.progress:
                 print(f"bgmatte train: stopped at step {self.step}; saved {options.out / 'state.pt'} "
                       "(continue with --resume)", file=sys.stderr)
-            raise KeyboardInterrupt
+            raise Terminated(stop.signum) if stop.signum == signal.SIGTERM else KeyboardInterrupt
         best = self.best if math.isfinite(self.best) else None
         return TrainResult(self.step, self.last_loss, best, options.out)
 
