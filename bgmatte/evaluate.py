@@ -409,6 +409,31 @@ PREDICTED = ("pha", "fgr")
 """The subfolders `predict_folder` writes."""
 
 
+def check_dataset(data_dir: str | Path) -> None:
+    """Refuse, before a model is loaded and run, a dataset whose files do not go together: a ground-truth matte
+    without its source image or plate, or of another size than its source (either way round: a photograph may be
+    stored turned, with an EXIF orientation), or a plate of another size. From the files' headers alone."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise BgmatteError(f"{root}: folder not found")
+    src_dir = _subfolder(root, "src", required=True)
+    bgr_dir = _subfolder(root, "bgr", required=True)
+    sources, plates = list_images(src_dir), list_images(bgr_dir)
+    pha_dir = root / "pha"
+    mattes = list_images(pha_dir) if pha_dir.is_dir() else {}
+    for stem, matte in mattes.items():
+        for files, folder, what in ((sources, src_dir, "source image"), (plates, bgr_dir, "plate")):
+            if stem not in files:
+                raise BgmatteError(f"{folder}: no {what} named {stem!r} (needed for {matte})")
+    for stem, source in sources.items():
+        size = images.header_size(source)
+        for other, what in ((plates.get(stem), "plate"), (mattes.get(stem), "ground truth")):
+            other_size = images.header_size(other) if other is not None else None
+            if size and other_size and other_size not in (size, size[::-1]):
+                raise BgmatteError(f"{other}: the {what} is {other_size[0]}x{other_size[1]} but its source {source} "
+                                   f"is {size[0]}x{size[1]}")
+
+
 def check_prediction_folder(data_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> None:
     """Refuse an `out_dir` that `predict_folder` must not write into: a file, `data_dir` itself (whose `pha/` and
     `fgr/` are the ground truth), or a folder already holding a prediction for one of `data_dir/src`'s images,
@@ -490,7 +515,9 @@ def evaluate_model(model: torch.nn.Module, data_dir: str | Path, out_dir: str | 
                    crop_multiple: int = 4, overwrite: bool = False) -> Evaluation:
     """Run `model` over `data_dir/src` + `data_dir/bgr`, write its predictions into `out_dir` (a temporary folder
     removed afterwards when None) and score them against the ground truth in `data_dir` (`pha/`, `fgr/`,
-    `trimap/`), with `evaluate_folders`. Predictions already in `out_dir` are refused unless `overwrite`."""
+    `trimap/`), with `evaluate_folders`. Predictions already in `out_dir` are refused unless `overwrite`; a dataset
+    whose files do not go together (`check_dataset`) before the model runs."""
+    check_dataset(data_dir)
     if out_dir is not None:
         predict_folder(model, data_dir, out_dir, crop_multiple=crop_multiple, overwrite=overwrite)
         return evaluate_folders(out_dir, data_dir, crop_multiple=crop_multiple)

@@ -155,6 +155,21 @@ def test_model_path_names_a_missing_background_plate(tmp_path, capsys):
     assert "'frame'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("folder", "size", "what"), [("pha", (16, 32), "ground truth"), ("bgr", (32, 16), "plate")])
+def test_model_path_refuses_files_that_do_not_go_together_before_loading(tmp_path, capsys, folder, size, what):
+    """A ground truth or plate of another size than its source is named before any model is loaded or run (it
+    was found after the model had run and written half its predictions into --out, naming a prediction)."""
+    _, data = _model_data(tmp_path)
+    path = data / folder / "frame.png"
+    _write(path, np.full((*size, 3) if folder == "bgr" else size, 100, np.uint8))
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(tmp_path / "absent.pth"), "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"bgmatte eval: error: {path}: the {what} is {size[1]}x{size[0]} but its source " \
+                  f"{data / 'src' / 'frame.png'} is 32x32\n"
+    assert not out.exists()
+
+
 def _model_data(tmp_path: Path) -> tuple[Path, Path]:
     """A random-weights checkpoint and a one-image dataset for the --model path."""
     safetensors_torch = pytest.importorskip("safetensors.torch")

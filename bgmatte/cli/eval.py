@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
             raise BgmatteError("--data goes with --model or --baseline")
         if args.overwrite and not args.out:
             raise BgmatteError("--overwrite goes with --out")
-        if args.out:  # before the model is loaded, which takes a while
+        evaluate.check_dataset(args.data)  # before the model is loaded, which takes a while
+        if args.out:
             evaluate.check_prediction_folder(args.data, args.out, overwrite=args.overwrite)
         if args.baseline:
             from bgmatte.baseline import ClosedFormBaseline
