@@ -251,16 +251,20 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     # operator it could register; bgmatte uses none of them, so those records (only those) are dropped.
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     registration.addFilter(_no_torchvision_notice)
+    # onnx_ir warns of an empty attribute list in torch's own graph, which it types as it should (INTS).
+    attributes = logging.getLogger("onnx_ir._convenience")
+    attributes.addFilter(_no_empty_attribute_notice)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(exportable, example, None, dynamo=True, opset_version=opset,
                                         input_names=["src", "bgr"], output_names=list(OUTPUT_NAMES),
                                         dynamic_shapes={"src": sizes, "bgr": sizes}, verbose=False)
+        proto = program.model_proto
     finally:
         registration.removeFilter(_no_torchvision_notice)
+        attributes.removeFilter(_no_empty_attribute_notice)
         model.to(parameter.device)
-    proto = program.model_proto
     metadata = {"producer": "bgmatte", "backbone": model.backbone_name, **_settings_metadata(model.options),
                 "plate_solve": "on" if model.plate_solve else "off"}
     for key, value in metadata.items():
@@ -273,6 +277,10 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
 
 def _no_torchvision_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("torchvision is not installed")
+
+
+def _no_empty_attribute_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Attribute type is ambiguous because it is an empty sequence")
 
 
 def _settings_metadata(options: RefineOptions) -> dict[str, str]:

@@ -1483,6 +1483,8 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                 try:
                     image = read_image(source)
                 except BgmatteError as exc:  # one bad photo in a folder costs itself, not the batch
+                    if len(pairs) == 1:
+                        raise
                     logger.debug("%s; left out", exc)
                     unreadable.append(str(exc))
                     continue

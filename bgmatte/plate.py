@@ -147,7 +147,7 @@ class PlateAligner:
         homography, reason = self.estimate(frame)
         if homography is None:
             self.failures += 1
-            log = logger.warning if self.failures == 1 else logger.debug
+            log = logger.warning if self.failures == 1 and self.textured else logger.debug  # else said when made
             log("plate alignment failed (%s); using the unaligned plate", reason)
             plate = self.plate
             if plate.shape[:2] != (height, width):

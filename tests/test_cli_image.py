@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -292,3 +293,13 @@ def test_files_of_a_folder_that_are_not_read_as_images_are_named(photos, capsys,
     assert sorted(out.split()) == ["out/com/beach.png", "out/com/office.png"]
     assert "src: 2 files left out, not of a kind read as images (" in caplog.text
     assert caplog.text.rstrip().endswith("IMG_0001.HEIC, notes.txt") and ".DS_Store" not in caplog.text
+
+
+def test_a_tiff_opencv_cannot_read_is_one_line_without_opencv_s_own_warning(tmp_path, capfd):
+    """OpenCV wrote its own '[ WARN:0@...] grfmt_tiff.cpp' line to the terminal before the error."""
+    picture = tmp_path / "scan.tif"
+    assert cv2.imwrite(str(picture), np.random.default_rng(0).random((8, 8, 3)).astype(np.float32))
+    assert main(["image", str(picture), "--bgr", str(picture), "-o", str(tmp_path / "out"), "-q"]) == 2
+    err = capfd.readouterr().err
+    assert err == f"bgmatte image: error: {picture}: cannot decode this TIFF file (damaged, truncated, or a variant " \
+                  "OpenCV does not read)\n"

@@ -128,6 +128,16 @@ def stop_on_termination() -> Callable[[], None]:
     return undo
 
 
+def _quiet_opencv() -> None:
+    """OpenCV prints its own warnings to stderr (a TIFF variant it cannot read), ahead of the one line that
+    says what went wrong; --debug lets them through."""
+    try:
+        import cv2.utils.logging as opencv_logging
+    except ImportError:  # pragma: no cover - an OpenCV build without it
+        return
+    opencv_logging.setLogLevel(opencv_logging.LOG_LEVEL_ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, run the subcommand and return its exit code; never a traceback unless --debug."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -139,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = debug
     undo_logging = configure_logging(args.command, debug, getattr(args, "log_level", logging.WARNING))
     undo_signals = stop_on_termination()
+    if not debug:
+        _quiet_opencv()
     try:
         return int(args.func(args) or 0)
     except BgmatteError as exc:
