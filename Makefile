@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/bgmatte demo --out demo --overwrite
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

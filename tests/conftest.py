@@ -12,6 +12,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
+# Under pytest-xdist (`make test` runs `-n auto`) each worker takes its share of the cores, so that
+# workers x threads does not oversubscribe the machine; subprocesses the tests start inherit it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_SHARE)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_SHARE))
+
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_DIR = Path(os.environ.get("BGMATTE_REFERENCE", ROOT.parent / "shared" / "reference"))
 
