@@ -426,3 +426,19 @@ def test_missing_or_ambiguous_plates_are_errors():
         match_by_stem([Path("d.png")], [Path("bgr/a.png")])
     with pytest.raises(BgmatteError, match="share the name 'a'"):
         match_by_stem([Path("a.png")], [Path("bgr/a.png"), Path("bgr/a.jpg")])
+
+
+def os2_bmp(path: Path, rgb: np.ndarray) -> Path:
+    """A 24-bit BMP with the OS/2 1.x header (BITMAPCOREHEADER: 16-bit width and height), which OpenCV reads."""
+    height, width = rgb.shape[:2]
+    stride = (width * 3 + 3) // 4 * 4
+    rows = b"".join(rgb[y, :, ::-1].tobytes().ljust(stride, b"\x00") for y in range(height - 1, -1, -1))
+    header = b"BM" + struct.pack("<IHHI", 26 + len(rows), 0, 0, 26) + struct.pack("<IHHHH", 12, width, height, 1, 24)
+    path.write_bytes(header + rows)
+    return path
+
+
+def test_an_os2_bmp_is_sized_from_its_short_header_and_read(tmp_path):
+    path = os2_bmp(tmp_path / "os2.bmp", rgb_pattern(12, 20))
+    assert image_header_size(path.read_bytes()) == (20, 12)
+    assert read_image(path).tolist() == rgb_pattern(12, 20).tolist()

@@ -37,7 +37,11 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _bmp_size(data: bytes) -> tuple[int, int]:
-    width, height = struct.unpack("<ii", data[18:26])  # a negative height means rows stored top-down
+    """The size in a BMP's info header: 16-bit sides in the 12-byte one of OS/2 1.x (BITMAPCOREHEADER), 32-bit
+    ones in every later one, where a negative height means rows stored top-down."""
+    if struct.unpack("<I", data[14:18])[0] == 12:
+        return struct.unpack("<HH", data[18:22])
+    width, height = struct.unpack("<ii", data[18:26])
     return abs(width), abs(height)
 
 
