@@ -442,3 +442,25 @@ def test_an_os2_bmp_is_sized_from_its_short_header_and_read(tmp_path):
     path = os2_bmp(tmp_path / "os2.bmp", rgb_pattern(12, 20))
     assert image_header_size(path.read_bytes()) == (20, 12)
     assert read_image(path).tolist() == rgb_pattern(12, 20).tolist()
+
+
+def big_tiff(path: Path, rgb: np.ndarray, size: tuple[int, int] | None = None) -> Path:
+    """An uncompressed little-endian BigTIFF (version 43: 64-bit offsets, 20-byte directory entries) of `rgb`;
+    `size` makes its header claim another (width, height), as a decompression bomb would."""
+    height, width = rgb.shape[:2]
+    width, height = size or (width, height)
+    pixels = rgb.tobytes()
+    entries = [(256, 16, 1, width), (257, 16, 1, height), (258, 3, 3, 8 | 8 << 16 | 8 << 32), (259, 3, 1, 1),
+               (262, 3, 1, 2), (273, 16, 1, 16), (277, 3, 1, 3), (278, 16, 1, height), (279, 16, 1, len(pixels))]
+    directory = struct.pack("<Q", len(entries)) + b"".join(struct.pack("<HHQQ", *entry) for entry in entries)
+    path.write_bytes(b"II+\x00" + struct.pack("<HHQ", 8, 0, 16 + len(pixels)) + pixels + directory + b"\x00" * 8)
+    return path
+
+
+def test_a_bigtiff_is_sized_from_its_header_and_read_or_refused_as_a_bomb(tmp_path):
+    path = big_tiff(tmp_path / "big.tif", rgb_pattern(12, 20))
+    assert image_header_size(path.read_bytes()) == (20, 12)
+    assert read_image(path).tolist() == rgb_pattern(12, 20).tolist()
+    bomb = big_tiff(tmp_path / "bomb.tif", rgb_pattern(12, 20), size=(20_000, 20_000))
+    with pytest.raises(BgmatteError, match=r"bomb.tif: 20000x20000 is 400 megapixels, above the limit of 100"):
+        read_image(bomb)

@@ -105,15 +105,20 @@ def _webp_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """ImageWidth and ImageLength (tags 256 and 257) from the first directory of a TIFF, or of a BigTIFF (version
+    43, for files past 4 GB: 64-bit offsets and counts, 20-byte entries)."""
     endian = "<" if data[:2] == b"II" else ">"
-    (offset,) = struct.unpack(endian + "I", data[4:8])
-    (count,) = struct.unpack(endian + "H", data[offset : offset + 2])
+    big = struct.unpack(endian + "H", data[2:4])[0] == 43
+    (offset,) = struct.unpack(endian + ("Q" if big else "I"), data[8:16] if big else data[4:8])
+    start, size, value = (8, 20, 12) if big else (2, 12, 8)  # where entries start, their size, their value's place
+    (count,) = struct.unpack(endian + ("Q" if big else "H"), data[offset : offset + start])
     found: dict[int, int] = {}
     for index in range(count):
-        entry = data[offset + 2 + 12 * index : offset + 14 + 12 * index]
+        entry = data[offset + start + size * index : offset + start + size * (index + 1)]
         tag, kind = struct.unpack(endian + "HH", entry[:4])
         if tag in (256, 257):
-            found[tag] = struct.unpack(endian + ("H" if kind == 3 else "I"), entry[8 : 10 if kind == 3 else 12])[0]
+            code, width = {3: ("H", 2), 16: ("Q", 8)}.get(kind, ("I", 4))  # SHORT, LONG8, else LONG
+            found[tag] = struct.unpack(endian + code, entry[value : value + width])[0]
     if 256 in found and 257 in found:
         return found[256], found[257]
     return None
@@ -163,7 +168,7 @@ _FORMATS = (
     ("BMP", _starts(b"BM"), _bmp_size),
     ("GIF", _starts(b"GIF8"), _gif_size),
     ("WebP", _is_webp, _webp_size),
-    ("TIFF", _starts(b"II*\x00", b"MM\x00*"), _tiff_size),
+    ("TIFF", _starts(b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"), _tiff_size),  # classic and BigTIFF
     ("Radiance HDR", _starts(b"#?RADI", b"#?RGBE"), _radiance_size),
     ("Netpbm", _is_netpbm, _netpbm_size),
     ("Sun raster", _starts(b"\x59\xa6\x6a\x95"), _sun_size),
