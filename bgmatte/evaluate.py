@@ -192,7 +192,8 @@ def foreground_mse(
 
 
 def _shape_text(array: np.ndarray) -> str:
-    return "x".join(str(size) for size in array.shape[:2])
+    """An image array's size as WIDTHxHEIGHT, the order every size in bgmatte's messages (and image viewers) uses."""
+    return f"{array.shape[1]}x{array.shape[0]}"
 
 
 def score_image(
@@ -230,8 +231,8 @@ def score_image(
     if pred_fgr is not None and true_fgr is not None:
         for name, fgr in (("predicted", pred_fgr), ("ground-truth", true_fgr)):
             if np.shape(fgr) != (*true_pha.shape, 3):
-                raise BgmatteError(f"{name} foreground is {'x'.join(map(str, np.shape(fgr)))} but should be "
-                                   f"{_shape_text(true_pha)}x3")
+                raise BgmatteError(f"{name} foreground has shape {np.shape(fgr)} but should be (H, W, 3) with the "
+                                   f"alpha's {_shape_text(true_pha)}: {(*true_pha.shape, 3)}")
         scores["fgr_mse"] = foreground_mse(pred_fgr, true_fgr, true_pha, trimap)
     return scores
 
@@ -314,8 +315,8 @@ def read_trimap(path: Path) -> np.ndarray:
 def _crop(array: np.ndarray, height: int, width: int, path: Path, full: tuple[int, int]) -> np.ndarray:
     """Crop to (height, width): arrays of the ground truth's size, or already of the cropped size, are accepted."""
     if array.shape[:2] not in (full, (height, width)):
-        raise BgmatteError(f"{path}: image is {array.shape[0]}x{array.shape[1]} but the ground truth is "
-                           f"{full[0]}x{full[1]}")
+        raise BgmatteError(f"{path}: image is {array.shape[1]}x{array.shape[0]} but the ground truth is "
+                           f"{full[1]}x{full[0]}")
     return array[:height, :width]
 
 
@@ -496,8 +497,8 @@ def predict_folder(model: torch.nn.Module, data_dir: str | Path, out_dir: str | 
         src, bgr = read_image(src_path, fit), read_image(bgr_path, fit)
         src_shape, bgr_shape = src.shape[:2], bgr.shape[:2]
         if src_shape != bgr_shape:
-            raise BgmatteError(f"{bgr_path}: plate is {bgr_shape[0]}x{bgr_shape[1]} but the source is "
-                               f"{src_shape[0]}x{src_shape[1]}")
+            raise BgmatteError(f"{bgr_path}: plate is {bgr_shape[1]}x{bgr_shape[0]} but the source is "
+                               f"{src_shape[1]}x{src_shape[0]}")
         height = src_shape[0] // crop_multiple * crop_multiple
         width = src_shape[1] // crop_multiple * crop_multiple
         if height == 0 or width == 0:

@@ -263,7 +263,7 @@ def test_score_image_without_trimap_gives_only_whole_frame_metrics():
 
 
 def test_score_image_rejects_mismatched_sizes():
-    with pytest.raises(BgmatteError, match="4x4.*4x5"):
+    with pytest.raises(BgmatteError, match="4x4.*5x4"):  # width x height, as every size bgmatte names
         score_image(np.zeros((4, 4)), np.zeros((4, 5)))
 
 
@@ -356,7 +356,7 @@ def test_evaluate_folders_rejects_a_prediction_of_another_size_naming_the_file(t
     pred, gt = _dataset(tmp_path)
     (pred / "pha" / "b.png").unlink()
     _write(pred / "pha" / "b.png", np.zeros((12, 8), np.uint8))
-    with pytest.raises(BgmatteError, match=r"b\.png.*12x8.*8x8"):
+    with pytest.raises(BgmatteError, match=r"b\.png: image is 8x12 but the ground truth is 8x8"):  # width x height
         evaluate_folders(pred, gt)
 
 
@@ -497,6 +497,18 @@ def test_a_source_and_plate_are_turned_upright_unless_the_matte_fits_them_only_a
     predict_folder(Source(), data, tmp_path / "out")
     predicted = cv2.imread(str(tmp_path / "out" / "pha" / "a.png"), cv2.IMREAD_UNCHANGED) > 127
     assert predicted.shape == truth.shape and (predicted == truth).all()
+
+
+def test_predict_folder_names_a_plate_of_another_size_width_first(tmp_path):
+    import torch
+
+    from bgmatte.evaluate import predict_folder
+
+    data = tmp_path / "data"
+    _write(data / "src" / "a.png", np.zeros((8, 12, 3), np.uint8))
+    _write(data / "bgr" / "a.png", np.zeros((12, 8, 3), np.uint8))
+    with pytest.raises(BgmatteError, match=r"a\.png: plate is 8x12 but the source is 12x8"):  # width x height
+        predict_folder(torch.nn.Identity(), data, tmp_path / "out")
 
 
 def test_hidden_files_are_not_taken_for_images(tmp_path):
