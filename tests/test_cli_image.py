@@ -303,3 +303,16 @@ def test_a_tiff_opencv_cannot_read_is_one_line_without_opencv_s_own_warning(tmp_
     err = capfd.readouterr().err
     assert err == f"bgmatte image: error: {picture}: cannot decode this TIFF file (damaged, truncated, or a variant " \
                   "OpenCV does not read)\n"
+
+
+@pytest.mark.parametrize("suffix", [".bmp", ".gif", ".ppm"])
+def test_a_truncated_image_is_one_line_without_opencv_s_own_error_line(tmp_path, capfd, suffix):
+    """OpenCV logs a decoder's failure at its ERROR level ('[ERROR:0@...] global loadsave.cpp ... imdecode_ ...:
+    can't read data: ... Unexpected end of input stream') before bgmatte's own line said what went wrong."""
+    whole = tmp_path / f"whole{suffix}"
+    assert cv2.imwrite(str(whole), np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8))
+    picture = tmp_path / f"cut{suffix}"
+    picture.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert main(["image", str(picture), "--bgr", str(whole), "-o", str(tmp_path / "out"), "-q"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"bgmatte image: error: {picture}: "), err

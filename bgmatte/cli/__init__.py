@@ -129,13 +129,15 @@ def stop_on_termination() -> Callable[[], None]:
 
 
 def _quiet_opencv() -> None:
-    """OpenCV prints its own warnings to stderr (a TIFF variant it cannot read), ahead of the one line that
-    says what went wrong; --debug lets them through."""
+    """OpenCV prints its own warnings and errors to stderr (a TIFF variant it cannot read; a truncated BMP, GIF or
+    PPM, whose decoder's failure it logs as '[ERROR:0@...] ... imdecode_'), ahead of the one line that says what
+    went wrong; every such failure reaches bgmatte as an exception or an empty result, which it reports itself.
+    --debug lets them through."""
     try:
         import cv2.utils.logging as opencv_logging
     except ImportError:  # pragma: no cover - an OpenCV build without it
         return
-    opencv_logging.setLogLevel(opencv_logging.LOG_LEVEL_ERROR)
+    opencv_logging.setLogLevel(opencv_logging.LOG_LEVEL_SILENT)
 
 
 def main(argv: list[str] | None = None) -> int:
