@@ -589,6 +589,31 @@ def test_run_webcam_refuses_an_existing_recording_before_opening_the_camera(monk
         run_webcam(camera="0", record=out, preview=False)
 
 
+@pytest.mark.parametrize("which", ["camera", "target"])
+def test_run_webcam_never_records_over_its_camera_file_or_target_video_even_with_overwrite(monkeypatch, tmp_path,
+                                                                                         which):
+    clip = make_clip(tmp_path / "clip.mp4", 4)
+    kept = clip.read_bytes()
+    monkeypatch.setattr("bgmatte.model.build.load_model", lambda *args, **kwargs: TinyModel())
+    camera = make_clip(tmp_path / "camera.mp4", 4) if which == "target" else clip
+    with pytest.raises(BgmatteError, match=r"clip\.mp4: this output would overwrite the "):
+        run_webcam(camera=camera, target_bgr=[str(clip)] if which == "target" else ["green"], record=clip,
+                   overwrite=True, preview=False, max_frames=2)
+    assert clip.read_bytes() == kept
+
+
+def test_run_webcam_refuses_a_recording_it_cannot_write_before_opening_the_camera(monkeypatch, tmp_path):
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    with pytest.raises(BgmatteError, match=r"out\.png: cannot write video with extension \.png"):
+        run_webcam(camera="0", record=tmp_path / "out.png", preview=False)
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(BgmatteError, match=r"out\.mp4: cannot create the folder"):
+        run_webcam(camera="0", record=tmp_path / "file" / "out.mp4", preview=False)
+
+
 def test_a_failure_after_the_camera_thread_starts_stops_it_before_the_camera_is_released(monkeypatch, tmp_path):
     camera = WatchedCamera()
     monkeypatch.setattr(webcam, "open_camera", lambda *args, **kwargs: camera)

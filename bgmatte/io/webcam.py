@@ -31,7 +31,7 @@ from torch import Tensor
 
 from bgmatte.composite import TargetBackground, parse_target_background
 from bgmatte.errors import BgmatteError
-from bgmatte.io.files import refuse_existing
+from bgmatte.io.files import check_destination
 from bgmatte.io.video import ClosesOnExit
 from bgmatte.pipeline import TargetFrames, render_outputs
 from bgmatte.predictor import Matte
@@ -839,7 +839,7 @@ def run_webcam(
         raise BgmatteError("nothing to show or send: ask for --virtual-cam, --record FILE or --preview "
                            "(the preview needs a display)")
     if record is not None:
-        refuse_existing(record, overwrite)
+        _check_recording(Path(record), overwrite, camera, bgr, targets)
 
     from bgmatte.model.build import load_model
     from bgmatte.predictor import Predictor
@@ -881,6 +881,23 @@ def run_webcam(
         report = session.run()
     logger.info("%s", report.summary())
     return report
+
+
+def _check_recording(path: Path, overwrite: bool, camera: int | str | os.PathLike, bgr: str | os.PathLike | None,
+                     targets: Sequence[TargetBackground]) -> None:
+    """Refuse, before the camera opens and the model loads, a recording that cannot be written (its extension, its
+    folder), that exists (unless `overwrite`), or that is one of the inputs (the video file played as the camera,
+    the plate, a target image or video), even with `overwrite`: recording over it would destroy what is read."""
+    from bgmatte.io.video import choose_encoder
+    from bgmatte.pipeline import _refuse_overwriting_inputs
+
+    choose_encoder(path, alpha=False)
+    inputs = [] if isinstance(camera, int) or str(camera).strip().isdigit() else [("camera file", Path(camera))]
+    if bgr is not None:
+        inputs.append(("plate", Path(bgr)))
+    inputs += [("target background", target.path) for target in targets if target.path is not None]
+    _refuse_overwriting_inputs([path], inputs, advice="choose another --record file")
+    check_destination(path, overwrite)
 
 
 def _resolve_preview(preview: bool | None) -> tuple[bool, str]:
