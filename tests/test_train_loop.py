@@ -482,8 +482,9 @@ def test_batches_made_on_the_device_depend_only_on_seed_rank_and_step():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("signum", "status", "said"), [(signal.SIGINT, 130, "interrupted"),
-                                                       (signal.SIGTERM, 143, "terminated (SIGTERM)")])
-def test_ctrl_c_or_sigterm_saves_state_and_weights_then_exits_nonzero(tmp_path, signum, status, said):
+                                                       (signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                       (signal.SIGHUP, 129, "terminated (SIGHUP)")])
+def test_ctrl_c_sigterm_or_sighup_saves_state_and_weights_then_exits_nonzero(tmp_path, signum, status, said):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "bgmatte", "train", "base", "--out", str(out), *TINY, "--steps", "10000",
                "--train-samples", "2", "--num-workers", "0", "--val-every", "0", "--save-every", "0",
