@@ -349,7 +349,8 @@ def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tens
 
 def training_batches(options: TrainOptions, runtime: Runtime, per_process: int, start_step: int
                      ) -> Iterator[dict[str, Tensor]]:
-    """This process's batches from step ``start_step`` on, on its device.
+    """This process's batches from batch ``start_step`` on, on its device (the run's step, plus the batches that
+    non-finite losses skipped).
 
     With ``train_samples``, a fixed pool of items is made once and kept in memory (the process's share
     of it under torchrun). Otherwise synthetic data on a GPU is generated there, a whole batch at a
@@ -1150,6 +1151,7 @@ class _Run:
         self.optimizer = torch.optim.Adam(parameter_groups(network, options.learning_rates))
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=self.amp == torch.float16)
         self.step, self.best, self.saved_step = 0, math.inf, -1
+        self.batches = 0  # batches drawn: more than the steps once a non-finite loss has skipped one
         if saved is not None:
             self._restore(saved)
 
@@ -1167,6 +1169,7 @@ class _Run:
         if self.scaler.is_enabled() and saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
         self.step = self.saved_step = int(saved["step"])
+        self.batches = int(saved.get("batches", self.step))  # states saved before it was counted: none skipped
         self.best = float(saved["best"])
         if int(saved["world_size"]) == self.runtime.world_size:
             restore_random_state(saved["random"][self.runtime.rank])
@@ -1193,6 +1196,7 @@ class _Run:
             "backbone": self.backbone,
             "refine_kernel_size": self.kernel_size,
             "step": self.step,
+            "batches": self.batches,
             "best": self.best,
             "world_size": self.runtime.world_size,
             "model": self.network.state_dict(),
@@ -1246,7 +1250,7 @@ class _Run:
         batches: Iterator[dict[str, Tensor]] = iter(())
         try:
             if self.step < options.steps:
-                batches = training_batches(options, self.runtime, self.per_process, self.step)
+                batches = training_batches(options, self.runtime, self.per_process, self.batches)
             stop = StopRequest()
             with stop:
                 while self.step < options.steps:
@@ -1321,6 +1325,7 @@ class _Run:
         with self._autocast():
             outputs = self.model(batch["src"], batch["bgr"])
         loss, terms = stage_loss(options.stage, outputs, batch)
+        self.batches += 1  # used, or skipped below: a resumed run starts with the next batch either way
         halt, bad_loss, save_now = self._agree(stop, not math.isfinite(sum(terms.values())), clock_due)
         self.optimizer.zero_grad(set_to_none=True)
         if bad_loss:  # no process runs backward, so no gradient exchange is left waiting
