@@ -99,12 +99,25 @@ def test_refine_coarse_terms_use_ground_truth_downsampled_to_the_coarse_size():
     assert terms["pha_sobel_l1"] == pytest.approx(0.0, abs=1e-7)
     assert terms["pha_sm_l1"] == pytest.approx(0.5 / 4)
     assert terms["fgr_sm_l1"] == pytest.approx(6 / 12)
-    # the error of the coarse alpha at the coarse size is 0.5 at one block; err_sm predicts 0
-    assert terms["err_sm_mse"] == pytest.approx(0.25 / 4)
+    # err_sm predicts 0: the term is the mean square of the coarse alpha's error at full resolution
+    upsampled = F.interpolate(pha_sm, size=(4, 4), mode="bilinear", align_corners=False)
+    assert terms["err_sm_mse"] == pytest.approx((upsampled - true_pha).pow(2).mean().item())
     coarse_truth = torch.tensor([[1.0, 0.0], [0.5, 0.0]]).reshape(1, 1, 2, 2)
     expected_sobel = F.l1_loss(sobel_magnitude(pha_sm), sobel_magnitude(coarse_truth)).item()
     assert terms["pha_sm_sobel_l1"] == pytest.approx(expected_sobel)
     assert expected_sobel > 0.01  # the blocks differ, so this term is not trivially zero
+
+
+def test_refine_error_term_is_the_coarse_alphas_error_at_full_resolution():
+    # As train_refine.py: err_sm and pha_sm are upsampled to the full size and err_sm learns |pha_sm - true_pha|
+    # there. A checkerboard (fine hair) is 0.5 everywhere once downsampled, so a coarse alpha of 0.5 is exact at the
+    # coarse size but off by 0.5 at every full-resolution pixel: that is where the refiner is needed.
+    true_pha = torch.tensor([[1.0, 0.0] * 2, [0.0, 1.0] * 2] * 2).reshape(1, 1, 4, 4)
+    pha_sm, fgr, fgr_sm = torch.full((1, 1, 2, 2), 0.5), torch.rand(1, 3, 4, 4), torch.rand(1, 3, 2, 2)
+    _, found = refine_loss(true_pha, fgr, pha_sm, fgr_sm, torch.full((1, 1, 2, 2), 0.5), true_pha, fgr)
+    _, missed = refine_loss(true_pha, fgr, pha_sm, fgr_sm, torch.zeros(1, 1, 2, 2), true_pha, fgr)
+    assert found["err_sm_mse"] == pytest.approx(0.0, abs=1e-7)
+    assert missed["err_sm_mse"] == pytest.approx(0.25)
 
 
 def test_refine_full_resolution_terms_match_the_base_terms():

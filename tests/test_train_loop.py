@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -182,6 +183,27 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path, stage, w
     halves = read_rows(tmp_path / "halves" / "train.csv")
     assert [row["loss"] for row in straight] == [row["loss"] for row in halves]
     assert len(read_rows(tmp_path / "halves" / "valid.csv")) == 2
+
+
+def test_a_resume_after_a_skipped_batch_goes_on_with_the_batches_the_run_would_have_used(tmp_path, monkeypatch):
+    # The second batch of a run gives a non-finite loss and is skipped: step 2 trains on the third batch. A run
+    # saved at step 2 and resumed must go on with the fourth, as the run that never stopped does.
+    real_loss, calls = loop.stage_loss, []
+
+    def loss_failing_on(bad_call):
+        def stage_loss(stage, outputs, batch):
+            calls.append(None)
+            loss, terms = real_loss(stage, outputs, batch)
+            return (loss, {**terms, "pha_l1": math.nan}) if len(calls) == bad_call else (loss, terms)
+        return stage_loss
+
+    monkeypatch.setattr(loop, "stage_loss", loss_failing_on(2))
+    loop.train(tiny_options(tmp_path / "straight", steps=4))
+    calls.clear()
+    loop.train(tiny_options(tmp_path / "halves", steps=2))
+    monkeypatch.setattr(loop, "stage_loss", loss_failing_on(0))
+    loop.train(tiny_options(tmp_path / "halves", steps=4, resume=True))
+    _assert_same_weights(tmp_path / "straight" / "last.safetensors", tmp_path / "halves" / "last.safetensors")
 
 
 def test_a_run_folder_is_not_overwritten_without_resume(tmp_path):
@@ -482,8 +504,9 @@ def test_batches_made_on_the_device_depend_only_on_seed_rank_and_step():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("signum", "status", "said"), [(signal.SIGINT, 130, "interrupted"),
-                                                       (signal.SIGTERM, 143, "terminated (SIGTERM)")])
-def test_ctrl_c_or_sigterm_saves_state_and_weights_then_exits_nonzero(tmp_path, signum, status, said):
+                                                       (signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                       (signal.SIGHUP, 129, "terminated (SIGHUP)")])
+def test_ctrl_c_sigterm_or_sighup_saves_state_and_weights_then_exits_nonzero(tmp_path, signum, status, said):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "bgmatte", "train", "base", "--out", str(out), *TINY, "--steps", "10000",
                "--train-samples", "2", "--num-workers", "0", "--val-every", "0", "--save-every", "0",

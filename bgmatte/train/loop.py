@@ -349,7 +349,8 @@ def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tens
 
 def training_batches(options: TrainOptions, runtime: Runtime, per_process: int, start_step: int
                      ) -> Iterator[dict[str, Tensor]]:
-    """This process's batches from step ``start_step`` on, on its device.
+    """This process's batches from batch ``start_step`` on, on its device (the run's step, plus the batches that
+    non-finite losses skipped).
 
     With ``train_samples``, a fixed pool of items is made once and kept in memory (the process's share
     of it under torchrun). Otherwise synthetic data on a GPU is generated there, a whole batch at a
@@ -791,9 +792,14 @@ def check_logging(options: TrainOptions) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+"""The signals that stop a run after its current step, saved: Ctrl-C, a job scheduler's or `kill`'s SIGTERM, and
+the SIGHUP of a closed terminal or SSH session (which the command line would otherwise raise mid-step, unsaved)."""
+
+
 class StopRequest:
-    """Turns a SIGINT or SIGTERM into a request to stop after the current step; a second signal of the same
-    kind acts at once. Handlers are only installed in the main thread."""
+    """Turns a SIGINT, SIGTERM or SIGHUP (`STOP_SIGNALS`) into a request to stop after the current step; a second
+    signal of the same kind acts at once. Handlers are only installed in the main thread."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -807,7 +813,7 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGINT, signal.SIGTERM):
+            for number in STOP_SIGNALS:
                 self._previous[number] = signal.getsignal(number)
                 signal.signal(number, self._handle)
         return self
@@ -819,11 +825,12 @@ class StopRequest:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Data workers leave Ctrl-C and SIGTERM to the training process, which stops between steps, saves, and
+    """Data workers leave Ctrl-C, SIGTERM and SIGHUP to the training process, which stops between steps, saves, and
     shuts them down (`_shut_down`): killed at once by a signal sent to the whole process group (Ctrl-C, a job
-    scheduler's SIGTERM), they would make PyTorch raise in the training process wherever it is, a save included."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    scheduler's SIGTERM, a closed terminal's SIGHUP), they would make PyTorch raise in the training process wherever
+    it is, a save included."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -859,10 +866,11 @@ def train(options: TrainOptions, given: Collection[str] | None = None) -> TrainR
 
     ``given`` names the options the user set (the command line's); when resuming, the others are those
     the run was started with, as ``resumed_options`` explains. None counts every option as given.
-    Returns when ``options.steps`` steps are done, with weights and state saved. On SIGINT or SIGTERM it
-    finishes the current step, saves weights and state, and raises KeyboardInterrupt. A data file that cannot
-    be read raises `DataError` (its message in one line), after saving what was trained so that it can resume;
-    under torchrun every process stops at that step and raises it alike, as a `DataRefused`.
+    Returns when ``options.steps`` steps are done, with weights and state saved. On SIGINT, SIGTERM or SIGHUP it
+    finishes the current step, saves weights and state, and raises KeyboardInterrupt (`Terminated` for the last two;
+    a process that another one's signal stopped raises KeyboardInterrupt). A data file that cannot be read raises
+    `DataError` (its message in one line), after saving what was trained so that it can resume; under torchrun
+    every process stops at that step and raises it alike, as a `DataRefused`.
     """
     runtime, created_group = start_runtime(options.device)
     try:
@@ -1143,6 +1151,7 @@ class _Run:
         self.optimizer = torch.optim.Adam(parameter_groups(network, options.learning_rates))
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=self.amp == torch.float16)
         self.step, self.best, self.saved_step = 0, math.inf, -1
+        self.batches = 0  # batches drawn: more than the steps once a non-finite loss has skipped one
         if saved is not None:
             self._restore(saved)
 
@@ -1160,6 +1169,7 @@ class _Run:
         if self.scaler.is_enabled() and saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
         self.step = self.saved_step = int(saved["step"])
+        self.batches = int(saved.get("batches", self.step))  # states saved before it was counted: none skipped
         self.best = float(saved["best"])
         if int(saved["world_size"]) == self.runtime.world_size:
             restore_random_state(saved["random"][self.runtime.rank])
@@ -1186,6 +1196,7 @@ class _Run:
             "backbone": self.backbone,
             "refine_kernel_size": self.kernel_size,
             "step": self.step,
+            "batches": self.batches,
             "best": self.best,
             "world_size": self.runtime.world_size,
             "model": self.network.state_dict(),
@@ -1239,7 +1250,7 @@ class _Run:
         batches: Iterator[dict[str, Tensor]] = iter(())
         try:
             if self.step < options.steps:
-                batches = training_batches(options, self.runtime, self.per_process, self.step)
+                batches = training_batches(options, self.runtime, self.per_process, self.batches)
             stop = StopRequest()
             with stop:
                 while self.step < options.steps:
@@ -1281,7 +1292,7 @@ class _Run:
             if self.runtime.is_main and options.progress:
                 print(f"bgmatte train: stopped at step {self.step}; saved {options.out / 'state.pt'} "
                       "(continue with --resume)", file=sys.stderr)
-            raise Terminated(stop.signum) if stop.signum == signal.SIGTERM else KeyboardInterrupt
+            raise KeyboardInterrupt if stop.signum in (None, signal.SIGINT) else Terminated(stop.signum)
         best = self.best if math.isfinite(self.best) else None
         return TrainResult(self.step, self.last_loss, best, options.out)
 
@@ -1314,6 +1325,7 @@ class _Run:
         with self._autocast():
             outputs = self.model(batch["src"], batch["bgr"])
         loss, terms = stage_loss(options.stage, outputs, batch)
+        self.batches += 1  # used, or skipped below: a resumed run starts with the next batch either way
         halt, bad_loss, save_now = self._agree(stop, not math.isfinite(sum(terms.values())), clock_due)
         self.optimizer.zero_grad(set_to_none=True)
         if bad_loss:  # no process runs backward, so no gradient exchange is left waiting

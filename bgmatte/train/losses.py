@@ -1,5 +1,6 @@
 """The paper's training losses: L1 on alpha and on its Sobel gradients, L1 on the foreground where the true alpha
-is above 0, and MSE between the predicted error map and the actual error of the coarse alpha.
+is above 0, and MSE between the predicted error map and the actual error of the coarse alpha (in the refine stage,
+both upsampled to full resolution and measured against the full-resolution truth, as ``train_refine.py`` does).
 
 Each term is a mean over all elements, as `F.l1_loss` and `F.mse_loss` compute it in BackgroundMattingV2's
 `train_base.py` and `train_refine.py` (the foreground term is a mean over every element of the masked tensors, so
@@ -82,8 +83,8 @@ def base_loss(pha: Tensor, fgr: Tensor, err: Tensor, true_pha: Tensor, true_fgr:
 
 
 def downsample(image: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize ground truth to the coarse size: bilinear, align_corners=False, no antialiasing (kornia's resize
-    as the reference training used it)."""
+    """Resize ground truth to the coarse size, or the coarse outputs to the full one: bilinear, align_corners=False,
+    no antialiasing (kornia's resize as the reference training used it)."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
@@ -94,17 +95,19 @@ def refine_loss(pha: Tensor, fgr: Tensor, pha_sm: Tensor, fgr_sm: Tensor, err_sm
     """The refine stage's loss from MattingRefine's first five outputs and full-resolution ground truth.
 
     The alpha, alpha-gradient and foreground terms count at full resolution and at the coarse one (against the
-    ground truth downsampled to it); the error term only at the coarse size, against the error of the coarse
-    alpha there. Returns the total and each term as a float, keyed as `REFINE_TERMS`.
+    ground truth downsampled to it); the error term once, with the coarse error map and alpha upsampled to the full
+    size, against the coarse alpha's error there, as ``train_refine.py`` does: the error map decides where the refiner
+    works, so it must learn where the coarse alpha misses full-resolution detail (a strand of hair that averages away
+    at the coarse size is no error there). Returns the total and each term as a float, keyed as `REFINE_TERMS`.
     """
     _check_shapes(pha, fgr, true_pha, true_fgr, "refine_loss")
-    coarse_size = tuple(pha_sm.shape[-2:])
+    coarse_size, full_size = tuple(pha_sm.shape[-2:]), tuple(true_pha.shape[-2:])
     true_pha_sm = downsample(true_pha, coarse_size)
     true_fgr_sm = downsample(true_fgr, coarse_size)
     _check_shapes(pha_sm, fgr_sm, true_pha_sm, true_fgr_sm, "refine_loss (coarse)")
     terms = [
         *_matting_terms(pha, fgr, true_pha, true_fgr),
         *_matting_terms(pha_sm, fgr_sm, true_pha_sm, true_fgr_sm),
-        _error_term(err_sm, pha_sm, true_pha_sm),
+        _error_term(downsample(err_sm, full_size), downsample(pha_sm, full_size), true_pha),
     ]
     return _total(REFINE_TERMS, terms)
