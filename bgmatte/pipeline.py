@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from bgmatte.composite import TargetBackground, blur, colour_like, parse_target_background, to_rgba, to_uint8
 from bgmatte.errors import BgmatteError
-from bgmatte.io.files import refuse_existing
+from bgmatte.io.files import refuse_existing, refuse_overwriting_inputs
 from bgmatte.io.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -824,7 +824,7 @@ def plan_video_outputs(
             choice = choose_encoder(plan.path, alpha=plan.alpha, options=encoder, size=size)
             plans[index] = replace(plan, encoder=choice)
     everything = [("input video", src), *inputs]
-    _refuse_overwriting_inputs([plan.path for plan in plans], everything, advice="choose another output")
+    refuse_overwriting_inputs([plan.path for plan in plans], everything, advice="choose another output")
     for plan in plans:
         if plan.folder:
             _refuse_holding_inputs(plan.path, everything)
@@ -1308,28 +1308,6 @@ def _remove_empty_folders(folders: Sequence[Path]) -> None:
             pass
 
 
-def _refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[tuple[str, Path]], *,
-                               advice: str = "choose another output folder") -> None:
-    """Refuse an output that is one of the `inputs` ((what, path) pairs) however it is spelled, through a link
-    included, since it would destroy what is being read: ``overwrite`` replaces old outputs, never inputs.
-    `advice` ends the message."""
-    known: dict[tuple[int, int], tuple[str, Path]] = {}
-    for what, path in inputs:
-        try:
-            status = os.stat(path)
-        except OSError:
-            continue  # a missing input is named when it is read
-        known.setdefault((status.st_dev, status.st_ino), (what, path))  # what os.path.samefile compares
-    for output in outputs:
-        try:
-            status = os.stat(output)
-        except OSError:
-            continue  # nothing there yet, so no input either
-        found = known.get((status.st_dev, status.st_ino))
-        if found is not None:
-            raise BgmatteError(f"{output}: this output would overwrite the {found[0]} {found[1]}: {advice}")
-
-
 def _size_options(model: ModelLike) -> ModelOptions | None:
     """The options `load_predictor` reads when it loads the model itself; None when `model` is given ready."""
     if not _loads_itself(model):
@@ -1422,7 +1400,7 @@ def matte_images(
     inputs = [*(("source image", path) for path in sources), *(("plate", path) for path in plates)]
     if target_bgr.kind == "image":
         inputs.append(("target background", target_bgr.path))
-    _refuse_overwriting_inputs([path for paths in destinations.values() for path in paths], inputs)
+    refuse_overwriting_inputs([path for paths in destinations.values() for path in paths], inputs)
     wanted: dict[Path, tuple[str, ...]] = {}  # the outputs each image still needs
     for index, source in enumerate(sources):
         missing = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from bgmatte.errors import BgmatteError
@@ -108,3 +108,25 @@ def write_through_temporary(path: Path, write: Callable[[Path], None], what: str
             raise BgmatteError(f"{path}: cannot write {what + ' ' if what else ''}({reason})") from None
         raise
     return path
+
+
+def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[tuple[str, Path]], *,
+                               advice: str = "choose another output folder") -> None:
+    """Refuse an output that is one of the `inputs` ((what, path) pairs) however it is spelled, through a link
+    included, since it would destroy what is being read: ``overwrite`` replaces old outputs, never inputs.
+    `advice` ends the message."""
+    known: dict[tuple[int, int], tuple[str, Path]] = {}
+    for what, path in inputs:
+        try:
+            status = os.stat(path)
+        except OSError:
+            continue  # a missing input is named when it is read
+        known.setdefault((status.st_dev, status.st_ino), (what, path))  # what os.path.samefile compares
+    for output in outputs:
+        try:
+            status = os.stat(output)
+        except OSError:
+            continue  # nothing there yet, so no input either
+        found = known.get((status.st_dev, status.st_ino))
+        if found is not None:
+            raise BgmatteError(f"{output}: this output would overwrite the {found[0]} {found[1]}: {advice}")

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from bgmatte.composite import TargetBackground, parse_target_background
 from bgmatte.errors import BgmatteError
-from bgmatte.io.files import check_destination
+from bgmatte.io.files import check_destination, refuse_overwriting_inputs
 from bgmatte.io.video import ClosesOnExit
 from bgmatte.pipeline import TargetFrames, render_outputs
 from bgmatte.predictor import Matte
@@ -889,14 +889,13 @@ def _check_recording(path: Path, overwrite: bool, camera: int | str | os.PathLik
     folder), that exists (unless `overwrite`), or that is one of the inputs (the video file played as the camera,
     the plate, a target image or video), even with `overwrite`: recording over it would destroy what is read."""
     from bgmatte.io.video import choose_encoder
-    from bgmatte.pipeline import _refuse_overwriting_inputs
 
     choose_encoder(path, alpha=False)
     inputs = [] if isinstance(camera, int) or str(camera).strip().isdigit() else [("camera file", Path(camera))]
     if bgr is not None:
         inputs.append(("plate", Path(bgr)))
     inputs += [("target background", target.path) for target in targets if target.path is not None]
-    _refuse_overwriting_inputs([path], inputs, advice="choose another --record file")
+    refuse_overwriting_inputs([path], inputs, advice="choose another --record file")
     check_destination(path, overwrite)
 
 

@@ -82,7 +82,7 @@ def base_loss(pha: Tensor, fgr: Tensor, err: Tensor, true_pha: Tensor, true_fgr:
     return _total(BASE_TERMS, terms)
 
 
-def downsample(image: Tensor, size: tuple[int, int]) -> Tensor:
+def resize(image: Tensor, size: tuple[int, int]) -> Tensor:
     """Resize ground truth to the coarse size, or the coarse outputs to the full one: bilinear, align_corners=False,
     no antialiasing (kornia's resize as the reference training used it)."""
     if tuple(image.shape[-2:]) == tuple(size):
@@ -102,12 +102,12 @@ def refine_loss(pha: Tensor, fgr: Tensor, pha_sm: Tensor, fgr_sm: Tensor, err_sm
     """
     _check_shapes(pha, fgr, true_pha, true_fgr, "refine_loss")
     coarse_size, full_size = tuple(pha_sm.shape[-2:]), tuple(true_pha.shape[-2:])
-    true_pha_sm = downsample(true_pha, coarse_size)
-    true_fgr_sm = downsample(true_fgr, coarse_size)
+    true_pha_sm = resize(true_pha, coarse_size)
+    true_fgr_sm = resize(true_fgr, coarse_size)
     _check_shapes(pha_sm, fgr_sm, true_pha_sm, true_fgr_sm, "refine_loss (coarse)")
     terms = [
         *_matting_terms(pha, fgr, true_pha, true_fgr),
         *_matting_terms(pha_sm, fgr_sm, true_pha_sm, true_fgr_sm),
-        _error_term(downsample(err_sm, full_size), downsample(pha_sm, full_size), true_pha),
+        _error_term(resize(err_sm, full_size), resize(pha_sm, full_size), true_pha),
     ]
     return _total(REFINE_TERMS, terms)
