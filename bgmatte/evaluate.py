@@ -411,19 +411,25 @@ PREDICTED = ("pha", "fgr")
 
 
 def check_dataset(data_dir: str | Path) -> None:
-    """Refuse, before a model is loaded and run, a dataset whose files do not go together: a ground-truth matte
-    without its source image or plate, or of another size than its source (either way round: a photograph may be
-    stored turned, with an EXIF orientation), or a plate of another size. From the files' headers alone."""
+    """Refuse, before a model is loaded and run, a dataset that cannot be scored or whose files do not go together:
+    no ground-truth mattes (`pha/` missing or empty), a matte without its source image or plate, or without its
+    trimap or foreground where `trimap/` or `fgr/` is there (`evaluate_folders` needs them all), a matte of
+    another size than its source (either way round: a photograph may be stored turned, with an EXIF orientation),
+    or a plate of another size. From the files' names and headers alone."""
     root = Path(data_dir)
     if not root.is_dir():
         raise BgmatteError(f"{root}: folder not found")
     src_dir = _subfolder(root, "src", required=True)
     bgr_dir = _subfolder(root, "bgr", required=True)
     sources, plates = list_images(src_dir), list_images(bgr_dir)
-    pha_dir = root / "pha"
-    mattes = list_images(pha_dir) if pha_dir.is_dir() else {}
+    pha_dir = _subfolder(root, "pha", required=True)
+    mattes = list_images(pha_dir)
+    if not mattes:
+        raise BgmatteError(f"{pha_dir}: no images found (the ground-truth mattes to score against)")
+    others = [(list_images(folder), folder, what) for folder, what in
+              ((root / "trimap", "trimap"), (root / "fgr", "foreground")) if folder.is_dir()]
     for stem, matte in mattes.items():
-        for files, folder, what in ((sources, src_dir, "source image"), (plates, bgr_dir, "plate")):
+        for files, folder, what in ((sources, src_dir, "source image"), (plates, bgr_dir, "plate"), *others):
             if stem not in files:
                 raise BgmatteError(f"{folder}: no {what} named {stem!r} (needed for {matte})")
     for stem, source in sources.items():
