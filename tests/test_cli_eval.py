@@ -244,3 +244,16 @@ def test_model_path_refuses_ground_truth_it_cannot_score_before_loading(tmp_path
                 "fgr missing": f"{data / 'fgr'}: no foreground named 'frame'"}[problem]
     assert err.startswith(f"bgmatte eval: error: {expected}") and err.count("\n") == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("folder", ["trimap", "fgr"])
+def test_model_path_refuses_a_trimap_or_foreground_of_another_size_than_its_matte_before_loading(tmp_path, capsys,
+                                                                                                folder):
+    """Found after the model had run over every image and written its predictions into --out."""
+    _, data = _model_data(tmp_path)
+    path = data / folder / "frame.png"
+    _write(path, np.zeros((16, 32, 3) if folder == "fgr" else (16, 32), np.uint8))
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(tmp_path / "absent.pth"), "--data", str(data), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"bgmatte eval: error: {path}: image is 32x16 but the ground truth is 32x32\n"
+    assert not out.exists()
