@@ -410,20 +410,27 @@ PREDICTED = ("pha", "fgr")
 """The subfolders `predict_folder` writes."""
 
 
-def check_dataset(data_dir: str | Path) -> None:
-    """Refuse, before a model is loaded and run, a dataset whose files do not go together: a ground-truth matte
-    without its source image or plate, or of another size than its source (either way round: a photograph may be
-    stored turned, with an EXIF orientation), or a plate of another size. From the files' headers alone."""
+def check_dataset(data_dir: str | Path, *, crop_multiple: int = 4) -> None:
+    """Refuse, before a model is loaded and run, a dataset that cannot be scored or whose files do not go together:
+    no ground-truth mattes (`pha/` missing or empty), a matte without its source image or plate, or without its
+    trimap or foreground where `trimap/` or `fgr/` is there (`evaluate_folders` needs them all), a matte of
+    another size than its source (either way round: a photograph may be stored turned, with an EXIF orientation),
+    a plate of another size, or a trimap or foreground of another size than its matte (cropped to a multiple of
+    `crop_multiple` or not). From the files' names and headers alone."""
     root = Path(data_dir)
     if not root.is_dir():
         raise BgmatteError(f"{root}: folder not found")
     src_dir = _subfolder(root, "src", required=True)
     bgr_dir = _subfolder(root, "bgr", required=True)
     sources, plates = list_images(src_dir), list_images(bgr_dir)
-    pha_dir = root / "pha"
-    mattes = list_images(pha_dir) if pha_dir.is_dir() else {}
+    pha_dir = _subfolder(root, "pha", required=True)
+    mattes = list_images(pha_dir)
+    if not mattes:
+        raise BgmatteError(f"{pha_dir}: no images found (the ground-truth mattes to score against)")
+    others = [(list_images(folder), folder, what) for folder, what in
+              ((root / "trimap", "trimap"), (root / "fgr", "foreground")) if folder.is_dir()]
     for stem, matte in mattes.items():
-        for files, folder, what in ((sources, src_dir, "source image"), (plates, bgr_dir, "plate")):
+        for files, folder, what in ((sources, src_dir, "source image"), (plates, bgr_dir, "plate"), *others):
             if stem not in files:
                 raise BgmatteError(f"{folder}: no {what} named {stem!r} (needed for {matte})")
     for stem, source in sources.items():
@@ -433,6 +440,14 @@ def check_dataset(data_dir: str | Path) -> None:
             if size and other_size and other_size not in (size, size[::-1]):
                 raise BgmatteError(f"{other}: the {what} is {other_size[0]}x{other_size[1]} but its source {source} "
                                    f"is {size[0]}x{size[1]}")
+    for stem, matte in mattes.items():
+        width, height = images.header_size(matte) or (0, 0)
+        cropped = (width // crop_multiple * crop_multiple, height // crop_multiple * crop_multiple)
+        for files, _, _ in others:  # of the matte's size, or already cropped as `evaluate_folders` crops
+            size = images.header_size(files[stem])
+            if width and size and size not in ((width, height), cropped):
+                raise BgmatteError(f"{files[stem]}: image is {size[0]}x{size[1]} but the ground truth is "
+                                   f"{width}x{height}")
 
 
 def check_prediction_folder(data_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> None:
@@ -518,7 +533,7 @@ def evaluate_model(model: torch.nn.Module, data_dir: str | Path, out_dir: str | 
     removed afterwards when None) and score them against the ground truth in `data_dir` (`pha/`, `fgr/`,
     `trimap/`), with `evaluate_folders`. Predictions already in `out_dir` are refused unless `overwrite`; a dataset
     whose files do not go together (`check_dataset`) before the model runs."""
-    check_dataset(data_dir)
+    check_dataset(data_dir, crop_multiple=crop_multiple)
     if out_dir is not None:
         predict_folder(model, data_dir, out_dir, crop_multiple=crop_multiple, overwrite=overwrite)
         return evaluate_folders(out_dir, data_dir, crop_multiple=crop_multiple)

@@ -220,3 +220,40 @@ def test_overwrite_goes_with_out(tmp_path, capsys):
     checkpoint, data = _model_data(tmp_path)
     assert main(["eval", "--model", str(checkpoint), "--data", str(data), "--overwrite"]) == 2
     assert "--overwrite goes with --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["no pha folder", "empty pha folder", "trimap missing", "fgr missing"])
+def test_model_path_refuses_ground_truth_it_cannot_score_before_loading(tmp_path, capsys, problem):
+    """Without ground truth to score against (no pha/ folder, an empty one, a trimap/ or fgr/ lacking an image's
+    file), the model was loaded and run over every image and its predictions written into --out, and only then
+    did the scoring name the problem."""
+    _, data = _model_data(tmp_path)
+    removed = {"no pha folder": data / "pha", "empty pha folder": data / "pha" / "frame.png",
+               "trimap missing": data / "trimap" / "frame.png", "fgr missing": data / "fgr" / "frame.png"}[problem]
+    if removed.is_dir():
+        for path in removed.iterdir():
+            path.unlink()
+        removed.rmdir()
+    else:
+        removed.unlink()
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(tmp_path / "absent.pth"), "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    expected = {"no pha folder": f"{data / 'pha'}: folder not found", "empty pha folder": f"{data / 'pha'}: no images",
+                "trimap missing": f"{data / 'trimap'}: no trimap named 'frame'",
+                "fgr missing": f"{data / 'fgr'}: no foreground named 'frame'"}[problem]
+    assert err.startswith(f"bgmatte eval: error: {expected}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("folder", ["trimap", "fgr"])
+def test_model_path_refuses_a_trimap_or_foreground_of_another_size_than_its_matte_before_loading(tmp_path, capsys,
+                                                                                                folder):
+    """Found after the model had run over every image and written its predictions into --out."""
+    _, data = _model_data(tmp_path)
+    path = data / folder / "frame.png"
+    _write(path, np.zeros((16, 32, 3) if folder == "fgr" else (16, 32), np.uint8))
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(tmp_path / "absent.pth"), "--data", str(data), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"bgmatte eval: error: {path}: image is 32x16 but the ground truth is 32x32\n"
+    assert not out.exists()
