@@ -589,6 +589,19 @@ def test_run_webcam_refuses_an_existing_recording_before_opening_the_camera(monk
         run_webcam(camera="0", record=out, preview=False)
 
 
+@pytest.mark.parametrize("option", ["--virtual-cam-backend", "--virtual-cam-device"])
+def test_cli_virtual_camera_settings_without_virtual_cam_are_refused_before_the_camera_opens(monkeypatch, tmp_path,
+                                                                                            capsys, option):
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    value = "obs" if option == "--virtual-cam-backend" else "/dev/video2"
+    code = main(["webcam", "--record", str(tmp_path / "out.mp4"), "--no-preview", option, value])
+    assert code == 2
+    assert capsys.readouterr().err == f"bgmatte webcam: error: {option} goes with --virtual-cam, which was not given\n"
+
+
 @pytest.mark.parametrize("which", ["camera", "target"])
 def test_run_webcam_never_records_over_its_camera_file_or_target_video_even_with_overwrite(monkeypatch, tmp_path,
                                                                                          which):

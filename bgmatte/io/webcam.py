@@ -830,6 +830,9 @@ def run_webcam(
             raise BgmatteError(f"{name} must be positive, not {value}")
     if max_frames is not None and max_frames < 1:
         raise BgmatteError(f"--max-frames must be at least 1, not {max_frames}")
+    for name, value in (("--virtual-cam-backend", virtual_cam_backend), ("--virtual-cam-device", virtual_cam_device)):
+        if value is not None and not virtual_cam:  # the user means a virtual camera: ignoring it would hide that
+            raise BgmatteError(f"{name} goes with --virtual-cam, which was not given")
     targets = [parse_target_background(spec) for spec in target_bgr] or [parse_target_background("green")]
     auto_plate = AutoPlate(auto_plate_delay, auto_plate_frames)
     if virtual_cam:
