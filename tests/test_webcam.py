@@ -469,6 +469,22 @@ def test_cli_missing_camera_is_a_one_line_error_with_exit_code_2(tmp_path, check
     assert not (tmp_path / "out.mp4").exists()
 
 
+def test_cli_unreadable_camera_file_is_one_line_without_ffmpeg_s_own(tmp_path):
+    """OpenCV's FFmpeg printed '[mov,mp4,m4a,3gp,3g2,mj2 @ 0x...] moov atom not found' above the error line."""
+    import os
+    import subprocess
+
+    camera = tmp_path / "broken.mp4"
+    camera.write_bytes(b"not a video")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-m", "bgmatte", "webcam", "--camera", str(camera), "--no-preview",
+                           "--record", str(tmp_path / "out.mp4")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == (f"bgmatte webcam: error: {camera}: not a video file OpenCV can read "
+                           "(to use as the camera)\n")
+
+
 def test_cli_virtual_cam_without_pyvirtualcam_gives_the_install_hint(tmp_path, checkpoint, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyvirtualcam", None)  # importing it now fails, installed or not
     code = main(["webcam", "--camera", str(make_clip(tmp_path / "camera.mp4", 2)), "--checkpoint",

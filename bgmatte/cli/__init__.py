@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -129,8 +130,11 @@ def stop_on_termination() -> Callable[[], None]:
 
 
 def _quiet_opencv() -> None:
-    """OpenCV prints its own warnings to stderr (a TIFF variant it cannot read), ahead of the one line that
-    says what went wrong; --debug lets them through."""
+    """OpenCV prints its own warnings to stderr (a TIFF variant it cannot read), and its FFmpeg its errors (a video
+    file used as the webcam: 'moov atom not found'), ahead of the one line that says what went wrong; --debug lets
+    them through. OpenCV reads FFmpeg's log level once, when it first opens a video: here, before any; a level the
+    user set is kept."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
     try:
         import cv2.utils.logging as opencv_logging
     except ImportError:  # pragma: no cover - an OpenCV build without it
