@@ -816,7 +816,7 @@ def run_webcam(
             `virtual_cam_backend` (``v4l2loopback``, ``obs``, ``unitycapture``; None: any) and `virtual_cam_device`.
         preview: show a window with keys (b plate, t target, q quit); None shows it when a display
             and a windowed OpenCV are present.
-        record: also write the output to this video file (`overwrite` to replace it).
+        record: also write the output to this video file (`overwrite` to replace it; never one of the inputs).
         width, height, fps: the capture format asked of the camera; frames are resized to width x height.
         backbone, backbone_scale, refine_mode, refine_sample_pixels, refine_threshold, plate_solve, device,
             precision: the model's settings, as for `bgmatte.load_model` and `Predictor`.
