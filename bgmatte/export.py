@@ -235,8 +235,13 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     path = Path(path)
     check_destination(path, overwrite)
     onnx = _import_onnx("onnx")
-    if opset < 17:
-        raise BgmatteError(f"ONNX opset {opset} is too old: use 17 or later")
+    # Outside these the exporter spends its minute, fails to convert its graph (its operators start at 18; 17 has
+    # no Pad adapter) and writes another opset than asked, with only a logged traceback to say so.
+    if opset < 18:
+        raise BgmatteError(f"ONNX opset {opset} is too old: use 18 or later")
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise BgmatteError(f"ONNX opset {opset} is newer than this onnx package knows ({newest}): use 18 to {newest}")
     parameter = next(model.parameters())
     if parameter.dtype != torch.float32:
         raise BgmatteError("ONNX export is fp32 only; the model is " + str(parameter.dtype).replace("torch.", ""))
@@ -254,6 +259,9 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     # onnx_ir warns of an empty attribute list in torch's own graph, which it types as it should (INTS).
     attributes = logging.getLogger("onnx_ir._convenience")
     attributes.addFilter(_no_empty_attribute_notice)
+    # The opset conversion logs its failures (with a traceback) and goes on; the opset made is checked below.
+    conversion = logging.getLogger("onnxscript.version_converter")
+    conversion.addFilter(_nothing)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -264,7 +272,12 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     finally:
         registration.removeFilter(_no_torchvision_notice)
         attributes.removeFilter(_no_empty_attribute_notice)
+        conversion.removeFilter(_nothing)
         model.to(parameter.device)
+    made = next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), None)
+    if made != opset:
+        raise BgmatteError(f"{path}: the exporter could not make ONNX opset {opset} (it made opset {made}); "
+                           f"use opset {made}")
     metadata = {"producer": "bgmatte", "backbone": model.backbone_name, **_settings_metadata(model.options),
                 "plate_solve": "on" if model.plate_solve else "off"}
     for key, value in metadata.items():
@@ -273,6 +286,10 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     write_through_temporary(path, lambda temporary: onnx.save_model(proto, str(temporary)), "the ONNX model",
                             (OSError, ValueError))
     return path
+
+
+def _nothing(record: logging.LogRecord) -> bool:
+    return False
 
 
 def _no_torchvision_notice(record: logging.LogRecord) -> bool:

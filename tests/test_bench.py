@@ -89,6 +89,34 @@ def test_bad_settings_become_one_line_errors(capsys):
     assert "threads" in capsys.readouterr().err
 
 
+def test_a_negative_warm_up_is_refused(capsys):
+    assert main(["bench", "--warmup", "-3", "--resolution", "64x64", "--repeats", "1"]) == 2
+    assert capsys.readouterr().err == "bgmatte bench: error: warmup must be 0 or more, not -3\n"
+
+
+def test_neither_candidate_runs_before_the_warm_up_it_is_told(monkeypatch):
+    """--warmup 0 times both candidates cold: the plain module's refined-pixel count is not an extra warm-up."""
+    import bgmatte.bench as bench
+
+    calls: list[str] = []
+    plain_model = bench._plain_model
+
+    def watched(options, device):
+        plain, weights, options = plain_model(options, device)
+        plain.register_forward_pre_hook(lambda module, args: calls.append("call"))
+        return plain, weights, options
+
+    def timed(candidates, repeats, warmup, synchronize=lambda: None):
+        assert calls == [], "the plain module ran before its timing began"
+        return time_interleaved(candidates, repeats, warmup, synchronize)
+
+    monkeypatch.setattr(bench, "_plain_model", watched)
+    monkeypatch.setattr(bench, "time_interleaved", timed)
+    result = benchmark(BenchOptions(width=96, height=64, options=RefineOptions(refine_sample_pixels=800), threads=1,
+                                    device="cpu", repeats=1, warmup=0))
+    assert result.refined_pixels == 800
+
+
 def test_plate_solve_compare_prices_the_step_on_the_fast_path(capsys):
     code = main(["bench", "--resolution", "128x96", "--pixels", "1600", "--repeats", "2", "--warmup", "0",
                  "--threads", "1", "--plate-solve", "compare", "--json"])

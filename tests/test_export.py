@@ -168,6 +168,36 @@ def test_onnx_export_checks_the_output_before_tracing(tmp_path, monkeypatch):
         export_onnx(model, tmp_path / "file" / "m.onnx")
 
 
+def test_onnx_export_refuses_an_opset_it_cannot_make_before_tracing(tmp_path, monkeypatch, capsys):
+    import onnx
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("the opset is checked before the minute-long trace")
+
+    monkeypatch.setattr(torch.onnx, "export", no_trace)
+    newest = onnx.defs.onnx_opset_version()
+    with pytest.raises(BgmatteError, match=f"ONNX opset {newest + 1} is newer than this onnx package knows "
+                                           f"\\({newest}\\): use 18 to {newest}"):
+        export_onnx(MattingRefine("mobilenetv2").eval(), tmp_path / "m.onnx", opset=newest + 1)
+    # The exporter's operators start at 18, and its conversion down to 17 fails (no adapter for Pad): it wrote 18.
+    assert main(["export", "onnx", "-o", str(tmp_path / "m.onnx"), "--opset", "17"]) == 2
+    assert capsys.readouterr().err.endswith("bgmatte export: error: ONNX opset 17 is too old: use 18 or later\n")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_onnx_export_refuses_a_model_the_exporter_left_at_another_opset(tmp_path, monkeypatch):
+    """The exporter's opset conversion can fail with only a logged warning, leaving its own opset: that file is not
+    written under the opset asked for."""
+    from onnx import helper
+
+    graph = helper.make_graph([], "empty", [], [])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: type("Program", (), {"model_proto": proto}))
+    with pytest.raises(BgmatteError, match=r"m\.onnx: the exporter could not make ONNX opset 20 \(it made opset 18\)"):
+        export_onnx(MattingRefine("mobilenetv2").eval(), tmp_path / "m.onnx", opset=20)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("failure", [RuntimeError("[enforce fail] cannot open file\nmore detail"),
                                      KeyboardInterrupt()])
 def test_a_failed_or_interrupted_write_keeps_the_old_file_and_removes_the_temporary(tmp_path, monkeypatch,

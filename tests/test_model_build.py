@@ -128,6 +128,20 @@ def test_garbage_files_get_a_clear_error(tmp_path, content):
         assert "could run code" not in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_torchscript_model_is_named_as_one_in_one_line(tmp_path, capsys):
+    from bgmatte.cli import main
+    from bgmatte.export import export_torchscript
+
+    path = export_torchscript(MattingRefine("mobilenetv2").eval(), tmp_path / "m.torchscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.load's own "looks like a TorchScript archive" warning is not said
+        with pytest.raises(BgmatteError, match=r"m\.torchscript: a TorchScript model, not a checkpoint of weights"):
+            load_model(path)
+    assert main(["export", "torchscript", str(path), "-o", str(tmp_path / "again.torchscript")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bgmatte export: error: ")
+
+
 def test_legacy_pickle_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"

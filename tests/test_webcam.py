@@ -469,6 +469,22 @@ def test_cli_missing_camera_is_a_one_line_error_with_exit_code_2(tmp_path, check
     assert not (tmp_path / "out.mp4").exists()
 
 
+def test_cli_unreadable_camera_file_is_one_line_without_ffmpeg_s_own(tmp_path):
+    """OpenCV's FFmpeg printed '[mov,mp4,m4a,3gp,3g2,mj2 @ 0x...] moov atom not found' above the error line."""
+    import os
+    import subprocess
+
+    camera = tmp_path / "broken.mp4"
+    camera.write_bytes(b"not a video")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_FFMPEG_LOGLEVEL"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-m", "bgmatte", "webcam", "--camera", str(camera), "--no-preview",
+                           "--record", str(tmp_path / "out.mp4")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == (f"bgmatte webcam: error: {camera}: not a video file OpenCV can read "
+                           "(to use as the camera)\n")
+
+
 def test_cli_virtual_cam_without_pyvirtualcam_gives_the_install_hint(tmp_path, checkpoint, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyvirtualcam", None)  # importing it now fails, installed or not
     code = main(["webcam", "--camera", str(make_clip(tmp_path / "camera.mp4", 2)), "--checkpoint",
@@ -587,6 +603,19 @@ def test_run_webcam_refuses_an_existing_recording_before_opening_the_camera(monk
         out.symlink_to(tmp_path / "nowhere.mp4")  # replacing it would write through the link
     with pytest.raises(BgmatteError, match=r"out\.mp4: already exists \(pass overwrite=True, or --overwrite"):
         run_webcam(camera="0", record=out, preview=False)
+
+
+@pytest.mark.parametrize("option", ["--virtual-cam-backend", "--virtual-cam-device"])
+def test_cli_virtual_camera_settings_without_virtual_cam_are_refused_before_the_camera_opens(monkeypatch, tmp_path,
+                                                                                            capsys, option):
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    value = "obs" if option == "--virtual-cam-backend" else "/dev/video2"
+    code = main(["webcam", "--record", str(tmp_path / "out.mp4"), "--no-preview", option, value])
+    assert code == 2
+    assert capsys.readouterr().err == f"bgmatte webcam: error: {option} goes with --virtual-cam, which was not given\n"
 
 
 @pytest.mark.parametrize("which", ["camera", "target"])

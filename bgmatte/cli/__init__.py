@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -130,9 +131,11 @@ def stop_on_termination() -> Callable[[], None]:
 
 def _quiet_opencv() -> None:
     """OpenCV prints its own warnings and errors to stderr (a TIFF variant it cannot read; a truncated BMP, GIF or
-    PPM, whose decoder's failure it logs as '[ERROR:0@...] ... imdecode_'), ahead of the one line that says what
-    went wrong; every such failure reaches bgmatte as an exception or an empty result, which it reports itself.
-    --debug lets them through."""
+    PPM, whose decoder's failure it logs as '[ERROR:0@...] ... imdecode_'), and its FFmpeg its errors (a video file
+    used as the webcam: 'moov atom not found'), ahead of the one line that says what went wrong; every such failure
+    reaches bgmatte as an exception or an empty result, which it reports itself. --debug lets them through. OpenCV
+    reads FFmpeg's log level once, when it first opens a video: here, before any; a level the user set is kept."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
     try:
         import cv2.utils.logging as opencv_logging
     except ImportError:  # pragma: no cover - an OpenCV build without it

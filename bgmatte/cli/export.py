@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="weights' dtype, TorchScript only (default fp32)")
     parser.add_argument("--device", default="cpu", help="device for the TorchScript weights (default cpu)")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 or later (default 18)")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset, 18 or later (default 18)")
     add_plate_solve_argument(parser)
     parser.set_defaults(func=run)
 

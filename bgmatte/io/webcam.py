@@ -816,7 +816,7 @@ def run_webcam(
             `virtual_cam_backend` (``v4l2loopback``, ``obs``, ``unitycapture``; None: any) and `virtual_cam_device`.
         preview: show a window with keys (b plate, t target, q quit); None shows it when a display
             and a windowed OpenCV are present.
-        record: also write the output to this video file (`overwrite` to replace it).
+        record: also write the output to this video file (`overwrite` to replace it; never one of the inputs).
         width, height, fps: the capture format asked of the camera; frames are resized to width x height.
         backbone, backbone_scale, refine_mode, refine_sample_pixels, refine_threshold, plate_solve, device,
             precision: the model's settings, as for `bgmatte.load_model` and `Predictor`.
@@ -830,6 +830,9 @@ def run_webcam(
             raise BgmatteError(f"{name} must be positive, not {value}")
     if max_frames is not None and max_frames < 1:
         raise BgmatteError(f"--max-frames must be at least 1, not {max_frames}")
+    for name, value in (("--virtual-cam-backend", virtual_cam_backend), ("--virtual-cam-device", virtual_cam_device)):
+        if value is not None and not virtual_cam:  # the user means a virtual camera: ignoring it would hide that
+            raise BgmatteError(f"{name} goes with --virtual-cam, which was not given")
     targets = [parse_target_background(spec) for spec in target_bgr] or [parse_target_background("green")]
     auto_plate = AutoPlate(auto_plate_delay, auto_plate_frames)
     if virtual_cam:

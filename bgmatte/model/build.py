@@ -68,8 +68,13 @@ def _looks_pickled(path: Path) -> bool:
 def _load_pickled(path: Path) -> object:
     """`torch.load` with ``weights_only=True``, every failure turned into one line that says which kind it is."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # said below, in the error's one line
+            warnings.filterwarnings("ignore", message="'torch.load' received a zip file that looks like a TorchScript")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the reader raises UnpicklingError, KeyError, EOFError, RuntimeError ...
+        if "TorchScript archives" in str(exc):  # `bgmatte export torchscript` makes them: a program, not weights
+            raise BgmatteError(f"{path}: a TorchScript model, not a checkpoint of weights: give the .pth or "
+                               ".safetensors file it was exported from, or run it with torch.jit.load") from None
         if path.stat().st_size == 0:
             raise BgmatteError(f"{path}: empty file, not a checkpoint") from None
         if not _looks_pickled(path):
