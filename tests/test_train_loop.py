@@ -206,6 +206,28 @@ def test_a_resume_after_a_skipped_batch_goes_on_with_the_batches_the_run_would_h
     _assert_same_weights(tmp_path / "straight" / "last.safetensors", tmp_path / "halves" / "last.safetensors")
 
 
+def test_a_skipped_batch_leaves_the_batch_norm_statistics_as_they_were(tmp_path, monkeypatch):
+    # The forward pass of a batch whose loss is not finite (an fp16 overflow) has already moved the batch norms'
+    # running statistics, perhaps to inf or NaN, which the model would then carry into validation and its weights.
+    # A pool of two samples in batches of two: every batch holds the same images. The decoder's statistics follow the
+    # ASPP's dropout, whose masks the skipped forward pass drew, so only its count of batches is compared.
+    real_loss, calls = loop.stage_loss, []
+
+    def first_not_finite(stage, outputs, batch):
+        calls.append(None)
+        loss, terms = real_loss(stage, outputs, batch)
+        return (loss, {**terms, "pha_l1": math.nan}) if len(calls) == 1 else (loss, terms)
+
+    loop.train(tiny_options(tmp_path / "plain", steps=1, train_samples=2))
+    monkeypatch.setattr(loop, "stage_loss", first_not_finite)
+    loop.train(tiny_options(tmp_path / "skipped", steps=1, train_samples=2))
+    plain, skipped = (load_file(str(tmp_path / name / "last.safetensors")) for name in ("plain", "skipped"))
+    compared = [key for key in plain if "num_batches" in key or ("running_" in key and not key.startswith("decoder."))]
+    assert len(compared) > 100
+    for key in compared:
+        torch.testing.assert_close(skipped[key], plain[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
 def test_a_run_folder_is_not_overwritten_without_resume(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"")
     with pytest.raises(BgmatteError, match="--resume"):

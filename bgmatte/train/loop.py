@@ -1319,9 +1319,11 @@ class _Run:
         raise failure if self.step == 0 else DataError(message)
 
     def _step(self, batch: dict[str, Tensor], stop: bool, clock_due: bool) -> tuple[bool, bool]:
-        """One optimiser step (skipped by every process if any saw a non-finite loss), then its logs and
-        validation; returns whether to stop and whether to save now, as all processes agreed."""
+        """One optimiser step (skipped by every process if any saw a non-finite loss, its forward pass's update of the
+        batch-norm statistics undone), then its logs and validation; returns whether to stop and whether to save now,
+        as all processes agreed."""
         options = self.options
+        statistics = [(buffer, buffer.clone()) for buffer in self.network.buffers()]  # batch norms' running ones
         with self._autocast():
             outputs = self.model(batch["src"], batch["bgr"])
         loss, terms = stage_loss(options.stage, outputs, batch)
@@ -1329,6 +1331,9 @@ class _Run:
         halt, bad_loss, save_now = self._agree(stop, not math.isfinite(sum(terms.values())), clock_due)
         self.optimizer.zero_grad(set_to_none=True)
         if bad_loss:  # no process runs backward, so no gradient exchange is left waiting
+            with torch.no_grad():  # nor does the skipped batch count in the statistics (inf or NaN after an overflow)
+                for buffer, before in statistics:
+                    buffer.copy_(before)
             self.bad_in_a_row += 1
             if self.bad_in_a_row >= MAX_NONFINITE_STEPS:
                 raise BgmatteError(f"the loss was not finite for {self.bad_in_a_row} batches in a row at step "
