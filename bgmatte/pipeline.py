@@ -1478,7 +1478,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                                    plate_file, plate.shape[1], plate.shape[0], source.name, width, height)
                     plate = resize_image(plate, width, height)
                 if align:
-                    plate = PlateAligner(plate).align(image)[0]
+                    plate = PlateAligner(plate, name=source).align(image)[0]
                 try:
                     if backdrop is None or backdrop[0] != (width, height):
                         with TargetFrames(target_bgr, width, height, device=predictor.device, picture=picture) as target:

@@ -6,6 +6,7 @@ All functions take (H, W, 3) RGB arrays, uint8 or float in [0, 1], and return th
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -70,15 +71,18 @@ class PlateAligner:
     Arguments:
         plate: the clean background, (H, W, 3) RGB.
         options: feature and RANSAC settings (`AlignOptions`).
+        name: the file the plate is aligned to (a photo), which the warnings name: among many, the one concerned.
 
     `align(frame)` returns the plate warped onto the frame and whether that worked; on failure the
     plate comes back unaligned (resized to the frame if needed) and a warning is logged (the first
     time; later failures are counted in `failures`).
     """
 
-    def __init__(self, plate: np.ndarray, options: AlignOptions = AlignOptions()):
+    def __init__(self, plate: np.ndarray, options: AlignOptions = AlignOptions(), *,
+                 name: str | os.PathLike | None = None):
         self.plate = plate
         self.options = options
+        self._named = f"{name}: " if name else ""
         self.failures = 0
         self.attempts = 0
         self._orb = cv2.ORB_create(nfeatures=options.max_features)
@@ -89,9 +93,8 @@ class PlateAligner:
         self._plate_descriptors = descriptors
         self.textured = descriptors is not None and len(keypoints) >= options.min_inliers
         if not self.textured:
-            logger.warning(
-                "the plate has too little texture to align (%d features); it is used unaligned", len(keypoints)
-            )
+            logger.warning("%sthe plate has too little texture to align (%d features); it is used unaligned",
+                           self._named, len(keypoints))
 
     def estimate(self, frame: np.ndarray) -> tuple[np.ndarray | None, str]:
         """The 3x3 homography taking plate pixels to frame pixels, or None and the reason it failed."""
@@ -148,7 +151,7 @@ class PlateAligner:
         if homography is None:
             self.failures += 1
             log = logger.warning if self.failures == 1 and self.textured else logger.debug  # else said when made
-            log("plate alignment failed (%s); using the unaligned plate", reason)
+            log("%splate alignment failed (%s); using the unaligned plate", self._named, reason)
             plate = self.plate
             if plate.shape[:2] != (height, width):
                 plate = cv2.resize(plate, (width, height), interpolation=cv2.INTER_AREA)

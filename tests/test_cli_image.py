@@ -316,3 +316,27 @@ def test_a_truncated_image_is_one_line_without_opencv_s_own_error_line(tmp_path,
     assert main(["image", str(picture), "--bgr", str(whole), "-o", str(tmp_path / "out"), "-q"]) == 2
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"bgmatte image: error: {picture}: "), err
+
+
+def test_align_warnings_name_the_photo_they_concern(photos, capsys, monkeypatch):
+    """With many photos, "plate alignment failed" alone did not say which photo was matted against an
+    unaligned plate."""
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    write_png(photos / "flat.png", np.full((HEIGHT, WIDTH, 3), 128, np.uint8))  # too little texture to align
+    code, _, err = run(capsys, "image", "src", "--bgr", "flat.png", "-o", "flat", "--align", "-q")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all("too little texture" in line for line in lines), err
+    assert str(Path("src/beach.png")) in lines[0] and str(Path("src/office.png")) in lines[1]
+    rng = np.random.default_rng(5)
+    for folder in ("photos", "plates"):  # sharp-cornered blocks, each plate nothing like its photo
+        (photos / folder).mkdir()
+        for name in ("beach", "office"):
+            write_png(photos / folder / f"{name}.png", np.kron(rng.integers(0, 256, (20, 25, 3), np.uint8),
+                                                               np.ones((8, 8, 1), np.uint8)))
+    code, _, err = run(capsys, "image", "photos", "--bgr", "plates", "-o", "blocks", "--align", "-q")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all("using the unaligned plate" in line for line in lines), err
+    assert str(Path("photos/beach.png")) in lines[0] and str(Path("photos/office.png")) in lines[1]
+
