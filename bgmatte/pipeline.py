@@ -1365,8 +1365,8 @@ def matte_images(
 
     Returns each output's written files. Existing files are refused before any work, unless `overwrite` or
     `skip_existing`; an output that would replace one of the input images (a photo, a plate or the target)
-    always is. A source image that cannot be read is left out and the others are matted; then a `BgmatteError`
-    names those left out (in one line).
+    always is. A source image that cannot be read, or whose plate from a folder cannot, is left out and the others
+    are matted; then a `BgmatteError` names those left out (in one line).
     """
     if overwrite and skip_existing:
         raise BgmatteError("overwrite and skip_existing (--overwrite, --skip-existing) exclude each other: choose one")
@@ -1432,7 +1432,8 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                  overwrite: bool, progress: bool) -> dict[str, list[Path]]:
     """The work of `matte_images` once its arguments are checked and its folders made: each (image, plate)
     pair matted, and the outputs it still needs (`wanted`) written to ``folder/<kind>/<name>.png``. A source image
-    that cannot be read is left out; the others go on, and a `BgmatteError` names them at the end."""
+    that cannot be read, or whose own plate cannot, is left out; the others go on, and a `BgmatteError` names them
+    at the end. A plate shared by every image stops the batch at once."""
     from tqdm import tqdm
 
     from bgmatte.predictor import NotEnoughMemory, is_out_of_memory
@@ -1447,6 +1448,8 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
     written: dict[str, list[Path]] = {kind: [] for kind in kinds}
     pending: list[tuple[str, Future]] = []
     unreadable: list[str] = []
+    bad_plates = False  # some of those left out for their plate
+    shared_plate = len({plate for _, plate in pairs}) == 1  # then a bad plate fails every image: it stops the batch
 
     def collect(limit: int) -> None:
         while len(pending) > limit:
@@ -1471,7 +1474,15 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                     predictor = load_predictor(model, width, height)
                 _fit_to_size(predictor, options, width, height)
                 if cached_plate is None or cached_plate[0] != plate_file:
-                    cached_plate = (plate_file, read_image(plate_file))
+                    try:
+                        cached_plate = (plate_file, read_image(plate_file))
+                    except BgmatteError as exc:  # a plate by name costs its image, as a bad photo does
+                        if shared_plate:
+                            raise
+                        logger.debug("%s; left out", exc)
+                        unreadable.append(f"{exc} (the plate of {source})")
+                        bad_plates = True
+                        continue
                 plate = cached_plate[1]
                 if plate.shape[:2] != image.shape[:2]:
                     logger.warning("%s: the plate is %dx%d but %s is %dx%d; the plate is resized to fit",
@@ -1501,7 +1512,8 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
             if unreadable:
                 named = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
                 others = "the others were matted; " if len(unreadable) < len(pairs) else ""
-                raise BgmatteError(f"{len(unreadable)} of {len(pairs)} images could not be read and were left out "
+                what = "images or their plates" if bad_plates else "images"
+                raise BgmatteError(f"{len(unreadable)} of {len(pairs)} {what} could not be read and were left out "
                                    f"({named}); {others}repair or remove them, then run again with --skip-existing "
                                    "to add theirs")
         except BaseException:

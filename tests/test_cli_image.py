@@ -340,3 +340,32 @@ def test_align_warnings_name_the_photo_they_concern(photos, capsys, monkeypatch)
     assert len(lines) == 2 and all("using the unaligned plate" in line for line in lines), err
     assert str(Path("photos/beach.png")) in lines[0] and str(Path("photos/office.png")) in lines[1]
 
+
+@pytest.mark.parametrize("damage", ["truncated", "too large"])
+def test_an_unreadable_plate_in_a_plate_folder_costs_its_image_only(photos, capsys, monkeypatch, damage):
+    """A bad plate among plates matched by name stopped the whole batch; it is left out as an unreadable photo
+    is: named in the one error line, the others matted, the exit non-zero."""
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    write_png(photos / "src" / "zebra.png", subject_frame(plate_image(seed=3), 1))
+    whole = cv2.imencode(".png", plate_image(seed=3))[1].tobytes()
+    if damage == "truncated":
+        (photos / "bgr" / "beach.png").write_bytes(whole[: len(whole) // 2])
+    else:  # a PNG header claiming 50000x50000 pixels: refused before decoding
+        header = bytearray(whole)
+        header[16:24] = (50_000).to_bytes(4, "big") * 2
+        (photos / "bgr" / "beach.png").write_bytes(bytes(header))
+    write_png(photos / "bgr" / "zebra.png", plate_image(seed=3))
+    code, _, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "out", "-q")
+    one_line_error(code, err, "1 of 3 images or their plates could not be read", str(Path("bgr/beach.png")) + ": ",
+                   f"(the plate of {Path('src/beach.png')})", "--skip-existing")
+    assert sorted(p.name for p in (photos / "out" / "com").iterdir()) == ["office.png", "zebra.png"]
+
+
+def test_an_unreadable_plate_shared_by_every_image_stops_the_batch(photos, capsys, monkeypatch):
+    """One plate for all: no image can be matted, so its error is the one line, as before."""
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    whole = (photos / "plate.png").read_bytes()
+    (photos / "plate.png").write_bytes(whole[: len(whole) // 2])
+    code, out, err = run(capsys, "image", "src", "--bgr", "plate.png", "-o", "out", "-q")
+    one_line_error(code, err, "plate.png: damaged or truncated PNG")
+    assert out == "" and not (photos / "out").exists()

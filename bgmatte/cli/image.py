@@ -20,8 +20,9 @@ Matte still images shot against a plate. Writes OUT/com/NAME.png (an RGBA cutout
 
 --bgr is one plate for every image, or a folder of plates matched to the images by file name.
 Existing outputs are refused unless --overwrite (or -y), or kept with --skip-existing, which writes only
-the missing ones: to finish a run stopped by Ctrl-C. An image that cannot be read is left out with an
-error naming it, the others are matted, and the exit status is non-zero.
+the missing ones: to finish a run stopped by Ctrl-C. An image that cannot be read, or whose plate from a
+folder cannot, is left out with an error naming the file, the others are matted, and the exit status is
+non-zero.
 """
 
 
