@@ -94,6 +94,18 @@ def _split_rgba(rgba: Array) -> tuple[Array, Array]:
     return rgba[..., :3], rgba[..., 3:]
 
 
+def clear_transparent(rgba: Array) -> Array:
+    """Set to 0, in place, the colour of straight RGBA pixels whose stored alpha is 0, and return `rgba`. Those
+    pixels are invisible and would only carry (and leak) the colour of what was there; apply it once alpha is
+    quantised (`to_uint8`), since an alpha above 0 may round to 0."""
+    colour, alpha = _split_rgba(rgba)
+    if isinstance(rgba, torch.Tensor):
+        colour.masked_fill_(alpha == 0, 0)
+    else:
+        np.copyto(colour, 0, where=alpha == 0)
+    return rgba
+
+
 def premultiply(rgba: Array) -> Array:
     """Straight RGBA to premultiplied: colour times alpha."""
     colour, alpha = _split_rgba(rgba)

@@ -8,6 +8,7 @@ import torch
 from bgmatte.composite import (
     COLOURS,
     blur,
+    clear_transparent,
     colour_like,
     composite,
     parse_target_background,
@@ -71,6 +72,13 @@ def test_opaque_and_transparent_extremes(make):
 def test_integer_images_are_refused():
     with pytest.raises(TypeError, match="floats"):
         composite(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2, 1), np.float32), (0, 0, 0))
+
+
+def test_quantised_rgba_has_no_colour_where_alpha_rounds_to_0(make):
+    rgba = to_uint8(to_rgba(make((0.6, 0.6, 0.6), width=2), make((0.001,), width=2)))
+    keep = to_uint8(to_rgba(make((0.6, 0.6, 0.6)), make((0.003,))))
+    assert pixel(clear_transparent(rgba)) == [0, 0, 0, 0]
+    assert pixel(clear_transparent(keep)) == [153, 153, 153, 1]
 
 
 def test_rgba_straight_and_premultiplied(make):
