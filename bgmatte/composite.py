@@ -3,12 +3,15 @@
 Every function takes numpy arrays or torch tensors and returns the same kind. Layouts follow each
 library's habit: numpy images are channels-last (..., H, W, C), torch tensors channels-first
 (..., C, H, W). Values are floats in [0, 1]; `pha` may have one channel or none (then it is
-broadcast). `parse_target_background` turns a user's `--target-bgr` text into a `TargetBackground`.
+broadcast). Shapes, channel counts and dtypes are checked (a `ValueError` or `TypeError` naming the argument);
+the values of images are not, since that would take a pass over every frame. `parse_target_background` turns a
+user's `--target-bgr` text into a `TargetBackground`.
 """
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -49,35 +52,80 @@ def _check_float(x: np.ndarray | torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must hold floats in [0, 1], not {x.dtype}")
 
 
+def _layout(x: np.ndarray | torch.Tensor, channels: int | str) -> str:
+    """The layout an argument should have, for messages: (..., H, W, 3) for numpy, (..., 3, H, W) for torch."""
+    return f"(..., {channels}, H, W)" if isinstance(x, torch.Tensor) else f"(..., H, W, {channels})"
+
+
+def _check_channels(x: np.ndarray | torch.Tensor, name: str, channels: int) -> None:
+    """Refuse `x` unless it has `channels` channels on its channel axis (shape only: no cost per pixel)."""
+    axis = _channel_axis(x)
+    if x.ndim < -axis or x.shape[axis] != channels:
+        raise ValueError(f"{name} must have {channels} channel{'s' if channels > 1 else ''}, "
+                         f"{_layout(x, channels)}, not shape {tuple(x.shape)}")
+
+
+def _check_fits(x: np.ndarray | torch.Tensor, name: str, fgr: np.ndarray | torch.Tensor, expected: str,
+                channels: int | None = None) -> None:
+    """Refuse `x` (`expected` saying what it should be) unless it broadcasts to fgr's shape (its size, or 1 on an
+    axis) without enlarging it, and has `channels` channels when given."""
+    try:
+        fits = tuple(np.broadcast_shapes(tuple(x.shape), tuple(fgr.shape))) == tuple(fgr.shape)
+    except ValueError:
+        fits = False
+    if channels is not None and (x.ndim < fgr.ndim or x.shape[_channel_axis(fgr)] != channels):
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} must be {expected}, not shape {tuple(x.shape)}")
+
+
 def _alpha_like(pha: Array, fgr: Array) -> Array:
-    """Give `pha` a channel axis of size 1 when it has none, so that it broadcasts over fgr's channels."""
+    """Give `pha` a channel axis of size 1 when it has none, so that it broadcasts over fgr's channels; refuse a
+    `pha` with more than one channel or of another size than `fgr`, which would not composite pixel for pixel."""
+    _check_channels(fgr, "fgr", 3)
     if pha.ndim == fgr.ndim - 1:
-        return pha.unsqueeze(-3) if isinstance(pha, torch.Tensor) else pha[..., None]
+        pha = pha.unsqueeze(-3) if isinstance(pha, torch.Tensor) else pha[..., None]
+    _check_fits(pha, "pha", fgr, f"{_layout(fgr, 1)} (or without the channel axis) with the H and W of fgr's "
+                f"shape {tuple(fgr.shape)}", channels=1)
     return pha
 
 
 def colour_like(colour: Colour, like: Array) -> Array:
-    """A float RGB colour shaped to broadcast over images like `like` (numpy (3,), torch (3, 1, 1))."""
+    """A float RGB colour shaped to broadcast over images like `like` (numpy (3,), torch (3, 1, 1)); a colour that is
+    not three numbers in [0, 1] is refused (0-255 values are the likely mistake)."""
+    _check_colour(colour, "colour")
     if isinstance(like, torch.Tensor):
-        return torch.tensor(colour, dtype=like.dtype, device=like.device).view(3, 1, 1)
+        dtype = like.dtype if like.dtype.is_floating_point else torch.float32
+        return torch.tensor(colour, dtype=dtype, device=like.device).view(3, 1, 1)
     return np.asarray(colour, dtype=like.dtype if np.issubdtype(like.dtype, np.floating) else np.float32)
 
 
+def _check_colour(colour: Sequence[float], name: str) -> None:
+    """Refuse a colour that is not three numbers in [0, 1]."""
+    if len(colour) != 3 or not all(0.0 <= value <= 1.0 for value in colour):
+        hint = " (for 0-255 values, divide by 255)" if len(colour) == 3 and max(colour) > 1 else ""
+        raise ValueError(f"{name} must be an RGB colour of 3 floats in [0, 1], not {tuple(colour)}{hint}")
+
+
 def composite(fgr: Array, pha: Array, bgr: Array | Colour) -> Array:
-    """The over operation: `fgr * pha + bgr * (1 - pha)`, with `bgr` an image or an RGB colour in [0, 1]."""
+    """The over operation: `fgr * pha + bgr * (1 - pha)`, with `bgr` an image of fgr's size (or one that
+    broadcasts to it, such as a single backdrop for a batch) or an RGB colour in [0, 1]."""
     _check_float(fgr, "fgr")
     _check_float(pha, "pha")
     pha = _alpha_like(pha, fgr)
     if isinstance(bgr, tuple | list):
+        _check_colour(bgr, "bgr")
         bgr = colour_like(tuple(bgr), fgr)
     else:
         _check_float(bgr, "bgr")
+        _check_fits(bgr, "bgr", fgr, f"an image of fgr's shape {tuple(fgr.shape)} (or one that broadcasts to it)")
     return fgr * pha + bgr * (1 - pha)
 
 
 def to_rgba(fgr: Array, pha: Array, *, premultiplied: bool = False) -> Array:
     """Stack foreground colour and alpha into RGBA (straight alpha unless `premultiplied`)."""
     _check_float(fgr, "fgr")
+    _check_float(pha, "pha")
     pha = _alpha_like(pha, fgr)
     colour = fgr * pha if premultiplied else fgr
     if isinstance(fgr, torch.Tensor):
@@ -86,16 +134,27 @@ def to_rgba(fgr: Array, pha: Array, *, premultiplied: bool = False) -> Array:
 
 
 def _split_rgba(rgba: Array) -> tuple[Array, Array]:
-    axis = _channel_axis(rgba)
-    if rgba.shape[axis] != 4:
-        raise ValueError(f"expected 4 channels on axis {axis}, got shape {tuple(rgba.shape)}")
+    _check_channels(rgba, "rgba", 4)
     if isinstance(rgba, torch.Tensor):
         return rgba[..., :3, :, :], rgba[..., 3:, :, :]
     return rgba[..., :3], rgba[..., 3:]
 
 
+def clear_transparent(rgba: Array) -> Array:
+    """Set to 0, in place, the colour of straight RGBA pixels whose stored alpha is 0, and return `rgba`. Those
+    pixels are invisible and would only carry (and leak) the colour of what was there; apply it once alpha is
+    quantised (`to_uint8`), since an alpha above 0 may round to 0."""
+    colour, alpha = _split_rgba(rgba)
+    if isinstance(rgba, torch.Tensor):
+        colour.masked_fill_(alpha == 0, 0)
+    else:
+        np.copyto(colour, 0, where=alpha == 0)
+    return rgba
+
+
 def premultiply(rgba: Array) -> Array:
     """Straight RGBA to premultiplied: colour times alpha."""
+    _check_float(rgba, "rgba")
     colour, alpha = _split_rgba(rgba)
     if isinstance(rgba, torch.Tensor):
         return torch.cat([colour * alpha, alpha], dim=-3)
@@ -104,6 +163,7 @@ def premultiply(rgba: Array) -> Array:
 
 def unpremultiply(rgba: Array, eps: float = 1e-6) -> Array:
     """Premultiplied RGBA back to straight; fully transparent pixels get black colour instead of a division by 0."""
+    _check_float(rgba, "rgba")
     colour, alpha = _split_rgba(rgba)
     if isinstance(rgba, torch.Tensor):
         straight = torch.where(alpha > eps, colour / alpha.clamp_min(eps), torch.zeros_like(colour)).clamp(0, 1)
@@ -125,9 +185,13 @@ def blur(src: Array, sigma: float | None = None) -> Array:
     the cost small at any sigma.
     """
     _check_float(src, "src")
+    if src.ndim < 3:
+        raise ValueError(f"src must be an image, {_layout(src, 'C')}, not shape {tuple(src.shape)}")
     height, width = src.shape[-2:] if isinstance(src, torch.Tensor) else src.shape[-3:-1]
     sigma = default_blur_sigma(height, width) if sigma is None else float(sigma)
-    if sigma <= 0:
+    if not math.isfinite(sigma):
+        raise ValueError(f"sigma must be a finite number of pixels, not {sigma}")
+    if sigma <= 0 or height == 0 or width == 0:
         return src
     factor = max(1, int(sigma // 2))
     small_size = (max(1, round(height / factor)), max(1, round(width / factor)))
@@ -138,6 +202,8 @@ def blur(src: Array, sigma: float | None = None) -> Array:
 
 
 def _blur_numpy(src: np.ndarray, small_size: tuple[int, int], sigma: float) -> np.ndarray:
+    if src.dtype == np.float16:  # OpenCV's Gaussian blur takes 32- and 64-bit floats only
+        return _blur_numpy(src.astype(np.float32), small_size, sigma).astype(np.float16)
     if src.ndim != 3:
         return np.stack([_blur_numpy(image, small_size, sigma) for image in src])
     height, width = src.shape[:2]
@@ -170,11 +236,20 @@ def _blur_torch(src: torch.Tensor, small_size: tuple[int, int], sigma: float) ->
 
 
 def to_uint8(x: Array) -> Array:
-    """Floats in [0, 1] to uint8 by rounding (values outside are clipped)."""
+    """Floats in [0, 1] to uint8 by rounding (values outside are clipped); uint8 is returned as it is, and booleans
+    are 0 or 255. Other integers are refused: whether they mean 0-255 or 0-1 cannot be told."""
     if isinstance(x, torch.Tensor):
-        return (x * 255).round_().clamp_(0, 255).to(torch.uint8) if x.dtype.is_floating_point else x.to(torch.uint8)
+        if x.dtype == torch.uint8:
+            return x
+        if x.dtype == torch.bool:
+            return x.to(torch.uint8) * 255
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must hold floats in [0, 1] or be uint8, not {x.dtype}")
+        return (x * 255).round_().clamp_(0, 255).to(torch.uint8)
     if x.dtype == np.uint8:
         return x
+    if not (np.issubdtype(x.dtype, np.floating) or x.dtype == np.bool_):
+        raise TypeError(f"x must hold floats in [0, 1] or be uint8, not {x.dtype}")
     return np.rint(np.clip(x * 255.0, 0, 255)).astype(np.uint8)
 
 

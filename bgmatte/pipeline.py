@@ -40,7 +40,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bgmatte.composite import TargetBackground, blur, colour_like, parse_target_background, to_rgba, to_uint8
+from bgmatte.composite import (
+    TargetBackground,
+    blur,
+    clear_transparent,
+    colour_like,
+    parse_target_background,
+    to_rgba,
+    to_uint8,
+)
 from bgmatte.errors import BgmatteError
 from bgmatte.io.files import refuse_existing, refuse_overwriting_inputs
 from bgmatte.io.images import (
@@ -469,7 +477,8 @@ def render_outputs(
 ) -> dict[str, np.ndarray]:
     """Turn a batch of mattes into uint8 frames for each output kind, channels last, on the CPU.
 
-    com: (B, H, W, 3), or (B, H, W, 4) RGBA when `target` is transparent (see `composite_matte`);
+    com: (B, H, W, 3), or (B, H, W, 4) straight RGBA when `target` is transparent (see `composite_matte`), its
+        colour 0 wherever the 8-bit alpha is 0;
     fgr: (B, H, W, 3); pha, err, ref: (B, H, W) grey (err bilinear and ref nearest upsampled, as the
     reference writes them). Compositing happens on the matte's device, so that from a GPU only uint8
     crosses to the host.
@@ -482,6 +491,8 @@ def render_outputs(
             continue
         image = composite_matte(matte, target, backdrop=backdrop, src=src) if kind == "com" else getattr(matte, kind)
         frames[kind] = channels_last_uint8(image)
+        if kind == "com" and target.kind == "transparent":
+            clear_transparent(frames[kind])  # where alpha rounded to 0 of 255
     return frames
 
 

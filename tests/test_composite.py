@@ -8,6 +8,7 @@ import torch
 from bgmatte.composite import (
     COLOURS,
     blur,
+    clear_transparent,
     colour_like,
     composite,
     parse_target_background,
@@ -73,6 +74,13 @@ def test_integer_images_are_refused():
         composite(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2, 1), np.float32), (0, 0, 0))
 
 
+def test_quantised_rgba_has_no_colour_where_alpha_rounds_to_0(make):
+    rgba = to_uint8(to_rgba(make((0.6, 0.6, 0.6), width=2), make((0.001,), width=2)))
+    keep = to_uint8(to_rgba(make((0.6, 0.6, 0.6)), make((0.003,))))
+    assert pixel(clear_transparent(rgba)) == [0, 0, 0, 0]
+    assert pixel(clear_transparent(keep)) == [153, 153, 153, 1]
+
+
 def test_rgba_straight_and_premultiplied(make):
     fgr, pha = make(FGR), make((0.5,))
     assert pixel(to_rgba(fgr, pha)) == pytest.approx([0.8, 0.4, 0.2, 0.5])
@@ -131,6 +139,79 @@ def test_blur_agrees_between_numpy_and_torch():
 def test_blur_with_zero_sigma_is_identity():
     image = np.random.default_rng(2).random((8, 8, 3)).astype(np.float32)
     assert blur(image, sigma=0) is image
+
+
+# ----------------------------------------------------------------------------- inputs out of shape or range
+
+
+def test_ill_shaped_inputs_are_one_line_value_errors_naming_the_argument(make):
+    """Before, these were numpy or torch broadcasting errors, or a 5- or 6-channel 'RGBA'."""
+    fgr, pha = make(FGR), make((0.5,))
+    cases = [
+        ("pha", lambda: composite(fgr, make((0.5, 0.5)), (0.0, 0.0, 0.0))),  # two channels
+        ("pha", lambda: composite(fgr, make((0.5,), height=4), (0.0, 0.0, 0.0))),  # another size
+        ("fgr", lambda: composite(make((0.1, 0.2, 0.3, 0.4)), pha, (0.0, 0.0, 0.0))),  # four channels
+        ("bgr", lambda: composite(fgr, pha, make((0.1, 0.2, 0.3), width=5))),  # another size
+        ("bgr", lambda: composite(fgr, pha, (0.0, 1.0))),  # two colour values
+        ("pha", lambda: to_rgba(fgr, make((0.5, 0.5, 0.5)))),  # was a six-channel result
+        ("fgr", lambda: to_rgba(make((0.1, 0.2, 0.3, 0.4)), pha)),  # was a five-channel result
+        ("pha", lambda: to_rgba(fgr, make((0.5,), width=4))),  # another size
+        ("colour", lambda: colour_like((0.0, 1.0), fgr)),
+    ]
+    for name, call in cases:
+        with pytest.raises(ValueError, match=rf"^{name}\b") as error:
+            call()
+        assert "\n" not in str(error.value) and " must " in str(error.value)
+
+
+def test_a_colour_given_in_0_255_is_refused_not_composited_out_of_range(make):
+    with pytest.raises(ValueError, match=r"^bgr .*\[0, 1\].*255"):
+        composite(make(FGR), make((0.5,)), (0, 255, 0))
+    with pytest.raises(ValueError, match=r"^colour .*\[0, 1\]"):
+        colour_like((0, 255, 0), make(FGR))
+
+
+def test_rgba_helpers_refuse_torch_tensors_without_a_channel_axis():
+    """Before: IndexError, tuple index out of range."""
+    for call in (premultiply, unpremultiply, clear_transparent):
+        with pytest.raises(ValueError, match=r"^rgba .*4 channels.*\(\.\.\., 4, H, W\)"):
+            call(torch.zeros(4, 2))
+
+
+def test_premultiplying_integer_rgba_is_refused_not_wrapped():
+    """Before: 200 * 200 wrapped to 64 in uint8, and unpremultiplying gave 1."""
+    for call in (premultiply, unpremultiply):
+        with pytest.raises(TypeError, match=r"^rgba must hold floats"):
+            call(np.full((1, 1, 4), 200, np.uint8))
+
+
+def test_to_uint8_refuses_integers_rather_than_wrapping_or_rescaling_them():
+    """Before: torch int64 300 wrapped to 44 and -1 to 255; numpy int32 5 became 255 (taken as 5.0 of [0, 1])."""
+    with pytest.raises(TypeError, match=r"^x must hold floats in \[0, 1\] or be uint8, not torch.int64"):
+        to_uint8(torch.tensor([300, -1, 5]))
+    with pytest.raises(TypeError, match=r"^x must hold floats in \[0, 1\] or be uint8, not int32"):
+        to_uint8(np.array([300, -1, 5], np.int32))
+    assert to_uint8(torch.tensor([True, False])).tolist() == to_uint8(np.array([True, False])).tolist() == [255, 0]
+
+
+def test_blur_refuses_what_is_not_an_image_and_a_sigma_that_is_not_a_number():
+    """Before: 'not enough values to unpack', a conv2d channel error, 'cannot convert float NaN to integer'."""
+    with pytest.raises(ValueError, match=r"^src must be an image, \(\.\.\., H, W, C\), not shape \(8, 8\)"):
+        blur(np.zeros((8, 8), np.float32), 2)
+    with pytest.raises(ValueError, match=r"^src must be an image, \(\.\.\., C, H, W\), not shape \(8, 8\)"):
+        blur(torch.zeros(8, 8), 2)
+    for sigma in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"^sigma must be a finite number of pixels, not {sigma}"):
+            blur(np.zeros((8, 8, 3), np.float32), sigma)
+
+
+def test_blur_of_an_empty_or_half_precision_numpy_image():
+    """Before: OpenCV assertion errors."""
+    empty = np.zeros((0, 8, 3), np.float32)
+    assert blur(empty, 2).shape == (0, 8, 3)
+    half = np.full((8, 8, 3), 0.5, np.float16)
+    blurred = blur(half, 2)
+    assert blurred.dtype == np.float16 and np.allclose(blurred, 0.5, atol=1e-3)
 
 
 @pytest.mark.parametrize(

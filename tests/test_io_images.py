@@ -322,6 +322,13 @@ def test_write_png_round_trips_rgb_rgba_grey_and_float(tmp_path):
     assert cv2.imread(str(tmp_path / "grey.png"), cv2.IMREAD_UNCHANGED).tolist() == [[128] * 4] * 3
 
 
+def test_write_png_stores_no_colour_where_a_float_rgba_alpha_rounds_to_0(tmp_path):
+    rgba = np.array([[[0.6, 0.6, 0.6, 0.001], [0.6, 0.6, 0.6, 0.003]]], np.float32)
+    write_png(tmp_path / "cutout.png", rgba)
+    stored = cv2.cvtColor(cv2.imread(str(tmp_path / "cutout.png"), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
+    assert stored.tolist() == [[[0, 0, 0, 0], [153, 153, 153, 1]]]
+
+
 def test_written_pngs_get_the_usual_permissions_not_the_temporary_files_private_ones(tmp_path):
     import os
 

@@ -330,6 +330,17 @@ def test_render_outputs_gives_uint8_frames_of_each_kind():
         composite_matte(matte, TargetBackground("image", path=Path("x.png")))
 
 
+def test_rgba_composite_has_no_colour_where_the_8_bit_alpha_is_0():
+    """An alpha that rounds to 0 of 255 is invisible: the colour stored there must be 0 too, not the foreground's
+    (it would leak the picture under fully transparent areas); an alpha that rounds to 1 keeps its colour."""
+    pha = torch.zeros(1, 1, 2, 3)
+    pha[0, 0, 0, 0], pha[0, 0, 0, 1], pha[0, 0, 0, 2] = 0.001, 0.003, 1.0
+    matte = Matte(pha, torch.full((1, 3, 2, 3), 0.6), torch.zeros_like(pha), torch.zeros_like(pha))
+    rgba = render_outputs(matte, ["com"], target=TargetBackground("transparent"))["com"][0]
+    assert rgba[0].tolist() == [[0, 0, 0, 0], [153, 153, 153, 1], [153, 153, 153, 255]]
+    assert rgba[1].tolist() == [[0, 0, 0, 0]] * 3
+
+
 def test_target_frames_cover_the_output_size(tmp_path):
     picture = tmp_path / "wide.png"
     wide = np.zeros((20, 80, 3), np.uint8)

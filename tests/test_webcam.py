@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -827,3 +828,43 @@ def test_cli_progress_goes_through_the_one_cli_handler_and_every_line_shows(caps
     assert len(handlers_during_the_run) == len(package.handlers) + 1  # the CLI's, and no other
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["bgmatte webcam: target background: green (1 of 1)"] * 5 + ["bgmatte webcam: warning: a warning"]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("garbage.png", b"not an image", r"garbage\.png: "),
+    ("cut.png", None, r"cut\.png: damaged or truncated PNG"),
+    ("garbage.mp4", b"not a video", r"garbage\.mp4: "),
+], ids=["image", "truncated image", "video"])
+def test_cli_unreadable_target_background_is_refused_before_the_camera_opens_and_the_model_loads(
+        monkeypatch, tmp_path, capsys, name, content, message):
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    monkeypatch.setattr("bgmatte.model.build.load_model", no_model)
+    target = tmp_path / name
+    if content is None:  # a PNG whose header is whole and whose pixels are cut off
+        ok, data = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8))
+        content = data.tobytes()[: len(data) // 2]
+    target.write_bytes(content)
+    code = main(["webcam", "--record", str(tmp_path / "out.mp4"), "--no-preview", "--target-bgr", "green",
+                 str(target)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1
+    assert re.search(r"^bgmatte webcam: error: .*" + message, err), err
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_session_composites_an_image_target_from_the_pixels_read_before_the_camera_opened(tmp_path, camera_frames):
+    """run_webcam reads an image target once, to check it; the session uses those pixels, not a second read."""
+    path = tmp_path / "target.png"
+    path.write_bytes(b"")  # a second read would fail
+    picture = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    picture[:] = BLUE
+    sink = Collect()
+    WebcamSession(iter(camera_frames[:1]), ConstantMatte(alpha=0.0), [webcam.TargetBackground("image", path=path)],
+                  sinks=[sink], plate=camera_frames[0], keys=scripted(), pictures={path: picture}).run()
+    assert np.abs(sink.frames[0].astype(int) - BLUE).max() <= 1

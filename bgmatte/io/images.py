@@ -509,7 +509,8 @@ def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> 
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False) -> Path:
-    """Write an 8-bit PNG (grey, RGB or RGBA; uint8, or float in [0, 1]) to a temporary name, then rename it."""
+    """Write an 8-bit PNG (grey, RGB or straight RGBA; uint8, or float in [0, 1]) to a temporary name, then rename
+    it. Float RGBA pixels whose alpha rounds to 0 are stored with colour 0."""
     path = Path(path)
     refuse_existing(path, overwrite)
     pixels = _png_pixels(image)
@@ -527,6 +528,10 @@ def _png_pixels(image: np.ndarray) -> np.ndarray:
         if not np.issubdtype(image.dtype, np.floating):
             raise ValueError(f"PNG pixels must be uint8 or float in [0, 1], not {image.dtype}")
         image = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+        if image.ndim == 3 and image.shape[2] == 4:
+            from bgmatte.composite import clear_transparent
+
+            clear_transparent(image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim == 2:

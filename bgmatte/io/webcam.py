@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from fractions import Fraction
@@ -498,9 +498,9 @@ class Backdrop:
     `transparent` shown over a checkerboard, as a camera sends RGB."""
 
     def __init__(self, target: TargetBackground, size: tuple[int, int], device: torch.device | str = "cpu", *,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, picture: np.ndarray | None = None):
         self.target = target
-        self.frames = TargetFrames(target, *size, device, live=True)
+        self.frames = TargetFrames(target, *size, device, live=True, picture=picture)
         self._board = checkerboard(size[1], size[0], device=device) if target.kind == "transparent" else None
         self._clock = clock
         self._start: float | None = None
@@ -585,6 +585,8 @@ class WebcamSession(ClosesOnExit):
         auto_plate: when there are no keys and no plate, how to take one automatically (None: never).
         max_frames: stop after this many frames (None: until the source ends or q).
         clock: seconds as a float (injectable for tests).
+        pictures: image targets' pixels already read, by path (`run_webcam` reads them before the camera opens, to
+            check them); each is used once, for its backdrop, and let go.
 
     Until there is a plate, frames are sent unchanged. The session owns what it is given:
     `close()` closes the source, the sinks and the preview (each that has a `close`).
@@ -594,7 +596,8 @@ class WebcamSession(ClosesOnExit):
                  targets: Sequence[TargetBackground], *, sinks: Sequence[FrameSink] = (),
                  preview: FrameSink | None = None, keys: Callable[[], int] | None = None,
                  plate: np.ndarray | None = None, auto_plate: AutoPlate | None = AutoPlate(),
-                 max_frames: int | None = None, clock: Callable[[], float] = time.perf_counter):
+                 max_frames: int | None = None, clock: Callable[[], float] = time.perf_counter,
+                 pictures: Mapping[Path, np.ndarray] | None = None):
         if not targets:
             raise BgmatteError("give at least one target background")
         if max_frames is not None and max_frames < 1:
@@ -614,6 +617,7 @@ class WebcamSession(ClosesOnExit):
         self.plate: np.ndarray | None = None
         self._plate_tensor: Tensor | None = None
         self._backdrops: dict[int, Backdrop] = {}
+        self._pictures = dict(pictures or {})
         self._size: tuple[int, int] | None = None
         self._started: float | None = None
         self._collected: list[np.ndarray] = []
@@ -651,7 +655,8 @@ class WebcamSession(ClosesOnExit):
     def _backdrop(self) -> Backdrop:
         backdrop = self._backdrops.get(self.target_index)
         if backdrop is None:
-            backdrop = Backdrop(self.target, self._size, self.device)
+            picture = self._pictures.pop(self.target.path, None) if self.target.kind == "image" else None
+            backdrop = Backdrop(self.target, self._size, self.device, picture=picture)
             self._backdrops[self.target_index] = backdrop
         return backdrop
 
@@ -811,7 +816,8 @@ def run_webcam(
         camera: a camera index, or a video file played as a camera.
         bgr: a plate image; without one, key b in the preview takes it, or headless it is taken
             automatically (`auto_plate_delay` seconds, then the median of `auto_plate_frames` frames).
-        target_bgr: target backgrounds (colour, image, video, ``blur``, ``transparent``), cycled with key t.
+        target_bgr: target backgrounds (colour, image, video, ``blur``, ``transparent``), cycled with key t; image
+            and video files are read before the camera opens, and one that cannot be is refused then.
         virtual_cam: send to a virtual camera (needs ``pip install "bgmatte[webcam]"``), through
             `virtual_cam_backend` (``v4l2loopback``, ``obs``, ``unitycapture``; None: any) and `virtual_cam_device`.
         preview: show a window with keys (b plate, t target, q quit); None shows it when a display
@@ -843,6 +849,7 @@ def run_webcam(
                            "(the preview needs a display)")
     if record is not None:
         _check_recording(Path(record), overwrite, camera, bgr, targets)
+    pictures = _read_targets(targets)
 
     from bgmatte.model.build import load_model
     from bgmatte.predictor import Predictor
@@ -878,7 +885,7 @@ def run_webcam(
         stack.callback(reader.close)
         session = WebcamSession(reader, predictor, targets, sinks=sinks, preview=window,
                                 keys=window.poll_key if window is not None else None, plate=plate,
-                                auto_plate=auto_plate, max_frames=max_frames)
+                                auto_plate=auto_plate, max_frames=max_frames, pictures=pictures)
         stack.push(session.__exit__)
         logger.info("matting %s at %dx%d on %s (%s)", source.name, *source.size, predictor.device, precision)
         report = session.run()
@@ -900,6 +907,25 @@ def _check_recording(path: Path, overwrite: bool, camera: int | str | os.PathLik
     inputs += [("target background", target.path) for target in targets if target.path is not None]
     refuse_overwriting_inputs([path], inputs, advice="choose another --record file")
     check_destination(path, overwrite)
+
+
+def _read_targets(targets: Sequence[TargetBackground]) -> dict[Path, np.ndarray]:
+    """Read the image targets and open the video ones before the camera opens and the model loads, so that one that
+    cannot be read is refused at once, not at its first composite; the images' pixels are returned for the session
+    to use, not read twice (a video is only opened: its header and first frame)."""
+    from bgmatte.io.images import read_image
+    from bgmatte.io.video import VideoReader
+
+    pictures: dict[Path, np.ndarray] = {}
+    for target in targets:
+        try:
+            if target.kind == "image" and target.path not in pictures:
+                pictures[target.path] = read_image(target.path)
+            elif target.kind == "video":
+                VideoReader(target.path, queue_size=1).close()
+        except BgmatteError as exc:
+            raise BgmatteError(f"{exc} (for the target background)") from None
+    return pictures
 
 
 def _resolve_preview(preview: bool | None) -> tuple[bool, str]:
