@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Tuple
 
@@ -441,15 +442,17 @@ def _session_device(session, providers: list) -> torch.device:
 
 def load_onnx_backend(checkpoint: str | Path | None, *, backbone: str | None, options: RefineOptions,
                       refine_kernel_size: int | None, device: str | torch.device | None, precision: str,
-                      threads: int | None = None, plate_solve: bool | None = None) -> OnnxMatting:
-    """``load_model(..., backend="onnxruntime")``: an ``.onnx`` file runs as it is; a checkpoint is exported
-    to ONNX with the given settings first (about a minute), into a temporary file."""
+                      threads: int | None = None, plate_solve: bool | None = None,
+                      given: Collection[str] = ()) -> OnnxMatting:
+    """``load_model(..., backend="onnxruntime")``: an ``.onnx`` file runs as it is, refusing the settings of
+    ``options`` named in ``given`` (those the caller asked for) that differ from its own; a checkpoint is
+    exported to ONNX with ``options`` first (about a minute), into a temporary file."""
     if precision != "fp32":
         raise BgmatteError("the onnxruntime backend runs fp32 models only")
     onnx_providers(device)  # an unusable device is refused before a checkpoint spends a minute exporting
     if checkpoint is not None and Path(checkpoint).suffix == ".onnx":
         model = OnnxMatting(checkpoint, device=device, threads=threads)
-        _check_fixed_settings(model, backbone, options, refine_kernel_size)
+        _check_fixed_settings(model, backbone, options, refine_kernel_size, given)
         if plate_solve is not None and plate_solve != model.plate_solve:
             raise BgmatteError(f"{checkpoint}: exported with the plate solve {'on' if model.plate_solve else 'off'}; "
                                f"an ONNX model's settings are fixed, so export again with --plate-solve "
@@ -462,9 +465,9 @@ def load_onnx_backend(checkpoint: str | Path | None, *, backbone: str | None, op
 
 
 def _check_fixed_settings(model: OnnxMatting, backbone: str | None, options: RefineOptions,
-                          refine_kernel_size: int | None) -> None:
-    """An ONNX file's settings are fixed: refuse settings asked for (other than the defaults) that differ."""
-    defaults = RefineOptions()
+                          refine_kernel_size: int | None, given: Collection[str]) -> None:
+    """An ONNX file's settings are fixed: refuse those asked for (``given``; a default value asked for counts)
+    that differ."""
     source = str(model.path)
     if backbone is not None and backbone != model.backbone_name:
         raise BgmatteError(f"{source}: exported with backbone {model.backbone_name}, not {backbone}")
@@ -472,7 +475,7 @@ def _check_fixed_settings(model: OnnxMatting, backbone: str | None, options: Ref
         raise BgmatteError(f"{source}: exported with refine kernel size {model.options.refine_kernel_size}")
     for name in ("backbone_scale", "refine_mode", "refine_sample_pixels", "refine_threshold"):
         asked, fixed = getattr(options, name), getattr(model.options, name)
-        if asked != getattr(defaults, name) and asked != fixed:
+        if name in given and asked != fixed:
             raise BgmatteError(f"{source}: exported with {name}={fixed!r}; an ONNX model's settings are fixed, "
                                f"so export again with {name}={asked!r}")
 

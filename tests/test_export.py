@@ -351,6 +351,10 @@ def test_onnx_settings_are_fixed_and_other_ones_are_refused(onnx_model):
         load_model(path, backend="onnxruntime", refine_mode="thresholding")
     with pytest.raises(BgmatteError, match="backbone mobilenetv2, not resnet50"):
         load_model(path, backend="onnxruntime", backbone="resnet50")
+    # An explicit request for a default value is a request too: it used to pass unseen, running 2400 pixels.
+    with pytest.raises(BgmatteError, match="refine_sample_pixels=2400.*export again with refine_sample_pixels=80000"):
+        load_model(path, backend="onnxruntime", refine_sample_pixels=80_000)
+    assert load_model(path, backend="onnxruntime", refine_sample_pixels=2400).options.refine_sample_pixels == 2400
 
 
 @pytest.mark.slow

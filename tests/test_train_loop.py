@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch._utils import ExceptionWrapper
 
@@ -553,6 +554,32 @@ def test_ctrl_c_sigterm_or_sighup_saves_state_and_weights_then_exits_nonzero(tmp
     assert state["step"] >= 1
     assert load_file(str(out / "last.safetensors"))
     assert int(read_rows(out / "train.csv")[-1]["step"]) == state["step"]
+
+
+@pytest.mark.parametrize("save_every, signals", [(0, 1), (1, 2)])
+def test_ctrl_c_during_a_save_waits_until_weights_and_state_are_both_written(tmp_path, monkeypatch, save_every,
+                                                                            signals):
+    # A Ctrl-C in the final save (0, 1), or a second one in a periodic save (1, 2), used to stop the process
+    # between last.safetensors and state.pt: the weights of step 2 beside the state of step 1.
+    out = tmp_path / "run"
+    loop.train(tiny_options(out, steps=1))
+    real_save = loop.save_model_weights
+
+    def save_then_ctrl_c(model, path, metadata):
+        real_save(model, path, metadata)
+        if path.name == "last.safetensors":
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop, "save_model_weights", save_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(tiny_options(out, steps=2, save_every=save_every, resume=True))
+    monkeypatch.setattr(loop, "save_model_weights", real_save)
+    state = torch.load(out / "state.pt", weights_only=True)
+    with safe_open(str(out / "last.safetensors"), "pt") as weights:
+        assert weights.metadata()["step"] == str(state["step"]) == "2"
+    loop.train(tiny_options(out, steps=3, resume=True))
+    assert [row["step"] for row in read_rows(out / "train.csv")] == ["1", "2", "3"]
 
 
 def _photomatte(root: Path, count: int = 4) -> tuple[Path, Path]:

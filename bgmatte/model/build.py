@@ -174,13 +174,16 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 BACKENDS = ("torch", "onnxruntime")
 
 
-def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = None, backbone_scale: float = 0.25,
-               refine_mode: str = "sampling", refine_sample_pixels: int = 80_000, refine_threshold: float = 0.1,
+def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = None,
+               backbone_scale: float | None = None, refine_mode: str | None = None,
+               refine_sample_pixels: int | None = None, refine_threshold: float | None = None,
                refine_kernel_size: int | None = None, device: str | torch.device | None = "auto",
                optimize: bool = True, precision: str = "fp32", backend: str = "torch",
                plate_solve: bool | None = None) -> torch.nn.Module:
     """A ready ``MattingRefine`` in eval mode, from a checkpoint path or (None) the embedded default model.
 
+    The refine settings left None are ``RefineOptions``' defaults (0.25, sampling, 80,000, 0.1), or, for an
+    ``.onnx`` file, what it was exported with; one given that differs from the file's is refused.
     The backbone and the refiner's kernel size are read from the weights unless given. ``optimize``
     asks for the fast inference path where one is available; it computes the same outputs.
     ``precision`` (fp32, fp16, bf16) sets the weights' dtype; inputs must match it on the plain
@@ -193,15 +196,18 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
         raise BgmatteError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if backend not in BACKENDS:
         raise BgmatteError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    given = {name: value for name, value in (("backbone_scale", backbone_scale), ("refine_mode", refine_mode),
+                                             ("refine_sample_pixels", refine_sample_pixels),
+                                             ("refine_threshold", refine_threshold)) if value is not None}
     if backend == "onnxruntime":
         from bgmatte.export import load_onnx_backend
 
         try:
-            options = RefineOptions(backbone_scale, refine_mode, refine_sample_pixels, refine_threshold)
+            options = RefineOptions(**given)
         except ValueError as exc:
             raise BgmatteError(str(exc)) from None
         return load_onnx_backend(checkpoint, backbone=backbone, options=options, refine_kernel_size=refine_kernel_size,
-                                 device=device, precision=precision, plate_solve=plate_solve)
+                                 device=device, precision=precision, plate_solve=plate_solve, given=given.keys())
     source = Path(checkpoint) if checkpoint is not None else DEFAULT_WEIGHTS
     if checkpoint is None and not DEFAULT_WEIGHTS.is_file():
         raise BgmatteError("no embedded default model is shipped in this build of bgmatte yet: "
@@ -226,8 +232,7 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
         conv = state.get("refiner.conv1.weight")
         refine_kernel_size = int(conv.shape[-1]) if conv is not None else 3
     try:
-        options = RefineOptions(backbone_scale, refine_mode, refine_sample_pixels, refine_threshold,
-                                refine_kernel_size)
+        options = RefineOptions(**given, refine_kernel_size=refine_kernel_size)
     except ValueError as exc:
         raise BgmatteError(str(exc)) from None
     model = MattingRefine(backbone, **vars(options), plate_solve=plate_solve)

@@ -824,6 +824,25 @@ class StopRequest:
         self._previous.clear()
 
 
+@contextmanager
+def held_stop_signals():
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then deliver them to the handlers they would have met:
+    a save must not stop between last.safetensors and state.pt, or the weights would be a save newer than the
+    state a resume continues from. Only in the main thread, where handlers can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {number: signal.signal(number, lambda signum, frame: held.append(signum)) for number in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        for number in held:  # in order, so that a second Ctrl-C still acts at once after StopRequest's first
+            signal.raise_signal(number)
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Data workers leave Ctrl-C, SIGTERM and SIGHUP to the training process, which stops between steps, saves, and
     shuts them down (`_shut_down`): killed at once by a signal sent to the whole process group (Ctrl-C, a job
@@ -1189,23 +1208,24 @@ class _Run:
         self.saved_step = self.step
         if not self.runtime.is_main:
             return
-        save_model_weights(self.network, self.options.out / "last.safetensors", self._metadata())
-        save_training_state(self.options.out / "state.pt", {
-            "format": STATE_FORMAT,
-            "stage": self.options.stage,
-            "backbone": self.backbone,
-            "refine_kernel_size": self.kernel_size,
-            "step": self.step,
-            "batches": self.batches,
-            "best": self.best,
-            "world_size": self.runtime.world_size,
-            "model": self.network.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "random": states,
-            "options": {k: v for k, v in self.options.to_record().items()
-                        if isinstance(v, (str, int, float, bool, type(None)))},
-        })
+        with held_stop_signals():  # the pair is written whole, whatever signal comes meanwhile
+            save_model_weights(self.network, self.options.out / "last.safetensors", self._metadata())
+            save_training_state(self.options.out / "state.pt", {
+                "format": STATE_FORMAT,
+                "stage": self.options.stage,
+                "backbone": self.backbone,
+                "refine_kernel_size": self.kernel_size,
+                "step": self.step,
+                "batches": self.batches,
+                "best": self.best,
+                "world_size": self.runtime.world_size,
+                "model": self.network.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                "random": states,
+                "options": {k: v for k, v in self.options.to_record().items()
+                            if isinstance(v, (str, int, float, bool, type(None)))},
+            })
 
     # -- steps --------------------------------------------------------------------------------
 
