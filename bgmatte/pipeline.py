@@ -603,7 +603,7 @@ class _Plates:
         self._aligner: PlateAligner | None = None
         self.plate = self._fit(image, name) if image is not None else None
         if self.plate is not None and align:
-            self._aligner = PlateAligner(self.plate)
+            self._aligner = PlateAligner(self.plate, name=name)
 
     def _fit(self, plate: np.ndarray, name: Path | str | None) -> np.ndarray:
         height, width = plate.shape[:2]
@@ -642,8 +642,12 @@ class _Plates:
         """The plate for `frame` (already at the working size), `seconds` after the clip's first frame."""
         if self._video is not None:
             plate = self._video_plate(seconds)
-            if self._align:
-                plate = PlateAligner(plate).align(frame)[0]
+            if self._align:  # one aligner, given each new plate frame, so that a failure is told once, not per frame
+                if self._aligner is None:
+                    self._aligner = PlateAligner(plate, name=self._video.path)
+                elif plate is not self._aligner.plate:
+                    self._aligner.set_plate(plate)
+                plate = self._aligner.align(frame)[0]
         elif self._aligner is not None:
             plate = self._aligner.align(frame)[0]
         else:

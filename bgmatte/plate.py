@@ -80,19 +80,26 @@ class PlateAligner:
 
     def __init__(self, plate: np.ndarray, options: AlignOptions = AlignOptions(), *,
                  name: str | os.PathLike | None = None):
-        self.plate = plate
         self.options = options
         self._named = f"{name}: " if name else ""
         self.failures = 0
         self.attempts = 0
+        self._warned_texture = False
         self._orb = cv2.ORB_create(nfeatures=options.max_features)
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
-        self._plate_scale = _working_scale(plate, options.working_size)
+        self.set_plate(plate)
+
+    def set_plate(self, plate: np.ndarray) -> None:
+        """Align another plate from now on (the next frame of a plate video): its features are computed, the
+        failure count and the warnings already given carry over, so a plate video warns once, not every frame."""
+        self.plate = plate
+        self._plate_scale = _working_scale(plate, self.options.working_size)
         keypoints, descriptors = self._orb.detectAndCompute(_scaled(_grey_uint8(plate), self._plate_scale), None)
         self._plate_points = np.float32([point.pt for point in keypoints]).reshape(-1, 2) / self._plate_scale
         self._plate_descriptors = descriptors
-        self.textured = descriptors is not None and len(keypoints) >= options.min_inliers
-        if not self.textured:
+        self.textured = descriptors is not None and len(keypoints) >= self.options.min_inliers
+        if not self.textured and not self._warned_texture:
+            self._warned_texture = True
             logger.warning("%sthe plate has too little texture to align (%d features); it is used unaligned",
                            self._named, len(keypoints))
 

@@ -507,6 +507,19 @@ def test_align_falls_back_to_the_plate_with_a_warning_when_it_cannot_align(tmp_p
     assert any("align" in record.message for record in caplog.records)
 
 
+def test_align_with_a_plate_video_warns_once_naming_it_not_every_frame(tmp_path, caplog):
+    clip, plate = tmp_path / "flat.mp4", tmp_path / "plate.mp4"
+    flat = np.full((HEIGHT, WIDTH, 3), 120, np.uint8)  # no features to match, in any plate frame
+    make_clip(clip, 6, plate=flat)
+    write_clip(plate, [flat.copy() for _ in range(6)], audio=False)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["pha"], align=True,
+                               model=DifferenceModel(), progress=False)
+    assert len(read_frames(result.outputs["pha"])) == 6
+    texture = [record.getMessage() for record in caplog.records if "too little texture" in record.getMessage()]
+    assert len(texture) == 1 and str(plate) in texture[0]
+
+
 def test_align_lines_up_a_shifted_plate(tmp_path):
     import cv2
 
