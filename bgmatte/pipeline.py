@@ -1473,6 +1473,8 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="bgmatte-png") as pool, ExitStack() as stack:
         try:
+            if shared_plate and pairs:  # read before the model loads: if it cannot be, nothing can be matted
+                cached_plate = (pairs[0][1], read_image(pairs[0][1]))
             bar = stack.enter_context(tqdm(pairs, desc="images", unit="image", file=sys.stderr,
                                            disable=None if progress else True))
             for source, plate_file in bar:

@@ -362,8 +362,11 @@ def test_an_unreadable_plate_in_a_plate_folder_costs_its_image_only(photos, caps
 
 
 def test_an_unreadable_plate_shared_by_every_image_stops_the_batch(photos, capsys, monkeypatch):
-    """One plate for all: no image can be matted, so its error is the one line, as before."""
-    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    """One plate for all: no image can be matted, so its error is the one line, found before the model loads."""
+    def no_model(*args, **kw):
+        raise AssertionError("the model was loaded before the shared plate was read")
+
+    monkeypatch.setattr(pipeline, "load_predictor", no_model)
     whole = (photos / "plate.png").read_bytes()
     (photos / "plate.png").write_bytes(whole[: len(whole) // 2])
     code, out, err = run(capsys, "image", "src", "--bgr", "plate.png", "-o", "out", "-q")
