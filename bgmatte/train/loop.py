@@ -799,7 +799,8 @@ the SIGHUP of a closed terminal or SSH session (which the command line would oth
 
 class StopRequest:
     """Turns a SIGINT, SIGTERM or SIGHUP (`STOP_SIGNALS`) into a request to stop after the current step; a second
-    signal of the same kind acts at once. Handlers are only installed in the main thread."""
+    signal of the same kind acts at once, or during a save as soon as the save is done (`held_stop_signals`).
+    Handlers are only installed in the main thread."""
 
     def __init__(self) -> None:
         self.requested = False
