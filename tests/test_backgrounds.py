@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 import cv2
@@ -25,7 +27,7 @@ needs_dpkg = pytest.mark.skipif(DPKG is None or DPKG_DEB is None,
                                 reason="dpkg and dpkg-deb are needed to build and unpack test packages")
 
 
-def build_deb(folder: Path, package: str, file_name: str, pictures: dict[str, np.ndarray]) -> Path:
+def build_deb(folder: Path, package: str, file_name: str, pictures: dict[str, np.ndarray | bytes]) -> Path:
     """A small real .deb whose control file says `package`, saved as `file_name`, holding `pictures`
     under usr/share/backgrounds/."""
     root = folder / f"root-{file_name}"
@@ -36,7 +38,10 @@ def build_deb(folder: Path, package: str, file_name: str, pictures: dict[str, np
     pictures_dir = root / "usr" / "share" / "backgrounds"
     pictures_dir.mkdir(parents=True)
     for name, image in pictures.items():
-        assert cv2.imwrite(str(pictures_dir / name), image)
+        if isinstance(image, bytes):  # a file as it is, such as a crafted header
+            (pictures_dir / name).write_bytes(image)
+        else:
+            assert cv2.imwrite(str(pictures_dir / name), image)
     deb = folder / file_name
     subprocess.run([DPKG_DEB, "--root-owner-group", "-Zgzip", "--build", str(root), str(deb)],
                    check=True, capture_output=True)
@@ -168,6 +173,23 @@ def test_pictures_are_written_through_temporary_names_and_never_replaced_unasked
     assert theirs.read_bytes() == b"mine"
     assert not written[0].is_symlink() and written[0].read_bytes() == before[written[0]]
     assert sorted(out.iterdir()) == written  # no temporary file left beside them
+
+
+@needs_dpkg
+def test_a_picture_above_the_pixel_limit_is_left_out_by_name_not_decoded(tmp_path, capsys, stand_ins):
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)  # 400 megapixels: under OpenCV's own limit
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    pictures = {"sky.png": noise(300, 400, 1), "huge.png": bomb}
+    stand_ins.offer("ukui-wallpapers", build_deb(tmp_path, "ukui-wallpapers", "ukui-wallpapers_1.0-1_all.deb",
+                                                 pictures))
+    out = tmp_path / "out"
+    assert main([str(out), "--packages", "ukui-wallpapers", "--max-side", "256"]) == 0
+    assert [path.name for path in out.iterdir()] == ["ukui-wallpapers--usr-share-backgrounds-sky.jpg"]
+    said = capsys.readouterr()
+    assert "huge.png" in said.out + said.err and "decompression bomb" in said.out + said.err
 
 
 @pytest.mark.parametrize("max_side", ["0", "-5", "255"])

@@ -23,6 +23,7 @@ import numpy as np
 
 from bgmatte.errors import BgmatteError
 from bgmatte.io.files import make_folder, refuse_existing, write_through_temporary
+from bgmatte.io.images import read_image
 
 PACKAGES = ("plasma-workspace-wallpapers", "ukui-wallpapers", "gnome-backgrounds")
 RESERVED = frozenset({"mate-backgrounds", "opencv-doc"})  # held-out evaluation data: never for training
@@ -158,8 +159,13 @@ def fetch_backgrounds(
             pictures = select_pictures([p for p in tree.rglob("*") if p.is_file()])
             count = 0
             for picture in pictures:
-                image = cv2.imread(str(picture), cv2.IMREAD_COLOR)
-                if image is None or min(image.shape[:2]) < min_side:
+                try:  # the project's checked reader: a picture above its pixel limit is not decoded
+                    image = cv2.cvtColor(read_image(picture), cv2.COLOR_RGB2BGR)
+                except BgmatteError as exc:
+                    inside = str(picture.relative_to(tree))  # its place in the package, not in a temporary folder
+                    log(f"{name}: left out {str(exc).replace(str(picture), inside)}")
+                    continue
+                if min(image.shape[:2]) < min_side:
                     continue
                 height, width = image.shape[:2]
                 if max(height, width) > max_side:
