@@ -6,7 +6,7 @@ CVPR 2021), and loads that work's released checkpoints. The vocabulary, used thr
 - ``src``: the frame to matte; ``bgr``: a capture of the same background without the subject
   (the plate); both (B,3,H,W) float tensors in [0, 1].
 - ``pha``: the alpha matte; ``fgr``: the foreground colour; ``err``: the predicted error of the
-  coarse matte; ``ref``: where the refiner worked (1 on refined 4x4 patches, quarter resolution);
+  coarse matte; ``ref``: where the refiner worked (1 on the 4x4 patches it refined);
   ``hid``: hidden features passed from the base network to the refiner.
 - ``*_sm``: the same at the base network's reduced resolution (``backbone_scale``); ``ref_sm`` is the
   exception, always at quarter resolution.
