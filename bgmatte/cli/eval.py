@@ -41,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", metavar="CKPT", help="a checkpoint (.pth or .safetensors) to run first")
     parser.add_argument("--baseline", choices=("closed-form",),
                         help="score the classical peer instead of a model (with --data)")
-    parser.add_argument("--data", metavar="DIR", help="with --model: src/ and bgr/, plus the ground truth")
-    parser.add_argument("--out", metavar="DIR", help="with --model: where to write the predicted pha/ and fgr/ "
+    parser.add_argument("--data", metavar="DIR", help="with --model or --baseline: src/ and bgr/, plus the ground truth")
+    parser.add_argument("--out", metavar="DIR", help="with --model or --baseline: where to write the predicted pha/ and fgr/ "
                                                      "(default: a temporary folder, removed afterwards)")
     parser.add_argument("--overwrite", action="store_true", help="with --out: replace predictions already there")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
