@@ -186,6 +186,8 @@ def test_embedded_default_model_loads_and_says_when_it_is_interim(monkeypatch, t
     with pytest.warns(UserWarning, match="interim checkpoint"):
         model = load_model(device="cpu")
     assert model.backbone_name == "mobilenetv2"
+    with pytest.warns(UserWarning, match=f"{path.name} is an interim checkpoint"):  # named, as the card's examples do
+        load_model(path, device="cpu")
     save_weights(MattingRefine("mobilenetv2"), path, half=True, metadata={"status": "release"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -39,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--outputs", "--output-types", dest="outputs", nargs="+", choices=OUTPUT_KINDS,
                         metavar="KIND", help="any of com pha fgr err ref (default: com)")
     parser.add_argument("--target-bgr", dest="target_bgr", metavar="BG",
-                        help="composite over a colour, an image or blur instead of writing RGBA cutouts")
-    add_plate_arguments(parser)
+                        help="composite over a colour, an image or blur instead of writing RGBA cutouts (transparent, the default)")
+    add_plate_arguments(parser, each="image")
     existing = parser.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", "-y", dest="overwrite", action="store_true", help="replace existing outputs")
     existing.add_argument("--skip-existing", action="store_true",

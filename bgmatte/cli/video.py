@@ -120,12 +120,12 @@ def plate_solve_choice(args: argparse.Namespace) -> bool | None:
     return {"on": True, "off": False}.get(args.plate_solve)
 
 
-def add_plate_arguments(parser: argparse.ArgumentParser) -> None:
-    """Plate alignment and exposure matching, under both names."""
+def add_plate_arguments(parser: argparse.ArgumentParser, each: str = "frame") -> None:
+    """Plate alignment and exposure matching, under both names; `each` is what the plate is fitted to (frame, image)."""
     parser.add_argument("--align", "--preprocess-alignment", dest="align", action="store_true",
-                        help="align the plate to each frame (handheld shots); falls back to the plate as is")
+                        help=f"align the plate to each {each} (handheld shots); falls back to the plate as is")
     parser.add_argument("--match-exposure", action="store_true",
-                        help="match the plate's exposure and white balance to each frame")
+                        help=f"match the plate's exposure and white balance to each {each}")
 
 
 def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="camera index (default 0) or a video file used as the camera")
     parser.add_argument("--bgr", metavar="PLATE", help="the plate image (default: key b, or automatic when headless)")
     parser.add_argument("--target-bgr", nargs="+", action="extend", metavar="SPEC",
-                        help="target backgrounds, cycled with key t: a colour name or #RRGGBB, an image, "
+                        help="target backgrounds, cycled with key t: a colour (a name, #RRGGBB or R,G,B), an image, "
                              "a video (looped), blur or transparent (a checkerboard); default green")
     output = parser.add_argument_group("outputs")
     output.add_argument("--virtual-cam", action="store_true", help="send the result to a virtual camera")

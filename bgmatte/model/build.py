@@ -216,8 +216,9 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
     metadata = weights_metadata(source)
     if plate_solve is None:
         plate_solve = metadata.get("plate_solve") == "on"
-    if checkpoint is None and metadata.get("status") == "interim":
-        warnings.warn("the embedded default model is an interim checkpoint, short of its quality target "
+    if metadata.get("status") == "interim":  # also when the embedded file is named, as the card's examples do
+        what = "the embedded default model" if checkpoint is None else str(source)
+        warnings.warn(f"{what} is an interim checkpoint, short of its quality target "
                       f"(see {WEIGHTS_DIR / 'MODEL_CARD.md'}); pass a released checkpoint for real work",
                       UserWarning, stacklevel=2)
     detected = detect_backbone(state)

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Fetch training photographs from Debian wallpaper packages.",
     )
     parser.add_argument("dir", type=Path, help="folder to write the pictures to")
-    parser.add_argument("--packages", nargs="+", default=list(PACKAGES), help="Debian packages to take pictures from")
+    parser.add_argument("--packages", nargs="+", default=list(PACKAGES), help=f"Debian packages to take pictures from (default: {' '.join(PACKAGES)})")
     parser.add_argument("--max-side", type=int, default=1024,
                         help="longest side of the written pictures (at least 256; default 1024)")
     parser.add_argument("--overwrite", action="store_true", help="replace pictures of these packages already in DIR")
