@@ -1155,6 +1155,9 @@ def convert_video(
         # With the model on the CPU, everything else runs at a lower priority, in the gaps of its work.
         niceness = HELPER_NICENESS if on_cpu else 0
         reader = stack.enter_context(VideoReader(src, niceness=niceness, start=start, duration=duration))
+        if reader.still:  # a one-frame "video" from a photo: the wrong file, or meant for matte_images
+            raise BgmatteError(f"{src}: a still image, not a video: matte photos with `bgmatte image` "
+                               "(matte_images in Python)")
         native = reader.size
         size = resize or native
         auto_plate = isinstance(bgr, str) and bgr.strip().lower() == "auto"

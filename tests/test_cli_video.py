@@ -188,6 +188,19 @@ def test_overwriting_a_png_folder_never_deletes_the_source_plate_or_other_files(
     assert model.calls == []
 
 
+@pytest.mark.parametrize("name", ["photo.png", "photo.jpg"])
+def test_a_still_image_as_the_source_is_refused_pointing_to_bgmatte_image(scene, capsys, monkeypatch, name):
+    use_difference_model(monkeypatch)
+    write_png(scene / "photo.png", plate_image())
+    if name.endswith(".jpg"):
+        import cv2
+
+        cv2.imwrite(str(scene / name), plate_image())
+    code, _, err = run(capsys, "video", name, "--bgr", "bgr.png", "-o", "out.mp4")
+    one_line_error(code, err, f"{name}: a still image, not a video", "bgmatte image")
+    assert not (scene / "out.mp4").exists()
+
+
 def test_a_picture_declaring_too_many_pixels_is_refused_as_a_source(scene, capsys, monkeypatch):
     use_difference_model(monkeypatch)
     data = bytearray((scene / "bgr.png").read_bytes())  # the plate, its header claiming 12000x10000

@@ -227,6 +227,13 @@ class VideoReader:
         self._thread.start()
 
     @property
+    def still(self) -> bool:
+        """Whether the file is a still image that FFmpeg reads as a one-frame video (its image demuxers: png_pipe,
+        image2, ...; not GIF, which may be animated)."""
+        name = self._container.format.name
+        return name in ("image2", "image2pipe") or (name.endswith("_pipe") and name != "gif_pipe")
+
+    @property
     def width(self) -> int:
         return self.size[0]
 
