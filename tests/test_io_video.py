@@ -33,6 +33,8 @@ from bgmatte.io.video import (
 
 from media import (
     audio_seconds,
+    make_clip as make_subject_clip,
+    plate_image,
     decode_times,
     dominant_frequency,
     mono_samples,
@@ -179,6 +181,22 @@ def test_truncated_input_keeps_decoded_frames_and_reports_it(tmp_path, kind):
     assert reader.error is not None and "cut" in str(reader.error) and "truncated" in str(reader.error)
     # What was decoded is intact and in order.
     assert np.all(np.diff([int(frame.image[30, 40, 0]) for frame in frames]) > 5)
+
+
+def test_a_short_mkv_cut_by_a_third_is_reported(tmp_path):
+    # Matroska gives no frame count: the reader compares by time, against the video track's own DURATION tag
+    # (0.48 s here, while the container's 0.51 s includes the audio's tail), so three frames lost of twelve show.
+    clip = tmp_path / "whole.mkv"
+    make_subject_clip(clip, 12, plate=plate_image(160, 96))
+    reader, frames = read_all(clip)
+    assert len(frames) == 12 and reader.error is None
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    reader, frames = read_all(cut)
+    assert 5 <= len(frames) < 12
+    last = round(0.04 * (len(frames) - 1), 2)
+    assert str(reader.error) == f"{cut}: ended at {last:.2f} s of 0.48 s (the file looks truncated or damaged)"
 
 
 def test_mp4_cut_before_its_index_is_a_clear_error(tmp_path):
