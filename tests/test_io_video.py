@@ -199,6 +199,22 @@ def test_a_short_mkv_cut_by_a_third_is_reported(tmp_path):
     assert str(reader.error) == f"{cut}: ended at {last:.2f} s of 0.48 s (the file looks truncated or damaged)"
 
 
+def test_a_damaged_mkv_says_where_its_last_frame_was(tmp_path):
+    # Damage in the first cluster leaves one frame, at 0 s, and a stream whose start time FFmpeg puts later
+    # (85 ms): the time said is the last frame's from the first, never that start subtracted from it (-0.09 s).
+    clip = tmp_path / "whole.mkv"
+    make_subject_clip(clip, 12, plate=plate_image(160, 96))
+    data = bytearray(clip.read_bytes())
+    for position in range(3000, 6000, 7):
+        data[position] ^= 0x55
+    broken = tmp_path / "broken.mkv"
+    broken.write_bytes(bytes(data))
+    with VideoReader(broken, niceness=5) as reader:  # decoded on one thread, as the CLI does with --nice
+        frames = list(reader)
+    assert [frame.seconds for frame in frames] == [0.0]
+    assert str(reader.error).startswith(f"{broken}: ended at 0.00 s of ")
+
+
 def test_mp4_cut_before_its_index_is_a_clear_error(tmp_path):
     clip = tmp_path / "whole.mp4"
     make_clip(clip, count=10)  # the index (moov) sits at the end

@@ -553,6 +553,9 @@ class VideoReader:
         last_time = self._timer.last
         if not expected and self.duration and last_time is not None and self.fps:
             start = float(self._stream.start_time * self._stream.time_base) if self._stream.start_time else 0.0
+            # The duration counts from the stream's start; a damaged file's start may come after its first frame
+            # (FFmpeg takes it from a later packet), and then the first frame is where the times count from.
+            start = min(start, self._origin)
             step = 1.0 / float(self.fps)
             # Against the video track's own end (its DURATION tag), a couple of frames' slack: a short clip cut by a
             # third shows. Against the container's, which may run on with the audio, a quarter of a second.
