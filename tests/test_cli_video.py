@@ -249,6 +249,24 @@ def test_truncated_input_exits_2_with_every_decoded_frame_written(scene, capsys,
     assert audio_seconds(scene / "out.mp4") > 0
 
 
+def test_a_short_mkv_cut_by_a_third_exits_2(scene, capsys, monkeypatch):
+    # 12 frames (0.48 s of video, 0.51 s with the audio's tail) cut to two thirds of their bytes leave nine.
+    use_difference_model(monkeypatch)
+    make_clip(scene / "whole.mkv", 12, plate=plate_image(160, 96))
+    write_png(scene / "plate.png", plate_image(160, 96))
+    data = (scene / "whole.mkv").read_bytes()
+    (scene / "cut.mkv").write_bytes(data[: len(data) * 2 // 3])
+    with VideoReader(scene / "cut.mkv") as reader:
+        decodable = len(list(reader))
+    assert 5 <= decodable < 12
+    code, _, err = run(capsys, "video", "cut.mkv", "--bgr", "plate.png", "-o", "out.mp4", "-q")
+    assert code == 2 and "Traceback" not in err
+    assert "cut.mkv: ended at" in err and "of 0.48 s" in err and "truncated" in err
+    assert len(read_frames(scene / "out.mp4")) == decodable
+    code, _, err = run(capsys, "video", "whole.mkv", "--bgr", "plate.png", "-o", "whole.mp4", "-q")
+    assert code == 0 and "warning" not in err.replace("interim checkpoint", "")
+
+
 def test_progress_bar_shows_rate_on_a_terminal_and_quiet_hides_it(scene, monkeypatch, capsys):
     use_difference_model(monkeypatch)
 

@@ -33,6 +33,8 @@ from bgmatte.io.video import (
 
 from media import (
     audio_seconds,
+    make_clip as make_subject_clip,
+    plate_image,
     decode_times,
     dominant_frequency,
     mono_samples,
@@ -179,6 +181,38 @@ def test_truncated_input_keeps_decoded_frames_and_reports_it(tmp_path, kind):
     assert reader.error is not None and "cut" in str(reader.error) and "truncated" in str(reader.error)
     # What was decoded is intact and in order.
     assert np.all(np.diff([int(frame.image[30, 40, 0]) for frame in frames]) > 5)
+
+
+def test_a_short_mkv_cut_by_a_third_is_reported(tmp_path):
+    # Matroska gives no frame count: the reader compares by time, against the video track's own DURATION tag
+    # (0.48 s here, while the container's 0.51 s includes the audio's tail), so three frames lost of twelve show.
+    clip = tmp_path / "whole.mkv"
+    make_subject_clip(clip, 12, plate=plate_image(160, 96))
+    reader, frames = read_all(clip)
+    assert len(frames) == 12 and reader.error is None
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    reader, frames = read_all(cut)
+    assert 5 <= len(frames) < 12
+    last = round(0.04 * (len(frames) - 1), 2)
+    assert str(reader.error) == f"{cut}: ended at {last:.2f} s of 0.48 s (the file looks truncated or damaged)"
+
+
+def test_a_damaged_mkv_says_where_its_last_frame_was(tmp_path):
+    # Damage in the first cluster leaves one frame, at 0 s, and a stream whose start time FFmpeg puts later
+    # (85 ms): the time said is the last frame's from the first, never that start subtracted from it (-0.09 s).
+    clip = tmp_path / "whole.mkv"
+    make_subject_clip(clip, 12, plate=plate_image(160, 96))
+    data = bytearray(clip.read_bytes())
+    for position in range(3000, 6000, 7):
+        data[position] ^= 0x55
+    broken = tmp_path / "broken.mkv"
+    broken.write_bytes(bytes(data))
+    with VideoReader(broken, niceness=5) as reader:  # decoded on one thread, as the CLI does with --nice
+        frames = list(reader)
+    assert [frame.seconds for frame in frames] == [0.0]
+    assert str(reader.error).startswith(f"{broken}: ended at 0.00 s of ")
 
 
 def test_mp4_cut_before_its_index_is_a_clear_error(tmp_path):

@@ -410,18 +410,24 @@ class VideoReader:
         stream = self._stream
         if stream.duration and stream.time_base:
             return float(stream.duration * stream.time_base)
-        tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
-        if tag:
-            try:
-                hours, minutes, seconds = tag.split(":")
-                tagged = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-            except ValueError:
-                tagged = None
-            if tagged is not None:
-                return tagged - self._matroska_start()
+        tagged = self._tagged_end()
+        if tagged is not None:
+            return tagged - self._matroska_start()
         if self._container.duration:
             return self._container.duration / av.time_base - self._matroska_start()
         return None
+
+    def _tagged_end(self) -> float | None:
+        """Where the video track ends by its own DURATION tag ('HH:MM:SS.nnnnnnnnn', which Matroska muxers write
+        per track: the end of its last frame, without the audio's tail), in seconds; None when it has none."""
+        tag = self._stream.metadata.get("DURATION") or self._stream.metadata.get("duration")
+        if not tag:
+            return None
+        try:
+            hours, minutes, seconds = tag.split(":")
+            return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        except ValueError:
+            return None
 
     def _matroska_start(self) -> float:
         """Where a Matroska stream's timestamps start (0 elsewhere): its DURATION tag and segment duration say where
@@ -554,8 +560,15 @@ class VideoReader:
         last_time = self._timer.last
         if not expected and self.duration and last_time is not None and self.fps:
             start = float(self._stream.start_time * self._stream.time_base) if self._stream.start_time else 0.0
+            # The duration counts from the stream's start; a damaged file's start may come after its first frame
+            # (FFmpeg takes it from a later packet), and then the first frame is where the times count from.
+            start = min(start, self._origin)
             step = 1.0 / float(self.fps)
-            if last_time - start + step < self.duration - max(2 * step, 0.25):
+            # Against the video track's own end (its DURATION tag), a couple of frames' slack: a short clip cut by a
+            # third shows. Against the container's, which may run on with the audio, a quarter of a second.
+            own = not (self._stream.duration and self._stream.time_base) and self._tagged_end() is not None
+            slack = 2 * step if own else max(2 * step, 0.25)
+            if last_time - start + step * (1 + self.skipped) < self.duration - slack:
                 return BgmatteError(
                     f"{self.path}: ended at {last_time - start:.2f} s of {self.duration:.2f} s (the file looks truncated or damaged)"
                 )
