@@ -1451,7 +1451,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
     """The work of `matte_images` once its arguments are checked and its folders made: each (image, plate)
     pair matted, and the outputs it still needs (`wanted`) written to ``folder/<kind>/<name>.png``. A source image
     that cannot be read, or whose own plate cannot, is left out; the others go on, and a `BgmatteError` names them
-    at the end. A plate shared by every image stops the batch at once."""
+    at the end. A plate shared by every image is read first, before the model loads: one that cannot be stops the batch."""
     from tqdm import tqdm
 
     from bgmatte.predictor import NotEnoughMemory, is_out_of_memory
@@ -1467,7 +1467,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
     pending: list[tuple[str, Future]] = []
     unreadable: list[str] = []
     bad_plates = False  # some of those left out for their plate
-    shared_plate = len({plate for _, plate in pairs}) == 1  # then a bad plate fails every image: it stops the batch
+    shared_plate = len({plate for _, plate in pairs}) == 1  # then a bad plate fails every image: read it first
 
     def collect(limit: int) -> None:
         while len(pending) > limit:
@@ -1497,8 +1497,6 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                     try:
                         cached_plate = (plate_file, read_image(plate_file))
                     except BgmatteError as exc:  # a plate by name costs its image, as a bad photo does
-                        if shared_plate:
-                            raise
                         logger.debug("%s; left out", exc)
                         unreadable.append(f"{exc} (the plate of {source})")
                         bad_plates = True
