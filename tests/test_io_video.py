@@ -1633,6 +1633,46 @@ def test_h264_with_b_frames_in_avi_is_timed_by_its_decoding_stamps(tmp_path, sta
     assert reader.offset == pytest.approx(0.04 * first) and reader.error is None
 
 
+def decode_order_copy(source: Path, target: Path) -> None:
+    """Copy the video packets of an AVI into another container as a stream copy of it does: each packet stamped with
+    the AVI's decoding stamp (its chunk's place), so that B-frames decode to stamps that go back."""
+    with av.open(str(source)) as avi, av.open(str(target), mode="w") as copy:
+        stream = avi.streams.video[0]
+        out = copy.add_stream_from_template(stream)
+        for packet in avi.demux(stream):
+            if packet.dts is None:  # the flushing packet at the end
+                continue
+            packet.pts = packet.dts
+            packet.stream = out
+            copy.mux(packet)
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+@pytest.mark.parametrize(("start", "first"), [(0.0, 0), (0.04, 1), (0.12, 3), (0.36, 9), (1.0, 25)])
+def test_h264_with_b_frames_stamped_in_decoding_order_is_timed_as_presented(tmp_path, suffix, start, first):
+    """An AVI's H.264 with B-frames copied into Matroska or MP4 keeps the AVI's stamps, which are in decoding order:
+    the frames are timed by those stamps in the order the decoder gives the frames out, as an AVI's are, from the
+    first frame on. A whole read placed frames 1 to 4 at 0.08, 0.12, 0.14 and 0.20 s (half a period after a stamp
+    that went back), a span from 0.12 s began at frame 2, a frame early, and one from 0.04 s began at frame 1 but
+    took its sound from 0.08 s; every span now starts at the exact frame, at the time the whole read gives it."""
+    avi, source = tmp_path / "camera.avi", tmp_path / f"copy{suffix}"
+    span_clip(avi, count=40, tracks=(), video_options={"bf": "2", "g": "12"})
+    decode_order_copy(avi, source)
+    with av.open(str(source)) as container:  # what the demuxer gives: stamps that go back
+        stamps = [frame.pts for frame in container.decode(video=0)]
+    assert stamps != sorted(stamps)
+    with VideoReader(source) as whole:
+        times = {number_of(frame.image): frame.seconds for frame in whole}
+    assert times == pytest.approx({number: 0.04 * number for number in range(40)})
+    with VideoReader(source, start=start, duration=0.4 if start else None) as reader:
+        frames = list(reader)
+    expected = list(range(first, first + 10 if start else 40))
+    assert [number_of(frame.image) for frame in frames] == expected
+    assert [frame.seconds for frame in frames] == pytest.approx([0.04 * i for i in range(len(expected))])
+    assert [round(frame.time, 4) for frame in frames] == pytest.approx([0.04 * i for i in range(len(expected))])
+    assert reader.offset == pytest.approx(times[first]) and reader.error is None
+
+
 def test_rates_differ_when_frame_for_frame_would_drift_half_a_frame_over_the_clip():
     ntsc, film = Fraction(30000, 1001), Fraction(30)
     assert not rates_differ(ntsc, film, 400) and rates_differ(ntsc, film, 600)  # 0.1%: half a frame after 500

@@ -168,7 +168,11 @@ class VideoReader:
         self._origin = 0.0  # the time of the video's first frame, which the start counts from
         self._span_ended = False  # a frame after the span was met: the rest is not read
         self._by_dts = False  # an AVI's frames are timed by the decoding stamps of its packets (`_stamp`)
-        self._packet_dts: deque[int] = deque(maxlen=64)  # the latest video packets' decoding stamps, in order
+        # The latest video packets' (decoding stamp, own stamp) in decoding order: the own stamp is the decoding one
+        # in an AVI, the presentation one elsewhere.
+        self._packet_dts: deque[tuple[int | None, int]] = deque(maxlen=64)
+        self._presented = False  # the packets' own stamps went back: they are presentation stamps (never in an AVI)
+        self._last_packet: int | None = None  # the own stamp of the latest packet since the start or a seek
         self.error: BgmatteError | None = None
         self.frames_read = 0
         self.skipped = 0  # damaged packets left out
@@ -263,8 +267,7 @@ class VideoReader:
     def _decode(self, packet: av.Packet) -> list[av.VideoFrame]:
         """The frames of one packet. A damaged one (invalid data) is skipped and counted, and the decoder goes on
         with the next: only `_MAX_BAD_PACKETS` in a row end the stream, with that error."""
-        if self._by_dts and packet.dts is not None and packet.size:
-            self._packet_dts.append(packet.dts)
+        self._note_stamps(packet)
         try:
             frames = self._stream.decode(packet)
         except av.InvalidDataError:
@@ -276,6 +279,17 @@ class VideoReader:
             return []
         self._bad_in_a_row = 0
         return frames
+
+    def _note_stamps(self, packet: av.Packet) -> None:
+        """Keep a packet's stamps for `_stamp`, and see whether they are presentation stamps: those of a stream with
+        B-frames go back in decoding order, before the decoder gives out the first frame that comes earlier."""
+        own = packet.dts if self._by_dts else packet.pts
+        if own is None or not packet.size:
+            return
+        if not self._by_dts and self._last_packet is not None and own < self._last_packet:
+            self._presented = True
+        self._last_packet = own
+        self._packet_dts.append((packet.dts, own))
 
     def _before_start(self, packet: av.Packet) -> bool:
         """Whether a packet's frame is known to come before the span's start, which drops it anyway (never for a
@@ -290,27 +304,32 @@ class VideoReader:
             self._stream.codec_context.thread_count = 1
 
     def _stamp(self, frame: av.VideoFrame) -> float | None:
-        """A decoded frame's timestamp in the source's seconds (None: none). In an AVI, from decoding stamps: AVI has
-        no presentation stamps, and those FFmpeg makes up go back on every B-frame (H.264 in AVI). A decoded frame
-        carries the decoding stamp of the packet that let the decoder give it out, which comes as many packets after
-        the one holding the frame's place in time as the decoder holds back for reordering; that packet's stamp is
-        the frame's time (gaps of dropped frames included). The frames drained from the decoder at the end have
-        none, and are counted."""
+        """A decoded frame's timestamp in the source's seconds (None: none). Where the packets' stamps are in decoding
+        order, they are the frames' places in time taken in the order the decoder gives the frames out: an AVI's
+        (AVI has no presentation stamps, and those FFmpeg makes up go back on every B-frame), and those of a stream
+        that reorders (B-frames) whose packets' stamps have not gone back, such as an AVI copied into Matroska or
+        MP4, whose frames decode to its stamps in decoding order. A decoded frame carries the decoding stamp of the
+        packet that let the decoder give it out, which comes as many packets after the one holding the frame's place
+        in time as the decoder holds back for reordering; that packet's stamp is the frame's time (gaps of dropped
+        frames included). Frames drained from the decoder at the end lack it, and are counted."""
         base = frame.time_base or self._stream.time_base
         if base is None:
             return None
-        if self._by_dts:
-            if frame.dts is None:
-                return None
-            held = self._stream.codec_context.reorder_depth
-            seen = self._packet_dts
-            if held == 0:
-                return float(frame.dts * base)
-            for position in range(len(seen) - 1, held - 1, -1):
-                if seen[position] == frame.dts:
-                    return float(seen[position - held] * base)
-            return float((frame.dts - held * max(1, round(self._step / base))) * base)  # not seen: at the frame rate
-        return float(frame.pts * base) if frame.pts is not None else None
+        own = float(frame.pts * base) if frame.pts is not None else None
+        held = self._stream.codec_context.reorder_depth
+        if not self._by_dts and (self._presented or held == 0):
+            return own
+        if frame.dts is None:
+            return None
+        if held == 0:
+            return float(frame.dts * base)
+        seen = self._packet_dts
+        for position in range(len(seen) - 1, held - 1, -1):
+            if seen[position][0] == frame.dts:
+                return float(seen[position - held][1] * base)
+        if not self._by_dts:
+            return own
+        return float((frame.dts - held * max(1, round(self._step / base))) * base)  # not seen: at the frame rate
 
     def _time_of(self, frame: av.VideoFrame) -> float:
         """A decoded frame's time in the source's seconds (`FrameClock.peek`), before it is placed."""
@@ -333,6 +352,7 @@ class VideoReader:
         for back in _SEEK_BACK:
             self._timer.last, self.skipped = None, skipped  # a damaged packet that each try decodes again counts once
             self._packet_dts.clear()
+            self._last_packet = None
             try:
                 self._container.seek(math.floor((target - back) / base), stream=self._stream)
             except av.FFmpegError:
@@ -356,6 +376,7 @@ class VideoReader:
         self._packets = self._container.demux(self._stream)
         self._timer.last = None
         self._packet_dts.clear()
+        self._last_packet = None
         self._bad_in_a_row = 0
 
     def _decode_next(self, where: str | None = None) -> list[av.VideoFrame] | None:
@@ -617,7 +638,7 @@ class VideoReader:
 
     def _pts_at(self, frame: av.VideoFrame, moment: float) -> int | None:
         """The pts, in the frame's time base, of a frame placed at `moment`: the file's own where the clock took it."""
-        if not self._by_dts and frame.pts is not None and self._stamp(frame) == moment:
+        if frame.pts is not None and frame.time_base is not None and float(frame.pts * frame.time_base) == moment:
             return frame.pts
         base = frame.time_base or self._stream.time_base
         return round(Fraction(moment) / base) if base else None
