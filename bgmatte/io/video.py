@@ -168,9 +168,11 @@ class VideoReader:
         self._origin = 0.0  # the time of the video's first frame, which the start counts from
         self._span_ended = False  # a frame after the span was met: the rest is not read
         self._by_dts = False  # an AVI's frames are timed by the decoding stamps of its packets (`_stamp`)
-        # The latest video packets' (decoding stamp, own stamp) in decoding order: the own stamp is the decoding one
-        # in an AVI, the presentation one elsewhere.
-        self._packet_dts: deque[tuple[int | None, int]] = deque(maxlen=64)
+        # The latest video packets as (number, decoding stamp, own stamp), in decoding order, numbered from the start
+        # or a seek: the own stamp is the decoding one in an AVI, the presentation one elsewhere.
+        self._packet_dts: deque[tuple[int, int | None, int | None]] = deque(maxlen=64)
+        self._noted = 0  # packets noted since the start or a seek
+        self._given: int | None = None  # the number of the packet whose stamp the latest frame took (`_place`)
         self._presented = False  # the packets' own stamps went back: they are presentation stamps (never in an AVI)
         self._last_packet: int | None = None  # the own stamp of the latest packet since the start or a seek
         self.error: BgmatteError | None = None
@@ -269,7 +271,7 @@ class VideoReader:
         with the next: only `_MAX_BAD_PACKETS` in a row end the stream, with that error."""
         self._note_stamps(packet)
         try:
-            frames = self._stream.decode(packet)
+            frames = self._placed(self._stream.decode(packet))
         except av.InvalidDataError:
             if not self._before_start(packet):  # a frame of the span (or one whose time is unknown) was lost
                 self.skipped += 1
@@ -283,13 +285,21 @@ class VideoReader:
     def _note_stamps(self, packet: av.Packet) -> None:
         """Keep a packet's stamps for `_stamp`, and see whether they are presentation stamps: those of a stream with
         B-frames go back in decoding order, before the decoder gives out the first frame that comes earlier."""
-        own = packet.dts if self._by_dts else packet.pts
-        if own is None or not packet.size:
+        if not packet.size:
             return
-        if not self._by_dts and self._last_packet is not None and own < self._last_packet:
-            self._presented = True
-        self._last_packet = own
-        self._packet_dts.append((packet.dts, own))
+        own = packet.dts if self._by_dts else packet.pts
+        if own is not None and not self._by_dts:
+            if self._last_packet is not None and own < self._last_packet:
+                self._presented = True
+            self._last_packet = own
+        self._packet_dts.append((self._noted, packet.dts, own))
+        self._noted += 1
+
+    def _forget_stamps(self) -> None:
+        """Start the packets' stamps again, after a seek (whether the file's stamps are presentation ones stays
+        known)."""
+        self._packet_dts.clear()
+        self._noted, self._given, self._last_packet = 0, None, None
 
     def _before_start(self, packet: av.Packet) -> bool:
         """Whether a packet's frame is known to come before the span's start, which drops it anyway (never for a
@@ -303,15 +313,28 @@ class VideoReader:
         if self.niceness > 0:  # decode on the reading thread itself, whose priority is lowered, not in FFmpeg's
             self._stream.codec_context.thread_count = 1
 
+    def _placed(self, frames: list[av.VideoFrame]) -> list[av.VideoFrame]:
+        """Frames just given out by the decoder, each with its timestamp (`_place`) worked out once, now, in the order
+        they came, and carried with it (in its opaque slot) through the seek, drop and flush paths."""
+        for frame in frames:
+            frame.opaque = (self._place(frame),)
+        return frames
+
     def _stamp(self, frame: av.VideoFrame) -> float | None:
-        """A decoded frame's timestamp in the source's seconds (None: none). Where the packets' stamps are in decoding
-        order, they are the frames' places in time taken in the order the decoder gives the frames out: an AVI's
-        (AVI has no presentation stamps, and those FFmpeg makes up go back on every B-frame), and those of a stream
-        that reorders (B-frames) whose packets' stamps have not gone back, such as an AVI copied into Matroska or
-        MP4, whose frames decode to its stamps in decoding order. A decoded frame carries the decoding stamp of the
-        packet that let the decoder give it out, which comes as many packets after the one holding the frame's place
-        in time as the decoder holds back for reordering; that packet's stamp is the frame's time (gaps of dropped
-        frames included). Frames drained from the decoder at the end lack it, and are counted."""
+        """A decoded frame's timestamp in the source's seconds (None: none), as `_place` gave it."""
+        placed = frame.opaque
+        return placed[0] if isinstance(placed, tuple) else None
+
+    def _place(self, frame: av.VideoFrame) -> float | None:
+        """The timestamp of the frame the decoder gives out next, in the source's seconds (None: none). Where the
+        packets' stamps are in decoding order, they are the frames' places in time taken in the order the decoder
+        gives the frames out: an AVI's (AVI has no presentation stamps, and those FFmpeg makes up go back on every
+        B-frame), and those of a stream that reorders (B-frames) whose packets' stamps have not gone back, such as an
+        AVI copied into Matroska or MP4, whose frames decode to its stamps in decoding order. A decoded frame carries
+        the decoding stamp of the packet that let the decoder give it out, which comes as many packets after the one
+        holding the frame's place in time as the decoder holds back for reordering; that packet's stamp is the
+        frame's time (gaps of dropped frames included). A frame without that packet (drained from the decoder at the
+        end, or a decoding stamp that FFmpeg made up twice) takes the stamp after the one the frame before took."""
         base = frame.time_base or self._stream.time_base
         if base is None:
             return None
@@ -319,16 +342,19 @@ class VideoReader:
         held = self._stream.codec_context.reorder_depth
         if not self._by_dts and (self._presented or held == 0):
             return own
-        if frame.dts is None:
-            return None
         if held == 0:
-            return float(frame.dts * base)
+            return float(frame.dts * base) if frame.dts is not None else None
         seen = self._packet_dts
-        for position in range(len(seen) - 1, held - 1, -1):
-            if seen[position][0] == frame.dts:
-                return float(seen[position - held][1] * base)
+        releasers = [number for number, dts, _ in seen if dts == frame.dts] if frame.dts is not None else []
+        number = releasers[0] - held if len(releasers) == 1 else self._given + 1 if self._given is not None else None
+        first = seen[0][0] if seen else 0
+        if number is not None and first <= number < first + len(seen) and seen[number - first][2] is not None:
+            self._given = number
+            return float(seen[number - first][2] * base)
         if not self._by_dts:
             return own
+        if frame.dts is None:
+            return None
         return float((frame.dts - held * max(1, round(self._step / base))) * base)  # not seen: at the frame rate
 
     def _time_of(self, frame: av.VideoFrame) -> float:
@@ -351,8 +377,7 @@ class VideoReader:
         skipped = self.skipped
         for back in _SEEK_BACK:
             self._timer.last, self.skipped = None, skipped  # a damaged packet that each try decodes again counts once
-            self._packet_dts.clear()
-            self._last_packet = None
+            self._forget_stamps()
             try:
                 self._container.seek(math.floor((target - back) / base), stream=self._stream)
             except av.FFmpegError:
@@ -375,8 +400,7 @@ class VideoReader:
         self._prepare_decoder()
         self._packets = self._container.demux(self._stream)
         self._timer.last = None
-        self._packet_dts.clear()
-        self._last_packet = None
+        self._forget_stamps()
         self._bad_in_a_row = 0
 
     def _decode_next(self, where: str | None = None) -> list[av.VideoFrame] | None:
@@ -537,7 +561,7 @@ class VideoReader:
             if failure is not None:
                 # Frames the decoder still holds (reordering delay) were decoded fine; keep them.
                 try:
-                    for frame in self._stream.decode(None) if flush else ():
+                    for frame in self._placed(self._stream.decode(None)) if flush else ():
                         if self._after_span(frame) or _excess_pixels(frame.width, frame.height, self.max_pixels):
                             break
                         if not self._put(self._to_frame(frame, index)):
