@@ -168,10 +168,10 @@ class VideoReader:
         self._origin = 0.0  # the time of the video's first frame, which the start counts from
         self._span_ended = False  # a frame after the span was met: the rest is not read
         self._by_dts = False  # an AVI's frames are timed by the decoding stamps of its packets (`_stamp`)
-        # The latest video packets as (number, decoding stamp, own stamp), in decoding order, numbered from the start
-        # or a seek: the own stamp is the decoding one in an AVI, the presentation one elsewhere.
-        self._packet_dts: deque[tuple[int, int | None, int | None]] = deque(maxlen=64)
-        self._noted = 0  # packets noted since the start or a seek
+        # The own stamps of the latest video packets, in decoding order (the decoding one in an AVI, the presentation
+        # one elsewhere), and how many packets were numbered before the first of them since the start or a seek.
+        self._packet_dts: deque[int | None] = deque(maxlen=128)
+        self._noted = 0
         self._given: int | None = None  # the number of the packet whose stamp the latest frame took (`_place`)
         self._presented = False  # the packets' own stamps went back: they are presentation stamps (never in an AVI)
         self._last_packet: int | None = None  # the own stamp of the latest packet since the start or a seek
@@ -283,8 +283,11 @@ class VideoReader:
         return frames
 
     def _note_stamps(self, packet: av.Packet) -> None:
-        """Keep a packet's stamps for `_stamp`, and see whether they are presentation stamps: those of a stream with
-        B-frames go back in decoding order, before the decoder gives out the first frame that comes earlier."""
+        """See whether the packets' stamps are presentation stamps (those of a stream with B-frames go back in decoding
+        order, before the decoder gives out the first frame that comes earlier), and where they may be in decoding
+        order instead, keep a packet's stamp for `_place` and give the packet its number as its decoding stamp: the
+        decoder hands that on to the frame it lets out with the packet, which then tells where the frame goes, however
+        many threads decode and whatever stamps FFmpeg made up (MPEG-TS's come twice over)."""
         if not packet.size:
             return
         own = packet.dts if self._by_dts else packet.pts
@@ -292,8 +295,12 @@ class VideoReader:
             if self._last_packet is not None and own < self._last_packet:
                 self._presented = True
             self._last_packet = own
-        self._packet_dts.append((self._noted, packet.dts, own))
-        self._noted += 1
+        if self._by_dts or (not self._presented and self._stream.codec_context.reorder_depth > 0):
+            self._packet_dts.append(own)
+            packet.dts = self._noted + len(self._packet_dts) - 1
+            if len(self._packet_dts) == self._packet_dts.maxlen:
+                self._packet_dts.popleft()
+                self._noted += 1
 
     def _forget_stamps(self) -> None:
         """Start the packets' stamps again, after a seek (whether the file's stamps are presentation ones stays
@@ -334,7 +341,7 @@ class VideoReader:
         the decoding stamp of the packet that let the decoder give it out, which comes as many packets after the one
         holding the frame's place in time as the decoder holds back for reordering; that packet's stamp is the
         frame's time (gaps of dropped frames included). A frame without that packet (drained from the decoder at the
-        end, or a decoding stamp that FFmpeg made up twice) takes the stamp after the one the frame before took."""
+        end) takes the stamp after the one the frame before took."""
         base = frame.time_base or self._stream.time_base
         if base is None:
             return None
@@ -342,20 +349,12 @@ class VideoReader:
         held = self._stream.codec_context.reorder_depth
         if not self._by_dts and (self._presented or held == 0):
             return own
-        if held == 0:
-            return float(frame.dts * base) if frame.dts is not None else None
-        seen = self._packet_dts
-        releasers = [number for number, dts, _ in seen if dts == frame.dts] if frame.dts is not None else []
-        number = releasers[0] - held if len(releasers) == 1 else self._given + 1 if self._given is not None else None
-        first = seen[0][0] if seen else 0
-        if number is not None and first <= number < first + len(seen) and seen[number - first][2] is not None:
+        seen, first = self._packet_dts, self._noted
+        number = frame.dts - held if frame.dts is not None else self._given + 1 if self._given is not None else None
+        if number is not None and first <= number < first + len(seen) and seen[number - first] is not None:
             self._given = number
-            return float(seen[number - first][2] * base)
-        if not self._by_dts:
-            return own
-        if frame.dts is None:
-            return None
-        return float((frame.dts - held * max(1, round(self._step / base))) * base)  # not seen: at the frame rate
+            return float(seen[number - first] * base)
+        return None if self._by_dts else own  # an AVI's is counted at the frame rate
 
     def _time_of(self, frame: av.VideoFrame) -> float:
         """A decoded frame's time in the source's seconds (`FrameClock.peek`), before it is placed."""
