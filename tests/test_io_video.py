@@ -32,6 +32,7 @@ from bgmatte.io.video import (
 )
 
 from media import (
+    decode_order_copy,
     audio_seconds,
     make_clip as make_subject_clip,
     plate_image,
@@ -1631,20 +1632,6 @@ def test_h264_with_b_frames_in_avi_is_timed_by_its_decoding_stamps(tmp_path, sta
     assert [frame.pts for frame in frames] == [number - (first if start else 0) for number in expected]
     assert [frame.seconds for frame in frames] == pytest.approx([0.04 * i for i in range(len(expected))])
     assert reader.offset == pytest.approx(0.04 * first) and reader.error is None
-
-
-def decode_order_copy(source: Path, target: Path) -> None:
-    """Copy the video packets of an AVI into another container as a stream copy of it does: each packet stamped with
-    the AVI's decoding stamp (its chunk's place), so that B-frames decode to stamps that go back."""
-    with av.open(str(source)) as avi, av.open(str(target), mode="w") as copy:
-        stream = avi.streams.video[0]
-        out = copy.add_stream_from_template(stream)
-        for packet in avi.demux(stream):
-            if packet.dts is None:  # the flushing packet at the end
-                continue
-            packet.pts = packet.dts
-            packet.stream = out
-            copy.mux(packet)
 
 
 def numbered_avi(path: Path, codec: str, b_frames: int, count: int = 40) -> None:
