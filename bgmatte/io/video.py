@@ -347,7 +347,7 @@ class VideoReader:
             return None
         own = float(frame.pts * base) if frame.pts is not None else None
         held = self._stream.codec_context.reorder_depth
-        if not self._by_dts and (self._presented or held == 0):
+        if not self._by_dts and (self._presented or held == 0 or not self._packet_dts):  # none numbered: own stamps
             return own
         seen, first = self._packet_dts, self._noted
         number = frame.dts - held if frame.dts is not None else self._given + 1 if self._given is not None else None
