@@ -167,10 +167,10 @@ class VideoReader:
         self._shift = Fraction(0)  # the same, exact
         self._origin = 0.0  # the time of the video's first frame, which the start counts from
         self._span_ended = False  # a frame after the span was met: the rest is not read
-        self._by_dts = False  # an AVI's frames are timed by the decoding stamps of its packets (`_stamp`)
+        self._by_dts = False  # an AVI's frames are timed by the decoding stamps of its packets (`_place`)
         # The own stamps of the latest video packets, in decoding order (the decoding one in an AVI, the presentation
         # one elsewhere), and how many packets were numbered before the first of them since the start or a seek.
-        self._packet_dts: deque[int | None] = deque(maxlen=128)
+        self._packet_stamps: deque[int | None] = deque(maxlen=128)
         self._noted = 0
         self._given: int | None = None  # the number of the packet whose stamp the latest frame took (`_place`)
         self._presented = False  # the packets' own stamps went back: they are presentation stamps (never in an AVI)
@@ -296,16 +296,16 @@ class VideoReader:
                 self._presented = True
             self._last_packet = own
         if self._by_dts or (not self._presented and self._stream.codec_context.reorder_depth > 0):
-            self._packet_dts.append(own)
-            packet.dts = self._noted + len(self._packet_dts) - 1
-            if len(self._packet_dts) == self._packet_dts.maxlen:
-                self._packet_dts.popleft()
+            self._packet_stamps.append(own)
+            packet.dts = self._noted + len(self._packet_stamps) - 1
+            if len(self._packet_stamps) == self._packet_stamps.maxlen:
+                self._packet_stamps.popleft()
                 self._noted += 1
 
     def _forget_stamps(self) -> None:
         """Start the packets' stamps again, after a seek (whether the file's stamps are presentation ones stays
         known)."""
-        self._packet_dts.clear()
+        self._packet_stamps.clear()
         self._noted, self._given, self._last_packet = 0, None, None
 
     def _before_start(self, packet: av.Packet) -> bool:
@@ -337,19 +337,19 @@ class VideoReader:
         packets' stamps are in decoding order, they are the frames' places in time taken in the order the decoder
         gives the frames out: an AVI's (AVI has no presentation stamps, and those FFmpeg makes up go back on every
         B-frame), and those of a stream that reorders (B-frames) whose packets' stamps have not gone back, such as an
-        AVI copied into Matroska or MP4, whose frames decode to its stamps in decoding order. A decoded frame carries
-        the decoding stamp of the packet that let the decoder give it out, which comes as many packets after the one
-        holding the frame's place in time as the decoder holds back for reordering; that packet's stamp is the
-        frame's time (gaps of dropped frames included). A frame without that packet (drained from the decoder at the
+        AVI copied into Matroska or MP4, whose frames decode to its stamps in decoding order. A decoded frame carries,
+        as its decoding stamp, the number of the packet that let the decoder give it out (`_note_stamps`), which
+        comes as many packets after the one holding the frame's place in time as the decoder holds back for
+        reordering; that packet's stamp is the frame's time (gaps of dropped frames included). A frame without that packet (drained from the decoder at the
         end) takes the stamp after the one the frame before took."""
         base = frame.time_base or self._stream.time_base
         if base is None:
             return None
         own = float(frame.pts * base) if frame.pts is not None else None
         held = self._stream.codec_context.reorder_depth
-        if not self._by_dts and (self._presented or held == 0 or not self._packet_dts):  # none numbered: own stamps
+        if not self._by_dts and (self._presented or held == 0 or not self._packet_stamps):  # none numbered: own stamps
             return own
-        seen, first = self._packet_dts, self._noted
+        seen, first = self._packet_stamps, self._noted
         number = frame.dts - held if frame.dts is not None else self._given + 1 if self._given is not None else None
         if number is not None and first <= number < first + len(seen) and seen[number - first] is not None:
             self._given = number
