@@ -95,6 +95,20 @@ def make_clip(path: Path, count: int = 12, *, plate: np.ndarray | None = None, g
     return write_clip(path, [subject_frame(plate, index, gain) for index in range(count)], **kwargs)
 
 
+def decode_order_copy(source: Path, target: Path) -> None:
+    """Copy the video packets of an AVI into another container as a stream copy of it does: each packet stamped with
+    the AVI's decoding stamp (its chunk's place), so that B-frames decode to stamps that go back."""
+    with av.open(str(source)) as avi, av.open(str(target), mode="w") as copy:
+        stream = avi.streams.video[0]
+        out = copy.add_stream_from_template(stream)
+        for packet in avi.demux(stream):
+            if packet.dts is None:  # the flushing packet at the end
+                continue
+            packet.pts = packet.dts
+            packet.stream = out
+            copy.mux(packet)
+
+
 def read_frames(path: Path) -> list[np.ndarray]:
     """Every frame of a video as stored (no rotation applied), RGB uint8."""
     with av.open(str(path)) as container:

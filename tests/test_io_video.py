@@ -32,6 +32,7 @@ from bgmatte.io.video import (
 )
 
 from media import (
+    decode_order_copy,
     audio_seconds,
     make_clip as make_subject_clip,
     plate_image,
@@ -1631,6 +1632,53 @@ def test_h264_with_b_frames_in_avi_is_timed_by_its_decoding_stamps(tmp_path, sta
     assert [frame.pts for frame in frames] == [number - (first if start else 0) for number in expected]
     assert [frame.seconds for frame in frames] == pytest.approx([0.04 * i for i in range(len(expected))])
     assert reader.offset == pytest.approx(0.04 * first) and reader.error is None
+
+
+def numbered_avi(path: Path, codec: str, b_frames: int, count: int = 40) -> None:
+    """An AVI of `numbered` frames at 25 fps, with up to `b_frames` B-frames in a row and a keyframe every 12."""
+    with av.open(str(path), mode="w") as container:
+        options = {"crf": "12"} if codec == "libx264" else {}
+        stream = container.add_stream(codec, rate=25, options={"bf": str(b_frames), "g": "12", **options})
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream.codec_context.max_b_frames = b_frames
+        if codec != "libx264":
+            stream.codec_context.qscale = 2  # fine enough for the levels to tell the frames apart
+        for index in range(count):
+            frame = av.VideoFrame.from_ndarray(numbered(index), format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+@pytest.mark.parametrize(("suffix", "codec", "b_frames"),
+                         [(".mkv", "libx264", 2), (".mp4", "libx264", 2), (".ts", "libx264", 1), (".mkv", "mpeg4", 2)])
+@pytest.mark.parametrize(("start", "first"), [(0.0, 0), (0.04, 1), (0.12, 3), (0.36, 9), (0.4, 10), (0.44, 11), (1.0, 25)])
+def test_b_frames_stamped_in_decoding_order_are_timed_as_presented(tmp_path, suffix, codec, b_frames, start, first):
+    """An AVI's H.264 with B-frames copied into Matroska or MP4 keeps the AVI's stamps, which are in decoding order:
+    the frames are timed by those stamps in the order the decoder gives the frames out, as an AVI's are, from the
+    first frame on. A whole read placed frames 1 to 4 at 0.08, 0.12, 0.14 and 0.20 s (half a period after a stamp
+    that went back), a span from 0.12 s began at frame 2, a frame early, and one from 0.04 s began at frame 1 but
+    took its sound from 0.08 s; every span now starts at the exact frame, at the time the whole read gives it. In
+    MPEG-TS FFmpeg makes up decoding stamps that come twice, which do not tell which packet gave a frame out: the
+    frame takes the stamp after its predecessor's (frames 1 to 4 were at 0.08, 0.10, 0.16 and 0.18 s). MPEG-4 Part 2
+    drops the B-frames after a span's keyframe that lean on the group before: the frames keep their places all the
+    same (a span from 0.44 s began at frame 13, not 11)."""
+    avi, source = tmp_path / "camera.avi", tmp_path / f"copy{suffix}"
+    numbered_avi(avi, codec, b_frames)
+    decode_order_copy(avi, source)
+    with av.open(str(source)) as container:  # what the demuxer gives: stamps that go back
+        stamps = [frame.pts for frame in container.decode(video=0)]
+    assert stamps != sorted(stamps)
+    with VideoReader(source) as whole:
+        times = {number_of(frame.image): frame.seconds for frame in whole}
+    assert times == pytest.approx({number: 0.04 * number for number in range(40)})
+    with VideoReader(source, start=start, duration=0.4 if start else None) as reader:
+        frames = list(reader)
+    expected = list(range(first, first + 10 if start else 40))
+    assert [number_of(frame.image) for frame in frames] == expected
+    assert [frame.seconds for frame in frames] == pytest.approx([0.04 * i for i in range(len(expected))])
+    assert [round(frame.time, 4) for frame in frames] == pytest.approx([0.04 * i for i in range(len(expected))])
+    assert reader.offset == pytest.approx(times[first]) and reader.error is None
 
 
 def test_rates_differ_when_frame_for_frame_would_drift_half_a_frame_over_the_clip():

@@ -39,6 +39,7 @@ from media import (
     alpha_planes,
     audio_frequency,
     audio_seconds,
+    decode_order_copy,
     decode_times,
     make_clip,
     plate_image,
@@ -443,6 +444,30 @@ def test_a_span_pairs_a_plate_video_of_another_rate_as_the_whole_run_does(tmp_pa
                                duration=0.5, model=DifferenceModel(), progress=False)
         first = round(start * 25 + 0.49)  # the span's first frame: the first at or after the start
         for offset, frame in enumerate(read_frames(result.outputs["pha"])):
+            assert background_pixels(frame, first + offset).mean() < 10, (start, first + offset)
+
+
+def test_a_plate_video_stamped_in_decoding_order_is_paired_by_its_frames_times(tmp_path):
+    """A 50 fps plate video with B-frames copied from an AVI into Matroska (stamps in decoding order) goes behind a
+    25 fps clip by time: clip frame i gets plate frame 2i, in a whole run and in a span, as with any plate video. Its
+    frames were placed up to 40 ms off, which paired them with the wrong plates."""
+    plates = [plate_image(seed=seed) for seed in range(50)]
+    clip, avi, plate_video = tmp_path / "src.mp4", tmp_path / "plates50.avi", tmp_path / "plates50.mkv"
+    write_clip(clip, [subject_frame(plates[2 * index], index) for index in range(25)], audio=False)
+    with av.open(str(avi), mode="w") as container:
+        stream = container.add_stream("libx264", rate=50, options={"crf": "12", "bf": "2", "g": "12"})
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for image in plates:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    decode_order_copy(avi, plate_video)
+    for start in (0.0, 0.28):
+        result = convert_video(clip, plate_video, output=tmp_path / f"pha{start}.mp4", outputs=["pha"], start=start,
+                               duration=0.4 if start else None, model=DifferenceModel(), progress=False)
+        first = round(start * 25)
+        frames = read_frames(result.outputs["pha"])
+        assert len(frames) == (10 if start else 25)
+        for offset, frame in enumerate(frames):
             assert background_pixels(frame, first + offset).mean() < 10, (start, first + offset)
 
 

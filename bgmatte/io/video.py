@@ -167,8 +167,14 @@ class VideoReader:
         self._shift = Fraction(0)  # the same, exact
         self._origin = 0.0  # the time of the video's first frame, which the start counts from
         self._span_ended = False  # a frame after the span was met: the rest is not read
-        self._by_dts = False  # an AVI's frames are timed by the decoding stamps of its packets (`_stamp`)
-        self._packet_dts: deque[int] = deque(maxlen=64)  # the latest video packets' decoding stamps, in order
+        self._by_dts = False  # an AVI's frames are timed by the decoding stamps of its packets (`_place`)
+        # The own stamps of the latest video packets, in decoding order (the decoding one in an AVI, the presentation
+        # one elsewhere), and how many packets were numbered before the first of them since the start or a seek.
+        self._packet_stamps: deque[int | None] = deque(maxlen=128)
+        self._noted = 0
+        self._given: int | None = None  # the number of the packet whose stamp the latest frame took (`_place`)
+        self._presented = False  # the packets' own stamps went back: they are presentation stamps (never in an AVI)
+        self._last_packet: int | None = None  # the own stamp of the latest packet since the start or a seek
         self.error: BgmatteError | None = None
         self.frames_read = 0
         self.skipped = 0  # damaged packets left out
@@ -263,10 +269,9 @@ class VideoReader:
     def _decode(self, packet: av.Packet) -> list[av.VideoFrame]:
         """The frames of one packet. A damaged one (invalid data) is skipped and counted, and the decoder goes on
         with the next: only `_MAX_BAD_PACKETS` in a row end the stream, with that error."""
-        if self._by_dts and packet.dts is not None and packet.size:
-            self._packet_dts.append(packet.dts)
+        self._note_stamps(packet)
         try:
-            frames = self._stream.decode(packet)
+            frames = self._placed(self._stream.decode(packet))
         except av.InvalidDataError:
             if not self._before_start(packet):  # a frame of the span (or one whose time is unknown) was lost
                 self.skipped += 1
@@ -276,6 +281,32 @@ class VideoReader:
             return []
         self._bad_in_a_row = 0
         return frames
+
+    def _note_stamps(self, packet: av.Packet) -> None:
+        """See whether the packets' stamps are presentation stamps (those of a stream with B-frames go back in decoding
+        order, before the decoder gives out the first frame that comes earlier), and where they may be in decoding
+        order instead, keep a packet's stamp for `_place` and give the packet its number as its decoding stamp: the
+        decoder hands that on to the frame it lets out with the packet, which then tells where the frame goes, however
+        many threads decode and whatever stamps FFmpeg made up (MPEG-TS's come twice over)."""
+        if not packet.size:
+            return
+        own = packet.dts if self._by_dts else packet.pts
+        if own is not None and not self._by_dts:
+            if self._last_packet is not None and own < self._last_packet:
+                self._presented = True
+            self._last_packet = own
+        if self._by_dts or (not self._presented and self._stream.codec_context.reorder_depth > 0):
+            self._packet_stamps.append(own)
+            packet.dts = self._noted + len(self._packet_stamps) - 1
+            if len(self._packet_stamps) == self._packet_stamps.maxlen:
+                self._packet_stamps.popleft()
+                self._noted += 1
+
+    def _forget_stamps(self) -> None:
+        """Start the packets' stamps again, after a seek (whether the file's stamps are presentation ones stays
+        known)."""
+        self._packet_stamps.clear()
+        self._noted, self._given, self._last_packet = 0, None, None
 
     def _before_start(self, packet: av.Packet) -> bool:
         """Whether a packet's frame is known to come before the span's start, which drops it anyway (never for a
@@ -289,28 +320,41 @@ class VideoReader:
         if self.niceness > 0:  # decode on the reading thread itself, whose priority is lowered, not in FFmpeg's
             self._stream.codec_context.thread_count = 1
 
+    def _placed(self, frames: list[av.VideoFrame]) -> list[av.VideoFrame]:
+        """Frames just given out by the decoder, each with its timestamp (`_place`) worked out once, now, in the order
+        they came, and carried with it (in its opaque slot) through the seek, drop and flush paths."""
+        for frame in frames:
+            frame.opaque = (self._place(frame),)
+        return frames
+
     def _stamp(self, frame: av.VideoFrame) -> float | None:
-        """A decoded frame's timestamp in the source's seconds (None: none). In an AVI, from decoding stamps: AVI has
-        no presentation stamps, and those FFmpeg makes up go back on every B-frame (H.264 in AVI). A decoded frame
-        carries the decoding stamp of the packet that let the decoder give it out, which comes as many packets after
-        the one holding the frame's place in time as the decoder holds back for reordering; that packet's stamp is
-        the frame's time (gaps of dropped frames included). The frames drained from the decoder at the end have
-        none, and are counted."""
+        """A decoded frame's timestamp in the source's seconds (None: none), as `_place` gave it."""
+        placed = frame.opaque
+        return placed[0] if isinstance(placed, tuple) else None
+
+    def _place(self, frame: av.VideoFrame) -> float | None:
+        """The timestamp of the frame the decoder gives out next, in the source's seconds (None: none). Where the
+        packets' stamps are in decoding order, they are the frames' places in time taken in the order the decoder
+        gives the frames out: an AVI's (AVI has no presentation stamps, and those FFmpeg makes up go back on every
+        B-frame), and those of a stream that reorders (B-frames) whose packets' stamps have not gone back, such as an
+        AVI copied into Matroska or MP4, whose frames decode to its stamps in decoding order. A decoded frame carries,
+        as its decoding stamp, the number of the packet that let the decoder give it out (`_note_stamps`), which
+        comes as many packets after the one holding the frame's place in time as the decoder holds back for
+        reordering; that packet's stamp is the frame's time (gaps of dropped frames included). A frame without that packet (drained from the decoder at the
+        end) takes the stamp after the one the frame before took."""
         base = frame.time_base or self._stream.time_base
         if base is None:
             return None
-        if self._by_dts:
-            if frame.dts is None:
-                return None
-            held = self._stream.codec_context.reorder_depth
-            seen = self._packet_dts
-            if held == 0:
-                return float(frame.dts * base)
-            for position in range(len(seen) - 1, held - 1, -1):
-                if seen[position] == frame.dts:
-                    return float(seen[position - held] * base)
-            return float((frame.dts - held * max(1, round(self._step / base))) * base)  # not seen: at the frame rate
-        return float(frame.pts * base) if frame.pts is not None else None
+        own = float(frame.pts * base) if frame.pts is not None else None
+        held = self._stream.codec_context.reorder_depth
+        if not self._by_dts and (self._presented or held == 0 or not self._packet_stamps):  # none numbered: own stamps
+            return own
+        seen, first = self._packet_stamps, self._noted
+        number = frame.dts - held if frame.dts is not None else self._given + 1 if self._given is not None else None
+        if number is not None and first <= number < first + len(seen) and seen[number - first] is not None:
+            self._given = number
+            return float(seen[number - first] * base)
+        return None if self._by_dts else own  # an AVI's is counted at the frame rate
 
     def _time_of(self, frame: av.VideoFrame) -> float:
         """A decoded frame's time in the source's seconds (`FrameClock.peek`), before it is placed."""
@@ -332,7 +376,7 @@ class VideoReader:
         skipped = self.skipped
         for back in _SEEK_BACK:
             self._timer.last, self.skipped = None, skipped  # a damaged packet that each try decodes again counts once
-            self._packet_dts.clear()
+            self._forget_stamps()
             try:
                 self._container.seek(math.floor((target - back) / base), stream=self._stream)
             except av.FFmpegError:
@@ -355,7 +399,7 @@ class VideoReader:
         self._prepare_decoder()
         self._packets = self._container.demux(self._stream)
         self._timer.last = None
-        self._packet_dts.clear()
+        self._forget_stamps()
         self._bad_in_a_row = 0
 
     def _decode_next(self, where: str | None = None) -> list[av.VideoFrame] | None:
@@ -516,7 +560,7 @@ class VideoReader:
             if failure is not None:
                 # Frames the decoder still holds (reordering delay) were decoded fine; keep them.
                 try:
-                    for frame in self._stream.decode(None) if flush else ():
+                    for frame in self._placed(self._stream.decode(None)) if flush else ():
                         if self._after_span(frame) or _excess_pixels(frame.width, frame.height, self.max_pixels):
                             break
                         if not self._put(self._to_frame(frame, index)):
@@ -617,7 +661,7 @@ class VideoReader:
 
     def _pts_at(self, frame: av.VideoFrame, moment: float) -> int | None:
         """The pts, in the frame's time base, of a frame placed at `moment`: the file's own where the clock took it."""
-        if not self._by_dts and frame.pts is not None and self._stamp(frame) == moment:
+        if frame.pts is not None and frame.time_base is not None and float(frame.pts * frame.time_base) == moment:
             return frame.pts
         base = frame.time_base or self._stream.time_base
         return round(Fraction(moment) / base) if base else None
