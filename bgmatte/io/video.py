@@ -564,11 +564,7 @@ class VideoReader:
             # (FFmpeg takes it from a later packet), and then the first frame is where the times count from.
             start = min(start, self._origin)
             step = 1.0 / float(self.fps)
-            # Against the video track's own end (its DURATION tag), a couple of frames' slack: a short clip cut by a
-            # third shows. Against the container's, which may run on with the audio, a quarter of a second.
-            own = not (self._stream.duration and self._stream.time_base) and self._tagged_end() is not None
-            slack = 2 * step if own else max(2 * step, 0.25)
-            if last_time - start + step * (1 + self.skipped) < self.duration - slack:
+            if last_time - start + step * (1 + self.skipped) < self.duration - self._time_slack():
                 return BgmatteError(
                     f"{self.path}: ended at {last_time - start:.2f} s of {self.duration:.2f} s (the file looks truncated or damaged)"
                 )
@@ -590,16 +586,27 @@ class VideoReader:
 
     def _check_span_complete(self) -> BgmatteError | None:
         """`_check_complete` for a span, by time: one that a later frame ended is whole; otherwise the file ended
-        first, and is truncated if its header says that it goes on past where the decoding stopped."""
+        first, and is truncated if its header says that it goes on past where the decoding stopped, by more than the
+        whole read's slack (`_time_slack`). Frames lost to damaged packets were in the file all the same."""
         whole = self._duration()
         if self._span_ended or not whole or self._timer.last is None:
             return None
         end = whole if self._span is None else min(whole, self.start + self._span)  # from the first frame
-        reached = self._timer.last - self._origin + self._step
-        if reached < end - max(2 * self._step, 0.25):
-            return BgmatteError(f"{self.path}: ended at {reached:.2f} s of {end:.2f} s (the file looks truncated or "
+        last = self._timer.last - self._origin
+        if last + self._step * (1 + self.skipped) < end - self._time_slack():
+            return BgmatteError(f"{self.path}: ended at {last:.2f} s of {end:.2f} s (the file looks truncated or "
                                 "damaged)")
         return None
+
+    def _time_slack(self) -> float:
+        """How far the decoding may stop short of `_duration` in a whole file: two frames against the video's own
+        length (the track duration of a container that indexes its frames, MP4's or AVI's, or Matroska's DURATION
+        tag), so that a short clip cut by a third shows; a quarter of a second against a length that may run on with
+        the audio (the container's) or is estimated from the last timestamps FFmpeg finds (MPEG-PS's, among others)."""
+        stream = self._stream
+        indexed = bool(stream.duration and stream.time_base and stream.frames)
+        own = indexed or (not (stream.duration and stream.time_base) and self._tagged_end() is not None)
+        return 2 * self._step if own else max(2 * self._step, 0.25)
 
     def _to_frame(self, frame: av.VideoFrame, index: int) -> Frame:
         """The consumer's frame for one just placed in time (`_after_span`): its pts is that time, the file's own
