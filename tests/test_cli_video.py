@@ -267,6 +267,25 @@ def test_a_short_mkv_cut_by_a_third_exits_2(scene, capsys, monkeypatch):
     assert code == 0 and "warning" not in err.replace("interim checkpoint", "")
 
 
+def test_a_span_of_a_short_mkv_cut_by_a_third_exits_2(scene, capsys, monkeypatch):
+    # A span from 0.08 s of the same cut file lost those frames too: it exited 0 without a word.
+    use_difference_model(monkeypatch)
+    make_clip(scene / "whole.mkv", 12, plate=plate_image(160, 96))
+    write_png(scene / "plate.png", plate_image(160, 96))
+    data = (scene / "whole.mkv").read_bytes()
+    (scene / "cut.mkv").write_bytes(data[: len(data) * 2 // 3])
+    with VideoReader(scene / "cut.mkv", start=0.08) as reader:
+        decodable = len(list(reader))
+    assert 3 <= decodable < 10
+    code, _, err = run(capsys, "video", "cut.mkv", "--bgr", "plate.png", "-o", "out.mp4", "--start", "0.08", "-q")
+    assert code == 2 and "Traceback" not in err
+    assert "cut.mkv: ended at" in err and "of 0.48 s" in err and "truncated" in err
+    assert len(read_frames(scene / "out.mp4")) == decodable
+    code, _, err = run(capsys, "video", "whole.mkv", "--bgr", "plate.png", "-o", "whole.mp4", "--start", "0.08", "-q")
+    assert code == 0 and "warning" not in err.replace("interim checkpoint", "")
+    assert len(read_frames(scene / "whole.mp4")) == 10
+
+
 def test_progress_bar_shows_rate_on_a_terminal_and_quiet_hides_it(scene, monkeypatch, capsys):
     use_difference_model(monkeypatch)
 

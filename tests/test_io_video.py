@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import sys
 import threading
@@ -198,6 +199,25 @@ def test_a_short_mkv_cut_by_a_third_is_reported(tmp_path):
     assert 5 <= len(frames) < 12
     last = round(0.04 * (len(frames) - 1), 2)
     assert str(reader.error) == f"{cut}: ended at {last:.2f} s of 0.48 s (the file looks truncated or damaged)"
+
+
+def test_a_span_of_a_short_mkv_cut_by_a_third_is_reported(tmp_path):
+    # A span's check by time has the whole read's slack against the video track's DURATION tag (two frames): a span
+    # from 0.08 s of the cut file lost the same three frames of twelve, and passed within its 0.25 s of slack.
+    clip = tmp_path / "whole.mkv"
+    make_subject_clip(clip, 12, plate=plate_image(160, 96))
+    for start, duration in [(0.08, None), (0.08, 0.4), (0.2, 0.28)]:
+        with VideoReader(clip, start=start, duration=duration) as reader:
+            assert len(list(reader)) == round(12 - start / 0.04) and reader.error is None
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    for start, duration in [(0.08, None), (0.08, 0.4)]:
+        with VideoReader(cut, start=start, duration=duration) as reader:
+            frames = list(reader)
+        assert 3 <= len(frames) < 10
+        last = round(start + 0.04 * (len(frames) - 1), 2)
+        assert str(reader.error) == f"{cut}: ended at {last:.2f} s of 0.48 s (the file looks truncated or damaged)"
 
 
 def test_a_damaged_mkv_says_where_its_last_frame_was(tmp_path):
@@ -1858,11 +1878,109 @@ def test_a_span_of_an_mpeg_program_stream_copies_its_audio_into_mp4(tmp_path):
         for frame in reader:
             numbers.append(number_of(frame.image))
             writer.write(frame.image, frame.pts, frame.time_base)
-    # Frames 425-449 (MPEG-2 at 64x48 is coarse). FFmpeg's MPEG-PS timestamps after a seek are approximate: here
-    # they go back 0.06 s once, and the frames that meet the later stamps go half a period apart until they catch up
-    # with them, so that up to two more fit in the span; its sound is cut to the video.
-    assert 25 <= len(numbers) <= 27 and numbers[-1] - numbers[0] >= 20
-    assert 0.85 <= audio_seconds(output) <= 1.05
+    # Frames 425-449 (MPEG-2 at 64x48 blurs these levels: `test_a_span_of_an_mpeg_program_stream_has_its_exact_frames_
+    # and_sound` tells them apart), a second of sound with them.
+    assert len(numbers) == 25 and numbers[-1] - numbers[0] >= 20
+    assert audio_seconds(output) == pytest.approx(1.0, abs=0.03)
+
+
+def coded(index: int) -> np.ndarray:
+    """A frame whose index is written in 12 black or white blocks of 16x16 pixels, one bit each: coarse codecs
+    (MPEG-2 at 64x48) blur flat grey levels into their neighbours', never these."""
+    image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    for bit in range(12):
+        if index >> bit & 1:
+            row, column = divmod(bit, 4)
+            image[16 * row:16 * row + 16, 16 * column:16 * column + 16] = 255
+    return image
+
+
+def code_of(image: np.ndarray) -> int:
+    return sum(1 << bit for bit in range(12) if image[16 * (bit // 4) + 8, 16 * (bit % 4) + 8, 0] > 128)
+
+
+def muxed_clip(path: Path, video_codec: str, audio_codec: str | None, count: int = 25, sound_seconds: float = 0.0,
+               video_options: dict[str, str] | None = None) -> None:
+    """`coded` frames at 25 fps and a 440 Hz stereo tone `sound_seconds` long (none when 0), the two interleaved by
+    time as muxers write them, so that each demuxer sees what it would see in a file from the wild."""
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream(video_codec, rate=25, options=video_options or {})
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        video.codec_context.bit_rate = 2_000_000
+        sound = container.add_stream(audio_codec, rate=48000) if audio_codec and sound_seconds else None
+        if sound is not None:
+            sound.layout = "stereo"
+            size = sound.codec_context.frame_size or 1024
+            samples = av.AudioResampler(format=sound.format.name, layout="stereo", rate=48000)
+        done, total = 0, round(48000 * sound_seconds)
+
+        def sound_until(seconds: float) -> None:
+            nonlocal done
+            while sound is not None and done < min(total, 48000 * seconds):
+                times = np.arange(done, done + size) / 48000
+                tone = (0.2 * np.sin(2 * np.pi * 440 * times)).astype(np.float32)
+                frame = av.AudioFrame.from_ndarray(np.stack([tone, tone]), format="fltp", layout="stereo")
+                frame.sample_rate, frame.pts, frame.time_base = 48000, done, Fraction(1, 48000)
+                for part in samples.resample(frame):
+                    container.mux(sound.encode(part))
+                done += size
+
+        for index in range(count):
+            frame = av.VideoFrame.from_ndarray(coded(index), format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            container.mux(video.encode(frame))
+            sound_until((index + 1) / 25)
+        container.mux(video.encode(None))
+        sound_until(math.inf)
+        if sound is not None:
+            container.mux(sound.encode(None))
+
+
+# Healthy clips of the common containers, each with sound 0.3 s longer than its 25 frames (1 s).
+HEALTHY = [(".mp4", "libx264", "aac"), (".mov", "libx264", "pcm_s16le"), (".mkv", "libx264", "flac"),
+           (".webm", "libvpx-vp9", "libopus"), (".avi", "mpeg4", "mp3"), (".mpg", "mpeg2video", "mp2")]
+
+
+@pytest.mark.parametrize(("suffix", "video_codec", "audio_codec"), HEALTHY)
+def test_spans_of_healthy_files_to_their_end_are_whole(tmp_path, suffix, video_codec, audio_codec):
+    """A span that reaches the end of a whole file is never called truncated: the check by time has two frames of
+    slack against the video's own length, and a quarter of a second against a length that includes the sound."""
+    source = tmp_path / f"clip{suffix}"
+    muxed_clip(source, video_codec, audio_codec, 25, 1.3, video_options={"g": "12", "bf": "2"})
+    for start, duration, expected in [(0.2, None, range(5, 25)), (0.2, 0.8, range(5, 25)), (0.52, 0.48, range(13, 25)),
+                                      (0.9, 5.0, range(23, 25))]:
+        with VideoReader(source, start=start, duration=duration) as reader:
+            frames = list(reader)
+        assert [code_of(frame.image) for frame in frames] == list(expected), (start, duration)
+        assert reader.error is None, (start, duration, reader.error)
+
+
+def test_a_span_of_an_mpeg_program_stream_has_its_exact_frames_and_sound(tmp_path):
+    """MPEG-PS has no index: FFmpeg seeks to a byte position, and the stamps after it are its guesses, counted on
+    from the first packet header it meets, until a later header carries a stamp of its own. With frames small enough
+    to share packs (64x48 MPEG-2) every span below began a frame late, and two lost another to a 0.1 s jump in the
+    stamps (9 frames of 10); the stream's estimated length, 3.36 s of 4 s, refused a start at 3.5 s. Each span now
+    has exactly its frames, one frame period apart, and its sound is as long as they are."""
+    source = tmp_path / "tape.mpg"
+    muxed_clip(source, "mpeg2video", "mp2", 100, 4.0, video_options={"g": "15", "bf": "2"})
+    for start, duration in [(1.77, 0.4), (1.89, 0.4), (2.01, 0.4), (2.97, 0.4), (3.09, 0.4), (1.9, 1.0), (3.5, None)]:
+        first = math.ceil(start * 25 - 1e-6)
+        expected = list(range(first, min(100, math.ceil((start + (duration or 9)) * 25 - 1e-6))))
+        with VideoReader(source, start=start, duration=duration) as reader:
+            frames = list(reader)
+        assert [code_of(frame.image) for frame in frames] == expected, (start, duration)
+        assert [round(frame.seconds, 4) for frame in frames] == [round(0.04 * step, 4) for step in range(len(expected))]
+        assert reader.offset - reader._origin == pytest.approx(first * 0.04) and reader.error is None
+    with pytest.raises(BgmatteError, match=r"no frame starts at or after 4.1 s; the video lasts 4.00 s"):
+        VideoReader(source, start=4.1)
+    output = tmp_path / "out.mp4"
+    with VideoReader(source, start=1.9, duration=1.0) as reader, \
+            VideoWriter(output, fps=reader.fps, audio_from=source, audio_start=reader.offset) as writer:
+        for frame in reader:
+            writer.write(frame.image, frame.pts, frame.time_base)
+    assert decode_times(output) == [round(0.04 * index, 4) for index in range(25)]
+    assert [code_of(image) for image in read_frames(output)] == list(range(48, 73))
+    assert audio_seconds(output) == pytest.approx(1.0, abs=0.03)
 
 
 def test_a_span_counts_every_frame_that_starts_in_it_and_names_the_last_one_past_the_end(tmp_path):

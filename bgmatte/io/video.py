@@ -136,7 +136,9 @@ class VideoReader:
         start, duration: read only the frames whose time is in [start, start + duration) seconds from the
             video's first frame (duration None: to the end). The reader seeks to the keyframe at or before the
             start and decodes and drops the frames before it, so that the first frame is exact inside a long
-            group of pictures. A start at or past the end of the video is a `StartPastEnd` (a `BgmatteError`).
+            group of pictures; an MPEG program stream (.mpg, .vob), whose stamps after a seek are guesses, is
+            demuxed from its beginning instead, without decoding, which takes time in proportion to the start.
+            A start at or past the end of the video is a `StartPastEnd` (a `BgmatteError`).
 
     A span's frames are given as a clip of their own: `Frame.index` counts from its first frame and the
     timestamps are shifted so that it is at 0 (in the same time base); `offset` is that frame's time in the
@@ -364,9 +366,9 @@ class VideoReader:
         """The frames from the span's start on, those of its packet: seek to the keyframe at or before it, then
         decode and drop the frames before it. A seek that lands after the start (an index that is off) is tried
         further back, and then the file is read from its beginning, so that no frame of the span is missed; so is
-        a video without timestamps, which can only be timed by counting its frames. `first`: the first frame's
-        packet, decoded."""
-        whole = self._duration()
+        a video without timestamps, which can only be timed by counting its frames. An MPEG program stream is never
+        sought (`_read_to_start`). `first`: the first frame's packet, decoded."""
+        whole = None if self._program_stream else self._duration()
         if whole and self.start >= whole - _TIME_SLACK:
             raise self._past_the_end()
         target = self._origin + self.start
@@ -374,6 +376,8 @@ class VideoReader:
         if self._stamp(first[0]) is None or not base:
             return self._drop_before(first, target)
         skipped = self.skipped
+        if self._program_stream:
+            return self._read_to_start(target, skipped)
         for back in _SEEK_BACK:
             self._timer.last, self.skipped = None, skipped  # a damaged packet that each try decodes again counts once
             self._forget_stamps()
@@ -389,6 +393,32 @@ class VideoReader:
         self._reopen()
         self.skipped = skipped
         return self._drop_before(self._decode_first(), target)
+
+    @property
+    def _program_stream(self) -> bool:
+        """Whether the file is an MPEG program stream (.mpg, .vob: FFmpeg's "mpeg"), which has no index: a seek lands
+        at a byte position, and the stamps after it are FFmpeg's guesses, counted on from the first packet header met
+        there, until a later header carries a stamp of its own (up to 0.1 s off for a second, when small frames share
+        a pack); its stream's length is estimated from the last stamps found near the end of the file."""
+        return self._container.format.name == "mpeg"
+
+    def _read_to_start(self, target: float, skipped: int) -> list[av.VideoFrame]:
+        """`_seek_start` for an MPEG program stream: demux from the beginning, whose stamps FFmpeg counts right, without
+        decoding, keeping the packets from the last keyframe at or before `target`, and decode those on to it. The
+        demuxer stops at the first packet decoded after the start, whose frame and all that follow come after it."""
+        self._reopen()
+        self.skipped = skipped
+        held: list[av.Packet] = []
+        for packet in self._packets:
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            moment = float(stamp * packet.time_base) if stamp is not None and packet.time_base else None
+            if packet.is_keyframe and moment is not None and moment <= target + _TIME_SLACK:
+                held = []
+            held.append(packet)
+            if packet.dts is not None and packet.time_base and float(packet.dts * packet.time_base) > target:
+                break
+        self._packets = itertools.chain(held, self._packets)
+        return self._drop_before(self._decode_next(), target)
 
     def _reopen(self) -> None:
         """Open the file again, to read it from its very beginning."""
@@ -429,7 +459,7 @@ class VideoReader:
     def _past_the_end(self) -> StartPastEnd:
         """The error for a start at or past the end of the video, with its length: the header's, or how far it
         could be decoded when that is less (a truncated file) or the header does not say."""
-        whole = self._duration()
+        whole = None if self._program_stream else self._duration()  # an estimate, which may be short
         clock = self._timer.last
         reached = clock - self._origin + self._step if clock is not None else None
         length = reached if reached is not None and (not whole or reached < whole - _TIME_SLACK) else whole
@@ -608,11 +638,7 @@ class VideoReader:
             # (FFmpeg takes it from a later packet), and then the first frame is where the times count from.
             start = min(start, self._origin)
             step = 1.0 / float(self.fps)
-            # Against the video track's own end (its DURATION tag), a couple of frames' slack: a short clip cut by a
-            # third shows. Against the container's, which may run on with the audio, a quarter of a second.
-            own = not (self._stream.duration and self._stream.time_base) and self._tagged_end() is not None
-            slack = 2 * step if own else max(2 * step, 0.25)
-            if last_time - start + step * (1 + self.skipped) < self.duration - slack:
+            if last_time - start + step * (1 + self.skipped) < self.duration - self._time_slack():
                 return BgmatteError(
                     f"{self.path}: ended at {last_time - start:.2f} s of {self.duration:.2f} s (the file looks truncated or damaged)"
                 )
@@ -634,16 +660,27 @@ class VideoReader:
 
     def _check_span_complete(self) -> BgmatteError | None:
         """`_check_complete` for a span, by time: one that a later frame ended is whole; otherwise the file ended
-        first, and is truncated if its header says that it goes on past where the decoding stopped."""
+        first, and is truncated if its header says that it goes on past where the decoding stopped, by more than the
+        whole read's slack (`_time_slack`). Frames lost to damaged packets were in the file all the same."""
         whole = self._duration()
         if self._span_ended or not whole or self._timer.last is None:
             return None
         end = whole if self._span is None else min(whole, self.start + self._span)  # from the first frame
-        reached = self._timer.last - self._origin + self._step
-        if reached < end - max(2 * self._step, 0.25):
-            return BgmatteError(f"{self.path}: ended at {reached:.2f} s of {end:.2f} s (the file looks truncated or "
+        last = self._timer.last - self._origin
+        if last + self._step * (1 + self.skipped) < end - self._time_slack():
+            return BgmatteError(f"{self.path}: ended at {last:.2f} s of {end:.2f} s (the file looks truncated or "
                                 "damaged)")
         return None
+
+    def _time_slack(self) -> float:
+        """How far the decoding may stop short of `_duration` in a whole file: two frames against the video's own
+        length (the track duration of a container that indexes its frames, MP4's or AVI's, or Matroska's DURATION
+        tag), so that a short clip cut by a third shows; a quarter of a second against a length that may run on with
+        the audio (the container's) or is estimated from the last timestamps FFmpeg finds (MPEG-PS's, among others)."""
+        stream = self._stream
+        indexed = bool(stream.duration and stream.time_base and stream.frames)
+        own = indexed or (not (stream.duration and stream.time_base) and self._tagged_end() is not None)
+        return 2 * self._step if own else max(2 * self._step, 0.25)
 
     def _to_frame(self, frame: av.VideoFrame, index: int) -> Frame:
         """The consumer's frame for one just placed in time (`_after_span`): its pts is that time, the file's own
