@@ -1871,6 +1871,49 @@ def test_every_audio_track_is_carried_from_one_opening_of_the_source(tmp_path, m
     assert [track["seconds"] for track in carried] == [pytest.approx(0.4, abs=0.04)] * 4
 
 
+def decoded_track(path: Path, track: int = 0) -> tuple[float, np.ndarray, int]:
+    """An audio track of `path` decoded as a player would (edit lists and codec delay applied), its channels mixed
+    down: the time of its first sample, the samples and the rate."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[track]
+        mono = av.AudioResampler(format="flt", layout="mono", rate=stream.rate)
+        frames = list(container.decode(stream))
+        first = float(frames[0].pts * frames[0].time_base)
+        samples = np.concatenate([part.to_ndarray()[0] for frame in frames for part in mono.resample(frame)])
+        return first, samples, stream.rate
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".mp4", "aac"), (".mp4", "flac"), (".mp4", "libopus"),
+                                               (".mov", "aac"), (".mkv", "aac"), (".mkv", "flac"), (".mkv", "libopus")])
+def test_copied_audio_of_a_span_starts_with_its_first_frame(tmp_path, suffix, codec):
+    """A span from 0.4 s, inside a packet of each codec (AAC's 21 ms, FLAC's 104 ms, Opus's 20 ms): the copied track
+    keeps the packet under the start, so its sound begins at the first frame (MP4: trimmed there by an edit list) or
+    up to a packet before it (Matroska), never after it (it was 5 to 27 ms late), and in time with the source."""
+    source, output = tmp_path / "src.mkv", tmp_path / f"out{suffix}"
+    rate = 44100 if codec == "flac" else 48000
+    clip_with_tracks(source, [(codec, lambda times: 300 + 2000 * times, rate, "stereo", None, None)], 25, 1.0,
+                     image=numbered)  # a rising pitch: each moment sounds unlike any other
+    with VideoReader(source, start=0.4, duration=0.2) as reader, \
+            VideoWriter(output, fps=reader.fps, audio_from=source, audio_start=reader.offset) as writer:
+        for frame in reader:
+            writer.write(frame.image, frame.pts, frame.time_base)
+    assert reader.offset == pytest.approx(0.4)
+    with av.open(str(output)) as container:
+        assert container.streams.audio[0].codec_context.name == codec.removeprefix("lib")  # copied
+    first, samples, _ = decoded_track(output)
+    if suffix in (".mp4", ".mov"):
+        assert first == pytest.approx(0.0, abs=0.001)  # 1 ms: the source's Matroska times are in milliseconds
+    else:
+        assert -0.11 < first <= 0.001
+    # 0.05 s to 0.15 s of the output, past the decoder's warm-up, is 0.45 s to 0.55 s of the source, to a millisecond
+    whole_first, whole, _ = decoded_track(source)
+    part = samples[round((0.05 - first) * rate):][:round(0.1 * rate)]
+    origin = round((0.45 - whole_first) * rate)
+    misses = {shift: np.abs(part - whole[origin + shift:][:part.size]).max() for shift in range(-rate // 50, rate // 50)}
+    best = min(misses, key=misses.get)
+    assert abs(best) <= rate // 1000 and misses[best] < 0.02
+
+
 @pytest.mark.parametrize("suffix", [".mov", ".webm"])
 @pytest.mark.parametrize(("count", "start"), [(10, 0.0), (9, 0.0), (9, 0.12)])
 def test_transcoded_sound_ends_with_the_video_at_the_sample(tmp_path, suffix, count, start):

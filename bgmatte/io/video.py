@@ -1297,8 +1297,9 @@ class VideoWriter(ClosesOnExit):
             is opened and demuxed once for all its tracks (`_AudioSource`), however many it has.
         audio_start: where in `audio_from`'s timeline (seconds) the output's time 0 is: the `VideoReader.offset`
             of a span. The audio before it is left out and the rest moved back by it. Copied audio cannot be cut
-            inside a packet, so it starts with the first packet at or after it (up to a packet later: some 20 ms
-            for AAC, 100 ms for FLAC); transcoded audio is cut at the sample.
+            inside a packet, so it starts with the packet under it, before the output's 0: MP4 and QuickTime trim
+            it there (an edit list), Matroska and WebM start up to a packet early (some 20 ms for AAC, 100 ms for
+            FLAC); transcoded audio is cut at the sample.
         overwrite: replace an existing file instead of refusing.
         options: encoder choices (`EncoderOptions`).
         choice: what `choose_encoder` already gave for this path, alpha and `options` (the pipeline's early
@@ -1472,8 +1473,8 @@ class VideoWriter(ClosesOnExit):
         """Create the file, its video stream (opened first, so that the encoder's own refusal is never taken
         for the audio's) and audio (unless `audio` is False), and write its header."""
         width, height = self.size
-        # Matroska would otherwise shift every stream when copied audio starts before zero (AAC priming),
-        # moving the video off its source timestamps; MP4 keeps them with an edit list by itself.
+        # Matroska would otherwise shift every stream when copied audio starts before zero (AAC priming, the packet
+        # under a span's start), moving the video off its source timestamps; MP4 keeps them with an edit list.
         muxer_options = {"avoid_negative_ts": "disabled"} if self.choice.container in ("matroska", "webm") else {}
         container = av.open(str(self._temporary), mode="w", format=self.choice.container, options=muxer_options)
         self._container = container
@@ -1726,6 +1727,12 @@ class _AudioSource:
         stamp = packet.pts if packet.pts is not None else packet.dts
         return None if stamp is None else float(stamp * packet.time_base) - self.start
 
+    def _ends_before_use(self, packet: av.Packet) -> bool:
+        """Whether `packet`'s sound ends more than `_AUDIO_PREROLL_S` before the span's start, where no carrier uses
+        it (`_AudioCarrier.carry`); a flush packet, which has no time, does not."""
+        moment = self._moment(packet)
+        return moment is not None and moment + _seconds(packet.duration, packet) < -_AUDIO_PREROLL_S
+
     def _reaches(self, packet: av.Packet, until: float) -> bool:
         """Whether `packet` starts at or after `until` (a flush packet, which has no time, does not)."""
         moment = self._moment(packet)
@@ -1744,8 +1751,7 @@ class _AudioSource:
         try:
             for packet in self._packets:
                 waiting = self._queues.get(packet.stream_index)  # None for a track left out, or finished
-                moment = self._moment(packet)
-                if self.start and moment is not None and moment < -_AUDIO_PREROLL_S:
+                if self.start and self._ends_before_use(packet):
                     continue  # before any carrier's use (`_AudioCarrier.carry`): read from the beginning after a miss
                 if waiting is not None and not (final and waiting and self._reaches(waiting[-1], until)):
                     waiting.append(packet)
@@ -1793,7 +1799,7 @@ class _AudioSource:
                 if packet.stream_index in unseen:
                     unseen.discard(packet.stream_index)
                     before = before or moment <= _TIME_SLACK
-                if moment >= -_AUDIO_PREROLL_S:  # every carrier drops those before (`_AudioCarrier.carry`)
+                if not self._ends_before_use(packet):
                     read.append(packet)
                 if not unseen or moment > _AUDIO_INTERLEAVE_S:
                     return itertools.chain(read, packets) if before else None
@@ -1831,6 +1837,9 @@ class _AudioCarrier:
         if self._in_stream.codec_context is None:
             raise ValueError("FFmpeg cannot decode it")
         self.copy = allow_copy and _copies_audio(self.codec, container, output)
+        # How much sooner than the output's 0 a copied span's track starts, for the samples its decoder drops first.
+        rate = self._in_stream.codec_context.sample_rate
+        self._lead = min(_AUDIO_PREROLL_S, self._in_stream.codec_context.delay / rate) if rate else 0.0
         if self.copy:
             self._out_stream = output.add_stream_from_template(self._in_stream)
         else:
@@ -1897,14 +1906,22 @@ class _AudioCarrier:
             if moment >= until or runs_past:
                 self._held = packet
                 return
-            if self._start and moment < (-_TIME_SLACK if self.copy else -_AUDIO_PREROLL_S):
-                # A copied packet cannot be cut: one that starts before the output's 0 is left out, sound and all.
+            if self._start and (self._before_copy(packet, moment) if self.copy else moment < -_AUDIO_PREROLL_S):
                 continue
             if self.copy and self._start and packet.dts is not None:
                 if self._last_dts is not None and packet.dts <= self._last_dts:
                     continue  # a muxer refuses a copied packet that does not move on (MPEG-PS's, after a seek)
                 self._last_dts = packet.dts
             self._write(packet)
+
+    def _before_copy(self, packet: av.Packet, moment: float) -> bool:
+        """Whether a copied packet of a span, starting at `moment` of the output's time, is left out as before its
+        sound: a packet cannot be cut, so the one under the output's 0 is kept, starting before it (MP4's edit list
+        trims it at 0; in Matroska it starts a packet's part early, not late), and so are those under the samples the
+        decoder drops at the track's start (its codec delay, Matroska's CodecDelay: AAC's 1,024, Opus's pre-skip)."""
+        if not packet.duration:
+            return moment < -_TIME_SLACK  # how far it reaches is unknown: from the first at or after 0, as it can
+        return moment + _seconds(packet.duration, packet) <= _TIME_SLACK - self._lead
 
     def _write(self, packet: av.Packet) -> None:
         if self.copy:
@@ -2034,6 +2051,11 @@ def _cut(frame: av.AudioFrame, start: int, stop: int) -> av.AudioFrame:
                                       layout=frame.layout.name)
     part.sample_rate = frame.sample_rate
     return av.AudioResampler(format=frame.format.name).resample(part)[0] if planar else part
+
+
+def _seconds(ticks: int | None, packet: av.Packet) -> float:
+    """`ticks` of `packet`'s time base in seconds; 0 when unknown."""
+    return float(ticks * packet.time_base) if ticks and packet.time_base else 0.0
 
 
 def _track_names(stream: av.stream.Stream) -> dict[str, str]:
