@@ -1279,11 +1279,13 @@ TRACKS = [("aac", 440, 48000, "stereo", "eng", "Mic"), ("flac", 1000, 44100, "mo
 
 
 def clip_with_tracks(path: Path, tracks: list[tuple] = TRACKS, count: int = 10, seconds: float = 0.6, *,
-                     image=pattern, video_options: dict[str, str] | None = None) -> None:
+                     image=pattern, video_options: dict[str, str] | None = None, interleaved: bool = True) -> None:
     """A clip of `image(index)` frames (H.264, 25 fps) with one tone per entry of `tracks` (its frequency a number,
     or a function of the times), each `seconds` long (longer than the video, so that the writer must cut them),
-    tagged with its language and title where given."""
-    with av.open(str(path), mode="w") as container:
+    tagged with its language and title where given. Not `interleaved`: the file holds the video, then the whole of
+    each track, one after another (the muxer writes each packet as it comes)."""
+    options = {} if interleaved else {"max_interleave_delta": "1"}
+    with av.open(str(path), mode="w", options=options) as container:
         video = container.add_stream("libx264", rate=25, options=video_options or {})
         video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         sounds = []
@@ -1912,6 +1914,63 @@ def test_copied_audio_of_a_span_starts_with_its_first_frame(tmp_path, suffix, co
     misses = {shift: np.abs(part - whole[origin + shift:][:part.size]).max() for shift in range(-rate // 50, rate // 50)}
     best = min(misses, key=misses.get)
     assert abs(best) <= rate // 1000 and misses[best] < 0.02
+
+
+def copied_packets(path: Path) -> list[list[tuple[int, bytes]]]:
+    """The stamp and bytes of every audio packet of `path`, track by track."""
+    with av.open(str(path)) as container:
+        count = len(container.streams.audio)
+    tracks = []
+    for track in range(count):
+        with av.open(str(path)) as container:
+            tracks.append([(packet.pts, bytes(packet)) for packet in container.demux(container.streams.audio[track])
+                           if packet.size])
+    return tracks
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".webm"])
+@pytest.mark.parametrize("start", [0.0, 0.6])
+def test_a_source_with_its_tracks_one_after_another_gives_whole_tracks_from_bounded_queues(tmp_path, monkeypatch,
+                                                                                          suffix, start):
+    """Four 2 s tracks stored whole one after another: the shared demuxer, reading on for a track at the end, queued
+    every packet of the tracks stored after it (95 of an AAC track, 10 times the cap set here), and would queue whole
+    tracks of a long file; now the track that asked goes on through a demuxer of its own past the cap, and the output
+    (copied into .mkv, transcoded into .webm, whole or a span) has the sound of the same tracks interleaved."""
+    monkeypatch.setattr(video_io, "_AUDIO_QUEUE_CAP", 10, raising=False)
+    tracks = [("aac", 440, 48000, "stereo", None, None), ("flac", 1000, 44100, "mono", None, None),
+              ("aac", 1500, 48000, "stereo", None, None), ("flac", 2500, 44100, "stereo", None, None)]
+    outputs = {}
+    for interleaved in (True, False):
+        source = tmp_path / f"{'interleaved' if interleaved else 'apart'}.mkv"
+        clip_with_tracks(source, tracks, count=50, seconds=2.0, image=numbered, interleaved=interleaved)
+        with av.open(str(source)) as container:
+            order = [packet.stream_index for packet in container.demux(*container.streams.audio) if packet.size]
+        changes = sum(1 for before, after in zip(order, order[1:]) if before != after)
+        assert changes < 10 if not interleaved else changes > 100  # whole tracks, or packets of each in turn
+        longest: list[int] = []
+        original = video_io._AudioSource._read
+
+        def measured(self, *args, **kwargs):
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                longest.append(max((len(queue) for queue in self._queues.values()), default=0))
+
+        monkeypatch.setattr(video_io._AudioSource, "_read", measured)
+        outputs[interleaved] = tmp_path / f"out_{source.stem}{suffix}"
+        with VideoReader(source, start=start) as reader, \
+                VideoWriter(outputs[interleaved], fps=reader.fps, audio_from=source, audio_start=reader.offset) as writer:
+            for frame in reader:
+                writer.write(frame.image, frame.pts, frame.time_base)
+        monkeypatch.setattr(video_io._AudioSource, "_read", original)
+        assert max(longest) <= 11
+    for track in range(4):
+        kept, rate = mono_samples(outputs[True], track)
+        apart, _ = mono_samples(outputs[False], track)
+        assert kept.size / rate == pytest.approx(2.0 - start, abs=0.13)  # copied FLAC: up to a packet more
+        assert np.array_equal(apart, kept)
+    if suffix == ".mkv":
+        assert copied_packets(outputs[False]) == copied_packets(outputs[True])
 
 
 @pytest.mark.parametrize("suffix", [".mov", ".webm"])
