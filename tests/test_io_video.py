@@ -1279,11 +1279,12 @@ TRACKS = [("aac", 440, 48000, "stereo", "eng", "Mic"), ("flac", 1000, 44100, "mo
 
 
 def clip_with_tracks(path: Path, tracks: list[tuple] = TRACKS, count: int = 10, seconds: float = 0.6, *,
-                     image=pattern, video_options: dict[str, str] | None = None, interleaved: bool = True) -> None:
+                     image=pattern, video_options: dict[str, str] | None = None, interleaved: bool = True,
+                     lengths: list[float] | None = None) -> None:
     """A clip of `image(index)` frames (H.264, 25 fps) with one tone per entry of `tracks` (its frequency a number,
-    or a function of the times), each `seconds` long (longer than the video, so that the writer must cut them),
-    tagged with its language and title where given. Not `interleaved`: the file holds the video, then the whole of
-    each track, one after another (the muxer writes each packet as it comes)."""
+    or a function of the times), each `seconds` long (longer than the video, so that the writer must cut them) or as
+    long as `lengths` says, tagged with its language and title where given. Not `interleaved`: the file holds the
+    video, then the whole of each track, one after another (the muxer writes each packet as it comes)."""
     options = {} if interleaved else {"max_interleave_delta": "1"}
     with av.open(str(path), mode="w", options=options) as container:
         video = container.add_stream("libx264", rate=25, options=video_options or {})
@@ -1301,10 +1302,10 @@ def clip_with_tracks(path: Path, tracks: list[tuple] = TRACKS, count: int = 10, 
             frame.pts, frame.time_base = index, Fraction(1, 25)
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
-        for sound, (_, frequency, rate, layout, _, _) in zip(sounds, tracks):
+        for sound, (_, frequency, rate, layout, _, _), length in zip(sounds, tracks, lengths or [seconds] * len(tracks)):
             resampler = av.AudioResampler(format=sound.format.name, layout=layout, rate=rate)
             channels = 1 if layout == "mono" else 2
-            for start in range(0, int(rate * seconds), 1024):
+            for start in range(0, int(rate * length), 1024):
                 times = np.arange(start, start + 1024) / rate
                 pitch = frequency(times) if callable(frequency) else frequency
                 tone = (0.2 * np.sin(2 * np.pi * pitch * times)).astype(np.float32)
@@ -1971,6 +1972,24 @@ def test_a_source_with_its_tracks_one_after_another_gives_whole_tracks_from_boun
         assert np.array_equal(apart, kept)
     if suffix == ".mkv":
         assert copied_packets(outputs[False]) == copied_packets(outputs[True])
+
+
+@pytest.mark.parametrize(("suffix", "kept"), [(".mkv", [True, False]), (".mp4", [True]), (".mov", [True]),
+                                              (".webm", [True, False])])
+def test_a_track_with_no_sound_in_the_span_is_warned_about_with_what_the_output_makes_of_it(tmp_path, caplog,
+                                                                                          suffix, kept):
+    """A 0.1 s second track and a span from 0.52 s: it has nothing to give; MP4 and QuickTime leave such a track out
+    (the tracks after it move up), Matroska and WebM keep it empty. Both happened silently; now one warning says so."""
+    source, output = tmp_path / "src.mkv", tmp_path / f"out{suffix}"
+    clip_with_tracks(source, count=25, image=numbered, lengths=[1.0, 0.1])
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        with VideoReader(source, start=0.5) as reader, \
+                VideoWriter(output, fps=reader.fps, audio_from=source, audio_start=reader.offset) as writer:
+            for frame in reader:
+                writer.write(frame.image, frame.pts, frame.time_base)
+    what = "leaves it out" if len(kept) == 1 else "keeps it, empty"
+    assert caplog.messages == [f"{source}: audio track 2 of 2 has no sound from 0.52 s to 1.00 s; the output {what}"]
+    assert [bool(packets) for packets in copied_packets(output)] == kept  # which tracks it has, and which have sound
 
 
 @pytest.mark.parametrize("suffix", [".mov", ".webm"])

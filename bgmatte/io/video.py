@@ -1891,6 +1891,8 @@ class _AudioCarrier:
         self.codec = _codec_name(self._in_stream)
         self.copy = False
         self._output = output
+        self._container = container
+        self._muxed = 0  # packets put into the output
         self._held: av.Packet | None = None
         self._relabel: _Relabeller | None = None  # gives transcoded frames the output's layout
         self._damaged = 0  # packets the decoder refused, left out
@@ -1996,7 +1998,7 @@ class _AudioCarrier:
                 if packet.dts is not None:
                     packet.dts -= ticks
             packet.stream = self._out_stream
-            self._output.mux(packet)
+            self._mux([packet])
             return
         try:
             frames = self._in_stream.decode(packet)
@@ -2011,7 +2013,19 @@ class _AudioCarrier:
         for frame in frames:
             frame = self._in_output(frame)
             if frame is not None:
-                self._output.mux(self._out_stream.encode(frame))
+                self._mux(self._out_stream.encode(frame))
+
+    def _mux(self, packets: list[av.Packet]) -> None:
+        self._output.mux(packets)
+        self._muxed += len(packets)
+
+    def _warn_silent(self, until: float) -> None:
+        """Say that the track has no sound in the output (one that ends before a span, or starts after it), and what
+        the container makes of that: MP4 and QuickTime leave out a track without a packet, moving the next ones up;
+        Matroska and WebM keep it, empty."""
+        kept = "the output leaves it out" if self._container in ("mp4", "mov") else "the output keeps it, empty"
+        logger.warning("%s: %s has no sound from %.2f s to %.2f s; %s", self.source, self.label, self._start,
+                       self._start + until, kept)
 
     def _in_output(self, frame: av.AudioFrame) -> av.AudioFrame | None:
         """A transcoded frame in the output's time, cut at the sample: moved back by `start`, without its samples
@@ -2036,7 +2050,9 @@ class _AudioCarrier:
             self.carry(until, final=True)
             if not self.copy:
                 self._encode(self._resampler.resample(None))
-                self._output.mux(self._out_stream.encode(None))
+                self._mux(self._out_stream.encode(None))
+            if self._reading and not self._muxed:  # a track that stopped early was warned about then
+                self._warn_silent(until)
         finally:
             self.discard()
         if self._damaged:
