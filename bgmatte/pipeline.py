@@ -1131,7 +1131,8 @@ def convert_video(
         start, duration: matte only the frames whose time is in [start, start + duration) seconds from the
             video's first frame (duration None: to the end), to preview part of a long clip. The outputs are
             a clip of their own: they start at 0 and carry the source's audio from the same moment (copied
-            audio from its first packet there, up to a packet later: 20 ms for AAC, 100 ms for FLAC). An automatic plate is estimated from
+            audio from the packet under the start, trimmed there in MP4 and QuickTime, up to a packet early in
+            Matroska: 20 ms for AAC, 100 ms for FLAC). An automatic plate is estimated from
             the span alone; a plate video is read from the same start, so that it pairs with the frames it
             pairs with in a whole run (one that ends before the start is refused); a target video still plays
             from its beginning. A start at or past the end of the video is refused.

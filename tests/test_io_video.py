@@ -1300,11 +1300,14 @@ TRACKS = [("aac", 440, 48000, "stereo", "eng", "Mic"), ("flac", 1000, 44100, "mo
 
 
 def clip_with_tracks(path: Path, tracks: list[tuple] = TRACKS, count: int = 10, seconds: float = 0.6, *,
-                     image=pattern, video_options: dict[str, str] | None = None) -> None:
+                     image=pattern, video_options: dict[str, str] | None = None, interleaved: bool = True,
+                     lengths: list[float] | None = None) -> None:
     """A clip of `image(index)` frames (H.264, 25 fps) with one tone per entry of `tracks` (its frequency a number,
-    or a function of the times), each `seconds` long (longer than the video, so that the writer must cut them),
-    tagged with its language and title where given."""
-    with av.open(str(path), mode="w") as container:
+    or a function of the times), each `seconds` long (longer than the video, so that the writer must cut them) or as
+    long as `lengths` says, tagged with its language and title where given. Not `interleaved`: the file holds the
+    video, then the whole of each track, one after another (the muxer writes each packet as it comes)."""
+    options = {} if interleaved else {"max_interleave_delta": "1"}
+    with av.open(str(path), mode="w", options=options) as container:
         video = container.add_stream("libx264", rate=25, options=video_options or {})
         video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
         sounds = []
@@ -1320,10 +1323,10 @@ def clip_with_tracks(path: Path, tracks: list[tuple] = TRACKS, count: int = 10, 
             frame.pts, frame.time_base = index, Fraction(1, 25)
             container.mux(video.encode(frame))
         container.mux(video.encode(None))
-        for sound, (_, frequency, rate, layout, _, _) in zip(sounds, tracks):
+        for sound, (_, frequency, rate, layout, _, _), length in zip(sounds, tracks, lengths or [seconds] * len(tracks)):
             resampler = av.AudioResampler(format=sound.format.name, layout=layout, rate=rate)
             channels = 1 if layout == "mono" else 2
-            for start in range(0, int(rate * seconds), 1024):
+            for start in range(0, int(rate * length), 1024):
                 times = np.arange(start, start + 1024) / rate
                 pitch = frequency(times) if callable(frequency) else frequency
                 tone = (0.2 * np.sin(2 * np.pi * pitch * times)).astype(np.float32)
@@ -2035,6 +2038,124 @@ def test_every_audio_track_is_carried_from_one_opening_of_the_source(tmp_path, m
     assert [track["frequency"] for track in carried] == [pytest.approx(frequency, abs=15)
                                                         for _, frequency, *_ in tracks]
     assert [track["seconds"] for track in carried] == [pytest.approx(0.4, abs=0.04)] * 4
+
+
+def decoded_track(path: Path, track: int = 0) -> tuple[float, np.ndarray, int]:
+    """An audio track of `path` decoded as a player would (edit lists and codec delay applied), its channels mixed
+    down: the time of its first sample, the samples and the rate."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[track]
+        mono = av.AudioResampler(format="flt", layout="mono", rate=stream.rate)
+        frames = list(container.decode(stream))
+        first = float(frames[0].pts * frames[0].time_base)
+        samples = np.concatenate([part.to_ndarray()[0] for frame in frames for part in mono.resample(frame)])
+        return first, samples, stream.rate
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".mp4", "aac"), (".mp4", "flac"), (".mp4", "libopus"),
+                                               (".mov", "aac"), (".mkv", "aac"), (".mkv", "flac"), (".mkv", "libopus")])
+def test_copied_audio_of_a_span_starts_with_its_first_frame(tmp_path, suffix, codec):
+    """A span from 0.4 s, inside a packet of each codec (AAC's 21 ms, FLAC's 104 ms, Opus's 20 ms): the copied track
+    keeps the packet under the start, so its sound begins at the first frame (MP4: trimmed there by an edit list) or
+    up to a packet before it (Matroska), never after it (it was 5 to 27 ms late), and in time with the source."""
+    source, output = tmp_path / "src.mkv", tmp_path / f"out{suffix}"
+    rate = 44100 if codec == "flac" else 48000
+    clip_with_tracks(source, [(codec, lambda times: 300 + 2000 * times, rate, "stereo", None, None)], 25, 1.0,
+                     image=numbered)  # a rising pitch: each moment sounds unlike any other
+    with VideoReader(source, start=0.4, duration=0.2) as reader, \
+            VideoWriter(output, fps=reader.fps, audio_from=source, audio_start=reader.offset) as writer:
+        for frame in reader:
+            writer.write(frame.image, frame.pts, frame.time_base)
+    assert reader.offset == pytest.approx(0.4)
+    with av.open(str(output)) as container:
+        assert container.streams.audio[0].codec_context.name == codec.removeprefix("lib")  # copied
+    first, samples, _ = decoded_track(output)
+    if suffix in (".mp4", ".mov"):
+        assert first == pytest.approx(0.0, abs=0.001)  # 1 ms: the source's Matroska times are in milliseconds
+    else:
+        assert -0.11 < first <= 0.001
+    # 0.05 s to 0.15 s of the output, past the decoder's warm-up, is 0.45 s to 0.55 s of the source, to a millisecond
+    whole_first, whole, _ = decoded_track(source)
+    part = samples[round((0.05 - first) * rate):][:round(0.1 * rate)]
+    origin = round((0.45 - whole_first) * rate)
+    misses = {shift: np.abs(part - whole[origin + shift:][:part.size]).max() for shift in range(-rate // 50, rate // 50)}
+    best = min(misses, key=misses.get)
+    assert abs(best) <= rate // 1000 and misses[best] < 0.02
+
+
+def copied_packets(path: Path) -> list[list[tuple[int, bytes]]]:
+    """The stamp and bytes of every audio packet of `path`, track by track."""
+    with av.open(str(path)) as container:
+        count = len(container.streams.audio)
+    tracks = []
+    for track in range(count):
+        with av.open(str(path)) as container:
+            tracks.append([(packet.pts, bytes(packet)) for packet in container.demux(container.streams.audio[track])
+                           if packet.size])
+    return tracks
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".webm"])
+@pytest.mark.parametrize("start", [0.0, 0.6])
+def test_a_source_with_its_tracks_one_after_another_gives_whole_tracks_from_bounded_queues(tmp_path, monkeypatch,
+                                                                                          suffix, start):
+    """Four 2 s tracks stored whole one after another: the shared demuxer, reading on for a track at the end, queued
+    every packet of the tracks stored after it (95 of an AAC track, 10 times the cap set here), and would queue whole
+    tracks of a long file; now the track that asked goes on through a demuxer of its own past the cap, and the output
+    (copied into .mkv, transcoded into .webm, whole or a span) has the sound of the same tracks interleaved."""
+    monkeypatch.setattr(video_io, "_AUDIO_QUEUE_CAP", 10, raising=False)
+    tracks = [("aac", 440, 48000, "stereo", None, None), ("flac", 1000, 44100, "mono", None, None),
+              ("aac", 1500, 48000, "stereo", None, None), ("flac", 2500, 44100, "stereo", None, None)]
+    outputs = {}
+    for interleaved in (True, False):
+        source = tmp_path / f"{'interleaved' if interleaved else 'apart'}.mkv"
+        clip_with_tracks(source, tracks, count=50, seconds=2.0, image=numbered, interleaved=interleaved)
+        with av.open(str(source)) as container:
+            order = [packet.stream_index for packet in container.demux(*container.streams.audio) if packet.size]
+        changes = sum(1 for before, after in zip(order, order[1:]) if before != after)
+        assert changes < 10 if not interleaved else changes > 100  # whole tracks, or packets of each in turn
+        longest: list[int] = []
+        original = video_io._AudioSource._read
+
+        def measured(self, *args, **kwargs):
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                longest.append(max((len(queue) for queue in self._queues.values()), default=0))
+
+        monkeypatch.setattr(video_io._AudioSource, "_read", measured)
+        outputs[interleaved] = tmp_path / f"out_{source.stem}{suffix}"
+        with VideoReader(source, start=start) as reader, \
+                VideoWriter(outputs[interleaved], fps=reader.fps, audio_from=source, audio_start=reader.offset) as writer:
+            for frame in reader:
+                writer.write(frame.image, frame.pts, frame.time_base)
+        monkeypatch.setattr(video_io._AudioSource, "_read", original)
+        assert max(longest) <= 11
+    for track in range(4):
+        kept, rate = mono_samples(outputs[True], track)
+        apart, _ = mono_samples(outputs[False], track)
+        assert kept.size / rate == pytest.approx(2.0 - start, abs=0.13)  # copied FLAC: up to a packet more
+        assert np.array_equal(apart, kept)
+    if suffix == ".mkv":
+        assert copied_packets(outputs[False]) == copied_packets(outputs[True])
+
+
+@pytest.mark.parametrize(("suffix", "kept"), [(".mkv", [True, False]), (".mp4", [True]), (".mov", [True]),
+                                              (".webm", [True, False])])
+def test_a_track_with_no_sound_in_the_span_is_warned_about_with_what_the_output_makes_of_it(tmp_path, caplog,
+                                                                                          suffix, kept):
+    """A 0.1 s second track and a span from 0.52 s: it has nothing to give; MP4 and QuickTime leave such a track out
+    (the tracks after it move up), Matroska and WebM keep it empty. Both happened silently; now one warning says so."""
+    source, output = tmp_path / "src.mkv", tmp_path / f"out{suffix}"
+    clip_with_tracks(source, count=25, image=numbered, lengths=[1.0, 0.1])
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        with VideoReader(source, start=0.5) as reader, \
+                VideoWriter(output, fps=reader.fps, audio_from=source, audio_start=reader.offset) as writer:
+            for frame in reader:
+                writer.write(frame.image, frame.pts, frame.time_base)
+    what = "leaves it out" if len(kept) == 1 else "keeps it, empty"
+    assert caplog.messages == [f"{source}: audio track 2 of 2 has no sound from 0.52 s to 1.00 s; the output {what}"]
+    assert [bool(packets) for packets in copied_packets(output)] == kept  # which tracks it has, and which have sound
 
 
 @pytest.mark.parametrize("suffix", [".mov", ".webm"])

@@ -66,6 +66,10 @@ _AUDIO_PREROLL_S = 0.1
 # demuxer within about a second), in seconds: the shared audio demuxer reads this far past the time a track asked up
 # to, and no further, for that track's next packet, so that a track that has ended never piles up the others' packets.
 _AUDIO_INTERLEAVE_S = 2.0
+# How many packets a carried track's queue may hold while the shared audio demuxer reads on for another track. Only a
+# badly interleaved file (whole tracks one after another) fills one that far; the track that asked is then read through
+# a demuxer of its own, so that memory stays bounded however long the file is. 500 packets: some 10 s of AAC.
+_AUDIO_QUEUE_CAP = 500
 
 
 class StartPastEnd(BgmatteError):
@@ -1375,11 +1379,14 @@ class VideoWriter(ClosesOnExit):
         audio_from: a media file whose audio tracks are all carried into the output, in their order and with
             their language and title: each copied when the container can hold its codec, else transcoded (AAC,
             or Opus in .webm); trimmed to the video. A track FFmpeg cannot read is left out with a warning. The file
-            is opened and demuxed once for all its tracks (`_AudioSource`), however many it has.
+            is opened and demuxed once for all its tracks (`_AudioSource`), however many it has; once more for a
+            track stored far from the others' sound of the same time (a badly interleaved file), which keeps the
+            packets held for the others bounded.
         audio_start: where in `audio_from`'s timeline (seconds) the output's time 0 is: the `VideoReader.offset`
             of a span. The audio before it is left out and the rest moved back by it. Copied audio cannot be cut
-            inside a packet, so it starts with the first packet at or after it (up to a packet later: some 20 ms
-            for AAC, 100 ms for FLAC); transcoded audio is cut at the sample.
+            inside a packet, so it starts with the packet under it, before the output's 0: MP4 and QuickTime trim
+            it there (an edit list), Matroska and WebM start up to a packet early (some 20 ms for AAC, 100 ms for
+            FLAC); transcoded audio is cut at the sample.
         overwrite: replace an existing file instead of refusing.
         options: encoder choices (`EncoderOptions`).
         choice: what `choose_encoder` already gave for this path, alpha and `options` (the pipeline's early
@@ -1553,8 +1560,8 @@ class VideoWriter(ClosesOnExit):
         """Create the file, its video stream (opened first, so that the encoder's own refusal is never taken
         for the audio's) and audio (unless `audio` is False), and write its header."""
         width, height = self.size
-        # Matroska would otherwise shift every stream when copied audio starts before zero (AAC priming),
-        # moving the video off its source timestamps; MP4 keeps them with an edit list by itself.
+        # Matroska would otherwise shift every stream when copied audio starts before zero (AAC priming, the packet
+        # under a span's start), moving the video off its source timestamps; MP4 keeps them with an edit list.
         muxer_options = {"avoid_negative_ts": "disabled"} if self.choice.container in ("matroska", "webm") else {}
         container = av.open(str(self._temporary), mode="w", format=self.choice.container, options=muxer_options)
         self._container = container
@@ -1750,18 +1757,28 @@ class _SpanUnreachable(Exception):
     """The audio source could be read neither from a span's start nor from its beginning (`_AudioSource`)."""
 
 
+class _OverQueued(Exception):
+    """Reading on for one track would queue more than `_AUDIO_QUEUE_CAP` packets of another (`_AudioSource._read`)."""
+
+
 class _AudioSource:
     """A media file opened once for all the audio tracks carried from it, read by one demuxer over those tracks
     alone: a multi-track master is then read once, not once per track. Each `_AudioCarrier` joins it and asks for
-    its track's next packet; the packets of the other carried tracks read on the way wait in their queues. The file
-    is closed when the last carrier leaves (finished or discarded). `start` is as for `VideoWriter.audio_start`."""
+    its track's next packet; the packets of the other carried tracks read on the way wait in their queues. A track
+    whose next packet lies past `_AUDIO_QUEUE_CAP` packets of another track's (a badly interleaved file) goes on
+    through a demuxer of its own (`_detach`). The file is closed when the last carrier leaves (finished or discarded).
+    `start` is as for `VideoWriter.audio_start`; `resume` (a track's own demuxer) skips the packets up to that stamp,
+    given out already."""
 
-    def __init__(self, path: Path, start: float = 0.0):
+    def __init__(self, path: Path, start: float = 0.0, *, resume: int | None = None):
         self.path = path
         self.start = start
         self.input = _open_audio_source(path)
+        self._resume = resume
         self._streams: list[av.audio.stream.AudioStream] = []  # those carried, in the order they joined
         self._queues: dict[int, deque[av.Packet]] = {}  # by stream index, for the carried tracks only
+        self._own: dict[int, _AudioSource] = {}  # by stream index, the tracks gone on through a demuxer of their own
+        self._given: dict[int, int] = {}  # by stream index, the stamp of the latest packet given out
         self._packets: Iterator[av.Packet] | None = None  # the demuxer, started by the first request
         self._begun = False
         self._error: av.FFmpegError | None = None  # what ended the demuxer before the end of the file
@@ -1775,7 +1792,12 @@ class _AudioSource:
 
     def leave(self, stream: av.audio.stream.AudioStream) -> None:
         """Stop keeping `stream`'s packets; the last track to leave closes the file. Leaving twice does nothing."""
-        if self._queues.pop(stream.index, None) is not None and not self._queues:
+        own = self._own.pop(stream.index, None)
+        if own is not None:
+            own.close()
+        elif self._queues.pop(stream.index, None) is None:
+            return
+        if not self._queues and not self._own:
             self.close()
 
     def close(self) -> None:
@@ -1783,6 +1805,9 @@ class _AudioSource:
             self._closed = True
             self._packets = None
             self._queues.clear()
+            for own in self._own.values():
+                own.close()
+            self._own.clear()
             self.input.close()
 
     def next_packet(self, stream: av.audio.stream.AudioStream, until: float, *,
@@ -1791,45 +1816,90 @@ class _AudioSource:
         past `until` (seconds of the output's time; it may come later). `final` (the output ends at `until`) reads
         on to the end of the file if need be, so that a badly interleaved file loses nothing. Raises the demuxer's
         error, once the packets read before it are given out, and `_SpanUnreachable` when the file cannot be sought."""
+        own = self._own.get(stream.index)
+        if own is not None:
+            return own.next_packet(stream, until, final=final)
         queue = self._queues[stream.index]
         if not queue:
-            self._read(queue, until, final)
+            try:
+                self._read(queue, until, final, capped=True)
+            except _OverQueued:
+                own = self._detach(stream)
+                if own is not None:
+                    return own.next_packet(stream, until, final=final)
+                self._read(queue, until, final, capped=False)
         if queue:
-            return queue.popleft()
+            packet = queue.popleft()
+            if _decoding_stamp(packet) is not None:
+                self._given[stream.index] = _decoding_stamp(packet)
+            return packet
         if self._unreachable is not None:
             raise _SpanUnreachable(_reason(self._unreachable))
         if self._error is not None:
             raise self._error
         return None
 
+    def _detach(self, stream: av.audio.stream.AudioStream) -> _AudioSource | None:
+        """Go on reading `stream` through a demuxer of its own, from the packet after the latest one given out: the
+        shared one stays where it is, with the other tracks' packets queued. None when the file cannot be opened
+        again (then the shared demuxer reads on, queueing what it must)."""
+        try:
+            own = _AudioSource(self.path, self.start, resume=self._given.get(stream.index))
+        except BgmatteError as exc:
+            logger.debug("%s", exc)
+            return None
+        logger.info("%s: its audio tracks are far apart in the file; reading audio track %d through a demuxer of "
+                    "its own", self.path, self.input.streams.audio.index(stream) + 1)
+        own.join(own.input.streams[stream.index])
+        del self._queues[stream.index]  # empty: its packets are no longer kept here
+        self._own[stream.index] = own
+        return own
+
+    def _given_already(self, packet: av.Packet) -> bool:
+        """Whether `packet` was given out before this track went on through this demuxer of its own (`resume`)."""
+        stamp = _decoding_stamp(packet)
+        return self._resume is not None and stamp is not None and stamp <= self._resume
+
     def _moment(self, packet: av.Packet) -> float | None:
         """When `packet` starts in the output's time; None for the demuxer's flush packets, which have no time."""
         stamp = packet.pts if packet.pts is not None else packet.dts
         return None if stamp is None else float(stamp * packet.time_base) - self.start
+
+    def _ends_before_use(self, packet: av.Packet) -> bool:
+        """Whether `packet`'s sound ends more than `_AUDIO_PREROLL_S` before the span's start, where no carrier uses
+        it (`_AudioCarrier.carry`); a flush packet, which has no time, does not."""
+        moment = self._moment(packet)
+        return moment is not None and moment + _seconds(packet.duration, packet) < -_AUDIO_PREROLL_S
 
     def _reaches(self, packet: av.Packet, until: float) -> bool:
         """Whether `packet` starts at or after `until` (a flush packet, which has no time, does not)."""
         moment = self._moment(packet)
         return moment is not None and moment >= until
 
-    def _read(self, queue: deque[av.Packet], until: float, final: bool) -> None:
+    def _read(self, queue: deque[av.Packet], until: float, final: bool, *, capped: bool = False) -> None:
         """Demux into the carried tracks' queues until `queue` has a packet, the file is read up to
         `_AUDIO_INTERLEAVE_S` past `until` (unless `final`), or it ends. When `final`, a track keeps only its first
-        packet at or after `until`, which ends it: the output has no room for the rest."""
+        packet at or after `until`, which ends it: the output has no room for the rest. `capped` raises `_OverQueued`
+        once another track's queue holds more than `_AUDIO_QUEUE_CAP` packets (none is lost: it keeps them)."""
         if self._packets is None:
             if self._begun or self._closed:
                 return
             self._begin()
             if self._packets is None:  # the file could not be sought
                 return
+        if capped and any(len(waiting) > _AUDIO_QUEUE_CAP for waiting in self._queues.values()):
+            raise _OverQueued  # reading on could only make that queue longer
         try:
             for packet in self._packets:
                 waiting = self._queues.get(packet.stream_index)  # None for a track left out, or finished
-                moment = self._moment(packet)
-                if self.start and moment is not None and moment < -_AUDIO_PREROLL_S:
+                if self.start and self._ends_before_use(packet):
                     continue  # before any carrier's use (`_AudioCarrier.carry`): read from the beginning after a miss
+                if self._given_already(packet):
+                    continue
                 if waiting is not None and not (final and waiting and self._reaches(waiting[-1], until)):
                     waiting.append(packet)
+                    if capped and waiting is not queue and len(waiting) > _AUDIO_QUEUE_CAP:
+                        raise _OverQueued
                 if queue or (not final and self._reaches(packet, until + _AUDIO_INTERLEAVE_S)):
                     return
         except av.FFmpegError as exc:
@@ -1874,7 +1944,7 @@ class _AudioSource:
                 if packet.stream_index in unseen:
                     unseen.discard(packet.stream_index)
                     before = before or moment <= _TIME_SLACK
-                if moment >= -_AUDIO_PREROLL_S:  # every carrier drops those before (`_AudioCarrier.carry`)
+                if not self._ends_before_use(packet):
                     read.append(packet)
                 if not unseen or moment > _AUDIO_INTERLEAVE_S:
                     return itertools.chain(read, packets) if before else None
@@ -1902,6 +1972,8 @@ class _AudioCarrier:
         self.codec = _codec_name(self._in_stream)
         self.copy = False
         self._output = output
+        self._container = container
+        self._muxed = 0  # packets put into the output
         self._held: av.Packet | None = None
         self._relabel: _Relabeller | None = None  # gives transcoded frames the output's layout
         self._damaged = 0  # packets the decoder refused, left out
@@ -1912,6 +1984,9 @@ class _AudioCarrier:
         if self._in_stream.codec_context is None:
             raise ValueError("FFmpeg cannot decode it")
         self.copy = allow_copy and _copies_audio(self.codec, container, output)
+        # How much sooner than the output's 0 a copied span's track starts, for the samples its decoder drops first.
+        rate = self._in_stream.codec_context.sample_rate
+        self._lead = min(_AUDIO_PREROLL_S, self._in_stream.codec_context.delay / rate) if rate else 0.0
         if self.copy:
             self._out_stream = output.add_stream_from_template(self._in_stream)
         else:
@@ -1978,14 +2053,22 @@ class _AudioCarrier:
             if moment >= until or runs_past:
                 self._held = packet
                 return
-            if self._start and moment < (-_TIME_SLACK if self.copy else -_AUDIO_PREROLL_S):
-                # A copied packet cannot be cut: one that starts before the output's 0 is left out, sound and all.
+            if self._start and (self._before_copy(packet, moment) if self.copy else moment < -_AUDIO_PREROLL_S):
                 continue
             if self.copy and self._start and packet.dts is not None:
                 if self._last_dts is not None and packet.dts <= self._last_dts:
                     continue  # a muxer refuses a copied packet that does not move on (MPEG-PS's, after a seek)
                 self._last_dts = packet.dts
             self._write(packet)
+
+    def _before_copy(self, packet: av.Packet, moment: float) -> bool:
+        """Whether a copied packet of a span, starting at `moment` of the output's time, is left out as before its
+        sound: a packet cannot be cut, so the one under the output's 0 is kept, starting before it (MP4's edit list
+        trims it at 0; in Matroska it starts a packet's part early, not late), and so are those under the samples the
+        decoder drops at the track's start (its codec delay, Matroska's CodecDelay: AAC's 1,024, Opus's pre-skip)."""
+        if not packet.duration:
+            return moment < -_TIME_SLACK  # how far it reaches is unknown: from the first at or after 0, as it can
+        return moment + _seconds(packet.duration, packet) <= _TIME_SLACK - self._lead
 
     def _write(self, packet: av.Packet) -> None:
         if self.copy:
@@ -1996,7 +2079,7 @@ class _AudioCarrier:
                 if packet.dts is not None:
                     packet.dts -= ticks
             packet.stream = self._out_stream
-            self._output.mux(packet)
+            self._mux([packet])
             return
         try:
             frames = self._in_stream.decode(packet)
@@ -2011,7 +2094,19 @@ class _AudioCarrier:
         for frame in frames:
             frame = self._in_output(frame)
             if frame is not None:
-                self._output.mux(self._out_stream.encode(frame))
+                self._mux(self._out_stream.encode(frame))
+
+    def _mux(self, packets: list[av.Packet]) -> None:
+        self._output.mux(packets)
+        self._muxed += len(packets)
+
+    def _warn_silent(self, until: float) -> None:
+        """Say that the track has no sound in the output (one that ends before a span, or starts after it), and what
+        the container makes of that: MP4 and QuickTime leave out a track without a packet, moving the next ones up;
+        Matroska and WebM keep it, empty."""
+        kept = "the output leaves it out" if self._container in ("mp4", "mov") else "the output keeps it, empty"
+        logger.warning("%s: %s has no sound from %.2f s to %.2f s; %s", self.source, self.label, self._start,
+                       self._start + until, kept)
 
     def _in_output(self, frame: av.AudioFrame) -> av.AudioFrame | None:
         """A transcoded frame in the output's time, cut at the sample: moved back by `start`, without its samples
@@ -2036,7 +2131,9 @@ class _AudioCarrier:
             self.carry(until, final=True)
             if not self.copy:
                 self._encode(self._resampler.resample(None))
-                self._output.mux(self._out_stream.encode(None))
+                self._mux(self._out_stream.encode(None))
+            if self._reading and not self._muxed:  # a track that stopped early was warned about then
+                self._warn_silent(until)
         finally:
             self.discard()
         if self._damaged:
@@ -2115,6 +2212,16 @@ def _cut(frame: av.AudioFrame, start: int, stop: int) -> av.AudioFrame:
                                       layout=frame.layout.name)
     part.sample_rate = frame.sample_rate
     return av.AudioResampler(format=frame.format.name).resample(part)[0] if planar else part
+
+
+def _decoding_stamp(packet: av.Packet) -> int | None:
+    """A packet's dts, else its pts: what orders a track's packets; None for a flush packet."""
+    return packet.dts if packet.dts is not None else packet.pts
+
+
+def _seconds(ticks: int | None, packet: av.Packet) -> float:
+    """`ticks` of `packet`'s time base in seconds; 0 when unknown."""
+    return float(ticks * packet.time_base) if ticks and packet.time_base else 0.0
 
 
 def _track_names(stream: av.stream.Stream) -> dict[str, str]:
