@@ -1227,18 +1227,28 @@ def convert_video(
             _run_loop(reader, plates, predictor, size=size, batch_size=batch_size, on_matte=on_matte,
                       niceness=niceness)
         except KeyboardInterrupt:
-            logger.warning("interrupted: the outputs hold the first %d frames", written)
+            logger.warning("interrupted: the outputs hold %s", _frames_held(written, "the first"))
             raise
         except Exception:
             if written:
-                logger.warning("stopped by an error: the outputs hold the first %d frames", written)
+                logger.warning("stopped by an error: the outputs hold %s", _frames_held(written, "the first"))
             raise
         finally:
             plates.close()
         error = reader.error
     if error is not None:
-        raise BgmatteError(f"{error}; the outputs hold those {written} frames")
+        raise BgmatteError(f"{error}; the outputs hold {_frames_held(written, 'those')}")
     return VideoResult({plan.kind: plan.path for plan in plans}, written, time.perf_counter() - started)
+
+
+def _frames_held(count: int, which: str) -> str:
+    """What the outputs of a run cut short hold, in words that fit the count: "no frame", "the first frame" or
+    "that frame" for one, "the first 5 frames" or "those 5 frames" (`which` is "the first" or "those")."""
+    if count == 0:
+        return "no frame"
+    if count == 1:
+        return "the first frame" if which == "the first" else "that frame"
+    return f"{which} {count} frames"
 
 
 def _check_resize(resize: Sequence[int] | None, src: Path) -> tuple[int, int] | None:
