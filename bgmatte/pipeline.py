@@ -116,7 +116,8 @@ class ModelOptions:
         backbone: ``resnet50``, ``resnet101`` or ``mobilenetv2``; None reads it from the checkpoint.
         backbone_scale, refine_sample_pixels: None picks the paper's settings for the frame size
             (1/4 and 80,000 up to HD, 1/8 and 320,000 at 4K).
-        refine_mode, refine_threshold, refine_kernel_size: as `bgmatte.load_model`.
+        refine_mode, refine_threshold, refine_kernel_size: as `bgmatte.load_model`; the threshold's default is
+            the model's own 0.1, while ``bgmatte video`` and ``image`` pass the reference scripts' 0.7.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32``, ``fp16`` or ``bf16``.
         optimize: use the fast inference path (same outputs).
