@@ -49,7 +49,7 @@ from bgmatte.composite import (
     to_rgba,
     to_uint8,
 )
-from bgmatte.errors import BgmatteError
+from bgmatte.errors import BgmatteError, PartlyDone
 from bgmatte.io.files import refuse_existing, refuse_overwriting_inputs
 from bgmatte.io.images import (
     DEFAULT_MAX_PIXELS,
@@ -116,7 +116,8 @@ class ModelOptions:
         backbone: ``resnet50``, ``resnet101`` or ``mobilenetv2``; None reads it from the checkpoint.
         backbone_scale, refine_sample_pixels: None picks the paper's settings for the frame size
             (1/4 and 80,000 up to HD, 1/8 and 320,000 at 4K).
-        refine_mode, refine_threshold, refine_kernel_size: as `bgmatte.load_model`.
+        refine_mode, refine_threshold, refine_kernel_size: as `bgmatte.load_model`; the threshold's default is
+            the model's own 0.1, while ``bgmatte video`` and ``image`` pass the reference scripts' 0.7.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32``, ``fp16`` or ``bf16``.
         optimize: use the fast inference path (same outputs).
@@ -1228,18 +1229,28 @@ def convert_video(
             _run_loop(reader, plates, predictor, size=size, batch_size=batch_size, on_matte=on_matte,
                       niceness=niceness)
         except KeyboardInterrupt:
-            logger.warning("interrupted: the outputs hold the first %d frames", written)
+            logger.warning("interrupted: the outputs hold %s", _frames_held(written, "the first"))
             raise
         except Exception:
             if written:
-                logger.warning("stopped by an error: the outputs hold the first %d frames", written)
+                logger.warning("stopped by an error: the outputs hold %s", _frames_held(written, "the first"))
             raise
         finally:
             plates.close()
         error = reader.error
     if error is not None:
-        raise BgmatteError(f"{error}; the outputs hold those {written} frames")
+        raise BgmatteError(f"{error}; the outputs hold {_frames_held(written, 'those')}")
     return VideoResult({plan.kind: plan.path for plan in plans}, written, time.perf_counter() - started)
+
+
+def _frames_held(count: int, which: str) -> str:
+    """What the outputs of a run cut short hold, in words that fit the count: "no frame", "the first frame" or
+    "that frame" for one, "the first 5 frames" or "those 5 frames" (`which` is "the first" or "those")."""
+    if count == 0:
+        return "no frame"
+    if count == 1:
+        return "the first frame" if which == "the first" else "that frame"
+    return f"{which} {count} frames"
 
 
 def _check_resize(resize: Sequence[int] | None, src: Path) -> tuple[int, int] | None:
@@ -1385,7 +1396,8 @@ def matte_images(
     Returns each output's written files. Existing files are refused before any work, unless `overwrite` or
     `skip_existing`; an output that would replace one of the input images (a photo, a plate or the target)
     always is. A source image that cannot be read, or whose plate from a folder cannot, is left out and the others
-    are matted; then a `BgmatteError` names those left out (in one line).
+    are matted; then a `bgmatte.errors.PartlyDone` (a `BgmatteError`) names every one left out, in one line, and
+    carries the files written (`written`, as returned) and the images left out (`left_out`).
     """
     if overwrite and skip_existing:
         raise BgmatteError("overwrite and skip_existing (--overwrite, --skip-existing) exclude each other: choose one")
@@ -1451,8 +1463,9 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                  overwrite: bool, progress: bool) -> dict[str, list[Path]]:
     """The work of `matte_images` once its arguments are checked and its folders made: each (image, plate)
     pair matted, and the outputs it still needs (`wanted`) written to ``folder/<kind>/<name>.png``. A source image
-    that cannot be read, or whose own plate cannot, is left out; the others go on, and a `BgmatteError` names them
-    at the end. A plate shared by every image is read first, before the model loads: one that cannot be stops the batch."""
+    that cannot be read, or whose own plate cannot, is left out; the others go on, and a `PartlyDone` names them
+    at the end, with what was written. A plate shared by every image is read first, before the model loads: one
+    that cannot be stops the batch."""
     from tqdm import tqdm
 
     from bgmatte.predictor import NotEnoughMemory, is_out_of_memory
@@ -1466,7 +1479,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
     kinds = [kind for kind in OUTPUT_KINDS if any(kind in needed for needed in wanted.values())]
     written: dict[str, list[Path]] = {kind: [] for kind in kinds}
     pending: list[tuple[str, Future]] = []
-    unreadable: list[str] = []
+    unreadable: list[tuple[Path, str]] = []  # (source image, why it was left out)
     bad_plates = False  # some of those left out for their plate
     shared_plate = len({plate for _, plate in pairs}) == 1  # then a bad plate fails every image: read it first
 
@@ -1488,7 +1501,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                     if len(pairs) == 1:
                         raise
                     logger.debug("%s; left out", exc)
-                    unreadable.append(str(exc))
+                    unreadable.append((source, str(exc)))
                     continue
                 height, width = image.shape[:2]
                 if predictor is None:
@@ -1499,7 +1512,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                         cached_plate = (plate_file, read_image(plate_file))
                     except BgmatteError as exc:  # a plate by name costs its image, as a bad photo does
                         logger.debug("%s; left out", exc)
-                        unreadable.append(f"{exc} (the plate of {source})")
+                        unreadable.append((source, f"{exc} (the plate of {source})"))
                         bad_plates = True
                         continue
                 plate = cached_plate[1]
@@ -1529,12 +1542,13 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                 collect(8)  # a few images may wait for their PNG encoding; not the whole folder
             collect(0)
             if unreadable:
-                named = "; ".join(unreadable[:5]) + (f"; and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+                # Every one is named, however many: the line is the only record of which inputs are missing.
                 others = "the others were matted; " if len(unreadable) < len(pairs) else ""
                 what = "images or their plates" if bad_plates else "images"
-                raise BgmatteError(f"{len(unreadable)} of {len(pairs)} {what} could not be read and were left out "
-                                   f"({named}); {others}repair or remove them, then run again with --skip-existing "
-                                   "to add theirs")
+                raise PartlyDone(f"{len(unreadable)} of {len(pairs)} {what} could not be read and were left out "
+                                 f"({'; '.join(reason for _, reason in unreadable)}); {others}repair or remove them, "
+                                 "then run again with --skip-existing to add theirs",
+                                 written, [source for source, _ in unreadable])
         except BaseException:
             # Stopped early: the files already queued are finished (each is complete or absent).
             for kind, future in pending:

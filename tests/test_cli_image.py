@@ -372,3 +372,35 @@ def test_an_unreadable_plate_shared_by_every_image_stops_the_batch(photos, capsy
     code, out, err = run(capsys, "image", "src", "--bgr", "plate.png", "-o", "out", "-q")
     one_line_error(code, err, "plate.png: damaged or truncated PNG")
     assert out == "" and not (photos / "out").exists()
+
+
+def test_a_batch_with_unreadable_images_lists_what_it_wrote(photos, capsys, monkeypatch):
+    """The error line said the others were matted but not which files exist: the written outputs are listed on
+    stdout and counted per folder on stderr as after a clean run, and every input left out is named, past five."""
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    bad = [f"zz{index}" for index in range(7)]
+    for name in bad:
+        (photos / "src" / f"{name}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    code, out, err = run(capsys, "image", "src", "--bgr", "plate.png", "-o", "out", "--outputs", "com", "pha")
+    assert code == 2
+    assert sorted(out.split()) == [str(Path(f"out/{kind}/{name}.png")) for kind in ("com", "pha")
+                                   for name in ("beach", "office")]
+    lines = err.strip().splitlines()
+    assert f"bgmatte image: 2 com images in {Path('out/com')}" in lines
+    assert f"bgmatte image: 2 pha images in {Path('out/pha')}" in lines
+    assert lines[-1].startswith("bgmatte image: error: 7 of 9 images could not be read and were left out (")
+    assert all(str(Path(f"src/{name}.png")) + ": " in lines[-1] for name in bad), lines[-1]
+    # In Python the error carries the same lists.
+    with pytest.raises(BgmatteError) as caught:
+        pipeline.matte_images("src", "plate.png", output_dir="again", progress=False)
+    assert caught.value.written == {"com": [Path("again/com/beach.png"), Path("again/com/office.png")]}
+    assert caught.value.left_out == [Path(f"src/{name}.png") for name in bad]
+
+
+def test_a_batch_with_an_unreadable_plate_lists_what_it_wrote_even_when_quiet(photos, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    whole = (photos / "bgr" / "beach.png").read_bytes()
+    (photos / "bgr" / "beach.png").write_bytes(whole[: len(whole) // 2])
+    code, out, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "out", "-q")
+    one_line_error(code, err, "1 of 2 images or their plates could not be read", "the others were matted")
+    assert out.split() == [str(Path("out/com/office.png"))]

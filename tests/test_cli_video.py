@@ -404,3 +404,27 @@ def test_termination_finalizes_the_outputs_as_ctrl_c_does(tmp_path, signum):
     assert 0 < len(frames) < 600
     assert audio_seconds(tmp_path / "out.mp4") > 0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bgr.png", "out.mp4", "src.mp4"]
+
+
+def test_each_refine_threshold_default_says_where_it_applies_and_why():
+    """bgmatte video and image default to 0.7 (the reference's inference_video.py and inference_images.py), the
+    rest to the model's 0.1; the help said only "(default 0.7)" or "(default 0.1)", never that the other exists."""
+    from bgmatte.cli import build_parser
+    from bgmatte.model.matting import RefineOptions
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    found = {}
+    for name, parser in commands.items():
+        for action in parser._actions:
+            if action.dest in ("refine_threshold", "threshold"):
+                found[name] = (action.default, " ".join(action.help.split()))
+    assert sorted(found) == ["bench", "eval", "export", "image", "video", "webcam"]
+    for name in ("video", "image"):
+        assert found[name][0] == 0.7
+        assert "inference_video.py" in found[name][1] and "0.1" in found[name][1], found[name]
+    for name in ("webcam", "eval", "export", "bench"):
+        assert found[name][0] == 0.1
+        assert "the model's own" in found[name][1] and "0.7" in found[name][1], (name, found[name])
+    assert pipeline.ModelOptions().refine_threshold == RefineOptions().refine_threshold == 0.1
+    readme = " ".join((ROOT / "README.md").read_text().replace("`", "").split())
+    assert "--refine-threshold defaults to 0.7 in bgmatte video and image" in readme

@@ -689,12 +689,43 @@ def test_truncated_input_keeps_every_decoded_frame_and_says_so(tmp_path):
     with VideoReader(cut) as reader:
         decodable = len(list(reader))
     assert 5 <= decodable < 25
-    with pytest.raises(BgmatteError, match=r"cut.mkv.*truncated.*outputs hold those") as caught:
+    with pytest.raises(BgmatteError, match=r"cut.mkv.*truncated.*outputs hold those \d+ frames$") as caught:
         convert_video(cut, plate, output_dir=tmp_path / "out", outputs=["com", "pha"], model=DifferenceModel(),
                       progress=False)
     assert "\n" not in str(caught.value)
     assert len(read_frames(tmp_path / "out" / "com.mp4")) == decodable
     assert len(read_frames(tmp_path / "out" / "pha.mp4")) == decodable
+
+
+def test_an_input_that_ends_after_its_first_frame_says_the_outputs_hold_that_frame(tmp_path):
+    """The message said "the outputs hold those 1 frames"; one frame is "that frame", more are "those N frames"."""
+    whole, plate = tmp_path / "whole.mkv", tmp_path / "plate.png"
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 12, (HEIGHT, WIDTH, 3)) for _ in range(25)]
+    write_clip(whole, [np.clip(subject_frame(plate_image(), index).astype(int) + grain, 0, 255).astype(np.uint8)
+                       for index, grain in enumerate(noise)], audio=False)
+    write_png(plate, plate_image())
+    data, cut = whole.read_bytes(), tmp_path / "cut.mkv"
+    for percent in range(5, 50):  # the shortest cut that still decodes: its first frame only
+        cut.write_bytes(data[: len(data) * percent // 100])
+        try:
+            with VideoReader(cut) as reader:
+                decoded, error = len(list(reader)), reader.error
+        except BgmatteError:  # the header or the first frame is cut
+            continue
+        if decoded:
+            break
+    assert decoded == 1 and error is not None
+    with pytest.raises(BgmatteError) as caught:
+        convert_video(cut, plate, output_dir=tmp_path / "out", outputs=["pha"], model=DifferenceModel(), progress=False)
+    assert str(caught.value).endswith("(the file looks truncated or damaged); the outputs hold that frame")
+    assert len(read_frames(tmp_path / "out" / "pha.mp4")) == 1
+
+
+def test_what_a_stopped_run_holds_is_worded_for_its_count():
+    held = pipeline._frames_held
+    assert [held(count, "the first") for count in (0, 1, 5)] == ["no frame", "the first frame", "the first 5 frames"]
+    assert [held(count, "those") for count in (0, 1, 5)] == ["no frame", "that frame", "those 5 frames"]
 
 
 def test_missing_and_non_media_inputs_name_the_file(tmp_path, scene):

@@ -207,6 +207,20 @@ def test_a_pool_too_small_for_one_process_is_refused_by_all_and_said_once(tmp_pa
     assert refused.stderr.count("bgmatte train: error:") == 1, refused.stderr[-3000:]
     assert "process 1: --train-samples 3 leaves 1 samples per process, fewer than its batch of 2" in refused.stderr
     assert "[rank" not in refused.stderr, refused.stderr[-3000:]  # no process's traceback (torchrun prints its own)
+    assert not (tmp_path / "run").exists()  # nor its folder, its samples/ or its logs left behind
+
+
+@pytest.mark.timeout(150)
+def test_options_refused_under_torchrun_create_nothing(tmp_path):
+    """Rank 0 made the run's folder and its samples/ before the batch size was checked against the processes, and
+    a refused run left them there, empty."""
+    out = tmp_path / "runs" / "run"
+    refused = torchrun("train", "base", "--out", str(out), "--steps", "1", "--num-workers", "0", *TINY,
+                       "--batch-size", "3", timeout=120)
+    assert refused.returncode != 0
+    assert refused.stderr.count("bgmatte train: error:") == 1, refused.stderr[-3000:]
+    assert "--batch-size 3 does not split evenly over 2 processes" in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

@@ -810,3 +810,39 @@ def test_tensorboard_events_are_written_when_it_is_installed(tmp_path):
     loop.train(tiny_options(tmp_path, steps=1, train_samples=2, log="tensorboard", val_every=1))
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "train.csv").is_file()  # CSV is written as well
+
+
+@pytest.mark.parametrize("refused", [
+    (["--batch-size", "1"], "leaves 1 image per process"),  # refused as the model is built
+    (["--train-samples", "1"], "--train-samples 1 leaves 1 samples per process"),  # refused as the data is made
+    (["--precision", "fp16"], "--precision fp16 needs a GPU"),
+])
+def test_a_run_whose_options_are_refused_creates_nothing(tmp_path, capsys, refused):
+    """A refused run left its folder behind, with an empty samples/ and logs of a header only: nothing to lose, but
+    nothing asked for either. Folders it made are removed, and only those: a folder that was there stays."""
+    flags, problem = refused
+    out = tmp_path / "runs" / "new"
+    assert main(["train", "base", "--out", str(out), *TINY, "--steps", "1", "--num-workers", "0", "--val-every", "0",
+                 *flags]) == 2
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    mine = tmp_path / "mine"
+    (mine / "notes.txt").parent.mkdir()
+    (mine / "notes.txt").write_text("kept")
+    assert main(["train", "base", "--out", str(mine), *TINY, "--steps", "1", "--num-workers", "0", "--val-every", "0",
+                 *flags]) == 2
+    assert sorted(path.name for path in mine.iterdir()) == ["notes.txt"]
+
+
+def test_what_a_refused_run_made_is_removed_unless_it_holds_more(tmp_path):
+    out = tmp_path / "run"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"")
+    (out / "samples").mkdir()
+    (out / "train.csv").write_text("step,loss\n")
+    (out / "valid.csv").write_text("step,loss\n4,0.5\n")  # rows: not a refused run's, kept
+    loop._remove_made([out, out / "samples", out / "train.csv", out / "valid.csv", out / "tensorboard"])
+    assert sorted(path.name for path in out.iterdir()) == ["valid.csv"]
+    (out / "valid.csv").unlink()
+    loop._remove_made([out])
+    assert not out.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from bgmatte.cli.video import MODEL_THRESHOLD, threshold_note
 from bgmatte.errors import BgmatteError
 
 DESCRIPTION = """\
@@ -38,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mode", choices=("sampling", "thresholding", "full"), default="sampling",
                         help="refine mode (default sampling)")
     parser.add_argument("--pixels", type=int, default=80_000, help="pixels refined in sampling mode (default 80000)")
-    parser.add_argument("--threshold", type=float, default=0.1, help="error threshold in thresholding mode (default 0.1)")
+    parser.add_argument("--threshold", type=float, default=MODEL_THRESHOLD,
+                        help=f"error threshold in thresholding mode (default {threshold_note(MODEL_THRESHOLD)})")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="default fp32")
     parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                         help="what to compare the plain module with: the fast path (torch, default) or "

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from bgmatte.cli.video import OUTPUT_KINDS, add_model_arguments, add_plate_arguments, model_options
-from bgmatte.errors import BgmatteError
+from bgmatte.errors import BgmatteError, PartlyDone
 
 DESCRIPTION = """\
 Matte still images shot against a plate. Writes OUT/com/NAME.png (an RGBA cutout, or a composite with
@@ -21,8 +22,8 @@ Matte still images shot against a plate. Writes OUT/com/NAME.png (an RGBA cutout
 --bgr is one plate for every image, or a folder of plates matched to the images by file name.
 Existing outputs are refused unless --overwrite (or -y), or kept with --skip-existing, which writes only
 the missing ones: to finish a run stopped by Ctrl-C. An image that cannot be read, or whose plate from a
-folder cannot, is left out with an error naming the file, the others are matted, and the exit status is
-non-zero.
+folder cannot, is left out, the others are matted, and the exit status is non-zero: the files written are
+listed and counted as after a clean run, then one error line names every input left out and why.
 """
 
 
@@ -61,15 +62,26 @@ def run(args: argparse.Namespace) -> int:
         raise BgmatteError("no output folder: give -o OUT (or --output-dir)")
     from bgmatte.pipeline import matte_images
 
-    written = matte_images(
-        sources, args.bgr, output_dir=args.output_dir, outputs=args.outputs or ("com",), target_bgr=args.target_bgr,
-        align=args.align, match_exposure=args.match_exposure, model=model_options(args), overwrite=args.overwrite,
-        skip_existing=args.skip_existing, progress=not args.quiet,
-    )
+    try:
+        written = matte_images(
+            sources, args.bgr, output_dir=args.output_dir, outputs=args.outputs or ("com",),
+            target_bgr=args.target_bgr, align=args.align, match_exposure=args.match_exposure,
+            model=model_options(args), overwrite=args.overwrite, skip_existing=args.skip_existing,
+            progress=not args.quiet,
+        )
+    except PartlyDone as exc:  # some inputs left out: what was written is reported as after a clean run, then the error
+        report(exc.written, args, partial=True)
+        raise
+    report(written, args)
+    return 0
+
+
+def report(written: dict[str, list[Path]], args: argparse.Namespace, partial: bool = False) -> None:
+    """Each written file on stdout, and (unless --quiet) how many of each output went to which folder on stderr;
+    after a batch that left inputs out, kinds with no file are not counted."""
     for kind, paths in written.items():
         for path in paths:
             print(path)
-        if not args.quiet:
+        if not args.quiet and (paths or not partial):
             print(f"bgmatte image: {len(paths)} {kind} image{'s' if len(paths) != 1 else ''} in "
                   f"{paths[0].parent if paths else args.output_dir}", file=sys.stderr)
-    return 0

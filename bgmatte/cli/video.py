@@ -54,7 +54,15 @@ costs its frame alone, with a warning. Inputs above 100 megapixels a frame are r
 """
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, refine_threshold: float = 0.7) -> None:
+SCRIPT_THRESHOLD = 0.7
+"""--refine-threshold's default in `bgmatte video` and `image`: the value of the reference's inference_video.py and
+inference_images.py, whose options these commands take, so that a command line of theirs gives the same mattes."""
+MODEL_THRESHOLD = 0.1
+"""--refine-threshold's default elsewhere: MattingRefine's own (RefineOptions), which load_model and the Python API
+use too. Both only matter with --refine-mode thresholding."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, refine_threshold: float = SCRIPT_THRESHOLD) -> None:
     """Model options under both their short names and the reference scripts' `--model-*` names."""
     group = parser.add_argument_group("model")
     group.add_argument("--checkpoint", "--model-checkpoint", dest="checkpoint", metavar="FILE",
@@ -73,8 +81,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, refine_threshold: fl
                        help="run the plain model instead of the fast inference path (same outputs)")
 
 
-def add_refine_arguments(group, *, scale: float | None = 0.25, pixels: int | None = 80_000, threshold: float = 0.1,
-                         reference_names: bool = True) -> None:
+def add_refine_arguments(group, *, scale: float | None = 0.25, pixels: int | None = 80_000,
+                         threshold: float = MODEL_THRESHOLD, reference_names: bool = True) -> None:
     """The backbone and where the refiner works: --backbone, --backbone-scale, --refine-mode,
     --refine-sample-pixels, --refine-threshold (also as the reference scripts' --model-* names where
     `reference_names`). A default of None leaves the scale or the pixels to the frame size."""
@@ -93,7 +101,19 @@ def add_refine_arguments(group, *, scale: float | None = 0.25, pixels: int | Non
     group.add_argument(*names("refine-sample-pixels"), dest="refine_sample_pixels", type=int, default=pixels,
                        metavar="N", help=f"pixels refined in sampling mode ({by_size})")
     group.add_argument(*names("refine-threshold"), dest="refine_threshold", type=float, default=threshold,
-                       metavar="T", help=f"error threshold in thresholding mode (default {threshold})")
+                       metavar="T", help=f"error threshold in thresholding mode (default {threshold_note(threshold)})")
+
+
+def threshold_note(threshold: float) -> str:
+    """Where a --refine-threshold default comes from, for the help: 0.7 and 0.1 are both in use (see
+    `SCRIPT_THRESHOLD`), and a user meeting one should learn of the other."""
+    if threshold == SCRIPT_THRESHOLD:
+        return (f"{threshold}, as the reference's inference_video.py and inference_images.py; the Python API and "
+                f"the other commands use the model's own {MODEL_THRESHOLD}")
+    if threshold == MODEL_THRESHOLD:
+        return (f"{threshold}, the model's own, as in the Python API; bgmatte video and image use the reference "
+                f"scripts' {SCRIPT_THRESHOLD}")
+    return str(threshold)
 
 
 def model_options(args: argparse.Namespace):

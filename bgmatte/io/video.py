@@ -602,7 +602,8 @@ class VideoReader:
                         index += 1
                 except Exception:  # noqa: BLE001 - the decoder is already broken; we tried
                     pass
-                self.error = BgmatteError(f"{self.path}: decoding stopped after {index} frames ({failure})")
+                frames = f"{index} frame{'s' if index != 1 else ''}"
+                self.error = BgmatteError(f"{self.path}: decoding stopped after {frames} ({failure})")
             elif not self._stop.is_set():
                 self.error = self._check_complete(index)
             if self.skipped:

@@ -825,7 +825,8 @@ def run_webcam(
         record: also write the output to this video file (`overwrite` to replace it; never one of the inputs).
         width, height, fps: the capture format asked of the camera; frames are resized to width x height.
         backbone, backbone_scale, refine_mode, refine_sample_pixels, refine_threshold, plate_solve, device,
-            precision: the model's settings, as for `bgmatte.load_model` and `Predictor`.
+            precision: the model's settings, as for `bgmatte.load_model` and `Predictor` (the threshold's default
+            is the model's own 0.1, as in ``bgmatte webcam``).
         max_frames: stop after this many frames.
 
     Ctrl-C stops it: the camera is released and the virtual camera and the recording are closed

@@ -183,7 +183,8 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
     """A ready ``MattingRefine`` in eval mode, from a checkpoint path or (None) the embedded default model.
 
     The refine settings left None are ``RefineOptions``' defaults (0.25, sampling, 80,000, 0.1), or, for an
-    ``.onnx`` file, what it was exported with; one given that differs from the file's is refused.
+    ``.onnx`` file, what it was exported with; one given that differs from the file's is refused. (``bgmatte video``
+    and ``image`` pass a threshold of 0.7, the reference inference scripts' value, instead of 0.1.)
     The backbone and the refiner's kernel size are read from the weights unless given. ``optimize``
     asks for the fast inference path where one is available; it computes the same outputs.
     ``precision`` (fp32, fp16, bf16) sets the weights' dtype; inputs must match it on the plain

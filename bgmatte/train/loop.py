@@ -9,7 +9,8 @@ SyncBatchNorm) each process normalises with its own share of the batch. Only ran
 Files in the run's folder: ``last.safetensors`` and ``best.safetensors`` (weights ``load_model``
 reads), ``state.pt`` (model, optimiser, loss scaler, step, random states; read with
 ``weights_only=True``), ``train.csv`` and ``valid.csv`` (and TensorBoard events on request) and
-``samples/step_NNNNNNN.png``.
+``samples/step_NNNNNNN.png``. A run refused before its first step (its options, its data) removes the folders and
+empty logs it created, leaving none of them behind.
 """
 from __future__ import annotations
 
@@ -894,7 +895,13 @@ def train(options: TrainOptions, given: Collection[str] | None = None) -> TrainR
     """
     runtime, created_group = start_runtime(options.device)
     try:
-        return _Run(options, runtime, given).run()
+        run = _Run(options, runtime, given)  # refused, it removes what it made itself
+        try:
+            return run.run()
+        except BgmatteError:
+            if run.step == run.first_step:  # refused before a step (a pool too small, ...): nothing trained or saved
+                _remove_made(run.made)
+            raise
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -1023,7 +1030,7 @@ def _has_rows(path: Path) -> bool:
 
 def earlier_run_files(folder: Path) -> list[str]:
     """The files of an earlier run in a folder. A log with no rows and an empty folder do not count: a run
-    that failed before its first step leaves them, and they hold nothing to lose."""
+    killed before its first step leaves them (a refused one removes them), and they hold nothing to lose."""
     found = []
     for name in RUN_FILES:
         path = folder / name
@@ -1080,33 +1087,56 @@ def _open_run_folder(options: TrainOptions, given: Collection[str] | None
 
 
 def _prepare_run_folder(options: TrainOptions, runtime: Runtime, given: Collection[str] | None
-                        ) -> tuple[TrainOptions, dict[str, object] | None]:
+                        ) -> tuple[TrainOptions, dict[str, object] | None, list[Path]]:
     """Before anything is built, rank 0 readies the run's folder: it creates it for a new run (refusing
     one that holds an earlier run), or reads the state of the run to resume and settles its options (its
     paths made absolute, to be saved so); it checks that the logs asked for can be written, and removes what
-    interrupted saves left. The options and state, or the refusal, go to every process."""
-    message, saved = None, None
+    interrupted saves left. The options and state, or the refusal, go to every process. Also returns the
+    folders rank 0 created (none in the other processes), for `_remove_made` if the run is refused later."""
+    message, saved, made = None, None, []
     if runtime.is_main:
+        out = Path(options.out)
+        missing = [path for path in (out / "samples", out, *out.parents) if not os.path.lexists(path)]
         try:
             options, saved = _open_run_folder(options, given)
         except BgmatteError as exc:
             message = str(exc)
         except OSError as exc:  # the folder could not even be looked at
             message = f"{options.out}: cannot use this folder ({exc.strerror or exc})"
+        made = [path for path in reversed(missing) if os.path.lexists(path)]  # in the order they were made
+        if message is not None:
+            _remove_made(made)
     if runtime.distributed:
         holder = [(message, saved, options)]
         dist.broadcast_object_list(holder, src=0)
         message, saved, options = holder[0]
     if message is not None:
         raise RunRefused(message)
-    return options, saved
+    return options, saved, made
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Undo the set-up of a run refused before its first step: remove what it created (`made`, in the order it made
+    them), the folders if they are empty, the logs, which hold only their header then, and TensorBoard's event files,
+    so that a refused run leaves nothing behind. Anything else found there is kept, and with it its folder."""
+    for path in reversed(made):
+        try:
+            if path.name == "tensorboard" and path.is_dir() and not path.is_symlink():
+                for event in path.glob("events.out.tfevents.*"):
+                    event.unlink()
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()  # only when empty
+            elif path.suffix == ".csv" and not _has_rows(path):
+                path.unlink()
+        except OSError:  # not empty, or not ours to remove any more: left as it is
+            pass
 
 
 class _Run:
     """One training run: the model, optimiser, data and logs of this process; ``run`` is the loop."""
 
     def __init__(self, options: TrainOptions, runtime: Runtime, given: Collection[str] | None = None) -> None:
-        options, saved = _prepare_run_folder(options, runtime, given)
+        options, saved, self.made = _prepare_run_folder(options, runtime, given)
         self.options, self.runtime = options, runtime
         self.logger: Logger | None = None
         self.valid_batches: list[dict[str, Tensor]] = []
@@ -1118,11 +1148,20 @@ class _Run:
         with _long_wait(runtime):  # making the validation set may take longer than a collective waits
             try:
                 if runtime.is_main and refusal is None:  # the logs and the validation set are rank 0's alone
+                    logs = [options.out / name for name in ("train.csv", "valid.csv", "tensorboard")]
+                    self.made += [path for path in logs if not os.path.lexists(path)]
                     self.logger = Logger(options, self.step if saved is not None else None)
                     self.valid_batches = validation_batches(options, runtime, self.per_process)
             except BgmatteError as exc:
                 refusal = str(exc)
-        _refuse_together(runtime, refusal)
+        try:
+            _refuse_together(runtime, refusal)
+        except BgmatteError:
+            if self.logger is not None:
+                self.logger.close()
+            _remove_made(self.made)
+            raise
+        self.first_step = self.step
         self.model: nn.Module = self.network
         if runtime.distributed:
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
