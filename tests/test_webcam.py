@@ -868,3 +868,24 @@ def test_session_composites_an_image_target_from_the_pixels_read_before_the_came
     WebcamSession(iter(camera_frames[:1]), ConstantMatte(alpha=0.0), [webcam.TargetBackground("image", path=path)],
                   sinks=[sink], plate=camera_frames[0], keys=scripted(), pictures={path: picture}).run()
     assert np.abs(sink.frames[0].astype(int) - BLUE).max() <= 1
+
+
+@pytest.mark.parametrize("option,value", [("--fps", "nan"), ("--fps", "inf"), ("--auto-plate-delay", "nan"),
+                                          ("--auto-plate-delay", "inf")])
+def test_cli_a_frame_rate_or_plate_delay_that_is_not_a_finite_number_is_refused_before_the_camera_opens(
+        monkeypatch, tmp_path, capsys, option, value):
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    code = main(["webcam", "--record", str(tmp_path / "out.mp4"), "--no-preview", option, value])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith(f"bgmatte webcam: error: {option} ")
+    assert value in err
+
+
+@pytest.mark.parametrize("delay", [float("nan"), float("inf"), -1.0])
+def test_an_automatic_plate_delay_that_would_never_pass_is_refused(delay):
+    with pytest.raises(BgmatteError, match="automatic plate delay must be 0 s or more"):
+        AutoPlate(delay=delay)

@@ -13,6 +13,7 @@ the next `auto_plate_frames` frames. Until there is a plate, frames pass through
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -549,7 +550,7 @@ class AutoPlate:
     frames: int = 10
 
     def __post_init__(self) -> None:
-        if self.delay < 0:
+        if not (math.isfinite(self.delay) and self.delay >= 0):  # NaN would never come, infinity never end
             raise BgmatteError(f"the automatic plate delay must be 0 s or more, not {self.delay}")
         if self.frames < 1:
             raise BgmatteError(f"the automatic plate needs at least 1 frame, not {self.frames}")
@@ -831,9 +832,12 @@ def run_webcam(
     Ctrl-C stops it: the camera is released and the virtual camera and the recording are closed
     (the recording finished and playable) before KeyboardInterrupt goes on. Returns a `WebcamReport`.
     """
+    # NaN passes no comparison: finiteness is asked for (an infinite or NaN rate cannot time a recording).
     for name, value in (("--width", width), ("--height", height), ("--fps", fps)):
-        if value is not None and value <= 0:
-            raise BgmatteError(f"{name} must be positive, not {value}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise BgmatteError(f"{name} must be a positive number, not {value}")
+    if not (math.isfinite(auto_plate_delay) and auto_plate_delay >= 0):  # NaN: the plate would never be taken
+        raise BgmatteError(f"--auto-plate-delay must be a number of seconds, 0 or more, not {auto_plate_delay}")
     if max_frames is not None and max_frames < 1:
         raise BgmatteError(f"--max-frames must be at least 1, not {max_frames}")
     for name, value in (("--virtual-cam-backend", virtual_cam_backend), ("--virtual-cam-device", virtual_cam_device)):
