@@ -25,6 +25,7 @@ import torch
 from bgmatte.errors import BgmatteError
 from bgmatte.model.build import BACKENDS, PRECISIONS, load_model, resolve_device
 from bgmatte.model.matting import BACKBONES, MattingRefine, RefineOptions
+from bgmatte.predictor import check_frame_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from bgmatte.pipeline import PipelineSpeed
@@ -239,6 +240,7 @@ def _check_options(options: BenchOptions) -> None:
         raise BgmatteError(f"plate_solve must be one of {', '.join(PLATE_SOLVE_CHOICES)}, not {options.plate_solve!r}")
     if options.backbone is not None and options.backbone not in BACKBONES:
         raise BgmatteError(f"unknown backbone {options.backbone!r}: choose one of {', '.join(BACKBONES)}")
+    check_frame_size(options.width, options.height, options.options.backbone_scale)
 
 
 def _plain_model(options: BenchOptions, device: torch.device) -> tuple[MattingRefine, str, BenchOptions]:

@@ -237,3 +237,19 @@ def test_model_options_are_exported_lazily():
 
     assert "ModelOptions" in bgmatte.__all__
     assert bgmatte.ModelOptions is bgmatte.pipeline.ModelOptions
+
+
+# ---------------------------------------------------------------------------------------- frame sizes
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["plain", "fast"])
+def test_a_predictor_refuses_frames_too_small_for_the_backbone_scale_in_one_line(optimized):
+    from bgmatte.model.fast import optimize_model
+
+    model = MattingRefine("mobilenetv2", backbone_scale=0.05).eval()
+    predictor = Predictor(optimize_model(model) if optimized else model)
+    frame = torch.zeros(1, 12, 20, 3, dtype=torch.uint8)  # 20x12: the base network would get 1x0 pixels
+    with pytest.raises(BgmatteError) as caught:
+        predictor(frame, frame)
+    assert "20x12" in one_line(caught) and "0.05" in one_line(caught)
+    predictor(torch.zeros(1, 20, 20, 3, dtype=torch.uint8), torch.zeros(1, 20, 20, 3, dtype=torch.uint8))  # 1x1: runs

@@ -216,3 +216,12 @@ def test_the_pipeline_benchmark_itself_refuses_what_needs_a_second_candidate():
         benchmark_pipeline(BenchOptions(width=64, height=64, backend="onnxruntime"))
     with pytest.raises(BgmatteError, match="not compare"):
         benchmark_pipeline(BenchOptions(width=64, height=64, plate_solve="compare"))
+
+
+def test_a_resolution_too_small_for_the_scale_is_refused_before_any_model_is_built(capsys, monkeypatch):
+    import bgmatte.bench
+
+    monkeypatch.setattr(bgmatte.bench, "random_model", lambda *args, **kwargs: pytest.fail("a model was built"))
+    assert main(["bench", "--resolution", "96x64", "--scale", "0.01", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "96x64" in err and "0.01" in err

@@ -889,3 +889,15 @@ def test_cli_a_frame_rate_or_plate_delay_that_is_not_a_finite_number_is_refused_
 def test_an_automatic_plate_delay_that_would_never_pass_is_refused(delay):
     with pytest.raises(BgmatteError, match="automatic plate delay must be 0 s or more"):
         AutoPlate(delay=delay)
+
+
+def test_cli_frames_too_small_for_the_backbone_scale_are_one_line_naming_the_size_and_scale(tmp_path, checkpoint,
+                                                                                            capsys):
+    clip = make_clip(tmp_path / "camera.mp4", 4)
+    code = main(["webcam", "--camera", str(clip), "--checkpoint", str(checkpoint), "--record",
+                 str(tmp_path / "out.mp4"), "--no-preview", "--backbone-scale", "0.01", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("bgmatte webcam: error: ") and f"{WIDTH}x{HEIGHT}" in err and "0.01" in err
+    assert not (tmp_path / "out.mp4").exists()
