@@ -901,3 +901,37 @@ def test_cli_frames_too_small_for_the_backbone_scale_are_one_line_naming_the_siz
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("bgmatte webcam: error: ") and f"{WIDTH}x{HEIGHT}" in err and "0.01" in err
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_run_webcam_refuses_a_capture_size_above_the_pixel_limit_before_opening_the_camera(monkeypatch, tmp_path):
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    with pytest.raises(BgmatteError, match=r"--width 100000 --height 100000: 100000x100000 is 10000 megapixels, above "
+                                           r"the limit of 100"):
+        run_webcam(camera="0", record=tmp_path / "out.mp4", width=100_000, height=100_000, preview=False)
+    with pytest.raises(BgmatteError, match=r"above the limit"):  # the other side follows the camera: not known yet
+        run_webcam(camera="0", record=tmp_path / "out.mp4", width=100_001 * 1000, preview=False)
+
+
+def test_camera_source_refuses_a_file_whose_frames_are_above_the_pixel_limit_before_reading_one(tmp_path,
+                                                                                               monkeypatch):
+    clip = make_clip(tmp_path / "camera.mp4", 3)
+    read = []
+    real_open = webcam._open_capture
+
+    def watched(camera):
+        capture = real_open(camera)
+        original = capture.read
+        capture = types.SimpleNamespace(isOpened=capture.isOpened, get=capture.get, set=capture.set,
+                                        release=capture.release, read=lambda: read.append(1) or original())
+        return capture
+
+    monkeypatch.setattr(webcam, "_open_capture", watched)
+    with pytest.raises(BgmatteError, match=rf"camera\.mp4: {WIDTH}x{HEIGHT} is 0\.006144 megapixels, above the "
+                                           r"limit of 0\.005"):
+        CameraSource(clip, max_pixels=5000)
+    assert not read
+    with pytest.raises(BgmatteError, match=r"camera\.mp4: .*asked for 200x200: 0\.04 megapixels, above the limit"):
+        CameraSource(clip, width=200, height=200, max_pixels=20000)
