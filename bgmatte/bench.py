@@ -378,7 +378,10 @@ def _onnx_candidate(plain: MattingRefine, options: BenchOptions):
         raise BgmatteError("the onnxruntime backend runs fp32 models only")
     with tempfile.TemporaryDirectory(prefix="bgmatte-bench-") as folder:
         path = export_onnx(plain, Path(folder) / "model.onnx")
-        return OnnxMatting(path, device=str(resolve_device(options.device)), threads=options.threads)
+        # PyTorch's count when none is given, as the plain module runs with and the result reports: onnxruntime
+        # would otherwise take every core.
+        return OnnxMatting(path, device=str(resolve_device(options.device)),
+                           threads=options.threads or torch.get_num_threads())
 
 
 def format_result(result: BenchResult) -> str:

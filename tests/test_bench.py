@@ -248,3 +248,25 @@ def test_running_out_of_memory_is_one_line_saying_what_to_lower(capsys, monkeypa
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("bgmatte bench: error: not enough memory")
     assert "64x64" in err and "batch of 3" in err
+
+
+def test_onnxruntime_runs_on_as_many_threads_as_the_plain_module_and_the_table_says(capsys, monkeypatch):
+    """Without --threads, both candidates get PyTorch's current count, which the table prints: onnxruntime left
+    to itself would take every core."""
+    import bgmatte.export
+
+    asked = []
+
+    class FakeOnnx:
+        def __init__(self, path, *, device, threads):
+            asked.append(threads)
+
+        def __call__(self, src, bgr):
+            return (torch.zeros(1),) * 6
+
+    monkeypatch.setattr(bgmatte.export, "export_onnx", lambda model, path: path)
+    monkeypatch.setattr(bgmatte.export, "OnnxMatting", FakeOnnx)
+    torch.set_num_threads(1)
+    assert main(["bench", "--backend", "onnxruntime", "--resolution", "64x64", "--pixels", "256", "--repeats", "1",
+                 "--warmup", "0", "--device", "cpu"]) == 0
+    assert asked == [1] and "1 threads" in capsys.readouterr().out
