@@ -935,3 +935,18 @@ def test_camera_source_refuses_a_file_whose_frames_are_above_the_pixel_limit_bef
     assert not read
     with pytest.raises(BgmatteError, match=r"camera\.mp4: .*asked for 200x200: 0\.04 megapixels, above the limit"):
         CameraSource(clip, width=200, height=200, max_pixels=20000)
+
+
+def test_run_webcam_refuses_a_still_image_as_the_camera_before_opening_it(monkeypatch, tmp_path):
+    """OpenCV plays a photo as a one-frame video: the recording got that one frame, passed through, exit 0."""
+    from bgmatte.io.images import write_png
+
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    photo = tmp_path / "photo.png"
+    write_png(photo, scene(0))
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    with pytest.raises(BgmatteError, match=r"photo\.png: a still image, not a video to play as the camera"):
+        run_webcam(camera=photo, record=tmp_path / "out.mp4", preview=False)
+    assert not (tmp_path / "out.mp4").exists()

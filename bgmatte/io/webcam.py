@@ -870,6 +870,7 @@ def run_webcam(
                            "(the preview needs a display)")
     if record is not None:
         _check_recording(Path(record), overwrite, camera, bgr, targets)
+    _refuse_still_camera(camera)
     pictures = _read_targets(targets)
 
     from bgmatte.model.build import load_model
@@ -940,6 +941,26 @@ def _check_recording(path: Path, overwrite: bool, camera: int | str | os.PathLik
     inputs += [("target background", target.path) for target in targets if target.path is not None]
     refuse_overwriting_inputs([path], inputs, advice="choose another --record file")
     check_destination(path, overwrite)
+
+
+def _refuse_still_camera(camera: int | str | os.PathLike) -> None:
+    """Refuse a photo given as the camera file, which OpenCV plays as a video of one frame (a recording of it, passed
+    through, and exit 0). A file that cannot be opened is left to `CameraSource`, which says why."""
+    if isinstance(camera, int) or str(camera).strip().isdigit() or not Path(camera).is_file():
+        return
+    from bgmatte.io.video import VideoReader
+
+    try:
+        reader = VideoReader(camera, queue_size=1)
+    except BgmatteError:
+        return
+    try:
+        still = reader.still
+    finally:
+        reader.close()
+    if still:
+        raise BgmatteError(f"{camera}: a still image, not a video to play as the camera: give it as --bgr or "
+                           "--target-bgr, or matte it with `bgmatte image`")
 
 
 def _read_targets(targets: Sequence[TargetBackground]) -> dict[Path, np.ndarray]:
