@@ -17,6 +17,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
@@ -25,6 +27,8 @@ import torch
 from bgmatte.errors import BgmatteError
 from bgmatte.model.build import BACKENDS, PRECISIONS, load_model, resolve_device
 from bgmatte.model.matting import BACKBONES, MattingRefine, RefineOptions
+from bgmatte.io.images import DEFAULT_MAX_PIXELS, megapixels
+from bgmatte.predictor import NotEnoughMemory, check_frame_size, is_out_of_memory
 
 if TYPE_CHECKING:  # pragma: no cover
     from bgmatte.pipeline import PipelineSpeed
@@ -213,9 +217,24 @@ def benchmark(options: BenchOptions) -> BenchResult:
     try:
         if options.threads is not None:
             torch.set_num_threads(options.threads)
-        return _benchmark(options)
+        with _memory_in_one_line(options):
+            return _benchmark(options)
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def _memory_in_one_line(options: BenchOptions) -> Iterator[None]:
+    """Running out of memory (frames, weights, or the model's work) as one `NotEnoughMemory` line saying what to
+    lower, not a traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, BgmatteError) or not is_out_of_memory(exc):
+            raise
+        raise NotEnoughMemory(f"not enough memory to benchmark a batch of {options.batch} at {options.width}x"
+                              f"{options.height} on {options.device}: try a smaller --resolution or --batch, or "
+                              "another --device") from None
 
 
 def _with_repeats(options: BenchOptions, default: int) -> BenchOptions:
@@ -239,6 +258,11 @@ def _check_options(options: BenchOptions) -> None:
         raise BgmatteError(f"plate_solve must be one of {', '.join(PLATE_SOLVE_CHOICES)}, not {options.plate_solve!r}")
     if options.backbone is not None and options.backbone not in BACKBONES:
         raise BgmatteError(f"unknown backbone {options.backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if options.width * options.height > DEFAULT_MAX_PIXELS:  # as for images: no frame this large is matted
+        raise BgmatteError(f"resolution {options.width}x{options.height} is "
+                           f"{megapixels(options.width * options.height)} megapixels, above the limit of "
+                           f"{megapixels(DEFAULT_MAX_PIXELS)}")
+    check_frame_size(options.width, options.height, options.options.backbone_scale)
 
 
 def _plain_model(options: BenchOptions, device: torch.device) -> tuple[MattingRefine, str, BenchOptions]:
@@ -321,10 +345,11 @@ def benchmark_pipeline(options: BenchOptions) -> PipelineBenchResult:
     if options.plate_solve == "compare":
         raise BgmatteError("the pipeline benchmark (--pipeline) times one model: the plate solve (--plate-solve) "
                            "must be off or on, not compare")
-    plain, weights, options = _plain_model(options, resolve_device(options.device))
-    predictor = Predictor(optimize_model(plain), precision=options.precision)
-    speed = measure_pipeline(predictor, width=options.width, height=options.height, batch_size=options.batch,
-                             rounds=options.repeats, threads=options.threads)
+    with _memory_in_one_line(options):
+        plain, weights, options = _plain_model(options, resolve_device(options.device))
+        predictor = Predictor(optimize_model(plain), precision=options.precision)
+        speed = measure_pipeline(predictor, width=options.width, height=options.height, batch_size=options.batch,
+                                 rounds=options.repeats, threads=options.threads)
     return PipelineBenchResult(options=options, weights=weights, speed=speed)
 
 
@@ -353,7 +378,10 @@ def _onnx_candidate(plain: MattingRefine, options: BenchOptions):
         raise BgmatteError("the onnxruntime backend runs fp32 models only")
     with tempfile.TemporaryDirectory(prefix="bgmatte-bench-") as folder:
         path = export_onnx(plain, Path(folder) / "model.onnx")
-        return OnnxMatting(path, device=str(resolve_device(options.device)), threads=options.threads)
+        # PyTorch's count when none is given, as the plain module runs with and the result reports: onnxruntime
+        # would otherwise take every core.
+        return OnnxMatting(path, device=str(resolve_device(options.device)),
+                           threads=options.threads or torch.get_num_threads())
 
 
 def format_result(result: BenchResult) -> str:

@@ -392,7 +392,8 @@ class OnnxMatting:
 
     ``model(src, bgr)`` takes float tensors (B, 3, H, W) in [0, 1] and returns the six outputs on
     ``device``, the torch device of the provider the session runs on (it has no parameters to tell it).
-    The settings were fixed at export; ``options`` and ``backbone_name`` tell them.
+    The settings were fixed at export; ``options`` and ``backbone_name`` tell them. A failed allocation raises
+    MemoryError; any other failure of onnxruntime, a one-line BgmatteError.
     """
 
     def __init__(self, path: str | Path, *, device: str | torch.device | None = "cpu",
@@ -426,8 +427,21 @@ class OnnxMatting:
         check_inputs(src, bgr)  # as the torch model: uint8 frames must be scaled to [0, 1] first, not cast
         feed = {"src": src.detach().float().cpu().contiguous().numpy(),
                 "bgr": bgr.detach().float().cpu().contiguous().numpy()}
-        outputs = self.session.run(list(OUTPUT_NAMES), feed)
+        try:
+            outputs = self.session.run(list(OUTPUT_NAMES), feed)
+        except Exception as exc:  # onnxruntime's own types, none of them a RuntimeError or MemoryError
+            raise _run_failure(exc, self.path, tuple(src.shape)) from None
         return tuple(torch.from_numpy(output).to(self.device) for output in outputs)  # type: ignore[return-value]
+
+
+def _run_failure(exc: Exception, path: Path, shape: tuple) -> Exception:
+    """onnxruntime's failure to run as Python's exceptions: a failed allocation as a MemoryError (which `Predictor`
+    words as NotEnoughMemory, as for the torch model), anything else as one line naming the model and the input."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if "allocate memory" in text.lower() or "out of memory" in text.lower():
+        return MemoryError(first)
+    return BgmatteError(f"{path}: onnxruntime failed on a batch of {shape[0]} at {shape[3]}x{shape[2]} ({first})")
 
 
 def _session_device(session, providers: list) -> torch.device:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from bgmatte.errors import BgmatteError
 from bgmatte.model.build import PRECISIONS
-from bgmatte.model.matting import MattingBase, MattingRefine
+from bgmatte.model.matting import MattingBase, MattingRefine, base_input_size
 
 # Sides at or above this many pixels count as 4K, where the paper's settings are 1/8 and 320,000 pixels.
 UHD_MIN_PIXELS = 3200 * 1800
@@ -87,6 +87,27 @@ def frames_to_tensor(frames: np.ndarray | Tensor, device: torch.device, dtype: t
 # Layers that behave differently in training mode: batch norm normalises by the batch and updates its
 # running statistics, dropout zeroes activations. torch names their common bases only privately.
 _TRAINING_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
+
+
+def backbone_scale_of(model: object) -> float | None:
+    """The scale a model runs its base network at: a ``backbone_scale`` attribute (plain, fast and TorchScript
+    models, changeable between calls) or its ``options``' (ONNX); None when it has neither (the base network)."""
+    scale = getattr(model, "backbone_scale", None)
+    if scale is None:
+        scale = getattr(getattr(model, "options", None), "backbone_scale", None)
+    return float(scale) if isinstance(scale, (int, float)) else None
+
+
+def check_frame_size(width: int, height: int, backbone_scale: float | None) -> None:
+    """Refuse frames so small that the base network would get no pixels at ``backbone_scale``, in one line: the
+    model itself raises a ValueError deep inside, and an ONNX model onnxruntime's own error."""
+    if backbone_scale is None:
+        return
+    small_h, small_w = base_input_size(height, width, backbone_scale)
+    if min(small_h, small_w) < 1:
+        raise BgmatteError(f"frames of {width}x{height} are too small for backbone scale {backbone_scale:g}: the "
+                           f"base network would see {small_w}x{small_h} pixels; use larger frames or a larger "
+                           "--backbone-scale")
 
 
 def refuse_training_mode(model: object) -> None:
@@ -168,6 +189,7 @@ class Predictor:
             if src_t.shape != bgr_t.shape:
                 raise BgmatteError(f"the plate is {bgr_t.shape[-1]}x{bgr_t.shape[-2]} but the frame is "
                                    f"{src_t.shape[-1]}x{src_t.shape[-2]}")
+            check_frame_size(src_t.shape[-1], src_t.shape[-2], backbone_scale_of(self.model))
             pha, fgr, _, _, err_sm, ref_sm = self.model(src_t, bgr_t)
             return Matte(pha.float(), fgr.float(), err_sm, ref_sm)
         except (MemoryError, RuntimeError) as exc:

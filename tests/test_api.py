@@ -237,3 +237,49 @@ def test_model_options_are_exported_lazily():
 
     assert "ModelOptions" in bgmatte.__all__
     assert bgmatte.ModelOptions is bgmatte.pipeline.ModelOptions
+
+
+# ---------------------------------------------------------------------------------------- frame sizes
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["plain", "fast"])
+def test_a_predictor_refuses_frames_too_small_for_the_backbone_scale_in_one_line(optimized):
+    from bgmatte.model.fast import optimize_model
+
+    model = MattingRefine("mobilenetv2", backbone_scale=0.05).eval()
+    predictor = Predictor(optimize_model(model) if optimized else model)
+    frame = torch.zeros(1, 12, 20, 3, dtype=torch.uint8)  # 20x12: the base network would get 1x0 pixels
+    with pytest.raises(BgmatteError) as caught:
+        predictor(frame, frame)
+    assert "20x12" in one_line(caught) and "0.05" in one_line(caught)
+    predictor(torch.zeros(1, 20, 20, 3, dtype=torch.uint8), torch.zeros(1, 20, 20, 3, dtype=torch.uint8))  # 1x1: runs
+
+
+@pytest.mark.parametrize("failure", ["InvalidArgument", "RuntimeException"])
+def test_an_onnx_model_that_fails_to_run_is_one_line_and_running_out_of_memory_is_not_enough_memory(tmp_path,
+                                                                                                   failure):
+    """onnxruntime's exceptions are neither RuntimeError nor MemoryError: they passed the Predictor's memory handling
+    and reached the caller as tracebacks of onnxruntime's own types."""
+    pytest.importorskip("onnx")
+    state = pytest.importorskip("onnxruntime.capi.onnxruntime_pybind11_state")
+    from bgmatte.predictor import NotEnoughMemory
+
+    model = bgmatte.load_model(difference_onnx(tmp_path / "difference.onnx"), backend="onnxruntime", device="cpu")
+    message = ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Non-zero status code returned while running Pad node.\n"
+               "more" if failure == "InvalidArgument" else
+               "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer of size 8")
+
+    class Failing:
+        def run(self, names, feed):
+            raise getattr(state, failure)(message)
+
+    model.session = Failing()
+    frame = torch.zeros(1, 4, 8, 3, dtype=torch.uint8)
+    expected = NotEnoughMemory if failure == "RuntimeException" else BgmatteError
+    with pytest.raises(expected) as caught:
+        Predictor(model)(frame, frame)
+    text = one_line(caught)
+    if failure == "InvalidArgument":
+        assert "difference.onnx" in text and "8x4" in text and "Pad node" in text
+    else:
+        assert text.startswith("not enough memory to matte 1 frame of 8x4")

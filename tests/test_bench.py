@@ -216,3 +216,57 @@ def test_the_pipeline_benchmark_itself_refuses_what_needs_a_second_candidate():
         benchmark_pipeline(BenchOptions(width=64, height=64, backend="onnxruntime"))
     with pytest.raises(BgmatteError, match="not compare"):
         benchmark_pipeline(BenchOptions(width=64, height=64, plate_solve="compare"))
+
+
+def test_a_resolution_too_small_for_the_scale_is_refused_before_any_model_is_built(capsys, monkeypatch):
+    import bgmatte.bench
+
+    monkeypatch.setattr(bgmatte.bench, "random_model", lambda *args, **kwargs: pytest.fail("a model was built"))
+    assert main(["bench", "--resolution", "96x64", "--scale", "0.01", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "96x64" in err and "0.01" in err
+
+
+def test_a_resolution_above_the_pixel_limit_is_refused_before_any_model_is_built(capsys, monkeypatch):
+    import bgmatte.bench
+
+    monkeypatch.setattr(bgmatte.bench, "random_model", lambda *args, **kwargs: pytest.fail("a model was built"))
+    assert main(["bench", "--resolution", "100000x100000", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("bgmatte bench: error: resolution 100000x100000 is 10000 megapixels, above the limit of 100\n")
+
+
+def test_running_out_of_memory_is_one_line_saying_what_to_lower(capsys, monkeypatch):
+    import bgmatte.bench
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 120000000000 bytes.\nmore")
+
+    monkeypatch.setattr(bgmatte.bench, "example_frames", no_memory)
+    assert main(["bench", "--resolution", "64x64", "--repeats", "1", "--batch", "3"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("bgmatte bench: error: not enough memory")
+    assert "64x64" in err and "batch of 3" in err
+
+
+def test_onnxruntime_runs_on_as_many_threads_as_the_plain_module_and_the_table_says(capsys, monkeypatch):
+    """Without --threads, both candidates get PyTorch's current count, which the table prints: onnxruntime left
+    to itself would take every core."""
+    import bgmatte.export
+
+    asked = []
+
+    class FakeOnnx:
+        def __init__(self, path, *, device, threads):
+            asked.append(threads)
+
+        def __call__(self, src, bgr):
+            return (torch.zeros(1),) * 6
+
+    monkeypatch.setattr(bgmatte.export, "export_onnx", lambda model, path: path)
+    monkeypatch.setattr(bgmatte.export, "OnnxMatting", FakeOnnx)
+    torch.set_num_threads(1)
+    assert main(["bench", "--backend", "onnxruntime", "--resolution", "64x64", "--pixels", "256", "--repeats", "1",
+                 "--warmup", "0", "--device", "cpu"]) == 0
+    assert asked == [1] and "1 threads" in capsys.readouterr().out

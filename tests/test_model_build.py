@@ -202,3 +202,22 @@ def test_the_shipped_default_weights_are_a_trained_mobilenetv2():
     assert any(k.startswith("refiner.") for k in state)
     assert build.weights_metadata(build.DEFAULT_WEIGHTS).get("steps")
     assert build.DEFAULT_WEIGHTS.stat().st_size < 12_000_000
+
+
+def test_an_onnx_model_is_named_as_one_with_the_way_to_run_it(tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from bgmatte.cli import main
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [value],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "m.onnx"
+    onnx.save_model(helper.make_model(graph), str(path))
+    with pytest.raises(BgmatteError, match=r"m\.onnx: an ONNX model, not a checkpoint of weights: .*"
+                                           r"backend=\"onnxruntime\""):
+        load_model(path)
+    assert main(["export", "torchscript", str(path), "-o", str(tmp_path / "m.torchscript")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "an ONNX model" in err

@@ -868,3 +868,85 @@ def test_session_composites_an_image_target_from_the_pixels_read_before_the_came
     WebcamSession(iter(camera_frames[:1]), ConstantMatte(alpha=0.0), [webcam.TargetBackground("image", path=path)],
                   sinks=[sink], plate=camera_frames[0], keys=scripted(), pictures={path: picture}).run()
     assert np.abs(sink.frames[0].astype(int) - BLUE).max() <= 1
+
+
+@pytest.mark.parametrize("option,value", [("--fps", "nan"), ("--fps", "inf"), ("--auto-plate-delay", "nan"),
+                                          ("--auto-plate-delay", "inf")])
+def test_cli_a_frame_rate_or_plate_delay_that_is_not_a_finite_number_is_refused_before_the_camera_opens(
+        monkeypatch, tmp_path, capsys, option, value):
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    code = main(["webcam", "--record", str(tmp_path / "out.mp4"), "--no-preview", option, value])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith(f"bgmatte webcam: error: {option} ")
+    assert value in err
+
+
+@pytest.mark.parametrize("delay", [float("nan"), float("inf"), -1.0])
+def test_an_automatic_plate_delay_that_would_never_pass_is_refused(delay):
+    with pytest.raises(BgmatteError, match="automatic plate delay must be 0 s or more"):
+        AutoPlate(delay=delay)
+
+
+def test_cli_frames_too_small_for_the_backbone_scale_are_one_line_naming_the_size_and_scale(tmp_path, checkpoint,
+                                                                                            capsys):
+    clip = make_clip(tmp_path / "camera.mp4", 4)
+    code = main(["webcam", "--camera", str(clip), "--checkpoint", str(checkpoint), "--record",
+                 str(tmp_path / "out.mp4"), "--no-preview", "--backbone-scale", "0.01", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("bgmatte webcam: error: ") and f"{WIDTH}x{HEIGHT}" in err and "0.01" in err
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_run_webcam_refuses_a_capture_size_above_the_pixel_limit_before_opening_the_camera(monkeypatch, tmp_path):
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    with pytest.raises(BgmatteError, match=r"--width 100000 --height 100000: 100000x100000 is 10000 megapixels, above "
+                                           r"the limit of 100"):
+        run_webcam(camera="0", record=tmp_path / "out.mp4", width=100_000, height=100_000, preview=False)
+    with pytest.raises(BgmatteError, match=r"above the limit"):  # the other side follows the camera: not known yet
+        run_webcam(camera="0", record=tmp_path / "out.mp4", width=100_001 * 1000, preview=False)
+
+
+def test_camera_source_refuses_a_file_whose_frames_are_above_the_pixel_limit_before_reading_one(tmp_path,
+                                                                                               monkeypatch):
+    clip = make_clip(tmp_path / "camera.mp4", 3)
+    read = []
+    real_open = webcam._open_capture
+
+    def watched(camera):
+        capture = real_open(camera)
+        original = capture.read
+        capture = types.SimpleNamespace(isOpened=capture.isOpened, get=capture.get, set=capture.set,
+                                        release=capture.release, read=lambda: read.append(1) or original())
+        return capture
+
+    monkeypatch.setattr(webcam, "_open_capture", watched)
+    with pytest.raises(BgmatteError, match=rf"camera\.mp4: {WIDTH}x{HEIGHT} is 0\.006144 megapixels, above the "
+                                           r"limit of 0\.005"):
+        CameraSource(clip, max_pixels=5000)
+    assert not read
+    with pytest.raises(BgmatteError, match=r"camera\.mp4: .*asked for 200x200: 0\.04 megapixels, above the limit"):
+        CameraSource(clip, width=200, height=200, max_pixels=20000)
+
+
+def test_run_webcam_refuses_a_still_image_as_the_camera_before_opening_it(monkeypatch, tmp_path):
+    """OpenCV plays a photo as a one-frame video: the recording got that one frame, passed through, exit 0."""
+    from bgmatte.io.images import write_png
+
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    photo = tmp_path / "photo.png"
+    write_png(photo, scene(0))
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    with pytest.raises(BgmatteError, match=r"photo\.png: a still image, not a video to play as the camera"):
+        run_webcam(camera=photo, record=tmp_path / "out.mp4", preview=False)
+    assert not (tmp_path / "out.mp4").exists()

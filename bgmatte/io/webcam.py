@@ -13,6 +13,7 @@ the next `auto_plate_frames` frames. Until there is a plate, frames pass through
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -32,6 +33,7 @@ from torch import Tensor
 from bgmatte.composite import TargetBackground, parse_target_background
 from bgmatte.errors import BgmatteError
 from bgmatte.io.files import check_destination, refuse_overwriting_inputs
+from bgmatte.io.images import DEFAULT_MAX_PIXELS, megapixels
 from bgmatte.io.video import ClosesOnExit
 from bgmatte.pipeline import TargetFrames, render_outputs
 from bgmatte.predictor import Matte
@@ -124,13 +126,15 @@ class CameraSource:
         camera: a camera index (0 is the first camera) or the path of a video file.
         width, height: the frame size wanted; asked of a camera, and frames of another size are resized.
         fps: the frame rate asked of a camera; a file is played at this rate (default: its own).
+        max_pixels: refuse frames, as delivered or as resized, above this many pixels (the still images'
+            limit by default; None: no limit); a file's size is checked from its header, before a frame is decoded.
 
     A file is paced to its frame rate so that it behaves like a live camera. Iterating ends when the
     file ends or the camera stops delivering frames; `close()` releases the device.
     """
 
     def __init__(self, camera: int | str | os.PathLike, *, width: int | None = None, height: int | None = None,
-                 fps: float | None = None):
+                 fps: float | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.is_file = not isinstance(camera, int)
         if self.is_file:
             path = Path(camera)
@@ -155,12 +159,16 @@ class CameraSource:
             if fps is not None:
                 self._capture.set(cv2.CAP_PROP_FPS, fps)
             self._capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # fewer frames queued in the driver: less lag
+        stated = (int(self._capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(self._capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        self._refuse_above(max_pixels, stated)  # 0x0 when the capture does not say
         ok, first = self._capture.read()
         if not ok or first is None:
             self._capture.release()
             raise BgmatteError(f"{self.name}: no frame could be read")
         native = (first.shape[1], first.shape[0])
+        self._refuse_above(max_pixels, native)
         self.size: tuple[int, int] = _requested_size(native, width, height)  # (width, height)
+        self._refuse_above(max_pixels, self.size, f"gives {native[0]}x{native[1]} frames; asked for ")
         if self.size != native:
             logger.info("%s gives %dx%d frames; resizing them to %dx%d", self.name, *native, *self.size)
         reported = self._capture.get(cv2.CAP_PROP_FPS)
@@ -172,6 +180,15 @@ class CameraSource:
         self._closing = False  # stop() or close() was called: a read under way is the last, and its tries stop
         self._release_left_to_reader = False  # close() gave up waiting for a read, which releases when it returns
         self._lock = threading.Lock()  # held by each read and by the release: they never overlap
+
+    def _refuse_above(self, max_pixels: int | None, size: tuple[int, int], what: str = "") -> None:
+        """Release the capture and refuse frames of `size` above `max_pixels` (a possible decompression bomb, or a
+        size no frame of which fits in memory); `what` says how the size came about."""
+        pixels = size[0] * size[1]
+        if max_pixels is not None and pixels > max_pixels:
+            self._capture.release()
+            raise BgmatteError(f"{self.name}: {what}{size[0]}x{size[1]}{': ' if what else ' is '}{megapixels(pixels)} "
+                               f"megapixels, above the limit of {megapixels(max_pixels)}")
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
@@ -549,7 +566,7 @@ class AutoPlate:
     frames: int = 10
 
     def __post_init__(self) -> None:
-        if self.delay < 0:
+        if not (math.isfinite(self.delay) and self.delay >= 0):  # NaN would never come, infinity never end
             raise BgmatteError(f"the automatic plate delay must be 0 s or more, not {self.delay}")
         if self.frames < 1:
             raise BgmatteError(f"the automatic plate needs at least 1 frame, not {self.frames}")
@@ -832,9 +849,13 @@ def run_webcam(
     Ctrl-C stops it: the camera is released and the virtual camera and the recording are closed
     (the recording finished and playable) before KeyboardInterrupt goes on. Returns a `WebcamReport`.
     """
+    # NaN passes no comparison: finiteness is asked for (an infinite or NaN rate cannot time a recording).
     for name, value in (("--width", width), ("--height", height), ("--fps", fps)):
-        if value is not None and value <= 0:
-            raise BgmatteError(f"{name} must be positive, not {value}")
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise BgmatteError(f"{name} must be a positive number, not {value}")
+    if not (math.isfinite(auto_plate_delay) and auto_plate_delay >= 0):  # NaN: the plate would never be taken
+        raise BgmatteError(f"--auto-plate-delay must be a number of seconds, 0 or more, not {auto_plate_delay}")
+    _refuse_large_capture(width, height)
     if max_frames is not None and max_frames < 1:
         raise BgmatteError(f"--max-frames must be at least 1, not {max_frames}")
     for name, value in (("--virtual-cam-backend", virtual_cam_backend), ("--virtual-cam-device", virtual_cam_device)):
@@ -850,6 +871,7 @@ def run_webcam(
                            "(the preview needs a display)")
     if record is not None:
         _check_recording(Path(record), overwrite, camera, bgr, targets)
+    _refuse_still_camera(camera)
     pictures = _read_targets(targets)
 
     from bgmatte.model.build import load_model
@@ -894,6 +916,18 @@ def run_webcam(
     return report
 
 
+def _refuse_large_capture(width: int | None, height: int | None) -> None:
+    """Refuse, before the camera opens, a size asked for that is above the pixel limit of still images (a side given
+    alone counts as that many pixels at least): every frame, plate and composite would be that large."""
+    pixels = (width or 1) * (height or 1)
+    if pixels <= DEFAULT_MAX_PIXELS:
+        return
+    asked = " ".join(f"{name} {value}" for name, value in (("--width", width), ("--height", height)) if value)
+    size = f"{width}x{height} is" if width and height else "frames of at least"
+    raise BgmatteError(f"{asked}: {size} {megapixels(pixels)} megapixels, above the limit of "
+                       f"{megapixels(DEFAULT_MAX_PIXELS)}")
+
+
 def _check_recording(path: Path, overwrite: bool, camera: int | str | os.PathLike, bgr: str | os.PathLike | None,
                      targets: Sequence[TargetBackground]) -> None:
     """Refuse, before the camera opens and the model loads, a recording that cannot be written (its extension, its
@@ -908,6 +942,26 @@ def _check_recording(path: Path, overwrite: bool, camera: int | str | os.PathLik
     inputs += [("target background", target.path) for target in targets if target.path is not None]
     refuse_overwriting_inputs([path], inputs, advice="choose another --record file")
     check_destination(path, overwrite)
+
+
+def _refuse_still_camera(camera: int | str | os.PathLike) -> None:
+    """Refuse a photo given as the camera file, which OpenCV plays as a video of one frame (a recording of it, passed
+    through, and exit 0). A file that cannot be opened is left to `CameraSource`, which says why."""
+    if isinstance(camera, int) or str(camera).strip().isdigit() or not Path(camera).is_file():
+        return
+    from bgmatte.io.video import VideoReader
+
+    try:
+        reader = VideoReader(camera, queue_size=1)
+    except BgmatteError:
+        return
+    try:
+        still = reader.still
+    finally:
+        reader.close()
+    if still:
+        raise BgmatteError(f"{camera}: a still image, not a video to play as the camera: give it as --bgr or "
+                           "--target-bgr, or matte it with `bgmatte image`")
 
 
 def _read_targets(targets: Sequence[TargetBackground]) -> dict[Path, np.ndarray]:

@@ -42,6 +42,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise BgmatteError(f"{path}: not a readable safetensors file ({exc})") from None
+    elif path.suffix.lower() == ".onnx":  # `bgmatte export onnx` makes them; said, not "neither a zip nor a pickle"
+        raise BgmatteError(f"{path}: an ONNX model, not a checkpoint of weights: run it from Python with "
+                           f"bgmatte.load_model(path, backend=\"onnxruntime\"), or give the .pth or .safetensors "
+                           "file it was exported from")
     else:
         state = _load_pickled(path)
     if isinstance(state, dict) and not any(isinstance(v, Tensor) for v in state.values()):

@@ -83,10 +83,16 @@ def prepare_inputs(src: Tensor, bgr: Tensor, backbone_scale: float,
     if pad_h or pad_w:
         src = F.pad(src, (0, pad_w, 0, pad_h), mode="replicate")
         bgr = F.pad(bgr, (0, pad_w, 0, pad_h), mode="replicate")
-    small = (math.floor(src.shape[2] * backbone_scale), math.floor(src.shape[3] * backbone_scale))
+    small = base_input_size(height, width, backbone_scale)
     if min(small) < 1:
         raise ValueError(f"input {height}x{width} is too small for backbone_scale {backbone_scale}")
     return src, bgr, small, (height, width)
+
+
+def base_input_size(height: int, width: int, backbone_scale: float) -> tuple[int, int]:
+    """The (height, width) the base network sees for a frame of ``height`` x ``width``: the sides padded to
+    multiples of 4, then scaled by ``backbone_scale`` and rounded down. A 0 means the frame is too small."""
+    return math.floor((height + -height % 4) * backbone_scale), math.floor((width + -width % 4) * backbone_scale)
 
 
 def build_encoder(backbone: str) -> nn.Module:
