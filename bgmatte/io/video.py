@@ -174,6 +174,7 @@ class VideoReader:
         self.error: BgmatteError | None = None
         self.frames_read = 0
         self.skipped = 0  # damaged packets left out
+        self._hidden = 0  # packets of frames that an edit list hides (MP4, MOV), which the decoder never gives out
         self._bad_in_a_row = 0
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._stop = threading.Event()
@@ -267,10 +268,12 @@ class VideoReader:
         with the next: only `_MAX_BAD_PACKETS` in a row end the stream, with that error."""
         if self._by_dts and packet.dts is not None and packet.size:
             self._packet_dts.append(packet.dts)
+        hidden = packet.is_discard and packet.size > 0
+        self._hidden += hidden
         try:
             frames = self._stream.decode(packet)
         except av.InvalidDataError:
-            if not self._before_start(packet):  # a frame of the span (or one whose time is unknown) was lost
+            if not hidden and not self._before_start(packet):  # a frame of the span (or one whose time is unknown) was lost
                 self.skipped += 1
             self._bad_in_a_row += 1
             if self._bad_in_a_row >= _MAX_BAD_PACKETS:
@@ -387,6 +390,7 @@ class VideoReader:
         self._timer.last = None
         self._packet_dts.clear()
         self._bad_in_a_row = 0
+        self._hidden = 0
 
     def _decode_next(self, where: str | None = None) -> list[av.VideoFrame] | None:
         """The frames of the next packet that gives any; None at the end of the file. A decoder that fails for good
@@ -468,9 +472,14 @@ class VideoReader:
         return max(0.0, float(stream.start_time * stream.time_base))
 
     def _frame_count(self) -> int | None:
-        """The container's frame count, or one estimated from duration and frame rate (None if neither)."""
+        """The container's frame count, or one estimated from duration and frame rate (None if neither). An MP4's or
+        MOV's index also counts the frames its edit list hides (`ffmpeg -ss 2 -c copy` keeps those from the keyframe
+        before the cut), while its stream's duration is what the list shows: the count is no more than that holds."""
         if self._stream.frames:
-            return int(self._stream.frames)
+            shown = int(self._stream.frames)
+            if "mp4" in self._container.format.name.split(",") and self.duration and self.fps:
+                shown = min(shown, max(1, round(self.duration * float(self.fps))))
+            return shown
         if self.duration and self.fps:
             return max(1, round(self.duration * float(self.fps)))
         return None
@@ -582,9 +591,10 @@ class VideoReader:
             return self._check_span_complete()
         if self._by_dts:
             return self._check_avi_complete()
-        expected = int(self._stream.frames or 0)
-        # A little slack: edit lists may legitimately hide a frame or two that the index counts. Frames lost to
-        # damaged packets were in the file all the same (the warning counts them).
+        # The index counts the frames an edit list hides too, which the demuxer marks and the decoder drops: they
+        # were read, not lost. Frames lost to damaged packets were in the file all the same (the warning counts
+        # them). The slack of old stays on top: two frames, or 1% of a long clip.
+        expected = max(0, int(self._stream.frames or 0) - self._hidden)
         if expected and decoded + self.skipped < expected - max(2, expected // 100):
             return BgmatteError(f"{self.path}: ended after {decoded} of {expected} frames (the file looks truncated or damaged)")
         last_time = self._timer.last
