@@ -41,8 +41,12 @@ from bgmatte.io.images import DEFAULT_MAX_PIXELS, megapixels, image_header_size,
 
 logger = logging.getLogger(__name__)
 
+# The suffixes of files that are taken for videos wherever a path could be an image or a video (a plate, a target
+# background, a training folder): the one list, which the reader's containers all have a place in. MPEG program
+# streams (.mpg, .mpeg, .vob, .m2p) are read as such by their demuxer's name, not by these.
 VIDEO_EXTENSIONS = frozenset(
-    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".wmv", ".flv", ".3gp", ".ogv"}
+    {".mp4", ".m4v", ".mov", ".3gp", ".3g2", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".vob", ".m2p", ".ts", ".mts",
+     ".m2ts", ".wmv", ".flv", ".ogv"}
 )
 # Output containers by extension, as FFmpeg muxer names.
 OUTPUT_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm"}
