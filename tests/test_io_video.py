@@ -1964,6 +1964,28 @@ def test_a_span_of_an_mpeg_program_stream_has_its_exact_frames_and_sound(tmp_pat
     assert audio_seconds(output) == pytest.approx(1.0, abs=0.03)
 
 
+def test_an_mpeg_program_streams_estimated_length_is_never_its_length(tmp_path):
+    """FFmpeg estimates a program stream's length from the last stamps it finds near its end: 3.36 s of the 4 s
+    tape, 0.04 s of a 1 s clip, whose progress total was then 1 frame, and so was that of every span past the
+    estimate; an automatic plate, sampled over the frames the count promised, got its first frame alone. Neither the
+    length nor the count is known before the file is read, unless a span's duration says it; the frames all come."""
+    from media import DifferenceModel
+    from bgmatte.pipeline import convert_video
+
+    tape, clip = tmp_path / "tape.mpg", tmp_path / "clip.mpg"
+    muxed_clip(tape, "mpeg2video", "mp2", 100, 4.0, video_options={"g": "15", "bf": "2"})
+    muxed_clip(clip, "mpeg2video", "mp2", 25, 1.3, video_options={"g": "12", "bf": "2"})
+    for source, start, duration, frames, length in [(tape, 0.0, None, 100, None), (tape, 3.5, None, 12, None),
+                                                    (tape, 1.0, 0.4, 10, 0.4), (clip, 0.0, None, 25, None),
+                                                    (clip, 0.5, None, 12, None)]:
+        with VideoReader(source, start=start, duration=duration) as reader:
+            assert (reader.duration, reader.frame_count) == (length, length and 10), (source.name, start)
+            assert len(list(reader)) == frames and reader.error is None, (source.name, start)
+    result = convert_video(clip, "auto", output=tmp_path / "pha.mp4", outputs=["pha"], model=DifferenceModel(),
+                           progress=False)
+    assert len(read_frames(result.outputs["pha"])) == 25
+
+
 def test_a_span_counts_every_frame_that_starts_in_it_and_names_the_last_one_past_the_end(tmp_path):
     source = tmp_path / "clip.mp4"
     span_clip(source, count=25)

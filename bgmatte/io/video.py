@@ -148,6 +148,8 @@ class VideoReader:
     timestamps are shifted so that it is at 0 (in the same time base); `offset` is that frame's time in the
     source's timeline (0.0 for a whole read, whose timestamps are the source's own), where the writer takes
     the audio from (`VideoWriter(audio_start=...)`). `duration` and `frame_count` then estimate the span's.
+    Either is None where the file does not say it before it is read (an MPEG program stream's length, which
+    FFmpeg only guesses), unless a span's duration gives it.
 
     The file's best video stream is read (FFmpeg's choice, never a cover picture). A damaged packet is
     skipped, its frame lost, with one warning at the end that counts them (`skipped`); a truncated input,
@@ -331,7 +333,7 @@ class VideoReader:
         further back, and then the file is read from its beginning, so that no frame of the span is missed; so is
         a video without timestamps, which can only be timed by counting its frames. An MPEG program stream is never
         sought (`_read_to_start`). `first`: the first frame's packet, decoded."""
-        whole = None if self._program_stream else self._duration()
+        whole = self._duration()
         if whole and self.start >= whole - _TIME_SLACK:
             raise self._past_the_end()
         target = self._origin + self.start
@@ -423,7 +425,7 @@ class VideoReader:
     def _past_the_end(self) -> StartPastEnd:
         """The error for a start at or past the end of the video, with its length: the header's, or how far it
         could be decoded when that is less (a truncated file) or the header does not say."""
-        whole = None if self._program_stream else self._duration()  # an estimate, which may be short
+        whole = self._duration()
         clock = self._timer.last
         reached = clock - self._origin + self._step if clock is not None else None
         length = reached if reached is not None and (not whole or reached < whole - _TIME_SLACK) else whole
@@ -445,6 +447,11 @@ class VideoReader:
         return length, max(1, math.ceil(length * float(self.fps) - 1e-3)) if self.fps else None
 
     def _duration(self) -> float | None:
+        """How long the video lasts by its header, from its first frame; None when that is not known. An MPEG program
+        stream's length is FFmpeg's estimate from the last stamps it finds near the end of the file, which says
+        nothing (3.36 s of 4 s; 0.04 s of 1 s; a cut file's is as long as what is left), so it is not taken."""
+        if self._program_stream:
+            return None
         stream = self._stream
         if stream.duration and stream.time_base:
             return float(stream.duration * stream.time_base)
@@ -646,7 +653,7 @@ class VideoReader:
         """How far the decoding may stop short of `_duration` in a whole file: two frames against the video's own
         length (the track duration of a container that indexes its frames, MP4's or AVI's, or Matroska's DURATION
         tag), so that a short clip cut by a third shows; a quarter of a second against a length that may run on with
-        the audio (the container's) or is estimated from the last timestamps FFmpeg finds (MPEG-PS's, among others)."""
+        the audio (the container's) or is estimated from the last timestamps FFmpeg finds (MPEG-TS's, among others)."""
         stream = self._stream
         indexed = bool(stream.duration and stream.time_base and stream.frames)
         own = indexed or (not (stream.duration and stream.time_base) and self._tagged_end() is not None)
