@@ -187,3 +187,22 @@ def dominant_frequency(samples: np.ndarray, rate: int) -> float:
 def audio_frequency(path: Path, track: int = 0) -> float:
     """The dominant frequency (Hz) of an audio track of `path`, its channels mixed down."""
     return dominant_frequency(*mono_samples(path, track))
+
+
+def copy_from(source: Path, target: Path, seconds: float, options: dict[str, str] | None = None) -> None:
+    """Remux `source` from `seconds` on without re-encoding, as `ffmpeg -ss SECONDS -i SOURCE -c copy TARGET` does:
+    every track is copied from the last video keyframe at or before that time, its stamps moved back by it, so that
+    the MP4 muxer writes an edit list that hides the frames before it (still in the file, and in its frame count)."""
+    with av.open(str(source)) as reader, av.open(str(target), mode="w", options=options or {}) as writer:
+        video = reader.streams.video[0]
+        tracks = {stream.index: writer.add_stream_from_template(stream) for stream in (video, *reader.streams.audio)}
+        cut = max(float(packet.pts * video.time_base) for packet in reader.demux(video)
+                  if packet.is_keyframe and packet.pts is not None and packet.pts * video.time_base <= seconds)
+        reader.seek(0)
+        for packet in reader.demux(*(reader.streams[index] for index in tracks)):
+            if packet.dts is None or float(packet.pts * packet.time_base) < cut - 1e-6:
+                continue
+            shift = round(Fraction(seconds) / packet.time_base)
+            packet.pts, packet.dts = packet.pts - shift, packet.dts - shift
+            packet.stream = tracks[packet.stream_index]
+            writer.mux(packet)

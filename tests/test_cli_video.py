@@ -21,7 +21,8 @@ from bgmatte.io.images import write_png
 from bgmatte.io.video import VideoReader
 from bgmatte.model.matting import MattingRefine
 from bgmatte.predictor import Predictor
-from media import DifferenceModel, alpha_planes, audio_seconds, decode_times, make_clip, plate_image, read_frames, write_clip
+from media import (DifferenceModel, alpha_planes, audio_seconds, copy_from, decode_times, make_clip, plate_image, read_frames,
+                   write_clip)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,6 +266,18 @@ def test_a_short_mkv_cut_by_a_third_exits_2(scene, capsys, monkeypatch):
     assert len(read_frames(scene / "out.mp4")) == decodable
     code, _, err = run(capsys, "video", "whole.mkv", "--bgr", "plate.png", "-o", "whole.mp4", "-q")
     assert code == 0 and "warning" not in err.replace("interim checkpoint", "")
+
+
+def test_an_mp4_trimmed_by_its_edit_list_exits_0_with_the_frames_it_shows(scene, capsys, monkeypatch):
+    # `ffmpeg -ss 0.2 -i src.mp4 -c copy trimmed.mp4` keeps all 12 frames behind an edit list that shows the last
+    # seven: it exited 2, "ended after 7 of 12 frames".
+    use_difference_model(monkeypatch)
+    copy_from(scene / "src.mp4", scene / "trimmed.mp4", 0.2)
+    code, _, err = run(capsys, "video", "trimmed.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "-q")
+    assert code == 0, err
+    assert "warning" not in err.replace("interim checkpoint", "")
+    assert decode_times(scene / "out.mp4") == [round(0.04 * index, 4) for index in range(7)]
+    assert audio_seconds(scene / "out.mp4") == pytest.approx(0.28, abs=0.03)
 
 
 def test_a_span_of_a_short_mkv_cut_by_a_third_exits_2(scene, capsys, monkeypatch):

@@ -35,6 +35,7 @@ from bgmatte.io.video import (
 from media import (
     decode_order_copy,
     audio_seconds,
+    copy_from,
     make_clip as make_subject_clip,
     plate_image,
     decode_times,
@@ -183,6 +184,34 @@ def test_truncated_input_keeps_decoded_frames_and_reports_it(tmp_path, kind):
     assert reader.error is not None and "cut" in str(reader.error) and "truncated" in str(reader.error)
     # What was decoded is intact and in order.
     assert np.all(np.diff([int(frame.image[30, 40, 0]) for frame in frames]) > 5)
+
+
+def test_an_mp4_whose_edit_list_hides_its_first_frames_is_whole_and_starts_at_its_first_shown_frame(tmp_path):
+    """`ffmpeg -ss 1.4 -i in.mp4 -c copy out.mp4` copies from the keyframe at 1 s and writes an edit list that hides
+    the ten frames before 1.4 s: the file holds 50 frames, its index counts them all, and 40 are shown. A whole read
+    called it truncated ("ended after 40 of 50 frames"); the hidden frames are never given out, and are not missing."""
+    source, copied = tmp_path / "source.mp4", tmp_path / "copied.mp4"
+    muxed_clip(source, "libx264", "aac", 75, 3.0, video_options={"g": "25", "bf": "2"})
+    copy_from(source, copied, 1.4)
+    with av.open(str(copied)) as container:
+        assert container.streams.video[0].frames == 50
+    reader, frames = read_all(copied)
+    assert [code_of(frame.image) for frame in frames] == list(range(35, 75))
+    assert [round(frame.seconds, 4) for frame in frames] == [round(0.04 * index, 4) for index in range(40)]
+    assert reader.error is None and reader.frame_count == 40 and reader.duration == pytest.approx(1.6)
+    with VideoReader(copied, start=0.5, duration=0.4) as reader:
+        assert [code_of(frame.image) for frame in reader] == list(range(48, 58)) and reader.error is None
+    with VideoReader(copied, start=1.2) as reader:
+        assert [code_of(frame.image) for frame in reader] == list(range(65, 75)) and reader.error is None
+    # Cut short, such a file is still truncated (its index comes first, so that what is left can be read).
+    faststart = tmp_path / "faststart.mp4"
+    copy_from(source, faststart, 1.4, options={"movflags": "faststart"})
+    data = faststart.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    reader, frames = read_all(cut)
+    assert 10 <= len(frames) < 38 and code_of(frames[0].image) == 35
+    assert str(reader.error) == f"{cut}: ended after {len(frames)} of 40 frames (the file looks truncated or damaged)"
 
 
 def test_a_short_mkv_cut_by_a_third_is_reported(tmp_path):
@@ -1984,6 +2013,28 @@ def test_a_span_of_an_mpeg_program_stream_has_its_exact_frames_and_sound(tmp_pat
     assert decode_times(output) == [round(0.04 * index, 4) for index in range(25)]
     assert [code_of(image) for image in read_frames(output)] == list(range(48, 73))
     assert audio_seconds(output) == pytest.approx(1.0, abs=0.03)
+
+
+def test_an_mpeg_program_streams_estimated_length_is_never_its_length(tmp_path):
+    """FFmpeg estimates a program stream's length from the last stamps it finds near its end: 3.36 s of the 4 s
+    tape, 0.04 s of a 1 s clip, whose progress total was then 1 frame, and so was that of every span past the
+    estimate; an automatic plate, sampled over the frames the count promised, got its first frame alone. Neither the
+    length nor the count is known before the file is read, unless a span's duration says it; the frames all come."""
+    from media import DifferenceModel
+    from bgmatte.pipeline import convert_video
+
+    tape, clip = tmp_path / "tape.mpg", tmp_path / "clip.mpg"
+    muxed_clip(tape, "mpeg2video", "mp2", 100, 4.0, video_options={"g": "15", "bf": "2"})
+    muxed_clip(clip, "mpeg2video", "mp2", 25, 1.3, video_options={"g": "12", "bf": "2"})
+    for source, start, duration, frames, length in [(tape, 0.0, None, 100, None), (tape, 3.5, None, 12, None),
+                                                    (tape, 1.0, 0.4, 10, 0.4), (clip, 0.0, None, 25, None),
+                                                    (clip, 0.5, None, 12, None)]:
+        with VideoReader(source, start=start, duration=duration) as reader:
+            assert (reader.duration, reader.frame_count) == (length, length and 10), (source.name, start)
+            assert len(list(reader)) == frames and reader.error is None, (source.name, start)
+    result = convert_video(clip, "auto", output=tmp_path / "pha.mp4", outputs=["pha"], model=DifferenceModel(),
+                           progress=False)
+    assert len(read_frames(result.outputs["pha"])) == 25
 
 
 def test_a_span_counts_every_frame_that_starts_in_it_and_names_the_last_one_past_the_end(tmp_path):

@@ -5,6 +5,7 @@ import logging
 import os
 import shutil
 import threading
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -294,6 +295,36 @@ def test_one_frame_target_video_of_another_frame_rate_is_a_still(scene, tmp_path
     frames = read_frames(result.outputs["com"])
     assert len(frames) == 12
     assert all(abs(background_pixels(frame, index).mean() - 200) < 6 for index, frame in enumerate(frames))
+
+
+def program_stream(path: Path, images: list[np.ndarray]) -> None:
+    """`images` as MPEG-2 at 25 fps in an MPEG program stream (a DVD's .vob), at a rate that keeps them close."""
+    with av.open(str(path), mode="w", format="vob") as container:
+        stream = container.add_stream("mpeg2video", rate=25)
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        stream.codec_context.bit_rate = 4_000_000
+        for index, image in enumerate(images):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def test_a_vob_plate_and_target_background_are_videos(scene, tmp_path):
+    # The reader takes .vob (an MPEG program stream), but the video suffixes lacked it: a .vob target background was
+    # refused ("cannot tell from the extension whether this background is an image or a video"), and a .vob plate
+    # was first tried as an image.
+    clip, _ = scene
+    program_stream(tmp_path / "plate.VOB", [plate_image()] * 12)
+    program_stream(tmp_path / "sky.vob", [np.full((HEIGHT, WIDTH, 3), 200, np.uint8)] * 12)
+    assert pipeline._is_video_path(tmp_path / "plate.VOB")
+    result = convert_video(clip, tmp_path / "plate.VOB", output=tmp_path / "com.mp4", outputs=["com", "pha"],
+                           target_bgr=str(tmp_path / "sky.vob"), model=DifferenceModel(), progress=False)
+    composites, mattes = read_frames(result.outputs["com"]), read_frames(result.outputs["pha"])
+    assert len(composites) == len(mattes) == 12
+    for index in range(12):
+        assert background_pixels(mattes[index], index).mean() < 10, index
+        assert abs(background_pixels(composites[index], index).mean() - 200) < 6, index
 
 
 def test_blur_target_composites_over_the_blurred_frame(scene, tmp_path):

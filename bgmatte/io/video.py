@@ -41,8 +41,12 @@ from bgmatte.io.images import DEFAULT_MAX_PIXELS, megapixels, image_header_size,
 
 logger = logging.getLogger(__name__)
 
+# The suffixes of files that are taken for videos wherever a path could be an image or a video (a plate, a target
+# background, a training folder): the one list, which the reader's containers all have a place in. MPEG program
+# streams (.mpg, .mpeg, .vob, .m2p) are read as such by their demuxer's name, not by these.
 VIDEO_EXTENSIONS = frozenset(
-    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts", ".wmv", ".flv", ".3gp", ".ogv"}
+    {".mp4", ".m4v", ".mov", ".3gp", ".3g2", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".vob", ".m2p", ".ts", ".mts",
+     ".m2ts", ".wmv", ".flv", ".ogv"}
 )
 # Output containers by extension, as FFmpeg muxer names.
 OUTPUT_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm"}
@@ -148,6 +152,8 @@ class VideoReader:
     timestamps are shifted so that it is at 0 (in the same time base); `offset` is that frame's time in the
     source's timeline (0.0 for a whole read, whose timestamps are the source's own), where the writer takes
     the audio from (`VideoWriter(audio_start=...)`). `duration` and `frame_count` then estimate the span's.
+    Either is None where the file does not say it before it is read (an MPEG program stream's length, which
+    FFmpeg only guesses), unless a span's duration gives it.
 
     The file's best video stream is read (FFmpeg's choice, never a cover picture). A damaged packet is
     skipped, its frame lost, with one warning at the end that counts them (`skipped`); a truncated input,
@@ -184,6 +190,7 @@ class VideoReader:
         self.error: BgmatteError | None = None
         self.frames_read = 0
         self.skipped = 0  # damaged packets left out
+        self._hidden = 0  # packets of frames that an edit list hides (MP4, MOV), which the decoder never gives out
         self._bad_in_a_row = 0
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._stop = threading.Event()
@@ -276,10 +283,13 @@ class VideoReader:
         """The frames of one packet. A damaged one (invalid data) is skipped and counted, and the decoder goes on
         with the next: only `_MAX_BAD_PACKETS` in a row end the stream, with that error."""
         self._note_stamps(packet)
+        hidden = packet.is_discard and packet.size > 0
+        self._hidden += hidden
         try:
             frames = self._placed(self._stream.decode(packet))
         except av.InvalidDataError:
-            if not self._before_start(packet):  # a frame of the span (or one whose time is unknown) was lost
+            # A frame of the span (or one whose time is unknown) was lost; one an edit list hides does not count.
+            if not hidden and not self._before_start(packet):
                 self.skipped += 1
             self._bad_in_a_row += 1
             if self._bad_in_a_row >= _MAX_BAD_PACKETS:
@@ -346,8 +356,8 @@ class VideoReader:
         AVI copied into Matroska or MP4, whose frames decode to its stamps in decoding order. A decoded frame carries,
         as its decoding stamp, the number of the packet that let the decoder give it out (`_note_stamps`), which
         comes as many packets after the one holding the frame's place in time as the decoder holds back for
-        reordering; that packet's stamp is the frame's time (gaps of dropped frames included). A frame without that packet (drained from the decoder at the
-        end) takes the stamp after the one the frame before took."""
+        reordering; that packet's stamp is the frame's time (gaps of dropped frames included). A frame without that
+        packet (drained from the decoder at the end) takes the stamp after the one the frame before took."""
         base = frame.time_base or self._stream.time_base
         if base is None:
             return None
@@ -372,7 +382,7 @@ class VideoReader:
         further back, and then the file is read from its beginning, so that no frame of the span is missed; so is
         a video without timestamps, which can only be timed by counting its frames. An MPEG program stream is never
         sought (`_read_to_start`). `first`: the first frame's packet, decoded."""
-        whole = None if self._program_stream else self._duration()
+        whole = self._duration()
         if whole and self.start >= whole - _TIME_SLACK:
             raise self._past_the_end()
         target = self._origin + self.start
@@ -435,6 +445,7 @@ class VideoReader:
         self._timer.last = None
         self._forget_stamps()
         self._bad_in_a_row = 0
+        self._hidden = 0
 
     def _decode_next(self, where: str | None = None) -> list[av.VideoFrame] | None:
         """The frames of the next packet that gives any; None at the end of the file. A decoder that fails for good
@@ -463,7 +474,7 @@ class VideoReader:
     def _past_the_end(self) -> StartPastEnd:
         """The error for a start at or past the end of the video, with its length: the header's, or how far it
         could be decoded when that is less (a truncated file) or the header does not say."""
-        whole = None if self._program_stream else self._duration()  # an estimate, which may be short
+        whole = self._duration()
         clock = self._timer.last
         reached = clock - self._origin + self._step if clock is not None else None
         length = reached if reached is not None and (not whole or reached < whole - _TIME_SLACK) else whole
@@ -485,6 +496,11 @@ class VideoReader:
         return length, max(1, math.ceil(length * float(self.fps) - 1e-3)) if self.fps else None
 
     def _duration(self) -> float | None:
+        """How long the video lasts by its header, from its first frame; None when that is not known. An MPEG program
+        stream's length is FFmpeg's estimate from the last stamps it finds near the end of the file, which says
+        nothing (3.36 s of 4 s; 0.04 s of 1 s; a cut file's is as long as what is left), so it is not taken."""
+        if self._program_stream:
+            return None
         stream = self._stream
         if stream.duration and stream.time_base:
             return float(stream.duration * stream.time_base)
@@ -516,9 +532,14 @@ class VideoReader:
         return max(0.0, float(stream.start_time * stream.time_base))
 
     def _frame_count(self) -> int | None:
-        """The container's frame count, or one estimated from duration and frame rate (None if neither)."""
+        """The container's frame count, or one estimated from duration and frame rate (None if neither). An MP4's or
+        MOV's index also counts the frames its edit list hides (`ffmpeg -ss 2 -c copy` keeps those from the keyframe
+        before the cut), while its stream's duration is what the list shows: the count is no more than that holds."""
         if self._stream.frames:
-            return int(self._stream.frames)
+            shown = int(self._stream.frames)
+            if "mp4" in self._container.format.name.split(",") and self.duration and self.fps:
+                shown = min(shown, max(1, round(self.duration * float(self.fps))))
+            return shown
         if self.duration and self.fps:
             return max(1, round(self.duration * float(self.fps)))
         return None
@@ -631,9 +652,10 @@ class VideoReader:
             return self._check_span_complete()
         if self._by_dts:
             return self._check_avi_complete()
-        expected = int(self._stream.frames or 0)
-        # A little slack: edit lists may legitimately hide a frame or two that the index counts. Frames lost to
-        # damaged packets were in the file all the same (the warning counts them).
+        # The index counts the frames an edit list hides too, which the demuxer marks and the decoder drops: they
+        # were read, not lost. Frames lost to damaged packets were in the file all the same (the warning counts
+        # them). The slack of old stays on top: two frames, or 1% of a long clip.
+        expected = max(0, int(self._stream.frames or 0) - self._hidden)
         if expected and decoded + self.skipped < expected - max(2, expected // 100):
             return BgmatteError(f"{self.path}: ended after {decoded} of {expected} frames (the file looks truncated or damaged)")
         last_time = self._timer.last
@@ -681,7 +703,7 @@ class VideoReader:
         """How far the decoding may stop short of `_duration` in a whole file: two frames against the video's own
         length (the track duration of a container that indexes its frames, MP4's or AVI's, or Matroska's DURATION
         tag), so that a short clip cut by a third shows; a quarter of a second against a length that may run on with
-        the audio (the container's) or is estimated from the last timestamps FFmpeg finds (MPEG-PS's, among others)."""
+        the audio (the container's) or is estimated from the last timestamps FFmpeg finds (MPEG-TS's, among others)."""
         stream = self._stream
         indexed = bool(stream.duration and stream.time_base and stream.frames)
         own = indexed or (not (stream.duration and stream.time_base) and self._tagged_end() is not None)
