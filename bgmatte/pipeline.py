@@ -141,6 +141,19 @@ class ModelOptions:
     def __post_init__(self) -> None:
         if self.model_type not in ("mattingrefine", "mattingbase"):
             raise BgmatteError(f"model type {self.model_type!r} is not supported: use mattingrefine or mattingbase")
+        # Checked here, when the options are made, not when the weights load after the inputs were opened.
+        from bgmatte.model.matting import REFINE_MODES, refine_setting_problem
+
+        for name in ("backbone_scale", "refine_sample_pixels", "refine_threshold"):
+            value = getattr(self, name)
+            problem = None if value is None and name != "refine_threshold" else refine_setting_problem(name, value)
+            if problem is not None:
+                raise BgmatteError(f"{name} {problem}, not {value!r}")
+        if self.refine_mode not in REFINE_MODES:
+            raise BgmatteError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, not {self.refine_mode!r}")
+        if self.refine_kernel_size not in (None, 1, 3):
+            raise BgmatteError(f"refine_kernel_size must be 1 or 3 (None: read from the weights), "
+                               f"not {self.refine_kernel_size!r}")
 
 
 HELPER_NICENESS = 10

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, plate_solve_choice
+from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, check_refine_arguments, plate_solve_choice
 from bgmatte.errors import BgmatteError
 
 DESCRIPTION = """\
@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             raise BgmatteError("--data goes with --model or --baseline")
         if args.overwrite and not args.out:
             raise BgmatteError("--overwrite goes with --out")
+        check_refine_arguments(args)
         evaluate.check_dataset(args.data)  # before the model is loaded, which takes a while
         if args.out:
             evaluate.check_prediction_folder(args.data, args.out, overwrite=args.overwrite)

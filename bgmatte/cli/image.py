@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bgmatte.cli.video import OUTPUT_KINDS, add_model_arguments, add_plate_arguments, model_options
+from bgmatte.cli.video import (OUTPUT_KINDS, add_model_arguments, add_plate_arguments, check_refine_arguments,
+                               model_options)
 from bgmatte.errors import BgmatteError, PartlyDone
 
 DESCRIPTION = """\
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise BgmatteError("no plate: give --bgr PLATE (an image, or a folder of plates named like the images)")
     if not args.output_dir:
         raise BgmatteError("no output folder: give -o OUT (or --output-dir)")
+    check_refine_arguments(args)
     from bgmatte.pipeline import matte_images
 
     try:

@@ -104,6 +104,24 @@ def add_refine_arguments(group, *, scale: float | None = 0.25, pixels: int | Non
                        metavar="T", help=f"error threshold in thresholding mode (default {threshold_note(threshold)})")
 
 
+REFINE_OPTIONS = {"backbone_scale": "--backbone-scale", "refine_sample_pixels": "--refine-sample-pixels",
+                  "refine_threshold": "--refine-threshold"}
+"""The numeric refine settings and the options `add_refine_arguments` gives them, for `check_refine_arguments`."""
+
+
+def check_refine_arguments(args: argparse.Namespace, options: dict[str, str] = REFINE_OPTIONS) -> None:
+    """Refuse a numeric refine setting the model cannot use as one line naming its option (`options` maps each
+    setting to it), before any input is read or model loaded: argparse's float() takes ``nan`` and ``inf``, and a
+    NaN --refine-threshold silently refined nothing."""
+    from bgmatte.model.matting import refine_setting_problem
+
+    for name, option in options.items():
+        value = getattr(args, name, None)
+        problem = None if value is None else refine_setting_problem(name, value)
+        if problem is not None:
+            raise BgmatteError(f"{option} {value}: the value {problem}")
+
+
 def threshold_note(threshold: float) -> str:
     """Where a --refine-threshold default comes from, for the help: 0.7 and 0.1 are both in use (see
     `SCRIPT_THRESHOLD`), and a user meeting one should learn of the other."""
@@ -229,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
         raise BgmatteError("no source video: give SRC (or --video-src)")
     if not args.bgr:
         raise BgmatteError("no plate: give --bgr PLATE (an image, a video, or auto)")
+    check_refine_arguments(args)
     start = parse_time("--start", args.start) if args.start is not None else 0.0
     duration = parse_time("--duration", args.duration) if args.duration is not None else None
     if duration is not None and duration <= 0:
