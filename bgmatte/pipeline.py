@@ -177,7 +177,8 @@ def _base_only(model: ModelLike) -> bool:
 
 def check_model(model: ModelLike, kinds: Sequence[str] = ()) -> None:
     """Refuse, before any work, a `model` the pipeline cannot run as given: a type it does not take, a module in
-    training mode, or the coarse network alone when the ``ref`` output (among `kinds`) is asked for."""
+    training mode, a device that is not usable here (CUDA without a GPU: before any input is read, not when the
+    weights load), or the coarse network alone when the ``ref`` output (among `kinds`) is asked for."""
     if not _loads_itself(model) and not isinstance(model, (Predictor, nn.Module)):
         from bgmatte.export import OnnxMatting
 
@@ -185,6 +186,7 @@ def check_model(model: ModelLike, kinds: Sequence[str] = ()) -> None:
             raise BgmatteError("model takes a checkpoint path, ModelOptions, a torch module, an ONNX model from "
                                f"load_model(backend='onnxruntime') or a Predictor, not {type(model).__name__}")
     refuse_training_mode(model.model if isinstance(model, Predictor) else model)
+    model_device(model)  # resolves (and so checks) the device that options or a checkpoint ask for
     if "ref" in kinds and _base_only(model):
         raise BgmatteError("the ref output needs the refine model: drop ref, or use MattingRefine (model type "
                            "mattingrefine) instead of MattingBase")

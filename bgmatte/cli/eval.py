@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         if args.overwrite and not args.out:
             raise BgmatteError("--overwrite goes with --out")
         check_refine_arguments(args)
+        if args.model:  # an unusable device before the data is looked at, not once the weights are read
+            from bgmatte.model.build import resolve_device
+
+            resolve_device(args.device)
         evaluate.check_dataset(args.data)  # before the model is loaded, which takes a while
         if args.out:
             evaluate.check_prediction_folder(args.data, args.out, overwrite=args.overwrite)
