@@ -1412,7 +1412,8 @@ def matte_images(
     `skip_existing`; an output that would replace one of the input images (a photo, a plate or the target)
     always is. A source image that cannot be read, or whose plate from a folder cannot, is left out and the others
     are matted; then a `bgmatte.errors.PartlyDone` (a `BgmatteError`) names every one left out, in one line, and
-    carries the files written (`written`, as returned) and the images left out (`left_out`).
+    carries the files written (`written`, as returned) and the images left out (`left_out`). A KeyboardInterrupt
+    (Ctrl-C, or `Terminated`) goes on once the files queued are complete, with those written as its `written`.
     """
     if overwrite and skip_existing:
         raise BgmatteError("overwrite and skip_existing (--overwrite, --skip-existing) exclude each other: choose one")
@@ -1564,13 +1565,15 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                                  f"({'; '.join(reason for _, reason in unreadable)}); {others}repair or remove them, "
                                  "then run again with --skip-existing to add theirs",
                                  written, [source for source, _ in unreadable])
-        except BaseException:
+        except BaseException as stop:
             # Stopped early: the files already queued are finished (each is complete or absent).
             for kind, future in pending:
                 try:
                     written[kind].append(future.result())
                 except Exception as exc:  # noqa: BLE001 - the first error is the one on its way
                     logger.debug("%s", exc)
+            if isinstance(stop, KeyboardInterrupt):  # Ctrl-C or a signal: the caller can still say what exists
+                stop.written = written
             raise
     return written
 

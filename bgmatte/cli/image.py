@@ -25,6 +25,8 @@ Existing outputs are refused unless --overwrite (or -y), or kept with --skip-exi
 the missing ones: to finish a run stopped by Ctrl-C. An image that cannot be read, or whose plate from a
 folder cannot, is left out, the others are matted, and the exit status is non-zero: the files written are
 listed and counted as after a clean run, then one error line names every input left out and why.
+Ctrl-C (or SIGTERM, SIGHUP) lets the images being saved finish, lists and counts the files written so far
+the same way, and leaves no partly written file.
 """
 
 
@@ -73,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except PartlyDone as exc:  # some inputs left out: what was written is reported as after a clean run, then the error
         report(exc.written, args, partial=True)
+        raise
+    except KeyboardInterrupt as exc:  # Ctrl-C or a signal: the same, before main's "interrupted" line
+        report(getattr(exc, "written", {}), args, partial=True)
         raise
     report(written, args)
     return 0
