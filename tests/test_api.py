@@ -295,3 +295,9 @@ def test_model_options_refuse_an_unusable_refine_setting_when_made_before_anythi
     with pytest.raises(BgmatteError, match=name) as caught:
         bgmatte.ModelOptions(**{name: value})
     one_line(caught)
+
+
+def test_the_package_docstring_names_every_public_name():
+    """It described the public API without RefineOptions, which __all__ exports."""
+    missing = [name for name in bgmatte.__all__ if name != "__version__" and f"``{name}``" not in bgmatte.__doc__]
+    assert missing == []
