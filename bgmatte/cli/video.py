@@ -42,7 +42,8 @@ Every frame goes into every output, upright, with its timestamps; the audio goes
 frames from the start (counted from the first frame) for the duration (default: to the end), each TIME
 given as seconds (12.5) or [HH:]MM:SS[.fff] (1:02.5). The outputs start at 0 with the sound of the same
 span (copied sound from the packet under the start: .mp4 and .mov trim it there, .mkv and .webm start
-up to a packet early, some 20 ms for AAC, 100 ms for FLAC). --bgr auto
+up to a packet early, some 20 ms for AAC, 100 ms for FLAC; at the end, copied sound ends with the video
+in .mp4 and .mov and up to a packet after it in .mkv and .webm). --bgr auto
 estimates the plate from the span; a plate video is read from the same start, so that each frame gets
 the plate frame it would get in a whole run (a plate video that ends before the start is refused); a
 --target-bgr video plays from its own beginning.
