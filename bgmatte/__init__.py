@@ -11,9 +11,11 @@ CVPR 2021), and loads that work's released checkpoints. The vocabulary, used thr
 - ``*_sm``: the same at the base network's reduced resolution (``backbone_scale``); ``ref_sm`` is the
   exception, always at quarter resolution.
 
-The public API is small: the networks, ``load_model``, the one-call video and image functions,
-and ``ModelOptions``, their choice of model, device and precision. Everything else lives in a
-module named for what it does.
+The public API is small: the networks ``MattingBase`` and ``MattingRefine``; ``RefineOptions``, the
+refiner's speed settings (``MattingRefine.configure`` takes them); ``load_model``; the one-call video
+and image functions ``convert_video`` and ``matte_images``; ``ModelOptions``, their choice of model,
+device and precision; and ``BgmatteError``, the one-line error for bad input. Everything else lives
+in a module named for what it does.
 """
 from __future__ import annotations
 

@@ -336,12 +336,13 @@ def export_checkpoint(checkpoint: str | Path | None, output: str | Path, *, form
     """Load a checkpoint (None: the embedded default model) and export it as ``torchscript`` or ``onnx``;
     ``plate_solve`` as for ``load_model`` (None: as the weights say). An existing ``output`` is refused,
     before the checkpoint is read, unless ``overwrite``."""
-    from bgmatte.model.build import DEFAULT_WEIGHTS, load_model
+    from bgmatte.model.build import DEFAULT_WEIGHTS, load_model, resolve_device
 
     if format not in ("torchscript", "onnx"):
         raise BgmatteError(f"unknown export format {format!r}: choose torchscript or onnx")
     if format == "onnx" and precision != "fp32":
         raise BgmatteError("ONNX export is fp32 only (onnxruntime converts at load time if it needs to)")
+    resolve_device(device)  # an unusable device first, before the output and the checkpoint are looked at
     check_destination(Path(output), overwrite)
     _refuse_replacing_source(Path(output), Path(checkpoint) if checkpoint is not None else DEFAULT_WEIGHTS)
     model = load_model(checkpoint, backbone=backbone, backbone_scale=options.backbone_scale,

@@ -141,6 +141,19 @@ class ModelOptions:
     def __post_init__(self) -> None:
         if self.model_type not in ("mattingrefine", "mattingbase"):
             raise BgmatteError(f"model type {self.model_type!r} is not supported: use mattingrefine or mattingbase")
+        # Checked here, when the options are made, not when the weights load after the inputs were opened.
+        from bgmatte.model.matting import REFINE_MODES, refine_setting_problem
+
+        for name in ("backbone_scale", "refine_sample_pixels", "refine_threshold"):
+            value = getattr(self, name)
+            problem = None if value is None and name != "refine_threshold" else refine_setting_problem(name, value)
+            if problem is not None:
+                raise BgmatteError(f"{name} {problem}, not {value!r}")
+        if self.refine_mode not in REFINE_MODES:
+            raise BgmatteError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, not {self.refine_mode!r}")
+        if self.refine_kernel_size not in (None, 1, 3):
+            raise BgmatteError(f"refine_kernel_size must be 1 or 3 (None: read from the weights), "
+                               f"not {self.refine_kernel_size!r}")
 
 
 HELPER_NICENESS = 10
@@ -164,7 +177,8 @@ def _base_only(model: ModelLike) -> bool:
 
 def check_model(model: ModelLike, kinds: Sequence[str] = ()) -> None:
     """Refuse, before any work, a `model` the pipeline cannot run as given: a type it does not take, a module in
-    training mode, or the coarse network alone when the ``ref`` output (among `kinds`) is asked for."""
+    training mode, a device that is not usable here (CUDA without a GPU: before any input is read, not when the
+    weights load), or the coarse network alone when the ``ref`` output (among `kinds`) is asked for."""
     if not _loads_itself(model) and not isinstance(model, (Predictor, nn.Module)):
         from bgmatte.export import OnnxMatting
 
@@ -172,6 +186,7 @@ def check_model(model: ModelLike, kinds: Sequence[str] = ()) -> None:
             raise BgmatteError("model takes a checkpoint path, ModelOptions, a torch module, an ONNX model from "
                                f"load_model(backend='onnxruntime') or a Predictor, not {type(model).__name__}")
     refuse_training_mode(model.model if isinstance(model, Predictor) else model)
+    model_device(model)  # resolves (and so checks) the device that options or a checkpoint ask for
     if "ref" in kinds and _base_only(model):
         raise BgmatteError("the ref output needs the refine model: drop ref, or use MattingRefine (model type "
                            "mattingrefine) instead of MattingBase")
@@ -1397,7 +1412,8 @@ def matte_images(
     `skip_existing`; an output that would replace one of the input images (a photo, a plate or the target)
     always is. A source image that cannot be read, or whose plate from a folder cannot, is left out and the others
     are matted; then a `bgmatte.errors.PartlyDone` (a `BgmatteError`) names every one left out, in one line, and
-    carries the files written (`written`, as returned) and the images left out (`left_out`).
+    carries the files written (`written`, as returned) and the images left out (`left_out`). A KeyboardInterrupt
+    (Ctrl-C, or `Terminated`) goes on once the files queued are complete, with those written as its `written`.
     """
     if overwrite and skip_existing:
         raise BgmatteError("overwrite and skip_existing (--overwrite, --skip-existing) exclude each other: choose one")
@@ -1549,13 +1565,15 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                                  f"({'; '.join(reason for _, reason in unreadable)}); {others}repair or remove them, "
                                  "then run again with --skip-existing to add theirs",
                                  written, [source for source, _ in unreadable])
-        except BaseException:
+        except BaseException as stop:
             # Stopped early: the files already queued are finished (each is complete or absent).
             for kind, future in pending:
                 try:
                     written[kind].append(future.result())
                 except Exception as exc:  # noqa: BLE001 - the first error is the one on its way
                     logger.debug("%s", exc)
+            if isinstance(stop, KeyboardInterrupt):  # Ctrl-C or a signal: the caller can still say what exists
+                stop.written = written
             raise
     return written
 

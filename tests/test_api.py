@@ -283,3 +283,21 @@ def test_an_onnx_model_that_fails_to_run_is_one_line_and_running_out_of_memory_i
         assert "difference.onnx" in text and "8x4" in text and "Pad node" in text
     else:
         assert text.startswith("not enough memory to matte 1 frame of 8x4")
+
+
+@pytest.mark.parametrize(("name", "value"), [("refine_threshold", float("nan")), ("refine_threshold", float("inf")),
+                                             ("backbone_scale", float("nan")), ("backbone_scale", 0.75),
+                                             ("refine_sample_pixels", float("nan")), ("refine_sample_pixels", -5),
+                                             ("refine_kernel_size", 5), ("refine_mode", "everything")])
+def test_model_options_refuse_an_unusable_refine_setting_when_made_before_anything_is_read(name, value):
+    """ModelOptions passed these on unchecked: a NaN threshold refined nothing, and the others failed only once the
+    video was open and the weights read."""
+    with pytest.raises(BgmatteError, match=name) as caught:
+        bgmatte.ModelOptions(**{name: value})
+    one_line(caught)
+
+
+def test_the_package_docstring_names_every_public_name():
+    """It described the public API without RefineOptions, which __all__ exports."""
+    missing = [name for name in bgmatte.__all__ if name != "__version__" and f"``{name}``" not in bgmatte.__doc__]
+    assert missing == []

@@ -404,3 +404,26 @@ def test_a_batch_with_an_unreadable_plate_lists_what_it_wrote_even_when_quiet(ph
     code, out, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "out", "-q")
     one_line_error(code, err, "1 of 2 images or their plates could not be read", "the others were matted")
     assert out.split() == [str(Path("out/com/office.png"))]
+
+
+def test_ctrl_c_in_a_batch_lists_what_it_wrote_and_leaves_no_partial_file(photos, capsys, monkeypatch):
+    """Ctrl-C only printed "interrupted": the outputs already written are listed and counted as after a clean run
+    (or a partial one), they stay whole, and the image being matted leaves nothing, not even a temporary file."""
+    write_png(photos / "src" / "zoo.png", subject_frame(plate_image(seed=0), 4))
+    monkeypatch.setattr(pipeline, "load_predictor",
+                        lambda *args, **kw: Predictor(DifferenceModel(interrupt_on=2)))  # during office.png
+    code, out, err = run(capsys, "image", "src", "--bgr", "plate.png", "-o", "out", "--outputs", "com", "pha")
+    assert code == 130
+    assert sorted(out.split()) == [str(Path(f"out/{kind}/beach.png")) for kind in ("com", "pha")]
+    lines = err.strip().splitlines()
+    assert f"bgmatte image: 1 com image in {Path('out/com')}" in lines
+    assert f"bgmatte image: 1 pha image in {Path('out/pha')}" in lines
+    assert lines[-1] == "bgmatte image: interrupted"
+    assert sorted(path.name for path in (photos / "out").rglob("*") if path.is_file()) == ["beach.png", "beach.png"]
+    for kind in ("com", "pha"):
+        assert cv2.imread(str(photos / "out" / kind / "beach.png"), cv2.IMREAD_UNCHANGED) is not None
+    # In Python the interruption carries the same list.
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel(interrupt_on=2)))
+    with pytest.raises(KeyboardInterrupt) as caught:
+        pipeline.matte_images("src", "plate.png", output_dir="again", progress=False)
+    assert caught.value.written == {"com": [Path("again/com/beach.png")]}

@@ -441,3 +441,28 @@ def test_each_refine_threshold_default_says_where_it_applies_and_why():
     assert pipeline.ModelOptions().refine_threshold == RefineOptions().refine_threshold == 0.1
     readme = " ".join((ROOT / "README.md").read_text().replace("`", "").split())
     assert "--refine-threshold defaults to 0.7 in bgmatte video and image" in readme
+
+
+@pytest.mark.parametrize(("command", "option"), [
+    (["video", "missing.mp4", "--bgr", "missing.png"], "--refine-threshold"),
+    (["video", "missing.mp4", "--bgr", "missing.png"], "--model-refine-threshold"),
+    (["video", "missing.mp4", "--bgr", "missing.png"], "--backbone-scale"),
+    (["image", "missing.png", "--bgr", "missing.png", "-o", "out"], "--refine-threshold"),
+    (["webcam", "--camera", "missing.mp4", "--record", "out.mp4", "--no-preview"], "--refine-threshold"),
+    (["webcam", "--camera", "missing.mp4", "--record", "out.mp4", "--no-preview"], "--backbone-scale"),
+    (["eval", "--model", "missing.pth", "--data", "missing"], "--refine-threshold"),
+    (["export", "onnx", "missing.pth", "-o", "out.onnx"], "--refine-threshold"),
+    (["bench"], "--threshold"),
+    (["bench"], "--scale"),
+])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_refine_setting_that_is_not_a_finite_number_is_one_line_naming_the_option_before_any_file_is_read(
+        tmp_path, capsys, monkeypatch, command, option, value):
+    """argparse's float() takes nan and inf; a NaN --refine-threshold was accepted and refined nothing. The inputs
+    named do not exist: the option must be refused before any of them (or a model) is looked at."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *command, option, value)
+    assert code == 2, err
+    named = option.replace("--model-", "--")  # the reference's spelling is reported under the short one
+    assert len(err.splitlines()) == 1 and err.startswith(f"bgmatte {command[0]}: error: {named} {value}"), err
+    assert not list(tmp_path.iterdir())

@@ -73,3 +73,30 @@ def test_cli_video_with_an_unusable_device_is_one_line(cpu_only, checkpoint, tmp
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "'mps'" in err and "use auto or cpu" in err and "Traceback" not in err
     assert not (tmp_path / "shot_com.mp4").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["video", "missing.mp4", "--bgr", "missing.png"],
+    ["image", "missing.png", "--bgr", "missing.png", "-o", "out"],
+    ["webcam", "--camera", "missing.mp4", "--record", "out.mp4", "--no-preview"],
+    ["eval", "--model", "missing.pth", "--data", "missing"],
+    ["export", "torchscript", "missing.pth", "-o", "out.pt"],
+    ["bench", "--resolution", "64x64", "--repeats", "1"],
+    ["bench", "--pipeline", "--resolution", "64x64", "--repeats", "1"],
+])
+def test_every_command_refuses_a_device_it_cannot_use_before_looking_at_any_input(cpu_only, tmp_path, monkeypatch,
+                                                                                 capsys, command):
+    """`webcam --device cuda` without a GPU was reported after the camera had opened and the weights had been read,
+    `image`, `eval` and `export` after their inputs: the inputs named here do not exist, so the device must be the
+    first thing refused."""
+    monkeypatch.chdir(tmp_path)
+    code = main([*command, "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"bgmatte {command[0]}: error: device 'cuda' was asked for, but PyTorch sees no CUDA GPU"), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_load_model_refuses_the_device_before_reading_the_weights(cpu_only, tmp_path):
+    with pytest.raises(BgmatteError, match="'cuda' was asked for"):
+        load_model(tmp_path / "missing.pth", device="cuda")

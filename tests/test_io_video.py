@@ -2221,3 +2221,31 @@ def test_transcoded_sound_ends_with_the_video_at_the_sample(tmp_path, suffix, co
             writer.write(frame.image, frame.pts, frame.time_base)
     (track,) = audio_tracks(output)
     assert track["codec"] in ("aac", "opus") and track["seconds"] == pytest.approx(count / 25, abs=0.01)
+
+
+def stated_length(path: Path, kind: str) -> float:
+    """How long the first `kind` track of `path` lasts as its container says (for MP4, its edit list): what a player
+    plays, whatever the last packet holds."""
+    with av.open(str(path)) as container:
+        stream = getattr(container.streams, kind)[0]
+        return float(stream.duration * stream.time_base)
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".mp4", "flac"), (".mp4", "aac"), (".mov", "aac")])
+@pytest.mark.parametrize(("start", "duration"), [(None, None), (0.4, 0.2)])
+def test_copied_audio_in_mp4_ends_with_the_video(tmp_path, suffix, codec, start, duration):
+    """A copied packet cannot be cut, and the last one that starts before the video's end was kept whole: FLAC ran up
+    to 0.1 s past it (its 104 ms packets), AAC up to 21 ms. MP4 and QuickTime can end a track inside its last packet
+    (its edit list ends where the packet's duration says), so that packet is given the duration up to the end."""
+    source, output = tmp_path / "src.mkv", tmp_path / f"out{suffix}"
+    rate = 44100 if codec == "flac" else 48000
+    clip_with_tracks(source, [(codec, 440, rate, "mono", None, None)], 25, 1.3)  # sound past the video's 1 s
+    with VideoReader(source, start=start or 0.0, duration=duration) as reader, \
+            VideoWriter(output, fps=reader.fps, audio_from=source, audio_start=reader.offset) as writer:
+        for frame in reader:
+            writer.write(frame.image, frame.pts, frame.time_base)
+    with av.open(str(output)) as container:
+        assert container.streams.audio[0].codec_context.name == codec  # copied
+    end = 1.0 if start is None else 0.2
+    assert stated_length(output, "video") == pytest.approx(end, abs=0.001)
+    assert stated_length(output, "audio") == pytest.approx(end, abs=0.0015)  # the source's Matroska ms stamps

@@ -197,3 +197,16 @@ def test_numpy_inputs_are_a_type_error_that_says_what_to_pass():
     frame = np.zeros((1, 3, 32, 32), np.float32)
     with pytest.raises(TypeError, match="must be torch tensors, got ndarray and ndarray"):
         model(frame, frame)
+
+
+@pytest.mark.parametrize(("name", "value"), [("refine_threshold", float("nan")), ("refine_threshold", float("inf")),
+                                             ("refine_threshold", float("-inf")), ("backbone_scale", float("nan")),
+                                             ("refine_sample_pixels", float("nan")), ("refine_sample_pixels", 1000.5),
+                                             ("refine_sample_pixels", -1)])
+def test_a_refine_setting_that_is_not_a_usable_number_is_refused_naming_it(name, value):
+    """A NaN threshold passed every comparison check and refined nothing in thresholding mode; a NaN or fractional
+    pixel budget failed only inside topk."""
+    with pytest.raises(ValueError, match=name):
+        RefineOptions(**{name: value})
+    with pytest.raises(ValueError, match=name):
+        MattingRefine("mobilenetv2", **{name: value})

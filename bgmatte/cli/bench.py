@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bgmatte.cli.video import MODEL_THRESHOLD, threshold_note
+from bgmatte.cli.video import MODEL_THRESHOLD, check_refine_arguments, threshold_note
 from bgmatte.errors import BgmatteError
 
 DESCRIPTION = """\
@@ -70,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from bgmatte import bench
     from bgmatte.model.matting import RefineOptions
 
+    settings_given = argparse.Namespace(backbone_scale=args.scale, refine_sample_pixels=args.pixels,
+                                        refine_threshold=args.threshold)
+    check_refine_arguments(settings_given, {"backbone_scale": "--scale", "refine_sample_pixels": "--pixels",
+                                            "refine_threshold": "--threshold"})
     width, height = bench.parse_resolution(args.resolution)
     try:
         settings = RefineOptions(args.scale, args.mode, args.pixels, args.threshold)

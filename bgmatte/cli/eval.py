@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, plate_solve_choice
+from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, check_refine_arguments, plate_solve_choice
 from bgmatte.errors import BgmatteError
 
 DESCRIPTION = """\
@@ -66,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
             raise BgmatteError("--data goes with --model or --baseline")
         if args.overwrite and not args.out:
             raise BgmatteError("--overwrite goes with --out")
+        check_refine_arguments(args)
+        if args.model:  # an unusable device before the data is looked at, not once the weights are read
+            from bgmatte.model.build import resolve_device
+
+            resolve_device(args.device)
         evaluate.check_dataset(args.data)  # before the model is loaded, which takes a while
         if args.out:
             evaluate.check_prediction_folder(args.data, args.out, overwrite=args.overwrite)

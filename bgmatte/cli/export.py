@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, plate_solve_choice
+from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, check_refine_arguments, plate_solve_choice
 from bgmatte.errors import BgmatteError
 
 DESCRIPTION = """\
@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export and say where the file went."""
+    check_refine_arguments(args)
     from bgmatte.export import export_checkpoint
     from bgmatte.model.matting import RefineOptions
 

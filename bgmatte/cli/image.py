@@ -9,7 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bgmatte.cli.video import OUTPUT_KINDS, add_model_arguments, add_plate_arguments, model_options
+from bgmatte.cli.video import (OUTPUT_KINDS, add_model_arguments, add_plate_arguments, check_refine_arguments,
+                               model_options)
 from bgmatte.errors import BgmatteError, PartlyDone
 
 DESCRIPTION = """\
@@ -24,6 +25,8 @@ Existing outputs are refused unless --overwrite (or -y), or kept with --skip-exi
 the missing ones: to finish a run stopped by Ctrl-C. An image that cannot be read, or whose plate from a
 folder cannot, is left out, the others are matted, and the exit status is non-zero: the files written are
 listed and counted as after a clean run, then one error line names every input left out and why.
+Ctrl-C (or SIGTERM, SIGHUP) lets the images being saved finish, lists and counts the files written so far
+the same way, and leaves no partly written file.
 """
 
 
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise BgmatteError("no plate: give --bgr PLATE (an image, or a folder of plates named like the images)")
     if not args.output_dir:
         raise BgmatteError("no output folder: give -o OUT (or --output-dir)")
+    check_refine_arguments(args)
     from bgmatte.pipeline import matte_images
 
     try:
@@ -71,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except PartlyDone as exc:  # some inputs left out: what was written is reported as after a clean run, then the error
         report(exc.written, args, partial=True)
+        raise
+    except KeyboardInterrupt as exc:  # Ctrl-C or a signal: the same, before main's "interrupted" line
+        report(getattr(exc, "written", {}), args, partial=True)
         raise
     report(written, args)
     return 0

@@ -42,7 +42,8 @@ Every frame goes into every output, upright, with its timestamps; the audio goes
 frames from the start (counted from the first frame) for the duration (default: to the end), each TIME
 given as seconds (12.5) or [HH:]MM:SS[.fff] (1:02.5). The outputs start at 0 with the sound of the same
 span (copied sound from the packet under the start: .mp4 and .mov trim it there, .mkv and .webm start
-up to a packet early, some 20 ms for AAC, 100 ms for FLAC). --bgr auto
+up to a packet early, some 20 ms for AAC, 100 ms for FLAC; at the end, copied sound ends with the video
+in .mp4 and .mov and up to a packet after it in .mkv and .webm). --bgr auto
 estimates the plate from the span; a plate video is read from the same start, so that each frame gets
 the plate frame it would get in a whole run (a plate video that ends before the start is refused); a
 --target-bgr video plays from its own beginning.
@@ -102,6 +103,24 @@ def add_refine_arguments(group, *, scale: float | None = 0.25, pixels: int | Non
                        metavar="N", help=f"pixels refined in sampling mode ({by_size})")
     group.add_argument(*names("refine-threshold"), dest="refine_threshold", type=float, default=threshold,
                        metavar="T", help=f"error threshold in thresholding mode (default {threshold_note(threshold)})")
+
+
+REFINE_OPTIONS = {"backbone_scale": "--backbone-scale", "refine_sample_pixels": "--refine-sample-pixels",
+                  "refine_threshold": "--refine-threshold"}
+"""The numeric refine settings and the options `add_refine_arguments` gives them, for `check_refine_arguments`."""
+
+
+def check_refine_arguments(args: argparse.Namespace, options: dict[str, str] = REFINE_OPTIONS) -> None:
+    """Refuse a numeric refine setting the model cannot use as one line naming its option (`options` maps each
+    setting to it), before any input is read or model loaded: argparse's float() takes ``nan`` and ``inf``, and a
+    NaN --refine-threshold silently refined nothing."""
+    from bgmatte.model.matting import refine_setting_problem
+
+    for name, option in options.items():
+        value = getattr(args, name, None)
+        problem = None if value is None else refine_setting_problem(name, value)
+        if problem is not None:
+            raise BgmatteError(f"{option} {value}: the value {problem}")
 
 
 def threshold_note(threshold: float) -> str:
@@ -229,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         raise BgmatteError("no source video: give SRC (or --video-src)")
     if not args.bgr:
         raise BgmatteError("no plate: give --bgr PLATE (an image, a video, or auto)")
+    check_refine_arguments(args)
     start = parse_time("--start", args.start) if args.start is not None else 0.0
     duration = parse_time("--duration", args.duration) if args.duration is not None else None
     if duration is not None and duration <= 0:

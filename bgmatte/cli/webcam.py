@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, plate_solve_choice
+from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, check_refine_arguments, plate_solve_choice
 
 DESCRIPTION = """\
 Matte a camera live against a plate (a photo of the background without you) and composite onto a target
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         if width is not None or height is not None:
             raise BgmatteError("give --resolution W H or --width/--height, not both")
         width, height = args.resolution
+    check_refine_arguments(args)
     from bgmatte.io.webcam import run_webcam  # torch and OpenCV: after the quick checks
 
     run_webcam(

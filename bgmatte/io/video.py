@@ -1409,7 +1409,9 @@ class VideoWriter(ClosesOnExit):
             of a span. The audio before it is left out and the rest moved back by it. Copied audio cannot be cut
             inside a packet, so it starts with the packet under it, before the output's 0: MP4 and QuickTime trim
             it there (an edit list), Matroska and WebM start up to a packet early (some 20 ms for AAC, 100 ms for
-            FLAC); transcoded audio is cut at the sample.
+            FLAC); transcoded audio is cut at the sample. At the video's end likewise: a copied track ends with it in
+            MP4 and QuickTime (its last packet's duration, which the edit list follows), and in Matroska and WebM up
+            to a packet after it (their players would need DiscardPadding, which PyAV cannot write).
         overwrite: replace an existing file instead of refusing.
         options: encoder choices (`EncoderOptions`).
         choice: what `choose_encoder` already gave for this path, alpha and `options` (the pipeline's early
@@ -2007,6 +2009,11 @@ class _AudioCarrier:
         if self._in_stream.codec_context is None:
             raise ValueError("FFmpeg cannot decode it")
         self.copy = allow_copy and _copies_audio(self.codec, container, output)
+        # MP4 and QuickTime end a track where its last packet's duration says (their edit list), inside the packet:
+        # copied sound is made to end with the video there. Matroska's BlockDuration does not cut sound (its
+        # DiscardPadding would, but PyAV cannot add that side data), so there the last packet stays whole: up to a
+        # packet (some 20 ms of AAC, 100 ms of FLAC) past the video, rather than that much silence before its end.
+        self._ends_inside_packets = container in ("mp4", "mov")
         # How much sooner than the output's 0 a copied span's track starts, for the samples its decoder drops first.
         rate = self._in_stream.codec_context.sample_rate
         self._lead = min(_AUDIO_PREROLL_S, self._in_stream.codec_context.delay / rate) if rate else 0.0
@@ -2069,11 +2076,10 @@ class _AudioCarrier:
             if stamp is None:
                 continue  # the demuxer's flush packet
             moment = float(stamp * packet.time_base) - self._start  # in the output's time
-            # A transcoded packet that runs past `until` waits too, so that the end of the output, once it is known
-            # (`finish`), cuts its sound at the sample.
-            runs_past = not self.copy and not final and packet.duration and \
-                moment + float(packet.duration * packet.time_base) > until + _TIME_SLACK
-            if moment >= until or runs_past:
+            # A packet that runs past `until` waits too, so that the end of the output, once it is known (`finish`),
+            # cuts its sound there: at the sample when transcoded, by the last packet's duration when copied into MP4.
+            runs_past = packet.duration and moment + _seconds(packet.duration, packet) > until + _TIME_SLACK
+            if moment >= until or (runs_past and not final and (not self.copy or self._ends_inside_packets)):
                 self._held = packet
                 return
             if self._start and (self._before_copy(packet, moment) if self.copy else moment < -_AUDIO_PREROLL_S):
@@ -2082,6 +2088,8 @@ class _AudioCarrier:
                 if self._last_dts is not None and packet.dts <= self._last_dts:
                     continue  # a muxer refuses a copied packet that does not move on (MPEG-PS's, after a seek)
                 self._last_dts = packet.dts
+            if runs_past and final and self.copy and self._ends_inside_packets:
+                packet.duration = max(1, round((until - moment) / packet.time_base))  # the edit list ends there
             self._write(packet)
 
     def _before_copy(self, packet: av.Packet, moment: float) -> bool:

@@ -856,6 +856,15 @@ def run_webcam(
     if not (math.isfinite(auto_plate_delay) and auto_plate_delay >= 0):  # NaN: the plate would never be taken
         raise BgmatteError(f"--auto-plate-delay must be a number of seconds, 0 or more, not {auto_plate_delay}")
     _refuse_large_capture(width, height)
+    from bgmatte.model.matting import RefineOptions
+
+    try:  # before the camera opens, not when the weights load
+        RefineOptions(backbone_scale, refine_mode, refine_sample_pixels, refine_threshold)
+    except ValueError as exc:
+        raise BgmatteError(str(exc)) from None
+    from bgmatte.model.build import resolve_device
+
+    resolve_device(device)  # CUDA without a GPU: one line now, not after the camera opened and the weights were read
     if max_frames is not None and max_frames < 1:
         raise BgmatteError(f"--max-frames must be at least 1, not {max_frames}")
     for name, value in (("--virtual-cam-backend", virtual_cam_backend), ("--virtual-cam-device", virtual_cam_device)):

@@ -213,6 +213,7 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
             raise BgmatteError(str(exc)) from None
         return load_onnx_backend(checkpoint, backbone=backbone, options=options, refine_kernel_size=refine_kernel_size,
                                  device=device, precision=precision, plate_solve=plate_solve, given=given.keys())
+    target = resolve_device(device)  # a device that cannot run is refused before the weights are read
     source = Path(checkpoint) if checkpoint is not None else DEFAULT_WEIGHTS
     if checkpoint is None and not DEFAULT_WEIGHTS.is_file():
         raise BgmatteError("no embedded default model is shipped in this build of bgmatte yet: "
@@ -243,7 +244,7 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
         raise BgmatteError(str(exc)) from None
     model = MattingRefine(backbone, **vars(options), plate_solve=plate_solve)
     load_weights(model, state, str(source))
-    model = model.eval().to(resolve_device(device), PRECISIONS[precision])
+    model = model.eval().to(target, PRECISIONS[precision])
     if optimize:
         model = _optimized(model)
     return model

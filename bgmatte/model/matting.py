@@ -6,6 +6,7 @@ result at full resolution. Both load the released checkpoints key for key.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -45,14 +46,30 @@ class RefineOptions:
     refine_prevent_oversampling: bool = True
 
     def __post_init__(self) -> None:
-        if not 0 < self.backbone_scale <= 0.5:
-            raise ValueError(f"backbone_scale must be in (0, 1/2], not {self.backbone_scale}")
+        for name in ("backbone_scale", "refine_sample_pixels", "refine_threshold"):
+            problem = refine_setting_problem(name, getattr(self, name))
+            if problem is not None:
+                raise ValueError(f"{name} {problem}, not {getattr(self, name)!r}")
         if self.refine_mode not in REFINE_MODES:
             raise ValueError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, not {self.refine_mode!r}")
-        if self.refine_sample_pixels < 0:
-            raise ValueError(f"refine_sample_pixels must be >= 0, not {self.refine_sample_pixels}")
         if self.refine_kernel_size not in (1, 3):
             raise ValueError(f"refine_kernel_size must be 1 or 3, not {self.refine_kernel_size}")
+
+
+def refine_setting_problem(name: str, value: object) -> str | None:
+    """What is wrong with a value of the numeric setting `name` (``backbone_scale``, ``refine_sample_pixels``,
+    ``refine_threshold``), worded to follow the name, or None when the model can use it. NaN passes no comparison,
+    so finiteness is asked for explicitly: a NaN threshold would refine nothing, a NaN budget fail inside topk. A
+    threshold outside [0, 1] is allowed: it is well defined (refine every patch, or none)."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if name == "backbone_scale" and not (real and math.isfinite(value) and 0 < value <= 0.5):
+        return "must be a number in (0, 1/2]"
+    if name == "refine_sample_pixels" and not (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                                               and value >= 0):
+        return "must be a whole number of pixels, 0 or more"
+    if name == "refine_threshold" and not (real and math.isfinite(value)):
+        return "must be a finite number"
+    return None
 
 
 def check_inputs(src: Tensor, bgr: Tensor) -> None:
