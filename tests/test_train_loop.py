@@ -582,6 +582,31 @@ def test_ctrl_c_during_a_save_waits_until_weights_and_state_are_both_written(tmp
     assert [row["step"] for row in read_rows(out / "train.csv")] == ["1", "2", "3"]
 
 
+def test_a_run_stopped_midway_between_log_rows_logs_the_same_rows_once_resumed(tmp_path, monkeypatch):
+    # Logged every 2 steps, a run stopped by Ctrl-C after step 3 and resumed must log at step 4 the mean of steps 3
+    # and 4, as the run that never stopped does: the step that the stop cut off from its row used to be dropped.
+    loop.train(tiny_options(tmp_path / "straight", steps=4, log_every=2))
+    real_loss, calls = loop.stage_loss, []
+
+    def ctrl_c_in_step_2(stage, outputs, batch):
+        calls.append(None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # seen as step 3 begins: the run saves after it and stops
+        return real_loss(stage, outputs, batch)
+
+    monkeypatch.setattr(loop, "stage_loss", ctrl_c_in_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(tiny_options(tmp_path / "halves", steps=4, log_every=2))
+    assert torch.load(tmp_path / "halves" / "state.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(loop, "stage_loss", real_loss)
+    loop.train(tiny_options(tmp_path / "halves", steps=4, log_every=2, resume=True))
+    _assert_same_weights(tmp_path / "straight" / "last.safetensors", tmp_path / "halves" / "last.safetensors")
+    columns = ["step", "loss", *loop.loss_terms("base")]
+    straight, halves = (read_rows(tmp_path / name / "train.csv") for name in ("straight", "halves"))
+    assert [[row[c] for c in columns] for row in halves] == [[row[c] for c in columns] for row in straight]
+    assert all(float(row["sec_per_step"]) > 0 for row in halves)
+
+
 def _photomatte(root: Path, count: int = 4) -> tuple[Path, Path]:
     """A PhotoMatte-style folder of `count` pairs and a folder of two backgrounds, all 48x40."""
     rng = np.random.default_rng(0)

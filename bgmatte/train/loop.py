@@ -7,7 +7,7 @@ batch-norm statistics are shared with SyncBatchNorm, while on the CPU (gloo, whe
 SyncBatchNorm) each process normalises with its own share of the batch. Only rank 0 writes files.
 
 Files in the run's folder: ``last.safetensors`` and ``best.safetensors`` (weights ``load_model``
-reads), ``state.pt`` (model, optimiser, loss scaler, step, random states; read with
+reads), ``state.pt`` (model, optimiser, loss scaler, step, random states, the log row in progress; read with
 ``weights_only=True``), ``train.csv`` and ``valid.csv`` (and TensorBoard events on request) and
 ``samples/step_NNNNNNN.png``. A run refused before its first step (its options, its data) removes the folders and
 empty logs it created, leaving none of them behind.
@@ -1211,6 +1211,9 @@ class _Run:
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=self.amp == torch.float16)
         self.step, self.best, self.saved_step = 0, math.inf, -1
         self.batches = 0  # batches drawn: more than the steps once a non-finite loss has skipped one
+        # The steps since the last training log row: their summed loss terms, and the seconds they took.
+        self.window: dict[str, float] = {}
+        self.window_steps, self.window_seconds = 0, 0.0
         if saved is not None:
             self._restore(saved)
 
@@ -1230,6 +1233,10 @@ class _Run:
         self.step = self.saved_step = int(saved["step"])
         self.batches = int(saved.get("batches", self.step))  # states saved before it was counted: none skipped
         self.best = float(saved["best"])
+        window = saved.get("log_window")  # states saved before it was kept: the next row starts afresh
+        if isinstance(window, dict) and int(window.get("steps", 0)) > 0:
+            self.window = {str(key): float(value) for key, value in window["sums"].items()}
+            self.window_steps, self.window_seconds = int(window["steps"]), float(window["seconds"])
         if int(saved["world_size"]) == self.runtime.world_size:
             restore_random_state(saved["random"][self.runtime.rank])
         else:  # another number of processes: the random streams go on, but differently
@@ -1241,6 +1248,7 @@ class _Run:
     def save(self) -> None:
         """Write last.safetensors and state.pt (rank 0 only); every process contributes its random state."""
         mine = capture_random_state()
+        window_seconds = time.monotonic() - self.window_start if self.window_steps else 0.0  # before the writing
         states: list = [mine]
         if self.runtime.distributed:
             states = [None] * self.runtime.world_size
@@ -1263,6 +1271,8 @@ class _Run:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "random": states,
+                # A run stopped between log rows goes on with the same row: the steps already in it count.
+                "log_window": {"steps": self.window_steps, "sums": dict(self.window), "seconds": window_seconds},
                 "options": {k: v for k, v in self.options.to_record().items()
                             if isinstance(v, (str, int, float, bool, type(None)))},
             })
@@ -1303,8 +1313,7 @@ class _Run:
         """Train up to ``options.steps``, validating, logging and saving on the way."""
         options = self.options
         self.last_loss = math.nan
-        self.window: dict[str, float] = {}
-        self.window_steps, self.window_start = 0, time.monotonic()
+        self.window_start = time.monotonic() - self.window_seconds  # a resumed row's earlier steps took these
         self.bad_in_a_row = 0
         last_save, interrupted, failure, failed = time.monotonic(), False, None, False
         batches: Iterator[dict[str, Tensor]] = iter(())
