@@ -582,19 +582,39 @@ def test_ctrl_c_during_a_save_waits_until_weights_and_state_are_both_written(tmp
     assert [row["step"] for row in read_rows(out / "train.csv")] == ["1", "2", "3"]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_a_step_saves_at_the_end_of_that_step(tmp_path, monkeypatch, signum):
+    # A signal met during step 2 stopped the run after step 3: the step under way, then one more, which a job
+    # scheduler's grace period may not leave time for.
+    real_loss, calls = loop.stage_loss, []
+
+    def signal_in_step_2(stage, outputs, batch):
+        calls.append(None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)
+        return real_loss(stage, outputs, batch)
+
+    monkeypatch.setattr(loop, "stage_loss", signal_in_step_2)
+    with pytest.raises((KeyboardInterrupt, loop.Terminated)):
+        loop.train(tiny_options(tmp_path / "run", steps=6))
+    assert len(calls) == 2
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 2
+    assert [row["step"] for row in read_rows(tmp_path / "run" / "train.csv")] == ["1", "2"]
+
+
 def test_a_run_stopped_midway_between_log_rows_logs_the_same_rows_once_resumed(tmp_path, monkeypatch):
     # Logged every 2 steps, a run stopped by Ctrl-C after step 3 and resumed must log at step 4 the mean of steps 3
     # and 4, as the run that never stopped does: the step that the stop cut off from its row used to be dropped.
     loop.train(tiny_options(tmp_path / "straight", steps=4, log_every=2))
     real_loss, calls = loop.stage_loss, []
 
-    def ctrl_c_in_step_2(stage, outputs, batch):
+    def ctrl_c_in_step_3(stage, outputs, batch):
         calls.append(None)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # seen as step 3 begins: the run saves after it and stops
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the step finishes, then the run saves and stops
         return real_loss(stage, outputs, batch)
 
-    monkeypatch.setattr(loop, "stage_loss", ctrl_c_in_step_2)
+    monkeypatch.setattr(loop, "stage_loss", ctrl_c_in_step_3)
     with pytest.raises(KeyboardInterrupt):
         loop.train(tiny_options(tmp_path / "halves", steps=4, log_every=2))
     assert torch.load(tmp_path / "halves" / "state.pt", weights_only=True)["step"] == 3

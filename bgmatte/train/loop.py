@@ -888,8 +888,9 @@ def train(options: TrainOptions, given: Collection[str] | None = None) -> TrainR
     ``given`` names the options the user set (the command line's); when resuming, the others are those
     the run was started with, as ``resumed_options`` explains. None counts every option as given.
     Returns when ``options.steps`` steps are done, with weights and state saved. On SIGINT, SIGTERM or SIGHUP it
-    finishes the current step, saves weights and state, and raises KeyboardInterrupt (`Terminated` for the last two;
-    a process that another one's signal stopped raises KeyboardInterrupt). A data file that cannot be read raises
+    finishes the current step (under torchrun, the step in which the processes agree on it: at most one more), saves
+    weights and state, and raises KeyboardInterrupt (`Terminated` for the last two; a process that another one's
+    signal stopped raises KeyboardInterrupt). A data file that cannot be read raises
     `DataError` (its message in one line), after saving what was trained so that it can resume; under torchrun
     every process stops at that step and raises it alike, as a `DataRefused`.
     """
@@ -1323,6 +1324,11 @@ class _Run:
             stop = StopRequest()
             with stop:
                 while self.step < options.steps:
+                    if stop.requested and not self.runtime.distributed:
+                        # A signal met during the last step (or its validation or save): stop now, not after
+                        # another. The processes of a distributed run agree on it within the next step instead.
+                        interrupted = True
+                        break
                     try:
                         batch = next(batches)
                     except DataError as exc:
