@@ -857,6 +857,36 @@ def test_tensorboard_events_are_written_when_it_is_installed(tmp_path):
     assert (tmp_path / "train.csv").is_file()  # CSV is written as well
 
 
+def test_a_resumed_run_keeps_the_tensorboard_events_of_the_step_it_resumes_from(tmp_path, monkeypatch):
+    # TensorBoard hides the events at and after a writer's purge_step (the step of its session start), so a run
+    # resumed from step 2 must purge from step 3: purging from 2 hid the training loss and validation of step 2,
+    # which the resumed run does not log again. (A stand-in writer: tensorboard need not be installed.)
+    import types
+
+    purges = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            purges.append(purge_step)
+
+        def add_scalar(self, *args):
+            pass
+
+        def add_image(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    board = types.ModuleType("torch.utils.tensorboard")
+    board.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "tensorboard", types.ModuleType("tensorboard"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
+    loop.train(tiny_options(tmp_path, steps=2, train_samples=2, log="tensorboard", val_every=2))
+    loop.train(tiny_options(tmp_path, steps=3, train_samples=2, log="tensorboard", val_every=2, resume=True))
+    assert purges == [None, 3]
+
+
 @pytest.mark.parametrize("refused", [
     (["--batch-size", "1"], "leaves 1 image per process"),  # refused as the model is built
     (["--train-samples", "1"], "--train-samples 1 leaves 1 samples per process"),  # refused as the data is made

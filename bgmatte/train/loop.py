@@ -758,7 +758,10 @@ class Logger:
             check_logging(options)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.board = SummaryWriter(str(options.out / "tensorboard"), purge_step=resume_step)
+            # TensorBoard hides an earlier session's events from purge_step on; those of the step resumed from
+            # stay, as that step is not logged again.
+            self.board = SummaryWriter(str(options.out / "tensorboard"),
+                                       purge_step=resume_step + 1 if resume_step is not None else None)
 
     def scalars(self, kind: str, step: int, values: dict[str, float]) -> None:
         """Log a row of ``train`` or ``valid`` values for a step."""
