@@ -55,7 +55,8 @@ def register(subparsers) -> None:
     data.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                       help="the dataset's folder (synthetic: optional photographs used as textures)")
     data.add_argument("--backgrounds", type=Path, default=None, metavar="DIR",
-                      help="background images to composite over (needed by the real datasets)")
+                      help="background images to composite over (needed by the real datasets); its train/ and "
+                           "valid/ subfolders, where there, keep training's and validation's apart")
     data.add_argument("--crop", type=int, default=None, metavar="PX",
                       help=f"square crop side (default: {_per_stage(DEFAULT_CROP)})")
     data.add_argument("--batch-size", type=int, default=None, metavar="N",
