@@ -827,6 +827,16 @@ def test_the_command_line_leaves_the_options_not_given_to_train_options(stage):
                      "num_workers"}  # given, even at their default values
 
 
+def test_the_help_says_that_a_train_samples_pool_is_made_once_and_that_the_last_step_validates(capsys):
+    # --train-samples keeps the composites of the first N items as made once (one background and augmentation
+    # each, for the whole run), and a run validates at its last step too; the help said neither.
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "composited and augmented once" in text
+    assert "and at the last step" in text
+
+
 def test_a_dataset_of_files_needs_its_folders_once_the_options_are_complete():
     with pytest.raises(BgmatteError, match="--dataset aim needs --data-root .* and --backgrounds"):
         TrainOptions(stage="base", out="x", dataset="aim", data_root="d")
