@@ -257,3 +257,30 @@ def test_model_path_refuses_a_trimap_or_foreground_of_another_size_than_its_matt
     assert main(["eval", "--model", str(tmp_path / "absent.pth"), "--data", str(data), "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"bgmatte eval: error: {path}: image is 32x16 but the ground truth is 32x32\n"
     assert not out.exists()
+
+
+def test_a_base_stage_checkpoint_is_scored_as_the_base_network_it_is(tmp_path, capsys):
+    # `bgmatte train base` writes weights without a refiner; scoring them through MattingRefine would score a
+    # refiner of random weights instead of what was trained.
+    torch = pytest.importorskip("torch")
+    from bgmatte.model.build import save_weights
+    from bgmatte.model.matting import MattingBase
+
+    torch.manual_seed(0)
+    base = MattingBase("mobilenetv2").eval()
+    checkpoint = tmp_path / "base.safetensors"
+    save_weights(base, checkpoint, metadata={"format": "bgmatte", "stage": "base", "backbone": "mobilenetv2"})
+    data = tmp_path / "data"
+    _ground_truth(data, names=("frame",), size=(32, 32))
+    rng = np.random.default_rng(2)
+    src, bgr = (rng.random((32, 32, 3)) * 255).astype(np.uint8), (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+    _write(data / "src" / "frame.png", src)
+    _write(data / "bgr" / "frame.png", bgr)
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(checkpoint), "--data", str(data), "--out", str(out), "--device", "cpu"]) == 0
+    assert "scored as MattingBase" in capsys.readouterr().err
+    with torch.inference_mode():  # the file's own network, on the images as the command reads them (RGB)
+        expected = base(*(torch.from_numpy(image[:, :, ::-1] / 255).permute(2, 0, 1)[None].float()
+                          for image in (src, bgr)))[0][0, 0].clamp(0, 1).numpy()
+    written = cv2.imread(str(out / "pha" / "frame.png"), cv2.IMREAD_UNCHANGED)
+    assert np.abs(written.astype(float) - np.round(expected * 255)).max() <= 1

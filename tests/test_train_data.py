@@ -167,6 +167,23 @@ def test_background_folders_use_their_split_subfolder(tmp_path):
     assert BackgroundDataset.from_folder(tmp_path, "train")[0]["bgr"].shape == (3, 40, 56)
 
 
+def test_a_folder_without_the_splits_subfolder_leaves_the_other_splits_subfolders_out(tmp_path):
+    # Backgrounds kept out for validation in bg/valid/, the training ones loose in bg/: training read bg/ whole,
+    # valid/ included, and validated on backgrounds it had trained on.
+    _backgrounds(tmp_path / "bg", 2)
+    _backgrounds(tmp_path / "bg" / "valid", 1)
+    _backgrounds(tmp_path / "bg" / "more", 1)  # a subfolder of no split's name is the folder's own
+    train = BackgroundDataset.from_folder(tmp_path / "bg", "train")
+    assert sorted(p.relative_to(tmp_path / "bg").as_posix() for p in train.paths) == ["bg0.jpg", "bg1.jpg",
+                                                                                      "more/bg0.jpg"]
+    assert len(BackgroundDataset.from_folder(tmp_path / "bg", "valid")) == 1
+    photos = build_dataset("synthetic", backgrounds=tmp_path / "bg", size=32, length=4).photos
+    assert len(photos) == 3
+    _backgrounds(tmp_path / "only" / "valid", 1)  # nothing of training's own: refused, not trained on valid/
+    with pytest.raises(BgmatteError, match="valid/"):
+        BackgroundDataset.from_folder(tmp_path / "only", "train")
+
+
 def test_synthetic_dataset_is_fixed_per_index_and_split():
     train = build_dataset("synthetic", size=32, length=10, seed=1)
     valid = build_dataset("synthetic", split="valid", size=32, seed=1)

@@ -582,6 +582,51 @@ def test_ctrl_c_during_a_save_waits_until_weights_and_state_are_both_written(tmp
     assert [row["step"] for row in read_rows(out / "train.csv")] == ["1", "2", "3"]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_a_step_saves_at_the_end_of_that_step(tmp_path, monkeypatch, signum):
+    # A signal met during step 2 stopped the run after step 3: the step under way, then one more, which a job
+    # scheduler's grace period may not leave time for.
+    real_loss, calls = loop.stage_loss, []
+
+    def signal_in_step_2(stage, outputs, batch):
+        calls.append(None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)
+        return real_loss(stage, outputs, batch)
+
+    monkeypatch.setattr(loop, "stage_loss", signal_in_step_2)
+    with pytest.raises((KeyboardInterrupt, loop.Terminated)):
+        loop.train(tiny_options(tmp_path / "run", steps=6))
+    assert len(calls) == 2
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 2
+    assert [row["step"] for row in read_rows(tmp_path / "run" / "train.csv")] == ["1", "2"]
+
+
+def test_a_run_stopped_midway_between_log_rows_logs_the_same_rows_once_resumed(tmp_path, monkeypatch):
+    # Logged every 2 steps, a run stopped by Ctrl-C after step 3 and resumed must log at step 4 the mean of steps 3
+    # and 4, as the run that never stopped does: the step that the stop cut off from its row used to be dropped.
+    loop.train(tiny_options(tmp_path / "straight", steps=4, log_every=2))
+    real_loss, calls = loop.stage_loss, []
+
+    def ctrl_c_in_step_3(stage, outputs, batch):
+        calls.append(None)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the step finishes, then the run saves and stops
+        return real_loss(stage, outputs, batch)
+
+    monkeypatch.setattr(loop, "stage_loss", ctrl_c_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(tiny_options(tmp_path / "halves", steps=4, log_every=2))
+    assert torch.load(tmp_path / "halves" / "state.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(loop, "stage_loss", real_loss)
+    loop.train(tiny_options(tmp_path / "halves", steps=4, log_every=2, resume=True))
+    _assert_same_weights(tmp_path / "straight" / "last.safetensors", tmp_path / "halves" / "last.safetensors")
+    columns = ["step", "loss", *loop.loss_terms("base")]
+    straight, halves = (read_rows(tmp_path / name / "train.csv") for name in ("straight", "halves"))
+    assert [[row[c] for c in columns] for row in halves] == [[row[c] for c in columns] for row in straight]
+    assert all(float(row["sec_per_step"]) > 0 for row in halves)
+
+
 def _photomatte(root: Path, count: int = 4) -> tuple[Path, Path]:
     """A PhotoMatte-style folder of `count` pairs and a folder of two backgrounds, all 48x40."""
     rng = np.random.default_rng(0)
@@ -782,6 +827,16 @@ def test_the_command_line_leaves_the_options_not_given_to_train_options(stage):
                      "num_workers"}  # given, even at their default values
 
 
+def test_the_help_says_that_a_train_samples_pool_is_made_once_and_that_the_last_step_validates(capsys):
+    # --train-samples keeps the composites of the first N items as made once (one background and augmentation
+    # each, for the whole run), and a run validates at its last step too; the help said neither.
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "composited and augmented once" in text
+    assert "and at the last step" in text
+
+
 def test_a_dataset_of_files_needs_its_folders_once_the_options_are_complete():
     with pytest.raises(BgmatteError, match="--dataset aim needs --data-root .* and --backgrounds"):
         TrainOptions(stage="base", out="x", dataset="aim", data_root="d")
@@ -810,6 +865,36 @@ def test_tensorboard_events_are_written_when_it_is_installed(tmp_path):
     loop.train(tiny_options(tmp_path, steps=1, train_samples=2, log="tensorboard", val_every=1))
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "train.csv").is_file()  # CSV is written as well
+
+
+def test_a_resumed_run_keeps_the_tensorboard_events_of_the_step_it_resumes_from(tmp_path, monkeypatch):
+    # TensorBoard hides the events at and after a writer's purge_step (the step of its session start), so a run
+    # resumed from step 2 must purge from step 3: purging from 2 hid the training loss and validation of step 2,
+    # which the resumed run does not log again. (A stand-in writer: tensorboard need not be installed.)
+    import types
+
+    purges = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            purges.append(purge_step)
+
+        def add_scalar(self, *args):
+            pass
+
+        def add_image(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    board = types.ModuleType("torch.utils.tensorboard")
+    board.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "tensorboard", types.ModuleType("tensorboard"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
+    loop.train(tiny_options(tmp_path, steps=2, train_samples=2, log="tensorboard", val_every=2))
+    loop.train(tiny_options(tmp_path, steps=3, train_samples=2, log="tensorboard", val_every=2, resume=True))
+    assert purges == [None, 3]
 
 
 @pytest.mark.parametrize("refused", [

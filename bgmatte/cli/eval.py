@@ -21,6 +21,8 @@ stored: EXIF orientation tags are ignored.
 
   bgmatte eval --pred DIR --gt DIR       DIR/pha (and DIR/fgr) against GT/pha, GT/fgr, GT/trimap
   bgmatte eval --model CKPT --data DIR   run the model over DIR/src + DIR/bgr first, then score against DIR
+                                         (a base-stage checkpoint, without refiner weights, runs as the
+                                         base network at full resolution)
   bgmatte eval --baseline closed-form --data DIR
                                          the classical peer instead of a model: closed-form matting on a
                                          trimap drawn from the plate difference (needs pymatting)
@@ -53,6 +55,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _base_stage_model(args: argparse.Namespace):
+    """The base network of a checkpoint without refiner weights (what `bgmatte train base` writes), in eval mode on
+    --device, or None for any other checkpoint. Such weights are scored as the MattingBase they were trained and
+    validated as, at full resolution: inside MattingRefine the refiner would be random and its noise scored."""
+    import torch
+
+    from bgmatte.model.build import detect_backbone, read_state_dict, resolve_device
+    from bgmatte.model.matting import MattingBase
+
+    try:
+        state = read_state_dict(args.model)
+    except BgmatteError:
+        return None  # load_model says what is wrong with the file
+    if any(key.startswith("refiner.") for key in state):
+        return None
+    backbone = args.backbone or detect_backbone(state)
+    if backbone is None:
+        return None  # load_model names the keys that fit no backbone
+    model = MattingBase(backbone)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        return None  # load_model names the keys that do not fit
+    print(f"bgmatte eval: {args.model}: a base-stage checkpoint (no refiner weights), scored as MattingBase at "
+          "full resolution; the refine and plate-solve options do not apply", file=sys.stderr)
+    return model.eval().to(resolve_device(args.device), torch.float32)
+
+
 def run(args: argparse.Namespace) -> int:
     """Check which mode was asked for, evaluate, and print the table or JSON."""
     from bgmatte import evaluate
@@ -79,13 +109,16 @@ def run(args: argparse.Namespace) -> int:
 
             model = ClosedFormBaseline()
         else:
-            import bgmatte
+            model = _base_stage_model(args)
+            if model is None:
+                import bgmatte
 
-            model = bgmatte.load_model(
-                args.model, backbone=args.backbone, backbone_scale=args.backbone_scale,
-                refine_mode=args.refine_mode, refine_sample_pixels=args.refine_sample_pixels,
-                refine_threshold=args.refine_threshold, device=args.device, plate_solve=plate_solve_choice(args),
-            )
+                model = bgmatte.load_model(
+                    args.model, backbone=args.backbone, backbone_scale=args.backbone_scale,
+                    refine_mode=args.refine_mode, refine_sample_pixels=args.refine_sample_pixels,
+                    refine_threshold=args.refine_threshold, device=args.device,
+                    plate_solve=plate_solve_choice(args),
+                )
         result = evaluate.evaluate_model(model, args.data, args.out, overwrite=args.overwrite)
     else:
         if not (args.pred and args.gt):

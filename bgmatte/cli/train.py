@@ -55,13 +55,16 @@ def register(subparsers) -> None:
     data.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                       help="the dataset's folder (synthetic: optional photographs used as textures)")
     data.add_argument("--backgrounds", type=Path, default=None, metavar="DIR",
-                      help="background images to composite over (needed by the real datasets)")
+                      help="background images to composite over (needed by the real datasets); its train/ and "
+                           "valid/ subfolders, where there, keep training's and validation's apart")
     data.add_argument("--crop", type=int, default=None, metavar="PX",
                       help=f"square crop side (default: {_per_stage(DEFAULT_CROP)})")
     data.add_argument("--batch-size", type=int, default=None, metavar="N",
                       help=f"global batch, split over processes (default: {_per_stage(DEFAULT_BATCH)})")
     data.add_argument("--train-samples", type=int, default=None, metavar="N",
-                      help="train on the dataset's first N items only (default: all)")
+                      help="train on the dataset's first N items only, each composited and augmented once and "
+                           "kept in memory for the whole run: to overfit or to train on a fixed pool (default: all, "
+                           "drawn anew every epoch)")
     data.add_argument("--plate-color", type=float, default=None, metavar="P",
                       help="share of samples whose plate differs in colour from the true background "
                            "(default: 0.8, the paper's; less gives sharper edges on clean plates)")
@@ -99,7 +102,8 @@ def register(subparsers) -> None:
                      help=f"seeds the initial weights, the data and its augmentation (default: {TrainOptions.seed})")
     logs = parser.add_argument_group("validation, checkpoints and logs")
     logs.add_argument("--val-every", type=int, default=None,
-                      help=f"steps between validations (0: never; default: {TrainOptions.val_every})")
+                      help="steps between validations, and at the last step (0: never; "
+                           f"default: {TrainOptions.val_every})")
     logs.add_argument("--val-samples", type=int, default=None,
                       help=f"size of the fixed validation set (default: {TrainOptions.val_samples})")
     logs.add_argument("--save-every", type=parse_save_every, default=None, metavar="N|Tm",

@@ -57,7 +57,8 @@ class TrainOptions:
         batch_size: the global batch, split evenly over the processes of a distributed run (None: the
             stage's, ``DEFAULT_BATCH``; the options hold the number once made).
         train_samples: train on the dataset's first this many items only (None: all), for example a
-            fixed pool of synthetic samples, or one batch to overfit.
+            fixed pool of synthetic samples, or one batch to overfit: each is composited and augmented once
+            (epoch 0) and kept in memory, where a run over all items draws new ones every epoch.
         crop: square training crop side (a multiple of 4 for refine).
         init: weights to start from (``.pth`` or ``.safetensors``; a base checkpoint for refine is fine).
         resume: continue the run saved in ``out/state.pt`` exactly where it stopped. Options that must fit
@@ -76,7 +77,8 @@ class TrainOptions:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun, each process takes its local GPU).
         num_workers: data loading processes per training process.
         seed: seeds the model's initialisation, the data stream and every random augmentation.
-        val_every, val_samples: validate every so many steps on a fixed set of this many samples (0: never).
+        val_every, val_samples: validate every so many steps, and at the last, on a fixed set of this many
+            samples (0: never).
         save_every, save_minutes: write weights and state every so many steps and/or minutes (0: off);
             a run always saves at its end and when interrupted.
         log: ``csv`` (always written) or ``tensorboard`` (CSV plus TensorBoard, if it is installed).

@@ -84,11 +84,13 @@ def list_images(folder: str | Path, *, recursive: bool = True) -> list[Path]:
     return paths
 
 
-def load_images(folder: str | Path, *, max_side: int = 1024, limit: int | None = None) -> list[Tensor]:
-    """Read the images of a folder into memory as (3,H,W) uint8 tensors, downscaled so that their
-    longer side is at most `max_side`; used as the photographs of the synthetic generator."""
+def load_images(folder: str | Path | Sequence[Path], *, max_side: int = 1024, limit: int | None = None
+                ) -> list[Tensor]:
+    """Read the images of a folder (or these image files) into memory as (3,H,W) uint8 tensors, downscaled so
+    that their longer side is at most `max_side`; used as the photographs of the synthetic generator."""
     images = []
-    for path in list_images(folder)[:limit]:
+    paths = list_images(folder) if isinstance(folder, (str, Path)) else list(folder)
+    for path in paths[:limit]:
         image = read_image(path, 3, dtype=torch.uint8)
         height, width = image.shape[1:]
         if max(height, width) > max_side:
@@ -182,6 +184,27 @@ def split_folder(folder: Path, split: str) -> Path:
         if (folder / name).is_dir():
             return folder / name
     return folder
+
+
+SPLIT_NAMES = ("train", "valid", "val", "test")
+"""The subfolder names that hold one split's images (`_split_candidates`)."""
+
+
+def split_images(folder: Path, split: str) -> list[Path]:
+    """The images of `folder` for `split`: those of its subfolder for the split if it has one (`split_folder`),
+    else the folder's own with the subfolders of other splits (train/, valid/, val/, test/) left out, so that
+    images held out for validation are not trained on. A split other than training that finds nothing else takes
+    them all, the training images included, as a validation split without mattes of its own does."""
+    chosen = split_folder(folder, split)
+    paths = list_images(chosen)
+    if chosen != folder:
+        return paths
+    held = {name for name in SPLIT_NAMES if (folder / name).is_dir()}
+    kept = [path for path in paths if path.relative_to(folder).parts[0] not in held]
+    if kept or split != "train":
+        return kept or paths
+    raise BgmatteError(f"{folder}: its images are all in {_folder_names(sorted(held))}, which another split "
+                       f"holds; put the training images in {folder / 'train'}/ or in {folder} itself")
 
 
 def _split_candidates(split: str) -> list[str]:
@@ -343,9 +366,10 @@ class BackgroundDataset(Dataset):
 
     @classmethod
     def from_folder(cls, folder: str | Path, split: str | None = None) -> BackgroundDataset:
-        """All images of `folder`, or of its train/valid/test subfolder for `split` if it has one."""
+        """All images of `folder`, or for `split` those of `split_images`: its train/valid/test subfolder for the
+        split if it has one, else the folder's own images outside the other splits' subfolders."""
         folder = Path(folder)
-        return cls(list_images(split_folder(folder, split) if split is not None else folder))
+        return cls(split_images(folder, split) if split is not None else list_images(folder))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -468,13 +492,13 @@ def build_dataset(
     """The training or validation dataset named `name` (one of `DATASETS`), items at `size`.
 
     - "synthetic": generated composites; `backgrounds` (or `root`) is an optional folder of
-      photographs used as textures (its split subfolder if any); `length` items (100,000 for train,
+      photographs used as textures (its split's images, `split_images`); `length` items (100,000 for train,
       512 otherwise). The training split draws from the generator's ``TRAINING`` settings, the others
       from ``DEFAULT`` (the validation sets' distribution) with other seeds.
     - "videomatte": VideoMatte240K frame folders under `root` (split train or test).
     - "photomatte": PhotoMatte13K-style fgr/ + pha/ folders, under root/split/ or root/.
     - "aim": AIM/Adobe-style fg/ + alpha/ folders, under root/split/ or root/.
-    The real datasets composite over the images of `backgrounds` (its split subfolder if any); the headers of
+    The real datasets composite over the images of `backgrounds` (its split's, `split_images`); the headers of
     their files are checked first (`check_pairs`, `check_backgrounds`): those of every pair, or of the first
     `used` ones only when no others will be read (a validation set of that many items), and every background's.
     With `check` False they are not read: a process of a distributed run leaves that to rank 0, and takes the
@@ -487,7 +511,7 @@ def build_dataset(
     if key == "synthetic":
         photos = backgrounds if backgrounds is not None else root
         if photos is not None:
-            photos = split_folder(Path(photos), split)
+            photos = load_images(split_images(Path(photos), split))
         if length is None:
             length = 100_000 if split == "train" else 512
         split_seed = seed if split == "train" else item_seed(seed, zlib.crc32(split.encode()))

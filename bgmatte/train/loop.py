@@ -7,7 +7,7 @@ batch-norm statistics are shared with SyncBatchNorm, while on the CPU (gloo, whe
 SyncBatchNorm) each process normalises with its own share of the batch. Only rank 0 writes files.
 
 Files in the run's folder: ``last.safetensors`` and ``best.safetensors`` (weights ``load_model``
-reads), ``state.pt`` (model, optimiser, loss scaler, step, random states; read with
+reads), ``state.pt`` (model, optimiser, loss scaler, step, random states, the log row in progress; read with
 ``weights_only=True``), ``train.csv`` and ``valid.csv`` (and TensorBoard events on request) and
 ``samples/step_NNNNNNN.png``. A run refused before its first step (its options, its data) removes the folders and
 empty logs it created, leaving none of them behind.
@@ -758,7 +758,10 @@ class Logger:
             check_logging(options)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.board = SummaryWriter(str(options.out / "tensorboard"), purge_step=resume_step)
+            # TensorBoard hides an earlier session's events from purge_step on; those of the step resumed from
+            # stay, as that step is not logged again.
+            self.board = SummaryWriter(str(options.out / "tensorboard"),
+                                       purge_step=resume_step + 1 if resume_step is not None else None)
 
     def scalars(self, kind: str, step: int, values: dict[str, float]) -> None:
         """Log a row of ``train`` or ``valid`` values for a step."""
@@ -888,8 +891,9 @@ def train(options: TrainOptions, given: Collection[str] | None = None) -> TrainR
     ``given`` names the options the user set (the command line's); when resuming, the others are those
     the run was started with, as ``resumed_options`` explains. None counts every option as given.
     Returns when ``options.steps`` steps are done, with weights and state saved. On SIGINT, SIGTERM or SIGHUP it
-    finishes the current step, saves weights and state, and raises KeyboardInterrupt (`Terminated` for the last two;
-    a process that another one's signal stopped raises KeyboardInterrupt). A data file that cannot be read raises
+    finishes the current step (under torchrun, the step in which the processes agree on it: at most one more), saves
+    weights and state, and raises KeyboardInterrupt (`Terminated` for the last two; a process that another one's
+    signal stopped raises KeyboardInterrupt). A data file that cannot be read raises
     `DataError` (its message in one line), after saving what was trained so that it can resume; under torchrun
     every process stops at that step and raises it alike, as a `DataRefused`.
     """
@@ -1211,6 +1215,9 @@ class _Run:
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=self.amp == torch.float16)
         self.step, self.best, self.saved_step = 0, math.inf, -1
         self.batches = 0  # batches drawn: more than the steps once a non-finite loss has skipped one
+        # The steps since the last training log row: their summed loss terms, and the seconds they took.
+        self.window: dict[str, float] = {}
+        self.window_steps, self.window_seconds = 0, 0.0
         if saved is not None:
             self._restore(saved)
 
@@ -1230,6 +1237,10 @@ class _Run:
         self.step = self.saved_step = int(saved["step"])
         self.batches = int(saved.get("batches", self.step))  # states saved before it was counted: none skipped
         self.best = float(saved["best"])
+        window = saved.get("log_window")  # states saved before it was kept: the next row starts afresh
+        if isinstance(window, dict) and int(window.get("steps", 0)) > 0:
+            self.window = {str(key): float(value) for key, value in window["sums"].items()}
+            self.window_steps, self.window_seconds = int(window["steps"]), float(window["seconds"])
         if int(saved["world_size"]) == self.runtime.world_size:
             restore_random_state(saved["random"][self.runtime.rank])
         else:  # another number of processes: the random streams go on, but differently
@@ -1241,6 +1252,7 @@ class _Run:
     def save(self) -> None:
         """Write last.safetensors and state.pt (rank 0 only); every process contributes its random state."""
         mine = capture_random_state()
+        window_seconds = time.monotonic() - self.window_start if self.window_steps else 0.0  # before the writing
         states: list = [mine]
         if self.runtime.distributed:
             states = [None] * self.runtime.world_size
@@ -1263,6 +1275,8 @@ class _Run:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
                 "random": states,
+                # A run stopped between log rows goes on with the same row: the steps already in it count.
+                "log_window": {"steps": self.window_steps, "sums": dict(self.window), "seconds": window_seconds},
                 "options": {k: v for k, v in self.options.to_record().items()
                             if isinstance(v, (str, int, float, bool, type(None)))},
             })
@@ -1303,8 +1317,7 @@ class _Run:
         """Train up to ``options.steps``, validating, logging and saving on the way."""
         options = self.options
         self.last_loss = math.nan
-        self.window: dict[str, float] = {}
-        self.window_steps, self.window_start = 0, time.monotonic()
+        self.window_start = time.monotonic() - self.window_seconds  # a resumed row's earlier steps took these
         self.bad_in_a_row = 0
         last_save, interrupted, failure, failed = time.monotonic(), False, None, False
         batches: Iterator[dict[str, Tensor]] = iter(())
@@ -1314,6 +1327,11 @@ class _Run:
             stop = StopRequest()
             with stop:
                 while self.step < options.steps:
+                    if stop.requested and not self.runtime.distributed:
+                        # A signal met during the last step (or its validation or save): stop now, not after
+                        # another. The processes of a distributed run agree on it within the next step instead.
+                        interrupted = True
+                        break
                     try:
                         batch = next(batches)
                     except DataError as exc:
