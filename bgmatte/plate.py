@@ -45,24 +45,32 @@ class AlignOptions:
 
     max_features: int = 2000  # ORB keypoints per image
     working_size: int | None = 720  # longer side for feature detection; None = full resolution
+    # A smaller image is enlarged to this longer side for detection: ORB leaves out a border of 31 pixels (its
+    # patch), which is most of a frame of 100 pixels or so.
+    min_working_size: int = 480
     ratio: float = 0.75  # Lowe's ratio test between the best and second-best match
     min_inliers: int = 15  # fewer RANSAC inliers than this counts as no homography
     ransac_threshold: float = 3.0  # pixels, at full resolution
     max_scale_change: float = 2.0  # a homography that scales the plate more than this is rejected
 
 
-def _working_scale(image: np.ndarray, working_size: int | None) -> float:
+def _working_scale(image: np.ndarray, options: AlignOptions) -> float:
+    """The scale features are detected at: down to `working_size`, or up to `min_working_size`, on the longer side."""
     longest = max(image.shape[:2])
-    if working_size is None or longest <= working_size:
+    floor = min(options.min_working_size, options.working_size or options.min_working_size)  # never above the size
+    if longest < floor:
+        return floor / longest
+    if options.working_size is None or longest <= options.working_size:
         return 1.0
-    return working_size / longest
+    return options.working_size / longest
 
 
 def _scaled(image: np.ndarray, scale: float) -> np.ndarray:
     if scale == 1.0:
         return image
     height, width = image.shape[:2]
-    return cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+    return cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=interpolation)
 
 
 class PlateAligner:
@@ -93,7 +101,7 @@ class PlateAligner:
         """Align another plate from now on (the next frame of a plate video): its features are computed, the
         failure count and the warnings already given carry over, so a plate video warns once, not every frame."""
         self.plate = plate
-        self._plate_scale = _working_scale(plate, self.options.working_size)
+        self._plate_scale = _working_scale(plate, self.options)
         keypoints, descriptors = self._orb.detectAndCompute(_scaled(_grey_uint8(plate), self._plate_scale), None)
         self._plate_points = np.float32([point.pt for point in keypoints]).reshape(-1, 2) / self._plate_scale
         self._plate_descriptors = descriptors
@@ -107,7 +115,7 @@ class PlateAligner:
         """The 3x3 homography taking plate pixels to frame pixels, or None and the reason it failed."""
         if not self.textured:
             return None, "the plate has too little texture"
-        scale = _working_scale(frame, self.options.working_size)
+        scale = _working_scale(frame, self.options)
         keypoints, descriptors = self._orb.detectAndCompute(_scaled(_grey_uint8(frame), scale), None)
         if descriptors is None or len(keypoints) < self.options.min_inliers:
             return None, f"only {len(keypoints)} features in the frame"
