@@ -79,7 +79,7 @@ from bgmatte.io.video import (
     lower_thread_priority,
     rates_differ,
 )
-from bgmatte.plate import PlateAligner, estimate_plate, fit_exposure, sample_frames
+from bgmatte.plate import PlateAligner, estimate_plate, fit_exposure, register_frames, sample_frames
 from bgmatte.predictor import (
     BaseAsRefine,
     Matte,
@@ -715,9 +715,11 @@ def plate_sample_count(width: int, height: int) -> int:
 
 
 def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: float = 0.0,
-                    duration: float | None = None) -> np.ndarray:
+                    duration: float | None = None, align: bool = False) -> np.ndarray:
     """A clean plate from frames sampled evenly over a first pass through the clip, or through its span from
-    `start` for `duration` seconds (`VideoReader`), which is what is matted.
+    `start` for `duration` seconds (`VideoReader`), which is what is matted. With `align` (a handheld clip) the
+    samples are registered onto their middle one first (`register_frames`); too few registered, the plate is
+    estimated from them as they are, with a warning.
 
     When a whole clip says how many frames it has, only the chosen frames are kept as it is decoded;
     otherwise (a span's count is an estimate) `sample_frames` thins as it goes, holding at most twice the count.
@@ -738,6 +740,16 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: 
         where = "the clip" if not (start or duration) else f"the span from {start:g} s" + (
             f" for {duration:g} s (a longer --duration?)" if duration else " to the end (an earlier --start?)")
         raise BgmatteError(f"{src}: an automatic plate needs at least 3 frames of {where}; it gave {len(samples)}")
+    if align:
+        registered, failed = register_frames(samples)
+        if len(registered) < 3:
+            logger.warning("%s: the frames sampled for the automatic plate could not be registered to one another "
+                           "(%d of %d failed); it is estimated as if the camera stood still", src, failed, len(samples))
+        else:
+            if failed:
+                logger.warning("%s: %d of %d frames sampled for the automatic plate could not be registered to the "
+                               "others; it is estimated from the rest", src, failed, len(samples))
+            samples = registered
     logger.info("estimating a clean plate from %d frames sampled over the clip", len(samples))
     return estimate_plate(samples)
 
@@ -1103,7 +1115,8 @@ def convert_video(
         bgr: the plate: an image (resized to the video, with a warning, if its size differs), a video
             (frame for frame, or by time when its frame rate is another; when it is shorter, its last frame is
             held, with a warning), ``"auto"``
-            (estimated from frames sampled over a first pass through the clip), or an (H, W, 3) array.
+            (estimated from frames sampled over a first pass through the clip; with `align`, registered onto
+            one another first), or an (H, W, 3) array.
         output: the composite's file; its extension picks the container (a name without extension is
             a folder of PNGs). The other outputs go beside it as ``NAME_pha.mp4`` and so on.
         output_dir: instead of `output`, the reference's layout: ``com.mp4``, ``pha.mp4``... in it,
@@ -1192,7 +1205,7 @@ def convert_video(
         targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device, fps=reader.fps,
                                                          frames=reader.frame_count))
         if auto_plate:
-            image = _estimate_plate(src, size, progress, start=start, duration=duration)
+            image = _estimate_plate(src, size, progress, start=start, duration=duration, align=align)
         plates = _Plates(image, plate_video, *size, native=native, name=None if auto_plate or isinstance(bgr, np.ndarray) else str(bgr),
                          align=align, exposure=_ExposureFeedback() if match_exposure else None, fps=reader.fps,
                          frames=_frames_to_end(reader), clip_start=reader.span_start)

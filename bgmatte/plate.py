@@ -80,6 +80,7 @@ class PlateAligner:
         plate: the clean background, (H, W, 3) RGB.
         options: feature and RANSAC settings (`AlignOptions`).
         name: the file the plate is aligned to (a photo), which the warnings name: among many, the one concerned.
+        warn: False to leave the too-little-texture warning to the caller (`register_frames`).
 
     `align(frame)` returns the plate warped onto the frame and whether that worked; on failure the
     plate comes back unaligned (resized to the frame if needed) and a warning is logged (the first
@@ -87,12 +88,12 @@ class PlateAligner:
     """
 
     def __init__(self, plate: np.ndarray, options: AlignOptions = AlignOptions(), *,
-                 name: str | os.PathLike | None = None):
+                 name: str | os.PathLike | None = None, warn: bool = True):
         self.options = options
         self._named = f"{name}: " if name else ""
         self.failures = 0
         self.attempts = 0
-        self._warned_texture = False
+        self._warned_texture = not warn  # warn=False: the caller tells of failures (`estimate` gives the reason)
         self._orb = cv2.ORB_create(nfeatures=options.max_features)
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
         self.set_plate(plate)
@@ -327,6 +328,30 @@ def sample_frames(frames: Iterable[np.ndarray], count: int = 30) -> list[np.ndar
     return kept
 
 
+def register_frames(frames: Sequence[np.ndarray], options: AlignOptions = AlignOptions()) -> tuple[list[np.ndarray], int]:
+    """The frames of a handheld clip warped onto their middle one, for `estimate_plate`: unregistered, a shake of a
+    few pixels smears or doubles every texture edge of the plate. Returns those registered (the middle one among
+    them, where a warped frame does not reach it shows through) and how many could not be, which are left out."""
+    middle = len(frames) // 2
+    reference = frames[middle]
+    aligner = PlateAligner(reference, options, warn=False)  # its features are found once, for every frame
+    height, width = reference.shape[:2]
+    registered, failed = [], 0
+    for index, frame in enumerate(frames):
+        if index == middle:
+            registered.append(frame)
+            continue
+        homography, _ = aligner.estimate(frame)
+        if homography is None:
+            failed += 1
+            continue
+        # The homography takes the middle frame's pixels to this one's: its inverse map brings this one back.
+        registered.append(cv2.warpPerspective(frame, homography, (width, height), dst=reference.copy(),
+                                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                              borderMode=cv2.BORDER_TRANSPARENT))
+    return registered, failed
+
+
 def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEstimateOptions = PlateEstimateOptions()) -> np.ndarray:
     """A clean plate from sampled frames of the clip itself: a temporal median, corrected where the subject stayed.
 
@@ -342,7 +367,8 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     guess at a texture edge cannot spread its colour ring after ring. So a subject that kept still
     for most of the clip, then moved, is replaced by what it uncovered, while one that passed by is
     left out. Unchanged islands enclosed by such a region, which the subject never uncovered, are
-    inpainted. A subject that never moved at all cannot be told from the background and stays.
+    inpainted. A subject that never moved at all cannot be told from the background and stays. The camera must
+    stand still; for a handheld clip, register the frames first (`register_frames`).
     """
     frames = list(frames) if not isinstance(frames, np.ndarray) else frames
     if len(frames) < 3:

@@ -17,6 +17,7 @@ from bgmatte.plate import (
     estimate_plate,
     fit_exposure,
     match_exposure,
+    register_frames,
     sample_frames,
 )
 
@@ -345,3 +346,39 @@ def test_a_frame_unlike_the_background_everywhere_does_not_break_the_estimate(fl
     background = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     plate = estimate_plate([background, background, flash, background, background])
     assert np.abs(plate.astype(int) - background).max() <= 1
+
+
+def handheld_clip(count: int = 15, shake: int = 4):
+    """A camera that shakes up to `shake` pixels each way over a textured background, a box crossing it; the
+    background as the middle frame sees it."""
+    rng = np.random.default_rng(4)
+    height, width = 120, 160
+    wide = textured(height + 2 * shake, width + 2 * shake, seed=5)
+    frames, views = [], []
+    for index in range(count):
+        dx, dy = rng.integers(-shake, shake + 1, 2) if index != count // 2 else (0, 0)
+        view = wide[shake + dy : shake + dy + height, shake + dx : shake + dx + width]
+        frame = view.copy()
+        frame[40:90, 8 + 10 * index : 38 + 10 * index] = (220, 50, 60)
+        frames.append(frame)
+        views.append(view)
+    return frames, views[count // 2]
+
+
+def test_a_handheld_clip_registered_first_gives_its_background():
+    """Unregistered, a shake of 4 pixels left every texture edge smeared or doubled: 24 levels off on average (0.2 registered)."""
+    frames, background = handheld_clip()
+    registered, failed = register_frames(frames)
+    assert failed == 0 and len(registered) == len(frames)
+    plate = estimate_plate(registered)
+    error = np.abs(plate.astype(float) - background.astype(float)).max(axis=2)[4:-4, 4:-4]
+    assert error.mean() < 3
+    unregistered = np.abs(estimate_plate(frames).astype(float) - background.astype(float)).max(axis=2)[4:-4, 4:-4]
+    assert unregistered.mean() > 10
+
+
+def test_frames_that_cannot_be_registered_are_left_out():
+    frames, _ = handheld_clip(count=5)
+    frames[1] = np.full_like(frames[1], 128)  # a frame the subject fills, or a cut to black
+    registered, failed = register_frames(frames)
+    assert failed == 1 and len(registered) == 4
