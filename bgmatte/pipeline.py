@@ -547,11 +547,15 @@ class _ExposureFeedback:
 
     The matte a few frames back is a good guess of where the subject is not; its foreground is
     grown by 3% of the frame so that a moving subject still falls inside it. Before the first matte,
-    the fit's own outlier rejection keeps the subject out.
+    the fit's own outlier rejection keeps the subject out. A frame where no change can be fitted keeps the
+    plate as it is: the first is warned about, naming the clip, the others counted for `report` at the end.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: Path | str | None = None) -> None:
         self._mask: np.ndarray | None = None
+        self._named = f"{name}: " if name else ""
+        self.frames = 0
+        self.skipped = 0
 
     def update(self, pha: Tensor) -> None:
         """Remember the foreground of one matte ((1, H, W) or (H, W))."""
@@ -565,7 +569,20 @@ class _ExposureFeedback:
         mask = self._mask
         if mask is not None and mask.shape != frame.shape[:2]:
             mask = None
-        return fit_exposure(plate, frame, mask).apply(plate)
+        self.frames += 1
+        fit = fit_exposure(plate, frame, mask, warn=False)
+        if fit.skipped:
+            self.skipped += 1
+            if self.skipped == 1:
+                logger.warning("%sexposure matching skipped on frame %d (%s); the plate is used as it is where it "
+                               "cannot be fitted", self._named, self.frames, fit.skipped)
+            return plate
+        return fit.apply(plate)
+
+    def report(self) -> None:
+        """At the end of a run: how many frames had no exposure matching, when more than the one already warned of."""
+        if self.skipped > 1:
+            logger.warning("%sexposure matching was skipped on %d of %d frames", self._named, self.skipped, self.frames)
 
 
 class _Plates:
@@ -656,6 +673,11 @@ class _Plates:
         if self.exposure is not None:
             plate = self.exposure.match(plate, frame)
         return plate
+
+    def report(self) -> None:
+        """At the end of a run, what the warnings given on the way left uncounted."""
+        if self.exposure is not None:
+            self.exposure.report()
 
     def close(self) -> None:
         if self._video is not None:
@@ -1207,7 +1229,7 @@ def convert_video(
         if auto_plate:
             image = _estimate_plate(src, size, progress, start=start, duration=duration, align=align)
         plates = _Plates(image, plate_video, *size, native=native, name=None if auto_plate or isinstance(bgr, np.ndarray) else str(bgr),
-                         align=align, exposure=_ExposureFeedback() if match_exposure else None, fps=reader.fps,
+                         align=align, exposure=_ExposureFeedback(src) if match_exposure else None, fps=reader.fps,
                          frames=_frames_to_end(reader), clip_start=reader.span_start)
         writers = {
             plan.kind: stack.enter_context(_open_writer(plan, fps=reader.fps, audio_from=src, overwrite=overwrite,
@@ -1250,6 +1272,7 @@ def convert_video(
             raise
         finally:
             plates.close()
+        plates.report()
         error = reader.error
     if error is not None:
         raise BgmatteError(f"{error}; the outputs hold {_frames_held(written, 'those')}")
@@ -1540,7 +1563,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                         with TargetFrames(target_bgr, width, height, device=predictor.device, picture=picture) as target:
                             backdrop = ((width, height), target.take(1))
                     frames = _matte_one(predictor, image, plate, wanted[source], target_bgr, backdrop[1],
-                                        match_exposure)
+                                        match_exposure, source)
                 except Exception as exc:
                     if not isinstance(exc, NotEnoughMemory) and not is_out_of_memory(exc):
                         raise
@@ -1574,15 +1597,23 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
 
 
 def _matte_one(predictor: Predictor, image: np.ndarray, plate: np.ndarray, kinds: Sequence[str],
-               target_bgr: TargetBackground, backdrop: Tensor | None, match_exposure: bool) -> dict[str, np.ndarray]:
+               target_bgr: TargetBackground, backdrop: Tensor | None, match_exposure: bool,
+               name: Path | str = "") -> dict[str, np.ndarray]:
     """The requested outputs for one image against its plate (already of its size) and the target at its size
-    (`TargetFrames.take`), as (1, H, W, C) arrays."""
+    (`TargetFrames.take`), as (1, H, W, C) arrays. `name`: the image's file, which a warning names."""
     if match_exposure:
         # A first fit keeps the subject out by rejecting outliers; the matte it allows
         # tells the second fit which pixels are background.
-        first = fit_exposure(plate, image).apply(plate)
+        fit = fit_exposure(plate, image, warn=False)
+        first = fit.apply(plate)
         foreground = (predictor(image, first).pha[0, 0] >= 0.05).cpu().numpy()
-        plate = fit_exposure(plate, image, foreground).apply(plate) if not foreground.all() else first
+        if not foreground.all():
+            fit = fit_exposure(plate, image, foreground, warn=False)
+            plate = fit.apply(plate)
+        else:
+            plate = first
+        if fit.skipped:
+            logger.warning("%s: exposure matching skipped (%s); the plate is used as it is", name, fit.skipped)
     matte = predictor(image, plate)
     return render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop, src=image[None])
 

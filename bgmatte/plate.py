@@ -211,6 +211,7 @@ class ExposureFit:
     matrix: np.ndarray  # (3, 3)
     offset: np.ndarray  # (3,)
     pixels: int  # pixels the final fit used
+    skipped: str = ""  # why no change was fitted (the fit is then the identity), or ""
 
     def apply(self, plate: np.ndarray) -> np.ndarray:
         """The plate with the fitted colour change, in the plate's dtype. Channels clipped in the plate stay
@@ -231,13 +232,16 @@ IDENTITY_FIT = ExposureFit(np.eye(3), np.zeros(3), 0)
 
 
 def fit_exposure(
-    plate: np.ndarray, frame: np.ndarray, pha_or_mask: np.ndarray | None = None, options: ExposureOptions = ExposureOptions()
+    plate: np.ndarray, frame: np.ndarray, pha_or_mask: np.ndarray | None = None, options: ExposureOptions = ExposureOptions(),
+    *, warn: bool = True,
 ) -> ExposureFit:
     """Fit the colour transform from plate to frame on confident background pixels, robust to outliers.
 
     `pha_or_mask`: a float alpha matte (background where below `background_below`) or a boolean
     foreground mask (background where False); None uses every pixel and relies on the outlier
     rejection to drop the subject. Saturated pixels are left out, since clipping hides their change.
+    When no change can be fitted, the identity comes back with the reason in `skipped`, warned about unless
+    `warn` is False (a video's frames, whose caller says it once, naming the clip).
     """
     if plate.shape[:2] != frame.shape[:2]:
         raise ValueError(f"plate {plate.shape[:2]} and frame {frame.shape[:2]} differ in size")
@@ -254,8 +258,7 @@ def fit_exposure(
     if len(indices) > options.max_samples:
         indices = indices[np.linspace(0, len(indices) - 1, options.max_samples).astype(np.int64)]
     if len(indices) < options.min_pixels:
-        logger.warning("exposure matching skipped: only %d background pixels to fit on", len(indices))
-        return IDENTITY_FIT
+        return _skipped(f"only {len(indices)} background pixels to fit on", warn)
     x, y = source[indices].astype(np.float64), target[indices].astype(np.float64)
     keep = np.ones(len(x), bool)
     matrix, offset = np.eye(3), np.zeros(3)
@@ -268,9 +271,14 @@ def fit_exposure(
         keep = residual <= np.median(residual[keep]) + max(3.0 * spread, 2.0 / 255)
     gains = np.diag(matrix) if options.model == "gain_offset" else np.linalg.svd(matrix, compute_uv=False)
     if not np.all(np.isfinite(matrix)) or gains.min() < 0.2 or gains.max() > 5.0:
-        logger.warning("exposure matching skipped: the fitted change is implausible (gains %s)", np.round(gains, 2))
-        return IDENTITY_FIT
+        return _skipped(f"the fitted change is implausible (gains {np.round(gains, 2)})", warn)
     return ExposureFit(matrix, offset, int(keep.sum()))
+
+
+def _skipped(reason: str, warn: bool) -> ExposureFit:
+    if warn:
+        logger.warning("exposure matching skipped: %s", reason)
+    return ExposureFit(IDENTITY_FIT.matrix, IDENTITY_FIT.offset, 0, reason)
 
 
 def _least_squares(x: np.ndarray, y: np.ndarray, model: str) -> tuple[np.ndarray, np.ndarray]:

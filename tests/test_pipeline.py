@@ -545,6 +545,34 @@ def test_match_exposure_follows_a_darker_clip(tmp_path):
         assert subject_pixels(matched_frames[index], index).mean() > 240
 
 
+def test_exposure_matching_that_cannot_fit_is_told_once_naming_the_clip(tmp_path, caplog):
+    """A background clipped white leaves nothing to fit on: this was warned about on every frame, naming no file."""
+    clip, plate = tmp_path / "white.mp4", tmp_path / "plate.png"
+    white = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+    make_clip(clip, 6, plate=white)
+    write_png(plate, white)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["pha"], match_exposure=True,
+                               model=DifferenceModel(), progress=False)
+    assert len(read_frames(result.outputs["pha"])) == 6
+    warnings = [record.getMessage() for record in caplog.records if "exposure" in record.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"{clip}: exposure matching skipped on frame 1 (only 0 background pixels")
+    assert warnings[1] == f"{clip}: exposure matching was skipped on 6 of 6 frames"
+
+
+def test_exposure_matching_that_cannot_fit_an_image_names_it_once(tmp_path, caplog):
+    white = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+    plate_file, photo = tmp_path / "plate.png", tmp_path / "photo.png"
+    write_png(plate_file, white)
+    write_png(photo, subject_frame(white, 2))
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        matte_images([photo], plate_file, output_dir=tmp_path / "out", outputs=["pha"], match_exposure=True,
+                     model=DifferenceModel(), progress=False)
+    warnings = [record.getMessage() for record in caplog.records if "exposure" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{photo}: exposure matching skipped (only 0"), warnings
+
+
 def test_align_falls_back_to_the_plate_with_a_warning_when_it_cannot_align(tmp_path, caplog):
     clip, plate = tmp_path / "flat.mp4", tmp_path / "plate.png"
     flat = np.full((HEIGHT, WIDTH, 3), 120, np.uint8)  # no features to match

@@ -212,6 +212,14 @@ def test_no_background_to_fit_on_leaves_the_plate_alone(caplog):
     assert any("exposure matching skipped" in record.message for record in caplog.records)
 
 
+def test_a_skipped_fit_says_why_and_warns_only_when_asked(caplog):
+    plate, frame, _, _ = exposure_pair()
+    with caplog.at_level(logging.WARNING, logger="bgmatte.plate"):
+        fit = fit_exposure(plate, frame, np.ones(plate.shape[:2], bool), warn=False)
+    assert fit.skipped == "only 0 background pixels to fit on" and not caplog.records
+    assert np.array_equal(fit.matrix, np.eye(3)) and fit_exposure(plate, frame).skipped == ""
+
+
 def test_exposure_needs_same_sizes():
     with pytest.raises(ValueError, match="differ in size"):
         match_exposure(np.zeros((4, 4, 3), np.float32), np.zeros((5, 4, 3), np.float32))
