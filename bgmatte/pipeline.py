@@ -1228,7 +1228,9 @@ def convert_video(
                                                          frames=reader.frame_count))
         if auto_plate:
             image = _estimate_plate(src, size, progress, start=start, duration=duration, align=align)
-        plates = _Plates(image, plate_video, *size, native=native, name=None if auto_plate or isinstance(bgr, np.ndarray) else str(bgr),
+        # An automatic plate is named by its clip (in alignment warnings), and is of the working size already.
+        plates = _Plates(image, plate_video, *size, native=size if auto_plate else native,
+                         name=str(src) if auto_plate else None if isinstance(bgr, np.ndarray) else str(bgr),
                          align=align, exposure=_ExposureFeedback(src) if match_exposure else None, fps=reader.fps,
                          frames=_frames_to_end(reader), clip_start=reader.span_start)
         writers = {

@@ -530,6 +530,20 @@ def test_an_automatic_plate_of_a_handheld_clip_is_registered_with_align(tmp_path
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
+def test_an_automatic_plate_is_not_called_resized_and_its_warnings_name_the_clip(tmp_path, caplog):
+    """With --resize, the automatic plate (made at the working size) was said to be "48x32 but the video is 96x64;
+    the plate is resized to fit", and its alignment warnings named no file."""
+    clip = tmp_path / "flat.mp4"
+    make_clip(clip, 6, plate=np.full((HEIGHT, WIDTH, 3), 120, np.uint8))  # nothing to align on
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        result = convert_video(clip, "auto", output=tmp_path / "com.mp4", outputs=["pha"], resize=(48, 32),
+                               align=True, model=DifferenceModel(), progress=False)
+    assert len(read_frames(result.outputs["pha"])) == 6
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert not [message for message in warnings if "resized" in message], warnings
+    assert any(message.startswith(f"{clip}: the plate has too little texture") for message in warnings), warnings
+
+
 def test_match_exposure_follows_a_darker_clip(tmp_path):
     clip, plate = tmp_path / "dim.mp4", tmp_path / "plate.png"
     make_clip(clip, 8, gain=0.6)  # the camera exposed the clip darker than the plate
