@@ -619,6 +619,7 @@ class _Plates:
         self.exposure = exposure
         self._align = align
         self._aligner: PlateAligner | None = None
+        self._name = name
         self.plate = self._fit(image, name) if image is not None else None
         if self.plate is not None and align:
             self._aligner = PlateAligner(self.plate, name=name)
@@ -675,7 +676,13 @@ class _Plates:
         return plate
 
     def report(self) -> None:
-        """At the end of a run, what the warnings given on the way left uncounted."""
+        """At the end of a run, what the warnings given on the way left uncounted: how many frames the plate could
+        not be aligned to, or not exposure-matched to (the first of each was warned about as it came)."""
+        aligner = self._aligner
+        if aligner is not None and aligner.failures > 1:
+            named = self._video.path if self._video is not None else self._name
+            logger.warning("%splate alignment failed on %d of %d frames; they were matted against the unaligned "
+                           "plate", f"{named}: " if named else "", aligner.failures, aligner.attempts)
         if self.exposure is not None:
             self.exposure.report()
 

@@ -600,6 +600,25 @@ def test_align_falls_back_to_the_plate_with_a_warning_when_it_cannot_align(tmp_p
     assert any("align" in record.message for record in caplog.records)
 
 
+def test_align_says_at_the_end_how_many_frames_it_failed_on(tmp_path, caplog):
+    """Alignment failed on half the frames and was told of on the first of them only: nothing said how many frames
+    had been matted against the unaligned plate."""
+    width, height = 2 * WIDTH, 2 * HEIGHT
+    plate = plate_image(width, height, seed=3)
+    other = plate_image(width, height, seed=8)  # a view the plate does not show
+    clip, plate_file = tmp_path / "clip.mp4", tmp_path / "plate.png"
+    write_clip(clip, [subject_frame(plate if index < 3 else other, index) for index in range(6)], audio=False)
+    write_png(plate_file, plate)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        convert_video(clip, plate_file, output=tmp_path / "com.mp4", outputs=["pha"], align=True,
+                      model=DifferenceModel(), progress=False)
+    warnings = [record.getMessage() for record in caplog.records if "alignment failed" in record.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"{plate_file}: plate alignment failed (")
+    assert warnings[1] == f"{plate_file}: plate alignment failed on 3 of 6 frames; they were matted against the " \
+                          "unaligned plate"
+
+
 def test_align_with_a_plate_video_warns_once_naming_it_not_every_frame(tmp_path, caplog):
     clip, plate = tmp_path / "flat.mp4", tmp_path / "plate.mp4"
     flat = np.full((HEIGHT, WIDTH, 3), 120, np.uint8)  # no features to match, in any plate frame
