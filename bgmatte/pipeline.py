@@ -780,7 +780,7 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: 
                                "others; it is estimated from the rest", src, failed, len(samples))
             samples = registered
     logger.info("estimating a clean plate from %d frames sampled over the clip", len(samples))
-    return estimate_plate(samples)
+    return estimate_plate(samples, name=src)
 
 
 # -------------------------------------------------------------------------------------------- outputs

@@ -360,7 +360,8 @@ def register_frames(frames: Sequence[np.ndarray], options: AlignOptions = AlignO
     return registered, failed
 
 
-def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEstimateOptions = PlateEstimateOptions()) -> np.ndarray:
+def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEstimateOptions = PlateEstimateOptions(),
+                   *, name: str | os.PathLike | None = None) -> np.ndarray:
     """A clean plate from sampled frames of the clip itself: a temporal median, corrected where the subject stayed.
 
     The per-pixel median is right wherever the subject covered a pixel in fewer than half the
@@ -376,7 +377,8 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     for most of the clip, then moved, is replaced by what it uncovered, while one that passed by is
     left out. Unchanged islands enclosed by such a region, which the subject never uncovered, are
     inpainted. A subject that never moved at all cannot be told from the background and stays. The camera must
-    stand still; for a handheld clip, register the frames first (`register_frames`).
+    stand still; for a handheld clip, register the frames first (`register_frames`). Samples that do not share
+    one background (a cut, a change of light) are warned about, naming `name` (the clip): no plate fits them all.
     """
     frames = list(frames) if not isinstance(frames, np.ndarray) else frames
     if len(frames) < 3:
@@ -400,6 +402,8 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
         differs[index] = _without_specks((deviation(index) > threshold).astype(np.uint8), options.min_area)
     changing = differs.any(axis=0)
     if not changing.any():
+        result = np.clip(np.rint(median), 0, 255).astype(np.uint8)
+        _warn_if_background_changes(stack, result, name)
         return _like(median / 255.0, dtype)
 
     rows, columns = np.nonzero(changing)
@@ -438,9 +442,28 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     result = np.clip(np.rint(plate), 0, 255).astype(np.uint8)
     if holes.any():
         result = cv2.inpaint(result, holes.astype(np.uint8), options.inpaint_radius, cv2.INPAINT_TELEA)
+    _warn_if_background_changes(stack, result, name)
     if dtype == np.uint8:
         return result
     return (result.astype(np.float32) / 255.0).astype(dtype)
+
+
+def _warn_if_background_changes(stack: np.ndarray, plate: np.ndarray, name: object, threshold: float = 0.1) -> None:
+    """Warn when the samples do not share one background, which no plate can then fit: when the plate differs
+    (by more than `threshold` in a channel) from at least half the samples over half the picture, or from two
+    of them over three quarters of it. A subject, even a large one that moves, leaves most of the picture to
+    the background in most samples; a cut or a change of light does not. The threshold is fixed, well above
+    noise: the clip's own, derived from the samples, is inflated by the very change looked for here."""
+    differs = np.empty(stack.shape[:3], bool)
+    for index in range(len(stack)):
+        difference = cv2.absdiff(stack[index], plate)
+        differs[index] = difference.max(axis=2) > threshold * 255.0
+    share = differs.mean(axis=(1, 2))
+    if (differs.mean(axis=0) >= 0.5).mean() > 0.5 or (share > 0.75).sum() >= 2:
+        logger.warning("%sthe background changes during the clip: %d of %d sampled frames differ from the automatic "
+                       "plate over most of the picture (a cut, a change of light, a moving camera?), so it fits only "
+                       "part of the clip; give a plate, or matte each shot on its own", f"{name}: " if name else "",
+                       int((share > 0.5).sum()), len(stack))
 
 
 def _without_specks(mask: np.ndarray, min_area: int) -> np.ndarray:

@@ -544,6 +544,18 @@ def test_an_automatic_plate_is_not_called_resized_and_its_warnings_name_the_clip
     assert any(message.startswith(f"{clip}: the plate has too little texture") for message in warnings), warnings
 
 
+def test_an_automatic_plate_of_a_clip_with_a_cut_is_warned_about(tmp_path, caplog):
+    """Two shots in one clip: no plate fits both, and the automatic one (a patchwork) was used without a word."""
+    clip = tmp_path / "shots.mp4"
+    views = [plate_image(seed=0)] * 6 + [plate_image(seed=5)] * 6
+    write_clip(clip, [subject_frame(view, index) for index, view in enumerate(views)], audio=False)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        convert_video(clip, "auto", output=tmp_path / "com.mp4", outputs=["pha"], model=DifferenceModel(),
+                      progress=False)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{clip}: the background changes during the clip"), warnings
+
+
 def test_match_exposure_follows_a_darker_clip(tmp_path):
     clip, plate = tmp_path / "dim.mp4", tmp_path / "plate.png"
     make_clip(clip, 8, gain=0.6)  # the camera exposed the clip darker than the plate

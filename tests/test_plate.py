@@ -390,3 +390,36 @@ def test_frames_that_cannot_be_registered_are_left_out():
     frames[1] = np.full_like(frames[1], 128)  # a frame the subject fills, or a cut to black
     registered, failed = register_frames(frames)
     assert failed == 1 and len(registered) == 4
+
+
+def cut_clip(before: int, after: int):
+    """A box crossing one textured view for `before` frames, then another view (a cut) for `after`."""
+    views = [textured(120, 160, seed=1)] * before + [textured(120, 160, seed=2)] * after
+    frames = [view.copy() for view in views]
+    for index, frame in enumerate(frames):
+        frame[30:80, 5 + 8 * index : 35 + 8 * index] = (220, 50, 60)
+    return frames
+
+
+@pytest.mark.parametrize("before, after", [(8, 8), (12, 4), (14, 2)])
+def test_a_clip_with_a_cut_is_warned_about(before, after, caplog):
+    """No plate fits both sides of a cut: with 8 and 8 frames the plate was a patchwork of the two views, with 12
+    and 4 mostly the second one, and nothing was said."""
+    with caplog.at_level(logging.WARNING, logger="bgmatte.plate"):
+        estimate_plate(cut_clip(before, after), name="shots.mp4")
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith("shots.mp4: the background changes during the clip: "), warnings
+
+
+def test_a_large_moving_subject_or_a_flash_is_no_change_of_background(caplog):
+    background = textured(120, 160, seed=1)
+    large = []
+    for index in range(16):  # covering 40% of the picture
+        frame = background.copy()
+        frame[10:110, 10 + 5 * index : 90 + 5 * index] = (220, 50, 60)
+        large.append(frame)
+    flash = [background, background, np.full_like(background, 255), background, background]
+    with caplog.at_level(logging.WARNING, logger="bgmatte.plate"):
+        for frames in (large, flash, synthetic_clip()[0], swaying_clip(0.3)[0]):
+            estimate_plate(frames)
+    assert not caplog.records, [record.getMessage() for record in caplog.records]
