@@ -679,7 +679,8 @@ class _Plates:
         """At the end of a run, what the warnings given on the way left uncounted: how many frames the plate could
         not be aligned to, or not exposure-matched to (the first of each was warned about as it came)."""
         aligner = self._aligner
-        if aligner is not None and aligner.failures > 1:
+        # (A still plate with too little texture already said that it is used unaligned throughout.)
+        if aligner is not None and aligner.failures > 1 and (self._video is not None or aligner.textured):
             named = self._video.path if self._video is not None else self._name
             logger.warning("%splate alignment failed on %d of %d frames; they were matted against the unaligned "
                            "plate", f"{named}: " if named else "", aligner.failures, aligner.attempts)
