@@ -79,7 +79,14 @@ from bgmatte.io.video import (
     lower_thread_priority,
     rates_differ,
 )
-from bgmatte.plate import PlateAligner, estimate_plate, fit_exposure, register_frames, sample_frames
+from bgmatte.plate import (
+    PlateAligner,
+    estimate_plate,
+    fit_exposure,
+    grey_against_colour,
+    register_frames,
+    sample_frames,
+)
 from bgmatte.predictor import (
     BaseAsRefine,
     Matte,
@@ -620,6 +627,7 @@ class _Plates:
         self._align = align
         self._aligner: PlateAligner | None = None
         self._name = name
+        self._checked_colour = False
         self.plate = self._fit(image, name) if image is not None else None
         if self.plate is not None and align:
             self._aligner = PlateAligner(self.plate, name=name)
@@ -659,8 +667,14 @@ class _Plates:
 
     def next(self, frame: np.ndarray, seconds: float = 0.0) -> np.ndarray:
         """The plate for `frame` (already at the working size), `seconds` after the clip's first frame."""
+        plate = self._video_plate(seconds) if self._video is not None else self.plate
+        if not self._checked_colour:  # the first frame and plate tell: a file is grey or in colour throughout
+            self._checked_colour = True
+            if grey_against_colour(plate, frame):
+                named = self._video.path if self._video is not None else self._name
+                logger.warning("%sthe plate has no colour (greyscale) but the video has: its coloured background "
+                               "will matte as foreground; give the plate in colour", f"{named}: " if named else "")
         if self._video is not None:
-            plate = self._video_plate(seconds)
             if self._align:  # one aligner, given each new plate frame, so that a failure is told once, not per frame
                 if self._aligner is None:
                     self._aligner = PlateAligner(plate, name=self._video.path)
@@ -669,8 +683,6 @@ class _Plates:
                 plate = self._aligner.align(frame)[0]
         elif self._aligner is not None:
             plate = self._aligner.align(frame)[0]
-        else:
-            plate = self.plate
         if self.exposure is not None:
             plate = self.exposure.match(plate, frame)
         return plate
@@ -1566,6 +1578,9 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                     logger.warning("%s: the plate is %dx%d but %s is %dx%d; the plate is resized to fit",
                                    plate_file, plate.shape[1], plate.shape[0], source.name, width, height)
                     plate = resize_image(plate, width, height)
+                if grey_against_colour(plate, image):
+                    logger.warning("%s: the plate has no colour (greyscale) but %s has: its coloured background will "
+                                   "matte as foreground; give the plate in colour", plate_file, source.name)
                 if align:
                     plate = PlateAligner(plate, name=source).align(image)[0]
                 try:

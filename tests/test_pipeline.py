@@ -556,6 +556,37 @@ def test_an_automatic_plate_of_a_clip_with_a_cut_is_warned_about(tmp_path, caplo
     assert len(warnings) == 1 and warnings[0].startswith(f"{clip}: the background changes during the clip"), warnings
 
 
+def test_a_greyscale_plate_for_a_colour_clip_is_warned_about(tmp_path, caplog):
+    """A plate saved in greyscale made the coloured background foreground (a mean of 105 of 255 over it) without a
+    word; a grey wall, grey in the clip too, is no mismatch."""
+    import cv2
+
+    clip, grey, wall, wall_clip = tmp_path / "src.mp4", tmp_path / "grey.png", tmp_path / "wall.png", tmp_path / "w.mp4"
+    make_clip(clip, 4)
+    cv2.imwrite(str(grey), cv2.cvtColor(plate_image(), cv2.COLOR_RGB2GRAY))  # a one-channel file
+    neutral = np.repeat(cv2.cvtColor(plate_image(), cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
+    make_clip(wall_clip, 4, plate=neutral)
+    write_png(wall, neutral)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        convert_video(clip, grey, output=tmp_path / "a.mp4", outputs=["pha"], model=DifferenceModel(), progress=False)
+        matte_images([_still(tmp_path)], grey, output_dir=tmp_path / "out",
+                     outputs=["pha"], model=DifferenceModel(), progress=False)
+        warned = len(caplog.records)
+        convert_video(wall_clip, wall, output=tmp_path / "b.mp4", outputs=["pha"], model=DifferenceModel(),
+                      progress=False)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == warned == 2, warnings
+    assert warnings[0] == f"{grey}: the plate has no colour (greyscale) but the video has: its coloured background " \
+                          "will matte as foreground; give the plate in colour"
+    assert warnings[1].startswith(f"{grey}: the plate has no colour (greyscale) but photo.png has")
+
+
+def _still(folder: Path) -> Path:
+    photo = folder / "photo.png"
+    write_png(photo, subject_frame(plate_image(), 2))
+    return photo
+
+
 def test_match_exposure_follows_a_darker_clip(tmp_path):
     clip, plate = tmp_path / "dim.mp4", tmp_path / "plate.png"
     make_clip(clip, 8, gain=0.6)  # the camera exposed the clip darker than the plate
