@@ -187,14 +187,17 @@ def align_plate(plate: np.ndarray, frame: np.ndarray, options: AlignOptions = Al
 
 
 def grey_against_colour(plate: np.ndarray, frame: np.ndarray) -> bool:
-    """Whether `plate` has no colour (a greyscale file) while `frame` has colour over most of the picture: every
-    coloured pixel of the background then differs from its plate, and mattes as foreground. Most of the picture
-    rather than any of it, so that a grey wall behind a coloured subject is no mismatch."""
-    def chroma(image: np.ndarray) -> np.ndarray:
-        values = _as_float(image[:: max(1, image.shape[0] // 128), :: max(1, image.shape[1] // 128)])
-        return values.max(axis=2) - values.min(axis=2)
+    """Whether `plate` is a greyscale picture (neutral, its grey levels varying: not a flat card) while `frame` has
+    colour over most of the picture: every coloured pixel of the background then differs from its plate, and
+    mattes as foreground. Most of the picture rather than any of it, so that a grey wall behind a coloured
+    subject is no mismatch."""
+    def sampled(image: np.ndarray) -> np.ndarray:
+        return _as_float(image[:: max(1, image.shape[0] // 128), :: max(1, image.shape[1] // 128)])
 
-    return bool((chroma(plate) <= 2 / 255).mean() > 0.99 and (chroma(frame) > 12 / 255).mean() > 0.5)
+    plate, frame = sampled(plate), sampled(frame)
+    neutral = (plate.max(axis=2) - plate.min(axis=2) <= 2 / 255).mean() > 0.99
+    coloured = (frame.max(axis=2) - frame.min(axis=2) > 12 / 255).mean() > 0.5
+    return bool(neutral and coloured and plate.std() > 4 / 255)
 
 
 # ----------------------------------------------------------------------------------- exposure matching
