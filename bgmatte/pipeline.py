@@ -592,6 +592,18 @@ class _ExposureFeedback:
             logger.warning("%sexposure matching was skipped on %d of %d frames", self._named, self.skipped, self.frames)
 
 
+def _resized_plate(plate: tuple[int, int], target: tuple[int, int], align: bool) -> str:
+    """What the size warning says happens to a plate of size `plate` for a picture of size `target` (width,
+    height): resized, or stretched when its aspect ratio differs, which only --align can undo (it finds the
+    picture's view in the stretched plate; unaligned, most of the background mattes as foreground)."""
+    if abs(plate[0] * target[1] - plate[1] * target[0]) <= 0.01 * plate[0] * target[1]:
+        return "the plate is resized to fit"
+    if align:
+        return "its aspect ratio differs: the plate is stretched to fit, then aligned"
+    return ("its aspect ratio differs, so the plate is stretched to fit and will not line up with the picture "
+            "unless it was squeezed the same way: --align finds the picture's view in it")
+
+
 class _Plates:
     """The plate for each frame: one image, or a video (the last frame held when it ends), aligned to the frame
     and exposure-matched on request. A plate video goes frame for frame with the clip, as in the paper's code,
@@ -636,8 +648,8 @@ class _Plates:
         height, width = plate.shape[:2]
         if (width, height) != self.native and not self._warned_size:
             self._warned_size = True
-            logger.warning("%sthe plate is %dx%d but the video is %dx%d; the plate is resized to fit",
-                           f"{name}: " if name else "", width, height, *self.native)
+            logger.warning("%sthe plate is %dx%d but the video is %dx%d; %s", f"{name}: " if name else "",
+                           width, height, *self.native, _resized_plate((width, height), self.native, self._align))
         return resize_image(plate, *self.size)
 
     def _video_plate(self, seconds: float) -> np.ndarray:
@@ -1154,7 +1166,8 @@ def convert_video(
     Arguments:
         src: the video. Every frame goes into every output, upright, with its own timestamp (variable
             frame rate kept); the audio is carried into the composite.
-        bgr: the plate: an image (resized to the video, with a warning, if its size differs), a video
+        bgr: the plate: an image (resized to the video, with a warning, if its size differs; stretched when its
+            aspect ratio does, which only `align` undoes), a video
             (frame for frame, or by time when its frame rate is another; when it is shorter, its last frame is
             held, with a warning), ``"auto"``
             (estimated from frames sampled over a first pass through the clip; with `align`, registered onto
@@ -1439,7 +1452,8 @@ def matte_images(
     Arguments:
         src: image files and/or folders of images.
         bgr: one plate for every image, or a folder of plates matched to the images by file name.
-            A plate whose size differs is resized to its image, with a warning.
+            A plate whose size differs is resized to its image, with a warning (stretched when its aspect
+            ratio differs, which only `align` undoes).
         output_dir: where the ``com``, ``pha``, ``fgr``, ``err`` and ``ref`` folders go.
         outputs: which of them to write.
         target_bgr: None (default) makes ``com`` an RGBA cutout; otherwise a colour, an image or
@@ -1575,8 +1589,9 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                         continue
                 plate = cached_plate[1]
                 if plate.shape[:2] != image.shape[:2]:
-                    logger.warning("%s: the plate is %dx%d but %s is %dx%d; the plate is resized to fit",
-                                   plate_file, plate.shape[1], plate.shape[0], source.name, width, height)
+                    logger.warning("%s: the plate is %dx%d but %s is %dx%d; %s", plate_file, plate.shape[1],
+                                   plate.shape[0], source.name, width, height,
+                                   _resized_plate(plate.shape[1::-1], (width, height), align))
                     plate = resize_image(plate, width, height)
                 if grey_against_colour(plate, image):
                     logger.warning("%s: the plate has no colour (greyscale) but %s has: its coloured background will "

@@ -663,6 +663,27 @@ def test_align_says_at_the_end_how_many_frames_it_failed_on(tmp_path, caplog):
                           "unaligned plate"
 
 
+def test_a_plate_of_another_aspect_ratio_is_said_to_be_stretched(tmp_path, caplog):
+    """A 4:3 still of the scene for a 16:9 clip was "resized to fit", as if that were harmless: stretched, it made
+    81% of the picture foreground (the subject is 1%). --align finds the clip's view in it: 2%."""
+    scene = plate_image(256, 192, seed=4)
+    clip, plate = tmp_path / "wide.mp4", tmp_path / "still.png"
+    write_clip(clip, [subject_frame(scene[24:168].copy(), index) for index in range(4)], audio=False)
+    write_png(plate, scene)
+    foreground = {}
+    for align in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bgmatte"):
+            result = convert_video(clip, plate, output=tmp_path / f"{align}.mp4", outputs=["pha"], align=align,
+                                   model=DifferenceModel(), progress=False)
+        warnings = [record.getMessage() for record in caplog.records]
+        assert len(warnings) == 1 and warnings[0].startswith(
+            f"{plate}: the plate is 256x192 but the video is 256x144; its aspect ratio differs"), warnings
+        assert ("--align finds" in warnings[0]) != align
+        foreground[align] = (read_frames(result.outputs["pha"])[2][..., 0] > 128).mean()
+    assert foreground[False] > 0.5 and foreground[True] < 0.05
+
+
 def test_align_with_a_plate_video_warns_once_naming_it_not_every_frame(tmp_path, caplog):
     clip, plate = tmp_path / "flat.mp4", tmp_path / "plate.mp4"
     flat = np.full((HEIGHT, WIDTH, 3), 120, np.uint8)  # no features to match, in any plate frame
