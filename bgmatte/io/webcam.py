@@ -856,6 +856,10 @@ def run_webcam(
     if not (math.isfinite(auto_plate_delay) and auto_plate_delay >= 0):  # NaN: the plate would never be taken
         raise BgmatteError(f"--auto-plate-delay must be a number of seconds, 0 or more, not {auto_plate_delay}")
     _refuse_large_capture(width, height)
+    if bgr is not None and str(bgr).strip().lower() == "auto" and not Path(bgr).exists():
+        # `bgmatte video --bgr auto` estimates a plate from the whole clip; live, the plate is taken by itself.
+        raise BgmatteError("--bgr auto is for videos: for the webcam leave --bgr out, and key b in the preview takes "
+                           "the plate, or headless (--no-preview) it is taken after --auto-plate-delay seconds")
     if max_frames is not None and max_frames < 1:
         raise BgmatteError(f"--max-frames must be at least 1, not {max_frames}")
     for name, value in (("--virtual-cam-backend", virtual_cam_backend), ("--virtual-cam-device", virtual_cam_device)):
