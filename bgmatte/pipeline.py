@@ -1170,8 +1170,9 @@ def convert_video(
             aspect ratio does, which only `align` undoes), a video
             (frame for frame, or by time when its frame rate is another; when it is shorter, its last frame is
             held, with a warning), ``"auto"``
-            (estimated from frames sampled over a first pass through the clip; with `align`, registered onto
-            one another first), or an (H, W, 3) array.
+            (estimated from frames sampled over a first pass through the clip, one shot in which the subject
+            moves enough to show the background behind it; with `align`, registered onto one another first), or
+            an (H, W, 3) array.
         output: the composite's file; its extension picks the container (a name without extension is
             a folder of PNGs). The other outputs go beside it as ``NAME_pha.mp4`` and so on.
         output_dir: instead of `output`, the reference's layout: ``com.mp4``, ``pha.mp4``... in it,
