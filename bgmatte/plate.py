@@ -52,6 +52,9 @@ class AlignOptions:
     min_inliers: int = 15  # fewer RANSAC inliers than this counts as no homography
     ransac_threshold: float = 3.0  # pixels, at full resolution
     max_scale_change: float = 2.0  # a homography that scales the plate more than this is rejected
+    # Refine the feature homography by intensity (ECC) on the pixels where plate and frame already agree, at half
+    # the working size: ORB's keypoints, many found at coarse pyramid levels, leave it up to 2.5 pixels off.
+    refine: bool = True
 
 
 def _working_scale(image: np.ndarray, options: AlignOptions) -> float:
@@ -102,6 +105,7 @@ class PlateAligner:
         """Align another plate from now on (the next frame of a plate video): its features are computed, the
         failure count and the warnings already given carry over, so a plate video warns once, not every frame."""
         self.plate = plate
+        self._small_plate: np.ndarray | None = None  # for the refinement, made when first needed
         self._plate_scale = _working_scale(plate, self.options)
         keypoints, descriptors = self._orb.detectAndCompute(_scaled(_grey_uint8(plate), self._plate_scale), None)
         self._plate_points = np.float32([point.pt for point in keypoints]).reshape(-1, 2) / self._plate_scale
@@ -137,7 +141,46 @@ class PlateAligner:
         problem = self._implausible(homography)
         if problem:
             return None, problem
+        if self.options.refine:
+            homography = self._refined(homography, frame, scale)
         return homography, ""
+
+    def _refined(self, homography: np.ndarray, frame: np.ndarray, frame_scale: float) -> np.ndarray:
+        """`homography` refined by ECC at half the working scale, on the pixels where the warped plate already
+        matches the frame (the subject left out); kept as it was if ECC fails, if it matches those pixels worse,
+        or if it moves a corner by more than 4 RANSAC thresholds (a refinement, not a new estimate)."""
+        frame_to_small = np.diag([frame_scale / 2, frame_scale / 2, 1.0])
+        plate_to_small = np.diag([self._plate_scale / 2, self._plate_scale / 2, 1.0])
+        if self._small_plate is None:
+            self._small_plate = _scaled(_grey_uint8(self.plate), self._plate_scale / 2)
+        small_frame = _scaled(_grey_uint8(frame), frame_scale / 2)
+        small = frame_to_small @ homography @ np.linalg.inv(plate_to_small)  # small plate to small frame
+        warped = cv2.warpPerspective(self._small_plate, small, small_frame.shape[::-1], borderMode=cv2.BORDER_REPLICATE)
+        agree = cv2.erode((cv2.absdiff(warped, small_frame) < 40).astype(np.uint8), np.ones((5, 5), np.uint8))
+        if agree.mean() < 0.2:
+            return homography
+        inverse = np.linalg.inv(small)  # ECC warps the frame's pixels (the template) into the plate
+        inverse = (inverse / inverse[2, 2]).astype(np.float32)
+        criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 1e-5)
+        try:
+            _, inverse = cv2.findTransformECC(small_frame, self._small_plate, inverse, cv2.MOTION_HOMOGRAPHY,
+                                              criteria, agree, 3)
+        except cv2.error:  # no convergence: the features' estimate stands
+            return homography
+        refined = np.linalg.inv(frame_to_small) @ np.linalg.inv(inverse.astype(np.float64)) @ plate_to_small
+        if not np.all(np.isfinite(refined)):
+            return homography
+        height, width = self.plate.shape[:2]
+        corners = np.float32([[0, 0], [width, 0], [width, height], [0, height]]).reshape(-1, 1, 2)
+        moved = np.abs(cv2.perspectiveTransform(corners, refined) - cv2.perspectiveTransform(corners, homography))
+        after = cv2.warpPerspective(self._small_plate, frame_to_small @ refined @ np.linalg.inv(plate_to_small),
+                                    small_frame.shape[::-1], borderMode=cv2.BORDER_REPLICATE)
+        mask = agree.astype(bool)
+        before_error = cv2.absdiff(warped, small_frame)[mask].mean()
+        after_error = cv2.absdiff(after, small_frame)[mask].mean()
+        if moved.max() > 4 * self.options.ransac_threshold or after_error > before_error:
+            return homography
+        return refined / refined[2, 2]
 
     def _implausible(self, homography: np.ndarray) -> str:
         """Reject homographies that fold, flip or blow up the plate: RANSAC can fit those to bad matches."""
