@@ -79,7 +79,14 @@ from bgmatte.io.video import (
     lower_thread_priority,
     rates_differ,
 )
-from bgmatte.plate import PlateAligner, estimate_plate, fit_exposure, sample_frames
+from bgmatte.plate import (
+    PlateAligner,
+    estimate_plate,
+    fit_exposure,
+    grey_against_colour,
+    register_frames,
+    sample_frames,
+)
 from bgmatte.predictor import (
     BaseAsRefine,
     Matte,
@@ -562,11 +569,15 @@ class _ExposureFeedback:
 
     The matte a few frames back is a good guess of where the subject is not; its foreground is
     grown by 3% of the frame so that a moving subject still falls inside it. Before the first matte,
-    the fit's own outlier rejection keeps the subject out.
+    the fit's own outlier rejection keeps the subject out. A frame where no change can be fitted keeps the
+    plate as it is: the first is warned about, naming the clip, the others counted for `report` at the end.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: Path | str | None = None) -> None:
         self._mask: np.ndarray | None = None
+        self._named = f"{name}: " if name else ""
+        self.frames = 0
+        self.skipped = 0
 
     def update(self, pha: Tensor) -> None:
         """Remember the foreground of one matte ((1, H, W) or (H, W))."""
@@ -580,7 +591,32 @@ class _ExposureFeedback:
         mask = self._mask
         if mask is not None and mask.shape != frame.shape[:2]:
             mask = None
-        return fit_exposure(plate, frame, mask).apply(plate)
+        self.frames += 1
+        fit = fit_exposure(plate, frame, mask, warn=False)
+        if fit.skipped:
+            self.skipped += 1
+            if self.skipped == 1:
+                logger.warning("%sexposure matching skipped on frame %d (%s); the plate is used as it is where it "
+                               "cannot be fitted", self._named, self.frames, fit.skipped)
+            return plate
+        return fit.apply(plate)
+
+    def report(self) -> None:
+        """At the end of a run: how many frames had no exposure matching, when more than the one already warned of."""
+        if self.skipped > 1:
+            logger.warning("%sexposure matching was skipped on %d of %d frames", self._named, self.skipped, self.frames)
+
+
+def _resized_plate(plate: tuple[int, int], target: tuple[int, int], align: bool) -> str:
+    """What the size warning says happens to a plate of size `plate` for a picture of size `target` (width,
+    height): resized, or stretched when its aspect ratio differs, which only --align can undo (it finds the
+    picture's view in the stretched plate; unaligned, most of the background mattes as foreground)."""
+    if abs(plate[0] * target[1] - plate[1] * target[0]) <= 0.01 * plate[0] * target[1]:
+        return "the plate is resized to fit"
+    if align:
+        return "its aspect ratio differs: the plate is stretched to fit, then aligned"
+    return ("its aspect ratio differs, so the plate is stretched to fit and will not line up with the picture "
+            "unless it was squeezed the same way: --align finds the picture's view in it")
 
 
 class _Plates:
@@ -617,6 +653,8 @@ class _Plates:
         self.exposure = exposure
         self._align = align
         self._aligner: PlateAligner | None = None
+        self._name = name
+        self._checked_colour = False
         self.plate = self._fit(image, name) if image is not None else None
         if self.plate is not None and align:
             self._aligner = PlateAligner(self.plate, name=name)
@@ -625,8 +663,8 @@ class _Plates:
         height, width = plate.shape[:2]
         if (width, height) != self.native and not self._warned_size:
             self._warned_size = True
-            logger.warning("%sthe plate is %dx%d but the video is %dx%d; the plate is resized to fit",
-                           f"{name}: " if name else "", width, height, *self.native)
+            logger.warning("%sthe plate is %dx%d but the video is %dx%d; %s", f"{name}: " if name else "",
+                           width, height, *self.native, _resized_plate((width, height), self.native, self._align))
         return resize_image(plate, *self.size)
 
     def _video_plate(self, seconds: float) -> np.ndarray:
@@ -656,8 +694,14 @@ class _Plates:
 
     def next(self, frame: np.ndarray, seconds: float = 0.0) -> np.ndarray:
         """The plate for `frame` (already at the working size), `seconds` after the clip's first frame."""
+        plate = self._video_plate(seconds) if self._video is not None else self.plate
+        if not self._checked_colour:  # the first frame and plate tell: a file is grey or in colour throughout
+            self._checked_colour = True
+            if grey_against_colour(plate, frame):
+                named = self._video.path if self._video is not None else self._name
+                logger.warning("%sthe plate has no colour (greyscale) but the video has: its coloured background "
+                               "will matte as foreground; give the plate in colour", f"{named}: " if named else "")
         if self._video is not None:
-            plate = self._video_plate(seconds)
             if self._align:  # one aligner, given each new plate frame, so that a failure is told once, not per frame
                 if self._aligner is None:
                     self._aligner = PlateAligner(plate, name=self._video.path)
@@ -666,11 +710,21 @@ class _Plates:
                 plate = self._aligner.align(frame)[0]
         elif self._aligner is not None:
             plate = self._aligner.align(frame)[0]
-        else:
-            plate = self.plate
         if self.exposure is not None:
             plate = self.exposure.match(plate, frame)
         return plate
+
+    def report(self) -> None:
+        """At the end of a run, what the warnings given on the way left uncounted: how many frames the plate could
+        not be aligned to, or not exposure-matched to (the first of each was warned about as it came)."""
+        aligner = self._aligner
+        # (A still plate with too little texture already said that it is used unaligned throughout.)
+        if aligner is not None and aligner.failures > 1 and (self._video is not None or aligner.textured):
+            named = self._video.path if self._video is not None else self._name
+            logger.warning("%splate alignment failed on %d of %d frames; they were matted against the unaligned "
+                           "plate", f"{named}: " if named else "", aligner.failures, aligner.attempts)
+        if self.exposure is not None:
+            self.exposure.report()
 
     def close(self) -> None:
         if self._video is not None:
@@ -730,9 +784,11 @@ def plate_sample_count(width: int, height: int) -> int:
 
 
 def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: float = 0.0,
-                    duration: float | None = None) -> np.ndarray:
+                    duration: float | None = None, align: bool = False) -> np.ndarray:
     """A clean plate from frames sampled evenly over a first pass through the clip, or through its span from
-    `start` for `duration` seconds (`VideoReader`), which is what is matted.
+    `start` for `duration` seconds (`VideoReader`), which is what is matted. With `align` (a handheld clip) the
+    samples are registered onto their middle one first (`register_frames`); too few registered, the plate is
+    estimated from them as they are, with a warning.
 
     When a whole clip says how many frames it has, only the chosen frames are kept as it is decoded;
     otherwise (a span's count is an estimate) `sample_frames` thins as it goes, holding at most twice the count.
@@ -753,8 +809,18 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: 
         where = "the clip" if not (start or duration) else f"the span from {start:g} s" + (
             f" for {duration:g} s (a longer --duration?)" if duration else " to the end (an earlier --start?)")
         raise BgmatteError(f"{src}: an automatic plate needs at least 3 frames of {where}; it gave {len(samples)}")
+    if align:
+        registered, failed = register_frames(samples)
+        if len(registered) < 3:
+            logger.warning("%s: the frames sampled for the automatic plate could not be registered to one another "
+                           "(%d of %d failed); it is estimated as if the camera stood still", src, failed, len(samples))
+        else:
+            if failed:
+                logger.warning("%s: %d of %d frames sampled for the automatic plate could not be registered to the "
+                               "others; it is estimated from the rest", src, failed, len(samples))
+            samples = registered
     logger.info("estimating a clean plate from %d frames sampled over the clip", len(samples))
-    return estimate_plate(samples)
+    return estimate_plate(samples, name=src)
 
 
 # -------------------------------------------------------------------------------------------- outputs
@@ -1115,10 +1181,13 @@ def convert_video(
     Arguments:
         src: the video. Every frame goes into every output, upright, with its own timestamp (variable
             frame rate kept); the audio is carried into the composite.
-        bgr: the plate: an image (resized to the video, with a warning, if its size differs), a video
+        bgr: the plate: an image (resized to the video, with a warning, if its size differs; stretched when its
+            aspect ratio does, which only `align` undoes), a video
             (frame for frame, or by time when its frame rate is another; when it is shorter, its last frame is
             held, with a warning), ``"auto"``
-            (estimated from frames sampled over a first pass through the clip), or an (H, W, 3) array.
+            (estimated from frames sampled over a first pass through the clip, one shot in which the subject
+            moves enough to show the background behind it; with `align`, registered onto one another first), or
+            an (H, W, 3) array.
         output: the composite's file; its extension picks the container (a name without extension is
             a folder of PNGs). The other outputs go beside it as ``NAME_pha.mp4`` and so on.
         output_dir: instead of `output`, the reference's layout: ``com.mp4``, ``pha.mp4``... in it,
@@ -1207,9 +1276,11 @@ def convert_video(
         targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device, fps=reader.fps,
                                                          frames=reader.frame_count))
         if auto_plate:
-            image = _estimate_plate(src, size, progress, start=start, duration=duration)
-        plates = _Plates(image, plate_video, *size, native=native, name=None if auto_plate or isinstance(bgr, np.ndarray) else str(bgr),
-                         align=align, exposure=_ExposureFeedback() if match_exposure else None, fps=reader.fps,
+            image = _estimate_plate(src, size, progress, start=start, duration=duration, align=align)
+        # An automatic plate is named by its clip (in alignment warnings), and is of the working size already.
+        plates = _Plates(image, plate_video, *size, native=size if auto_plate else native,
+                         name=str(src) if auto_plate else None if isinstance(bgr, np.ndarray) else str(bgr),
+                         align=align, exposure=_ExposureFeedback(src) if match_exposure else None, fps=reader.fps,
                          frames=_frames_to_end(reader), clip_start=reader.span_start)
         writers = {
             plan.kind: stack.enter_context(_open_writer(plan, fps=reader.fps, audio_from=src, overwrite=overwrite,
@@ -1252,6 +1323,7 @@ def convert_video(
             raise
         finally:
             plates.close()
+        plates.report()
         error = reader.error
     if error is not None:
         raise BgmatteError(f"{error}; the outputs hold {_frames_held(written, 'those')}")
@@ -1396,7 +1468,8 @@ def matte_images(
     Arguments:
         src: image files and/or folders of images.
         bgr: one plate for every image, or a folder of plates matched to the images by file name.
-            A plate whose size differs is resized to its image, with a warning.
+            A plate whose size differs is resized to its image, with a warning (stretched when its aspect
+            ratio differs, which only `align` undoes).
         output_dir: where the ``com``, ``pha``, ``fgr``, ``err`` and ``ref`` folders go.
         outputs: which of them to write.
         target_bgr: None (default) makes ``com`` an RGBA cutout; otherwise a colour, an image or
@@ -1533,9 +1606,13 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                         continue
                 plate = cached_plate[1]
                 if plate.shape[:2] != image.shape[:2]:
-                    logger.warning("%s: the plate is %dx%d but %s is %dx%d; the plate is resized to fit",
-                                   plate_file, plate.shape[1], plate.shape[0], source.name, width, height)
+                    logger.warning("%s: the plate is %dx%d but %s is %dx%d; %s", plate_file, plate.shape[1],
+                                   plate.shape[0], source.name, width, height,
+                                   _resized_plate(plate.shape[1::-1], (width, height), align))
                     plate = resize_image(plate, width, height)
+                if grey_against_colour(plate, image):
+                    logger.warning("%s: the plate has no colour (greyscale) but %s has: its coloured background will "
+                                   "matte as foreground; give the plate in colour", plate_file, source.name)
                 if align:
                     plate = PlateAligner(plate, name=source).align(image)[0]
                 try:
@@ -1543,7 +1620,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                         with TargetFrames(target_bgr, width, height, device=predictor.device, picture=picture) as target:
                             backdrop = ((width, height), target.take(1))
                     frames = _matte_one(predictor, image, plate, wanted[source], target_bgr, backdrop[1],
-                                        match_exposure)
+                                        match_exposure, source)
                 except Exception as exc:
                     if not isinstance(exc, NotEnoughMemory) and not is_out_of_memory(exc):
                         raise
@@ -1579,15 +1656,23 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
 
 
 def _matte_one(predictor: Predictor, image: np.ndarray, plate: np.ndarray, kinds: Sequence[str],
-               target_bgr: TargetBackground, backdrop: Tensor | None, match_exposure: bool) -> dict[str, np.ndarray]:
+               target_bgr: TargetBackground, backdrop: Tensor | None, match_exposure: bool,
+               name: Path | str = "") -> dict[str, np.ndarray]:
     """The requested outputs for one image against its plate (already of its size) and the target at its size
-    (`TargetFrames.take`), as (1, H, W, C) arrays."""
+    (`TargetFrames.take`), as (1, H, W, C) arrays. `name`: the image's file, which a warning names."""
     if match_exposure:
         # A first fit keeps the subject out by rejecting outliers; the matte it allows
         # tells the second fit which pixels are background.
-        first = fit_exposure(plate, image).apply(plate)
+        fit = fit_exposure(plate, image, warn=False)
+        first = fit.apply(plate)
         foreground = (predictor(image, first).pha[0, 0] >= 0.05).cpu().numpy()
-        plate = fit_exposure(plate, image, foreground).apply(plate) if not foreground.all() else first
+        if not foreground.all():
+            fit = fit_exposure(plate, image, foreground, warn=False)
+            plate = fit.apply(plate)
+        else:
+            plate = first
+        if fit.skipped:
+            logger.warning("%s: exposure matching skipped (%s); the plate is used as it is", name, fit.skipped)
     matte = predictor(image, plate)
     return render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop, src=image[None])
 

@@ -45,24 +45,35 @@ class AlignOptions:
 
     max_features: int = 2000  # ORB keypoints per image
     working_size: int | None = 720  # longer side for feature detection; None = full resolution
+    # A smaller image is enlarged to this longer side for detection: ORB leaves out a border of 31 pixels (its
+    # patch), which is most of a frame of 100 pixels or so.
+    min_working_size: int = 480
     ratio: float = 0.75  # Lowe's ratio test between the best and second-best match
     min_inliers: int = 15  # fewer RANSAC inliers than this counts as no homography
     ransac_threshold: float = 3.0  # pixels, at full resolution
     max_scale_change: float = 2.0  # a homography that scales the plate more than this is rejected
+    # Refine the feature homography by intensity (ECC) on the pixels where plate and frame already agree, at half
+    # the working size: ORB's keypoints, many found at coarse pyramid levels, leave it up to 2.5 pixels off.
+    refine: bool = True
 
 
-def _working_scale(image: np.ndarray, working_size: int | None) -> float:
+def _working_scale(image: np.ndarray, options: AlignOptions) -> float:
+    """The scale features are detected at: down to `working_size`, or up to `min_working_size`, on the longer side."""
     longest = max(image.shape[:2])
-    if working_size is None or longest <= working_size:
+    floor = min(options.min_working_size, options.working_size or options.min_working_size)  # never above the size
+    if longest < floor:
+        return floor / longest
+    if options.working_size is None or longest <= options.working_size:
         return 1.0
-    return working_size / longest
+    return options.working_size / longest
 
 
 def _scaled(image: np.ndarray, scale: float) -> np.ndarray:
     if scale == 1.0:
         return image
     height, width = image.shape[:2]
-    return cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+    return cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=interpolation)
 
 
 class PlateAligner:
@@ -72,6 +83,7 @@ class PlateAligner:
         plate: the clean background, (H, W, 3) RGB.
         options: feature and RANSAC settings (`AlignOptions`).
         name: the file the plate is aligned to (a photo), which the warnings name: among many, the one concerned.
+        warn: False to leave the too-little-texture warning to the caller (`register_frames`).
 
     `align(frame)` returns the plate warped onto the frame and whether that worked; on failure the
     plate comes back unaligned (resized to the frame if needed) and a warning is logged (the first
@@ -79,12 +91,12 @@ class PlateAligner:
     """
 
     def __init__(self, plate: np.ndarray, options: AlignOptions = AlignOptions(), *,
-                 name: str | os.PathLike | None = None):
+                 name: str | os.PathLike | None = None, warn: bool = True):
         self.options = options
         self._named = f"{name}: " if name else ""
         self.failures = 0
         self.attempts = 0
-        self._warned_texture = False
+        self._warned_texture = not warn  # warn=False: the caller tells of failures (`estimate` gives the reason)
         self._orb = cv2.ORB_create(nfeatures=options.max_features)
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
         self.set_plate(plate)
@@ -93,7 +105,8 @@ class PlateAligner:
         """Align another plate from now on (the next frame of a plate video): its features are computed, the
         failure count and the warnings already given carry over, so a plate video warns once, not every frame."""
         self.plate = plate
-        self._plate_scale = _working_scale(plate, self.options.working_size)
+        self._small_plate: np.ndarray | None = None  # for the refinement, made when first needed
+        self._plate_scale = _working_scale(plate, self.options)
         keypoints, descriptors = self._orb.detectAndCompute(_scaled(_grey_uint8(plate), self._plate_scale), None)
         self._plate_points = np.float32([point.pt for point in keypoints]).reshape(-1, 2) / self._plate_scale
         self._plate_descriptors = descriptors
@@ -107,7 +120,7 @@ class PlateAligner:
         """The 3x3 homography taking plate pixels to frame pixels, or None and the reason it failed."""
         if not self.textured:
             return None, "the plate has too little texture"
-        scale = _working_scale(frame, self.options.working_size)
+        scale = _working_scale(frame, self.options)
         keypoints, descriptors = self._orb.detectAndCompute(_scaled(_grey_uint8(frame), scale), None)
         if descriptors is None or len(keypoints) < self.options.min_inliers:
             return None, f"only {len(keypoints)} features in the frame"
@@ -128,7 +141,46 @@ class PlateAligner:
         problem = self._implausible(homography)
         if problem:
             return None, problem
+        if self.options.refine:
+            homography = self._refined(homography, frame, scale)
         return homography, ""
+
+    def _refined(self, homography: np.ndarray, frame: np.ndarray, frame_scale: float) -> np.ndarray:
+        """`homography` refined by ECC at half the working scale, on the pixels where the warped plate already
+        matches the frame (the subject left out); kept as it was if ECC fails, if it matches those pixels worse,
+        or if it moves a corner by more than 4 RANSAC thresholds (a refinement, not a new estimate)."""
+        frame_to_small = np.diag([frame_scale / 2, frame_scale / 2, 1.0])
+        plate_to_small = np.diag([self._plate_scale / 2, self._plate_scale / 2, 1.0])
+        if self._small_plate is None:
+            self._small_plate = _scaled(_grey_uint8(self.plate), self._plate_scale / 2)
+        small_frame = _scaled(_grey_uint8(frame), frame_scale / 2)
+        small = frame_to_small @ homography @ np.linalg.inv(plate_to_small)  # small plate to small frame
+        warped = cv2.warpPerspective(self._small_plate, small, small_frame.shape[::-1], borderMode=cv2.BORDER_REPLICATE)
+        agree = cv2.erode((cv2.absdiff(warped, small_frame) < 40).astype(np.uint8), np.ones((5, 5), np.uint8))
+        if agree.mean() < 0.2:
+            return homography
+        inverse = np.linalg.inv(small)  # ECC warps the frame's pixels (the template) into the plate
+        inverse = (inverse / inverse[2, 2]).astype(np.float32)
+        criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 1e-5)
+        try:
+            _, inverse = cv2.findTransformECC(small_frame, self._small_plate, inverse, cv2.MOTION_HOMOGRAPHY,
+                                              criteria, agree, 3)
+        except cv2.error:  # no convergence: the features' estimate stands
+            return homography
+        refined = np.linalg.inv(frame_to_small) @ np.linalg.inv(inverse.astype(np.float64)) @ plate_to_small
+        if not np.all(np.isfinite(refined)):
+            return homography
+        height, width = self.plate.shape[:2]
+        corners = np.float32([[0, 0], [width, 0], [width, height], [0, height]]).reshape(-1, 1, 2)
+        moved = np.abs(cv2.perspectiveTransform(corners, refined) - cv2.perspectiveTransform(corners, homography))
+        after = cv2.warpPerspective(self._small_plate, frame_to_small @ refined @ np.linalg.inv(plate_to_small),
+                                    small_frame.shape[::-1], borderMode=cv2.BORDER_REPLICATE)
+        mask = agree.astype(bool)
+        before_error = cv2.absdiff(warped, small_frame)[mask].mean()
+        after_error = cv2.absdiff(after, small_frame)[mask].mean()
+        if moved.max() > 4 * self.options.ransac_threshold or after_error > before_error:
+            return homography
+        return refined / refined[2, 2]
 
     def _implausible(self, homography: np.ndarray) -> str:
         """Reject homographies that fold, flip or blow up the plate: RANSAC can fit those to bad matches."""
@@ -177,6 +229,20 @@ def align_plate(plate: np.ndarray, frame: np.ndarray, options: AlignOptions = Al
     return PlateAligner(plate, options).align(frame)
 
 
+def grey_against_colour(plate: np.ndarray, frame: np.ndarray) -> bool:
+    """Whether `plate` is a greyscale picture (neutral, its grey levels varying: not a flat card) while `frame` has
+    colour over most of the picture: every coloured pixel of the background then differs from its plate, and
+    mattes as foreground. Most of the picture rather than any of it, so that a grey wall behind a coloured
+    subject is no mismatch."""
+    def sampled(image: np.ndarray) -> np.ndarray:
+        return _as_float(image[:: max(1, image.shape[0] // 128), :: max(1, image.shape[1] // 128)])
+
+    plate, frame = sampled(plate), sampled(frame)
+    neutral = (plate.max(axis=2) - plate.min(axis=2) <= 2 / 255).mean() > 0.99
+    coloured = (frame.max(axis=2) - frame.min(axis=2) > 12 / 255).mean() > 0.5
+    return bool(neutral and coloured and plate.std() > 4 / 255)
+
+
 # ----------------------------------------------------------------------------------- exposure matching
 
 
@@ -202,6 +268,7 @@ class ExposureFit:
     matrix: np.ndarray  # (3, 3)
     offset: np.ndarray  # (3,)
     pixels: int  # pixels the final fit used
+    skipped: str = ""  # why no change was fitted (the fit is then the identity), or ""
 
     def apply(self, plate: np.ndarray) -> np.ndarray:
         """The plate with the fitted colour change, in the plate's dtype. Channels clipped in the plate stay
@@ -222,13 +289,16 @@ IDENTITY_FIT = ExposureFit(np.eye(3), np.zeros(3), 0)
 
 
 def fit_exposure(
-    plate: np.ndarray, frame: np.ndarray, pha_or_mask: np.ndarray | None = None, options: ExposureOptions = ExposureOptions()
+    plate: np.ndarray, frame: np.ndarray, pha_or_mask: np.ndarray | None = None, options: ExposureOptions = ExposureOptions(),
+    *, warn: bool = True,
 ) -> ExposureFit:
     """Fit the colour transform from plate to frame on confident background pixels, robust to outliers.
 
     `pha_or_mask`: a float alpha matte (background where below `background_below`) or a boolean
     foreground mask (background where False); None uses every pixel and relies on the outlier
     rejection to drop the subject. Saturated pixels are left out, since clipping hides their change.
+    When no change can be fitted, the identity comes back with the reason in `skipped`, warned about unless
+    `warn` is False (a video's frames, whose caller says it once, naming the clip).
     """
     if plate.shape[:2] != frame.shape[:2]:
         raise ValueError(f"plate {plate.shape[:2]} and frame {frame.shape[:2]} differ in size")
@@ -245,8 +315,7 @@ def fit_exposure(
     if len(indices) > options.max_samples:
         indices = indices[np.linspace(0, len(indices) - 1, options.max_samples).astype(np.int64)]
     if len(indices) < options.min_pixels:
-        logger.warning("exposure matching skipped: only %d background pixels to fit on", len(indices))
-        return IDENTITY_FIT
+        return _skipped(f"only {len(indices)} background pixels to fit on", warn)
     x, y = source[indices].astype(np.float64), target[indices].astype(np.float64)
     keep = np.ones(len(x), bool)
     matrix, offset = np.eye(3), np.zeros(3)
@@ -259,9 +328,14 @@ def fit_exposure(
         keep = residual <= np.median(residual[keep]) + max(3.0 * spread, 2.0 / 255)
     gains = np.diag(matrix) if options.model == "gain_offset" else np.linalg.svd(matrix, compute_uv=False)
     if not np.all(np.isfinite(matrix)) or gains.min() < 0.2 or gains.max() > 5.0:
-        logger.warning("exposure matching skipped: the fitted change is implausible (gains %s)", np.round(gains, 2))
-        return IDENTITY_FIT
+        return _skipped(f"the fitted change is implausible (gains {np.round(gains, 2)})", warn)
     return ExposureFit(matrix, offset, int(keep.sum()))
+
+
+def _skipped(reason: str, warn: bool) -> ExposureFit:
+    if warn:
+        logger.warning("exposure matching skipped: %s", reason)
+    return ExposureFit(IDENTITY_FIT.matrix, IDENTITY_FIT.offset, 0, reason)
 
 
 def _least_squares(x: np.ndarray, y: np.ndarray, model: str) -> tuple[np.ndarray, np.ndarray]:
@@ -319,7 +393,32 @@ def sample_frames(frames: Iterable[np.ndarray], count: int = 30) -> list[np.ndar
     return kept
 
 
-def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEstimateOptions = PlateEstimateOptions()) -> np.ndarray:
+def register_frames(frames: Sequence[np.ndarray], options: AlignOptions = AlignOptions()) -> tuple[list[np.ndarray], int]:
+    """The frames of a handheld clip warped onto their middle one, for `estimate_plate`: unregistered, a shake of a
+    few pixels smears or doubles every texture edge of the plate. Returns those registered (the middle one among
+    them, where a warped frame does not reach it shows through) and how many could not be, which are left out."""
+    middle = len(frames) // 2
+    reference = frames[middle]
+    aligner = PlateAligner(reference, options, warn=False)  # its features are found once, for every frame
+    height, width = reference.shape[:2]
+    registered, failed = [], 0
+    for index, frame in enumerate(frames):
+        if index == middle:
+            registered.append(frame)
+            continue
+        homography, _ = aligner.estimate(frame)
+        if homography is None:
+            failed += 1
+            continue
+        # The homography takes the middle frame's pixels to this one's: its inverse map brings this one back.
+        registered.append(cv2.warpPerspective(frame, homography, (width, height), dst=reference.copy(),
+                                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                              borderMode=cv2.BORDER_TRANSPARENT))
+    return registered, failed
+
+
+def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEstimateOptions = PlateEstimateOptions(),
+                   *, name: str | os.PathLike | None = None) -> np.ndarray:
     """A clean plate from sampled frames of the clip itself: a temporal median, corrected where the subject stayed.
 
     The per-pixel median is right wherever the subject covered a pixel in fewer than half the
@@ -334,7 +433,9 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     guess at a texture edge cannot spread its colour ring after ring. So a subject that kept still
     for most of the clip, then moved, is replaced by what it uncovered, while one that passed by is
     left out. Unchanged islands enclosed by such a region, which the subject never uncovered, are
-    inpainted. A subject that never moved at all cannot be told from the background and stays.
+    inpainted. A subject that never moved at all cannot be told from the background and stays. The camera must
+    stand still; for a handheld clip, register the frames first (`register_frames`). Samples that do not share
+    one background (a cut, a change of light) are warned about, naming `name` (the clip): no plate fits them all.
     """
     frames = list(frames) if not isinstance(frames, np.ndarray) else frames
     if len(frames) < 3:
@@ -358,6 +459,8 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
         differs[index] = _without_specks((deviation(index) > threshold).astype(np.uint8), options.min_area)
     changing = differs.any(axis=0)
     if not changing.any():
+        result = np.clip(np.rint(median), 0, 255).astype(np.uint8)
+        _warn_if_background_changes(stack, result, name)
         return _like(median / 255.0, dtype)
 
     rows, columns = np.nonzero(changing)
@@ -396,9 +499,28 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     result = np.clip(np.rint(plate), 0, 255).astype(np.uint8)
     if holes.any():
         result = cv2.inpaint(result, holes.astype(np.uint8), options.inpaint_radius, cv2.INPAINT_TELEA)
+    _warn_if_background_changes(stack, result, name)
     if dtype == np.uint8:
         return result
     return (result.astype(np.float32) / 255.0).astype(dtype)
+
+
+def _warn_if_background_changes(stack: np.ndarray, plate: np.ndarray, name: object, threshold: float = 0.1) -> None:
+    """Warn when the samples do not share one background, which no plate can then fit: when the plate differs
+    (by more than `threshold` in a channel) from at least half the samples over half the picture, or from two
+    of them over three quarters of it. A subject, even a large one that moves, leaves most of the picture to
+    the background in most samples; a cut or a change of light does not. The threshold is fixed, well above
+    noise: the clip's own, derived from the samples, is inflated by the very change looked for here."""
+    differs = np.empty(stack.shape[:3], bool)
+    for index in range(len(stack)):
+        difference = cv2.absdiff(stack[index], plate)
+        differs[index] = difference.max(axis=2) > threshold * 255.0
+    share = differs.mean(axis=(1, 2))
+    if (differs.mean(axis=0) >= 0.5).mean() > 0.5 or (share > 0.75).sum() >= 2:
+        logger.warning("%sthe background changes during the clip: %d of %d sampled frames differ from the automatic "
+                       "plate over most of the picture (a cut, a change of light, a moving camera?), so it fits only "
+                       "part of the clip; give a plate, or matte each shot on its own", f"{name}: " if name else "",
+                       int((share > 0.5).sum()), len(stack))
 
 
 def _without_specks(mask: np.ndarray, min_area: int) -> np.ndarray:

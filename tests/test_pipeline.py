@@ -535,6 +535,89 @@ def test_auto_plate_is_estimated_from_the_clip(tmp_path):
         assert background_pixels(frames[index], index).mean() < 10
 
 
+def test_an_automatic_plate_of_a_handheld_clip_is_registered_with_align(tmp_path, caplog):
+    """--bgr auto --align: the sampled frames are registered onto one another before the plate is estimated; they
+    were not, so a shake of 3 pixels left the plate's tile edges doubled: 17% of frame 1's background was foreground."""
+    rng = np.random.default_rng(2)
+    width, height = 2 * WIDTH, 2 * HEIGHT
+    wide = plate_image(width + 6, height + 6, seed=3)
+    frames = []
+    for index in range(12):
+        dx, dy = rng.integers(-3, 4, 2)
+        frames.append(subject_frame(wide[3 + dy : 3 + dy + height, 3 + dx : 3 + dx + width].copy(), index))
+    clip = tmp_path / "handheld.mp4"
+    write_clip(clip, frames, audio=False)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        result = convert_video(clip, "auto", output=tmp_path / "com.mp4", outputs=["pha"], align=True,
+                               model=DifferenceModel(0.2), progress=False)
+    mattes = read_frames(result.outputs["pha"])
+    for index in (1, 5, 9):
+        rows, columns = subject_box(index, width, height)
+        background = np.ones((height, width), bool)
+        background[:4], background[-4:], background[:, :4], background[:, -4:] = False, False, False, False
+        background[rows.start - 4 : rows.stop + 4, max(0, columns.start - 4) : columns.stop + 4] = False
+        assert (mattes[index][background] > 128).mean() < 0.03, index
+        assert mattes[index][rows.start + 3 : rows.stop - 3, columns.start + 3 : columns.stop - 3].mean() > 240
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+def test_an_automatic_plate_is_not_called_resized_and_its_warnings_name_the_clip(tmp_path, caplog):
+    """With --resize, the automatic plate (made at the working size) was said to be "48x32 but the video is 96x64;
+    the plate is resized to fit", and its alignment warnings named no file."""
+    clip = tmp_path / "flat.mp4"
+    make_clip(clip, 6, plate=np.full((HEIGHT, WIDTH, 3), 120, np.uint8))  # nothing to align on
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        result = convert_video(clip, "auto", output=tmp_path / "com.mp4", outputs=["pha"], resize=(48, 32),
+                               align=True, model=DifferenceModel(), progress=False)
+    assert len(read_frames(result.outputs["pha"])) == 6
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert not [message for message in warnings if "resized" in message], warnings
+    assert any(message.startswith(f"{clip}: the plate has too little texture") for message in warnings), warnings
+
+
+def test_an_automatic_plate_of_a_clip_with_a_cut_is_warned_about(tmp_path, caplog):
+    """Two shots in one clip: no plate fits both, and the automatic one (a patchwork) was used without a word."""
+    clip = tmp_path / "shots.mp4"
+    views = [plate_image(seed=0)] * 6 + [plate_image(seed=5)] * 6
+    write_clip(clip, [subject_frame(view, index) for index, view in enumerate(views)], audio=False)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        convert_video(clip, "auto", output=tmp_path / "com.mp4", outputs=["pha"], model=DifferenceModel(),
+                      progress=False)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{clip}: the background changes during the clip"), warnings
+
+
+def test_a_greyscale_plate_for_a_colour_clip_is_warned_about(tmp_path, caplog):
+    """A plate saved in greyscale made the coloured background foreground (a mean of 105 of 255 over it) without a
+    word; a grey wall, grey in the clip too, is no mismatch."""
+    import cv2
+
+    clip, grey, wall, wall_clip = tmp_path / "src.mp4", tmp_path / "grey.png", tmp_path / "wall.png", tmp_path / "w.mp4"
+    make_clip(clip, 4)
+    cv2.imwrite(str(grey), cv2.cvtColor(plate_image(), cv2.COLOR_RGB2GRAY))  # a one-channel file
+    neutral = np.repeat(cv2.cvtColor(plate_image(), cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
+    make_clip(wall_clip, 4, plate=neutral)
+    write_png(wall, neutral)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        convert_video(clip, grey, output=tmp_path / "a.mp4", outputs=["pha"], model=DifferenceModel(), progress=False)
+        matte_images([_still(tmp_path)], grey, output_dir=tmp_path / "out",
+                     outputs=["pha"], model=DifferenceModel(), progress=False)
+        warned = len(caplog.records)
+        convert_video(wall_clip, wall, output=tmp_path / "b.mp4", outputs=["pha"], model=DifferenceModel(),
+                      progress=False)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == warned == 2, warnings
+    assert warnings[0] == f"{grey}: the plate has no colour (greyscale) but the video has: its coloured background " \
+                          "will matte as foreground; give the plate in colour"
+    assert warnings[1].startswith(f"{grey}: the plate has no colour (greyscale) but photo.png has")
+
+
+def _still(folder: Path) -> Path:
+    photo = folder / "photo.png"
+    write_png(photo, subject_frame(plate_image(), 2))
+    return photo
+
+
 def test_match_exposure_follows_a_darker_clip(tmp_path):
     clip, plate = tmp_path / "dim.mp4", tmp_path / "plate.png"
     make_clip(clip, 8, gain=0.6)  # the camera exposed the clip darker than the plate
@@ -550,6 +633,34 @@ def test_match_exposure_follows_a_darker_clip(tmp_path):
         assert subject_pixels(matched_frames[index], index).mean() > 240
 
 
+def test_exposure_matching_that_cannot_fit_is_told_once_naming_the_clip(tmp_path, caplog):
+    """A background clipped white leaves nothing to fit on: this was warned about on every frame, naming no file."""
+    clip, plate = tmp_path / "white.mp4", tmp_path / "plate.png"
+    white = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+    make_clip(clip, 6, plate=white)
+    write_png(plate, white)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["pha"], match_exposure=True,
+                               model=DifferenceModel(), progress=False)
+    assert len(read_frames(result.outputs["pha"])) == 6
+    warnings = [record.getMessage() for record in caplog.records if "exposure" in record.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"{clip}: exposure matching skipped on frame 1 (only 0 background pixels")
+    assert warnings[1] == f"{clip}: exposure matching was skipped on 6 of 6 frames"
+
+
+def test_exposure_matching_that_cannot_fit_an_image_names_it_once(tmp_path, caplog):
+    white = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+    plate_file, photo = tmp_path / "plate.png", tmp_path / "photo.png"
+    write_png(plate_file, white)
+    write_png(photo, subject_frame(white, 2))
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        matte_images([photo], plate_file, output_dir=tmp_path / "out", outputs=["pha"], match_exposure=True,
+                     model=DifferenceModel(), progress=False)
+    warnings = [record.getMessage() for record in caplog.records if "exposure" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{photo}: exposure matching skipped (only 0"), warnings
+
+
 def test_align_falls_back_to_the_plate_with_a_warning_when_it_cannot_align(tmp_path, caplog):
     clip, plate = tmp_path / "flat.mp4", tmp_path / "plate.png"
     flat = np.full((HEIGHT, WIDTH, 3), 120, np.uint8)  # no features to match
@@ -560,7 +671,48 @@ def test_align_falls_back_to_the_plate_with_a_warning_when_it_cannot_align(tmp_p
                                model=DifferenceModel(), progress=False)
     frames = read_frames(result.outputs["pha"])
     assert len(frames) == 6 and background_pixels(frames[3], 3).mean() < 10
-    assert any("align" in record.message for record in caplog.records)
+    warnings = [record.getMessage() for record in caplog.records if "align" in record.getMessage()]
+    assert len(warnings) == 1 and "too little texture" in warnings[0], warnings  # no count of 6 failures after it
+
+
+def test_align_says_at_the_end_how_many_frames_it_failed_on(tmp_path, caplog):
+    """Alignment failed on half the frames and was told of on the first of them only: nothing said how many frames
+    had been matted against the unaligned plate."""
+    width, height = 2 * WIDTH, 2 * HEIGHT
+    plate = plate_image(width, height, seed=3)
+    other = plate_image(width, height, seed=8)  # a view the plate does not show
+    clip, plate_file = tmp_path / "clip.mp4", tmp_path / "plate.png"
+    write_clip(clip, [subject_frame(plate if index < 3 else other, index) for index in range(6)], audio=False)
+    write_png(plate_file, plate)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        convert_video(clip, plate_file, output=tmp_path / "com.mp4", outputs=["pha"], align=True,
+                      model=DifferenceModel(), progress=False)
+    warnings = [record.getMessage() for record in caplog.records if "alignment failed" in record.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"{plate_file}: plate alignment failed (")
+    assert warnings[1] == f"{plate_file}: plate alignment failed on 3 of 6 frames; they were matted against the " \
+                          "unaligned plate"
+
+
+def test_a_plate_of_another_aspect_ratio_is_said_to_be_stretched(tmp_path, caplog):
+    """A 4:3 still of the scene for a 16:9 clip was "resized to fit", as if that were harmless: stretched, it made
+    81% of the picture foreground (the subject is 1%). --align finds the clip's view in it: 2%."""
+    scene = plate_image(256, 192, seed=4)
+    clip, plate = tmp_path / "wide.mp4", tmp_path / "still.png"
+    write_clip(clip, [subject_frame(scene[24:168].copy(), index) for index in range(4)], audio=False)
+    write_png(plate, scene)
+    foreground = {}
+    for align in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bgmatte"):
+            result = convert_video(clip, plate, output=tmp_path / f"{align}.mp4", outputs=["pha"], align=align,
+                                   model=DifferenceModel(), progress=False)
+        warnings = [record.getMessage() for record in caplog.records]
+        assert len(warnings) == 1 and warnings[0].startswith(
+            f"{plate}: the plate is 256x192 but the video is 256x144; its aspect ratio differs"), warnings
+        assert ("--align finds" in warnings[0]) != align
+        foreground[align] = (read_frames(result.outputs["pha"])[2][..., 0] > 128).mean()
+    assert foreground[False] > 0.5 and foreground[True] < 0.05
 
 
 def test_align_with_a_plate_video_warns_once_naming_it_not_every_frame(tmp_path, caplog):

@@ -591,6 +591,16 @@ def test_run_webcam_refuses_max_frames_below_one_before_opening_the_camera(monke
             run_webcam(camera="0", record=tmp_path / "out.mp4", max_frames=value, preview=False)
 
 
+def test_run_webcam_explains_bgr_auto_before_opening_the_camera(monkeypatch, tmp_path):
+    """`--bgr auto`, as for `bgmatte video`, was read as a file named auto: "auto: no such image file"."""
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    with pytest.raises(BgmatteError, match=r"^--bgr auto is for videos: for the webcam leave --bgr out, and key b"):
+        run_webcam(camera="0", bgr="auto", record=tmp_path / "out.mp4", preview=False)
+
+
 @pytest.mark.parametrize("kind", ["file", "dangling link"])
 def test_run_webcam_refuses_an_existing_recording_before_opening_the_camera(monkeypatch, tmp_path, kind):
     def no_camera(*args, **kwargs):

@@ -27,9 +27,12 @@ extension: a folder of PNGs), and the other outputs go beside it (NAME_pha.mp4 .
 writes com.mp4, pha.mp4 ... in a folder, or one PNG folder per output with --output-format
 image_sequences. Without either: SRC_com.mp4 ... beside the source.
 
---bgr takes an image (resized to the video with a warning when its size differs), a video (frame for
-frame, or by time when its frame rate is another; when shorter than the source its last frame is held,
-with a warning) or `auto` (a clean plate estimated from the clip itself in a first pass).
+--bgr takes an image (resized to the video with a warning when its size differs; stretched when its
+aspect ratio does, which only --align undoes), a video (frame for frame, or by time when its frame rate
+is another; when shorter than the source its last frame is held, with a warning) or `auto` (a clean
+plate estimated from the clip itself in a first pass: the background must be seen behind the subject at
+some point, since a subject that never moves stays in the plate; one shot, without cuts; the camera must
+stand still, or with --align the sampled frames are first registered onto one another).
 
 --target-bgr takes a colour (name, #RRGGBB or R,G,B), an image, a video (looped, at its own speed),
 `blur` or `transparent` (.webm VP9, .mov ProRes 4444 or a PNG folder; .mp4 cannot hold transparency).

@@ -865,6 +865,10 @@ def run_webcam(
     from bgmatte.model.build import resolve_device
 
     resolve_device(device)  # CUDA without a GPU: one line now, not after the camera opened and the weights were read
+    if bgr is not None and str(bgr).strip().lower() == "auto" and not Path(bgr).exists():
+        # `bgmatte video --bgr auto` estimates a plate from the whole clip; live, the plate is taken by itself.
+        raise BgmatteError("--bgr auto is for videos: for the webcam leave --bgr out, and key b in the preview takes "
+                           "the plate, or headless (--no-preview) it is taken after --auto-plate-delay seconds")
     if max_frames is not None and max_frames < 1:
         raise BgmatteError(f"--max-frames must be at least 1, not {max_frames}")
     for name, value in (("--virtual-cam-backend", virtual_cam_backend), ("--virtual-cam-device", virtual_cam_device)):
