@@ -1229,16 +1229,22 @@ def convert_video(
             backdrop = targets.take(len(batch), batch.times)
             frames = render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop, src=batch.src)
             for index, (pts, time_base) in enumerate(batch.stamps):
-                for kind, writer in writers.items():
+                failure: BaseException | None = None
+                for kind, writer in writers.items():  # a writer that fails still lets the others take the frame
                     image = frames[kind][index]
-                    if isinstance(writer, VideoWriter):
-                        writer.write(image, pts, time_base)
-                    else:
-                        writer.write(image)
+                    try:
+                        if isinstance(writer, VideoWriter):
+                            writer.write(image, pts, time_base)
+                        else:
+                            writer.write(image)
+                    except Exception as exc:  # noqa: BLE001 - raised once this frame is in every other output
+                        failure = failure or exc
+                written += 1  # every output still kept holds this frame
+                bar.update(1)
+                if failure is not None:
+                    raise failure
             if plates.exposure is not None:
                 plates.exposure.update(matte.pha[-1])
-            written += len(batch)
-            bar.update(len(batch))
 
         try:
             _run_loop(reader, plates, predictor, size=size, batch_size=batch_size, on_matte=on_matte,
@@ -1247,7 +1253,13 @@ def convert_video(
             logger.warning("interrupted: the outputs hold %s", _frames_held(written, "the first"))
             raise
         except Exception:
-            if written:
+            broken = [writer.path for writer in writers.values() if isinstance(writer, VideoWriter) and writer.failed]
+            kept = [plan.path for plan in plans if plan.path not in broken]
+            if broken and written:
+                logger.warning("stopped by an error: %s is not kept (its encoder failed)%s", _and_list(broken),
+                               f"; {_and_list(kept)} {'holds' if len(kept) == 1 else 'hold'} "
+                               f"{_frames_held(written, 'the first')}" if kept else "")
+            elif written:
                 logger.warning("stopped by an error: the outputs hold %s", _frames_held(written, "the first"))
             raise
         finally:
@@ -1256,6 +1268,12 @@ def convert_video(
     if error is not None:
         raise BgmatteError(f"{error}; the outputs hold {_frames_held(written, 'those')}")
     return VideoResult({plan.kind: plan.path for plan in plans}, written, time.perf_counter() - started)
+
+
+def _and_list(paths: Sequence[Path]) -> str:
+    """Paths as words: ``a.mp4``, ``a.mp4 and b.mp4``, ``a.mp4, b.mp4 and c.mp4``."""
+    names = [str(path) for path in paths]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _frames_held(count: int, which: str) -> str:

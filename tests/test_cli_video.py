@@ -18,7 +18,7 @@ import bgmatte.pipeline as pipeline
 from bgmatte.cli import main
 from bgmatte.errors import BgmatteError
 from bgmatte.io.images import write_png
-from bgmatte.io.video import VideoReader
+from bgmatte.io.video import VideoReader, VideoWriter
 from bgmatte.model.matting import MattingRefine
 from bgmatte.predictor import Predictor
 from media import (DifferenceModel, alpha_planes, audio_seconds, copy_from, decode_times, make_clip, plate_image, read_frames,
@@ -233,6 +233,30 @@ def test_ctrl_c_exits_130_and_leaves_playable_outputs(scene, capsys, monkeypatch
     assert decode_times(scene / "out" / "com.mp4") == [0.0, 0.04, 0.08]
     assert len(read_frames(scene / "out" / "pha.mp4")) == 3
     assert sorted(p.name for p in (scene / "out").iterdir()) == ["com.mp4", "pha.mp4"]
+
+
+@pytest.mark.parametrize("failing", ["out.mp4", "out_pha.mp4"])
+def test_an_encoder_failing_mid_run_leaves_no_file_under_its_name_and_the_others_whole(scene, capsys, monkeypatch,
+                                                                                       failing):
+    use_difference_model(monkeypatch)
+    (scene / failing).write_bytes(b"an earlier output")  # replaced only by a whole file, never by a broken one
+    encode = VideoWriter._encode
+
+    def breaks_at_frame_six(self, item):
+        if self.path.name == failing and self.frames_written == 5:
+            raise av.error.ExternalError(542398533, "Generic error in an external library")
+        encode(self, item)
+
+    monkeypatch.setattr(VideoWriter, "_encode", breaks_at_frame_six)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--outputs", "com", "pha",
+                       "--overwrite")
+    assert code == 2 and f"{failing}: encoding failed" in err and "Traceback" not in err
+    assert (scene / failing).read_bytes() == b"an earlier output"
+    survivor = scene / ({"out.mp4", "out_pha.mp4"} - {failing}).pop()
+    held = len(read_frames(survivor))
+    assert 6 <= held < 12
+    assert f"{failing} is not kept" in err and f"{survivor.name} holds the first {held} frames" in err
+    assert sorted(p.name for p in scene.iterdir()) == ["bgr.png", "out.mp4", "out_pha.mp4", "src.mp4"]
 
 
 def test_truncated_input_exits_2_with_every_decoded_frame_written(scene, capsys, monkeypatch):

@@ -50,7 +50,8 @@ the plate frame it would get in a whole run (a plate video that ends before the 
 
 Existing outputs are refused unless --overwrite, which still never replaces an input (the source, the
 plate, the target) nor a PNG folder holding anything but numbered frames. Ctrl-C (or SIGTERM, SIGHUP),
-or an input that ends early, leaves playable outputs with every frame matted so far, and a non-zero exit. A damaged packet
+or an input that ends early, leaves playable outputs with every frame matted so far, and a non-zero exit; an output
+whose encoder fails is not kept under its name (the others are, with the frames done). A damaged packet
 costs its frame alone, with a warning. Inputs above 100 megapixels a frame are refused.
 """
 

@@ -1496,16 +1496,23 @@ class VideoWriter(ClosesOnExit):
             if error is not None:
                 raise self._report(error)
 
+    @property
+    def failed(self) -> bool:
+        """Whether encoding or finishing the file failed, so that `close` leaves nothing under its name."""
+        return self._worker.error is not None
+
     def close(self) -> Path | None:
         """Finish the file (flush, audio, trailer) and rename it to its final name; returns it, or None if empty.
 
-        A failure that `write` has already raised is not raised again."""
+        A file whose encoding failed is removed rather than renamed: its encoder broke off at a frame of its own,
+        and with `overwrite` it would have replaced a whole earlier output with a broken one. A failure that
+        `write` has already raised is not raised again."""
         if self._closed:
-            return self.path if self.path.exists() else None
+            return self.path if self.path.exists() and not self.failed else None
         self._closed = True
         error = self._worker.close()
         produced = self.frames_written > 0 and self._temporary.exists()  # frames are counted once the header is out
-        if produced and not isinstance(error, _FinalizeError):
+        if produced and error is None:
             os.replace(self._temporary, self.path)
         else:
             produced = False
