@@ -865,6 +865,25 @@ def plan_video_outputs(
     return plans
 
 
+CRF_ENCODERS = frozenset({"libx264", "libvpx-vp9"})
+"""The encoders that take `EncoderOptions.crf` (--crf); x264 alone takes a preset (--preset)."""
+
+
+def warn_unused_encoder_options(plans: Sequence[OutputFile], options: EncoderOptions) -> None:
+    """Warn, naming the file, about a crf or preset asked for that an output's encoder does not take (ProRes,
+    FFV1, a forced encoder; VP9 has no preset): it was dropped without a word, so ``--crf 10`` into a .mov
+    with transparency looked like a choice of quality that it never was."""
+    for plan in plans:
+        if plan.encoder is None:
+            continue
+        codec = plan.encoder.codec
+        if options.crf is not None and codec not in CRF_ENCODERS:
+            logger.warning("%s: --crf %d does nothing for %s (only H.264 and VP9 take a crf)", plan.path,
+                           options.crf, codec)
+        if options.preset is not None and codec != "libx264":
+            logger.warning("%s: --preset %s does nothing for %s (it is x264's)", plan.path, options.preset, codec)
+
+
 def _refuse_holding_inputs(folder: Path, inputs: Iterable[tuple[str, Path]]) -> None:
     """Refuse a PNG folder output that holds one of the `inputs` ((what, path) pairs), at any depth or through a
     link: replacing the folder would delete it."""
@@ -1184,6 +1203,7 @@ def convert_video(
         sequences = output_format == "image_sequences" or (output is not None and _sequence_name(Path(output)))
         if target_bgr is None:
             target_bgr = TargetBackground("transparent") if sequences else TargetBackground("colour", colour=REFERENCE_GREEN)
+        asked = encoder  # the caller's own choices, before the CPU defaults below
         if on_cpu:
             # The model keeps every core busy, so whatever else runs takes time from it: each output gets one
             # encoding thread (no cost of synchronising several) and x264's fastest preset (at 1080p about
@@ -1198,6 +1218,7 @@ def convert_video(
         plans = plan_video_outputs(src, kinds, output=output, output_dir=output_dir, output_format=output_format,
                                    transparent=target_bgr.kind == "transparent", overwrite=overwrite, encoder=encoder,
                                    size=size, inputs=inputs)
+        warn_unused_encoder_options(plans, asked)
         if reader.audio is not None and any(plan.folder for plan in plans if plan.kind == "com"):
             logger.warning("%s: the clip's audio is not kept in a folder of PNGs (%s); write the composite to a video "
                            "file to keep it", src, next(plan.path for plan in plans if plan.kind == "com"))

@@ -163,6 +163,21 @@ def test_unsupported_options_get_one_line_errors(scene, capsys, checkpoint):
     one_line_error(code, err, "--bgr")
 
 
+def test_a_crf_or_preset_an_output_cannot_use_is_warned_about_naming_it(scene, capsys, monkeypatch):
+    use_difference_model(monkeypatch)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "cut.mov", "--target-bgr", "transparent",
+                       "--outputs", "com", "pha", "--crf", "10", "-q")
+    assert code == 0, err
+    assert err.count("warning") == 1 and "cut.mov: --crf 10 does nothing for prores_ks" in err  # cut_pha.mov is H.264
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "clip.webm", "--preset", "slow",
+                       "--crf", "20", "-q")
+    assert code == 0, err
+    assert err.count("warning") == 1 and "clip.webm: --preset slow does nothing for libvpx-vp9" in err
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "plain.mp4", "--preset", "slow",
+                       "--crf", "20", "-q")
+    assert code == 0 and "warning" not in err, err
+
+
 def test_existing_output_is_refused_unless_overwrite(scene, capsys, monkeypatch):
     use_difference_model(monkeypatch)
     (scene / "com.mp4").write_bytes(b"precious")

@@ -175,10 +175,11 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("encoding")
     group.add_argument("--crf", type=int, metavar="N",
-                       help="quality, lower is better: H.264 0-51 (default 18), VP9 0-63 (default 30)")
+                       help="quality, lower is better: H.264 0-51 (default 18), VP9 0-63 (default 30); other "
+                            "encoders (ProRes, FFV1) have none, and a warning says so")
     group.add_argument("--preset", choices=X264_PRESETS, metavar="NAME",
                        help="x264 speed preset: " + ", ".join(X264_PRESETS) + " (default: veryfast, or ultrafast "
-                            "when the model runs on the CPU and the encoder would take time from it)")
+                            "when the model runs on the CPU and the encoder would take time from it); H.264 outputs only")
     group.add_argument("--codec", metavar="NAME", help="force an FFmpeg encoder (default: chosen by extension)")
 
 
