@@ -424,6 +424,31 @@ def test_a_span_of_the_clip_is_matted_with_its_sound_and_an_automatic_plate(scen
     assert not (scene / "late.mp4").exists()
 
 
+@pytest.mark.parametrize("interrupt_on", [None, 4])  # the signal while finishing a whole run, or after a Ctrl-C
+def test_a_signal_while_the_outputs_are_finished_still_leaves_them_whole(scene, capsys, monkeypatch, interrupt_on):
+    """SIGTERM (a second Ctrl-C, a job scheduler's stop) while the encoders flush and the files get their trailers:
+    the files are finished and renamed all the same, and the exit says the signal."""
+    import signal
+    import time
+
+    use_difference_model(monkeypatch, interrupt_on=interrupt_on)
+    finish = VideoWriter._finish
+
+    def signalled_while_finishing(self):
+        if self.path.name == "out.mp4":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)  # the main thread takes the signal while this one still flushes
+        finish(self)
+
+    monkeypatch.setattr(VideoWriter, "_finish", signalled_while_finishing)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--outputs", "com", "pha", "-q")
+    assert code == 128 + signal.SIGTERM and "terminated (SIGTERM)" in err, err
+    frames = 12 if interrupt_on is None else interrupt_on - 1
+    assert len(read_frames(scene / "out.mp4")) == frames and len(read_frames(scene / "out_pha.mp4")) == frames
+    assert audio_seconds(scene / "out.mp4") > 0
+    assert sorted(p.name for p in scene.iterdir()) == ["bgr.png", "out.mp4", "out_pha.mp4", "src.mp4"]
+
+
 @pytest.mark.parametrize("signum", [15, 1])  # SIGTERM (kill, a job scheduler), SIGHUP (the terminal closed)
 def test_termination_finalizes_the_outputs_as_ctrl_c_does(tmp_path, signum):
     """Stopped by a signal in mid-run: the composite is playable with the frames matted so far, with its sound,
