@@ -794,7 +794,8 @@ def plan_video_outputs(
 
     With `output_dir`: ``DIR/com.mp4``, ``DIR/pha.mp4``... (a transparent composite: ``com.webm``), or
     ``DIR/com/``... with ``image_sequences``. With `output`: the composite's file (its extension picks
-    the container; no extension means a folder of PNGs) and the others beside it as ``NAME_pha.mp4``...
+    the container; no extension means a folder of PNGs) and the others beside it in the same container, as
+    ``NAME_pha.EXT``...
     With neither: ``SRC_com.mp4``, ``SRC_pha.mp4``... beside the source. `size` (width, height), the
     frames' size when known, is the size a forced encoder is tried at (`choose_encoder`).
 
@@ -1139,7 +1140,7 @@ def convert_video(
             held, with a warning), ``"auto"``
             (estimated from frames sampled over a first pass through the clip), or an (H, W, 3) array.
         output: the composite's file; its extension picks the container (a name without extension is
-            a folder of PNGs). The other outputs go beside it as ``NAME_pha.mp4`` and so on.
+            a folder of PNGs). The other outputs go beside it with its extension: ``NAME_pha.EXT`` and so on.
         output_dir: instead of `output`, the reference's layout: ``com.mp4``, ``pha.mp4``... in it,
             or one folder of PNGs per output with ``output_format="image_sequences"``.
         outputs: any of ``com``, ``pha``, ``fgr``, ``err``, ``ref``.

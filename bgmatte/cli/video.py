@@ -23,9 +23,10 @@ and on request the alpha (pha), foreground (fgr), error map (err) and refined ar
       --output-types com fgr err ref            (the reference script's spelling)
 
 -o names the composite's file; its extension picks the container (.mp4, .mov, .mkv, .webm; no
-extension: a folder of PNGs), and the other outputs go beside it (NAME_pha.mp4 ...). --output-dir
-writes com.mp4, pha.mp4 ... in a folder, or one PNG folder per output with --output-format
-image_sequences. Without either: SRC_com.mp4 ... beside the source.
+extension: a folder of PNGs), and the other outputs go beside it in the same container (-o cut.webm:
+cut_pha.webm ...; -o cut: PNG folders cut_pha ...). --output-dir writes com.mp4, pha.mp4 ... in a
+folder (a transparent composite as com.webm), or one PNG folder per output with --output-format
+image_sequences. Without either: SRC_com.mp4 (transparent: SRC_com.webm), SRC_pha.mp4 ... beside the source.
 
 --bgr takes an image (resized to the video with a warning when its size differs), a video (frame for
 frame, or by time when its frame rate is another; when shorter than the source its last frame is held,
