@@ -860,7 +860,8 @@ def plan_video_outputs(
 
     With `output_dir`: ``DIR/com.mp4``, ``DIR/pha.mp4``... (a transparent composite: ``com.webm``), or
     ``DIR/com/``... with ``image_sequences``. With `output`: the composite's file (its extension picks
-    the container; no extension means a folder of PNGs) and the others beside it as ``NAME_pha.mp4``...
+    the container; no extension means a folder of PNGs) and the others beside it in the same container, as
+    ``NAME_pha.EXT``...
     With neither: ``SRC_com.mp4``, ``SRC_pha.mp4``... beside the source. `size` (width, height), the
     frames' size when known, is the size a forced encoder is tried at (`choose_encoder`).
 
@@ -929,6 +930,25 @@ def plan_video_outputs(
         if plan.folder:
             check_frame_folder(plan.path)
     return plans
+
+
+CRF_ENCODERS = frozenset({"libx264", "libvpx-vp9"})
+"""The encoders that take `EncoderOptions.crf` (--crf); x264 alone takes a preset (--preset)."""
+
+
+def warn_unused_encoder_options(plans: Sequence[OutputFile], options: EncoderOptions) -> None:
+    """Warn, naming the file, about a crf or preset asked for that an output's encoder does not take (ProRes,
+    FFV1, a forced encoder; VP9 has no preset): it was dropped without a word, so ``--crf 10`` into a .mov
+    with transparency looked like a choice of quality that it never was."""
+    for plan in plans:
+        if plan.encoder is None:
+            continue
+        codec = plan.encoder.codec
+        if options.crf is not None and codec not in CRF_ENCODERS:
+            logger.warning("%s: --crf %d does nothing for %s (only H.264 and VP9 take a crf)", plan.path,
+                           options.crf, codec)
+        if options.preset is not None and codec != "libx264":
+            logger.warning("%s: --preset %s does nothing for %s (it is x264's)", plan.path, options.preset, codec)
 
 
 def _refuse_holding_inputs(folder: Path, inputs: Iterable[tuple[str, Path]]) -> None:
@@ -1189,7 +1209,7 @@ def convert_video(
             moves enough to show the background behind it; with `align`, registered onto one another first), or
             an (H, W, 3) array.
         output: the composite's file; its extension picks the container (a name without extension is
-            a folder of PNGs). The other outputs go beside it as ``NAME_pha.mp4`` and so on.
+            a folder of PNGs). The other outputs go beside it with its extension: ``NAME_pha.EXT`` and so on.
         output_dir: instead of `output`, the reference's layout: ``com.mp4``, ``pha.mp4``... in it,
             or one folder of PNGs per output with ``output_format="image_sequences"``.
         outputs: any of ``com``, ``pha``, ``fgr``, ``err``, ``ref``.
@@ -1253,6 +1273,7 @@ def convert_video(
         sequences = output_format == "image_sequences" or (output is not None and _sequence_name(Path(output)))
         if target_bgr is None:
             target_bgr = TargetBackground("transparent") if sequences else TargetBackground("colour", colour=REFERENCE_GREEN)
+        asked = encoder  # the caller's own choices, before the CPU defaults below
         if on_cpu:
             # The model keeps every core busy, so whatever else runs takes time from it: each output gets one
             # encoding thread (no cost of synchronising several) and x264's fastest preset (at 1080p about
@@ -1267,6 +1288,7 @@ def convert_video(
         plans = plan_video_outputs(src, kinds, output=output, output_dir=output_dir, output_format=output_format,
                                    transparent=target_bgr.kind == "transparent", overwrite=overwrite, encoder=encoder,
                                    size=size, inputs=inputs)
+        warn_unused_encoder_options(plans, asked)
         if reader.audio is not None and any(plan.folder for plan in plans if plan.kind == "com"):
             logger.warning("%s: the clip's audio is not kept in a folder of PNGs (%s); write the composite to a video "
                            "file to keep it", src, next(plan.path for plan in plans if plan.kind == "com"))
@@ -1300,16 +1322,22 @@ def convert_video(
             backdrop = targets.take(len(batch), batch.times)
             frames = render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop, src=batch.src)
             for index, (pts, time_base) in enumerate(batch.stamps):
-                for kind, writer in writers.items():
+                failure: BaseException | None = None
+                for kind, writer in writers.items():  # a writer that fails still lets the others take the frame
                     image = frames[kind][index]
-                    if isinstance(writer, VideoWriter):
-                        writer.write(image, pts, time_base)
-                    else:
-                        writer.write(image)
+                    try:
+                        if isinstance(writer, VideoWriter):
+                            writer.write(image, pts, time_base)
+                        else:
+                            writer.write(image)
+                    except Exception as exc:  # noqa: BLE001 - raised once this frame is in every other output
+                        failure = failure or exc
+                written += 1  # every output still kept holds this frame
+                bar.update(1)
+                if failure is not None:
+                    raise failure
             if plates.exposure is not None:
                 plates.exposure.update(matte.pha[-1])
-            written += len(batch)
-            bar.update(len(batch))
 
         try:
             _run_loop(reader, plates, predictor, size=size, batch_size=batch_size, on_matte=on_matte,
@@ -1318,7 +1346,13 @@ def convert_video(
             logger.warning("interrupted: the outputs hold %s", _frames_held(written, "the first"))
             raise
         except Exception:
-            if written:
+            broken = [writer.path for writer in writers.values() if isinstance(writer, VideoWriter) and writer.failed]
+            kept = [plan.path for plan in plans if plan.path not in broken]
+            if broken and written:
+                logger.warning("stopped by an error: %s is not kept (its encoder failed)%s", _and_list(broken),
+                               f"; {_and_list(kept)} {'holds' if len(kept) == 1 else 'hold'} "
+                               f"{_frames_held(written, 'the first')}" if kept else "")
+            elif written:
                 logger.warning("stopped by an error: the outputs hold %s", _frames_held(written, "the first"))
             raise
         finally:
@@ -1328,6 +1362,12 @@ def convert_video(
     if error is not None:
         raise BgmatteError(f"{error}; the outputs hold {_frames_held(written, 'those')}")
     return VideoResult({plan.kind: plan.path for plan in plans}, written, time.perf_counter() - started)
+
+
+def _and_list(paths: Sequence[Path]) -> str:
+    """Paths as words: ``a.mp4``, ``a.mp4 and b.mp4``, ``a.mp4, b.mp4 and c.mp4``."""
+    names = [str(path) for path in paths]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _frames_held(count: int, which: str) -> str:

@@ -18,7 +18,7 @@ import bgmatte.pipeline as pipeline
 from bgmatte.cli import main
 from bgmatte.errors import BgmatteError
 from bgmatte.io.images import write_png
-from bgmatte.io.video import VideoReader
+from bgmatte.io.video import VideoReader, VideoWriter
 from bgmatte.model.matting import MattingRefine
 from bgmatte.predictor import Predictor
 from media import (DifferenceModel, alpha_planes, audio_seconds, copy_from, decode_times, make_clip, plate_image, read_frames,
@@ -163,6 +163,21 @@ def test_unsupported_options_get_one_line_errors(scene, capsys, checkpoint):
     one_line_error(code, err, "--bgr")
 
 
+def test_a_crf_or_preset_an_output_cannot_use_is_warned_about_naming_it(scene, capsys, monkeypatch):
+    use_difference_model(monkeypatch)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "cut.mov", "--target-bgr", "transparent",
+                       "--outputs", "com", "pha", "--crf", "10", "-q")
+    assert code == 0, err
+    assert err.count("warning") == 1 and "cut.mov: --crf 10 does nothing for prores_ks" in err  # cut_pha.mov is H.264
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "clip.webm", "--preset", "slow",
+                       "--crf", "20", "-q")
+    assert code == 0, err
+    assert err.count("warning") == 1 and "clip.webm: --preset slow does nothing for libvpx-vp9" in err
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "plain.mp4", "--preset", "slow",
+                       "--crf", "20", "-q")
+    assert code == 0 and "warning" not in err, err
+
+
 def test_existing_output_is_refused_unless_overwrite(scene, capsys, monkeypatch):
     use_difference_model(monkeypatch)
     (scene / "com.mp4").write_bytes(b"precious")
@@ -233,6 +248,30 @@ def test_ctrl_c_exits_130_and_leaves_playable_outputs(scene, capsys, monkeypatch
     assert decode_times(scene / "out" / "com.mp4") == [0.0, 0.04, 0.08]
     assert len(read_frames(scene / "out" / "pha.mp4")) == 3
     assert sorted(p.name for p in (scene / "out").iterdir()) == ["com.mp4", "pha.mp4"]
+
+
+@pytest.mark.parametrize("failing", ["out.mp4", "out_pha.mp4"])
+def test_an_encoder_failing_mid_run_leaves_no_file_under_its_name_and_the_others_whole(scene, capsys, monkeypatch,
+                                                                                       failing):
+    use_difference_model(monkeypatch)
+    (scene / failing).write_bytes(b"an earlier output")  # replaced only by a whole file, never by a broken one
+    encode = VideoWriter._encode
+
+    def breaks_at_frame_six(self, item):
+        if self.path.name == failing and self.frames_written == 5:
+            raise av.error.ExternalError(542398533, "Generic error in an external library")
+        encode(self, item)
+
+    monkeypatch.setattr(VideoWriter, "_encode", breaks_at_frame_six)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--outputs", "com", "pha",
+                       "--overwrite")
+    assert code == 2 and f"{failing}: encoding failed" in err and "Traceback" not in err
+    assert (scene / failing).read_bytes() == b"an earlier output"
+    survivor = scene / ({"out.mp4", "out_pha.mp4"} - {failing}).pop()
+    held = len(read_frames(survivor))
+    assert 6 <= held < 12
+    assert f"{failing} is not kept" in err and f"{survivor.name} holds the first {held} frames" in err
+    assert sorted(p.name for p in scene.iterdir()) == ["bgr.png", "out.mp4", "out_pha.mp4", "src.mp4"]
 
 
 def test_truncated_input_exits_2_with_every_decoded_frame_written(scene, capsys, monkeypatch):
@@ -383,6 +422,31 @@ def test_a_span_of_the_clip_is_matted_with_its_sound_and_an_automatic_plate(scen
     code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "late.mp4", "--start", "1:00")
     one_line_error(code, err, "src.mp4", "60 s", "0.48 s")
     assert not (scene / "late.mp4").exists()
+
+
+@pytest.mark.parametrize("interrupt_on", [None, 4])  # the signal while finishing a whole run, or after a Ctrl-C
+def test_a_signal_while_the_outputs_are_finished_still_leaves_them_whole(scene, capsys, monkeypatch, interrupt_on):
+    """SIGTERM (a second Ctrl-C, a job scheduler's stop) while the encoders flush and the files get their trailers:
+    the files are finished and renamed all the same, and the exit says the signal."""
+    import signal
+    import time
+
+    use_difference_model(monkeypatch, interrupt_on=interrupt_on)
+    finish = VideoWriter._finish
+
+    def signalled_while_finishing(self):
+        if self.path.name == "out.mp4":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.3)  # the main thread takes the signal while this one still flushes
+        finish(self)
+
+    monkeypatch.setattr(VideoWriter, "_finish", signalled_while_finishing)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--outputs", "com", "pha", "-q")
+    assert code == 128 + signal.SIGTERM and "terminated (SIGTERM)" in err, err
+    frames = 12 if interrupt_on is None else interrupt_on - 1
+    assert len(read_frames(scene / "out.mp4")) == frames and len(read_frames(scene / "out_pha.mp4")) == frames
+    assert audio_seconds(scene / "out.mp4") > 0
+    assert sorted(p.name for p in scene.iterdir()) == ["bgr.png", "out.mp4", "out_pha.mp4", "src.mp4"]
 
 
 @pytest.mark.parametrize("signum", [15, 1])  # SIGTERM (kill, a job scheduler), SIGHUP (the terminal closed)

@@ -23,9 +23,10 @@ and on request the alpha (pha), foreground (fgr), error map (err) and refined ar
       --output-types com fgr err ref            (the reference script's spelling)
 
 -o names the composite's file; its extension picks the container (.mp4, .mov, .mkv, .webm; no
-extension: a folder of PNGs), and the other outputs go beside it (NAME_pha.mp4 ...). --output-dir
-writes com.mp4, pha.mp4 ... in a folder, or one PNG folder per output with --output-format
-image_sequences. Without either: SRC_com.mp4 ... beside the source.
+extension: a folder of PNGs), and the other outputs go beside it in the same container (-o cut.webm:
+cut_pha.webm ...; -o cut: PNG folders cut_pha ...). --output-dir writes com.mp4, pha.mp4 ... in a
+folder (a transparent composite as com.webm), or one PNG folder per output with --output-format
+image_sequences. Without either: SRC_com.mp4 (transparent: SRC_com.webm), SRC_pha.mp4 ... beside the source.
 
 --bgr takes an image (resized to the video with a warning when its size differs; stretched when its
 aspect ratio does, which only --align undoes), a video (frame for frame, or by time when its frame rate
@@ -53,7 +54,8 @@ the plate frame it would get in a whole run (a plate video that ends before the 
 
 Existing outputs are refused unless --overwrite, which still never replaces an input (the source, the
 plate, the target) nor a PNG folder holding anything but numbered frames. Ctrl-C (or SIGTERM, SIGHUP),
-or an input that ends early, leaves playable outputs with every frame matted so far, and a non-zero exit. A damaged packet
+or an input that ends early, leaves playable outputs with every frame matted so far, and a non-zero exit; an output
+whose encoder fails is not kept under its name (the others are, with the frames done). A damaged packet
 costs its frame alone, with a warning. Inputs above 100 megapixels a frame are refused.
 """
 
@@ -177,10 +179,11 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("encoding")
     group.add_argument("--crf", type=int, metavar="N",
-                       help="quality, lower is better: H.264 0-51 (default 18), VP9 0-63 (default 30)")
+                       help="quality, lower is better: H.264 0-51 (default 18), VP9 0-63 (default 30); other "
+                            "encoders (ProRes, FFV1) have none, and a warning says so")
     group.add_argument("--preset", choices=X264_PRESETS, metavar="NAME",
                        help="x264 speed preset: " + ", ".join(X264_PRESETS) + " (default: veryfast, or ultrafast "
-                            "when the model runs on the CPU and the encoder would take time from it)")
+                            "when the model runs on the CPU and the encoder would take time from it); H.264 outputs only")
     group.add_argument("--codec", metavar="NAME", help="force an FFmpeg encoder (default: chosen by extension)")
 
 

@@ -1246,6 +1246,10 @@ class _Worker:
     `finish()` always runs so that what was done so far is finalized.
     """
 
+    interrupted: KeyboardInterrupt | None = None
+    """A Ctrl-C or signal (`Terminated`) that came while `close` waited, for the writer to raise once its output
+    is in place."""
+
     def __init__(self, name: str, handle: Callable[[Any], None], finish: Callable[[], None], queue_size: int,
                  niceness: int = 0):
         self._handle = handle
@@ -1253,6 +1257,7 @@ class _Worker:
         self._finish = finish
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self.error: BaseException | None = None
+        self._done = threading.Event()  # set once `finish()` has returned
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -1272,9 +1277,19 @@ class _Worker:
         return self._thread.is_alive()
 
     def close(self) -> BaseException | None:
-        if self._thread.is_alive():
-            self.put(_END)
-            self._thread.join()
+        """Wait for every item and `finish()`; returns the failure, if any. A KeyboardInterrupt meanwhile (a second
+        Ctrl-C, SIGTERM as `Terminated`) does not cut the wait short, which would leave the output a hidden
+        temporary file that nobody renames: it is kept as `interrupted`. The wait is on an event, not on
+        `Thread.join`, which an exception interrupting it in Python 3.11 leaves saying the thread has ended."""
+        ended = False
+        while not self._done.is_set():
+            try:
+                if not ended:
+                    self.put(_END)
+                    ended = True
+                self._done.wait(_POLL_S)
+            except KeyboardInterrupt as exc:
+                self.interrupted = self.interrupted or exc
         return self.error
 
     def _run(self) -> None:
@@ -1295,6 +1310,8 @@ class _Worker:
             except BaseException as exc:  # noqa: BLE001
                 if self.error is None:
                     self.error = exc
+            finally:
+                self._done.set()
 
 
 def _frame_pixels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -1496,22 +1513,31 @@ class VideoWriter(ClosesOnExit):
             if error is not None:
                 raise self._report(error)
 
+    @property
+    def failed(self) -> bool:
+        """Whether encoding or finishing the file failed, so that `close` leaves nothing under its name."""
+        return self._worker.error is not None
+
     def close(self) -> Path | None:
         """Finish the file (flush, audio, trailer) and rename it to its final name; returns it, or None if empty.
 
-        A failure that `write` has already raised is not raised again."""
+        A file whose encoding failed is removed rather than renamed: its encoder broke off at a frame of its own,
+        and with `overwrite` it would have replaced a whole earlier output with a broken one. A failure that
+        `write` has already raised is not raised again."""
         if self._closed:
-            return self.path if self.path.exists() else None
+            return self.path if self.path.exists() and not self.failed else None
         self._closed = True
         error = self._worker.close()
         produced = self.frames_written > 0 and self._temporary.exists()  # frames are counted once the header is out
-        if produced and not isinstance(error, _FinalizeError):
+        if produced and error is None:
             os.replace(self._temporary, self.path)
         else:
             produced = False
             self._temporary.unlink(missing_ok=True)
             if self.frames_written == 0 and error is None:
                 logger.warning("%s: no frames were written; no file was made", self.path)
+        if self._worker.interrupted is not None:  # the file is whole and in place: now the stop goes on
+            raise self._worker.interrupted
         if error is not None and error is not self._reported:
             raise self._report(error)
         return self.path if produced else None
@@ -2335,6 +2361,8 @@ class ImageSequenceWriter(ClosesOnExit):
                 logger.warning("%s: no frames were written; no folder was made", self.path)
         else:
             self._move_into_place()
+        if self._worker.interrupted is not None:  # the folder is in place: now the stop goes on
+            raise self._worker.interrupted
         if error is not None:
             if isinstance(error, BgmatteError):
                 raise error
