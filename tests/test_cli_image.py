@@ -296,13 +296,27 @@ def test_files_of_a_folder_that_are_not_read_as_images_are_named(photos, capsys,
 
 
 def test_a_tiff_opencv_cannot_read_is_one_line_without_opencv_s_own_warning(tmp_path, capfd):
-    """OpenCV wrote its own '[ WARN:0@...] grfmt_tiff.cpp' line to the terminal before the error."""
+    """OpenCV wrote its own '[ WARN:0@...] grfmt_tiff.cpp' line to the terminal before the error (a float RGBA
+    TIFF: OpenCV reads float TIFFs of one and three channels only)."""
     picture = tmp_path / "scan.tif"
-    assert cv2.imwrite(str(picture), np.random.default_rng(0).random((8, 8, 3)).astype(np.float32))
+    assert cv2.imwrite(str(picture), np.random.default_rng(0).random((8, 8, 4)).astype(np.float32))
     assert main(["image", str(picture), "--bgr", str(picture), "-o", str(tmp_path / "out"), "-q"]) == 2
     err = capfd.readouterr().err
     assert err == f"bgmatte image: error: {picture}: cannot decode this TIFF file (damaged, truncated, or a variant " \
                   "OpenCV does not read)\n"
+
+
+def test_a_float_tiff_photo_and_plate_are_matted(photos, capsys, monkeypatch):
+    """A 32-bit float TIFF (as raw developers export) was refused as 'damaged, truncated, or a variant OpenCV does
+    not read': 8-bit decoding does not take float TIFFs."""
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    plate = plate_image(seed=0)
+    for name, image in (("shot.tif", subject_frame(plate, 2)), ("plate.tif", plate)):
+        assert cv2.imwrite(name, cv2.cvtColor(image, cv2.COLOR_RGB2BGR).astype(np.float32) / 255)
+    code, _, err = run(capsys, "image", "shot.tif", "--bgr", "plate.tif", "-o", "out", "--outputs", "fgr", "-q")
+    assert code == 0, err
+    fgr = cv2.cvtColor(cv2.imread("out/fgr/shot.png"), cv2.COLOR_BGR2RGB)
+    assert np.abs(fgr[subject_box(2)].astype(int) - subject_frame(plate, 2)[subject_box(2)]).max() <= 1
 
 
 @pytest.mark.parametrize("suffix", [".bmp", ".gif", ".ppm"])

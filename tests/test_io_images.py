@@ -81,6 +81,23 @@ def test_sixteen_bit_png_keeps_precision_as_float(tmp_path):
     assert read_image(tmp_path / "deep.png").dtype == np.uint8
 
 
+def test_float_and_sixteen_bit_files_are_scaled_to_8_bit(tmp_path):
+    # A 32-bit float TIFF (what raw developers and HDR tools export) was refused as damaged, and a PFM was read
+    # as 0 and 1 (black): OpenCV's 8-bit decoding does not scale floats. 16-bit PNG levels were cut, not rounded.
+    rgb = np.array([[[0.8, 0.4, 0.04], [1.0, 0.0, 0.5]]], np.float32).repeat(3, axis=0)
+    expected = np.rint(rgb * 255).astype(np.uint8)
+    for name in ("float.tif", "float.pfm"):
+        assert cv2.imwrite(str(tmp_path / name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)), name
+        assert read_image(tmp_path / name).tolist() == expected.tolist(), name
+        assert read_image(tmp_path / name, dtype="float32") == pytest.approx(rgb, abs=1e-6), name
+    cv2.imwrite(str(tmp_path / "grey.tif"), np.full((3, 4), 0.5, np.float32))
+    assert read_image(tmp_path / "grey.tif", channels=1).tolist() == [[128] * 4] * 3
+    assert read_image(tmp_path / "grey.tif").tolist() == [[[128] * 3] * 4] * 3
+    levels = np.array([[0x00FF, 0x01C0, 0xFF00, 0xFFFF]], np.uint16)  # 0.99, 1.74, 254.01 and 255 of 255
+    cv2.imwrite(str(tmp_path / "deep.png"), np.dstack([levels] * 3))
+    assert read_image(tmp_path / "deep.png")[0, :, 0].tolist() == [1, 2, 254, 255]  # the nearest (was 0, 1, 255)
+
+
 def test_grey_and_rgba_files_become_rgb(tmp_path):
     cv2.imwrite(str(tmp_path / "grey.png"), np.full((5, 6), 77, np.uint8))
     assert read_image(tmp_path / "grey.png")[2, 2].tolist() == [77, 77, 77]

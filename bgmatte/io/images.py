@@ -204,22 +204,38 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int =
     refuse files above `max_pixels`, and while it is set, files whose size the header does not give.
 
     EXIF orientation is applied unless `orient` is False (pixels as stored: for data that must line up pixel
-    for pixel with other files; `read_to_fit` picks for a photo and its matte), grey images become three channels (colour ones
-    grey with channels=1), alpha is dropped, and with dtype="float32" 16-bit files keep their precision. Mattes
-    have their own reader, `read_matte`, which keeps an alpha channel.
+    for pixel with other files; `read_to_fit` picks for a photo and its matte), grey images become three channels
+    (colour ones grey with channels=1), alpha is dropped, and 16-bit and float files are rounded to the nearest
+    8-bit level, or keep their precision with dtype="float32". Mattes have their own reader, `read_matte`, which
+    keeps an alpha channel.
     """
     if dtype not in ("uint8", "float32"):
         raise ValueError(f"dtype must be 'uint8' or 'float32', not {dtype!r}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, not {channels}")
-    flags = (cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE) | (cv2.IMREAD_ANYDEPTH if dtype == "float32" else 0)
+    # Decoded at the file's own depth, then scaled here: OpenCV's 8-bit decoding refuses 32-bit float TIFFs, casts
+    # PFM floats to 0 and 1 and cuts 16-bit PNG levels instead of rounding them.
+    flags = (cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE) | cv2.IMREAD_ANYDEPTH
     image = _decode(Path(path), flags | (0 if orient else cv2.IMREAD_IGNORE_ORIENTATION), max_pixels)
+    if image.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+        raise BgmatteError(f"{path}: {image.dtype} pixels, which have no agreed scale (8- or 16-bit, or float "
+                           "from 0 to 1, are read)")
     if channels == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB if image.ndim == 2 else cv2.COLOR_BGR2RGB)
     if dtype == "uint8":
-        return image
+        return _to_8_bit(image)
     scale = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else 1.0
     return (image.astype(np.float32) / scale).clip(0.0, 1.0) if scale != 1.0 else image.astype(np.float32)
+
+
+def _to_8_bit(image: np.ndarray) -> np.ndarray:
+    """Decoded pixels as uint8, each level the nearest: 16-bit ones divided by 257, floats (0 to 1) times 255 and
+    clipped (a Radiance HDR's brighter values included, as OpenCV's own 8-bit decoding clips them)."""
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        return cv2.convertScaleAbs(image, alpha=1 / 257)  # no level is halfway between two 8-bit ones
+    return cv2.convertScaleAbs(cv2.max(image.astype(np.float32, copy=False), 0.0), alpha=255.0)
 
 
 def read_as_stored(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -426,6 +442,10 @@ def _decode(path: Path, flags: int, max_pixels: int | None) -> np.ndarray:
         _refuse_unsized(path, kind)
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        colour_at_any_depth = flags >= 0 and flags & cv2.IMREAD_COLOR and flags & cv2.IMREAD_ANYDEPTH
+        if image is None and kind == "TIFF" and colour_at_any_depth:
+            # OpenCV decodes a one-channel float TIFF only in its own channel count; `read_image` makes it RGB.
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), (flags & ~cv2.IMREAD_COLOR) | cv2.IMREAD_ANYCOLOR)
     except cv2.error as exc:
         if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):
             raise BgmatteError(f"{path}: larger than {_opencv_pixel_limit()}, the limit for images "
