@@ -55,6 +55,7 @@ from bgmatte.io.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     by_stem,
+    icc_profile,
     list_images,
     match_by_stem,
     megapixels,
@@ -1408,6 +1409,9 @@ def matte_images(
         skip_existing: leave existing outputs as they are and write only the missing ones (an image whose
             outputs all exist is not matted again): to finish a run that was stopped, or that met a bad file.
 
+    A photo's RGB ICC profile is stored in its ``fgr`` and ``com`` PNGs, so that they show its colours, except in
+    a composite over a target image of another profile (or of none).
+
     Returns each output's written files. Existing files are refused before any work, unless `overwrite` or
     `skip_existing`; an output that would replace one of the input images (a photo, a plate or the target)
     always is. A source image that cannot be read, or whose plate from a folder cannot, is left out and the others
@@ -1491,6 +1495,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
     cached_plate: tuple[Path, np.ndarray] | None = None  # one plate file for many images is read once
     # An image target is read once too, and scaled again only when the size changes.
     picture = read_image(target_bgr.path) if target_bgr.kind == "image" else None
+    picture_profile = _rgb_profile(target_bgr.path) if picture is not None else None
     backdrop: tuple[tuple[int, int], Tensor | None] | None = None  # at the last size: photos mostly share one
     kinds = [kind for kind in OUTPUT_KINDS if any(kind in needed for needed in wanted.values())]
     written: dict[str, list[Path]] = {kind: [] for kind in kinds}
@@ -1552,9 +1557,16 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                         "scale it down, or try a smaller --backbone-scale or --refine-sample-pixels, or another "
                         "--device"
                     ) from None
+                # The photo's colours are in its profile's colour space: fgr holds them, com too unless it is over
+                # a target picture in another one.
+                tagged = {"fgr"} if target_bgr.kind == "image" else {"fgr", "com"}
+                profile = _rgb_profile(source) if tagged & set(wanted[source]) else None
+                if profile is not None and profile == picture_profile:
+                    tagged.add("com")
                 for kind in wanted[source]:
                     path = folder / kind / f"{source.stem}.png"
-                    pending.append((kind, pool.submit(write_png, path, frames[kind][0], overwrite=overwrite)))
+                    pending.append((kind, pool.submit(write_png, path, frames[kind][0], overwrite=overwrite,
+                                                      icc_profile=profile if kind in tagged else None)))
                 collect(8)  # a few images may wait for their PNG encoding; not the whole folder
             collect(0)
             if unreadable:
@@ -1576,6 +1588,13 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                 stop.written = written
             raise
     return written
+
+
+def _rgb_profile(path: Path) -> bytes | None:
+    """The ICC profile embedded in an image file, if it describes RGB colours (a grey or CMYK one does not fit the
+    RGB pixels bgmatte reads and writes)."""
+    profile = icc_profile(path)
+    return profile if profile is not None and profile[16:20] == b"RGB " else None
 
 
 def _matte_one(predictor: Predictor, image: np.ndarray, plate: np.ndarray, kinds: Sequence[str],

@@ -319,6 +319,30 @@ def test_a_float_tiff_photo_and_plate_are_matted(photos, capsys, monkeypatch):
     assert np.abs(fgr[subject_box(2)].astype(int) - subject_frame(plate, 2)[subject_box(2)]).max() <= 1
 
 
+def test_the_photo_s_colour_profile_is_kept_in_its_cutout_and_foreground(photos, capsys, monkeypatch):
+    """A photo in Display P3 (every recent phone's) or Adobe RGB had its cutout written without its ICC profile,
+    so viewers showed its colours as sRGB ones: duller. The matte (data) and a composite over a target image of
+    another profile stay untagged."""
+    from test_io_images import fake_profile, with_profile
+
+    from bgmatte.io.images import icc_profile
+
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    profile = fake_profile()
+    shot = photos / "shot.jpg"
+    assert cv2.imwrite(str(shot), cv2.cvtColor(subject_frame(plate_image(seed=0), 2), cv2.COLOR_RGB2BGR))
+    with_profile(shot, profile)
+    code, _, err = run(capsys, "image", "shot.jpg", "--bgr", "plate.png", "-o", "out", "--outputs", "com", "fgr",
+                       "pha", "-q")
+    assert code == 0, err
+    assert icc_profile("out/com/shot.png") == profile and icc_profile("out/fgr/shot.png") == profile
+    assert icc_profile("out/pha/shot.png") is None
+    code, _, err = run(capsys, "image", "shot.jpg", "--bgr", "plate.png", "-o", "over", "--target-bgr", "plate.png",
+                       "-q")
+    assert code == 0, err
+    assert icc_profile("over/com/shot.png") is None  # plate.png has no profile: its colours are sRGB ones
+
+
 @pytest.mark.parametrize("suffix", [".bmp", ".gif", ".ppm"])
 def test_a_truncated_image_is_one_line_without_opencv_s_own_error_line(tmp_path, capfd, suffix):
     """OpenCV logs a decoder's failure at its ERROR level ('[ERROR:0@...] global loadsave.cpp ... imdecode_ ...:

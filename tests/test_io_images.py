@@ -18,6 +18,7 @@ from bgmatte.io.images import (
     DEFAULT_MAX_PIXELS,
     exif_orientation,
     header_size,
+    icc_profile,
     image_header_size,
     list_images,
     match_by_stem,
@@ -325,6 +326,58 @@ def test_missing_and_unreadable_files_are_one_line_errors(tmp_path):
     assert "\n" not in str(caught.value)
     with pytest.raises(BgmatteError, match="is a folder"):
         read_image(tmp_path)
+
+
+def fake_profile(space: bytes = b"RGB ", size: int = 700) -> bytes:
+    """An ICC profile that libpng accepts: a header (size, class, colour space, 'acsp', the D50 white) and one tag,
+    the white point, then padding to `size` bytes."""
+    header = (struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x04300000) + b"mntr" + space + b"XYZ "
+              + bytes(12) + b"acsp" + bytes(24) + struct.pack(">I", 0) + struct.pack(">III", 0xF6D6, 0x10000, 0xD32D))
+    header += bytes(128 - len(header))
+    tags = struct.pack(">I4sII", 1, b"wtpt", 144, 20) + b"XYZ " + bytes(4) + struct.pack(">III", 0xF6D6, 0x10000, 0xD32D)
+    return header + tags + bytes(np.random.default_rng(0).integers(0, 256, size - 128 - len(tags), np.uint8))
+
+
+PROFILE = fake_profile()
+
+
+def with_profile(path: Path, profile: bytes, chunk: int = 300) -> Path:
+    """Give a JPEG an ICC profile, split over APP2 segments of `chunk` bytes as large profiles are."""
+    parts = [profile[start : start + chunk] for start in range(0, len(profile), chunk)]
+    segments = b"".join(b"\xff\xe2" + struct.pack(">H", len(part) + 16) + b"ICC_PROFILE\x00" + bytes([index + 1, len(parts)])
+                        + part for index, part in enumerate(parts))
+    data = path.read_bytes()
+    path.write_bytes(data[:2] + segments + data[2:])
+    return path
+
+
+def test_the_icc_profile_of_a_jpeg_png_webp_or_tiff_is_found_and_written_into_a_png(tmp_path):
+    # A photo in Display P3 or Adobe RGB lost its profile: its cutout was shown as sRGB, its colours duller.
+    jpeg = save_with_cv2(tmp_path / "p3.jpg", rgb_pattern())
+    pixels = read_image(jpeg)
+    assert (read_image(with_profile(jpeg, PROFILE)) == pixels).all()  # libjpeg skips the segments
+    assert icc_profile(jpeg) == PROFILE
+    png = write_png(tmp_path / "p3.png", rgb_pattern(), icc_profile=PROFILE)
+    assert icc_profile(png) == PROFILE and read_image(png)[0, 0].tolist() == [200, 0, 0]
+    if hasattr(cv2, "imdecodeWithMetadata"):  # OpenCV 5 reads profiles: the chunk is as libpng wants it
+        _, kinds, metadata = cv2.imdecodeWithMetadata(np.fromfile(png, np.uint8), cv2.IMREAD_COLOR)
+        assert list(kinds) == [cv2.IMAGE_METADATA_ICCP] and bytes(np.asarray(metadata[0]).ravel()) == PROFILE
+        ok, webp = cv2.imencodeWithMetadata(".webp", np.zeros((4, 4, 3), np.uint8), [cv2.IMAGE_METADATA_ICCP],
+                                            [np.frombuffer(PROFILE, np.uint8)])
+        if ok and b"ICCP" in webp.tobytes():
+            (tmp_path / "p3.webp").write_bytes(webp.tobytes())
+            assert icc_profile(tmp_path / "p3.webp") == PROFILE
+    tiff = save_with_cv2(tmp_path / "plain.tif", rgb_pattern())
+    assert icc_profile(tiff) is None and icc_profile(save_with_cv2(tmp_path / "plain.jpg", rgb_pattern())) is None
+    assert icc_profile(write_png(tmp_path / "plain.png", rgb_pattern())) is None
+    with_tag = tmp_path / "p3.tif"  # a little-endian TIFF whose first directory has tag 34675 (InterColorProfile)
+    pixels = bytes(rgb_pattern(2, 2).ravel())
+    entries = [(256, 3, 1, 2), (257, 3, 1, 2), (258, 3, 1, 8), (262, 3, 1, 2), (273, 4, 1, 8), (277, 3, 1, 3),
+               (278, 3, 1, 2), (279, 4, 1, len(pixels)), (34675, 7, len(PROFILE), 8 + len(pixels))]
+    directory = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries)
+    with_tag.write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(pixels) + len(PROFILE)) + pixels + PROFILE
+                         + directory + b"\x00" * 4)
+    assert icc_profile(with_tag) == PROFILE and read_image(with_tag).shape == (2, 2, 3)
 
 
 def test_write_png_round_trips_rgb_rgba_grey_and_float(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import zlib
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -402,6 +403,83 @@ def _exif_orientation(block: bytes) -> int | None:
     return None
 
 
+_PROFILE_MAX = 1 << 24
+"""The largest ICC profile `icc_profile` takes (16 MB: real ones are a few kB, a device link a few MB)."""
+
+
+def icc_profile(path: str | os.PathLike) -> bytes | None:
+    """The ICC colour profile embedded in a JPEG (APP2 segments), PNG (iCCP), WebP (ICCP) or TIFF (tag 34675), or
+    None: the colour space the file's pixel values are in, which OpenCV ignores. One that is damaged is None too."""
+    data = _read_bytes(Path(path), "image")
+    try:
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_profile(data)
+        if data[:8] == b"\x89PNG\r\n\x1a\n":
+            return _png_profile(data)
+        if _is_webp(data):
+            return _webp_profile(data)
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_profile(data)
+    except (struct.error, IndexError, ValueError, zlib.error):
+        return None
+    return None
+
+
+def _jpeg_profile(data: bytes) -> bytes | None:
+    """The profile from a JPEG's APP2 "ICC_PROFILE" segments, joined in their sequence numbers' order."""
+    parts: dict[int, bytes] = {}
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker in (0xD9, 0xDA):  # the image's end, or its data: every segment is before them
+            break
+        (length,) = struct.unpack(">H", data[position + 2 : position + 4])
+        body = data[position + 4 : position + 2 + length]
+        if marker == 0xE2 and body[:12] == b"ICC_PROFILE\x00" and len(body) > 14:
+            parts[body[12]] = body[14:]
+        position += 2 + length
+    return b"".join(parts[index] for index in sorted(parts)) or None
+
+
+def _png_profile(data: bytes) -> bytes | None:
+    """The profile in a PNG's iCCP chunk (a name, a compression byte, then zlib data), which comes before IDAT."""
+    position = 8
+    while position + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind = data[position + 4 : position + 8]
+        if kind in (b"IDAT", b"IEND"):
+            break
+        if kind == b"iCCP":
+            body = data[position + 8 : position + 8 + length]
+            compressed = body[body.index(b"\x00") + 2 :]
+            return zlib.decompressobj().decompress(compressed, _PROFILE_MAX) or None
+        position += 12 + length
+    return None
+
+
+def _webp_profile(data: bytes) -> bytes | None:
+    """The profile in the ICCP chunk of an extended WebP file."""
+    position = 12
+    while position + 8 <= len(data):
+        kind, length = data[position : position + 4], struct.unpack("<I", data[position + 4 : position + 8])[0]
+        if kind == b"ICCP":
+            return data[position + 8 : position + 8 + length] or None
+        position += 8 + length + (length & 1)
+    return None
+
+
+def _tiff_profile(data: bytes) -> bytes | None:
+    """The profile in tag 34675 (InterColorProfile) of a classic TIFF's first directory."""
+    endian = "<" if data[:2] == b"II" else ">"
+    (offset,) = struct.unpack(endian + "I", data[4:8])
+    (count,) = struct.unpack(endian + "H", data[offset : offset + 2])
+    for index in range(count):
+        tag, _, length, place = struct.unpack(endian + "HHII", data[offset + 2 + 12 * index : offset + 14 + 12 * index])
+        if tag == 34675 and 4 < length <= _PROFILE_MAX:
+            return data[place : place + length] if place + length <= len(data) else None
+    return None
+
+
 def read_to_fit(path: str | os.PathLike, size: tuple[int, int] | None, **options) -> np.ndarray:
     """`read_image`'s pixels turned upright by the file's EXIF orientation, unless only the pixels as stored
     are `size` (width, height): then those. A photo and the matte drawn for it line up either way: a matte drawn
@@ -528,16 +606,23 @@ def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> 
         raise BgmatteError(f"{path}: the image is empty ({width}x{height})")
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False) -> Path:
+def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False,
+              icc_profile: bytes | None = None) -> Path:
     """Write an 8-bit PNG (grey, RGB or straight RGBA; uint8, or float in [0, 1]) to a temporary name, then rename
-    it. Float RGBA pixels whose alpha rounds to 0 are stored with colour 0."""
+    it. Float RGBA pixels whose alpha rounds to 0 are stored with colour 0. `icc_profile` (from `icc_profile`) is
+    stored in an iCCP chunk, so that viewers show the colours in the colour space they were taken in."""
     path = Path(path)
     refuse_existing(path, overwrite)
     pixels = _png_pixels(image)
     ok, encoded = cv2.imencode(".png", pixels)
     if not ok:
         raise BgmatteError(f"{path}: PNG encoding failed")
-    write_through_temporary(path, lambda temporary: temporary.write_bytes(encoded.tobytes()), "the image")
+    data = encoded.tobytes()
+    if icc_profile:
+        body = b"ICC profile\x00\x00" + zlib.compress(icc_profile)  # a name, then compression method 0 (zlib)
+        chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
+        data = data[:33] + chunk + data[33:]  # after the signature (8 bytes) and IHDR (25), before any image data
+    write_through_temporary(path, lambda temporary: temporary.write_bytes(data), "the image")
     return path
 
 
