@@ -343,6 +343,25 @@ def test_the_photo_s_colour_profile_is_kept_in_its_cutout_and_foreground(photos,
     assert icc_profile("over/com/shot.png") is None  # plate.png has no profile: its colours are sRGB ones
 
 
+def test_a_decoder_s_own_warning_is_one_line_naming_the_file(photos, capfd, monkeypatch):
+    """libjpeg and libpng print their warnings on stderr themselves, naming no file: 'Corrupt JPEG data: 3 extraneous
+    bytes before marker 0xdb', 'libpng warning: iCCP: too short' (once per file of a folder: which?). The image is
+    read all the same; the warning is bgmatte's one line, with the file's name."""
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(subject_frame(plate_image(seed=0), 2), cv2.COLOR_RGB2BGR))
+    data = encoded.tobytes()
+    table = data.index(b"\xff\xdb")
+    (photos / "src" / "stray.jpg").write_bytes(data[:table] + b"\x00\x01\x02" + data[table:])
+    write_png(photos / "src" / "tagged.png", subject_frame(plate_image(seed=0), 3), icc_profile=b"\x00\x00\x00\x10short")
+    code = main(["image", "src/stray.jpg", "src/tagged.png", "--bgr", "plate.png", "-o", "out", "-q"])
+    err = capfd.readouterr().err
+    assert code == 0, err
+    assert err.splitlines() == [
+        "bgmatte image: warning: src/stray.jpg: Corrupt JPEG data: 3 extraneous bytes before marker 0xdb",
+        "bgmatte image: warning: src/tagged.png: libpng warning: iCCP: too short",
+    ]
+
+
 @pytest.mark.parametrize("suffix", [".bmp", ".gif", ".ppm"])
 def test_a_truncated_image_is_one_line_without_opencv_s_own_error_line(tmp_path, capfd, suffix):
     """OpenCV logs a decoder's failure at its ERROR level ('[ERROR:0@...] global loadsave.cpp ... imdecode_ ...:

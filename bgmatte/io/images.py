@@ -11,11 +11,16 @@ bgmatte leaves alone: it is the whole process's, the caller's own ``cv2.imread``
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import struct
+import sys
+import tempfile
+import threading
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
@@ -24,6 +29,8 @@ import numpy as np
 
 from bgmatte.errors import BgmatteError
 from bgmatte.io.files import refuse_existing, write_through_temporary
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                               ".pbm", ".pgm", ".ppm", ".pnm"})
@@ -518,17 +525,22 @@ def _decode(path: Path, flags: int, max_pixels: int | None) -> np.ndarray:
         raise BgmatteError(f"{path}: damaged or truncated PNG")
     if size is None and max_pixels is not None:
         _refuse_unsized(path, kind)
+    said: list[str] = []
     try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        with _decoder_messages(said):
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
         colour_at_any_depth = flags >= 0 and flags & cv2.IMREAD_COLOR and flags & cv2.IMREAD_ANYDEPTH
         if image is None and kind == "TIFF" and colour_at_any_depth:
             # OpenCV decodes a one-channel float TIFF only in its own channel count; `read_image` makes it RGB.
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), (flags & ~cv2.IMREAD_COLOR) | cv2.IMREAD_ANYCOLOR)
+            with _decoder_messages(said):
+                image = cv2.imdecode(np.frombuffer(data, np.uint8), (flags & ~cv2.IMREAD_COLOR) | cv2.IMREAD_ANYCOLOR)
     except cv2.error as exc:
+        _pass_on(path, said, logging.DEBUG)  # the error line below says what went wrong; --debug shows these
         if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):
             raise BgmatteError(f"{path}: larger than {_opencv_pixel_limit()}, the limit for images "
                                "(refused as a possible decompression bomb)") from None
         raise BgmatteError(f"{path}: cannot decode this image ({str(exc).strip().splitlines()[-1]})") from None
+    _pass_on(path, said, logging.DEBUG if image is None else logging.WARNING)  # read: warnings about this file
     if image is None:
         if kind in ("PNG", "JPEG"):  # OpenCV's decoders for these read every ordinary file
             raise BgmatteError(f"{path}: damaged or truncated {kind}")
@@ -539,6 +551,42 @@ def _decode(path: Path, flags: int, max_pixels: int | None) -> np.ndarray:
     if size is None:
         _check_pixels(path, (image.shape[1], image.shape[0]), max_pixels)
     return image
+
+
+def _pass_on(path: Path, said: list[str], level: int) -> None:
+    """Log each distinct line a decoder printed (`_decoder_messages`) once, naming the file."""
+    for line in dict.fromkeys(said):
+        logger.log(level, "%s: %s", path, line)
+
+
+_STDERR = threading.Lock()
+
+
+@contextmanager
+def _decoder_messages(said: list[str]) -> Iterator[None]:
+    """Add to `said` the lines C code prints on stderr (file descriptor 2) meanwhile: libjpeg's and libpng's
+    warnings ('Corrupt JPEG data: ...', 'libpng warning: iCCP: ...') go there unasked and name no file. Other
+    threads' stderr output in those few milliseconds is held too; where fd 2 cannot be copied, nothing is held."""
+    with _STDERR:
+        try:
+            saved = os.dup(2)
+        except OSError:
+            yield
+            return
+        try:
+            with tempfile.TemporaryFile() as sink:
+                if sys.stderr is not None:
+                    sys.stderr.flush()
+                os.dup2(sink.fileno(), 2)
+                try:
+                    yield
+                finally:
+                    os.dup2(saved, 2)
+                    sink.seek(0)
+                    said.extend(line.strip() for line in sink.read().decode(errors="replace").splitlines()
+                                if line.strip())
+        finally:
+            os.close(saved)
 
 
 def _refuse_unsized(path: Path, kind: str | None) -> None:
