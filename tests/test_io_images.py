@@ -99,6 +99,18 @@ def test_float_and_sixteen_bit_files_are_scaled_to_8_bit(tmp_path):
     assert read_image(tmp_path / "deep.png")[0, :, 0].tolist() == [1, 2, 254, 255]  # the nearest (was 0, 1, 255)
 
 
+def test_float_files_are_held_to_0_to_1_and_nan_is_refused(tmp_path):
+    # read_image promises floats in [0, 1]: a float file's 1.5 and -0.25 came back as they were, and a NaN
+    # (which poisons a training run's loss) as NaN, or as 255 in 8 bits.
+    cv2.imwrite(str(tmp_path / "over.tif"), np.array([[1.5, -0.25, 0.5]], np.float32))
+    assert read_image(tmp_path / "over.tif", dtype="float32", channels=1).tolist() == [[1.0, 0.0, 0.5]]
+    assert read_image(tmp_path / "over.tif", channels=1).tolist() == [[255, 0, 128]]
+    cv2.imwrite(str(tmp_path / "nan.tif"), np.array([[0.5, np.nan, np.inf]], np.float32))
+    for dtype in ("uint8", "float32"):
+        with pytest.raises(BgmatteError, match=r"nan.tif: a float image holding NaN or infinite values$"):
+            read_image(tmp_path / "nan.tif", dtype=dtype)
+
+
 def test_grey_and_rgba_files_become_rgb(tmp_path):
     cv2.imwrite(str(tmp_path / "grey.png"), np.full((5, 6), 77, np.uint8))
     assert read_image(tmp_path / "grey.png")[2, 2].tolist() == [77, 77, 77]

@@ -214,8 +214,9 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int =
     EXIF orientation is applied unless `orient` is False (pixels as stored: for data that must line up pixel
     for pixel with other files; `read_to_fit` picks for a photo and its matte), grey images become three channels
     (colour ones grey with channels=1), alpha is dropped, and 16-bit and float files are rounded to the nearest
-    8-bit level, or keep their precision with dtype="float32". Mattes have their own reader, `read_matte`, which
-    keeps an alpha channel.
+    8-bit level, or keep their precision with dtype="float32"; float values past 0 and 1 (a Radiance HDR's) are
+    clipped, and NaN or infinite ones refused. Mattes have their own reader, `read_matte`, which keeps an alpha
+    channel.
     """
     if dtype not in ("uint8", "float32"):
         raise ValueError(f"dtype must be 'uint8' or 'float32', not {dtype!r}")
@@ -228,12 +229,14 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int =
     if image.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
         raise BgmatteError(f"{path}: {image.dtype} pixels, which have no agreed scale (8- or 16-bit, or float "
                            "from 0 to 1, are read)")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():  # NaN would reach the model (or a loss) as it is
+        raise BgmatteError(f"{path}: a float image holding NaN or infinite values")
     if channels == 3:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB if image.ndim == 2 else cv2.COLOR_BGR2RGB)
     if dtype == "uint8":
         return _to_8_bit(image)
     scale = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else 1.0
-    return (image.astype(np.float32) / scale).clip(0.0, 1.0) if scale != 1.0 else image.astype(np.float32)
+    return (image.astype(np.float32) / np.float32(scale)).clip(0.0, 1.0)  # a float file's too: HDR goes past 1
 
 
 def _to_8_bit(image: np.ndarray) -> np.ndarray:
