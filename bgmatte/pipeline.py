@@ -55,11 +55,11 @@ from bgmatte.io.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     by_stem,
-    icc_profile,
     list_images,
     match_by_stem,
     megapixels,
     read_image,
+    read_image_and_profile,
     write_png,
 )
 from bgmatte.io.video import (
@@ -1410,7 +1410,8 @@ def matte_images(
             outputs all exist is not matted again): to finish a run that was stopped, or that met a bad file.
 
     A photo's RGB ICC profile is stored in its ``fgr`` and ``com`` PNGs, so that they show its colours, except in
-    a composite over a target image of another profile (or of none).
+    a composite over a target image of another profile (or of none). OpenCV reads it, with the pixels, from a
+    JPEG, PNG or WebP photo; a TIFF's profile is not read, so its outputs are untagged.
 
     Returns each output's written files. Existing files are refused before any work, unless `overwrite` or
     `skip_existing`; an output that would replace one of the input images (a photo, a plate or the target)
@@ -1494,8 +1495,8 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
     predictor: Predictor | None = None
     cached_plate: tuple[Path, np.ndarray] | None = None  # one plate file for many images is read once
     # An image target is read once too, and scaled again only when the size changes.
-    picture = read_image(target_bgr.path) if target_bgr.kind == "image" else None
-    picture_profile = _rgb_profile(target_bgr.path) if picture is not None else None
+    picture, picture_profile = (_read_with_rgb_profile(target_bgr.path) if target_bgr.kind == "image"
+                                else (None, None))
     backdrop: tuple[tuple[int, int], Tensor | None] | None = None  # at the last size: photos mostly share one
     kinds = [kind for kind in OUTPUT_KINDS if any(kind in needed for needed in wanted.values())]
     written: dict[str, list[Path]] = {kind: [] for kind in kinds}
@@ -1517,7 +1518,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                                            disable=None if progress else True))
             for source, plate_file in bar:
                 try:
-                    image = read_image(source)
+                    image, profile = _read_with_rgb_profile(source)  # one decoding gives both
                 except BgmatteError as exc:  # one bad photo in a folder costs itself, not the batch
                     if len(pairs) == 1:
                         raise
@@ -1560,7 +1561,6 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                 # The photo's colours are in its profile's colour space: fgr holds them, com too unless it is over
                 # a target picture in another one.
                 tagged = {"fgr"} if target_bgr.kind == "image" else {"fgr", "com"}
-                profile = _rgb_profile(source) if tagged & set(wanted[source]) else None
                 if profile is not None and profile == picture_profile:
                     tagged.add("com")
                 for kind in wanted[source]:
@@ -1590,11 +1590,11 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
     return written
 
 
-def _rgb_profile(path: Path) -> bytes | None:
-    """The ICC profile embedded in an image file, if it describes RGB colours (a grey or CMYK one does not fit the
-    RGB pixels bgmatte reads and writes)."""
-    profile = icc_profile(path)
-    return profile if profile is not None and profile[16:20] == b"RGB " else None
+def _read_with_rgb_profile(path: Path) -> tuple[np.ndarray, bytes | None]:
+    """`read_image`'s pixels and, from the same decoding, the ICC profile embedded in the file if it describes RGB
+    colours (a grey or CMYK one does not fit the RGB pixels bgmatte reads and writes)."""
+    image, profile = read_image_and_profile(path)
+    return image, profile if profile is not None and profile[16:20] == b"RGB " else None
 
 
 def _matte_one(predictor: Predictor, image: np.ndarray, plate: np.ndarray, kinds: Sequence[str],

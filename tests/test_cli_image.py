@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -352,7 +354,10 @@ def test_a_decoder_s_own_warning_is_one_line_naming_the_file(photos, capfd, monk
     data = encoded.tobytes()
     table = data.index(b"\xff\xdb")
     (photos / "src" / "stray.jpg").write_bytes(data[:table] + b"\x00\x01\x02" + data[table:])
-    write_png(photos / "src" / "tagged.png", subject_frame(plate_image(seed=0), 3), icc_profile=b"\x00\x00\x00\x10short")
+    png = write_png(photos / "src" / "tagged.png", subject_frame(plate_image(seed=0), 3)).read_bytes()
+    body = b"ICC profile\x00\x00" + zlib.compress(b"\x00\x00\x00\x10short")  # libpng writes no such profile
+    chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
+    (photos / "src" / "tagged.png").write_bytes(png[:33] + chunk + png[33:])  # after the signature and IHDR
     code = main(["image", "src/stray.jpg", "src/tagged.png", "--bgr", "plate.png", "-o", "out", "-q"])
     err = capfd.readouterr().err
     assert code == 0, err

@@ -24,6 +24,7 @@ from bgmatte.io.images import (
     match_by_stem,
     natural_key,
     read_image,
+    read_image_and_profile,
     read_matte,
     write_png,
 )
@@ -363,33 +364,50 @@ def with_profile(path: Path, profile: bytes, chunk: int = 300) -> Path:
     return path
 
 
-def test_the_icc_profile_of_a_jpeg_png_webp_or_tiff_is_found_and_written_into_a_png(tmp_path):
+@pytest.mark.skipif(not hasattr(cv2, "imdecodeWithMetadata"), reason="an OpenCV that reads no metadata")
+def test_the_icc_profile_of_a_jpeg_png_or_webp_is_read_with_its_pixels_and_written_into_a_png(tmp_path, monkeypatch,
+                                                                                              caplog):
     # A photo in Display P3 or Adobe RGB lost its profile: its cutout was shown as sRGB, its colours duller.
     jpeg = save_with_cv2(tmp_path / "p3.jpg", rgb_pattern())
     pixels = read_image(jpeg)
-    assert (read_image(with_profile(jpeg, PROFILE)) == pixels).all()  # libjpeg skips the segments
-    assert icc_profile(jpeg) == PROFILE
+    decodings = []
+    decode = cv2.imdecodeWithMetadata
+    monkeypatch.setattr(cv2, "imdecodeWithMetadata", lambda *args: decodings.append(args) or decode(*args))
+    image, profile = read_image_and_profile(with_profile(jpeg, PROFILE))  # three APP2 segments, joined
+    assert profile == PROFILE and np.array_equal(image, pixels) and len(decodings) == 1  # one decoding for both
+    assert read_image_and_profile(jpeg, dtype="float32", channels=1)[0].dtype == np.float32
     png = write_png(tmp_path / "p3.png", rgb_pattern(), icc_profile=PROFILE)
     assert icc_profile(png) == PROFILE and read_image(png)[0, 0].tolist() == [200, 0, 0]
-    if hasattr(cv2, "imdecodeWithMetadata"):  # OpenCV 5 reads profiles: the chunk is as libpng wants it
-        _, kinds, metadata = cv2.imdecodeWithMetadata(np.fromfile(png, np.uint8), cv2.IMREAD_COLOR)
-        assert list(kinds) == [cv2.IMAGE_METADATA_ICCP] and bytes(np.asarray(metadata[0]).ravel()) == PROFILE
-        ok, webp = cv2.imencodeWithMetadata(".webp", np.zeros((4, 4, 3), np.uint8), [cv2.IMAGE_METADATA_ICCP],
-                                            [np.frombuffer(PROFILE, np.uint8)])
-        if ok and b"ICCP" in webp.tobytes():
-            (tmp_path / "p3.webp").write_bytes(webp.tobytes())
-            assert icc_profile(tmp_path / "p3.webp") == PROFILE
-    tiff = save_with_cv2(tmp_path / "plain.tif", rgb_pattern())
-    assert icc_profile(tiff) is None and icc_profile(save_with_cv2(tmp_path / "plain.jpg", rgb_pattern())) is None
-    assert icc_profile(write_png(tmp_path / "plain.png", rgb_pattern())) is None
+    ok, webp = cv2.imencodeWithMetadata(".webp", np.zeros((4, 4, 3), np.uint8), [cv2.IMAGE_METADATA_ICCP],
+                                        [np.frombuffer(PROFILE, np.uint8)])
+    if ok and b"ICCP" in webp.tobytes():
+        (tmp_path / "p3.webp").write_bytes(webp.tobytes())
+        assert icc_profile(tmp_path / "p3.webp") == PROFILE
+    # Untagged files give None, and write_png without a profile writes what imencode does.
+    plain = write_png(tmp_path / "plain.png", rgb_pattern())
+    assert plain.read_bytes() == cv2.imencode(".png", cv2.cvtColor(rgb_pattern(), cv2.COLOR_RGB2BGR))[1].tobytes()
+    assert icc_profile(plain) is None and icc_profile(save_with_cv2(tmp_path / "plain.jpg", rgb_pattern())) is None
+    # The pixel limit still holds before any decoding.
+    decodings.clear()
+    with pytest.raises(BgmatteError, match="decompression bomb"):
+        read_image_and_profile(bomb_png(tmp_path / "bomb.png", 20000, 20000))
+    assert decodings == []
+    # OpenCV does not read a TIFF's profile (tag 34675): such a photo is read, untagged.
     with_tag = tmp_path / "p3.tif"  # a little-endian TIFF whose first directory has tag 34675 (InterColorProfile)
-    pixels = bytes(rgb_pattern(2, 2).ravel())
+    stored = bytes(rgb_pattern(2, 2).ravel())
     entries = [(256, 3, 1, 2), (257, 3, 1, 2), (258, 3, 1, 8), (262, 3, 1, 2), (273, 4, 1, 8), (277, 3, 1, 3),
-               (278, 3, 1, 2), (279, 4, 1, len(pixels)), (34675, 7, len(PROFILE), 8 + len(pixels))]
+               (278, 3, 1, 2), (279, 4, 1, len(stored)), (34675, 7, len(PROFILE), 8 + len(stored))]
     directory = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries)
-    with_tag.write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(pixels) + len(PROFILE)) + pixels + PROFILE
+    with_tag.write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(stored) + len(PROFILE)) + stored + PROFILE
                          + directory + b"\x00" * 4)
-    assert icc_profile(with_tag) == PROFILE and read_image(with_tag).shape == (2, 2, 3)
+    image, profile = read_image_and_profile(with_tag)
+    assert image.shape == (2, 2, 3) and profile is None
+    # A profile libpng refuses leaves the PNG untagged, with one warning naming it.
+    caplog.set_level("DEBUG", "bgmatte")
+    short = write_png(tmp_path / "short.png", rgb_pattern(), icc_profile=b"\x00\x00\x00\x10short")
+    assert icc_profile(short) is None and np.array_equal(read_image(short), rgb_pattern())
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == [f"{short}: written without the photo's ICC profile, which libpng refuses as damaged"]
 
 
 def test_write_png_round_trips_rgb_rgba_grey_and_float(tmp_path):

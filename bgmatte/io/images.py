@@ -18,7 +18,6 @@ import struct
 import sys
 import tempfile
 import threading
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
@@ -216,8 +215,33 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int =
     (colour ones grey with channels=1), alpha is dropped, and 16-bit and float files are rounded to the nearest
     8-bit level, or keep their precision with dtype="float32"; float values past 0 and 1 (a Radiance HDR's) are
     clipped, and NaN or infinite ones refused. Mattes have their own reader, `read_matte`, which keeps an alpha
-    channel.
+    channel. `read_image_and_profile` gives the file's ICC colour profile too, from the same decoding.
     """
+    return _read_image(Path(path), dtype, channels, max_pixels, orient, profile=False)[0]
+
+
+def read_image_and_profile(path: str | os.PathLike, **options) -> tuple[np.ndarray, bytes | None]:
+    """`read_image`'s pixels (`options` are its own) and the ICC colour profile embedded in the file, or None: the
+    colour space the pixel values are in (Display P3, Adobe RGB), which the pixels alone do not say. Both come
+    from one decoding, by OpenCV's ``imdecodeWithMetadata``, after the same checks.
+
+    OpenCV reads the profile of a PNG (iCCP), a JPEG (its APP2 segments, joined when a large profile is split
+    over several) and a WebP (ICCP). It does not read a TIFF's (tag 34675) nor any other format's, so those give
+    None, as does an OpenCV without ``imdecodeWithMetadata`` (an older one) and a profile the decoder drops as
+    damaged."""
+    return _read_image(Path(path), profile=True, **options)
+
+
+def icc_profile(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> bytes | None:
+    """The ICC colour profile embedded in an image file, or None (`read_image_and_profile`, which says for which
+    formats). OpenCV reads metadata only while decoding, so this decodes the image: where its pixels are
+    wanted too, `read_image_and_profile` reads both at once."""
+    return read_image_and_profile(path, max_pixels=max_pixels, orient=False)[1]
+
+
+def _read_image(path: Path, dtype: str = "uint8", channels: int = 3, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                orient: bool = True, *, profile: bool) -> tuple[np.ndarray, bytes | None]:
+    """`read_image`'s pixels, and the file's ICC profile if `profile` is asked for (else None)."""
     if dtype not in ("uint8", "float32"):
         raise ValueError(f"dtype must be 'uint8' or 'float32', not {dtype!r}")
     if channels not in (1, 3):
@@ -225,7 +249,8 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int =
     # Decoded at the file's own depth, then scaled here: OpenCV's 8-bit decoding refuses 32-bit float TIFFs, casts
     # PFM floats to 0 and 1 and cuts 16-bit PNG levels instead of rounding them.
     flags = (cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE) | cv2.IMREAD_ANYDEPTH
-    image = _decode(Path(path), flags | (0 if orient else cv2.IMREAD_IGNORE_ORIENTATION), max_pixels)
+    image, found = _decode_with_profile(path, flags | (0 if orient else cv2.IMREAD_IGNORE_ORIENTATION), max_pixels,
+                                        profile=profile)
     if image.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
         raise BgmatteError(f"{path}: {image.dtype} pixels, which have no agreed scale (8- or 16-bit, or float "
                            "from 0 to 1, are read)")
@@ -234,9 +259,10 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int =
     if channels == 3:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB if image.ndim == 2 else cv2.COLOR_BGR2RGB)
     if dtype == "uint8":
-        return _to_8_bit(image)
+        return _to_8_bit(image), found
     scale = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else 1.0
-    return (image.astype(np.float32) / np.float32(scale)).clip(0.0, 1.0)  # a float file's too: HDR goes past 1
+    # A float file's values are clipped too: a Radiance HDR's go past 1.
+    return (image.astype(np.float32) / np.float32(scale)).clip(0.0, 1.0), found
 
 
 def _to_8_bit(image: np.ndarray) -> np.ndarray:
@@ -413,83 +439,6 @@ def _exif_orientation(block: bytes) -> int | None:
     return None
 
 
-_PROFILE_MAX = 1 << 24
-"""The largest ICC profile `icc_profile` takes (16 MB: real ones are a few kB, a device link a few MB)."""
-
-
-def icc_profile(path: str | os.PathLike) -> bytes | None:
-    """The ICC colour profile embedded in a JPEG (APP2 segments), PNG (iCCP), WebP (ICCP) or TIFF (tag 34675), or
-    None: the colour space the file's pixel values are in, which OpenCV ignores. One that is damaged is None too."""
-    data = _read_bytes(Path(path), "image")
-    try:
-        if data[:2] == b"\xff\xd8":
-            return _jpeg_profile(data)
-        if data[:8] == b"\x89PNG\r\n\x1a\n":
-            return _png_profile(data)
-        if _is_webp(data):
-            return _webp_profile(data)
-        if data[:4] in (b"II*\x00", b"MM\x00*"):
-            return _tiff_profile(data)
-    except (struct.error, IndexError, ValueError, zlib.error):
-        return None
-    return None
-
-
-def _jpeg_profile(data: bytes) -> bytes | None:
-    """The profile from a JPEG's APP2 "ICC_PROFILE" segments, joined in their sequence numbers' order."""
-    parts: dict[int, bytes] = {}
-    position = 2
-    while position + 4 <= len(data) and data[position] == 0xFF:
-        marker = data[position + 1]
-        if marker in (0xD9, 0xDA):  # the image's end, or its data: every segment is before them
-            break
-        (length,) = struct.unpack(">H", data[position + 2 : position + 4])
-        body = data[position + 4 : position + 2 + length]
-        if marker == 0xE2 and body[:12] == b"ICC_PROFILE\x00" and len(body) > 14:
-            parts[body[12]] = body[14:]
-        position += 2 + length
-    return b"".join(parts[index] for index in sorted(parts)) or None
-
-
-def _png_profile(data: bytes) -> bytes | None:
-    """The profile in a PNG's iCCP chunk (a name, a compression byte, then zlib data), which comes before IDAT."""
-    position = 8
-    while position + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[position : position + 4])
-        kind = data[position + 4 : position + 8]
-        if kind in (b"IDAT", b"IEND"):
-            break
-        if kind == b"iCCP":
-            body = data[position + 8 : position + 8 + length]
-            compressed = body[body.index(b"\x00") + 2 :]
-            return zlib.decompressobj().decompress(compressed, _PROFILE_MAX) or None
-        position += 12 + length
-    return None
-
-
-def _webp_profile(data: bytes) -> bytes | None:
-    """The profile in the ICCP chunk of an extended WebP file."""
-    position = 12
-    while position + 8 <= len(data):
-        kind, length = data[position : position + 4], struct.unpack("<I", data[position + 4 : position + 8])[0]
-        if kind == b"ICCP":
-            return data[position + 8 : position + 8 + length] or None
-        position += 8 + length + (length & 1)
-    return None
-
-
-def _tiff_profile(data: bytes) -> bytes | None:
-    """The profile in tag 34675 (InterColorProfile) of a classic TIFF's first directory."""
-    endian = "<" if data[:2] == b"II" else ">"
-    (offset,) = struct.unpack(endian + "I", data[4:8])
-    (count,) = struct.unpack(endian + "H", data[offset : offset + 2])
-    for index in range(count):
-        tag, _, length, place = struct.unpack(endian + "HHII", data[offset + 2 + 12 * index : offset + 14 + 12 * index])
-        if tag == 34675 and 4 < length <= _PROFILE_MAX:
-            return data[place : place + length] if place + length <= len(data) else None
-    return None
-
-
 def read_to_fit(path: str | os.PathLike, size: tuple[int, int] | None, **options) -> np.ndarray:
     """`read_image`'s pixels turned upright by the file's EXIF orientation, unless only the pixels as stored
     are `size` (width, height): then those. A photo and the matte drawn for it line up either way: a matte drawn
@@ -521,6 +470,13 @@ def _checked_header(path: Path, data: bytes, max_pixels: int | None) -> tuple[tu
 def _decode(path: Path, flags: int, max_pixels: int | None) -> np.ndarray:
     """The pixels OpenCV decodes from a file with `flags`, after the checks that need no decoding (the pixel
     limit, from the header, first); every failure is one line naming the file."""
+    return _decode_with_profile(path, flags, max_pixels, profile=False)[0]
+
+
+def _decode_with_profile(path: Path, flags: int, max_pixels: int | None, *,
+                         profile: bool) -> tuple[np.ndarray, bytes | None]:
+    """`_decode`'s pixels and, if `profile` is asked for, the ICC profile OpenCV finds while decoding them (None
+    if it finds none, or is not asked)."""
     data = _read_bytes(path, "image")
     size, kind = _checked_header(path, data, max_pixels)
     if kind == "PNG" and not _png_complete(data):
@@ -529,14 +485,25 @@ def _decode(path: Path, flags: int, max_pixels: int | None) -> np.ndarray:
     if size is None and max_pixels is not None:
         _refuse_unsized(path, kind)
     said: list[str] = []
+    found: list[bytes] = []
+    with_metadata = profile and hasattr(cv2, "imdecodeWithMetadata")  # not in older OpenCV versions
+
+    def decode(flags: int) -> np.ndarray | None:
+        if not with_metadata:
+            return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        image, kinds, metadata = cv2.imdecodeWithMetadata(np.frombuffer(data, np.uint8), flags)
+        found[:] = [np.asarray(block, np.uint8).tobytes() for kind, block in zip(kinds, metadata)
+                    if kind == cv2.IMAGE_METADATA_ICCP]
+        return image
+
     try:
         with _decoder_messages(said):
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+            image = decode(flags)
         colour_at_any_depth = flags >= 0 and flags & cv2.IMREAD_COLOR and flags & cv2.IMREAD_ANYDEPTH
         if image is None and kind == "TIFF" and colour_at_any_depth:
             # OpenCV decodes a one-channel float TIFF only in its own channel count; `read_image` makes it RGB.
             with _decoder_messages(said):
-                image = cv2.imdecode(np.frombuffer(data, np.uint8), (flags & ~cv2.IMREAD_COLOR) | cv2.IMREAD_ANYCOLOR)
+                image = decode((flags & ~cv2.IMREAD_COLOR) | cv2.IMREAD_ANYCOLOR)
     except cv2.error as exc:
         _pass_on(path, said, logging.DEBUG)  # the error line below says what went wrong; --debug shows these
         if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):
@@ -553,7 +520,7 @@ def _decode(path: Path, flags: int, max_pixels: int | None) -> np.ndarray:
         raise BgmatteError(f"{path}: not an image file OpenCV can read")
     if size is None:
         _check_pixels(path, (image.shape[1], image.shape[0]), max_pixels)
-    return image
+    return image, (found[0] or None) if found else None
 
 
 def _pass_on(path: Path, said: list[str], level: int) -> None:
@@ -660,21 +627,42 @@ def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> 
 def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False,
               icc_profile: bytes | None = None) -> Path:
     """Write an 8-bit PNG (grey, RGB or straight RGBA; uint8, or float in [0, 1]) to a temporary name, then rename
-    it. Float RGBA pixels whose alpha rounds to 0 are stored with colour 0. `icc_profile` (from `icc_profile`) is
-    stored in an iCCP chunk, so that viewers show the colours in the colour space they were taken in."""
+    it. Float RGBA pixels whose alpha rounds to 0 are stored with colour 0. `icc_profile` (from
+    `read_image_and_profile`) is stored in an iCCP chunk by OpenCV's ``imencodeWithMetadata``, so that viewers
+    show the colours in the colour space they were taken in; one that libpng refuses (damaged), or an older OpenCV
+    without that function, leaves the PNG untagged, with a warning. Without a profile the PNG is ``imencode``'s."""
     path = Path(path)
     refuse_existing(path, overwrite)
     pixels = _png_pixels(image)
-    ok, encoded = cv2.imencode(".png", pixels)
-    if not ok:
-        raise BgmatteError(f"{path}: PNG encoding failed")
-    data = encoded.tobytes()
-    if icc_profile:
-        body = b"ICC profile\x00\x00" + zlib.compress(icc_profile)  # a name, then compression method 0 (zlib)
-        chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
-        data = data[:33] + chunk + data[33:]  # after the signature (8 bytes) and IHDR (25), before any image data
-    write_through_temporary(path, lambda temporary: temporary.write_bytes(data), "the image")
+    encoded = _png_with_profile(path, pixels, icc_profile) if icc_profile else None
+    if encoded is None:
+        ok, encoded = cv2.imencode(".png", pixels)
+        if not ok:
+            raise BgmatteError(f"{path}: PNG encoding failed")
+    write_through_temporary(path, lambda temporary: temporary.write_bytes(encoded.tobytes()), "the image")
     return path
+
+
+def _png_with_profile(path: Path, pixels: np.ndarray, profile: bytes) -> np.ndarray | None:
+    """The PNG encoding of `pixels` with `profile` in its iCCP chunk, or None (after a warning) where it cannot be
+    stored."""
+    if not hasattr(cv2, "imencodeWithMetadata"):
+        logger.warning("%s: written without the photo's ICC profile (OpenCV %s cannot store one)", path,
+                       cv2.__version__)
+        return None
+    said: list[str] = []
+    try:
+        with _decoder_messages(said):  # libpng's "ICC profile too short" and OpenCV's error line go there
+            ok, encoded = cv2.imencodeWithMetadata(".png", pixels, [cv2.IMAGE_METADATA_ICCP],
+                                                   [np.frombuffer(profile, np.uint8)])
+    except cv2.error:
+        ok = False
+    if ok:
+        _pass_on(path, said, logging.WARNING)
+        return encoded
+    _pass_on(path, said, logging.DEBUG)
+    logger.warning("%s: written without the photo's ICC profile, which libpng refuses as damaged", path)
+    return None
 
 
 def _png_pixels(image: np.ndarray) -> np.ndarray:
