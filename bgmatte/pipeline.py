@@ -59,6 +59,7 @@ from bgmatte.io.images import (
     match_by_stem,
     megapixels,
     read_image,
+    read_image_and_profile,
     write_png,
 )
 from bgmatte.io.video import (
@@ -1521,6 +1522,10 @@ def matte_images(
         skip_existing: leave existing outputs as they are and write only the missing ones (an image whose
             outputs all exist is not matted again): to finish a run that was stopped, or that met a bad file.
 
+    A photo's RGB ICC profile is stored in its ``fgr`` and ``com`` PNGs, so that they show its colours, except in
+    a composite over a target image of another profile (or of none). OpenCV reads it, with the pixels, from a
+    JPEG, PNG or WebP photo; a TIFF's profile is not read, so its outputs are untagged.
+
     Returns each output's written files. Existing files are refused before any work, unless `overwrite` or
     `skip_existing`; an output that would replace one of the input images (a photo, a plate or the target)
     always is. A source image that cannot be read, or whose plate from a folder cannot, is left out and the others
@@ -1603,7 +1608,8 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
     predictor: Predictor | None = None
     cached_plate: tuple[Path, np.ndarray] | None = None  # one plate file for many images is read once
     # An image target is read once too, and scaled again only when the size changes.
-    picture = read_image(target_bgr.path) if target_bgr.kind == "image" else None
+    picture, picture_profile = (_read_with_rgb_profile(target_bgr.path) if target_bgr.kind == "image"
+                                else (None, None))
     backdrop: tuple[tuple[int, int], Tensor | None] | None = None  # at the last size: photos mostly share one
     kinds = [kind for kind in OUTPUT_KINDS if any(kind in needed for needed in wanted.values())]
     written: dict[str, list[Path]] = {kind: [] for kind in kinds}
@@ -1625,7 +1631,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                                            disable=None if progress else True))
             for source, plate_file in bar:
                 try:
-                    image = read_image(source)
+                    image, profile = _read_with_rgb_profile(source)  # one decoding gives both
                 except BgmatteError as exc:  # one bad photo in a folder costs itself, not the batch
                     if len(pairs) == 1:
                         raise
@@ -1669,9 +1675,15 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                         "scale it down, or try a smaller --backbone-scale or --refine-sample-pixels, or another "
                         "--device"
                     ) from None
+                # The photo's colours are in its profile's colour space: fgr holds them, com too unless it is over
+                # a target picture in another one.
+                tagged = {"fgr"} if target_bgr.kind == "image" else {"fgr", "com"}
+                if profile is not None and profile == picture_profile:
+                    tagged.add("com")
                 for kind in wanted[source]:
                     path = folder / kind / f"{source.stem}.png"
-                    pending.append((kind, pool.submit(write_png, path, frames[kind][0], overwrite=overwrite)))
+                    pending.append((kind, pool.submit(write_png, path, frames[kind][0], overwrite=overwrite,
+                                                      icc_profile=profile if kind in tagged else None)))
                 collect(8)  # a few images may wait for their PNG encoding; not the whole folder
             collect(0)
             if unreadable:
@@ -1693,6 +1705,13 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                 stop.written = written
             raise
     return written
+
+
+def _read_with_rgb_profile(path: Path) -> tuple[np.ndarray, bytes | None]:
+    """`read_image`'s pixels and, from the same decoding, the ICC profile embedded in the file if it describes RGB
+    colours (a grey or CMYK one does not fit the RGB pixels bgmatte reads and writes)."""
+    image, profile = read_image_and_profile(path)
+    return image, profile if profile is not None and profile[16:20] == b"RGB " else None
 
 
 def _matte_one(predictor: Predictor, image: np.ndarray, plate: np.ndarray, kinds: Sequence[str],

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -296,13 +298,73 @@ def test_files_of_a_folder_that_are_not_read_as_images_are_named(photos, capsys,
 
 
 def test_a_tiff_opencv_cannot_read_is_one_line_without_opencv_s_own_warning(tmp_path, capfd):
-    """OpenCV wrote its own '[ WARN:0@...] grfmt_tiff.cpp' line to the terminal before the error."""
+    """OpenCV wrote its own '[ WARN:0@...] grfmt_tiff.cpp' line to the terminal before the error (a float RGBA
+    TIFF: OpenCV reads float TIFFs of one and three channels only)."""
     picture = tmp_path / "scan.tif"
-    assert cv2.imwrite(str(picture), np.random.default_rng(0).random((8, 8, 3)).astype(np.float32))
+    assert cv2.imwrite(str(picture), np.random.default_rng(0).random((8, 8, 4)).astype(np.float32))
     assert main(["image", str(picture), "--bgr", str(picture), "-o", str(tmp_path / "out"), "-q"]) == 2
     err = capfd.readouterr().err
     assert err == f"bgmatte image: error: {picture}: cannot decode this TIFF file (damaged, truncated, or a variant " \
                   "OpenCV does not read)\n"
+
+
+def test_a_float_tiff_photo_and_plate_are_matted(photos, capsys, monkeypatch):
+    """A 32-bit float TIFF (as raw developers export) was refused as 'damaged, truncated, or a variant OpenCV does
+    not read': 8-bit decoding does not take float TIFFs."""
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    plate = plate_image(seed=0)
+    for name, image in (("shot.tif", subject_frame(plate, 2)), ("plate.tif", plate)):
+        assert cv2.imwrite(name, cv2.cvtColor(image, cv2.COLOR_RGB2BGR).astype(np.float32) / 255)
+    code, _, err = run(capsys, "image", "shot.tif", "--bgr", "plate.tif", "-o", "out", "--outputs", "fgr", "-q")
+    assert code == 0, err
+    fgr = cv2.cvtColor(cv2.imread("out/fgr/shot.png"), cv2.COLOR_BGR2RGB)
+    assert np.abs(fgr[subject_box(2)].astype(int) - subject_frame(plate, 2)[subject_box(2)]).max() <= 1
+
+
+def test_the_photo_s_colour_profile_is_kept_in_its_cutout_and_foreground(photos, capsys, monkeypatch):
+    """A photo in Display P3 (every recent phone's) or Adobe RGB had its cutout written without its ICC profile,
+    so viewers showed its colours as sRGB ones: duller. The matte (data) and a composite over a target image of
+    another profile stay untagged."""
+    from test_io_images import fake_profile, with_profile
+
+    from bgmatte.io.images import icc_profile
+
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    profile = fake_profile()
+    shot = photos / "shot.jpg"
+    assert cv2.imwrite(str(shot), cv2.cvtColor(subject_frame(plate_image(seed=0), 2), cv2.COLOR_RGB2BGR))
+    with_profile(shot, profile)
+    code, _, err = run(capsys, "image", "shot.jpg", "--bgr", "plate.png", "-o", "out", "--outputs", "com", "fgr",
+                       "pha", "-q")
+    assert code == 0, err
+    assert icc_profile("out/com/shot.png") == profile and icc_profile("out/fgr/shot.png") == profile
+    assert icc_profile("out/pha/shot.png") is None
+    code, _, err = run(capsys, "image", "shot.jpg", "--bgr", "plate.png", "-o", "over", "--target-bgr", "plate.png",
+                       "-q")
+    assert code == 0, err
+    assert icc_profile("over/com/shot.png") is None  # plate.png has no profile: its colours are sRGB ones
+
+
+def test_a_decoder_s_own_warning_is_one_line_naming_the_file(photos, capfd, monkeypatch):
+    """libjpeg and libpng print their warnings on stderr themselves, naming no file: 'Corrupt JPEG data: 3 extraneous
+    bytes before marker 0xdb', 'libpng warning: iCCP: too short' (once per file of a folder: which?). The image is
+    read all the same; the warning is bgmatte's one line, with the file's name."""
+    monkeypatch.setattr(pipeline, "load_predictor", lambda *args, **kw: Predictor(DifferenceModel()))
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(subject_frame(plate_image(seed=0), 2), cv2.COLOR_RGB2BGR))
+    data = encoded.tobytes()
+    table = data.index(b"\xff\xdb")
+    (photos / "src" / "stray.jpg").write_bytes(data[:table] + b"\x00\x01\x02" + data[table:])
+    png = write_png(photos / "src" / "tagged.png", subject_frame(plate_image(seed=0), 3)).read_bytes()
+    body = b"ICC profile\x00\x00" + zlib.compress(b"\x00\x00\x00\x10short")  # libpng writes no such profile
+    chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
+    (photos / "src" / "tagged.png").write_bytes(png[:33] + chunk + png[33:])  # after the signature and IHDR
+    code = main(["image", "src/stray.jpg", "src/tagged.png", "--bgr", "plate.png", "-o", "out", "-q"])
+    err = capfd.readouterr().err
+    assert code == 0, err
+    assert err.splitlines() == [
+        "bgmatte image: warning: src/stray.jpg: Corrupt JPEG data: 3 extraneous bytes before marker 0xdb",
+        "bgmatte image: warning: src/tagged.png: libpng warning: iCCP: too short",
+    ]
 
 
 @pytest.mark.parametrize("suffix", [".bmp", ".gif", ".ppm"])

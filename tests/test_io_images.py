@@ -18,11 +18,13 @@ from bgmatte.io.images import (
     DEFAULT_MAX_PIXELS,
     exif_orientation,
     header_size,
+    icc_profile,
     image_header_size,
     list_images,
     match_by_stem,
     natural_key,
     read_image,
+    read_image_and_profile,
     read_matte,
     write_png,
 )
@@ -79,6 +81,35 @@ def test_sixteen_bit_png_keeps_precision_as_float(tmp_path):
     cv2.imwrite(str(tmp_path / "deep.png"), deep)
     assert read_image(tmp_path / "deep.png", dtype="float32")[0, 0, 0] == pytest.approx(1000 / 65535, abs=1e-6)
     assert read_image(tmp_path / "deep.png").dtype == np.uint8
+
+
+def test_float_and_sixteen_bit_files_are_scaled_to_8_bit(tmp_path):
+    # A 32-bit float TIFF (what raw developers and HDR tools export) was refused as damaged, and a PFM was read
+    # as 0 and 1 (black): OpenCV's 8-bit decoding does not scale floats. 16-bit PNG levels were cut, not rounded.
+    rgb = np.array([[[0.8, 0.4, 0.04], [1.0, 0.0, 0.5]]], np.float32).repeat(3, axis=0)
+    expected = np.rint(rgb * 255).astype(np.uint8)
+    for name in ("float.tif", "float.pfm"):
+        assert cv2.imwrite(str(tmp_path / name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)), name
+        assert read_image(tmp_path / name).tolist() == expected.tolist(), name
+        assert read_image(tmp_path / name, dtype="float32") == pytest.approx(rgb, abs=1e-6), name
+    cv2.imwrite(str(tmp_path / "grey.tif"), np.full((3, 4), 0.5, np.float32))
+    assert read_image(tmp_path / "grey.tif", channels=1).tolist() == [[128] * 4] * 3
+    assert read_image(tmp_path / "grey.tif").tolist() == [[[128] * 3] * 4] * 3
+    levels = np.array([[0x00FF, 0x01C0, 0xFF00, 0xFFFF]], np.uint16)  # 0.99, 1.74, 254.01 and 255 of 255
+    cv2.imwrite(str(tmp_path / "deep.png"), np.dstack([levels] * 3))
+    assert read_image(tmp_path / "deep.png")[0, :, 0].tolist() == [1, 2, 254, 255]  # the nearest (was 0, 1, 255)
+
+
+def test_float_files_are_held_to_0_to_1_and_nan_is_refused(tmp_path):
+    # read_image promises floats in [0, 1]: a float file's 1.5 and -0.25 came back as they were, and a NaN
+    # (which poisons a training run's loss) as NaN, or as 255 in 8 bits.
+    cv2.imwrite(str(tmp_path / "over.tif"), np.array([[1.5, -0.25, 0.5]], np.float32))
+    assert read_image(tmp_path / "over.tif", dtype="float32", channels=1).tolist() == [[1.0, 0.0, 0.5]]
+    assert read_image(tmp_path / "over.tif", channels=1).tolist() == [[255, 0, 128]]
+    cv2.imwrite(str(tmp_path / "nan.tif"), np.array([[0.5, np.nan, np.inf]], np.float32))
+    for dtype in ("uint8", "float32"):
+        with pytest.raises(BgmatteError, match=r"nan.tif: a float image holding NaN or infinite values$"):
+            read_image(tmp_path / "nan.tif", dtype=dtype)
 
 
 def test_grey_and_rgba_files_become_rgb(tmp_path):
@@ -308,6 +339,75 @@ def test_missing_and_unreadable_files_are_one_line_errors(tmp_path):
     assert "\n" not in str(caught.value)
     with pytest.raises(BgmatteError, match="is a folder"):
         read_image(tmp_path)
+
+
+def fake_profile(space: bytes = b"RGB ", size: int = 700) -> bytes:
+    """An ICC profile that libpng accepts: a header (size, class, colour space, 'acsp', the D50 white) and one tag,
+    the white point, then padding to `size` bytes."""
+    header = (struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x04300000) + b"mntr" + space + b"XYZ "
+              + bytes(12) + b"acsp" + bytes(24) + struct.pack(">I", 0) + struct.pack(">III", 0xF6D6, 0x10000, 0xD32D))
+    header += bytes(128 - len(header))
+    tags = struct.pack(">I4sII", 1, b"wtpt", 144, 20) + b"XYZ " + bytes(4) + struct.pack(">III", 0xF6D6, 0x10000, 0xD32D)
+    return header + tags + bytes(np.random.default_rng(0).integers(0, 256, size - 128 - len(tags), np.uint8))
+
+
+PROFILE = fake_profile()
+
+
+def with_profile(path: Path, profile: bytes, chunk: int = 300) -> Path:
+    """Give a JPEG an ICC profile, split over APP2 segments of `chunk` bytes as large profiles are."""
+    parts = [profile[start : start + chunk] for start in range(0, len(profile), chunk)]
+    segments = b"".join(b"\xff\xe2" + struct.pack(">H", len(part) + 16) + b"ICC_PROFILE\x00" + bytes([index + 1, len(parts)])
+                        + part for index, part in enumerate(parts))
+    data = path.read_bytes()
+    path.write_bytes(data[:2] + segments + data[2:])
+    return path
+
+
+@pytest.mark.skipif(not hasattr(cv2, "imdecodeWithMetadata"), reason="an OpenCV that reads no metadata")
+def test_the_icc_profile_of_a_jpeg_png_or_webp_is_read_with_its_pixels_and_written_into_a_png(tmp_path, monkeypatch,
+                                                                                              caplog):
+    # A photo in Display P3 or Adobe RGB lost its profile: its cutout was shown as sRGB, its colours duller.
+    jpeg = save_with_cv2(tmp_path / "p3.jpg", rgb_pattern())
+    pixels = read_image(jpeg)
+    decodings = []
+    decode = cv2.imdecodeWithMetadata
+    monkeypatch.setattr(cv2, "imdecodeWithMetadata", lambda *args: decodings.append(args) or decode(*args))
+    image, profile = read_image_and_profile(with_profile(jpeg, PROFILE))  # three APP2 segments, joined
+    assert profile == PROFILE and np.array_equal(image, pixels) and len(decodings) == 1  # one decoding for both
+    assert read_image_and_profile(jpeg, dtype="float32", channels=1)[0].dtype == np.float32
+    png = write_png(tmp_path / "p3.png", rgb_pattern(), icc_profile=PROFILE)
+    assert icc_profile(png) == PROFILE and read_image(png)[0, 0].tolist() == [200, 0, 0]
+    ok, webp = cv2.imencodeWithMetadata(".webp", np.zeros((4, 4, 3), np.uint8), [cv2.IMAGE_METADATA_ICCP],
+                                        [np.frombuffer(PROFILE, np.uint8)])
+    if ok and b"ICCP" in webp.tobytes():
+        (tmp_path / "p3.webp").write_bytes(webp.tobytes())
+        assert icc_profile(tmp_path / "p3.webp") == PROFILE
+    # Untagged files give None, and write_png without a profile writes what imencode does.
+    plain = write_png(tmp_path / "plain.png", rgb_pattern())
+    assert plain.read_bytes() == cv2.imencode(".png", cv2.cvtColor(rgb_pattern(), cv2.COLOR_RGB2BGR))[1].tobytes()
+    assert icc_profile(plain) is None and icc_profile(save_with_cv2(tmp_path / "plain.jpg", rgb_pattern())) is None
+    # The pixel limit still holds before any decoding.
+    decodings.clear()
+    with pytest.raises(BgmatteError, match="decompression bomb"):
+        read_image_and_profile(bomb_png(tmp_path / "bomb.png", 20000, 20000))
+    assert decodings == []
+    # OpenCV does not read a TIFF's profile (tag 34675): such a photo is read, untagged.
+    with_tag = tmp_path / "p3.tif"  # a little-endian TIFF whose first directory has tag 34675 (InterColorProfile)
+    stored = bytes(rgb_pattern(2, 2).ravel())
+    entries = [(256, 3, 1, 2), (257, 3, 1, 2), (258, 3, 1, 8), (262, 3, 1, 2), (273, 4, 1, 8), (277, 3, 1, 3),
+               (278, 3, 1, 2), (279, 4, 1, len(stored)), (34675, 7, len(PROFILE), 8 + len(stored))]
+    directory = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries)
+    with_tag.write_bytes(b"II*\x00" + struct.pack("<I", 8 + len(stored) + len(PROFILE)) + stored + PROFILE
+                         + directory + b"\x00" * 4)
+    image, profile = read_image_and_profile(with_tag)
+    assert image.shape == (2, 2, 3) and profile is None
+    # A profile libpng refuses leaves the PNG untagged, with one warning naming it.
+    caplog.set_level("DEBUG", "bgmatte")
+    short = write_png(tmp_path / "short.png", rgb_pattern(), icc_profile=b"\x00\x00\x00\x10short")
+    assert icc_profile(short) is None and np.array_equal(read_image(short), rgb_pattern())
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == [f"{short}: written without the photo's ICC profile, which libpng refuses as damaged"]
 
 
 def test_write_png_round_trips_rgb_rgba_grey_and_float(tmp_path):

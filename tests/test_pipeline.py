@@ -1042,8 +1042,10 @@ def test_matte_images_reads_an_image_target_once_and_scales_it_when_the_size_cha
     write_png(sources / "b.png", subject_frame(plate, 3))
     write_png(sources / "c.png", subject_frame(big, 4))
     reads, covers = [], []
-    read_image, cover = pipeline.read_image, pipeline.cover
+    read_image, with_profile, cover = pipeline.read_image, pipeline.read_image_and_profile, pipeline.cover
     monkeypatch.setattr(pipeline, "read_image", lambda path: reads.append(Path(path).name) or read_image(path))
+    monkeypatch.setattr(pipeline, "read_image_and_profile",
+                        lambda path: reads.append(Path(path).name) or with_profile(path))
     monkeypatch.setattr(pipeline, "cover", lambda image, *size: covers.append(size) or cover(image, *size))
     together = matte_images(sources, plate_file, output_dir=tmp_path / "out", outputs=["com"], target_bgr=str(target),
                             model=DifferenceModel(), progress=False)

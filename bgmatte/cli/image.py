@@ -21,6 +21,8 @@ Matte still images shot against a plate. Writes OUT/com/NAME.png (an RGBA cutout
   bgmatte image --images-src DIR --images-bgr DIR --output-dir OUT --output-types com pha   (the reference's)
 
 --bgr is one plate for every image, or a folder of plates matched to the images by file name.
+A JPEG, PNG or WebP photo's ICC colour profile (Display P3, Adobe RGB) is kept in its fgr and com PNGs,
+except in a composite over a --target-bgr image of another profile; a TIFF's is not read (untagged outputs).
 Existing outputs are refused unless --overwrite (or -y), or kept with --skip-existing, which writes only
 the missing ones: to finish a run stopped by Ctrl-C. An image that cannot be read, or whose plate from a
 folder cannot, is left out, the others are matted, and the exit status is non-zero: the files written are

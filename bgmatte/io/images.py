@@ -11,10 +11,15 @@ bgmatte leaves alone: it is the whole process's, the caller's own ``cv2.imread``
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import struct
-from collections.abc import Iterable, Sequence
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
@@ -23,6 +28,8 @@ import numpy as np
 
 from bgmatte.errors import BgmatteError
 from bgmatte.io.files import refuse_existing, write_through_temporary
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                               ".pbm", ".pgm", ".ppm", ".pnm"})
@@ -204,22 +211,68 @@ def read_image(path: str | os.PathLike, *, dtype: str = "uint8", channels: int =
     refuse files above `max_pixels`, and while it is set, files whose size the header does not give.
 
     EXIF orientation is applied unless `orient` is False (pixels as stored: for data that must line up pixel
-    for pixel with other files; `read_to_fit` picks for a photo and its matte), grey images become three channels (colour ones
-    grey with channels=1), alpha is dropped, and with dtype="float32" 16-bit files keep their precision. Mattes
-    have their own reader, `read_matte`, which keeps an alpha channel.
+    for pixel with other files; `read_to_fit` picks for a photo and its matte), grey images become three channels
+    (colour ones grey with channels=1), alpha is dropped, and 16-bit and float files are rounded to the nearest
+    8-bit level, or keep their precision with dtype="float32"; float values past 0 and 1 (a Radiance HDR's) are
+    clipped, and NaN or infinite ones refused. Mattes have their own reader, `read_matte`, which keeps an alpha
+    channel. `read_image_and_profile` gives the file's ICC colour profile too, from the same decoding.
     """
+    return _read_image(Path(path), dtype, channels, max_pixels, orient, profile=False)[0]
+
+
+def read_image_and_profile(path: str | os.PathLike, **options) -> tuple[np.ndarray, bytes | None]:
+    """`read_image`'s pixels (`options` are its own) and the ICC colour profile embedded in the file, or None: the
+    colour space the pixel values are in (Display P3, Adobe RGB), which the pixels alone do not say. Both come
+    from one decoding, by OpenCV's ``imdecodeWithMetadata``, after the same checks.
+
+    OpenCV reads the profile of a PNG (iCCP), a JPEG (its APP2 segments, joined when a large profile is split
+    over several) and a WebP (ICCP). It does not read a TIFF's (tag 34675) nor any other format's, so those give
+    None, as does an OpenCV without ``imdecodeWithMetadata`` (an older one) and a profile the decoder drops as
+    damaged."""
+    return _read_image(Path(path), profile=True, **options)
+
+
+def icc_profile(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> bytes | None:
+    """The ICC colour profile embedded in an image file, or None (`read_image_and_profile`, which says for which
+    formats). OpenCV reads metadata only while decoding, so this decodes the image: where its pixels are
+    wanted too, `read_image_and_profile` reads both at once."""
+    return read_image_and_profile(path, max_pixels=max_pixels, orient=False)[1]
+
+
+def _read_image(path: Path, dtype: str = "uint8", channels: int = 3, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                orient: bool = True, *, profile: bool) -> tuple[np.ndarray, bytes | None]:
+    """`read_image`'s pixels, and the file's ICC profile if `profile` is asked for (else None)."""
     if dtype not in ("uint8", "float32"):
         raise ValueError(f"dtype must be 'uint8' or 'float32', not {dtype!r}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, not {channels}")
-    flags = (cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE) | (cv2.IMREAD_ANYDEPTH if dtype == "float32" else 0)
-    image = _decode(Path(path), flags | (0 if orient else cv2.IMREAD_IGNORE_ORIENTATION), max_pixels)
+    # Decoded at the file's own depth, then scaled here: OpenCV's 8-bit decoding refuses 32-bit float TIFFs, casts
+    # PFM floats to 0 and 1 and cuts 16-bit PNG levels instead of rounding them.
+    flags = (cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE) | cv2.IMREAD_ANYDEPTH
+    image, found = _decode_with_profile(path, flags | (0 if orient else cv2.IMREAD_IGNORE_ORIENTATION), max_pixels,
+                                        profile=profile)
+    if image.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+        raise BgmatteError(f"{path}: {image.dtype} pixels, which have no agreed scale (8- or 16-bit, or float "
+                           "from 0 to 1, are read)")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():  # NaN would reach the model (or a loss) as it is
+        raise BgmatteError(f"{path}: a float image holding NaN or infinite values")
     if channels == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB if image.ndim == 2 else cv2.COLOR_BGR2RGB)
     if dtype == "uint8":
-        return image
+        return _to_8_bit(image), found
     scale = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else 1.0
-    return (image.astype(np.float32) / scale).clip(0.0, 1.0) if scale != 1.0 else image.astype(np.float32)
+    # A float file's values are clipped too: a Radiance HDR's go past 1.
+    return (image.astype(np.float32) / np.float32(scale)).clip(0.0, 1.0), found
+
+
+def _to_8_bit(image: np.ndarray) -> np.ndarray:
+    """Decoded pixels as uint8, each level the nearest: 16-bit ones divided by 257, floats (0 to 1) times 255 and
+    clipped (a Radiance HDR's brighter values included, as OpenCV's own 8-bit decoding clips them)."""
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        return cv2.convertScaleAbs(image, alpha=1 / 257)  # no level is halfway between two 8-bit ones
+    return cv2.convertScaleAbs(cv2.max(image.astype(np.float32, copy=False), 0.0), alpha=255.0)
 
 
 def read_as_stored(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -417,6 +470,13 @@ def _checked_header(path: Path, data: bytes, max_pixels: int | None) -> tuple[tu
 def _decode(path: Path, flags: int, max_pixels: int | None) -> np.ndarray:
     """The pixels OpenCV decodes from a file with `flags`, after the checks that need no decoding (the pixel
     limit, from the header, first); every failure is one line naming the file."""
+    return _decode_with_profile(path, flags, max_pixels, profile=False)[0]
+
+
+def _decode_with_profile(path: Path, flags: int, max_pixels: int | None, *,
+                         profile: bool) -> tuple[np.ndarray, bytes | None]:
+    """`_decode`'s pixels and, if `profile` is asked for, the ICC profile OpenCV finds while decoding them (None
+    if it finds none, or is not asked)."""
     data = _read_bytes(path, "image")
     size, kind = _checked_header(path, data, max_pixels)
     if kind == "PNG" and not _png_complete(data):
@@ -424,13 +484,33 @@ def _decode(path: Path, flags: int, max_pixels: int | None) -> np.ndarray:
         raise BgmatteError(f"{path}: damaged or truncated PNG")
     if size is None and max_pixels is not None:
         _refuse_unsized(path, kind)
+    said: list[str] = []
+    found: list[bytes] = []
+    with_metadata = profile and hasattr(cv2, "imdecodeWithMetadata")  # not in older OpenCV versions
+
+    def decode(flags: int) -> np.ndarray | None:
+        if not with_metadata:
+            return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        image, kinds, metadata = cv2.imdecodeWithMetadata(np.frombuffer(data, np.uint8), flags)
+        found[:] = [np.asarray(block, np.uint8).tobytes() for kind, block in zip(kinds, metadata)
+                    if kind == cv2.IMAGE_METADATA_ICCP]
+        return image
+
     try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        with _decoder_messages(said):
+            image = decode(flags)
+        colour_at_any_depth = flags >= 0 and flags & cv2.IMREAD_COLOR and flags & cv2.IMREAD_ANYDEPTH
+        if image is None and kind == "TIFF" and colour_at_any_depth:
+            # OpenCV decodes a one-channel float TIFF only in its own channel count; `read_image` makes it RGB.
+            with _decoder_messages(said):
+                image = decode((flags & ~cv2.IMREAD_COLOR) | cv2.IMREAD_ANYCOLOR)
     except cv2.error as exc:
+        _pass_on(path, said, logging.DEBUG)  # the error line below says what went wrong; --debug shows these
         if "CV_IO_MAX_IMAGE_PIXELS" in str(exc):
             raise BgmatteError(f"{path}: larger than {_opencv_pixel_limit()}, the limit for images "
                                "(refused as a possible decompression bomb)") from None
         raise BgmatteError(f"{path}: cannot decode this image ({str(exc).strip().splitlines()[-1]})") from None
+    _pass_on(path, said, logging.DEBUG if image is None else logging.WARNING)  # read: warnings about this file
     if image is None:
         if kind in ("PNG", "JPEG"):  # OpenCV's decoders for these read every ordinary file
             raise BgmatteError(f"{path}: damaged or truncated {kind}")
@@ -440,7 +520,43 @@ def _decode(path: Path, flags: int, max_pixels: int | None) -> np.ndarray:
         raise BgmatteError(f"{path}: not an image file OpenCV can read")
     if size is None:
         _check_pixels(path, (image.shape[1], image.shape[0]), max_pixels)
-    return image
+    return image, (found[0] or None) if found else None
+
+
+def _pass_on(path: Path, said: list[str], level: int) -> None:
+    """Log each distinct line a decoder printed (`_decoder_messages`) once, naming the file."""
+    for line in dict.fromkeys(said):
+        logger.log(level, "%s: %s", path, line)
+
+
+_STDERR = threading.Lock()
+
+
+@contextmanager
+def _decoder_messages(said: list[str]) -> Iterator[None]:
+    """Add to `said` the lines C code prints on stderr (file descriptor 2) meanwhile: libjpeg's and libpng's
+    warnings ('Corrupt JPEG data: ...', 'libpng warning: iCCP: ...') go there unasked and name no file. Other
+    threads' stderr output in those few milliseconds is held too; where fd 2 cannot be copied, nothing is held."""
+    with _STDERR:
+        try:
+            saved = os.dup(2)
+        except OSError:
+            yield
+            return
+        try:
+            with tempfile.TemporaryFile() as sink:
+                if sys.stderr is not None:
+                    sys.stderr.flush()
+                os.dup2(sink.fileno(), 2)
+                try:
+                    yield
+                finally:
+                    os.dup2(saved, 2)
+                    sink.seek(0)
+                    said.extend(line.strip() for line in sink.read().decode(errors="replace").splitlines()
+                                if line.strip())
+        finally:
+            os.close(saved)
 
 
 def _refuse_unsized(path: Path, kind: str | None) -> None:
@@ -508,17 +624,45 @@ def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> 
         raise BgmatteError(f"{path}: the image is empty ({width}x{height})")
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False) -> Path:
+def write_png(path: str | os.PathLike, image: np.ndarray, *, overwrite: bool = False,
+              icc_profile: bytes | None = None) -> Path:
     """Write an 8-bit PNG (grey, RGB or straight RGBA; uint8, or float in [0, 1]) to a temporary name, then rename
-    it. Float RGBA pixels whose alpha rounds to 0 are stored with colour 0."""
+    it. Float RGBA pixels whose alpha rounds to 0 are stored with colour 0. `icc_profile` (from
+    `read_image_and_profile`) is stored in an iCCP chunk by OpenCV's ``imencodeWithMetadata``, so that viewers
+    show the colours in the colour space they were taken in; one that libpng refuses (damaged), or an older OpenCV
+    without that function, leaves the PNG untagged, with a warning. Without a profile the PNG is ``imencode``'s."""
     path = Path(path)
     refuse_existing(path, overwrite)
     pixels = _png_pixels(image)
-    ok, encoded = cv2.imencode(".png", pixels)
-    if not ok:
-        raise BgmatteError(f"{path}: PNG encoding failed")
+    encoded = _png_with_profile(path, pixels, icc_profile) if icc_profile else None
+    if encoded is None:
+        ok, encoded = cv2.imencode(".png", pixels)
+        if not ok:
+            raise BgmatteError(f"{path}: PNG encoding failed")
     write_through_temporary(path, lambda temporary: temporary.write_bytes(encoded.tobytes()), "the image")
     return path
+
+
+def _png_with_profile(path: Path, pixels: np.ndarray, profile: bytes) -> np.ndarray | None:
+    """The PNG encoding of `pixels` with `profile` in its iCCP chunk, or None (after a warning) where it cannot be
+    stored."""
+    if not hasattr(cv2, "imencodeWithMetadata"):
+        logger.warning("%s: written without the photo's ICC profile (OpenCV %s cannot store one)", path,
+                       cv2.__version__)
+        return None
+    said: list[str] = []
+    try:
+        with _decoder_messages(said):  # libpng's "ICC profile too short" and OpenCV's error line go there
+            ok, encoded = cv2.imencodeWithMetadata(".png", pixels, [cv2.IMAGE_METADATA_ICCP],
+                                                   [np.frombuffer(profile, np.uint8)])
+    except cv2.error:
+        ok = False
+    if ok:
+        _pass_on(path, said, logging.WARNING)
+        return encoded
+    _pass_on(path, said, logging.DEBUG)
+    logger.warning("%s: written without the photo's ICC profile, which libpng refuses as damaged", path)
+    return None
 
 
 def _png_pixels(image: np.ndarray) -> np.ndarray:
