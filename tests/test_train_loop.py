@@ -229,6 +229,67 @@ def test_a_skipped_batch_leaves_the_batch_norm_statistics_as_they_were(tmp_path,
         torch.testing.assert_close(skipped[key], plain[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+class _Killed(BaseException):
+    """Stands in for a kill -9: nothing after it runs, and no handler of the loop catches it."""
+
+
+def test_a_resume_after_a_crash_between_a_better_best_and_the_state_keeps_that_best(tmp_path, monkeypatch):
+    # A validation at step 3 improves best.safetensors; the process then dies before state.pt is saved again, so the
+    # state still holds step 2 and its best loss. The resumed run used to take that older loss for the best, and its
+    # worse validation at step 3 replaced the better best.safetensors of the run that died.
+    out, real_validate, scripted = tmp_path / "run", loop.validate, []
+
+    def validate(model, batches, stage, amp):
+        metrics, outputs = real_validate(model, batches, stage, amp)
+        return {**metrics, "loss": scripted.pop(0)}, outputs
+
+    monkeypatch.setattr(loop, "validate", validate)
+    scripted[:] = [0.5, 0.4]
+    loop.train(tiny_options(out, steps=2, val_every=1, train_samples=2))
+    real_save = loop.save_training_state
+
+    def die(path, state):
+        raise _Killed
+
+    scripted[:] = [0.2, 0.35]
+    monkeypatch.setattr(loop, "save_training_state", die)
+    with pytest.raises(_Killed):
+        loop.train(tiny_options(out, steps=4, val_every=1, train_samples=2, resume=True))
+    monkeypatch.setattr(loop, "save_training_state", real_save)
+    assert torch.load(out / "state.pt", weights_only=True)["best"] == 0.4
+    best = (out / "best.safetensors").read_bytes()
+    with safe_open(str(out / "best.safetensors"), "pt") as weights:
+        assert (weights.metadata()["step"], float(weights.metadata()["valid_loss"])) == ("3", 0.2)
+
+    scripted[:] = [0.3, 0.25]  # better than the state's best, worse than best.safetensors'
+    result = loop.train(tiny_options(out, steps=4, val_every=1, train_samples=2, resume=True))
+    assert (out / "best.safetensors").read_bytes() == best
+    assert result.best_valid_loss == 0.2
+    assert torch.load(out / "state.pt", weights_only=True)["best"] == 0.2
+    scripted[:] = [0.1]  # and a better one still replaces it
+    loop.train(tiny_options(out, steps=5, val_every=1, train_samples=2, resume=True))
+    with safe_open(str(out / "best.safetensors"), "pt") as weights:
+        assert (weights.metadata()["step"], float(weights.metadata()["valid_loss"])) == ("5", 0.1)
+
+
+def test_the_best_loss_is_recorded_in_full_so_that_a_resume_reads_it_back_exactly(tmp_path, monkeypatch):
+    out, real_validate = tmp_path / "run", loop.validate
+
+    def validate(model, batches, stage, amp):
+        metrics, outputs = real_validate(model, batches, stage, amp)
+        return {**metrics, "loss": 0.123456789}, outputs
+
+    monkeypatch.setattr(loop, "validate", validate)
+    loop.train(tiny_options(out, steps=1, val_every=1, train_samples=2))
+    with safe_open(str(out / "best.safetensors"), "pt") as weights:
+        assert float(weights.metadata()["valid_loss"]) == 0.123456789
+    assert loop.best_weights_loss(out / "best.safetensors", "base", "mobilenetv2") == 0.123456789
+    assert loop.best_weights_loss(out / "best.safetensors", "refine", "mobilenetv2") is None  # another run's
+    assert loop.best_weights_loss(out / "missing.safetensors", "base", "mobilenetv2") is None
+    (out / "best.safetensors").write_bytes(b"not weights")
+    assert loop.best_weights_loss(out / "best.safetensors", "base", "mobilenetv2") is None
+
+
 def test_a_run_folder_is_not_overwritten_without_resume(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"")
     with pytest.raises(BgmatteError, match="--resume"):

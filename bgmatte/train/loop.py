@@ -614,6 +614,25 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
+def best_weights_loss(path: Path, stage: str, backbone: str) -> float | None:
+    """The validation loss that a run's ``best.safetensors`` records in its metadata, or None where there is no such
+    file, it cannot be read, or it is not the weights of a ``stage`` run of ``backbone``. A run killed after writing
+    it and before saving its state leaves a state whose best loss is older than the file's."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as weights:
+            metadata = weights.metadata() or {}
+        loss = float(metadata["valid_loss"])
+    except Exception:  # noqa: BLE001 - damaged, or not ours: it records no best to keep
+        return None
+    if metadata.get("format") != "bgmatte" or metadata.get("stage") != stage or metadata.get("backbone") != backbone:
+        return None
+    return loss if math.isfinite(loss) else None
+
+
 def load_training_state(path: Path) -> dict[str, object]:
     """Read a state written by ``save_training_state``, refusing anything but tensors and plain containers."""
     if not path.is_file():
@@ -1065,6 +1084,11 @@ def _open_run_folder(options: TrainOptions, given: Collection[str] | None
         if options.backbone is not None and options.backbone != saved["backbone"]:
             raise BgmatteError(f"{state_path}: is a {saved['backbone']} run, not {options.backbone}")
         options = resumed_options(options, saved, given, state_path)
+        # The better of the state's best and best.safetensors' own: a crash between the two writes leaves the file
+        # better than the state says, and the resumed run must not replace it with a worse model.
+        recorded = best_weights_loss(out / "best.safetensors", options.stage, str(saved["backbone"]))
+        if recorded is not None and recorded < float(saved["best"]):
+            saved["best"] = recorded
     check_logging(options)  # only rank 0 logs; and a resumed run's --log may be the run's own
     if not options.resume:
         try:
@@ -1094,7 +1118,7 @@ def _prepare_run_folder(options: TrainOptions, runtime: Runtime, given: Collecti
                         ) -> tuple[TrainOptions, dict[str, object] | None, list[Path]]:
     """Before anything is built, rank 0 readies the run's folder: it creates it for a new run (refusing
     one that holds an earlier run), or reads the state of the run to resume and settles its options (its
-    paths made absolute, to be saved so); it checks that the logs asked for can be written, and removes what
+    paths made absolute, to be saved so) and its best loss (`best_weights_loss`); it checks that the logs asked for can be written, and removes what
     interrupted saves left. The options and state, or the refusal, go to every process. Also returns the
     folders rank 0 created (none in the other processes), for `_remove_made` if the run is refused later."""
     message, saved, made = None, None, []
@@ -1308,7 +1332,7 @@ class _Run:
         if metrics["loss"] < self.best:
             self.best = metrics["loss"]
             save_model_weights(self.network, self.options.out / "best.safetensors",
-                               {**self._metadata(), "valid_loss": f"{self.best:.6g}"})
+                               {**self._metadata(), "valid_loss": repr(float(self.best))})  # in full: a resume reads it back
         if self.options.progress:
             print(f"bgmatte train: step {self.step}: validation loss {metrics['loss']:.4f}, "
                   f"SAD {metrics['sad']:.3f}, MSE {metrics['mse']:.5f}", file=sys.stderr)
