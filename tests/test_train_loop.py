@@ -635,6 +635,21 @@ def test_a_state_that_does_not_fit_the_run_is_refused_in_one_line_on_resume(one_
     assert [row["step"] for row in read_rows(out / "train.csv")] == ["1"]
 
 
+@pytest.mark.parametrize("damage, said", [("not a torch save", "not a file that torch.save writes"),
+                                          ("an empty file", "is empty"),
+                                          ("a truncated file", "cut short or damaged (PytorchStreamReader failed "
+                                                               "reading zip archive: failed finding central "
+                                                               "directory)")])
+def test_a_state_file_that_torch_cannot_read_is_said_in_words(one_step_run, tmp_path, damage, said):
+    # They were one line already, but said "pop from empty list", "EOFError", or PyTorch's paragraph on miniz.
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    STATE_DAMAGE[damage](out / "state.pt")
+    with pytest.raises(BgmatteError) as refused:
+        loop.load_training_state(out / "state.pt")
+    assert str(refused.value) == f"{out / 'state.pt'}: not a readable bgmatte training state: {said}"
+
+
 def test_the_unspoiled_state_of_that_run_resumes(one_step_run, tmp_path):
     # The damage above is all that keeps those runs from resuming.
     out = tmp_path / "run"

@@ -645,10 +645,26 @@ def load_training_state(path: Path) -> dict[str, object]:
     if not path.is_file():
         raise BgmatteError(f"{path}: no training state to resume (start without --resume)")
     try:
+        with path.open("rb") as file:
+            head = file.read(4)
+    except OSError as exc:
+        raise BgmatteError(f"{path}: cannot read the training state ({exc.strerror or exc})") from None
+    if not head:
+        raise BgmatteError(f"{path}: not a readable bgmatte training state: is empty")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its older pickle
+        raise BgmatteError(f"{path}: not a readable bgmatte training state: not a file that torch.save writes")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read is the file's problem, reported as such
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BgmatteError(f"{path}: not a readable bgmatte training state ({first})") from None
+        text = str(exc).strip()
+        first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(exc).__name__  # not a paragraph
+        if "weights only load failed" in text.lower():
+            problem = f"holds objects other than tensors and plain data, which are not loaded ({first})"
+        elif head.startswith(b"PK"):
+            problem = f"cut short or damaged ({first})"
+        else:
+            problem = first
+        raise BgmatteError(f"{path}: not a readable bgmatte training state: {problem}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise BgmatteError(f"{path}: not a bgmatte training state of format {STATE_FORMAT}")
     if state.get("stage") not in STAGES:
