@@ -5,6 +5,7 @@ import argparse
 import csv
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,6 +228,67 @@ def test_a_skipped_batch_leaves_the_batch_norm_statistics_as_they_were(tmp_path,
     assert len(compared) > 100
     for key in compared:
         torch.testing.assert_close(skipped[key], plain[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+class _Killed(BaseException):
+    """Stands in for a kill -9: nothing after it runs, and no handler of the loop catches it."""
+
+
+def test_a_resume_after_a_crash_between_a_better_best_and_the_state_keeps_that_best(tmp_path, monkeypatch):
+    # A validation at step 3 improves best.safetensors; the process then dies before state.pt is saved again, so the
+    # state still holds step 2 and its best loss. The resumed run used to take that older loss for the best, and its
+    # worse validation at step 3 replaced the better best.safetensors of the run that died.
+    out, real_validate, scripted = tmp_path / "run", loop.validate, []
+
+    def validate(model, batches, stage, amp):
+        metrics, outputs = real_validate(model, batches, stage, amp)
+        return {**metrics, "loss": scripted.pop(0)}, outputs
+
+    monkeypatch.setattr(loop, "validate", validate)
+    scripted[:] = [0.5, 0.4]
+    loop.train(tiny_options(out, steps=2, val_every=1, train_samples=2))
+    real_save = loop.save_training_state
+
+    def die(path, state):
+        raise _Killed
+
+    scripted[:] = [0.2, 0.35]
+    monkeypatch.setattr(loop, "save_training_state", die)
+    with pytest.raises(_Killed):
+        loop.train(tiny_options(out, steps=4, val_every=1, train_samples=2, resume=True))
+    monkeypatch.setattr(loop, "save_training_state", real_save)
+    assert torch.load(out / "state.pt", weights_only=True)["best"] == 0.4
+    best = (out / "best.safetensors").read_bytes()
+    with safe_open(str(out / "best.safetensors"), "pt") as weights:
+        assert (weights.metadata()["step"], float(weights.metadata()["valid_loss"])) == ("3", 0.2)
+
+    scripted[:] = [0.3, 0.25]  # better than the state's best, worse than best.safetensors'
+    result = loop.train(tiny_options(out, steps=4, val_every=1, train_samples=2, resume=True))
+    assert (out / "best.safetensors").read_bytes() == best
+    assert result.best_valid_loss == 0.2
+    assert torch.load(out / "state.pt", weights_only=True)["best"] == 0.2
+    scripted[:] = [0.1]  # and a better one still replaces it
+    loop.train(tiny_options(out, steps=5, val_every=1, train_samples=2, resume=True))
+    with safe_open(str(out / "best.safetensors"), "pt") as weights:
+        assert (weights.metadata()["step"], float(weights.metadata()["valid_loss"])) == ("5", 0.1)
+
+
+def test_the_best_loss_is_recorded_in_full_so_that_a_resume_reads_it_back_exactly(tmp_path, monkeypatch):
+    out, real_validate = tmp_path / "run", loop.validate
+
+    def validate(model, batches, stage, amp):
+        metrics, outputs = real_validate(model, batches, stage, amp)
+        return {**metrics, "loss": 0.123456789}, outputs
+
+    monkeypatch.setattr(loop, "validate", validate)
+    loop.train(tiny_options(out, steps=1, val_every=1, train_samples=2))
+    with safe_open(str(out / "best.safetensors"), "pt") as weights:
+        assert float(weights.metadata()["valid_loss"]) == 0.123456789
+    assert loop.best_weights_loss(out / "best.safetensors", "base", "mobilenetv2") == 0.123456789
+    assert loop.best_weights_loss(out / "best.safetensors", "refine", "mobilenetv2") is None  # another run's
+    assert loop.best_weights_loss(out / "missing.safetensors", "base", "mobilenetv2") is None
+    (out / "best.safetensors").write_bytes(b"not weights")
+    assert loop.best_weights_loss(out / "best.safetensors", "base", "mobilenetv2") is None
 
 
 def test_a_run_folder_is_not_overwritten_without_resume(tmp_path):
@@ -480,6 +542,121 @@ def test_a_state_holding_code_is_refused(tmp_path):
         pickle.dump({"format": 1, "payload": Payload()}, file, protocol=2)
     with pytest.raises(BgmatteError, match="not a readable bgmatte training state"):
         loop.load_training_state(tmp_path / "state.pt")
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory) -> Path:
+    """A base run of one step, whose state.pt the tests below spoil before resuming a copy of it."""
+    out = tmp_path_factory.mktemp("one_step") / "run"
+    loop.train(tiny_options(out, steps=1, train_samples=2))
+    return out
+
+
+def _edited(change):
+    """A state.pt editor: ``change`` alters the loaded state in place, and the result is saved as torch does."""
+    def edit(path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        change(state)
+        torch.save(state, path)
+    return edit
+
+
+def _replaced(make):
+    """A state.pt editor that saves what ``make(state)`` returns instead of the state."""
+    def edit(path: Path) -> None:
+        torch.save(make(torch.load(path, weights_only=True)), path)
+    return edit
+
+
+def _first_param_state(state) -> dict:
+    return next(iter(state["optimizer"]["state"].values()))
+
+
+def _shape_changed(state) -> None:
+    state["model"]["decoder.conv4.weight"] = torch.zeros(3, 3)
+
+
+STATE_DAMAGE = {
+    "not a torch save": lambda path: path.write_bytes(b"a text file, not a torch save\n"),
+    "an empty file": lambda path: path.write_bytes(b""),
+    "a truncated file": lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+    "a list": _replaced(lambda state: [state]),
+    "a tensor": _replaced(lambda state: torch.zeros(3)),
+    "no stage": _edited(lambda state: state.pop("stage")),
+    "no backbone": _edited(lambda state: state.pop("backbone")),
+    "an unknown backbone": _edited(lambda state: state.update(backbone="vgg16")),
+    "no kernel size": _edited(lambda state: state.pop("refine_kernel_size")),
+    "no step": _edited(lambda state: state.pop("step")),
+    "a step that is text": _edited(lambda state: state.update(step="one")),
+    "a best that is text": _edited(lambda state: state.update(best="low")),
+    "no world size": _edited(lambda state: state.pop("world_size")),
+    "batches that are text": _edited(lambda state: state.update(batches="two")),
+    "a damaged log window": _edited(lambda state: state.update(log_window={"steps": 1, "sums": 3, "seconds": 1.0})),
+    "no model": _edited(lambda state: state.pop("model")),
+    "a model that is a tensor": _edited(lambda state: state.update(model=torch.zeros(3))),
+    "a model tensor of the wrong shape": _edited(_shape_changed),
+    "a model missing a tensor": _edited(lambda state: state["model"].pop("decoder.conv4.weight")),
+    "a model entry that is not a tensor": _edited(lambda state: state["model"].update({"decoder.conv4.bias": 1.0})),
+    "another backbone's model": _edited(lambda state: state.update(model=MattingBase("resnet50").state_dict())),
+    "no optimizer": _edited(lambda state: state.pop("optimizer")),
+    "an optimizer that is a list": _edited(lambda state: state.update(optimizer=[])),
+    "an optimizer without its state": _edited(lambda state: state["optimizer"].pop("state")),
+    "an optimizer without its groups": _edited(lambda state: state["optimizer"].pop("param_groups")),
+    "an optimizer group without its betas": _edited(lambda state: state["optimizer"]["param_groups"][0].pop("betas")),
+    "an optimizer group with text for a rate": _edited(
+        lambda state: state["optimizer"]["param_groups"][1].update(eps="small")),
+    "an optimizer moment of the wrong shape": _edited(
+        lambda state: _first_param_state(state).update(exp_avg=torch.zeros(7))),
+    "an optimizer entry that is a number": _edited(
+        lambda state: state["optimizer"]["state"].update({0: 1.5})),
+    "an optimizer entry without its moment": _edited(lambda state: _first_param_state(state).pop("exp_avg_sq")),
+    "optimizer state for a parameter the groups lack": _edited(
+        lambda state: state["optimizer"]["state"].update({10_000: dict(_first_param_state(state))})),
+    "no random state": _edited(lambda state: state.pop("random")),
+    "a random state for no process": _edited(lambda state: state.update(random=[])),
+    "a damaged random state": _edited(lambda state: state["random"][0].update(torch=torch.zeros(3))),
+}
+
+
+@pytest.mark.parametrize("damage", list(STATE_DAMAGE))
+def test_a_state_that_does_not_fit_the_run_is_refused_in_one_line_on_resume(one_step_run, tmp_path, capsys, damage):
+    # A state.pt of another run, hand-edited or damaged: each of these used to end --resume in a traceback (a
+    # KeyError, a RuntimeError of load_state_dict, or one of Adam's at the first step) instead of one line.
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    STATE_DAMAGE[damage](out / "state.pt")
+    spoiled = (out / "state.pt").read_bytes()
+    code = main(["train", "base", "--out", str(out), "--resume", "--steps", "2", "--device", "cpu", "--num-workers",
+                 "0", "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"bgmatte train: error: {out / 'state.pt'}: "), lines
+    assert (out / "state.pt").read_bytes() == spoiled
+    assert [row["step"] for row in read_rows(out / "train.csv")] == ["1"]
+
+
+@pytest.mark.parametrize("damage, said", [("not a torch save", "not a file that torch.save writes"),
+                                          ("an empty file", "is empty"),
+                                          ("a truncated file", "cut short or damaged (PytorchStreamReader failed "
+                                                               "reading zip archive: failed finding central "
+                                                               "directory)")])
+def test_a_state_file_that_torch_cannot_read_is_said_in_words(one_step_run, tmp_path, damage, said):
+    # They were one line already, but said "pop from empty list", "EOFError", or PyTorch's paragraph on miniz.
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    STATE_DAMAGE[damage](out / "state.pt")
+    with pytest.raises(BgmatteError) as refused:
+        loop.load_training_state(out / "state.pt")
+    assert str(refused.value) == f"{out / 'state.pt'}: not a readable bgmatte training state: {said}"
+
+
+def test_the_unspoiled_state_of_that_run_resumes(one_step_run, tmp_path):
+    # The damage above is all that keeps those runs from resuming.
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    assert main(["train", "base", "--out", str(out), "--resume", "--steps", "2", "--device", "cpu", "--num-workers",
+                 "0", "--quiet"]) == 0
+    assert [row["step"] for row in read_rows(out / "train.csv")] == ["1", "2"]
 
 
 def test_random_states_survive_a_weights_only_round_trip(tmp_path):

@@ -45,7 +45,7 @@ from bgmatte.io.files import write_through_temporary
 from bgmatte.io.images import write_png
 from bgmatte.model.build import detect_backbone, read_state_dict, resolve_device, save_weights
 from bgmatte.model.matting import BACKBONES, MattingBase, MattingRefine
-from bgmatte.train.config import BASE_PARTS, PARTS, TrainOptions
+from bgmatte.train.config import BASE_PARTS, PARTS, STAGES, TrainOptions
 from bgmatte.train.losses import BASE_TERMS, REFINE_TERMS, base_loss, refine_loss
 
 STATE_FORMAT = 1
@@ -171,6 +171,18 @@ def build_model(options: TrainOptions, backbone: str, refine_kernel_size: int = 
                          refine_prevent_oversampling=False)
 
 
+def fit_problem(expected: dict[str, Tensor], state: dict[str, Tensor], optional: tuple[str, ...] = ()) -> str:
+    """What keeps tensors ``state`` from loading into a model whose own are ``expected`` (its keys missing, keys it
+    lacks, shapes that differ), in a few words; empty if they fit. Missing keys that start with one of ``optional``
+    do not count."""
+    missing = sorted(k for k in expected.keys() - state.keys() if not k.startswith(optional))
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
+    return "; ".join(f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+                     ((missing, "missing keys"), (unexpected, "unexpected keys"), (wrong, "keys of the wrong shape"))
+                     if keys)
+
+
 def load_initial_weights(model: nn.Module, state: dict[str, Tensor], source: Path) -> list[str]:
     """Load a checkpoint into the stage's model: refiner weights are dropped for the base stage and may be
     missing for the refine stage (it then starts from random); everything else must fit. Returns what
@@ -179,14 +191,9 @@ def load_initial_weights(model: nn.Module, state: dict[str, Tensor], source: Pat
     if not any(k.startswith("refiner.") for k in expected):
         state = {k: v for k, v in state.items() if not k.startswith("refiner.")}
     has_refiner = any(k.startswith("refiner.") for k in state)
-    missing = sorted(k for k in expected.keys() - state.keys() if has_refiner or not k.startswith("refiner."))
-    unexpected = sorted(state.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
-                    ((missing, "missing keys"), (unexpected, "unexpected keys"), (wrong, "keys of the wrong shape"))
-                    if keys]
-        raise BgmatteError(f"{source}: does not fit a {type(model).__name__} model: {'; '.join(problems)}")
+    problem = fit_problem(expected, state, optional=() if has_refiner else ("refiner.",))
+    if problem:
+        raise BgmatteError(f"{source}: does not fit a {type(model).__name__} model: {problem}")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
     return sorted(expected.keys() - state.keys())
 
@@ -614,18 +621,113 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
+def best_weights_loss(path: Path, stage: str, backbone: str) -> float | None:
+    """The validation loss that a run's ``best.safetensors`` records in its metadata, or None where there is no such
+    file, it cannot be read, or it is not the weights of a ``stage`` run of ``backbone``. A run killed after writing
+    it and before saving its state leaves a state whose best loss is older than the file's."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as weights:
+            metadata = weights.metadata() or {}
+        loss = float(metadata["valid_loss"])
+    except Exception:  # noqa: BLE001 - damaged, or not ours: it records no best to keep
+        return None
+    if metadata.get("format") != "bgmatte" or metadata.get("stage") != stage or metadata.get("backbone") != backbone:
+        return None
+    return loss if math.isfinite(loss) else None
+
+
 def load_training_state(path: Path) -> dict[str, object]:
     """Read a state written by ``save_training_state``, refusing anything but tensors and plain containers."""
     if not path.is_file():
         raise BgmatteError(f"{path}: no training state to resume (start without --resume)")
     try:
+        with path.open("rb") as file:
+            head = file.read(4)
+    except OSError as exc:
+        raise BgmatteError(f"{path}: cannot read the training state ({exc.strerror or exc})") from None
+    if not head:
+        raise BgmatteError(f"{path}: not a readable bgmatte training state: is empty")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its older pickle
+        raise BgmatteError(f"{path}: not a readable bgmatte training state: not a file that torch.save writes")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read is the file's problem, reported as such
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BgmatteError(f"{path}: not a readable bgmatte training state ({first})") from None
+        text = str(exc).strip()
+        first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(exc).__name__  # not a paragraph
+        if "weights only load failed" in text.lower():
+            problem = f"holds objects other than tensors and plain data, which are not loaded ({first})"
+        elif head.startswith(b"PK"):
+            problem = f"cut short or damaged ({first})"
+        else:
+            problem = first
+        raise BgmatteError(f"{path}: not a readable bgmatte training state: {problem}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise BgmatteError(f"{path}: not a bgmatte training state of format {STATE_FORMAT}")
+    if state.get("stage") not in STAGES:
+        raise BgmatteError(f"{path}: is the state of neither a base nor a refine run ({_entry('stage', state)})")
+    if state.get("backbone") not in BACKBONES:
+        raise BgmatteError(f"{path}: names none of the backbones {', '.join(BACKBONES)} "
+                           f"({_entry('backbone', state)})")
     return state
+
+
+def _entry(key: str, state: dict[str, object]) -> str:
+    """A state's entry in words, for messages: ``its step is 'one'``, or ``it has no step``."""
+    if key not in state:
+        return f"it has no {key}"
+    value = state[key]
+    if value is None or isinstance(value, (str, int, float)):
+        return f"its {key} is {value!r}"[:120]
+    return f"its {key} is a {type(value).__name__}"  # a container's whole text would run on for pages
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def state_entries_problem(state: dict[str, object]) -> str | None:
+    """What in a training state is missing or of the wrong kind for a run to resume from it (before anything is
+    built from it), in a few words; None if nothing. Whether its tensors fit the model is `_Run._restore`'s check."""
+    wanted = (("refine_kernel_size", lambda v: v in (1, 3), "1 or 3"),
+              ("step", lambda v: _is_whole(v) and v >= 0, "a whole number of steps"),
+              ("best", lambda v: _is_number(v) and not math.isnan(v), "a validation loss"),
+              ("world_size", lambda v: _is_whole(v) and v >= 1, "a number of processes"),
+              ("model", lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, Tensor)
+                                                              for k, t in v.items()), "tensors by name"),
+              ("optimizer", lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+               and isinstance(v.get("param_groups"), list)
+               and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in v["param_groups"]),
+               "an optimiser's state and parameter groups"),
+              ("random", lambda v: isinstance(v, list) and len(v) == state.get("world_size")
+               and all(isinstance(r, dict) for r in v), "a random state per process"))
+    for key, fits, what in wanted:
+        if key not in state or not fits(state[key]):
+            if key not in state:
+                return f"it has no {key} ({what})"
+            if key == "model" and isinstance(state[key], dict):
+                name = next(k for k, t in state[key].items() if not (isinstance(k, str) and isinstance(t, Tensor)))
+                return f"its model's {name!r} is a {type(state[key][name]).__name__}, not a tensor"[:200]
+            if key == "optimizer" and isinstance(state[key], dict):
+                return "its optimizer lacks a dict of per-parameter state or a list of param_groups"
+            return f"{_entry(key, state)}, not {what}"
+    optional = (("batches", lambda v: _is_whole(v) and v >= state["step"], "a number of batches"),
+                ("scaler", lambda v: isinstance(v, dict), "a loss scaler's state"),
+                ("log_window", lambda v: isinstance(v, dict) and _is_whole(v.get("steps", 0))
+                 and isinstance(v.get("sums", {}), dict) and _is_number(v.get("seconds", 0.0))
+                 and all(isinstance(k, str) and _is_number(x) for k, x in v.get("sums", {}).items()),
+                 "the steps, loss sums and seconds of a log row"))
+    for key, fits, what in optional:  # states of earlier versions may lack them
+        if key in state and not fits(state[key]):
+            return f"{_entry(key, state)}, not {what}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1065,6 +1167,14 @@ def _open_run_folder(options: TrainOptions, given: Collection[str] | None
         if options.backbone is not None and options.backbone != saved["backbone"]:
             raise BgmatteError(f"{state_path}: is a {saved['backbone']} run, not {options.backbone}")
         options = resumed_options(options, saved, given, state_path)
+        problem = state_entries_problem(saved)
+        if problem is not None:
+            raise BgmatteError(f"{state_path}: cannot be resumed from: {problem}")
+        # The better of the state's best and best.safetensors' own: a crash between the two writes leaves the file
+        # better than the state says, and the resumed run must not replace it with a worse model.
+        recorded = best_weights_loss(out / "best.safetensors", options.stage, str(saved["backbone"]))
+        if recorded is not None and recorded < float(saved["best"]):
+            saved["best"] = recorded
     check_logging(options)  # only rank 0 logs; and a resumed run's --log may be the run's own
     if not options.resume:
         try:
@@ -1094,7 +1204,7 @@ def _prepare_run_folder(options: TrainOptions, runtime: Runtime, given: Collecti
                         ) -> tuple[TrainOptions, dict[str, object] | None, list[Path]]:
     """Before anything is built, rank 0 readies the run's folder: it creates it for a new run (refusing
     one that holds an earlier run), or reads the state of the run to resume and settles its options (its
-    paths made absolute, to be saved so); it checks that the logs asked for can be written, and removes what
+    paths made absolute, to be saved so) and its best loss (`best_weights_loss`); it checks that the logs asked for can be written, and removes what
     interrupted saves left. The options and state, or the refusal, go to every process. Also returns the
     folders rank 0 created (none in the other processes), for `_remove_made` if the run is refused later."""
     message, saved, made = None, None, []
@@ -1224,16 +1334,38 @@ class _Run:
     # -- saved state --------------------------------------------------------------------------
 
     def _restore(self, saved: dict[str, object]) -> None:
+        """Load a saved state (its entries checked by `state_entries_problem`) into this run, refusing in one line,
+        naming the file, tensors or optimiser entries that do not fit the model built for it."""
+        path = self.options.out / "state.pt"
+        problem = fit_problem(self.network.state_dict(), saved["model"])
+        if problem:
+            raise BgmatteError(f"{path}: its model does not fit a {self.options.stage} run of {self.backbone}: "
+                               f"{problem}")
         self.network.load_state_dict(saved["model"])
+        defaults = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        saved_ids = {i for group in saved["optimizer"]["param_groups"] for i in group["params"] if _is_whole(i)}
+        strays = [key for key in saved["optimizer"]["state"] if key not in saved_ids]
+        if strays:
+            raise BgmatteError(f"{path}: the saved optimiser holds the state of {len(strays)} parameter(s) that "
+                               f"its groups do not list (such as {strays[0]!r})")
         try:
             self.optimizer.load_state_dict(saved["optimizer"])
         except ValueError as exc:  # other parameter groups: --freeze-base given on one run and not the other
-            raise BgmatteError(f"{self.options.out / 'state.pt'}: the saved optimiser does not fit this run "
+            raise BgmatteError(f"{path}: the saved optimiser does not fit this run "
                                f"({exc}); resume with the options the run started with (--freeze-base?)") from None
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise BgmatteError(f"{path}: the saved optimiser cannot be read ({type(exc).__name__}: {exc})") from None
+        problem = self._optimizer_problem(defaults)
+        if problem:
+            raise BgmatteError(f"{path}: the saved optimiser does not fit this run: {problem}")
         for group in self.optimizer.param_groups:  # the rates given now win over the saved ones
             group["lr"] = self.options.learning_rates[group["name"]]
-        if self.scaler.is_enabled() and saved["scaler"]:
-            self.scaler.load_state_dict(saved["scaler"])
+        if self.scaler.is_enabled() and saved.get("scaler"):
+            try:
+                self.scaler.load_state_dict(saved["scaler"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise BgmatteError(f"{path}: the saved loss scaler cannot be restored ({type(exc).__name__}: "
+                                   f"{exc})") from None
         self.step = self.saved_step = int(saved["step"])
         self.batches = int(saved.get("batches", self.step))  # states saved before it was counted: none skipped
         self.best = float(saved["best"])
@@ -1242,9 +1374,56 @@ class _Run:
             self.window = {str(key): float(value) for key, value in window["sums"].items()}
             self.window_steps, self.window_seconds = int(window["steps"]), float(window["seconds"])
         if int(saved["world_size"]) == self.runtime.world_size:
-            restore_random_state(saved["random"][self.runtime.rank])
+            try:
+                restore_random_state(saved["random"][self.runtime.rank])
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise BgmatteError(f"{path}: its random state cannot be restored ({first})") from None
         else:  # another number of processes: the random streams go on, but differently
             seed_everything(stream_seed(self.options.seed, self.runtime.rank, self.step))
+
+    def _optimizer_problem(self, defaults: list[dict[str, object]]) -> str | None:
+        """What in the optimiser just loaded would fail at its first step, or None: a parameter group without a
+        setting that a fresh one has (``defaults``) or with one of another kind, or a parameter's Adam moments
+        missing or shaped unlike the parameter (Adam only notices them as it steps, in a traceback)."""
+        names = {id(param): name for name, param in self.network.named_parameters()}
+        for group, fresh in zip(self.optimizer.param_groups, defaults):
+            for key, default in fresh.items():
+                if key not in group:
+                    return f"its {fresh.get('name')} group has no {key}"
+                value = group[key]
+                if default is None:  # foreach, fused: None leaves the choice to PyTorch
+                    fits = value is None or isinstance(value, bool)
+                elif isinstance(default, bool):
+                    fits = isinstance(value, bool)
+                elif _is_number(default):
+                    fits = _is_number(value)
+                elif isinstance(default, (tuple, list)):
+                    fits = isinstance(value, (tuple, list)) and len(value) == len(default) and all(map(_is_number,
+                                                                                                       value))
+                else:
+                    fits = isinstance(value, type(default))
+                if not fits:
+                    return f"its {fresh.get('name')} group's {key} is {value!r}"[:200]
+            moments = ("exp_avg", "exp_avg_sq", *(("max_exp_avg_sq",) if group.get("amsgrad") else ()))
+            for param in group["params"]:
+                entry = self.optimizer.state.get(param)
+                if entry is None or (isinstance(entry, dict) and not entry):  # not stepped yet: Adam starts it afresh
+                    continue
+                name = names.get(id(param), "a parameter")
+                if not isinstance(entry, dict):
+                    return f"the state of {name} is a {type(entry).__name__}, not Adam's"
+                step = entry.get("step")
+                if not isinstance(step, Tensor) or step.numel() != 1:
+                    return f"the state of {name} has no step count"
+                for key in moments:
+                    moment = entry.get(key)
+                    if not isinstance(moment, Tensor):
+                        return f"the state of {name} has no {key}"
+                    if moment.shape != param.shape:
+                        return (f"the {key} of {name} is of shape {tuple(moment.shape)}, the parameter of "
+                                f"{tuple(param.shape)}")
+        return None
 
     def _metadata(self) -> dict[str, str]:
         return {"format": "bgmatte", "stage": self.options.stage, "backbone": self.backbone, "step": str(self.step)}
@@ -1308,7 +1487,7 @@ class _Run:
         if metrics["loss"] < self.best:
             self.best = metrics["loss"]
             save_model_weights(self.network, self.options.out / "best.safetensors",
-                               {**self._metadata(), "valid_loss": f"{self.best:.6g}"})
+                               {**self._metadata(), "valid_loss": repr(float(self.best))})  # in full: a resume reads it back
         if self.options.progress:
             print(f"bgmatte train: step {self.step}: validation loss {metrics['loss']:.4f}, "
                   f"SAD {metrics['sad']:.3f}, MSE {metrics['mse']:.5f}", file=sys.stderr)
