@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -263,6 +264,17 @@ def test_an_encoder_failing_mid_run_leaves_no_file_under_its_name_and_the_others
         encode(self, item)
 
     monkeypatch.setattr(VideoWriter, "_encode", breaks_at_frame_six)
+    write = VideoWriter.write
+
+    def taken_before_the_next(self, *args):
+        # On a loaded machine the encoders can lag the whole clip, so that the failure comes out only at the end;
+        # waiting for each frame to leave the queue makes it come out mid-run, as it does when encoding keeps up.
+        write(self, *args)
+        deadline = time.monotonic() + 10
+        while self._worker._queue.qsize() and self._worker.error is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    monkeypatch.setattr(VideoWriter, "write", taken_before_the_next)
     code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--outputs", "com", "pha",
                        "--overwrite")
     assert code == 2 and f"{failing}: encoding failed" in err and "Traceback" not in err
