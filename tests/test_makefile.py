@@ -1,6 +1,7 @@
 """The Makefile's set-up: the PyTorch it installs is torch==2.13.0 unless the user names another, or an index."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,9 +14,13 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 
 
 def setup_commands(tmp_path: Path, *variables: str) -> list[str]:
-    """What `make setup` would run for a fresh virtual environment (printed, not run: `make -n`)."""
+    """What `make setup` would run for a fresh virtual environment (printed, not run: `make -n`). Run from `make
+    test` (CI), make would see itself as a sub-make and print the directory it enters: the outer make's variables
+    are left out."""
+    outer = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
+    env = {name: value for name, value in os.environ.items() if name not in outer}
     done = subprocess.run(["make", "-n", "-B", "setup", f"VENV={tmp_path / 'venv'}", *variables], cwd=ROOT,
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, env=env)
     return [line for line in done.stdout.splitlines() if not line.startswith("#")]
 
 
