@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import zlib
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -1279,12 +1280,12 @@ def bar_colours(image: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("suffix", "alpha", "size", "matrix", "primaries"),
-    [(".mp4", False, (1280, 720), 6, 1), (".mp4", False, (320, 240), 6, 6), (".webm", False, (1280, 720), 6, 1),
-     (".webm", True, (320, 240), 6, 6), (".mov", True, (1280, 720), 6, 1), (".mkv", True, (320, 240), 0, 6)],
+    [(".mp4", False, (1280, 720), 1, 1), (".mp4", False, (320, 240), 6, 6), (".webm", False, (1280, 720), 1, 1),
+     (".webm", True, (320, 240), 6, 6), (".mov", True, (1280, 720), 1, 1), (".mkv", True, (320, 240), 0, 6)],
     ids=["h264-hd", "h264-sd", "vp9-hd", "vp9-alpha", "prores-hd", "ffv1-rgb"],
 )
 def test_outputs_are_tagged_with_the_colours_their_numbers_are_in(tmp_path, suffix, alpha, size, matrix, primaries):
-    """Untagged HD is taken for BT.709 by players: the BT.601 numbers the writers make must say so, and
+    """Untagged HD is taken for BT.709 by players: the writers make HD with it, SD with BT.601, and say so;
     decoding by the tags must give back the colours written."""
     target = tmp_path / f"bars{suffix}"
     with VideoWriter(target, fps=25, alpha=alpha) as writer:
@@ -1293,26 +1294,147 @@ def test_outputs_are_tagged_with_the_colours_their_numbers_are_in(tmp_path, suff
     with av.open(str(target)) as container:
         context = container.streams.video[0].codec_context
         assert (context.colorspace, context.color_primaries, context.color_trc) == (matrix, primaries, primaries)
-        assert context.color_range == (1 if matrix == 6 else 0)
+        assert context.color_range == (0 if matrix == 0 else 1)
     _, frames = read_all(target)  # the reader decodes by the tags
     assert np.abs(bar_colours(frames[-1].image) - np.array(COLOURS)).max() <= 3
 
 
-def test_the_sources_primaries_and_transfer_are_carried(tmp_path):
+def test_the_sources_matrix_primaries_and_transfer_are_carried(tmp_path):
     source = tmp_path / "tagged.mp4"
     anamorphic_clip(source, Fraction(1), tags=(1, 1, 1))  # BT.709 throughout, at SD size
     target = tmp_path / "out.mp4"
     with VideoReader(source) as reader, VideoWriter(target, fps=25, display=reader.display) as writer:
-        assert (reader.display.color_primaries, reader.display.color_trc) == (1, 1)
+        assert (reader.display.colorspace, reader.display.color_primaries, reader.display.color_trc) == (1, 1, 1)
         images = [frame.image for frame in reader]
         for image in images:
             writer.write(image)
     assert np.abs(images[1].astype(int) - pattern(1).astype(int))[16:, 16:].max() <= 3  # read by its BT.709 tag
     with av.open(str(target)) as container:
         context = container.streams.video[0].codec_context
-        assert (context.colorspace, context.color_primaries, context.color_trc, context.color_range) == (6, 1, 1, 1)
+        assert (context.colorspace, context.color_primaries, context.color_trc, context.color_range) == (1, 1, 1, 1)
     _, frames = read_all(target)
     assert np.abs(frames[1].image.astype(int) - images[1].astype(int))[16:, 16:].max() <= 3
+
+
+# (Kr, Kb) of the matrices the colour tests use, to make and check Y'CbCr numbers without FFmpeg or the writer.
+LUMA_WEIGHTS = {1: (0.2126, 0.0722), 6: (0.299, 0.114)}
+PATCHES = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 120, 40)]  # saturated red, green and blue, and a skin tone
+
+
+def patches(width: int, height: int) -> np.ndarray:
+    """`PATCHES` as four bands side by side, each a whole number of 16-pixel blocks wide where the size allows."""
+    image = np.zeros((height, width, 3), np.uint8)
+    for index, colour in enumerate(PATCHES):
+        image[:, index * width // 4:(index + 1) * width // 4] = colour
+    return image
+
+
+def patch_colours(image: np.ndarray) -> np.ndarray:
+    width = image.shape[1]
+    return np.array([image[image.shape[0] // 2, (2 * index + 1) * width // 8, :3] for index in range(4)], int)
+
+
+def ycbcr(image: np.ndarray, matrix: int, full: bool = False) -> list[np.ndarray]:
+    """Y', Cb and Cr planes (full size) of uint8 RGB by the textbook formulas for `matrix`, studio or full swing."""
+    kr, kb = LUMA_WEIGHTS[matrix]
+    r, g, b = (image[..., channel].astype(np.float64) / 255 for channel in range(3))
+    y = kr * r + (1 - kr - kb) * g + kb * b
+    cb, cr = (b - y) / (2 * (1 - kb)), (r - y) / (2 * (1 - kr))
+    luma, chroma = (255, 255) if full else (219, 224)
+    planes = (16 * (not full) + luma * y, 128 + chroma * cb, 128 + chroma * cr)
+    return [np.clip(np.round(plane), 0, 255).astype(np.uint8) for plane in planes]
+
+
+def matrix_clip(path: Path, size: tuple[int, int], matrix: int, tag: int | None, *, full: bool = False) -> None:
+    """Two frames of `patches` in H.264, their Y'CbCr made here with `matrix` and tagged `tag` (None: untagged),
+    full swing in yuvj420p when `full`."""
+    width, height = size
+    pix_fmt = "yuvj420p" if full else "yuv420p"
+    y, cb, cr = ycbcr(patches(width, height), matrix, full)
+    planes = np.concatenate([y, cb[::2, ::2].reshape(height // 4, width), cr[::2, ::2].reshape(height // 4, width)])
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=25, options={"crf": "10", "preset": "ultrafast"})
+        video.width, video.height, video.pix_fmt = width, height, pix_fmt
+        if tag is not None:
+            video.codec_context.colorspace = tag
+        video.codec_context.color_range = 2 if full else 1
+        for index in range(2):
+            frame = av.VideoFrame.from_ndarray(planes, format=pix_fmt)
+            frame.colorspace = tag if tag is not None else 2
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+
+
+@pytest.mark.parametrize(("size", "matrix", "tag", "full"), [
+    ((320, 240), 1, 1, False), ((1280, 720), 1, 1, False), ((1280, 720), 1, None, False),
+    ((320, 240), 6, None, False), ((320, 240), 6, 6, True), ((1280, 720), 1, 1, True)],
+    ids=["bt709-tagged-sd", "bt709-tagged-hd", "untagged-hd", "untagged-sd", "yuvj-bt601", "yuvj-bt709"])
+def test_the_reader_converts_by_the_sources_matrix(tmp_path, size, matrix, tag, full):
+    """Tagged sources are read by their tag; untagged ones as players take them (BT.709 for HD, BT.601 below)."""
+    clip = tmp_path / "patches.mp4"
+    matrix_clip(clip, size, matrix, tag, full=full)
+    with VideoReader(clip) as reader:
+        assert reader.display.colorspace == tag
+        images = [frame.image for frame in reader]
+    assert np.abs(patch_colours(images[-1]) - np.array(PATCHES)).max() <= 3
+
+
+@pytest.mark.parametrize(("size", "matrix", "primaries"), [((1280, 720), 1, 1), ((640, 360), 6, 6), ((720, 576), 6, 5)],
+                         ids=["hd", "sd", "pal"])
+def test_the_writer_uses_the_matrix_players_assume_at_the_size(tmp_path, size, matrix, primaries):
+    """HD outputs are BT.709 throughout, which players that ignore the matrix tag assume for HD; smaller ones
+    BT.601: their numbers are made with that matrix, so that they are right also for a player that ignores
+    the tags, and the round trip through the reader keeps the colours."""
+    target = tmp_path / "patches.mp4"
+    with VideoWriter(target, fps=25) as writer:
+        for _ in range(2):
+            writer.write(patches(*size))
+    with av.open(str(target)) as container:
+        context = container.streams.video[0].codec_context
+        assert (context.colorspace, context.color_primaries) == (matrix, primaries)
+        assert context.color_trc == (1 if matrix == 1 else 6)
+        frame = next(container.decode(video=0))
+    width, height = size
+    numbers = frame.to_ndarray(format="yuv420p")
+    expected = ycbcr(patches(*size), matrix)
+    centres = [(2 * index + 1) * width // 8 for index in range(4)]
+    luma = numbers[height // 2, centres].astype(int)
+    cb = numbers[height + height // 8, [centre // 2 for centre in centres]].astype(int)  # rows of two halves each
+    assert np.abs(luma - expected[0][height // 2, centres]).max() <= 2
+    assert np.abs(cb - expected[1][height // 2, centres]).max() <= 2
+    _, frames = read_all(target)
+    assert np.abs(patch_colours(frames[-1].image) - np.array(PATCHES)).max() <= 3
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv444p"])
+def test_a_source_matrix_is_kept_whatever_the_size(tmp_path, pix_fmt):
+    """A source that says its matrix keeps it (BT.709 at an SD size here, BT.601 at HD), the pixels made with it."""
+    for size, matrix in (((320, 240), 1), ((1280, 720), 6)):
+        target = tmp_path / f"{matrix}.mkv"
+        choice = replace(choose_encoder(target, alpha=False), pix_fmt=pix_fmt)  # the scaler makes yuv444p
+        with VideoWriter(target, fps=25, choice=choice, display=video_io.Display(colorspace=matrix)) as writer:
+            writer.write(patches(*size))
+        with av.open(str(target)) as container:
+            assert container.streams.video[0].codec_context.colorspace == matrix
+            frame = next(container.decode(video=0))
+        plane = frame.planes[0]
+        luma = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, :size[0]]  # Y' as it is
+        expected = ycbcr(patches(*size), matrix)[0]
+        assert np.abs(luma[size[1] // 2].astype(int) - expected[size[1] // 2]).max() <= 2
+        _, frames = read_all(target)
+        assert np.abs(patch_colours(frames[0].image) - np.array(PATCHES)).max() <= 3
+
+
+@pytest.mark.parametrize("matrix", [1, 6])
+def test_yuv_conversion_takes_the_matrix(matrix):
+    """`to_yuv420p`'s numbers are those of the textbook formulas for the matrix it is given."""
+    image = patches(64, 32)
+    ours = to_yuv420p(image, matrix)
+    y, cb, cr = ycbcr(image, matrix)
+    assert np.abs(ours[:32].astype(int) - y).max() <= 1
+    assert np.abs(ours[32:40].reshape(16, 32).astype(int) - cb[::2, ::2]).max() <= 1
+    assert np.abs(ours[40:].reshape(16, 32).astype(int) - cr[::2, ::2]).max() <= 1
 
 
 def test_a_forced_encoder_is_not_refused_for_a_muxer_that_cannot_finish_a_one_frame_probe():

@@ -3,8 +3,9 @@
 Decoding and encoding each run on a background thread behind a bounded queue, so that they overlap
 with inference and memory stays flat however long the clip. Both ends carry each frame's own
 presentation timestamp (pts and time base), so variable frame rate survives a round trip. The
-reader's `Display` (pixel shape, colour primaries and transfer) goes to the writers, which tag their
-streams with it and with the BT.601 matrix their YUV is made with, so that players show what was read.
+reader's `Display` (pixel shape, colour matrix, primaries and transfer) goes to the writers, which make
+their YUV with the source's matrix (else BT.709 for HD and BT.601 below, as players assume) and tag their
+streams with all of it, so that players show what was read.
 
 Writers never leave a half-written file under the final name: they write to a hidden temporary
 name in the same folder and rename it on `close()`, which also runs after an exception or Ctrl-C
@@ -112,12 +113,14 @@ class Frame:
 
 @dataclass(frozen=True)
 class Display:
-    """How players should show a video's pixels: their shape and the colour primaries and transfer curve they
-    were made for. Writers tag their output with it, so that anamorphic or tagged sources keep their look."""
+    """How players should show a video's pixels: their shape, the matrix their YUV was made with and the colour
+    primaries and transfer curve they were made for. Writers make and tag their output with it, so that
+    anamorphic or tagged sources keep their look."""
 
     sample_aspect_ratio: Fraction = Fraction(1)  # a pixel's width over its height
     color_primaries: int | None = None  # FFmpeg's AVCOL_PRI_* code; None when the source does not say
     color_trc: int | None = None  # FFmpeg's AVCOL_TRC_* code; None when the source does not say
+    colorspace: int | None = None  # FFmpeg's AVCOL_SPC_* code of the YUV matrix; None when the source does not say
 
 
 @dataclass(frozen=True)
@@ -239,7 +242,11 @@ class VideoReader:
         context = self._stream.codec_context  # ProRes frames lack the colour tags the container gives
         self.display = Display(_pixel_shape(self._stream.sample_aspect_ratio, self._turns),
                                _known(first.color_primaries) or _known(context.color_primaries),
-                               _known(first.color_trc) or _known(context.color_trc))
+                               _known(first.color_trc) or _known(context.color_trc),
+                               _known_matrix(first.colorspace) or _known_matrix(context.colorspace))
+        # What frames that do not say their matrix are read with: the container's, else what players assume.
+        self._matrix = int(context.colorspace) if _says_matrix(context.colorspace) \
+            else _matrix_for(self.display, first.width, first.height)
         audio = self._container.streams.audio
         self.audio: AudioInfo | None = _audio_info(audio[0]) if audio else None
         self._thread = threading.Thread(target=self._run, name=f"bgmatte-read-{self.path.name}", daemon=True)
@@ -712,6 +719,8 @@ class VideoReader:
     def _to_frame(self, frame: av.VideoFrame, index: int) -> Frame:
         """The consumer's frame for one just placed in time (`_after_span`): its pts is that time, the file's own
         stamp where the clock took it, and a span's start at 0."""
+        if not _says_matrix(frame.colorspace) and not frame.format.is_rgb and len(frame.format.components) >= 3:
+            frame.colorspace = self._matrix  # FFmpeg's scaler would take BT.601 at any size
         image = frame.to_ndarray(format="rgb24")
         if self._turns:
             image = np.ascontiguousarray(np.rot90(image, self._turns))
@@ -921,6 +930,17 @@ def _storable(ratio: Fraction) -> Fraction:
 def _known(code: int | None) -> int | None:
     """An FFmpeg primaries or transfer code, or None for the codes that say nothing (0, 2 and 3 in both)."""
     return None if code is None or int(code) in (0, 2, 3) else int(code)
+
+
+def _says_matrix(code: int | None) -> bool:
+    """Whether an FFmpeg YUV matrix code (AVCOL_SPC_*) says anything: not unspecified (2) or reserved (3)."""
+    return code is not None and int(code) not in (2, 3)
+
+
+def _known_matrix(code: int | None) -> int | None:
+    """An FFmpeg YUV matrix code that the writers can make YUV with (`_LUMA_WEIGHTS`), else None: unspecified,
+    RGB, or one they cannot make (YCgCo, BT.2020 constant luminance, ICtCp), for which the size decides."""
+    return int(code) if code is not None and int(code) in _LUMA_WEIGHTS else None
 
 
 def _codec_name(stream: av.stream.Stream) -> str:
@@ -1161,7 +1181,7 @@ def _try_encoder(container: str, codec: str, pix_fmt: str, settings: tuple[tuple
         _tag_colours(stream.codec_context, pix_fmt, Display(), width, height)
         output.start_encoding()
         blank = np.zeros((height, width, 4 if _has_alpha(pix_fmt) else 3), np.uint8)
-        frame = _video_frame(blank, pix_fmt)
+        frame = _video_frame(blank, pix_fmt, _matrix_for(Display(), width, height))
         frame.pts = 0
         output.mux(stream.encode(frame))
     except Exception as exc:  # noqa: BLE001 - any failure means the encoder cannot be used so
@@ -1332,78 +1352,110 @@ def _frame_pixels(image: np.ndarray, channels: int) -> np.ndarray:
     return image
 
 
-# Studio-swing chroma from OpenCV's full-swing YCrCb: 128 + (c - 128) * 224 / 255, as a lookup table.
-_STUDIO_CHROMA = np.clip(np.round(128 + (np.arange(256) - 128) * 224 / 255), 0, 255).astype(np.uint8)
-# The luma OpenCV gives a grey pixel, so that grey frames encode exactly as their RGB expansion does.
-_GREY_LUMA = cv2.cvtColor(np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, 2).repeat(2, 0),
-                          cv2.COLOR_RGB2YUV_I420)[0]
+# FFmpeg's colour codes (AVCOL_*), as the writers tag their streams.
+_SPC_RGB, _SPC_BT709, _SPC_SMPTE170M = 0, 1, 6  # matrix: none (RGB), BT.709, BT.601
+_RANGE_MPEG, _RANGE_JPEG = 1, 2  # studio swing, full swing
+_PRI_BT709, _PRI_BT470BG, _PRI_SMPTE170M = 1, 5, 6
+_TRC_BT709, _TRC_SMPTE170M = 1, 6
+# The YUV matrices the writers make, by their AVCOL_SPC_* code: their red and blue weights (Kr, Kb), and their
+# name for FFmpeg's scaler, which makes the formats `to_yuv420p` does not. These are all the scaler knows.
+_LUMA_WEIGHTS = {1: (0.2126, 0.0722), 4: (0.30, 0.11), 5: (0.299, 0.114), 6: (0.299, 0.114), 7: (0.212, 0.087),
+                 9: (0.2627, 0.0593)}
+_SCALER_MATRICES = {1: "ITU709", 4: "FCC", 5: "ITU601", 6: "SMPTE170M", 7: "SMPTE240M", 9: "BT2020"}
 
 
-def to_yuv420p(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB (H, W, 3) or grey (H, W) with even sides to planar YUV 4:2:0, BT.601 studio swing, as
-    the (3H/2, W) array ``av.VideoFrame.from_ndarray(..., format="yuv420p")`` takes.
+@functools.lru_cache(maxsize=None)
+def _studio_ycbcr(matrix: int) -> np.ndarray:
+    """The 3x4 matrix (cv2.transform's) from uint8 RGB to studio-swing Y'CbCr with `matrix`'s weights: a 3x3
+    one with offsets is the case OpenCV runs in fixed point on SIMD, some fifteen times faster than one row."""
+    red, blue = _LUMA_WEIGHTS[matrix]
+    luma = np.array([red, 1 - red - blue, blue])
+    blue_difference = (np.array([0, 0, 1]) - luma) / (2 * (1 - blue))
+    red_difference = (np.array([1, 0, 0]) - luma) / (2 * (1 - red))
+    return np.array([[*(luma * 219 / 255), 16], [*(blue_difference * 224 / 255), 128],
+                     [*(red_difference * 224 / 255), 128]], np.float32)
 
-    These are the pixels FFmpeg's scaler makes for an untagged RGB frame (luma within 1, chroma
-    the mean of each 2x2 block), in a quarter of its time: at 1080p the scaler alone costs about a
+
+@functools.lru_cache(maxsize=None)
+def _grey_luma(matrix: int) -> np.ndarray:
+    """The luma `to_yuv420p` gives each grey RGB pixel, so that grey frames encode exactly as their RGB
+    expansion does."""
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
+    return np.ascontiguousarray(cv2.transform(ramp, _studio_ycbcr(matrix))[0, :, 0])
+
+
+def to_yuv420p(image: np.ndarray, matrix: int = _SPC_SMPTE170M) -> np.ndarray:
+    """uint8 RGB (H, W, 3) or grey (H, W) with even sides to planar YUV 4:2:0, studio swing, with the YUV matrix
+    of FFmpeg's code `matrix` (AVCOL_SPC_*: BT.601 by default, 1 for BT.709; any of `_LUMA_WEIGHTS`), as the
+    (3H/2, W) array ``av.VideoFrame.from_ndarray(..., format="yuv420p")`` takes.
+
+    These are the pixels FFmpeg's scaler makes with the same matrix (luma within 1, chroma the mean
+    of each 2x2 block), in well under half its time: at 1080p the scaler alone costs about a
     third of an x264 'veryfast' encode, time the model would otherwise have on a CPU.
     """
     height, width = image.shape[:2]
     if image.ndim == 2:
         out = np.full((height * 3 // 2, width), 128, np.uint8)
-        out[:height] = cv2.LUT(image, _GREY_LUMA)
+        out[:height] = cv2.LUT(image, _grey_luma(matrix))
         return out
-    out = cv2.cvtColor(image, cv2.COLOR_RGB2YUV_I420)  # its luma is right; its chroma takes one pixel of four
+    weights = _studio_ycbcr(matrix)
+    out = np.empty((height * 3 // 2, width), np.uint8)
+    out[:height] = cv2.extractChannel(cv2.transform(image, weights), 0)
     half = cv2.resize(image, (width // 2, height // 2), interpolation=cv2.INTER_AREA)
-    _, cr, cb = cv2.split(cv2.LUT(cv2.cvtColor(half, cv2.COLOR_RGB2YCrCb), _STUDIO_CHROMA))
-    quarter = height // 4 if height % 4 == 0 else None
-    if quarter is not None:
-        out[height:height + quarter] = cb.reshape(quarter, width)
-        out[height + quarter:] = cr.reshape(quarter, width)
-    else:  # the planes do not fill whole rows: write them as the flat buffer they are
-        flat = out.reshape(-1)
-        start, size = height * width, cb.size
-        flat[start:start + size] = cb.reshape(-1)
-        flat[start + size:] = cr.reshape(-1)
+    _, cb, cr = cv2.split(cv2.transform(half, weights))
+    flat = out.reshape(-1)  # the chroma planes need not fill whole rows: write them as the flat buffer they are
+    start, size = height * width, cb.size
+    flat[start:start + size] = cb.reshape(-1)
+    flat[start + size:] = cr.reshape(-1)
     return out
 
 
-# FFmpeg's colour codes (AVCOL_*), as the writers tag their streams.
-_SPC_RGB, _SPC_SMPTE170M = 0, 6  # matrix: none (RGB), BT.601
-_RANGE_MPEG, _RANGE_JPEG = 1, 2  # studio swing, full swing
-_PRI_BT709, _PRI_BT470BG, _PRI_SMPTE170M = 1, 5, 6
-_TRC_BT709, _TRC_SMPTE170M = 1, 6
+def _high_definition(width: int, height: int) -> bool:
+    """Whether players take a picture of this size for HD, and so untagged colours for BT.709: from 1280 wide or
+    577 high (576 is PAL's SD height)."""
+    return width >= 1280 or height > 576
 
 
-def _video_frame(pixels: np.ndarray, pix_fmt: str) -> av.VideoFrame:
-    """uint8 grey, RGB or RGBA pixels as a frame for an encoder of `pix_fmt`: YUV is always BT.601, studio swing
-    (full swing for the yuvj formats), made by `to_yuv420p` where it can and by FFmpeg's scaler elsewhere, and
-    the frame says so; other formats are left to the encoder's own conversion."""
+def _matrix_for(display: Display, width: int, height: int) -> int:
+    """The YUV matrix (AVCOL_SPC_*) for frames of this size: the source's (`display`), or when it does not say,
+    the one players assume there, BT.709 for HD and BT.601 below, so that players that ignore the tag (many do
+    for HD) still show the right colours."""
+    source = _known_matrix(display.colorspace)
+    if source is not None:
+        return source
+    return _SPC_BT709 if _high_definition(width, height) else _SPC_SMPTE170M
+
+
+def _video_frame(pixels: np.ndarray, pix_fmt: str, matrix: int = _SPC_SMPTE170M) -> av.VideoFrame:
+    """uint8 grey, RGB or RGBA pixels as a frame for an encoder of `pix_fmt`: YUV is made with `matrix`
+    (`_matrix_for`), studio swing (full swing for the yuvj formats), by `to_yuv420p` where it can and by FFmpeg's
+    scaler elsewhere, and the frame says so; other formats are left to the encoder's own conversion."""
     if pix_fmt == "yuv420p" and (pixels.ndim == 2 or pixels.shape[2] == 3) and pixels.shape[0] % 2 == 0 \
             and pixels.shape[1] % 2 == 0:
-        frame = av.VideoFrame.from_ndarray(to_yuv420p(pixels), format="yuv420p")
+        frame = av.VideoFrame.from_ndarray(to_yuv420p(pixels, matrix), format="yuv420p")
     else:
         layout = "gray" if pixels.ndim == 2 else "rgba" if pixels.shape[2] == 4 else "rgb24"
         frame = av.VideoFrame.from_ndarray(pixels, format=layout)
         if not _is_yuv(pix_fmt):
             return frame
         swing = _RANGE_JPEG if pix_fmt.startswith("yuvj") else _RANGE_MPEG
-        frame = frame.reformat(format=pix_fmt, dst_colorspace="ITU601", dst_color_range=swing)
-    frame.colorspace = _SPC_SMPTE170M
+        frame = frame.reformat(format=pix_fmt, dst_colorspace=_SCALER_MATRICES[matrix], dst_color_range=swing)
+    frame.colorspace = matrix
     frame.color_range = _RANGE_JPEG if pix_fmt.startswith("yuvj") else _RANGE_MPEG
     return frame
 
 
 def _tag_colours(context: Any, pix_fmt: str, display: Display, width: int, height: int) -> None:
-    """Tag an encoder with what its numbers are (`_video_frame`): the BT.601 matrix and its swing for YUV, or
-    RGB; the primaries and transfer are the source's (`display`), or when it does not say, those players
-    assume at this size (BT.709 from 1280 wide or 577 high, BT.601 below), so that all three tags are set:
-    MP4 and QuickTime files carry none of them otherwise, and players guess BT.709 for HD."""
+    """Tag an encoder with what its numbers are (`_video_frame`): the YUV matrix (`_matrix_for`) and its swing,
+    or RGB; the primaries and transfer are the source's (`display`), or when it does not say, those players
+    assume at this size (BT.709 for HD, BT.601 below), so that all three tags are set: MP4 and QuickTime files
+    carry none of them otherwise, and players guess BT.709 for HD."""
     if _is_yuv(pix_fmt):
-        context.colorspace = _SPC_SMPTE170M
+        context.colorspace = _matrix_for(display, width, height)
         context.color_range = _RANGE_JPEG if pix_fmt.startswith("yuvj") else _RANGE_MPEG
     elif av.VideoFormat(pix_fmt).is_rgb:
         context.colorspace = _SPC_RGB
-    high_definition = width >= 1280 or height > 576
+    high_definition = _high_definition(width, height)
     context.color_primaries = display.color_primaries or (
         _PRI_BT709 if high_definition else _PRI_BT470BG if height == 576 else _PRI_SMPTE170M)
     context.color_trc = display.color_trc or (_TRC_BT709 if high_definition else _TRC_SMPTE170M)
@@ -1440,7 +1492,8 @@ class VideoWriter(ClosesOnExit):
     `write(image, pts, time_base)` takes uint8 (H, W, 3) RGB, or (H, W, 4) RGBA with alpha=True;
     grey (H, W) frames are expanded. Give each frame its source pts and time base to keep variable
     frame rate; frames without pts follow `fps`. The stream is tagged with the colours its numbers are
-    in (BT.601 YUV; see `_tag_colours`), so that players show the frames' RGB.
+    in (YUV by the source's matrix, else BT.709 for HD and BT.601 below; see `_tag_colours`), so that players
+    show the frames' RGB.
 
     The file is started (encoder opened, header written) on the first `write`, which waits for that:
     a file that cannot be started fails there, and leaves nothing behind.
@@ -1695,7 +1748,7 @@ class VideoWriter(ClosesOnExit):
                 raise
             finally:
                 self._opened.set()
-        frame = _video_frame(self._fit(image), self.choice.pix_fmt)
+        frame = _video_frame(self._fit(image), self.choice.pix_fmt, _matrix_for(self.display, *self.size))
         frame.pts = self._next_pts(pts, time_base)
         frame.time_base = self._time_base
         packets = self._stream.encode(frame)
