@@ -1439,7 +1439,10 @@ def _video_frame(pixels: np.ndarray, pix_fmt: str, matrix: int = _SPC_SMPTE170M)
         if not _is_yuv(pix_fmt):
             return frame
         swing = _RANGE_JPEG if pix_fmt.startswith("yuvj") else _RANGE_MPEG
-        frame = frame.reformat(format=pix_fmt, dst_colorspace=_SCALER_MATRICES[matrix], dst_color_range=swing)
+        # On one thread: on several, FFmpeg's scaler now and then garbles the rows where its slices meet (into
+        # ProRes's 10-bit formats at heights such as 66 or 722, about one conversion in ten).
+        frame = frame.reformat(format=pix_fmt, dst_colorspace=_SCALER_MATRICES[matrix], dst_color_range=swing,
+                               threads=1)
     frame.colorspace = matrix
     frame.color_range = _RANGE_JPEG if pix_fmt.startswith("yuvj") else _RANGE_MPEG
     return frame
