@@ -678,6 +678,8 @@ def test_encoders_by_extension():
 
 @pytest.mark.parametrize(("even", "expected"), [("pad", (66, 48)), ("crop", (64, 46))])
 def test_odd_sizes_are_made_even_for_h264_and_logged(tmp_path, caplog, even, expected):
+    if choose_encoder("a.mp4", alpha=False).codec != "libx264":
+        pytest.skip("this PyAV has no libx264; its stand-in, MPEG-4 part 2, keeps odd sizes")
     target = tmp_path / "odd.mp4"
     with caplog.at_level(logging.WARNING, logger="bgmatte.io.video"):
         with VideoWriter(target, fps=25, options=EncoderOptions(even=even)) as writer:
@@ -694,6 +696,36 @@ def test_vp9_keeps_odd_sizes(tmp_path):
         for index in range(3):
             writer.write(pattern(index, 65, 47))
     assert read_all(target)[0].size == (65, 47)
+
+
+def gradient(width: int, height: int) -> np.ndarray:
+    """A smooth picture whose last row and column are the ends of its ramps, so that a lost or doubled edge shows."""
+    rows, columns = np.mgrid[0:height, 0:width]
+    return np.dstack([40 + 150 * columns / width, 60 + 130 * rows / height, 200 - 150 * columns / width]).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("suffix", "codec", "expected"), [
+    (".mp4", "mpeg4", (97, 65)), (".mov", "mpeg4", (97, 65)), (".mkv", "mpeg4", (97, 65)), (".mkv", "ffv1", (97, 65)),
+    (".mkv", "mjpeg", (97, 65)), (".webm", "libvpx", (97, 65)), (".mov", "prores_ks", (98, 65)),
+    (".mkv", "libx264", (98, 66))])
+def test_odd_sizes_are_kept_where_the_encoder_stores_them(tmp_path, suffix, codec, expected):
+    """Encoders that store any size keep 97x65 exactly, edges included; ProRes 4:2:2 pads the width alone and H.264
+    4:2:0 both sides (`EncoderOptions.even`)."""
+    target = tmp_path / f"odd{suffix}"
+    image = gradient(97, 65)
+    with VideoWriter(target, fps=25, options=EncoderOptions(codec=codec)) as writer:
+        for _ in range(2):
+            writer.write(image)
+    with av.open(str(target)) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.width, stream.codec_context.height) == expected
+        decoded = next(container.decode(video=0))
+        assert (decoded.width, decoded.height) == expected
+    reader, frames = read_all(target)
+    assert reader.size == expected and frames[-1].image.shape == (expected[1], expected[0], 3)
+    kept = frames[-1].image[:65, :97].astype(int)
+    assert np.abs(kept - image).max() <= 10  # lossy, but the same picture
+    assert np.abs(kept[:, -1] - image[:, -1]).mean() <= 4 and np.abs(kept[-1] - image[-1]).mean() <= 4
 
 
 def test_writer_uses_a_temporary_name_until_closed(tmp_path):

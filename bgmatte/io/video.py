@@ -987,13 +987,22 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 
 @dataclass(frozen=True)
 class EncoderOptions:
-    """Choices for video encoding; the defaults suit review copies that still edit well."""
+    """Choices for video encoding; the defaults suit review copies that still edit well.
+
+    `even` is what becomes of an odd width or height where the encoder cannot store it: libx264 and libx265
+    need both sides even in 4:2:0 and an even width in 4:2:2, as does ProRes in 4:2:2; the frames are padded by
+    one row or column (a copy of the last, so that no colour bleeds in) or cropped by one. Cropping the padded
+    picture in the bitstream cannot keep the exact size either: H.264's and HEVC's conformance window counts in
+    chroma samples, two pixels in 4:2:0 (FFmpeg's h264_metadata and hevc_metadata filters refuse a crop of one).
+    VP8, VP9, MPEG-4 part 2, MPEG-2, MJPEG, FFV1 and MagicYUV store any size and keep it; other encoders are
+    given even sides where their format halves the colour, the safe guess.
+    """
 
     codec: str | None = None  # force an encoder (e.g. "mpeg4"); None chooses by extension
     crf: int | None = None  # quality for libx264 (default 18) and VP9 (default 30); lower is better
     preset: str | None = None  # libx264 speed preset (default veryfast; see X264_PRESETS)
     threads: int | None = None  # encoder threads; None leaves it to FFmpeg (about one per core and a half)
-    even: Literal["pad", "crop"] = "pad"  # how to reach the even size that 4:2:0 encoders need
+    even: Literal["pad", "crop"] = "pad"  # how to reach the even size that H.264, HEVC and ProRes need (see above)
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in X264_PRESETS:
@@ -1013,7 +1022,7 @@ class EncoderChoice:
     container: str  # FFmpeg muxer name
     codec: str
     pix_fmt: str
-    needs_even: bool
+    even_sides: tuple[bool, bool]  # whether the width and the height must be even (`_even_sides`)
     options: dict[str, str] = field(default_factory=dict)
     # A forced encoder that the early check, made before the frames' size was known, saw refuse its usual
     # stand-in size but take another (H.263 takes only a few): the writer tries it at the frames' own size.
@@ -1102,25 +1111,31 @@ def choose_encoder(path: str | os.PathLike, *, alpha: bool, options: EncoderOpti
                                                      options.even)
     if alpha and not _has_alpha(pix_fmt):
         raise BgmatteError(f"{path}: the encoder {codec} cannot keep transparency; leave the encoder to the extension")
-    return EncoderChoice(container=container, codec=codec, pix_fmt=pix_fmt, needs_even=_needs_even(codec, pix_fmt),
+    return EncoderChoice(container=container, codec=codec, pix_fmt=pix_fmt, even_sides=_even_sides(codec, pix_fmt),
                          options=settings, provisional=provisional)
 
 
-def _needs_even(codec: str, pix_fmt: str) -> bool:
-    """Whether frames must have even sides: chroma subsampled by two needs them, except in libvpx, which
-    handles odd ones itself."""
-    return _subsampled(pix_fmt) and codec not in ("libvpx-vp9", "libvpx")
+# Encoders that store the exact size of a picture whatever its chroma subsampling, checked by encoding 97x65,
+# 98x65 and 97x66 frames of a gradient in each and decoding them back to the same size and pixels (within the
+# codec's loss, the last row and column too). ProRes is not among them: it takes an odd width in 4:2:2 and
+# spoils the picture.
+_ANY_SIZE = frozenset({"libvpx", "libvpx-vp9", "mpeg4", "mpeg2video", "mjpeg", "ffv1", "magicyuv"})
 
 
-def _encoded_size(size: tuple[int, int], needs_even: bool, even: str) -> tuple[int, int]:
-    """The size frames of `size` are encoded at: made even, by padding or cropping (`EncoderOptions.even`),
-    where the pixel format needs it."""
-    width, height = size
-    if not needs_even:
-        return width, height
-    if even == "crop":
-        return width - width % 2, height - height % 2
-    return width + width % 2, height + height % 2
+def _even_sides(codec: str, pix_fmt: str) -> tuple[bool, bool]:
+    """Whether frames must have an even width and an even height: those the format keeps half the colour of,
+    unless the encoder stores any size (`_ANY_SIZE`)."""
+    if codec in _ANY_SIZE or not _is_yuv(pix_fmt):
+        return False, False
+    pixel_format = av.VideoFormat(pix_fmt)
+    return pixel_format.chroma_width(2) < 2, pixel_format.chroma_height(2) < 2
+
+
+def _encoded_size(size: tuple[int, int], even_sides: tuple[bool, bool], even: str) -> tuple[int, int]:
+    """The size frames of `size` are encoded at: each side that must be even (`_even_sides`) made so, by padding
+    or cropping one pixel (`EncoderOptions.even`)."""
+    step = -1 if even == "crop" else 1
+    return tuple(side + step * (side % 2) if must else side for side, must in zip(size, even_sides))
 
 
 def _working_pixel_format(path: Path, container: str, codec: str, alpha: bool, preferred: str,
@@ -1144,7 +1159,7 @@ def _working_pixel_format(path: Path, container: str, codec: str, alpha: bool, p
     at_size = size or _PROBE_SIZE
     failure = ""
     for pix_fmt in candidates:
-        probe_size = _encoded_size(at_size, _needs_even(codec, pix_fmt), even) if size is not None else at_size
+        probe_size = _encoded_size(at_size, _even_sides(codec, pix_fmt), even) if size is not None else at_size
         failure = _try_encoder(container, codec, pix_fmt, options, probe_size)
         if not failure:
             if pix_fmt != preferred:
@@ -1197,14 +1212,6 @@ def _try_encoder(container: str, codec: str, pix_fmt: str, settings: tuple[tuple
 
 def _has_alpha(pix_fmt: str) -> bool:
     return len(av.VideoFormat(pix_fmt).components) in (2, 4)
-
-
-def _subsampled(pix_fmt: str) -> bool:
-    """Whether the format keeps colour at half the width or height (4:2:0, 4:2:2...), which needs even sides."""
-    pixel_format = av.VideoFormat(pix_fmt)
-    if pixel_format.is_rgb or len(pixel_format.components) < 3:
-        return False
-    return pixel_format.chroma_width(2) < 2 or pixel_format.chroma_height(2) < 2
 
 
 def _is_yuv(pix_fmt: str) -> bool:
@@ -1615,11 +1622,13 @@ class VideoWriter(ClosesOnExit):
             # The early check found this encoder only at a stand-in size; try it at the frames' own size, which
             # refuses it here, in one line and before any file exists, if it cannot take them.
             self.choice = choose_encoder(self.path, alpha=self.alpha, options=self.options, size=(width, height))
-        self.size = _encoded_size((width, height), self.choice.needs_even, self.options.even)
+        self.size = _encoded_size((width, height), self.choice.even_sides, self.options.even)
         if self.size != (width, height):
+            sides = {(True, True): "an even width and height", (True, False): "an even width"}.get(
+                self.choice.even_sides, "an even height")
             logger.warning(
-                "%s: %s with %s needs even dimensions; %s %dx%d to %dx%d", self.path, self.choice.codec,
-                self.choice.pix_fmt, "cropping" if self.options.even == "crop" else "padding", width, height, *self.size,
+                "%s: %s with %s needs %s; %s %dx%d to %dx%d", self.path, self.choice.codec, self.choice.pix_fmt,
+                sides, "cropping" if self.options.even == "crop" else "padding", width, height, *self.size,
             )
         tb = time_base if time_base is not None else 1 / self.fps
         if self.choice.codec == "mpeg4" and tb.denominator > 65535:
