@@ -784,6 +784,28 @@ def plate_sample_count(width: int, height: int) -> int:
     return max(12, min(PLATE_SAMPLES, PLATE_SAMPLES * 1920 * 1080 // (width * height)))
 
 
+AUTO_PLATE_FRAMES = 3
+"""The fewest frames an automatic plate is estimated from (`estimate_plate`'s own minimum)."""
+
+
+def _too_few_for_plate(src: Path, got: int, *, start: float, duration: float | None) -> BgmatteError:
+    """The refusal of an automatic plate from a clip (or span) of fewer than `AUTO_PLATE_FRAMES` frames, saying
+    which option could give it more."""
+    where = "the clip" if not (start or duration) else f"the span from {start:g} s" + (
+        f" for {duration:g} s (a longer --duration?)" if duration else " to the end (an earlier --start?)")
+    return BgmatteError(f"{src}: an automatic plate needs at least {AUTO_PLATE_FRAMES} frames of {where}; it gave {got}")
+
+
+def _check_plate_frames(src: Path, *, start: float = 0.0, duration: float | None = None) -> None:
+    """Refuse an automatic plate for a clip (or span) too short to give one, before the model is loaded: decoding
+    its first few frames takes a moment, loading the model seconds. The header's frame count is not trusted (it
+    may promise frames that do not decode); `_estimate_plate` still refuses a clip whose samples fall short."""
+    with VideoReader(src, queue_size=AUTO_PLATE_FRAMES, start=start, duration=duration) as reader:
+        got = sum(1 for _ in zip(range(AUTO_PLATE_FRAMES), reader))
+    if got < AUTO_PLATE_FRAMES:
+        raise _too_few_for_plate(src, got, start=start, duration=duration)
+
+
 def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: float = 0.0,
                     duration: float | None = None, align: bool = False) -> np.ndarray:
     """A clean plate from frames sampled evenly over a first pass through the clip, or through its span from
@@ -806,10 +828,8 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: 
                 samples = [resize_image(frame.image, *size) for frame in bar if frame.index in chosen]
             else:
                 samples = sample_frames((resize_image(frame.image, *size) for frame in bar), count)
-    if len(samples) < 3:  # estimate_plate's own refusal cannot name the clip
-        where = "the clip" if not (start or duration) else f"the span from {start:g} s" + (
-            f" for {duration:g} s (a longer --duration?)" if duration else " to the end (an earlier --start?)")
-        raise BgmatteError(f"{src}: an automatic plate needs at least 3 frames of {where}; it gave {len(samples)}")
+    if len(samples) < AUTO_PLATE_FRAMES:  # estimate_plate's own refusal cannot name the clip
+        raise _too_few_for_plate(src, len(samples), start=start, duration=duration)
     if align:
         registered, failed = register_frames(samples)
         if len(registered) < 3:
@@ -1268,6 +1288,8 @@ def convert_video(
         native = reader.size
         size = resize or native
         auto_plate = isinstance(bgr, str) and bgr.strip().lower() == "auto"
+        if auto_plate:
+            _check_plate_frames(src, start=start, duration=duration)
         image, plate_video = (None, None) if auto_plate else _open_plate(bgr, start=start)
         if plate_video is not None:
             stack.callback(plate_video.close)

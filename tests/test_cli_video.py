@@ -231,6 +231,20 @@ def test_a_picture_declaring_too_many_pixels_is_refused_as_a_source(scene, capsy
     assert not (scene / "out.mp4").exists()
 
 
+@pytest.mark.parametrize("span", [(), ("--start", "0.4"), ("--duration", "0.05")])
+def test_an_automatic_plate_from_too_few_frames_is_refused_before_the_model_loads(scene, capsys, monkeypatch, span):
+    make_clip(scene / "short.mp4", 2)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded for a clip that cannot give an automatic plate")
+
+    monkeypatch.setattr(pipeline, "load_predictor", never)
+    clip = "short.mp4" if not span or span[0] == "--duration" else "src.mp4"  # 12 frames: 2 from 0.4 s on
+    code, _, err = run(capsys, "video", clip, "--bgr", "auto", *span, "-q")
+    one_line_error(code, err, clip, "an automatic plate needs at least 3 frames", "it gave 2")
+    assert sorted(path.name for path in scene.iterdir()) == ["bgr.png", "short.mp4", "src.mp4"]
+
+
 def test_warnings_reach_stderr_as_one_line_each(scene, capsys, monkeypatch):
     use_difference_model(monkeypatch)
     write_png(scene / "small.png", plate_image(48, 32))
