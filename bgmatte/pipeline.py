@@ -1369,22 +1369,54 @@ def convert_video(
             logger.warning("interrupted: the outputs hold %s", _frames_held(written, "the first"))
             raise
         except Exception:
-            broken = [writer.path for writer in writers.values() if isinstance(writer, VideoWriter) and writer.failed]
-            kept = [plan.path for plan in plans if plan.path not in broken]
-            if broken and written:
-                logger.warning("stopped by an error: %s is not kept (its encoder failed)%s", _and_list(broken),
-                               f"; {_and_list(kept)} {'holds' if len(kept) == 1 else 'hold'} "
-                               f"{_frames_held(written, 'the first')}" if kept else "")
-            elif written:
+            if written and not _warn_not_kept(writers, plans, written, _frames_held(written, "the first"),
+                                              "stopped by an error: "):
                 logger.warning("stopped by an error: the outputs hold %s", _frames_held(written, "the first"))
             raise
         finally:
             plates.close()
         plates.report()
         error = reader.error
+        _close_outputs(writers, plans, written, _frames_held(written, "the first") if error is not None
+                       else _all_frames(written))
     if error is not None:
         raise BgmatteError(f"{error}; the outputs hold {_frames_held(written, 'those')}")
     return VideoResult({plan.kind: plan.path for plan in plans}, written, time.perf_counter() - started)
+
+
+def _warn_not_kept(writers: dict[str, VideoWriter | ImageSequenceWriter], plans: Sequence[OutputFile], written: int,
+                   held: str, prefix: str = "") -> bool:
+    """Warn which video outputs are not kept because their encoder failed, and what the others hold (`held`, in
+    words); returns whether it did. Nothing is said when no frame was written: no output exists then."""
+    broken = [writer.path for writer in writers.values() if isinstance(writer, VideoWriter) and writer.failed]
+    if not (broken and written):
+        return False
+    kept = [plan.path for plan in plans if plan.path not in broken]
+    logger.warning("%s%s is not kept (its encoder failed)%s", prefix, _and_list(broken),
+                   f"; {_and_list(kept)} {'holds' if len(kept) == 1 else 'hold'} {held}" if kept else "")
+    return True
+
+
+def _close_outputs(writers: dict[str, VideoWriter | ImageSequenceWriter], plans: Sequence[OutputFile], written: int,
+                   held: str) -> None:
+    """Finish every output after the loop, each even when another fails, and raise the first failure once the user
+    has been told which files are not kept: an encoder that fails only now (its last frames, the trailer) leaves
+    its file out as one failing mid-run does, and is reported the same way. A stop (Ctrl-C, a signal) while one is
+    finished goes on at once: the exit stack finishes the rest."""
+    failure: BgmatteError | None = None
+    for writer in writers.values():
+        try:
+            writer.close()
+        except BgmatteError as exc:
+            failure = failure or exc
+    if failure is not None:
+        _warn_not_kept(writers, plans, written, held)
+        raise failure
+
+
+def _all_frames(count: int) -> str:
+    """What the outputs of a whole run hold, in words: "no frame", "the one frame", "all 12 frames"."""
+    return "no frame" if count == 0 else "the one frame" if count == 1 else f"all {count} frames"
 
 
 def _and_list(paths: Sequence[Path]) -> str:

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 import zlib
 from pathlib import Path
 
@@ -297,6 +298,40 @@ def test_an_encoder_failing_mid_run_leaves_no_file_under_its_name_and_the_others
     held = len(read_frames(survivor))
     assert 6 <= held < 12
     assert f"{failing} is not kept" in err and f"{survivor.name} holds the first {held} frames" in err
+    assert sorted(p.name for p in scene.iterdir()) == ["bgr.png", "out.mp4", "out_pha.mp4", "src.mp4"]
+
+
+@pytest.mark.parametrize("failing", ["out.mp4", "out_pha.mp4"])
+def test_an_encoder_failing_as_its_file_is_finished_is_reported_not_kept_as_a_mid_run_failure_is(
+        scene, capsys, monkeypatch, failing):
+    """Every frame encoded, then the trailer cannot be written (a full disk): the file is not kept, and the user is
+    told so, and what the other output holds, as when an encoder fails mid-run."""
+    use_difference_model(monkeypatch)
+    (scene / failing).write_bytes(b"an earlier output")
+    finish = VideoWriter._finish
+
+    def trailer_fails(self):
+        if self.path.name == failing:
+            container = self._container
+
+            def close():
+                container.close()
+                raise OSError(28, "No space left on device")
+
+            self._container = types.SimpleNamespace(mux=container.mux, close=close)
+        finish(self)
+
+    monkeypatch.setattr(VideoWriter, "_finish", trailer_fails)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--outputs", "com", "pha",
+                       "--overwrite", "-q")
+    survivor = ({"out.mp4", "out_pha.mp4"} - {failing}).pop()
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines() == [
+        f"bgmatte video: warning: {failing} is not kept (its encoder failed); {survivor} holds all 12 frames",
+        f"bgmatte video: error: {failing}: could not finish the file (No space left on device)",
+    ]
+    assert (scene / failing).read_bytes() == b"an earlier output"
+    assert len(read_frames(scene / survivor)) == 12
     assert sorted(p.name for p in scene.iterdir()) == ["bgr.png", "out.mp4", "out_pha.mp4", "src.mp4"]
 
 
