@@ -732,6 +732,19 @@ class _Plates:
             self._video.close()
 
 
+def _read_target(target: TargetBackground) -> np.ndarray | None:
+    """Read an image target (its pixels, for `TargetFrames`) and open a video one (its header and first frame) before
+    the model loads, so that one that cannot be read is refused at once, not after the weights were read."""
+    try:
+        if target.kind == "image":
+            return read_image(target.path)
+        if target.kind == "video":
+            VideoReader(target.path, queue_size=1).close()
+    except BgmatteError as exc:
+        raise BgmatteError(f"{exc} (for the target background)") from None
+    return None
+
+
 def _frames_to_end(reader: VideoReader) -> int | None:
     """How many frames the clip has from its very first to the end of what is read: frame-for-frame pairing with a
     plate video drifts from the first frame on, also in a span."""
@@ -1293,6 +1306,7 @@ def convert_video(
         image, plate_video = (None, None) if auto_plate else _open_plate(bgr, start=start)
         if plate_video is not None:
             stack.callback(plate_video.close)
+        picture = _read_target(target_bgr) if target_bgr is not None else None
         sequences = output_format == "image_sequences" or (output is not None and _sequence_name(Path(output)))
         if target_bgr is None:
             target_bgr = TargetBackground("transparent") if sequences else TargetBackground("colour", colour=REFERENCE_GREEN)
@@ -1318,8 +1332,8 @@ def convert_video(
         predictor = load_predictor(model, *size)
         if batch_size is None:
             batch_size = 4 if predictor.device.type == "cuda" else 1
-        targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device, fps=reader.fps,
-                                                         frames=reader.frame_count))
+        targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device, picture=picture,
+                                                   fps=reader.fps, frames=reader.frame_count))
         if auto_plate:
             image = _estimate_plate(src, size, progress, start=start, duration=duration, align=align)
         # An automatic plate is named by its clip (in alignment warnings), and is of the working size already.

@@ -246,6 +246,22 @@ def test_an_automatic_plate_from_too_few_frames_is_refused_before_the_model_load
     assert sorted(path.name for path in scene.iterdir()) == ["bgr.png", "short.mp4", "src.mp4"]
 
 
+@pytest.mark.parametrize("name,content,message", [
+    ("garbage.png", b"not an image", "garbage.png: not an image file"),
+    ("garbage.mp4", b"not a video", "garbage.mp4: not a video file"),
+], ids=["image", "video"])
+def test_an_unreadable_target_background_is_refused_before_the_model_loads(scene, capsys, monkeypatch, name, content,
+                                                                           message):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded for a target background that cannot be read")
+
+    monkeypatch.setattr(pipeline, "load_predictor", never)
+    (scene / name).write_bytes(content)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "--target-bgr", name, "-o", "out.mp4")
+    one_line_error(code, err, message, "(for the target background)")
+    assert not (scene / "out.mp4").exists()
+
+
 def test_warnings_reach_stderr_as_one_line_each(scene, capsys, monkeypatch):
     use_difference_model(monkeypatch)
     write_png(scene / "small.png", plate_image(48, 32))
