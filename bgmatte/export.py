@@ -224,7 +224,7 @@ def export_torchscript(model: MattingRefine, path: str | Path, *, overwrite: boo
     return path
 
 
-def _check_onnx_opset(opset: int) -> Any:
+def check_onnx_export(opset: int = ONNX_OPSET) -> Any:
     """The onnx module, once it is known to be installed and to make `opset`: checked before the model loads and the
     minute-long trace. Outside 18 to the newest it knows, the exporter spends its minute, fails to convert its graph
     (its operators start at 18; 17 has no Pad adapter) and writes another opset than asked, with only a logged
@@ -249,7 +249,7 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     _check_model(model)
     path = Path(path)
     check_destination(path, overwrite)
-    onnx = _check_onnx_opset(opset)
+    onnx = check_onnx_export(opset)
     parameter = next(model.parameters())
     if parameter.dtype != torch.float32:
         raise BgmatteError("ONNX export is fp32 only; the model is " + str(parameter.dtype).replace("torch.", ""))
@@ -353,7 +353,7 @@ def export_checkpoint(checkpoint: str | Path | None, output: str | Path, *, form
     check_destination(Path(output), overwrite)
     _refuse_replacing_source(Path(output), Path(checkpoint) if checkpoint is not None else DEFAULT_WEIGHTS)
     if format == "onnx":
-        _check_onnx_opset(opset)  # onnx installed, and the opset one it makes: before the weights are read
+        check_onnx_export(opset)  # onnx installed, and the opset one it makes: before the weights are read
     model = load_model(checkpoint, backbone=backbone, backbone_scale=options.backbone_scale,
                        refine_mode=options.refine_mode, refine_sample_pixels=options.refine_sample_pixels,
                        refine_threshold=options.refine_threshold, refine_kernel_size=refine_kernel_size,
