@@ -93,12 +93,18 @@ def _disc(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
-def closed_form_alpha(src: np.ndarray, trimap: np.ndarray) -> np.ndarray:
-    """Closed-form matting of float RGB ``src`` in the trimap's unknown region (pymatting, the ``[eval]`` extra)."""
+def _pymatting():
+    """The pymatting module, or a one-line refusal naming the extra that brings it."""
     try:
-        from pymatting import estimate_alpha_cf
+        import pymatting
     except ImportError:
         raise BgmatteError('the closed-form baseline needs pymatting: pip install "bgmatte[eval]"') from None
+    return pymatting
+
+
+def closed_form_alpha(src: np.ndarray, trimap: np.ndarray) -> np.ndarray:
+    """Closed-form matting of float RGB ``src`` in the trimap's unknown region (pymatting, the ``[eval]`` extra)."""
+    estimate_alpha_cf = _pymatting().estimate_alpha_cf
     if not (trimap == 128).any():
         return (trimap == 255).astype(np.float64)
     if not (trimap == 255).any():
@@ -118,6 +124,7 @@ class ClosedFormBaseline(torch.nn.Module):
 
     def __init__(self, options: TrimapOptions = TrimapOptions()) -> None:
         super().__init__()
+        _pymatting()  # missing, refused now: not once the predictions' folders are made and the first frame read
         self.options = options
 
     def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor]:

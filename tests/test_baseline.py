@@ -2,6 +2,7 @@
 which closed-form matting has a constant solution, still give a matte close to the truth."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import numpy as np
@@ -11,8 +12,9 @@ import torch
 from bgmatte.baseline import ClosedFormBaseline, closed_form_alpha, plate_difference_trimap
 from media import plate_image
 
-pytest.importorskip("pymatting")
 pytestmark = pytest.mark.timeout(120)
+needs_pymatting = pytest.mark.skipif(importlib.util.find_spec("pymatting") is None,
+                                     reason='pymatting is not installed (pip install "bgmatte[eval]")')
 
 HEIGHT, WIDTH = 64, 96
 MAGENTA = (1.0, 0.0, 1.0)
@@ -36,6 +38,7 @@ def square() -> np.ndarray:
     return truth
 
 
+@needs_pymatting
 @pytest.mark.parametrize("change", ["offset", "gain"])
 def test_a_frame_whose_every_pixel_differs_from_the_plate_is_not_matted_all_foreground(plate, caplog, change):
     """A change of exposure shifts every background pixel past the background threshold: the trimap had no sure
@@ -52,6 +55,7 @@ def test_a_frame_whose_every_pixel_differs_from_the_plate_is_not_matted_all_fore
     assert "the pixels that differ least are taken as background" in caplog.text
 
 
+@needs_pymatting
 def test_a_subject_thinner_than_the_band_is_not_matted_all_background(plate, caplog):
     """Erosion by the band removed a 5-pixel bar whole: the trimap had no sure foreground, and the matte was 0."""
     truth = np.zeros((HEIGHT, WIDTH))
@@ -63,6 +67,7 @@ def test_a_subject_thinner_than_the_band_is_not_matted_all_background(plate, cap
     assert "too thin for the 5-pixel band" in caplog.text
 
 
+@needs_pymatting
 def test_a_frame_with_nothing_clearly_different_from_the_plate_is_all_background(plate):
     """The opposite extreme: no sure foreground because nothing differs clearly (an exposure change and no
     subject); the trimap's own verdict, all background, is kept."""
@@ -81,6 +86,7 @@ def test_an_ordinary_frame_keeps_its_trimap_and_says_nothing(plate, caplog):
     assert (trimap[truth == 0] != 255).all() and (trimap[truth == 1] != 0).all()
 
 
+@needs_pymatting
 def test_the_baseline_model_mattes_a_shifted_frame_as_well_as_the_same_frame_unshifted(plate):
     """Through the model `bgmatte eval` scores: the exposure change costs (almost) nothing. Noise-free 8x8 tiles are
     hard for closed-form matting as such, shifted or not (some 0.05 of alpha leaks into them), hence the comparison."""
@@ -92,3 +98,23 @@ def test_the_baseline_model_mattes_a_shifted_frame_as_well_as_the_same_frame_uns
         assert pha.shape == (1, 1, HEIGHT, WIDTH)
         errors[offset] = np.abs(pha[0, 0].numpy() - truth).mean()
     assert errors[0.1] < errors[0.0] + 0.01, errors
+
+
+def test_eval_without_pymatting_refuses_the_baseline_before_making_the_prediction_folders(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """pymatting was imported at the first frame: the --out folder and its empty pha/ and fgr/ were left behind."""
+    import sys
+
+    from bgmatte.cli import main
+    from bgmatte.io.images import write_png
+
+    data = tmp_path / "data"
+    for folder, value in (("src", 200), ("bgr", 20), ("pha", 255), ("fgr", 200)):
+        (data / folder).mkdir(parents=True)
+        write_png(data / folder / "frame.png", np.full((32, 32, 3), value, np.uint8))
+    monkeypatch.setitem(sys.modules, "pymatting", None)  # what an absent package looks like to import
+    code = main(["eval", "--baseline", "closed-form", "--data", str(data), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert capsys.readouterr().err == ('bgmatte eval: error: the closed-form baseline needs pymatting: '
+                                       'pip install "bgmatte[eval]"\n')
+    assert not (tmp_path / "out").exists()
