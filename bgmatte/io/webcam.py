@@ -895,12 +895,20 @@ def run_webcam(
     plate_image = _read_plate(bgr) if bgr is not None else None
 
     from bgmatte.model.build import load_model
-    from bgmatte.predictor import Predictor
+    from bgmatte.predictor import Predictor, check_frame_size
 
     with ExitStack() as stack:
         source = open_camera(camera, width=width, height=height, fps=fps)
         stack.callback(source.close)
         plate = fit_plate(plate_image, source.size, bgr) if plate_image is not None else None
+        # What depends on the camera's size and rate is refused once it is open, but before the weights are read
+        # and the warm-up is run: frames too small for the backbone scale, a virtual camera that cannot start.
+        check_frame_size(*source.size, backbone_scale)
+        sinks: list[FrameSink] = []
+        if virtual_cam:
+            virtual = VirtualCamera(*source.size, source.fps, backend=virtual_cam_backend, device=virtual_cam_device)
+            stack.callback(virtual.close)
+            sinks.append(virtual)
         model = load_model(checkpoint, backbone=backbone, backbone_scale=backbone_scale, refine_mode=refine_mode,
                            refine_sample_pixels=refine_sample_pixels, refine_threshold=refine_threshold,
                            plate_solve=plate_solve, device=device)
@@ -908,11 +916,6 @@ def run_webcam(
         # The first inference is slow (allocation, kernel choice); do it now, not on the first live frame.
         blank = np.zeros((source.size[1], source.size[0], 3), np.uint8)
         predictor(blank, blank)
-        sinks: list[FrameSink] = []
-        if virtual_cam:
-            virtual = VirtualCamera(*source.size, source.fps, backend=virtual_cam_backend, device=virtual_cam_device)
-            stack.callback(virtual.close)
-            sinks.append(virtual)
         if record is not None:
             recording = Recording(record, fps=source.fps, overwrite=overwrite)
             stack.callback(recording.close)
