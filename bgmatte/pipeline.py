@@ -92,6 +92,7 @@ from bgmatte.predictor import (
     BaseAsRefine,
     Matte,
     Predictor,
+    check_frame_size,
     frames_to_tensor,
     is_base_network,
     model_device_of,
@@ -1300,6 +1301,7 @@ def convert_video(
                                "(matte_images in Python)")
         native = reader.size
         size = resize or native
+        _check_frames_fit(model, *size)
         auto_plate = isinstance(bgr, str) and bgr.strip().lower() == "auto"
         if auto_plate:
             _check_plate_frames(src, start=start, duration=duration)
@@ -1539,6 +1541,17 @@ def _size_options(model: ModelLike) -> ModelOptions | None:
     if not _loads_itself(model):
         return None
     return model if isinstance(model, ModelOptions) else ModelOptions(checkpoint=model)
+
+
+def _check_frames_fit(model: ModelLike, width: int, height: int) -> None:
+    """Refuse frames too small for the backbone scale a model that loads itself will get, before it loads and before
+    an automatic plate's pass: `Predictor` refuses them only at the first frame, after both (a model given ready is
+    refused there at no cost). The base network alone (mattingbase) runs at full resolution."""
+    options = _size_options(model)
+    if options is None or options.model_type == "mattingbase":
+        return
+    check_frame_size(width, height, options.backbone_scale if options.backbone_scale is not None
+                     else settings_for_size(width, height)[0])
 
 
 def _fit_to_size(predictor: Predictor, options: ModelOptions | None, width: int, height: int) -> None:

@@ -262,6 +262,20 @@ def test_an_unreadable_target_background_is_refused_before_the_model_loads(scene
     assert not (scene / "out.mp4").exists()
 
 
+@pytest.mark.parametrize("plate", ["bgr.png", "auto"])
+def test_frames_too_small_for_the_backbone_scale_are_refused_before_the_model_loads(scene, capsys, monkeypatch, plate):
+    """Refused at the first frame, they came after the model had loaded (and an automatic plate's pass), with a
+    warning that the composite got no frames."""
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded, or the plate estimated, for frames it cannot matte")
+
+    monkeypatch.setattr(pipeline, "load_predictor", never)
+    monkeypatch.setattr(pipeline, "_estimate_plate", never)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", plate, "--backbone-scale", "0.01", "-o", "out.mp4", "-q")
+    one_line_error(code, err, "frames of 96x64 are too small for backbone scale 0.01")
+    assert not (scene / "out.mp4").exists()
+
+
 def test_warnings_reach_stderr_as_one_line_each(scene, capsys, monkeypatch):
     use_difference_model(monkeypatch)
     write_png(scene / "small.png", plate_image(48, 32))
