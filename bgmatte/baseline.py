@@ -77,8 +77,9 @@ def plate_difference_trimap(src: np.ndarray, bgr: np.ndarray, options: TrimapOpt
 
 def _least_different(difference: np.ndarray, foreground: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Sure background for a frame where (almost) nothing matches the plate within the threshold (a change of
-    exposure or white balance shifts every pixel): the half of the pixels away from the subject that differ least from the plate.
-    Away means outside the band around the foreground, or outside the foreground itself where the band covers all."""
+    exposure or white balance shifts every pixel): the half of the pixels away from the subject that differ least
+    from the plate. Away means outside the band around the foreground, or outside the foreground itself where the
+    band covers all."""
     outside = 1 - cv2.dilate(foreground, kernel)
     if not outside.any():
         outside = 1 - foreground

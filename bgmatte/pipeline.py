@@ -807,7 +807,8 @@ def _too_few_for_plate(src: Path, got: int, *, start: float, duration: float | N
     which option could give it more."""
     where = "the clip" if not (start or duration) else f"the span from {start:g} s" + (
         f" for {duration:g} s (a longer --duration?)" if duration else " to the end (an earlier --start?)")
-    return BgmatteError(f"{src}: an automatic plate needs at least {AUTO_PLATE_FRAMES} frames of {where}; it gave {got}")
+    return BgmatteError(f"{src}: an automatic plate needs at least {AUTO_PLATE_FRAMES} frames of {where}; "
+                        f"it gave {got}")
 
 
 def _check_plate_frames(src: Path, *, start: float = 0.0, duration: float | None = None) -> None:
