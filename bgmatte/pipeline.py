@@ -1721,6 +1721,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                     unreadable.append((source, str(exc)))
                     continue
                 height, width = image.shape[:2]
+                _check_frames_fit(model, width, height)  # the first image's before the model loads for it
                 if predictor is None:
                     predictor = load_predictor(model, width, height)
                 _fit_to_size(predictor, options, width, height)
