@@ -213,6 +213,8 @@ def benchmark(options: BenchOptions) -> BenchResult:
     _check_options(options)
     if options.plate_solve == "compare" and options.backend != "torch":
         raise BgmatteError("plate_solve compare times the torch fast path with and without it: use backend torch")
+    if options.backend == "onnxruntime":
+        _check_onnx_backend(options)
     threads = torch.get_num_threads()
     try:
         if options.threads is not None:
@@ -263,6 +265,19 @@ def _check_options(options: BenchOptions) -> None:
                            f"{megapixels(options.width * options.height)} megapixels, above the limit of "
                            f"{megapixels(DEFAULT_MAX_PIXELS)}")
     check_frame_size(options.width, options.height, options.options.backbone_scale)
+
+
+def _check_onnx_backend(options: BenchOptions) -> None:
+    """Refuse what the onnxruntime candidate cannot run (a precision other than fp32, onnx or onnxruntime missing, a
+    device it has no provider for) before the model is built and exported: the export takes about a minute, and
+    onnxruntime was imported only after it."""
+    from bgmatte.export import check_onnx_export, onnx_providers
+
+    if options.precision != "fp32":
+        raise BgmatteError("the onnxruntime backend runs fp32 models only")
+    resolve_device(options.device)  # PyTorch's word on a device it cannot use, as for the torch backend
+    check_onnx_export()
+    onnx_providers(options.device)
 
 
 def _plain_model(options: BenchOptions, device: torch.device) -> tuple[MattingRefine, str, BenchOptions]:

@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from collections.abc import Collection
 from pathlib import Path
-from typing import Tuple
+from typing import Any, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -224,6 +224,20 @@ def export_torchscript(model: MattingRefine, path: str | Path, *, overwrite: boo
     return path
 
 
+def check_onnx_export(opset: int = ONNX_OPSET) -> Any:
+    """The onnx module, once it is known to be installed and to make `opset`: checked before the model loads and the
+    minute-long trace. Outside 18 to the newest it knows, the exporter spends its minute, fails to convert its graph
+    (its operators start at 18; 17 has no Pad adapter) and writes another opset than asked, with only a logged
+    traceback to say so."""
+    onnx = _import_onnx("onnx")
+    if opset < 18:
+        raise BgmatteError(f"ONNX opset {opset} is too old: use 18 or later")
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise BgmatteError(f"ONNX opset {opset} is newer than this onnx package knows ({newest}): use 18 to {newest}")
+    return onnx
+
+
 def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPSET, overwrite: bool = False) -> Path:
     """Write ``model`` as ONNX (fp32, dynamic batch, height and width) to ``path``; returns the path.
 
@@ -235,14 +249,7 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     _check_model(model)
     path = Path(path)
     check_destination(path, overwrite)
-    onnx = _import_onnx("onnx")
-    # Outside these the exporter spends its minute, fails to convert its graph (its operators start at 18; 17 has
-    # no Pad adapter) and writes another opset than asked, with only a logged traceback to say so.
-    if opset < 18:
-        raise BgmatteError(f"ONNX opset {opset} is too old: use 18 or later")
-    newest = onnx.defs.onnx_opset_version()
-    if opset > newest:
-        raise BgmatteError(f"ONNX opset {opset} is newer than this onnx package knows ({newest}): use 18 to {newest}")
+    onnx = check_onnx_export(opset)
     parameter = next(model.parameters())
     if parameter.dtype != torch.float32:
         raise BgmatteError("ONNX export is fp32 only; the model is " + str(parameter.dtype).replace("torch.", ""))
@@ -345,6 +352,8 @@ def export_checkpoint(checkpoint: str | Path | None, output: str | Path, *, form
     resolve_device(device)  # an unusable device first, before the output and the checkpoint are looked at
     check_destination(Path(output), overwrite)
     _refuse_replacing_source(Path(output), Path(checkpoint) if checkpoint is not None else DEFAULT_WEIGHTS)
+    if format == "onnx":
+        check_onnx_export(opset)  # onnx installed, and the opset one it makes: before the weights are read
     model = load_model(checkpoint, backbone=backbone, backbone_scale=options.backbone_scale,
                        refine_mode=options.refine_mode, refine_sample_pixels=options.refine_sample_pixels,
                        refine_threshold=options.refine_threshold, refine_kernel_size=refine_kernel_size,

@@ -92,6 +92,7 @@ from bgmatte.predictor import (
     BaseAsRefine,
     Matte,
     Predictor,
+    check_frame_size,
     frames_to_tensor,
     is_base_network,
     model_device_of,
@@ -732,6 +733,19 @@ class _Plates:
             self._video.close()
 
 
+def _read_target(target: TargetBackground) -> np.ndarray | None:
+    """Read an image target (its pixels, for `TargetFrames`) and open a video one (its header and first frame) before
+    the model loads, so that one that cannot be read is refused at once, not after the weights were read."""
+    try:
+        if target.kind == "image":
+            return read_image(target.path)
+        if target.kind == "video":
+            VideoReader(target.path, queue_size=1).close()
+    except BgmatteError as exc:
+        raise BgmatteError(f"{exc} (for the target background)") from None
+    return None
+
+
 def _frames_to_end(reader: VideoReader) -> int | None:
     """How many frames the clip has from its very first to the end of what is read: frame-for-frame pairing with a
     plate video drifts from the first frame on, also in a span."""
@@ -784,6 +798,29 @@ def plate_sample_count(width: int, height: int) -> int:
     return max(12, min(PLATE_SAMPLES, PLATE_SAMPLES * 1920 * 1080 // (width * height)))
 
 
+AUTO_PLATE_FRAMES = 3
+"""The fewest frames an automatic plate is estimated from (`estimate_plate`'s own minimum)."""
+
+
+def _too_few_for_plate(src: Path, got: int, *, start: float, duration: float | None) -> BgmatteError:
+    """The refusal of an automatic plate from a clip (or span) of fewer than `AUTO_PLATE_FRAMES` frames, saying
+    which option could give it more."""
+    where = "the clip" if not (start or duration) else f"the span from {start:g} s" + (
+        f" for {duration:g} s (a longer --duration?)" if duration else " to the end (an earlier --start?)")
+    return BgmatteError(f"{src}: an automatic plate needs at least {AUTO_PLATE_FRAMES} frames of {where}; "
+                        f"it gave {got}")
+
+
+def _check_plate_frames(src: Path, *, start: float = 0.0, duration: float | None = None) -> None:
+    """Refuse an automatic plate for a clip (or span) too short to give one, before the model is loaded: decoding
+    its first few frames takes a moment, loading the model seconds. The header's frame count is not trusted (it
+    may promise frames that do not decode); `_estimate_plate` still refuses a clip whose samples fall short."""
+    with VideoReader(src, queue_size=AUTO_PLATE_FRAMES, start=start, duration=duration) as reader:
+        got = sum(1 for _ in zip(range(AUTO_PLATE_FRAMES), reader))
+    if got < AUTO_PLATE_FRAMES:
+        raise _too_few_for_plate(src, got, start=start, duration=duration)
+
+
 def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: float = 0.0,
                     duration: float | None = None, align: bool = False) -> np.ndarray:
     """A clean plate from frames sampled evenly over a first pass through the clip, or through its span from
@@ -806,10 +843,8 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: 
                 samples = [resize_image(frame.image, *size) for frame in bar if frame.index in chosen]
             else:
                 samples = sample_frames((resize_image(frame.image, *size) for frame in bar), count)
-    if len(samples) < 3:  # estimate_plate's own refusal cannot name the clip
-        where = "the clip" if not (start or duration) else f"the span from {start:g} s" + (
-            f" for {duration:g} s (a longer --duration?)" if duration else " to the end (an earlier --start?)")
-        raise BgmatteError(f"{src}: an automatic plate needs at least 3 frames of {where}; it gave {len(samples)}")
+    if len(samples) < AUTO_PLATE_FRAMES:  # estimate_plate's own refusal cannot name the clip
+        raise _too_few_for_plate(src, len(samples), start=start, duration=duration)
     if align:
         registered, failed = register_frames(samples)
         if len(registered) < 3:
@@ -1267,10 +1302,14 @@ def convert_video(
                                "(matte_images in Python)")
         native = reader.size
         size = resize or native
+        _check_frames_fit(model, *size)
         auto_plate = isinstance(bgr, str) and bgr.strip().lower() == "auto"
+        if auto_plate:
+            _check_plate_frames(src, start=start, duration=duration)
         image, plate_video = (None, None) if auto_plate else _open_plate(bgr, start=start)
         if plate_video is not None:
             stack.callback(plate_video.close)
+        picture = _read_target(target_bgr) if target_bgr is not None else None
         sequences = output_format == "image_sequences" or (output is not None and _sequence_name(Path(output)))
         if target_bgr is None:
             target_bgr = TargetBackground("transparent") if sequences else TargetBackground("colour", colour=REFERENCE_GREEN)
@@ -1296,8 +1335,8 @@ def convert_video(
         predictor = load_predictor(model, *size)
         if batch_size is None:
             batch_size = 4 if predictor.device.type == "cuda" else 1
-        targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device, fps=reader.fps,
-                                                         frames=reader.frame_count))
+        targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device, picture=picture,
+                                                   fps=reader.fps, frames=reader.frame_count))
         if auto_plate:
             image = _estimate_plate(src, size, progress, start=start, duration=duration, align=align)
         # An automatic plate is named by its clip (in alignment warnings), and is of the working size already.
@@ -1347,22 +1386,54 @@ def convert_video(
             logger.warning("interrupted: the outputs hold %s", _frames_held(written, "the first"))
             raise
         except Exception:
-            broken = [writer.path for writer in writers.values() if isinstance(writer, VideoWriter) and writer.failed]
-            kept = [plan.path for plan in plans if plan.path not in broken]
-            if broken and written:
-                logger.warning("stopped by an error: %s is not kept (its encoder failed)%s", _and_list(broken),
-                               f"; {_and_list(kept)} {'holds' if len(kept) == 1 else 'hold'} "
-                               f"{_frames_held(written, 'the first')}" if kept else "")
-            elif written:
+            if written and not _warn_not_kept(writers, plans, written, _frames_held(written, "the first"),
+                                              "stopped by an error: "):
                 logger.warning("stopped by an error: the outputs hold %s", _frames_held(written, "the first"))
             raise
         finally:
             plates.close()
         plates.report()
         error = reader.error
+        _close_outputs(writers, plans, written, _frames_held(written, "the first") if error is not None
+                       else _all_frames(written))
     if error is not None:
         raise BgmatteError(f"{error}; the outputs hold {_frames_held(written, 'those')}")
     return VideoResult({plan.kind: plan.path for plan in plans}, written, time.perf_counter() - started)
+
+
+def _warn_not_kept(writers: dict[str, VideoWriter | ImageSequenceWriter], plans: Sequence[OutputFile], written: int,
+                   held: str, prefix: str = "") -> bool:
+    """Warn which video outputs are not kept because their encoder failed, and what the others hold (`held`, in
+    words); returns whether it did. Nothing is said when no frame was written: no output exists then."""
+    broken = [writer.path for writer in writers.values() if isinstance(writer, VideoWriter) and writer.failed]
+    if not (broken and written):
+        return False
+    kept = [plan.path for plan in plans if plan.path not in broken]
+    logger.warning("%s%s is not kept (its encoder failed)%s", prefix, _and_list(broken),
+                   f"; {_and_list(kept)} {'holds' if len(kept) == 1 else 'hold'} {held}" if kept else "")
+    return True
+
+
+def _close_outputs(writers: dict[str, VideoWriter | ImageSequenceWriter], plans: Sequence[OutputFile], written: int,
+                   held: str) -> None:
+    """Finish every output after the loop, each even when another fails, and raise the first failure once the user
+    has been told which files are not kept: an encoder that fails only now (its last frames, the trailer) leaves
+    its file out as one failing mid-run does, and is reported the same way. A stop (Ctrl-C, a signal) while one is
+    finished goes on at once: the exit stack finishes the rest."""
+    failure: BgmatteError | None = None
+    for writer in writers.values():
+        try:
+            writer.close()
+        except BgmatteError as exc:
+            failure = failure or exc
+    if failure is not None:
+        _warn_not_kept(writers, plans, written, held)
+        raise failure
+
+
+def _all_frames(count: int) -> str:
+    """What the outputs of a whole run hold, in words: "no frame", "the one frame", "all 12 frames"."""
+    return "no frame" if count == 0 else "the one frame" if count == 1 else f"all {count} frames"
 
 
 def _and_list(paths: Sequence[Path]) -> str:
@@ -1471,6 +1542,17 @@ def _size_options(model: ModelLike) -> ModelOptions | None:
     if not _loads_itself(model):
         return None
     return model if isinstance(model, ModelOptions) else ModelOptions(checkpoint=model)
+
+
+def _check_frames_fit(model: ModelLike, width: int, height: int) -> None:
+    """Refuse frames too small for the backbone scale a model that loads itself will get, before it loads and before
+    an automatic plate's pass: `Predictor` refuses them only at the first frame, after both (a model given ready is
+    refused there at no cost). The base network alone (mattingbase) runs at full resolution."""
+    options = _size_options(model)
+    if options is None or options.model_type == "mattingbase":
+        return
+    check_frame_size(width, height, options.backbone_scale if options.backbone_scale is not None
+                     else settings_for_size(width, height)[0])
 
 
 def _fit_to_size(predictor: Predictor, options: ModelOptions | None, width: int, height: int) -> None:
@@ -1639,6 +1721,7 @@ def _matte_pairs(pairs: Sequence[tuple[Path, Path]], folder: Path, wanted: dict[
                     unreadable.append((source, str(exc)))
                     continue
                 height, width = image.shape[:2]
+                _check_frames_fit(model, width, height)  # the first image's before the model loads for it
                 if predictor is None:
                     predictor = load_predictor(model, width, height)
                 _fit_to_size(predictor, options, width, height)

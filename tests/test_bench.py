@@ -236,6 +236,27 @@ def test_a_resolution_above_the_pixel_limit_is_refused_before_any_model_is_built
     assert err == ("bgmatte bench: error: resolution 100000x100000 is 10000 megapixels, above the limit of 100\n")
 
 
+@pytest.mark.parametrize("missing,extra,expected", [
+    ("onnxruntime", [], "onnxruntime is not installed: install the extra with `pip install bgmatte[onnx]`"),
+    ("onnx", [], "onnx is not installed: install the extra with `pip install bgmatte[onnx]`"),
+    (None, ["--precision", "fp16"], "the onnxruntime backend runs fp32 models only"),
+])
+def test_what_the_onnxruntime_candidate_cannot_run_is_refused_before_any_model_is_built_and_exported(
+        capsys, monkeypatch, missing, extra, expected):
+    """onnxruntime was imported only after the model was built and exported (about a minute)."""
+    import sys
+
+    import bgmatte.bench
+    import bgmatte.export
+
+    monkeypatch.setattr(bgmatte.bench, "random_model", lambda *args, **kwargs: pytest.fail("a model was built"))
+    monkeypatch.setattr(bgmatte.export, "export_onnx", lambda *args, **kwargs: pytest.fail("a model was exported"))
+    if missing is not None:
+        monkeypatch.setitem(sys.modules, missing, None)  # what an absent package looks like to import
+    assert main(["bench", "--backend", "onnxruntime", "--resolution", "64x64", "--repeats", "1", *extra]) == 2
+    assert capsys.readouterr().err == f"bgmatte bench: error: {expected}\n"
+
+
 def test_running_out_of_memory_is_one_line_saying_what_to_lower(capsys, monkeypatch):
     import bgmatte.bench
 

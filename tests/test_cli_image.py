@@ -158,6 +158,14 @@ def test_a_run_that_fails_before_writing_leaves_no_empty_output_folders(photos, 
     assert not (photos / "new").exists()
 
 
+def test_an_image_too_small_for_the_backbone_scale_is_refused_before_the_model_loads(photos, capsys, monkeypatch):
+    """Predictor refused it only once the model had loaded for it."""
+    monkeypatch.setattr(pipeline, "load_predictor", refuse_to_load)
+    code, _, err = run(capsys, "image", "src/beach.png", "--bgr", "plate.png", "-o", "out", "--backbone-scale", "0.01")
+    one_line_error(code, err, "frames of 96x64 are too small for backbone scale 0.01")
+    assert not (photos / "out").exists()
+
+
 def test_an_output_name_taken_by_a_folder_is_refused_even_with_overwrite(photos, capsys, monkeypatch):
     monkeypatch.setattr(pipeline, "load_predictor", refuse_to_load)
     (photos / "out" / "com" / "beach.png").mkdir(parents=True)

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 import zlib
 from pathlib import Path
 
@@ -231,6 +232,50 @@ def test_a_picture_declaring_too_many_pixels_is_refused_as_a_source(scene, capsy
     assert not (scene / "out.mp4").exists()
 
 
+@pytest.mark.parametrize("span", [(), ("--start", "0.4"), ("--duration", "0.05")])
+def test_an_automatic_plate_from_too_few_frames_is_refused_before_the_model_loads(scene, capsys, monkeypatch, span):
+    make_clip(scene / "short.mp4", 2)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded for a clip that cannot give an automatic plate")
+
+    monkeypatch.setattr(pipeline, "load_predictor", never)
+    clip = "short.mp4" if not span or span[0] == "--duration" else "src.mp4"  # 12 frames: 2 from 0.4 s on
+    code, _, err = run(capsys, "video", clip, "--bgr", "auto", *span, "-q")
+    one_line_error(code, err, clip, "an automatic plate needs at least 3 frames", "it gave 2")
+    assert sorted(path.name for path in scene.iterdir()) == ["bgr.png", "short.mp4", "src.mp4"]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("garbage.png", b"not an image", "garbage.png: not an image file"),
+    ("garbage.mp4", b"not a video", "garbage.mp4: not a video file"),
+], ids=["image", "video"])
+def test_an_unreadable_target_background_is_refused_before_the_model_loads(scene, capsys, monkeypatch, name, content,
+                                                                           message):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded for a target background that cannot be read")
+
+    monkeypatch.setattr(pipeline, "load_predictor", never)
+    (scene / name).write_bytes(content)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "--target-bgr", name, "-o", "out.mp4")
+    one_line_error(code, err, message, "(for the target background)")
+    assert not (scene / "out.mp4").exists()
+
+
+@pytest.mark.parametrize("plate", ["bgr.png", "auto"])
+def test_frames_too_small_for_the_backbone_scale_are_refused_before_the_model_loads(scene, capsys, monkeypatch, plate):
+    """Refused at the first frame, they came after the model had loaded (and an automatic plate's pass), with a
+    warning that the composite got no frames."""
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded, or the plate estimated, for frames it cannot matte")
+
+    monkeypatch.setattr(pipeline, "load_predictor", never)
+    monkeypatch.setattr(pipeline, "_estimate_plate", never)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", plate, "--backbone-scale", "0.01", "-o", "out.mp4", "-q")
+    one_line_error(code, err, "frames of 96x64 are too small for backbone scale 0.01")
+    assert not (scene / "out.mp4").exists()
+
+
 def test_warnings_reach_stderr_as_one_line_each(scene, capsys, monkeypatch):
     use_difference_model(monkeypatch)
     write_png(scene / "small.png", plate_image(48, 32))
@@ -283,6 +328,40 @@ def test_an_encoder_failing_mid_run_leaves_no_file_under_its_name_and_the_others
     held = len(read_frames(survivor))
     assert 6 <= held < 12
     assert f"{failing} is not kept" in err and f"{survivor.name} holds the first {held} frames" in err
+    assert sorted(p.name for p in scene.iterdir()) == ["bgr.png", "out.mp4", "out_pha.mp4", "src.mp4"]
+
+
+@pytest.mark.parametrize("failing", ["out.mp4", "out_pha.mp4"])
+def test_an_encoder_failing_as_its_file_is_finished_is_reported_not_kept_as_a_mid_run_failure_is(
+        scene, capsys, monkeypatch, failing):
+    """Every frame encoded, then the trailer cannot be written (a full disk): the file is not kept, and the user is
+    told so, and what the other output holds, as when an encoder fails mid-run."""
+    use_difference_model(monkeypatch)
+    (scene / failing).write_bytes(b"an earlier output")
+    finish = VideoWriter._finish
+
+    def trailer_fails(self):
+        if self.path.name == failing:
+            container = self._container
+
+            def close():
+                container.close()
+                raise OSError(28, "No space left on device")
+
+            self._container = types.SimpleNamespace(mux=container.mux, close=close)
+        finish(self)
+
+    monkeypatch.setattr(VideoWriter, "_finish", trailer_fails)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--outputs", "com", "pha",
+                       "--overwrite", "-q")
+    survivor = ({"out.mp4", "out_pha.mp4"} - {failing}).pop()
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines() == [
+        f"bgmatte video: warning: {failing} is not kept (its encoder failed); {survivor} holds all 12 frames",
+        f"bgmatte video: error: {failing}: could not finish the file (No space left on device)",
+    ]
+    assert (scene / failing).read_bytes() == b"an earlier output"
+    assert len(read_frames(scene / survivor)) == 12
     assert sorted(p.name for p in scene.iterdir()) == ["bgr.png", "out.mp4", "out_pha.mp4", "src.mp4"]
 
 

@@ -185,6 +185,29 @@ def test_onnx_export_refuses_an_opset_it_cannot_make_before_tracing(tmp_path, mo
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.parametrize("problem", ["too old", "too new", "onnx missing"])
+def test_cli_onnx_export_refuses_an_opset_or_a_missing_onnx_before_the_model_loads(tmp_path, capsys, monkeypatch,
+                                                                                  problem):
+    import onnx
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the weights were read for an export that cannot be made")
+
+    monkeypatch.setattr("bgmatte.model.build.read_state_dict", no_work)
+    newest = onnx.defs.onnx_opset_version()
+    opset = {"too old": 17, "too new": newest + 1, "onnx missing": 18}[problem]
+    if problem == "onnx missing":
+        monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main(["export", "onnx", "-o", str(tmp_path / "m.onnx"), "--opset", str(opset)]) == 2
+    err = capsys.readouterr().err
+    assert err == "bgmatte export: error: " + {
+        "too old": "ONNX opset 17 is too old: use 18 or later",
+        "too new": f"ONNX opset {opset} is newer than this onnx package knows ({newest}): use 18 to {newest}",
+        "onnx missing": "onnx is not installed: install the extra with `pip install bgmatte[onnx]`",
+    }[problem] + "\n"
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_onnx_export_refuses_a_model_the_exporter_left_at_another_opset(tmp_path, monkeypatch):
     """The exporter's opset conversion can fail with only a logged warning, leaving its own opset: that file is not
     written under the opset asked for."""

@@ -868,6 +868,60 @@ def test_cli_unreadable_target_background_is_refused_before_the_camera_opens_and
     assert not (tmp_path / "out.mp4").exists()
 
 
+@pytest.mark.parametrize("name,content,message", [
+    ("missing.png", None, r"missing\.png: "),
+    ("garbage.png", b"not an image", r"garbage\.png: "),
+    ("cut.png", "cut", r"cut\.png: damaged or truncated PNG"),
+], ids=["missing", "not an image", "truncated"])
+def test_cli_a_missing_or_damaged_plate_is_refused_before_the_camera_opens_and_the_model_loads(
+        monkeypatch, tmp_path, capsys, name, content, message):
+    def no_camera(*args, **kwargs):
+        raise AssertionError("the camera was opened")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(webcam, "open_camera", no_camera)
+    monkeypatch.setattr("bgmatte.model.build.load_model", no_model)
+    plate = tmp_path / name
+    if content == "cut":  # a PNG whose header is whole and whose pixels are cut off
+        ok, data = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8))
+        content = data.tobytes()[: len(data) // 2]
+    if content is not None:
+        plate.write_bytes(content)
+    code = main(["webcam", "--record", str(tmp_path / "out.mp4"), "--no-preview", "--bgr", str(plate)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert re.search(r"^bgmatte webcam: error: .*" + message + r".*\(for the plate, --bgr\)$", err), err
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_cli_a_virtual_camera_that_cannot_start_is_refused_before_the_model_loads(monkeypatch, capsys):
+    """Its size is the camera's, so it starts once the camera is open, but before the weights are read and the
+    warm-up inference is run: those took seconds, then "cannot start" came."""
+    fake_pyvirtualcam(monkeypatch, error=RuntimeError("no v4l2 loopback device found"))
+    camera = WatchedCamera()
+    monkeypatch.setattr(webcam, "open_camera", lambda *args, **kwargs: camera)
+    monkeypatch.setattr("bgmatte.model.build.load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    code = main(["webcam", "--virtual-cam", "--no-preview"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("bgmatte webcam: error: virtual camera: cannot start (no v4l2 loopback device found)")
+    assert camera.closed
+
+
+def test_cli_frames_too_small_for_the_backbone_scale_are_refused_before_the_model_loads(monkeypatch, capsys):
+    calls = fake_pyvirtualcam(monkeypatch)
+    camera = WatchedCamera()  # 96x64
+    monkeypatch.setattr(webcam, "open_camera", lambda *args, **kwargs: camera)
+    monkeypatch.setattr("bgmatte.model.build.load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    code = main(["webcam", "--virtual-cam", "--no-preview", "--backbone-scale", "0.01"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"bgmatte webcam: error: frames of {WIDTH}x{HEIGHT} are too small for backbone scale 0.01")
+    assert camera.closed and calls.args is None  # nor was the virtual camera started
+
+
 def test_session_composites_an_image_target_from_the_pixels_read_before_the_camera_opened(tmp_path, camera_frames):
     """run_webcam reads an image target once, to check it; the session uses those pixels, not a second read."""
     path = tmp_path / "target.png"

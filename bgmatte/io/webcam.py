@@ -547,7 +547,12 @@ def load_plate(path: str | os.PathLike, size: tuple[int, int]) -> np.ndarray:
     """Read a plate image as uint8 RGB, resized to the camera's (width, height) with a warning if it differs."""
     from bgmatte.io.images import read_image
 
-    plate = read_image(path)
+    return fit_plate(read_image(path), size, path)
+
+
+def fit_plate(plate: np.ndarray, size: tuple[int, int], path: str | os.PathLike) -> np.ndarray:
+    """A plate read before the camera opened, resized to the camera's (width, height) with a warning naming `path`
+    if it differs."""
     if (plate.shape[1], plate.shape[0]) != tuple(size):
         logger.warning("%s: the plate is %dx%d but the camera gives %dx%d; resizing the plate",
                        path, plate.shape[1], plate.shape[0], *size)
@@ -831,8 +836,9 @@ def run_webcam(
     Arguments:
         checkpoint: the model's weights (None: the embedded default model).
         camera: a camera index, or a video file played as a camera.
-        bgr: a plate image; without one, key b in the preview takes it, or headless it is taken
-            automatically (`auto_plate_delay` seconds, then the median of `auto_plate_frames` frames).
+        bgr: a plate image, read before the camera opens (one that cannot be is refused then); without one, key b
+            in the preview takes it, or headless it is taken automatically (`auto_plate_delay` seconds, then the
+            median of `auto_plate_frames` frames).
         target_bgr: target backgrounds (colour, image, video, ``blur``, ``transparent``), cycled with key t; image
             and video files are read before the camera opens, and one that cannot be is refused then.
         virtual_cam: send to a virtual camera (needs ``pip install "bgmatte[webcam]"``), through
@@ -886,14 +892,23 @@ def run_webcam(
         _check_recording(Path(record), overwrite, camera, bgr, targets)
     _refuse_still_camera(camera)
     pictures = _read_targets(targets)
+    plate_image = _read_plate(bgr) if bgr is not None else None
 
     from bgmatte.model.build import load_model
-    from bgmatte.predictor import Predictor
+    from bgmatte.predictor import Predictor, check_frame_size
 
     with ExitStack() as stack:
         source = open_camera(camera, width=width, height=height, fps=fps)
         stack.callback(source.close)
-        plate = load_plate(bgr, source.size) if bgr is not None else None
+        plate = fit_plate(plate_image, source.size, bgr) if plate_image is not None else None
+        # What depends on the camera's size and rate is refused once it is open, but before the weights are read
+        # and the warm-up is run: frames too small for the backbone scale, a virtual camera that cannot start.
+        check_frame_size(*source.size, backbone_scale)
+        sinks: list[FrameSink] = []
+        if virtual_cam:
+            virtual = VirtualCamera(*source.size, source.fps, backend=virtual_cam_backend, device=virtual_cam_device)
+            stack.callback(virtual.close)
+            sinks.append(virtual)
         model = load_model(checkpoint, backbone=backbone, backbone_scale=backbone_scale, refine_mode=refine_mode,
                            refine_sample_pixels=refine_sample_pixels, refine_threshold=refine_threshold,
                            plate_solve=plate_solve, device=device)
@@ -901,11 +916,6 @@ def run_webcam(
         # The first inference is slow (allocation, kernel choice); do it now, not on the first live frame.
         blank = np.zeros((source.size[1], source.size[0], 3), np.uint8)
         predictor(blank, blank)
-        sinks: list[FrameSink] = []
-        if virtual_cam:
-            virtual = VirtualCamera(*source.size, source.fps, backend=virtual_cam_backend, device=virtual_cam_device)
-            stack.callback(virtual.close)
-            sinks.append(virtual)
         if record is not None:
             recording = Recording(record, fps=source.fps, overwrite=overwrite)
             stack.callback(recording.close)
@@ -994,6 +1004,18 @@ def _read_targets(targets: Sequence[TargetBackground]) -> dict[Path, np.ndarray]
         except BgmatteError as exc:
             raise BgmatteError(f"{exc} (for the target background)") from None
     return pictures
+
+
+def _read_plate(bgr: str | os.PathLike) -> np.ndarray:
+    """Read the plate file before the camera opens and the model loads, so that a missing or damaged one is refused
+    at once, not after the camera was opened (and its light came on) for nothing; it is fitted to the camera's size
+    once that is known (`fit_plate`)."""
+    from bgmatte.io.images import read_image
+
+    try:
+        return read_image(bgr)
+    except BgmatteError as exc:
+        raise BgmatteError(f"{exc} (for the plate, --bgr)") from None
 
 
 def _resolve_preview(preview: bool | None) -> tuple[bool, str]:
