@@ -926,6 +926,12 @@ def test_stage_defaults_for_crop_batch_and_refined_pixels():
     (dict(stage="base", lr={"head": 1e-3}), "unknown network parts"),
     (dict(stage="base", precision="fp8"), "precision"),
     (dict(stage="base", steps=0), "--steps"),
+    (dict(stage="base", lr={"aspp": 0.0}), "--lr-aspp must be a positive, finite rate, not 0.0"),
+    (dict(stage="base", lr={"backbone": -1e-4}), "--lr-backbone must be a positive, finite rate, not -0.0001"),
+    (dict(stage="base", lr={"decoder": math.nan}), "--lr-decoder must be a positive, finite rate, not nan"),
+    # An infinite rate (--lr-backbone inf, or 1e400) trained a step that made every weight NaN, then stopped on 20
+    # non-finite losses in a row, advising to lower the rates.
+    (dict(stage="refine", lr={"refiner": math.inf}), "--lr-refiner must be a positive, finite rate, not inf"),
 ])
 def test_bad_options_are_refused_with_a_message(changes, message):
     with pytest.raises(BgmatteError, match=message):

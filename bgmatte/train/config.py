@@ -5,6 +5,7 @@ The learning rates are those of BackgroundMattingV2's ``train_base.py`` and ``tr
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -153,8 +154,9 @@ class TrainOptions:
             raise BgmatteError("the base stage has no refiner: --lr-refiner applies to the refine stage only")
         if self.freeze_base and self.stage != "refine":
             raise BgmatteError("--freeze-base applies to the refine stage only")
-        if any(not value > 0 for value in self.lr.values()):
-            raise BgmatteError("learning rates must be positive")
+        for part, rate in self.lr.items():  # an infinite rate would turn every weight to NaN at the first step
+            if not 0 < rate < math.inf:
+                raise BgmatteError(f"--lr-{part} must be a positive, finite rate, not {rate}")
         if self.train_samples is not None and self.train_samples < 1:
             raise BgmatteError(f"--train-samples must be at least 1, not {self.train_samples}")
         for name in ("plate_color", "plate_misalign"):
