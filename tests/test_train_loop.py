@@ -926,6 +926,9 @@ def test_stage_defaults_for_crop_batch_and_refined_pixels():
     (dict(stage="base", lr={"head": 1e-3}), "unknown network parts"),
     (dict(stage="base", precision="fp8"), "precision"),
     (dict(stage="base", steps=0), "--steps"),
+    # Found only once the model was built, as a problem of the validation set ("or pass --val-every 0").
+    (dict(stage="base", dataset="photomat", data_root="d", backgrounds="b"),
+     r"^unknown dataset 'photomat' \(choose from synthetic, videomatte, photomatte, aim\)$"),
     (dict(stage="base", lr={"aspp": 0.0}), "--lr-aspp must be a positive, finite rate, not 0.0"),
     (dict(stage="base", lr={"backbone": -1e-4}), "--lr-backbone must be a positive, finite rate, not -0.0001"),
     (dict(stage="base", lr={"decoder": math.nan}), "--lr-decoder must be a positive, finite rate, not nan"),

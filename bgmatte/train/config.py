@@ -16,6 +16,8 @@ PARTS = ("backbone", "aspp", "decoder", "refiner")
 BASE_PARTS = PARTS[:3]  # the base network; --freeze-base holds these still
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LOGGERS = ("csv", "tensorboard")
+DATASETS = ("synthetic", "videomatte", "photomatte", "aim")
+"""The training datasets `bgmatte.train.data.build_dataset` reads, by name (in any case)."""
 
 PAPER_LEARNING_RATES: dict[str, dict[str, float]] = {
     "base": {"backbone": 1e-4, "aspp": 5e-4, "decoder": 5e-4},
@@ -129,6 +131,8 @@ class TrainOptions:
             object.__setattr__(self, "batch_size", DEFAULT_BATCH[self.stage])
         if self.precision not in PRECISIONS:
             raise BgmatteError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.dataset.lower() not in DATASETS:  # before a model is built, not as the validation set's problem
+            raise BgmatteError(f"unknown dataset {self.dataset!r} (choose from {', '.join(DATASETS)})")
         if self.log not in LOGGERS:
             raise BgmatteError(f"unknown log format {self.log!r}: choose one of {', '.join(LOGGERS)}")
         for name in ("steps", "batch_size"):
