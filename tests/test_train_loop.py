@@ -863,6 +863,29 @@ def test_a_damaged_file_before_the_first_step_leaves_a_folder_that_can_be_run_ag
     assert main(command) == 0
 
 
+@pytest.mark.parametrize("problem", ["empty data root", "missing data root", "empty backgrounds"])
+def test_a_problem_of_all_the_training_data_is_not_said_as_one_of_the_validation_set(tmp_path, capsys, problem):
+    """The validation set is made first, so a data root or background folder that holds nothing for any split was
+    refused as the validation set's problem, advising '--val-every 0', which only led to the same refusal; and a
+    data root that does not exist was said to lack fgr/ + pha/ (directly or under valid/)."""
+    data, behind = _photomatte(tmp_path, 2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    data, behind, expected = {
+        "empty data root": (empty, behind, f"{empty}: expected fgr/ + pha/ (directly or under train/)"),
+        "missing data root": (tmp_path / "absent", behind, f"{tmp_path / 'absent'}: folder not found"),
+        "empty backgrounds": (data, empty, f"{empty}: no images ("),
+    }[problem]
+    command = ["train", "base", "--out", str(tmp_path / "run"), *TINY, "--steps", "2", "--dataset", "photomatte",
+               "--data-root", str(data), "--backgrounds", str(behind), "--num-workers", "0", "--val-every", "2"]
+    assert main(command) == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines()
+             if not line.startswith("bgmatte train: warning:")]  # validating on the training images, said first
+    assert len(lines) == 1 and lines[0].startswith(f"bgmatte train: error: {expected}"), lines
+    assert "validation" not in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_worker_error_keeps_only_the_original_message():
     try:
         raise loop.DataError("/data/fgr/0002.png: damaged or truncated PNG")

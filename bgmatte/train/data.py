@@ -521,6 +521,8 @@ def build_dataset(
         raise BgmatteError(f"dataset {name!r} needs its folder (root)")
     if backgrounds is None:
         raise BgmatteError(f"dataset {name!r} needs a folder of background images")
+    if not Path(root).is_dir():
+        raise BgmatteError(f"{root}: " + ("is a file, not a folder" if Path(root).exists() else "folder not found"))
     if key == "videomatte":
         pairs = videomatte_pairs(root, split)
     elif key == "photomatte":

@@ -489,6 +489,10 @@ def validation_batches(options: TrainOptions, runtime: Runtime, batch_size: int)
         try:
             dataset = open_dataset(options, "valid", VALIDATION_SEED, options.val_samples, used=options.val_samples)
         except BgmatteError as exc:
+            try:  # the training data's own problem (an empty data root, say) is said as such: --val-every 0 won't help
+                open_dataset(options, "train", options.seed, options.train_samples, check=False)
+            except BgmatteError as training:
+                raise BgmatteError(str(training)) from None
             raise BgmatteError(f"{exc} (for the validation set; or pass --val-every 0)") from None
         total = min(options.val_samples, len(dataset))
         items = [dataset[i] for i in range(total)]
