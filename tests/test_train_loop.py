@@ -659,6 +659,20 @@ def test_the_unspoiled_state_of_that_run_resumes(one_step_run, tmp_path):
     assert [row["step"] for row in read_rows(out / "train.csv")] == ["1", "2"]
 
 
+def test_a_resume_with_another_number_of_processes_says_that_it_does_not_go_on_exactly(one_step_run, tmp_path,
+                                                                                      capsys):
+    """Resumed with another number of processes than it was saved with, a run draws other batches and random numbers
+    than the uninterrupted one would have: it went on without a word, as if it resumed exactly."""
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    _edited(lambda state: state.update(world_size=2, random=state["random"] * 2))(out / "state.pt")
+    assert main(["train", "base", "--out", str(out), "--resume", "--steps", "2", "--device", "cpu", "--num-workers",
+                 "0", "--quiet"]) == 0
+    assert capsys.readouterr().err == (f"bgmatte train: warning: {out / 'state.pt'}: saved by 2 processes and resumed "
+                                       "by 1, so the run goes on with other batches and random numbers than it "
+                                       "would have with 2 (not exactly as if it had not stopped)\n")
+
+
 def test_random_states_survive_a_weights_only_round_trip(tmp_path):
     import random
 

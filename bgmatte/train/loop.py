@@ -1385,6 +1385,12 @@ class _Run:
                 raise BgmatteError(f"{path}: its random state cannot be restored ({first})") from None
         else:  # another number of processes: the random streams go on, but differently
             seed_everything(stream_seed(self.options.seed, self.runtime.rank, self.step))
+            if self.runtime.is_main:
+                saved_by = int(saved["world_size"])
+                warnings.warn(f"{path}: saved by {saved_by} process{'es' if saved_by > 1 else ''} and resumed by "
+                              f"{self.runtime.world_size}, so the run goes on with other batches and random numbers "
+                              f"than it would have with {saved_by} (not exactly as if it had not stopped)",
+                              stacklevel=2)
 
     def _optimizer_problem(self, defaults: list[dict[str, object]]) -> str | None:
         """What in the optimiser just loaded would fail at its first step, or None: a parameter group without a
