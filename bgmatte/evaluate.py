@@ -412,8 +412,9 @@ PREDICTED = ("pha", "fgr")
 
 def check_dataset(data_dir: str | Path, *, crop_multiple: int = 4) -> None:
     """Refuse, before a model is loaded and run, a dataset that cannot be scored or whose files do not go together:
-    no ground-truth mattes (`pha/` missing or empty), a matte without its source image or plate, or without its
-    trimap or foreground where `trimap/` or `fgr/` is there (`evaluate_folders` needs them all), a matte of
+    no ground-truth mattes (`pha/` missing or empty), a source image without its plate (every source is run, scored
+    or not), a matte without its source image, or without its trimap or foreground where `trimap/` or `fgr/` is
+    there (`evaluate_folders` needs them all), a matte of
     another size than its source (either way round: a photograph may be stored turned, with an EXIF orientation),
     a plate of another size, or a trimap or foreground of another size than its matte (cropped to a multiple of
     `crop_multiple` or not). From the files' names and headers alone."""
@@ -434,6 +435,8 @@ def check_dataset(data_dir: str | Path, *, crop_multiple: int = 4) -> None:
             if stem not in files:
                 raise BgmatteError(f"{folder}: no {what} named {stem!r} (needed for {matte})")
     for stem, source in sources.items():
+        if stem not in plates:  # predict_folder runs every source, scored or not
+            raise BgmatteError(f"{bgr_dir}: no plate named {stem!r} (needed for {source})")
         size = images.header_size(source)
         for other, what in ((plates.get(stem), "plate"), (mattes.get(stem), "ground truth")):
             other_size = images.header_size(other) if other is not None else None

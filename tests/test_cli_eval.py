@@ -284,3 +284,15 @@ def test_a_base_stage_checkpoint_is_scored_as_the_base_network_it_is(tmp_path, c
                           for image in (src, bgr)))[0][0, 0].clamp(0, 1).numpy()
     written = cv2.imread(str(out / "pha" / "frame.png"), cv2.IMREAD_UNCHANGED)
     assert np.abs(written.astype(float) - np.round(expected * 255)).max() <= 1
+
+
+def test_model_path_refuses_a_source_without_its_plate_before_loading(tmp_path, capsys):
+    """A source image without a plate (and without ground truth, so no matte asked for its plate) was found only
+    once the model was loaded and had written the other images' predictions into --out."""
+    _, data = _model_data(tmp_path)
+    _write(data / "src" / "zz_extra.png", np.full((32, 32, 3), 200, np.uint8))
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(tmp_path / "absent.pth"), "--data", str(data), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"bgmatte eval: error: {data / 'bgr'}: no plate named 'zz_extra' "
+                                       f"(needed for {data / 'src' / 'zz_extra.png'})\n")
+    assert not out.exists()

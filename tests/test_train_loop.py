@@ -659,6 +659,20 @@ def test_the_unspoiled_state_of_that_run_resumes(one_step_run, tmp_path):
     assert [row["step"] for row in read_rows(out / "train.csv")] == ["1", "2"]
 
 
+def test_a_resume_with_another_number_of_processes_says_that_it_does_not_go_on_exactly(one_step_run, tmp_path,
+                                                                                      capsys):
+    """Resumed with another number of processes than it was saved with, a run draws other batches and random numbers
+    than the uninterrupted one would have: it went on without a word, as if it resumed exactly."""
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    _edited(lambda state: state.update(world_size=2, random=state["random"] * 2))(out / "state.pt")
+    assert main(["train", "base", "--out", str(out), "--resume", "--steps", "2", "--device", "cpu", "--num-workers",
+                 "0", "--quiet"]) == 0
+    assert capsys.readouterr().err == (f"bgmatte train: warning: {out / 'state.pt'}: saved by 2 processes and resumed "
+                                       "by 1, so the run goes on with other batches and random numbers than it "
+                                       "would have with 2 (not exactly as if it had not stopped)\n")
+
+
 def test_random_states_survive_a_weights_only_round_trip(tmp_path):
     import random
 
@@ -863,6 +877,29 @@ def test_a_damaged_file_before_the_first_step_leaves_a_folder_that_can_be_run_ag
     assert main(command) == 0
 
 
+@pytest.mark.parametrize("problem", ["empty data root", "missing data root", "empty backgrounds"])
+def test_a_problem_of_all_the_training_data_is_not_said_as_one_of_the_validation_set(tmp_path, capsys, problem):
+    """The validation set is made first, so a data root or background folder that holds nothing for any split was
+    refused as the validation set's problem, advising '--val-every 0', which only led to the same refusal; and a
+    data root that does not exist was said to lack fgr/ + pha/ (directly or under valid/)."""
+    data, behind = _photomatte(tmp_path, 2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    data, behind, expected = {
+        "empty data root": (empty, behind, f"{empty}: expected fgr/ + pha/ (directly or under train/)"),
+        "missing data root": (tmp_path / "absent", behind, f"{tmp_path / 'absent'}: folder not found"),
+        "empty backgrounds": (data, empty, f"{empty}: no images ("),
+    }[problem]
+    command = ["train", "base", "--out", str(tmp_path / "run"), *TINY, "--steps", "2", "--dataset", "photomatte",
+               "--data-root", str(data), "--backgrounds", str(behind), "--num-workers", "0", "--val-every", "2"]
+    assert main(command) == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines()
+             if not line.startswith("bgmatte train: warning:")]  # validating on the training images, said first
+    assert len(lines) == 1 and lines[0].startswith(f"bgmatte train: error: {expected}"), lines
+    assert "validation" not in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_worker_error_keeps_only_the_original_message():
     try:
         raise loop.DataError("/data/fgr/0002.png: damaged or truncated PNG")
@@ -926,6 +963,15 @@ def test_stage_defaults_for_crop_batch_and_refined_pixels():
     (dict(stage="base", lr={"head": 1e-3}), "unknown network parts"),
     (dict(stage="base", precision="fp8"), "precision"),
     (dict(stage="base", steps=0), "--steps"),
+    # Found only once the model was built, as a problem of the validation set ("or pass --val-every 0").
+    (dict(stage="base", dataset="photomat", data_root="d", backgrounds="b"),
+     r"^unknown dataset 'photomat' \(choose from synthetic, videomatte, photomatte, aim\)$"),
+    (dict(stage="base", lr={"aspp": 0.0}), "--lr-aspp must be a positive, finite rate, not 0.0"),
+    (dict(stage="base", lr={"backbone": -1e-4}), "--lr-backbone must be a positive, finite rate, not -0.0001"),
+    (dict(stage="base", lr={"decoder": math.nan}), "--lr-decoder must be a positive, finite rate, not nan"),
+    # An infinite rate (--lr-backbone inf, or 1e400) trained a step that made every weight NaN, then stopped on 20
+    # non-finite losses in a row, advising to lower the rates.
+    (dict(stage="refine", lr={"refiner": math.inf}), "--lr-refiner must be a positive, finite rate, not inf"),
 ])
 def test_bad_options_are_refused_with_a_message(changes, message):
     with pytest.raises(BgmatteError, match=message):

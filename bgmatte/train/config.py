@@ -5,6 +5,7 @@ The learning rates are those of BackgroundMattingV2's ``train_base.py`` and ``tr
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -15,6 +16,8 @@ PARTS = ("backbone", "aspp", "decoder", "refiner")
 BASE_PARTS = PARTS[:3]  # the base network; --freeze-base holds these still
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LOGGERS = ("csv", "tensorboard")
+DATASETS = ("synthetic", "videomatte", "photomatte", "aim")
+"""The training datasets `bgmatte.train.data.build_dataset` reads, by name (in any case)."""
 
 PAPER_LEARNING_RATES: dict[str, dict[str, float]] = {
     "base": {"backbone": 1e-4, "aspp": 5e-4, "decoder": 5e-4},
@@ -128,6 +131,8 @@ class TrainOptions:
             object.__setattr__(self, "batch_size", DEFAULT_BATCH[self.stage])
         if self.precision not in PRECISIONS:
             raise BgmatteError(f"unknown precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.dataset.lower() not in DATASETS:  # before a model is built, not as the validation set's problem
+            raise BgmatteError(f"unknown dataset {self.dataset!r} (choose from {', '.join(DATASETS)})")
         if self.log not in LOGGERS:
             raise BgmatteError(f"unknown log format {self.log!r}: choose one of {', '.join(LOGGERS)}")
         for name in ("steps", "batch_size"):
@@ -153,8 +158,9 @@ class TrainOptions:
             raise BgmatteError("the base stage has no refiner: --lr-refiner applies to the refine stage only")
         if self.freeze_base and self.stage != "refine":
             raise BgmatteError("--freeze-base applies to the refine stage only")
-        if any(not value > 0 for value in self.lr.values()):
-            raise BgmatteError("learning rates must be positive")
+        for part, rate in self.lr.items():  # an infinite rate would turn every weight to NaN at the first step
+            if not 0 < rate < math.inf:
+                raise BgmatteError(f"--lr-{part} must be a positive, finite rate, not {rate}")
         if self.train_samples is not None and self.train_samples < 1:
             raise BgmatteError(f"--train-samples must be at least 1, not {self.train_samples}")
         for name in ("plate_color", "plate_misalign"):

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from bgmatte.errors import BgmatteError
 from bgmatte.io import images
 from bgmatte.train.augment import PAPER, SYNTHETIC, AugmentOptions, make_training_batch, rand_index
+from bgmatte.train.config import DATASETS
 from bgmatte.train.synthetic import DEFAULT, TRAINING, SyntheticOptions, generate_batch
 
 IMAGE_SUFFIXES = tuple(sorted(images.IMAGE_EXTENSIONS))
@@ -37,7 +38,6 @@ MIN_SIDE = 32
 """The shortest side a training image may have: the smallest --crop. A smaller file (a thumbnail, a 1x1
 placeholder, a failed export) holds no matte or background worth learning from, and would be blown up
 many times over to fill a crop, so it is refused rather than trained on silently."""
-DATASETS = ("synthetic", "videomatte", "photomatte", "aim")
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,6 +521,8 @@ def build_dataset(
         raise BgmatteError(f"dataset {name!r} needs its folder (root)")
     if backgrounds is None:
         raise BgmatteError(f"dataset {name!r} needs a folder of background images")
+    if not Path(root).is_dir():
+        raise BgmatteError(f"{root}: " + ("is a file, not a folder" if Path(root).exists() else "folder not found"))
     if key == "videomatte":
         pairs = videomatte_pairs(root, split)
     elif key == "photomatte":

@@ -489,6 +489,10 @@ def validation_batches(options: TrainOptions, runtime: Runtime, batch_size: int)
         try:
             dataset = open_dataset(options, "valid", VALIDATION_SEED, options.val_samples, used=options.val_samples)
         except BgmatteError as exc:
+            try:  # the training data's own problem (an empty data root, say) is said as such: --val-every 0 won't help
+                open_dataset(options, "train", options.seed, options.train_samples, check=False)
+            except BgmatteError as training:
+                raise BgmatteError(str(training)) from None
             raise BgmatteError(f"{exc} (for the validation set; or pass --val-every 0)") from None
         total = min(options.val_samples, len(dataset))
         items = [dataset[i] for i in range(total)]
@@ -1381,6 +1385,12 @@ class _Run:
                 raise BgmatteError(f"{path}: its random state cannot be restored ({first})") from None
         else:  # another number of processes: the random streams go on, but differently
             seed_everything(stream_seed(self.options.seed, self.runtime.rank, self.step))
+            if self.runtime.is_main:
+                saved_by = int(saved["world_size"])
+                warnings.warn(f"{path}: saved by {saved_by} process{'es' if saved_by > 1 else ''} and resumed by "
+                              f"{self.runtime.world_size}, so the run goes on with other batches and random numbers "
+                              f"than it would have with {saved_by} (not exactly as if it had not stopped)",
+                              stacklevel=2)
 
     def _optimizer_problem(self, defaults: list[dict[str, object]]) -> str | None:
         """What in the optimiser just loaded would fail at its first step, or None: a parameter group without a
