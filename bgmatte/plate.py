@@ -156,6 +156,10 @@ class PlateAligner:
         small_frame = _scaled(_grey_uint8(frame), frame_scale / 2)
         small = frame_to_small @ homography @ np.linalg.inv(plate_to_small)  # small plate to small frame
         warped = cv2.warpPerspective(self._small_plate, small, small_frame.shape[::-1], borderMode=cv2.BORDER_REPLICATE)
+        # Plate and frame compared in like exposure: a frame darker or brighter than the plate (its exposure drifted)
+        # would otherwise differ from it nearly everywhere, and the refinement be skipped or judged on the drift.
+        gain, offset = _grey_exposure(warped, small_frame)
+        warped = cv2.convertScaleAbs(warped, alpha=gain, beta=offset)
         agree = cv2.erode((cv2.absdiff(warped, small_frame) < 40).astype(np.uint8), np.ones((5, 5), np.uint8))
         if agree.mean() < 0.2:
             return homography
@@ -175,6 +179,7 @@ class PlateAligner:
         moved = np.abs(cv2.perspectiveTransform(corners, refined) - cv2.perspectiveTransform(corners, homography))
         after = cv2.warpPerspective(self._small_plate, frame_to_small @ refined @ np.linalg.inv(plate_to_small),
                                     small_frame.shape[::-1], borderMode=cv2.BORDER_REPLICATE)
+        after = cv2.convertScaleAbs(after, alpha=gain, beta=offset)
         mask = agree.astype(bool)
         before_error = cv2.absdiff(warped, small_frame)[mask].mean()
         after_error = cv2.absdiff(after, small_frame)[mask].mean()
@@ -219,6 +224,24 @@ class PlateAligner:
             self.plate, homography, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )
         return warped, True
+
+
+def _grey_exposure(plate: np.ndarray, frame: np.ndarray, iterations: int = 4) -> tuple[float, float]:
+    """Gain and offset taking grey `plate` levels to `frame`'s, fitted robustly (a subject in the frame is an
+    outlier); (1, 0) when too little is left to fit on or the fit is implausible."""
+    step = max(1, int(np.sqrt(plate.size / 40_000)))
+    x, y = plate[::step, ::step].ravel().astype(np.float64), frame[::step, ::step].ravel().astype(np.float64)
+    keep = (x > 2) & (x < 253) & (y > 2) & (y < 253)
+    gain, offset = 1.0, 0.0
+    for _ in range(iterations):
+        if keep.sum() < 200 or np.ptp(x[keep]) < 8:
+            return 1.0, 0.0
+        gain, offset = np.polyfit(x[keep], y[keep], 1)
+        residual = np.abs(gain * x + offset - y)
+        keep &= residual <= np.median(residual[keep]) + max(3.0 * 1.4826 * np.median(residual[keep]), 2.0)
+    if not (np.isfinite(gain) and 0.2 <= gain <= 5.0 and np.isfinite(offset)):
+        return 1.0, 0.0
+    return float(gain), float(offset)
 
 
 def align_plate(plate: np.ndarray, frame: np.ndarray, options: AlignOptions = AlignOptions()) -> tuple[np.ndarray, bool]:
