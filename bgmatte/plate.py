@@ -52,6 +52,8 @@ class AlignOptions:
     min_inliers: int = 15  # fewer RANSAC inliers than this counts as no homography
     ransac_threshold: float = 3.0  # pixels, at full resolution
     max_scale_change: float = 2.0  # a homography that scales the plate more than this is rejected
+    # Matches whose convex hull covers less of the frame than this give a similarity, not a homography.
+    min_spread: float = 0.3
     # Refine the feature homography by intensity (ECC) on the pixels where plate and frame already agree, at half
     # the working size: ORB's keypoints, many found at coarse pyramid levels, leave it up to 2.5 pixels off.
     refine: bool = True
@@ -138,6 +140,17 @@ class PlateAligner:
         count = int(inliers.sum())
         if count < self.options.min_inliers:
             return None, f"only {count} matches agree on a homography"
+        agreeing = inliers.ravel().astype(bool)
+        spread = cv2.contourArea(cv2.convexHull(frame_points[agreeing])) / (frame.shape[0] * frame.shape[1])
+        if spread < self.options.min_spread:
+            # Matches in a corner or a strip of the frame (a subject filling the rest, a plate at a wider zoom, a
+            # few landmarks among repeating tiles) leave the homography's perspective a guess beyond them: it went
+            # tens of pixels wrong at the far side of the frame. A similarity (shift, roll, zoom) extrapolates.
+            similarity, agree = cv2.estimateAffinePartial2D(plate_points[agreeing], frame_points[agreeing], method=cv2.RANSAC,
+                                                            ransacReprojThreshold=self.options.ransac_threshold)
+            if similarity is None or int(agree.sum()) < self.options.min_inliers:
+                return None, f"the matches cover only {spread:.0%} of the frame, and no similarity fits them"
+            homography = np.vstack([similarity, [0.0, 0.0, 1.0]])
         problem = self._implausible(homography)
         if problem:
             return None, problem
