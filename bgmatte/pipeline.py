@@ -785,7 +785,7 @@ def plate_sample_count(width: int, height: int) -> int:
 
 
 def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: float = 0.0,
-                    duration: float | None = None, align: bool = False) -> np.ndarray:
+                    duration: float | None = None, align: bool = False, match_exposure: bool = False) -> np.ndarray:
     """A clean plate from frames sampled evenly over a first pass through the clip, or through its span from
     `start` for `duration` seconds (`VideoReader`), which is what is matted. With `align` (a handheld clip) the
     samples are registered onto their middle one first (`register_frames`); too few registered, the plate is
@@ -821,7 +821,7 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: 
                                "others; it is estimated from the rest", src, failed, len(samples))
             samples = registered
     logger.info("estimating a clean plate from %d frames sampled over the clip", len(samples))
-    return estimate_plate(samples, name=src)
+    return estimate_plate(samples, name=src, match_exposure=match_exposure)
 
 
 # -------------------------------------------------------------------------------------------- outputs
@@ -1299,7 +1299,8 @@ def convert_video(
         targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device, fps=reader.fps,
                                                          frames=reader.frame_count))
         if auto_plate:
-            image = _estimate_plate(src, size, progress, start=start, duration=duration, align=align)
+            image = _estimate_plate(src, size, progress, start=start, duration=duration, align=align,
+                                    match_exposure=match_exposure)
         # An automatic plate is named by its clip (in alignment warnings), and is of the working size already.
         plates = _Plates(image, plate_video, *size, native=size if auto_plate else native,
                          name=str(src) if auto_plate else None if isinstance(bgr, np.ndarray) else str(bgr),

@@ -483,7 +483,7 @@ def register_frames(frames: Sequence[np.ndarray], options: AlignOptions = AlignO
 
 
 def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEstimateOptions = PlateEstimateOptions(),
-                   *, name: str | os.PathLike | None = None) -> np.ndarray:
+                   *, name: str | os.PathLike | None = None, match_exposure: bool = False) -> np.ndarray:
     """A clean plate from sampled frames of the clip itself: a temporal median, corrected where the subject stayed.
 
     The per-pixel median is right wherever the subject covered a pixel in fewer than half the
@@ -501,6 +501,9 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     inpainted. A subject that never moved at all cannot be told from the background and stays. The camera must
     stand still; for a handheld clip, register the frames first (`register_frames`). Samples that do not share
     one background (a cut, a change of light) are warned about, naming `name` (the clip): no plate fits them all.
+    Samples exposed otherwise than the middle one (a light turned on, auto-exposure) are first brought to its
+    exposure, so that the plate is one picture in one exposure, not a per-pixel mix; that the exposure changed is
+    warned about unless `match_exposure` says the frames will have the plate's exposure fitted to theirs.
     """
     frames = list(frames) if not isinstance(frames, np.ndarray) else frames
     if len(frames) < 3:
@@ -508,6 +511,13 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     dtype = frames[0].dtype
     stack = np.stack([frame if frame.dtype == np.uint8 else _like(_as_float(frame), np.dtype(np.uint8)) for frame in frames])
     count, height, width, _ = stack.shape
+    drift = _to_common_exposure(stack)
+    if drift >= 4:
+        (logger.info if match_exposure else logger.warning)(
+            "%sthe exposure changes during the clip (by up to %d grey levels on average): the automatic plate has "
+            "that of the middle of the clip%s", f"{name}: " if name else "", round(drift),
+            ", fitted to each frame's" if match_exposure else "; frames exposed otherwise matte poorly unless the "
+            "plate's exposure is matched to each (--match-exposure)")
     median, reference = _temporal_median(stack)
 
     def deviation(index: int, rows: slice = slice(None), columns: slice = slice(None)) -> np.ndarray:
@@ -568,6 +578,36 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     if dtype == np.uint8:
         return result
     return (result.astype(np.float32) / 255.0).astype(dtype)
+
+
+def _to_common_exposure(stack: np.ndarray) -> float:
+    """Bring each sample of `stack` (uint8, in place) to the exposure of the middle one, where a change is fitted
+    (a frame too dark or too unlike it, such as a cut, is left as it is); the largest mean change made to a sample,
+    in grey levels. Changes below 2 grey levels at black and at white are noise, and left undone."""
+    middle = stack[len(stack) // 2].copy()
+    options = ExposureOptions(max_samples=10_000)  # a few thousand pixels fit a gain and an offset
+    largest = 0.0
+    for index in range(len(stack)):
+        fit = fit_exposure(stack[index], middle, options=options, warn=False)
+        if fit.skipped:
+            continue
+        gain, offset = np.diag(fit.matrix), fit.offset
+        if max(np.abs(offset).max(), np.abs(gain + offset - 1.0).max()) < 2 / 255:
+            continue
+        changed = fit.apply(stack[index])
+        # A change that leaves the sample unlike the middle one over most of the picture was fitted to another view
+        # (a cut): it is no exposure change, and the warning on changing backgrounds says what it is.
+        if _agreement(changed, middle) < max(1 / 3, _agreement(stack[index], middle)):
+            continue
+        largest = max(largest, float(cv2.absdiff(changed, stack[index]).mean()))
+        stack[index] = changed
+    return largest
+
+
+def _agreement(image: np.ndarray, other: np.ndarray, levels: int = 10) -> float:
+    """The share of pixels (on a grid) where two uint8 images differ by at most `levels` in every channel."""
+    grid = (slice(None, None, max(1, image.shape[0] // 90)), slice(None, None, max(1, image.shape[1] // 160)))
+    return float((cv2.absdiff(image[grid], other[grid]).max(axis=2) <= levels).mean())
 
 
 def _warn_if_background_changes(stack: np.ndarray, plate: np.ndarray, name: object, threshold: float = 0.1) -> None:

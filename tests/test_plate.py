@@ -482,6 +482,29 @@ def test_a_clip_with_a_cut_is_warned_about(before, after, caplog):
     assert len(warnings) == 1 and warnings[0].startswith("shots.mp4: the background changes during the clip: "), warnings
 
 
+@pytest.mark.parametrize("gain", [1.2, 0.8])
+def test_a_change_of_exposure_mid_clip_gives_one_plate_in_one_exposure(gain, caplog):
+    """Half the samples 20% brighter or darker made a plate mixing the two exposures pixel by pixel (17 to 21 grey
+    levels from either half, which no exposure matching could undo), and nothing was said. The samples are now
+    brought to the middle one's exposure first, and the change is warned about."""
+    background = textured(120, 160, seed=1)
+    brighter = np.clip(np.rint(background * gain), 0, 255).astype(np.uint8)
+    frames = []
+    for index in range(16):
+        frame = (background if index < 8 else brighter).copy()
+        frame[30:80, 5 + 8 * index : 35 + 8 * index] = (220, 50, 60)  # a subject walking across
+        frames.append(frame)
+    with caplog.at_level(logging.INFO, logger="bgmatte.plate"):
+        plate = estimate_plate(frames, name="light.mp4")
+        quiet = estimate_plate(frames, name="light.mp4", match_exposure=True)
+    middle = brighter.astype(float)  # the exposure of the middle sample, the ninth
+    assert np.abs(plate - middle).max(axis=2).mean() < 1.5
+    assert np.array_equal(plate, quiet)
+    levels = [record.levelno for record in caplog.records if "the exposure changes during the clip" in record.getMessage()]
+    assert levels == [logging.WARNING, logging.INFO], caplog.records
+    assert not any("the background changes" in record.getMessage() for record in caplog.records)
+
+
 def test_a_large_moving_subject_or_a_flash_is_no_change_of_background(caplog):
     background = textured(120, 160, seed=1)
     large = []
