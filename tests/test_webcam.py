@@ -424,7 +424,7 @@ def test_preview_window_shows_bgr_and_reads_keys(monkeypatch):
     shown, keys = [], iter([ord("b") | 0x100000])
     monkeypatch.setattr(cv2, "namedWindow", lambda *args: None)
     monkeypatch.setattr(cv2, "imshow", lambda title, image: shown.append(image))
-    monkeypatch.setattr(cv2, "waitKey", lambda delay: next(keys, -1))
+    monkeypatch.setattr(cv2, "waitKeyEx", lambda delay: next(keys, -1))
     visible = iter([1.0, 0.0])
     monkeypatch.setattr(cv2, "getWindowProperty", lambda *args: next(visible))
     monkeypatch.setattr(cv2, "destroyWindow", lambda *args: None)
@@ -434,6 +434,25 @@ def test_preview_window_shows_bgr_and_reads_keys(monkeypatch):
     assert window.poll_key() == ord("b")
     assert window.poll_key() == -1
     assert window.poll_key() == ord("q")  # the window was closed
+    window.close()
+
+
+@pytest.mark.parametrize("code", [0xFF51, 0xFF54, 0x10FF51], ids=["left", "down", "left-numlock"])
+def test_arrow_keys_neither_quit_nor_change_the_target(monkeypatch, camera_frames, code):
+    """OpenCV's GTK windows give a key's X symbol: the left arrow, 0xFF51, read by its lower 8 bits (all that
+    cv2.waitKey gives) as Q, quit the session, and the down arrow, 0xFF54 (T), changed the target."""
+    monkeypatch.setattr(cv2, "namedWindow", lambda *args: None)
+    monkeypatch.setattr(cv2, "waitKey", lambda delay: code & 0xFF)  # what OpenCV's waitKey gives of it
+    monkeypatch.setattr(cv2, "waitKeyEx", lambda delay: code)
+    monkeypatch.setattr(cv2, "getWindowProperty", lambda *args: 1.0)
+    monkeypatch.setattr(cv2, "destroyWindow", lambda *args: None)
+    window = webcam.PreviewWindow()
+    assert window.poll_key() == -1
+    session = WebcamSession(iter(camera_frames[:4]), ConstantMatte(), targets("green", "blue"), sinks=[Collect()],
+                            keys=lambda: code, plate=camera_frames[0])
+    assert session.run().frames == 4 and session.target_index == 0
+    monkeypatch.setattr(cv2, "waitKeyEx", lambda delay: ord("q") | 0x100000)  # q, with NumLock on
+    assert window.poll_key() == ord("q")
     window.close()
 
 

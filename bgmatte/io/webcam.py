@@ -452,10 +452,11 @@ class PreviewWindow:
         cv2.imshow(self.title, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
 
     def poll_key(self) -> int:
-        """The key pressed since the last call (cv2.waitKey's code, lower 8 bits), or -1."""
-        key = cv2.waitKey(1)
+        """The key pressed since the last call (a character code, `key_code`), or -1. The full code of
+        cv2.waitKeyEx: cv2.waitKey keeps only its lower 8 bits, which cannot tell the arrow keys from letters."""
+        key = cv2.waitKeyEx(1)
         if key != -1:
-            return key & 0xFF
+            return key_code(key)
         try:
             if cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1:
                 return KEYS_QUIT[0]
@@ -472,6 +473,14 @@ class PreviewWindow:
                 cv2.waitKey(1)
             except cv2.error:
                 pass
+
+
+def key_code(key: int) -> int:
+    """The character of a cv2.waitKeyEx code, or -1 for a key that is none (an arrow, a function key). With GTK the
+    code is the X key symbol with the modifiers above bit 16: its lower 8 bits alone made the arrow keys, symbols
+    0xFF51 to 0xFF54, read as Q, R, S and T, so that the left arrow quit and the down arrow changed the target."""
+    symbol = key & 0xFFFF
+    return symbol if 0 <= symbol <= 0xFF else NO_KEY
 
 
 def draw_status(frame: np.ndarray, lines: Sequence[str]) -> np.ndarray:
@@ -714,7 +723,7 @@ class WebcamSession(ClosesOnExit):
         """Act on a key: b takes `frame` as the plate, t cycles the target, q or Esc stops the session."""
         if key in (NO_KEY, None):
             return
-        key &= 0xFF
+        key = key_code(key)
         if key in (KEY_PLATE, ord("B")):
             self.set_plate(frame)
             logger.info("plate captured from the current frame")
