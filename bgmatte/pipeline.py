@@ -797,15 +797,27 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: 
     from tqdm import tqdm
 
     count = plate_sample_count(*size)
-    with VideoReader(src, start=start, duration=duration) as reader:
-        bar = tqdm(reader, total=reader.frame_count, desc="plate", unit="frame", file=sys.stderr,
+
+    def read(reader: VideoReader, expected: int | None) -> list[np.ndarray]:
+        bar = tqdm(reader, total=expected or reader.frame_count, desc="plate", unit="frame", file=sys.stderr,
                    disable=None if progress else True, leave=False)
         with bar:
-            if reader.frame_count and not (start or duration):
-                chosen = set(np.linspace(0, reader.frame_count - 1, min(count, reader.frame_count)).round().astype(int).tolist())
-                samples = [resize_image(frame.image, *size) for frame in bar if frame.index in chosen]
-            else:
-                samples = sample_frames((resize_image(frame.image, *size) for frame in bar), count)
+            if expected:
+                chosen = set(np.linspace(0, expected - 1, min(count, expected)).round().astype(int).tolist())
+                return [resize_image(frame.image, *size) for frame in bar if frame.index in chosen]
+            return sample_frames((resize_image(frame.image, *size) for frame in bar), count)
+
+    with VideoReader(src, start=start, duration=duration) as reader:
+        expected = reader.frame_count if not (start or duration) else None
+        samples = read(reader, expected)
+        decoded = reader.frames_read
+    if expected and abs(decoded - expected) > 0.1 * expected:
+        # The count was far off (estimated from the duration and a frame rate that a variable-rate clip, an MKV of
+        # 1000 "fps" say, does not keep): the samples bunched at the start, or stopped short. Chosen again from
+        # the count now known.
+        logger.debug("%s: %d frames where %d were expected; sampling the plate again", src, decoded, expected)
+        with VideoReader(src) as reader:
+            samples = read(reader, decoded)
     if len(samples) < 3:  # estimate_plate's own refusal cannot name the clip
         where = "the clip" if not (start or duration) else f"the span from {start:g} s" + (
             f" for {duration:g} s (a longer --duration?)" if duration else " to the end (an earlier --start?)")
