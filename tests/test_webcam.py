@@ -725,6 +725,32 @@ class SlowCapture:
         self.releases += 1
 
 
+class ResizingCapture(SlowCapture):
+    """A camera whose frames change size after `after` reads."""
+
+    def __init__(self, after: int, size: tuple[int, int]):
+        super().__init__()
+        self.after, self.later = after, size
+
+    def read(self):
+        self.reads += 1
+        width, height = (WIDTH, HEIGHT) if self.reads <= self.after else self.later
+        return (True, np.zeros((height, width, 3), np.uint8)) if self.reads <= 8 else (False, None)
+
+
+def test_a_camera_changing_its_frame_size_is_warned_of_once(monkeypatch, caplog):
+    """Frames of another size, mid-stream, were stretched to the first ones' size without a word."""
+    monkeypatch.setattr(webcam, "_open_capture", lambda camera: ResizingCapture(3, (2 * WIDTH, HEIGHT)))
+    source = CameraSource(0)
+    with caplog.at_level(logging.WARNING, logger="bgmatte.io.webcam"):
+        frames = list(source)
+    source.close()
+    assert len(frames) == 8 and all(frame.shape == (HEIGHT, WIDTH, 3) for frame in frames)
+    changes = [record.getMessage() for record in caplog.records if "changed its frames" in record.getMessage()]
+    assert changes == [f"camera 0 changed its frames from {WIDTH}x{HEIGHT} to {2 * WIDTH}x{HEIGHT} after 3 frames; "
+                       f"resizing them to {WIDTH}x{HEIGHT}, stretched: their aspect ratio differs"]
+
+
 def test_camera_source_waits_for_a_read_in_progress_before_releasing(monkeypatch):
     capture = SlowCapture()
     monkeypatch.setattr(webcam, "_open_capture", lambda camera: capture)

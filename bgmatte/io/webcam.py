@@ -171,6 +171,7 @@ class CameraSource:
         self._refuse_above(max_pixels, self.size, f"gives {native[0]}x{native[1]} frames; asked for ")
         if self.size != native:
             logger.info("%s gives %dx%d frames; resizing them to %dx%d", self.name, *native, *self.size)
+        self._native = native  # the size of the frames delivered last, to tell when the camera changes it
         reported = self._capture.get(cv2.CAP_PROP_FPS)
         self.fps: float = float(fps) if fps else float(reported) if reported and 0 < reported < 1000 else 30.0
         self.frames_read = 0
@@ -207,7 +208,15 @@ class CameraSource:
             if delay > 0:
                 time.sleep(delay)
         self.frames_read += 1
-        if (frame.shape[1], frame.shape[0]) != self.size:
+        native = (frame.shape[1], frame.shape[0])
+        if native != self._native:  # a camera that renegotiated its format, a file whose frames change size
+            logger.warning("%s changed its frames from %dx%d to %dx%d after %d frames; %s", self.name,
+                           *self._native, *native, self.frames_read - 1,
+                           f"resizing them to {self.size[0]}x{self.size[1]}" + (
+                               ", stretched: their aspect ratio differs"
+                               if native[0] * self.size[1] != native[1] * self.size[0] else ""))
+            self._native = native
+        if native != self.size:
             frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
         return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
