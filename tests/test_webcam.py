@@ -751,6 +751,19 @@ def test_a_camera_changing_its_frame_size_is_warned_of_once(monkeypatch, caplog)
                        f"resizing them to {WIDTH}x{HEIGHT}, stretched: their aspect ratio differs"]
 
 
+@pytest.mark.parametrize("asked, expected, warned", [(60.0, 30.0, True), (30.0, 30.0, False), (None, 30.0, False)])
+def test_a_frame_rate_the_camera_does_not_give_is_warned_of_and_not_announced(monkeypatch, caplog, asked, expected,
+                                                                               warned):
+    """--fps 60 on a camera that settled on 30 was announced to the virtual camera and the recording as 60."""
+    monkeypatch.setattr(webcam, "_open_capture", lambda camera: SlowCapture())  # it says 30 fps, whatever is asked
+    with caplog.at_level(logging.WARNING, logger="bgmatte.io.webcam"):
+        source = CameraSource(0, fps=asked)
+    source.close()
+    assert source.fps == expected
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == (["camera 0 gives 30 fps, not the 60 asked for (--fps); using 30"] if warned else [])
+
+
 def test_camera_source_waits_for_a_read_in_progress_before_releasing(monkeypatch):
     capture = SlowCapture()
     monkeypatch.setattr(webcam, "_open_capture", lambda camera: capture)

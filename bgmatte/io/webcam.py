@@ -173,7 +173,13 @@ class CameraSource:
             logger.info("%s gives %dx%d frames; resizing them to %dx%d", self.name, *native, *self.size)
         self._native = native  # the size of the frames delivered last, to tell when the camera changes it
         reported = self._capture.get(cv2.CAP_PROP_FPS)
-        self.fps: float = float(fps) if fps else float(reported) if reported and 0 < reported < 1000 else 30.0
+        reported = float(reported) if reported and 0 < reported < 1000 else None
+        if fps and reported and not self.is_file and abs(reported - fps) > 0.01 * fps:
+            # The camera settled on another rate: announcing the one asked would time the virtual camera wrongly.
+            logger.warning("%s gives %.3g fps, not the %.3g asked for (--fps); using %.3g", self.name, reported, fps,
+                           reported)
+            fps = reported
+        self.fps: float = float(fps) if fps else reported or 30.0
         self.frames_read = 0
         self._pending: np.ndarray | None = first
         self._start: float | None = None
