@@ -501,8 +501,8 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     inpainted. A subject that never moved at all cannot be told from the background and stays. The camera must
     stand still; for a handheld clip, register the frames first (`register_frames`). Samples that do not share
     one background (a cut, a change of light) are warned about, naming `name` (the clip): no plate fits them all.
-    Samples exposed otherwise than the middle one (a light turned on, auto-exposure) are first brought to its
-    exposure, so that the plate is one picture in one exposure, not a per-pixel mix; that the exposure changed is
+    Samples exposed otherwise than the one of median brightness (a light turned on, auto-exposure) are first brought
+    to its exposure, so that the plate is one picture in one exposure, not a per-pixel mix; that the exposure changed is
     warned about unless `match_exposure` says the frames will have the plate's exposure fitted to theirs.
     """
     frames = list(frames) if not isinstance(frames, np.ndarray) else frames
@@ -511,11 +511,12 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     dtype = frames[0].dtype
     stack = np.stack([frame if frame.dtype == np.uint8 else _like(_as_float(frame), np.dtype(np.uint8)) for frame in frames])
     count, height, width, _ = stack.shape
-    drift = _to_common_exposure(stack)
-    if drift >= 4:
+    drift, changed = _to_common_exposure(stack)
+    if changed >= max(2, 0.1 * count):  # not one flash
         (logger.info if match_exposure else logger.warning)(
-            "%sthe exposure changes during the clip (by up to %d grey levels on average): the automatic plate has "
-            "that of the middle of the clip%s", f"{name}: " if name else "", round(drift),
+            "%sthe exposure changes during the clip (%d of %d samples, by up to %d grey levels on average): the "
+            "automatic plate has that of its sample of median brightness%s", f"{name}: " if name else "", changed,
+            count, round(drift),
             ", fitted to each frame's" if match_exposure else "; frames exposed otherwise matte poorly unless the "
             "plate's exposure is matched to each (--match-exposure)")
     median, reference = _temporal_median(stack)
@@ -580,13 +581,16 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     return (result.astype(np.float32) / 255.0).astype(dtype)
 
 
-def _to_common_exposure(stack: np.ndarray) -> float:
-    """Bring each sample of `stack` (uint8, in place) to the exposure of the middle one, where a change is fitted
-    (a frame too dark or too unlike it, such as a cut, is left as it is); the largest mean change made to a sample,
-    in grey levels. Changes below 2 grey levels at black and at white are noise, and left undone."""
-    middle = stack[len(stack) // 2].copy()
+def _to_common_exposure(stack: np.ndarray) -> tuple[float, int]:
+    """Bring each sample of `stack` (uint8, in place) to the exposure of the one of median brightness (not one
+    chosen by its place, which may be a flash), where a change is fitted (a frame too dark or too unlike it, such
+    as a cut, is left as it is). Changes below 2 grey levels at black and at white are noise, and left undone.
+    Returns the largest mean change made to a sample, in grey levels, and how many samples changed by 4 or more."""
+    brightness = [float(sample[:: max(1, sample.shape[0] // 64), :: max(1, sample.shape[1] // 64)].mean())
+                  for sample in stack]
+    middle = stack[int(np.argsort(brightness)[len(stack) // 2])].copy()
     options = ExposureOptions(max_samples=10_000)  # a few thousand pixels fit a gain and an offset
-    largest = 0.0
+    largest, count = 0.0, 0
     for index in range(len(stack)):
         fit = fit_exposure(stack[index], middle, options=options, warn=False)
         if fit.skipped:
@@ -599,9 +603,10 @@ def _to_common_exposure(stack: np.ndarray) -> float:
         # (a cut): it is no exposure change, and the warning on changing backgrounds says what it is.
         if _agreement(changed, middle) < max(1 / 3, _agreement(stack[index], middle)):
             continue
-        largest = max(largest, float(cv2.absdiff(changed, stack[index]).mean()))
+        change = float(cv2.absdiff(changed, stack[index]).mean())
+        largest, count = max(largest, change), count + (change >= 4)
         stack[index] = changed
-    return largest
+    return largest, count
 
 
 def _agreement(image: np.ndarray, other: np.ndarray, levels: int = 10) -> float:

@@ -486,23 +486,40 @@ def test_a_clip_with_a_cut_is_warned_about(before, after, caplog):
 def test_a_change_of_exposure_mid_clip_gives_one_plate_in_one_exposure(gain, caplog):
     """Half the samples 20% brighter or darker made a plate mixing the two exposures pixel by pixel (17 to 21 grey
     levels from either half, which no exposure matching could undo), and nothing was said. The samples are now
-    brought to the middle one's exposure first, and the change is warned about."""
+    brought to one exposure first, and the change is warned about."""
     background = textured(120, 160, seed=1)
-    brighter = np.clip(np.rint(background * gain), 0, 255).astype(np.uint8)
+    changed = np.clip(np.rint(background * gain), 0, 255).astype(np.uint8)
     frames = []
     for index in range(16):
-        frame = (background if index < 8 else brighter).copy()
+        frame = (background if index < 8 else changed).copy()
         frame[30:80, 5 + 8 * index : 35 + 8 * index] = (220, 50, 60)  # a subject walking across
         frames.append(frame)
     with caplog.at_level(logging.INFO, logger="bgmatte.plate"):
         plate = estimate_plate(frames, name="light.mp4")
         quiet = estimate_plate(frames, name="light.mp4", match_exposure=True)
-    middle = brighter.astype(float)  # the exposure of the middle sample, the ninth
-    assert np.abs(plate - middle).max(axis=2).mean() < 1.5
+    # The exposure of the sample of median brightness: the first of the brighter half.
+    brighter = changed if gain > 1 else background
+    assert np.abs(plate - brighter.astype(float)).max(axis=2).mean() < 1.5
     assert np.array_equal(plate, quiet)
     levels = [record.levelno for record in caplog.records if "the exposure changes during the clip" in record.getMessage()]
     assert levels == [logging.WARNING, logging.INFO], caplog.records
     assert not any("the background changes" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("gain", [1.3, 0.6])
+def test_one_flash_in_the_middle_of_the_clip_sets_no_exposure(gain, caplog):
+    """Bringing every sample to the middle one's exposure gave the plate that of a flash there (46-64 grey levels
+    off): the sample of median brightness sets it, and one flash is no change of exposure to warn of."""
+    background = textured(120, 160, seed=1)
+    frames = []
+    for index in range(16):
+        frame = background.copy()
+        frame[30:80, 5 + 8 * index : 35 + 8 * index] = (220, 50, 60)
+        frames.append(frame if index != 8 else np.clip(np.rint(frame * gain), 0, 255).astype(np.uint8))
+    with caplog.at_level(logging.WARNING, logger="bgmatte.plate"):
+        plate = estimate_plate(frames)
+    assert np.abs(plate - background.astype(float)).max(axis=2).mean() < 0.5
+    assert not caplog.records
 
 
 def test_a_large_moving_subject_or_a_flash_is_no_change_of_background(caplog):
