@@ -822,7 +822,7 @@ def _check_plate_frames(src: Path, *, start: float = 0.0, duration: float | None
 
 
 def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: float = 0.0,
-                    duration: float | None = None, align: bool = False) -> np.ndarray:
+                    duration: float | None = None, align: bool = False, match_exposure: bool = False) -> np.ndarray:
     """A clean plate from frames sampled evenly over a first pass through the clip, or through its span from
     `start` for `duration` seconds (`VideoReader`), which is what is matted. With `align` (a handheld clip) the
     samples are registered onto their middle one first (`register_frames`); too few registered, the plate is
@@ -834,15 +834,27 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: 
     from tqdm import tqdm
 
     count = plate_sample_count(*size)
-    with VideoReader(src, start=start, duration=duration) as reader:
-        bar = tqdm(reader, total=reader.frame_count, desc="plate", unit="frame", file=sys.stderr,
+
+    def read(reader: VideoReader, expected: int | None) -> list[np.ndarray]:
+        bar = tqdm(reader, total=expected or reader.frame_count, desc="plate", unit="frame", file=sys.stderr,
                    disable=None if progress else True, leave=False)
         with bar:
-            if reader.frame_count and not (start or duration):
-                chosen = set(np.linspace(0, reader.frame_count - 1, min(count, reader.frame_count)).round().astype(int).tolist())
-                samples = [resize_image(frame.image, *size) for frame in bar if frame.index in chosen]
-            else:
-                samples = sample_frames((resize_image(frame.image, *size) for frame in bar), count)
+            if expected:
+                chosen = set(np.linspace(0, expected - 1, min(count, expected)).round().astype(int).tolist())
+                return [resize_image(frame.image, *size) for frame in bar if frame.index in chosen]
+            return sample_frames((resize_image(frame.image, *size) for frame in bar), count)
+
+    with VideoReader(src, start=start, duration=duration) as reader:
+        expected = reader.frame_count if not (start or duration) else None
+        samples = read(reader, expected)
+        decoded = reader.frames_read
+    if expected and abs(decoded - expected) > 0.1 * expected:
+        # The count was far off (estimated from the duration and a frame rate that a variable-rate clip, an MKV of
+        # 1000 "fps" say, does not keep): the samples bunched at the start, or stopped short. Chosen again from
+        # the count now known.
+        logger.debug("%s: %d frames where %d were expected; sampling the plate again", src, decoded, expected)
+        with VideoReader(src) as reader:
+            samples = read(reader, decoded)
     if len(samples) < AUTO_PLATE_FRAMES:  # estimate_plate's own refusal cannot name the clip
         raise _too_few_for_plate(src, len(samples), start=start, duration=duration)
     if align:
@@ -856,7 +868,7 @@ def _estimate_plate(src: Path, size: tuple[int, int], progress: bool, *, start: 
                                "others; it is estimated from the rest", src, failed, len(samples))
             samples = registered
     logger.info("estimating a clean plate from %d frames sampled over the clip", len(samples))
-    return estimate_plate(samples, name=src)
+    return estimate_plate(samples, name=src, match_exposure=match_exposure)
 
 
 # -------------------------------------------------------------------------------------------- outputs
@@ -1338,7 +1350,8 @@ def convert_video(
         targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device, picture=picture,
                                                    fps=reader.fps, frames=reader.frame_count))
         if auto_plate:
-            image = _estimate_plate(src, size, progress, start=start, duration=duration, align=align)
+            image = _estimate_plate(src, size, progress, start=start, duration=duration, align=align,
+                                    match_exposure=match_exposure)
         # An automatic plate is named by its clip (in alignment warnings), and is of the working size already.
         plates = _Plates(image, plate_video, *size, native=size if auto_plate else native,
                          name=str(src) if auto_plate else None if isinstance(bgr, np.ndarray) else str(bgr),

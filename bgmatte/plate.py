@@ -52,6 +52,8 @@ class AlignOptions:
     min_inliers: int = 15  # fewer RANSAC inliers than this counts as no homography
     ransac_threshold: float = 3.0  # pixels, at full resolution
     max_scale_change: float = 2.0  # a homography that scales the plate more than this is rejected
+    # Matches whose convex hull covers less of the frame than this give a similarity, not a homography.
+    min_spread: float = 0.3
     # Refine the feature homography by intensity (ECC) on the pixels where plate and frame already agree, at half
     # the working size: ORB's keypoints, many found at coarse pyramid levels, leave it up to 2.5 pixels off.
     refine: bool = True
@@ -138,6 +140,17 @@ class PlateAligner:
         count = int(inliers.sum())
         if count < self.options.min_inliers:
             return None, f"only {count} matches agree on a homography"
+        agreeing = inliers.ravel().astype(bool)
+        spread = cv2.contourArea(cv2.convexHull(frame_points[agreeing])) / (frame.shape[0] * frame.shape[1])
+        if spread < self.options.min_spread:
+            # Matches in a corner or a strip of the frame (a subject filling the rest, a plate at a wider zoom, a
+            # few landmarks among repeating tiles) leave the homography's perspective a guess beyond them: it went
+            # tens of pixels wrong at the far side of the frame. A similarity (shift, roll, zoom) extrapolates.
+            similarity, agree = cv2.estimateAffinePartial2D(plate_points[agreeing], frame_points[agreeing], method=cv2.RANSAC,
+                                                            ransacReprojThreshold=self.options.ransac_threshold)
+            if similarity is None or int(agree.sum()) < self.options.min_inliers:
+                return None, f"the matches cover only {spread:.0%} of the frame, and no similarity fits them"
+            homography = np.vstack([similarity, [0.0, 0.0, 1.0]])
         problem = self._implausible(homography)
         if problem:
             return None, problem
@@ -156,6 +169,10 @@ class PlateAligner:
         small_frame = _scaled(_grey_uint8(frame), frame_scale / 2)
         small = frame_to_small @ homography @ np.linalg.inv(plate_to_small)  # small plate to small frame
         warped = cv2.warpPerspective(self._small_plate, small, small_frame.shape[::-1], borderMode=cv2.BORDER_REPLICATE)
+        # Plate and frame compared in like exposure: a frame darker or brighter than the plate (its exposure drifted)
+        # would otherwise differ from it nearly everywhere, and the refinement be skipped or judged on the drift.
+        gain, offset = _grey_exposure(warped, small_frame)
+        warped = cv2.convertScaleAbs(warped, alpha=gain, beta=offset)
         agree = cv2.erode((cv2.absdiff(warped, small_frame) < 40).astype(np.uint8), np.ones((5, 5), np.uint8))
         if agree.mean() < 0.2:
             return homography
@@ -175,6 +192,7 @@ class PlateAligner:
         moved = np.abs(cv2.perspectiveTransform(corners, refined) - cv2.perspectiveTransform(corners, homography))
         after = cv2.warpPerspective(self._small_plate, frame_to_small @ refined @ np.linalg.inv(plate_to_small),
                                     small_frame.shape[::-1], borderMode=cv2.BORDER_REPLICATE)
+        after = cv2.convertScaleAbs(after, alpha=gain, beta=offset)
         mask = agree.astype(bool)
         before_error = cv2.absdiff(warped, small_frame)[mask].mean()
         after_error = cv2.absdiff(after, small_frame)[mask].mean()
@@ -219,6 +237,24 @@ class PlateAligner:
             self.plate, homography, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )
         return warped, True
+
+
+def _grey_exposure(plate: np.ndarray, frame: np.ndarray, iterations: int = 4) -> tuple[float, float]:
+    """Gain and offset taking grey `plate` levels to `frame`'s, fitted robustly (a subject in the frame is an
+    outlier); (1, 0) when too little is left to fit on or the fit is implausible."""
+    step = max(1, int(np.sqrt(plate.size / 40_000)))
+    x, y = plate[::step, ::step].ravel().astype(np.float64), frame[::step, ::step].ravel().astype(np.float64)
+    keep = (x > 2) & (x < 253) & (y > 2) & (y < 253)
+    gain, offset = 1.0, 0.0
+    for _ in range(iterations):
+        if keep.sum() < 200 or np.ptp(x[keep]) < 8:
+            return 1.0, 0.0
+        gain, offset = np.polyfit(x[keep], y[keep], 1)
+        residual = np.abs(gain * x + offset - y)
+        keep &= residual <= np.median(residual[keep]) + max(3.0 * 1.4826 * np.median(residual[keep]), 2.0)
+    if not (np.isfinite(gain) and 0.2 <= gain <= 5.0 and np.isfinite(offset)):
+        return 1.0, 0.0
+    return float(gain), float(offset)
 
 
 def align_plate(plate: np.ndarray, frame: np.ndarray, options: AlignOptions = AlignOptions()) -> tuple[np.ndarray, bool]:
@@ -317,7 +353,7 @@ def fit_exposure(
     if len(indices) < options.min_pixels:
         return _skipped(f"only {len(indices)} background pixels to fit on", warn)
     x, y = source[indices].astype(np.float64), target[indices].astype(np.float64)
-    keep = np.ones(len(x), bool)
+    keep = np.ones(len(x), bool) if pha_or_mask is not None else _consensus(x, y, options.min_pixels)
     matrix, offset = np.eye(3), np.zeros(3)
     for _ in range(options.iterations):
         if keep.sum() < options.min_pixels:
@@ -330,6 +366,35 @@ def fit_exposure(
     if not np.all(np.isfinite(matrix)) or gains.min() < 0.2 or gains.max() > 5.0:
         return _skipped(f"the fitted change is implausible (gains {np.round(gains, 2)})", warn)
     return ExposureFit(matrix, offset, int(keep.sum()))
+
+
+def _consensus(x: np.ndarray, y: np.ndarray, min_pixels: int, trials: int = 200,
+               tolerance: float = 8 / 255) -> np.ndarray:
+    """The pixels that agree, within `tolerance`, with the best of `trials` gain-and-offset changes each fitted
+    to two random pixels: where to start the refits when nothing says where the subject is. A least-squares start
+    on every pixel belongs to the subject once it covers half the picture or more, and the refits then keep it.
+    Changes outside the plausible gains are not tried (a flat-coloured subject agrees with a gain near 0).
+    Every pixel when no change finds `min_pixels` and a twentieth of the picture in agreement: a few hundred
+    pixels of a textured subject agree with some change by chance."""
+    rng = np.random.default_rng(0)  # the same fit for the same pictures
+    scored = np.linspace(0, len(x) - 1, min(len(x), 4000)).astype(np.int64)
+    best, best_count = None, max(min_pixels * len(scored) / len(x), 0.05 * len(scored))
+    for _ in range(trials):
+        first, second = rng.choice(len(x), 2, replace=False)
+        run = x[second] - x[first]
+        if np.abs(run).min() < 0.1:  # too close in some channel to tell its gain
+            continue
+        gain = (y[second] - y[first]) / run
+        if gain.min() < 0.2 or gain.max() > 5.0:
+            continue
+        offset = y[first] - gain * x[first]
+        count = int((np.abs(x[scored] * gain + offset - y[scored]).max(axis=1) <= tolerance).sum())
+        if count > best_count:
+            best, best_count = (gain, offset), count
+    if best is None:
+        return np.ones(len(x), bool)
+    gain, offset = best
+    return np.abs(x * gain + offset - y).max(axis=1) <= tolerance
 
 
 def _skipped(reason: str, warn: bool) -> ExposureFit:
@@ -418,7 +483,7 @@ def register_frames(frames: Sequence[np.ndarray], options: AlignOptions = AlignO
 
 
 def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEstimateOptions = PlateEstimateOptions(),
-                   *, name: str | os.PathLike | None = None) -> np.ndarray:
+                   *, name: str | os.PathLike | None = None, match_exposure: bool = False) -> np.ndarray:
     """A clean plate from sampled frames of the clip itself: a temporal median, corrected where the subject stayed.
 
     The per-pixel median is right wherever the subject covered a pixel in fewer than half the
@@ -436,6 +501,9 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     inpainted. A subject that never moved at all cannot be told from the background and stays. The camera must
     stand still; for a handheld clip, register the frames first (`register_frames`). Samples that do not share
     one background (a cut, a change of light) are warned about, naming `name` (the clip): no plate fits them all.
+    Samples exposed otherwise than the one of median brightness (a light turned on, auto-exposure) are first brought
+    to its exposure, so that the plate is one picture in one exposure, not a per-pixel mix; that the exposure changed is
+    warned about unless `match_exposure` says the frames will have the plate's exposure fitted to theirs.
     """
     frames = list(frames) if not isinstance(frames, np.ndarray) else frames
     if len(frames) < 3:
@@ -443,6 +511,14 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     dtype = frames[0].dtype
     stack = np.stack([frame if frame.dtype == np.uint8 else _like(_as_float(frame), np.dtype(np.uint8)) for frame in frames])
     count, height, width, _ = stack.shape
+    drift, changed = _to_common_exposure(stack)
+    if changed >= max(2, 0.1 * count):  # not one flash
+        (logger.info if match_exposure else logger.warning)(
+            "%sthe exposure changes during the clip (%d of %d samples, by up to %d grey levels on average): the "
+            "automatic plate has that of its sample of median brightness%s", f"{name}: " if name else "", changed,
+            count, round(drift),
+            ", fitted to each frame's" if match_exposure else "; frames exposed otherwise matte poorly unless the "
+            "plate's exposure is matched to each (--match-exposure)")
     median, reference = _temporal_median(stack)
 
     def deviation(index: int, rows: slice = slice(None), columns: slice = slice(None)) -> np.ndarray:
@@ -503,6 +579,40 @@ def estimate_plate(frames: Sequence[np.ndarray] | np.ndarray, options: PlateEsti
     if dtype == np.uint8:
         return result
     return (result.astype(np.float32) / 255.0).astype(dtype)
+
+
+def _to_common_exposure(stack: np.ndarray) -> tuple[float, int]:
+    """Bring each sample of `stack` (uint8, in place) to the exposure of the one of median brightness (not one
+    chosen by its place, which may be a flash), where a change is fitted (a frame too dark or too unlike it, such
+    as a cut, is left as it is). Changes below 2 grey levels at black and at white are noise, and left undone.
+    Returns the largest mean change made to a sample, in grey levels, and how many samples changed by 4 or more."""
+    brightness = [float(sample[:: max(1, sample.shape[0] // 64), :: max(1, sample.shape[1] // 64)].mean())
+                  for sample in stack]
+    middle = stack[int(np.argsort(brightness)[len(stack) // 2])].copy()
+    options = ExposureOptions(max_samples=10_000)  # a few thousand pixels fit a gain and an offset
+    largest, count = 0.0, 0
+    for index in range(len(stack)):
+        fit = fit_exposure(stack[index], middle, options=options, warn=False)
+        if fit.skipped:
+            continue
+        gain, offset = np.diag(fit.matrix), fit.offset
+        if max(np.abs(offset).max(), np.abs(gain + offset - 1.0).max()) < 2 / 255:
+            continue
+        changed = fit.apply(stack[index])
+        # A change that leaves the sample unlike the middle one over most of the picture was fitted to another view
+        # (a cut): it is no exposure change, and the warning on changing backgrounds says what it is.
+        if _agreement(changed, middle) < max(1 / 3, _agreement(stack[index], middle)):
+            continue
+        change = float(cv2.absdiff(changed, stack[index]).mean())
+        largest, count = max(largest, change), count + (change >= 4)
+        stack[index] = changed
+    return largest, count
+
+
+def _agreement(image: np.ndarray, other: np.ndarray, levels: int = 10) -> float:
+    """The share of pixels (on a grid) where two uint8 images differ by at most `levels` in every channel."""
+    grid = (slice(None, None, max(1, image.shape[0] // 90)), slice(None, None, max(1, image.shape[1] // 160)))
+    return float((cv2.absdiff(image[grid], other[grid]).max(axis=2) <= levels).mean())
 
 
 def _warn_if_background_changes(stack: np.ndarray, plate: np.ndarray, name: object, threshold: float = 0.1) -> None:

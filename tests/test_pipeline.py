@@ -846,6 +846,31 @@ def test_an_automatic_plate_from_too_few_frames_names_the_clip(tmp_path):
     assert not (tmp_path / "com.mp4").exists()
 
 
+def test_an_automatic_plate_of_a_variable_rate_mkv_samples_the_whole_clip(tmp_path, monkeypatch):
+    """An MKV gives no frame count, and one of variable rate says 1000 fps: the count estimated from its duration,
+    5000 frames for 200, spread the samples over frames that never came, 2 of them in all, and the clip was
+    refused; a second pass now chooses them from the frames there were."""
+    clip = tmp_path / "screen.mkv"
+    with av.open(str(clip), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=1000)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        time = 0
+        for index in range(200):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), index, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = time, Fraction(1, 1000)
+            time += 100 if index < 20 else 17  # 10 fps for 2 s, then about 60
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with VideoReader(clip) as reader:
+        assert reader.frame_count > 1000  # the estimate this is about
+    seen = []
+    monkeypatch.setattr(pipeline, "estimate_plate", lambda samples, **kwargs: seen.append(samples) or samples[0])
+    pipeline._estimate_plate(clip, (64, 48), False)
+    levels = [int(sample[..., 0].mean()) for sample in seen[0]]
+    assert len(levels) == 30 and levels[0] < 5 and levels[-1] > 190  # from the first frame to the last
+
+
 def test_interrupt_leaves_playable_outputs_with_every_frame_matted(scene, tmp_path):
     clip, plate = scene
     model = DifferenceModel(interrupt_on=5)  # Ctrl-C while the fifth frame is being matted

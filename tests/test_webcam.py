@@ -424,7 +424,7 @@ def test_preview_window_shows_bgr_and_reads_keys(monkeypatch):
     shown, keys = [], iter([ord("b") | 0x100000])
     monkeypatch.setattr(cv2, "namedWindow", lambda *args: None)
     monkeypatch.setattr(cv2, "imshow", lambda title, image: shown.append(image))
-    monkeypatch.setattr(cv2, "waitKey", lambda delay: next(keys, -1))
+    monkeypatch.setattr(cv2, "waitKeyEx", lambda delay: next(keys, -1))
     visible = iter([1.0, 0.0])
     monkeypatch.setattr(cv2, "getWindowProperty", lambda *args: next(visible))
     monkeypatch.setattr(cv2, "destroyWindow", lambda *args: None)
@@ -434,6 +434,25 @@ def test_preview_window_shows_bgr_and_reads_keys(monkeypatch):
     assert window.poll_key() == ord("b")
     assert window.poll_key() == -1
     assert window.poll_key() == ord("q")  # the window was closed
+    window.close()
+
+
+@pytest.mark.parametrize("code", [0xFF51, 0xFF54, 0x10FF51], ids=["left", "down", "left-numlock"])
+def test_arrow_keys_neither_quit_nor_change_the_target(monkeypatch, camera_frames, code):
+    """OpenCV's GTK windows give a key's X symbol: the left arrow, 0xFF51, read by its lower 8 bits (all that
+    cv2.waitKey gives) as Q, quit the session, and the down arrow, 0xFF54 (T), changed the target."""
+    monkeypatch.setattr(cv2, "namedWindow", lambda *args: None)
+    monkeypatch.setattr(cv2, "waitKey", lambda delay: code & 0xFF)  # what OpenCV's waitKey gives of it
+    monkeypatch.setattr(cv2, "waitKeyEx", lambda delay: code)
+    monkeypatch.setattr(cv2, "getWindowProperty", lambda *args: 1.0)
+    monkeypatch.setattr(cv2, "destroyWindow", lambda *args: None)
+    window = webcam.PreviewWindow()
+    assert window.poll_key() == -1
+    session = WebcamSession(iter(camera_frames[:4]), ConstantMatte(), targets("green", "blue"), sinks=[Collect()],
+                            keys=lambda: code, plate=camera_frames[0])
+    assert session.run().frames == 4 and session.target_index == 0
+    monkeypatch.setattr(cv2, "waitKeyEx", lambda delay: ord("q") | 0x100000)  # q, with NumLock on
+    assert window.poll_key() == ord("q")
     window.close()
 
 
@@ -704,6 +723,45 @@ class SlowCapture:
     def release(self):
         self.overlapped = self.overlapped or self.reading
         self.releases += 1
+
+
+class ResizingCapture(SlowCapture):
+    """A camera whose frames change size after `after` reads."""
+
+    def __init__(self, after: int, size: tuple[int, int]):
+        super().__init__()
+        self.after, self.later = after, size
+
+    def read(self):
+        self.reads += 1
+        width, height = (WIDTH, HEIGHT) if self.reads <= self.after else self.later
+        return (True, np.zeros((height, width, 3), np.uint8)) if self.reads <= 8 else (False, None)
+
+
+def test_a_camera_changing_its_frame_size_is_warned_of_once(monkeypatch, caplog):
+    """Frames of another size, mid-stream, were stretched to the first ones' size without a word."""
+    monkeypatch.setattr(webcam, "_open_capture", lambda camera: ResizingCapture(3, (2 * WIDTH, HEIGHT)))
+    source = CameraSource(0)
+    with caplog.at_level(logging.WARNING, logger="bgmatte.io.webcam"):
+        frames = list(source)
+    source.close()
+    assert len(frames) == 8 and all(frame.shape == (HEIGHT, WIDTH, 3) for frame in frames)
+    changes = [record.getMessage() for record in caplog.records if "changed its frames" in record.getMessage()]
+    assert changes == [f"camera 0 changed its frames from {WIDTH}x{HEIGHT} to {2 * WIDTH}x{HEIGHT} after 3 frames; "
+                       f"resizing them to {WIDTH}x{HEIGHT}, stretched: their aspect ratio differs"]
+
+
+@pytest.mark.parametrize("asked, expected, warned", [(60.0, 30.0, True), (30.0, 30.0, False), (None, 30.0, False)])
+def test_a_frame_rate_the_camera_does_not_give_is_warned_of_and_not_announced(monkeypatch, caplog, asked, expected,
+                                                                               warned):
+    """--fps 60 on a camera that settled on 30 was announced to the virtual camera and the recording as 60."""
+    monkeypatch.setattr(webcam, "_open_capture", lambda camera: SlowCapture())  # it says 30 fps, whatever is asked
+    with caplog.at_level(logging.WARNING, logger="bgmatte.io.webcam"):
+        source = CameraSource(0, fps=asked)
+    source.close()
+    assert source.fps == expected
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == (["camera 0 gives 30 fps, not the 60 asked for (--fps); using 30"] if warned else [])
 
 
 def test_camera_source_waits_for_a_read_in_progress_before_releasing(monkeypatch):

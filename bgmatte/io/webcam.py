@@ -171,8 +171,15 @@ class CameraSource:
         self._refuse_above(max_pixels, self.size, f"gives {native[0]}x{native[1]} frames; asked for ")
         if self.size != native:
             logger.info("%s gives %dx%d frames; resizing them to %dx%d", self.name, *native, *self.size)
+        self._native = native  # the size of the frames delivered last, to tell when the camera changes it
         reported = self._capture.get(cv2.CAP_PROP_FPS)
-        self.fps: float = float(fps) if fps else float(reported) if reported and 0 < reported < 1000 else 30.0
+        reported = float(reported) if reported and 0 < reported < 1000 else None
+        if fps and reported and not self.is_file and abs(reported - fps) > 0.01 * fps:
+            # The camera settled on another rate: announcing the one asked would time the virtual camera wrongly.
+            logger.warning("%s gives %.3g fps, not the %.3g asked for (--fps); using %.3g", self.name, reported, fps,
+                           reported)
+            fps = reported
+        self.fps: float = float(fps) if fps else reported or 30.0
         self.frames_read = 0
         self._pending: np.ndarray | None = first
         self._start: float | None = None
@@ -207,7 +214,15 @@ class CameraSource:
             if delay > 0:
                 time.sleep(delay)
         self.frames_read += 1
-        if (frame.shape[1], frame.shape[0]) != self.size:
+        native = (frame.shape[1], frame.shape[0])
+        if native != self._native:  # a camera that renegotiated its format, a file whose frames change size
+            logger.warning("%s changed its frames from %dx%d to %dx%d after %d frames; %s", self.name,
+                           *self._native, *native, self.frames_read - 1,
+                           f"resizing them to {self.size[0]}x{self.size[1]}" + (
+                               ", stretched: their aspect ratio differs"
+                               if native[0] * self.size[1] != native[1] * self.size[0] else ""))
+            self._native = native
+        if native != self.size:
             frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
         return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
 
@@ -452,10 +467,11 @@ class PreviewWindow:
         cv2.imshow(self.title, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
 
     def poll_key(self) -> int:
-        """The key pressed since the last call (cv2.waitKey's code, lower 8 bits), or -1."""
-        key = cv2.waitKey(1)
+        """The key pressed since the last call (a character code, `key_code`), or -1. The full code of
+        cv2.waitKeyEx: cv2.waitKey keeps only its lower 8 bits, which cannot tell the arrow keys from letters."""
+        key = cv2.waitKeyEx(1)
         if key != -1:
-            return key & 0xFF
+            return key_code(key)
         try:
             if cv2.getWindowProperty(self.title, cv2.WND_PROP_VISIBLE) < 1:
                 return KEYS_QUIT[0]
@@ -472,6 +488,14 @@ class PreviewWindow:
                 cv2.waitKey(1)
             except cv2.error:
                 pass
+
+
+def key_code(key: int) -> int:
+    """The character of a cv2.waitKeyEx code, or -1 for a key that is none (an arrow, a function key). With GTK the
+    code is the X key symbol with the modifiers above bit 16: its lower 8 bits alone made the arrow keys, symbols
+    0xFF51 to 0xFF54, read as Q, R, S and T, so that the left arrow quit and the down arrow changed the target."""
+    symbol = key & 0xFFFF
+    return symbol if 0 <= symbol <= 0xFF else NO_KEY
 
 
 def draw_status(frame: np.ndarray, lines: Sequence[str]) -> np.ndarray:
@@ -719,7 +743,7 @@ class WebcamSession(ClosesOnExit):
         """Act on a key: b takes `frame` as the plate, t cycles the target, q or Esc stops the session."""
         if key in (NO_KEY, None):
             return
-        key &= 0xFF
+        key = key_code(key)
         if key in (KEY_PLATE, ord("B")):
             self.set_plate(frame)
             logger.info("plate captured from the current frame")
