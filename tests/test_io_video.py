@@ -1654,6 +1654,17 @@ def test_every_audio_track_is_carried_in_order_with_its_language_and_cut_to_the_
     assert len(read_all(target)[1]) == 10
 
 
+def test_quicktime_keeps_german_and_chinese_under_the_codes_of_its_language_list(tmp_path):
+    """QuickTime stores a language as an entry of its old Macintosh list, which has German and Chinese only as
+    'ger' and 'chi' (ISO 639-2/B): FFmpeg's muxer drops 'deu' and 'zho' (ISO 639-2/T). MP4 keeps either form."""
+    source = tmp_path / "src.mkv"
+    clip_with_tracks(source, [("aac", 440, 48000, "stereo", "deu", "Mic"), ("aac", 1000, 48000, "mono", "zho", None)])
+    for suffix, languages in ((".mov", ["ger", "chi"]), (".mp4", ["deu", "zho"])):
+        target = tmp_path / f"out{suffix}"
+        copy_clip(source, target)
+        assert [track["language"] for track in audio_tracks(target)] == languages
+
+
 def test_copied_tracks_the_muxer_refuses_at_the_header_are_all_transcoded_instead(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(video_io._COPIED_AUDIO, "mov", video_io._COPIED_AUDIO["mov"] | {"flac"})
     source = tmp_path / "src.mkv"

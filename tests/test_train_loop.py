@@ -145,6 +145,8 @@ def test_freeze_base_is_for_the_refine_stage_and_its_refiner_rate():
         TrainOptions(stage="base", out="x", freeze_base=True)
     with pytest.raises(BgmatteError, match="--lr-refiner alone"):
         TrainOptions(stage="refine", out="x", freeze_base=True, lr={"decoder": 1e-4})
+    with pytest.raises(BgmatteError, match="--freeze-base keeps the base network as --init gives it: give --init"):
+        TrainOptions(stage="refine", out="x", freeze_base=True)  # else it would freeze random weights
     model = MattingRefine("mobilenetv2")
     loop.freeze_base(model)
     groups = loop.parameter_groups(model, TrainOptions(stage="refine", out="x").learning_rates)
@@ -434,7 +436,7 @@ def test_a_resume_checks_that_options_fit_together_once_the_runs_own_are_in(tmp_
     resumed = loop.resumed_options(options, torch.load(path, weights_only=True), given, path)
     assert (resumed.crop, resumed.backbone_scale) == (40, 0.5)
 
-    frozen = _fake_state(tmp_path / "frozen", stage="refine", freeze_base=True)
+    frozen = _fake_state(tmp_path / "frozen", stage="refine", freeze_base=True, init=tmp_path / "base.pth")
     args = build_parser().parse_args(["train", "refine", "--out", str(tmp_path / "frozen"), "--resume",
                                       "--lr-backbone", "1e-5"])
     options, given = training_options(args)  # fine alone; not with the run's --freeze-base

@@ -79,7 +79,7 @@ def register(subparsers) -> None:
                        help="start from these weights (.pth or .safetensors; a base checkpoint for refine)")
     model.add_argument("--freeze-base", action="store_true", default=None,
                        help="refine stage: train the refiner alone, the base network (and its batch-norm "
-                            "statistics) kept as --init gave it")
+                            "statistics) kept as --init gave it (so it needs --init)")
     model.add_argument("--backbone-scale", type=float, default=None,
                        help=f"refine stage (default: {TrainOptions.backbone_scale})")
     model.add_argument("--sample-pixels", type=int, default=None,

@@ -2128,7 +2128,7 @@ class _AudioCarrier:
             self._out_stream.codec_context.open()
             logger.info("%s: %s (%s) cannot go into %s as is; transcoding to %s", self.source, self.label,
                         self.codec, container, target)
-        for key, value in _track_names(self._in_stream).items():
+        for key, value in _track_names(self._in_stream, container).items():
             self._out_stream.metadata[key] = value
         media.join(self._in_stream)
         self._reading = True
@@ -2346,10 +2346,22 @@ def _seconds(ticks: int | None, packet: av.Packet) -> float:
     return float(ticks * packet.time_base) if ticks and packet.time_base else 0.0
 
 
-def _track_names(stream: av.stream.Stream) -> dict[str, str]:
-    """A track's language and title, as the output's metadata; MP4 and QuickTime files give the title as 'name'."""
-    names = {"language": stream.metadata.get("language"),
-             "title": stream.metadata.get("title") or stream.metadata.get("name")}
+# QuickTime stores a language as an entry of its old Macintosh list, which FFmpeg's muxer matches by ISO 639-2 code,
+# dropping a code it lacks: for these languages the list holds the other of the two codes ISO 639-2 gives them.
+_QUICKTIME_LANGUAGES = {
+    "sqi": "alb", "hye": "arm", "eus": "baq", "mya": "bur", "zho": "chi", "cze": "ces", "nld": "dut", "fre": "fra",
+    "kat": "geo", "deu": "ger", "ell": "gre", "isl": "ice", "mkd": "mac", "msa": "may", "fas": "per", "rum": "ron",
+    "slo": "slk", "bod": "tib", "cym": "wel",
+}
+
+
+def _track_names(stream: av.stream.Stream, container: str | None = None) -> dict[str, str]:
+    """A track's language and title, as the output's metadata; MP4 and QuickTime files give the title as 'name'.
+    Into QuickTime (`container` "mov") a language goes under the code its list holds (`_QUICKTIME_LANGUAGES`)."""
+    language = stream.metadata.get("language")
+    if container == "mov" and language:
+        language = _QUICKTIME_LANGUAGES.get(language.lower(), language)
+    names = {"language": language, "title": stream.metadata.get("title") or stream.metadata.get("name")}
     return {key: value for key, value in names.items() if value}
 
 

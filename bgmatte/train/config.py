@@ -180,6 +180,9 @@ class TrainOptions:
                                "network less than 16 pixels; use a larger crop")
         if self.freeze_base and set(self.lr) - {"refiner"}:
             raise BgmatteError("with --freeze-base only the refiner learns: give --lr-refiner alone")
+        if self.freeze_base and self.init is None:
+            raise BgmatteError("--freeze-base keeps the base network as --init gives it: give --init (a base "
+                               "checkpoint), else the refiner would learn on a base network of random weights")
         if self.dataset.lower() != "synthetic" and (self.data_root is None or self.backgrounds is None):
             raise BgmatteError(f"--dataset {self.dataset} needs --data-root (the dataset's folder) and "
                                "--backgrounds (a folder of background images)")
