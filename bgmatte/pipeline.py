@@ -150,7 +150,12 @@ class ModelOptions:
         if self.model_type not in ("mattingrefine", "mattingbase"):
             raise BgmatteError(f"model type {self.model_type!r} is not supported: use mattingrefine or mattingbase")
         # Checked here, when the options are made, not when the weights load after the inputs were opened.
-        from bgmatte.model.matting import REFINE_MODES, refine_setting_problem
+        from bgmatte.model.matting import REFINE_MODES, refine_setting_problem, switch_problem
+
+        for problem in (switch_problem("optimize", self.optimize),
+                        switch_problem("plate_solve", self.plate_solve, optional=True)):
+            if problem is not None:
+                raise BgmatteError(problem)
 
         for name in ("backbone_scale", "refine_sample_pixels", "refine_threshold"):
             value = getattr(self, name)

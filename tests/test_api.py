@@ -301,3 +301,11 @@ def test_the_package_docstring_names_every_public_name():
     """It described the public API without RefineOptions, which __all__ exports."""
     missing = [name for name in bgmatte.__all__ if name != "__version__" and f"``{name}``" not in bgmatte.__doc__]
     assert missing == []
+
+
+@pytest.mark.parametrize(("name", "value"), [("plate_solve", "off"), ("optimize", "no")])
+def test_model_options_refuse_a_switch_that_is_not_true_or_false(name, value):
+    """ModelOptions(plate_solve="off") turned the plate solve on: any non-empty string is true."""
+    with pytest.raises(BgmatteError, match=f"{name} must be True or False") as caught:
+        bgmatte.ModelOptions(**{name: value})
+    one_line(caught)

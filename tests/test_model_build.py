@@ -221,3 +221,15 @@ def test_an_onnx_model_is_named_as_one_with_the_way_to_run_it(tmp_path, capsys):
     assert main(["export", "torchscript", str(path), "-o", str(tmp_path / "m.torchscript")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "an ONNX model" in err
+
+
+@pytest.mark.parametrize(("name", "value"), [("plate_solve", "off"), ("plate_solve", "no"), ("optimize", "false")])
+def test_a_switch_that_is_not_true_or_false_is_refused_naming_it(tmp_path, mobilenet_state, name, value):
+    """``plate_solve="off"`` (the command line's spelling) was taken as true: the plate solve ran."""
+    path = tmp_path / "w.pth"
+    torch.save(mobilenet_state, path)
+    with pytest.raises(BgmatteError, match=f"{name} must be True or False.*not '{value}'"):
+        load_model(path, device="cpu", **{name: value})
+    if name == "plate_solve":
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            MattingRefine("mobilenetv2", plate_solve=value)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from bgmatte.errors import BgmatteError
-from bgmatte.model.matting import BACKBONES, MattingRefine, RefineOptions
+from bgmatte.model.matting import BACKBONES, MattingRefine, RefineOptions, switch_problem
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,9 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
         raise BgmatteError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if backend not in BACKENDS:
         raise BgmatteError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    for problem in (switch_problem("optimize", optimize), switch_problem("plate_solve", plate_solve, optional=True)):
+        if problem is not None:
+            raise BgmatteError(problem)
     given = {name: value for name, value in (("backbone_scale", backbone_scale), ("refine_mode", refine_mode),
                                              ("refine_sample_pixels", refine_sample_pixels),
                                              ("refine_threshold", refine_threshold)) if value is not None}

@@ -72,6 +72,14 @@ def refine_setting_problem(name: str, value: object) -> str | None:
     return None
 
 
+def switch_problem(name: str, value: object, *, optional: bool = False) -> str | None:
+    """What is wrong with an on/off setting (``plate_solve``, ``optimize``), or None: it must be a bool (or None when
+    `optional`). A string would be true whatever it says: ``"off"`` would turn the setting on."""
+    if isinstance(value, bool) or (optional and value is None):
+        return None
+    return f"{name} must be True or False{' (or None)' if optional else ''}, not {value!r}"
+
+
 def check_inputs(src: Tensor, bgr: Tensor) -> None:
     """Raise ValueError unless src and bgr are float (B,3,H,W) tensors of one shape (TypeError for non-tensors)."""
     if not isinstance(src, Tensor) or not isinstance(bgr, Tensor):
@@ -166,6 +174,9 @@ class MattingRefine(MattingBase):
     def __init__(self, backbone: str = "mobilenetv2", backbone_scale: float = 0.25, refine_mode: str = "sampling",
                  refine_sample_pixels: int = 80_000, refine_threshold: float = 0.1, refine_kernel_size: int = 3,
                  refine_prevent_oversampling: bool = True, plate_solve: bool = False) -> None:
+        problem = switch_problem("plate_solve", plate_solve)
+        if problem is not None:
+            raise TypeError(problem)
         super().__init__(backbone)
         self.plate_solve = plate_solve
         options = RefineOptions(backbone_scale, refine_mode, refine_sample_pixels, refine_threshold,
