@@ -479,7 +479,7 @@ class FastMattingRefine(MattingRefine):
 
     def _fast_forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         src, bgr, small, (height, width) = prepare_inputs(src, bgr, self.backbone_scale,
-                                                          next(self.parameters()).dtype)
+                                                          next(self.parameters()).dtype, self)
         layers = self._layers()
         src_sm, bgr_sm = _resize(src, small), _resize(bgr, small)
         x = torch.cat([src_sm, bgr_sm], dim=1).contiguous(memory_format=torch.channels_last)

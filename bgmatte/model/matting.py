@@ -80,8 +80,10 @@ def switch_problem(name: str, value: object, *, optional: bool = False) -> str |
     return f"{name} must be True or False{' (or None)' if optional else ''}, not {value!r}"
 
 
-def check_inputs(src: Tensor, bgr: Tensor) -> None:
-    """Raise ValueError unless src and bgr are float (B,3,H,W) tensors of one shape (TypeError for non-tensors)."""
+def check_inputs(src: Tensor, bgr: Tensor, model: nn.Module | None = None, *, cast: bool = False) -> None:
+    """Raise ValueError unless src and bgr are float (B,3,H,W) tensors of one shape (TypeError for non-tensors);
+    given the `model` they go into, also unless they are on its device and, where it does not `cast` them (and
+    autocast does not), of its weights' dtype: the alternative is a failure deep inside the first convolution."""
     if not isinstance(src, Tensor) or not isinstance(bgr, Tensor):
         raise TypeError(f"src and bgr must be torch tensors, got {type(src).__name__} and {type(bgr).__name__} "
                         "(float, (B, 3, H, W), in [0, 1])")
@@ -91,14 +93,23 @@ def check_inputs(src: Tensor, bgr: Tensor) -> None:
         raise ValueError(f"src and bgr must be (B, 3, H, W), got {tuple(src.shape)}")
     if not src.is_floating_point() or not bgr.is_floating_point():
         raise ValueError(f"src and bgr must be float tensors in [0, 1], got {src.dtype} and {bgr.dtype}")
+    weight = next(model.parameters(), None) if model is not None else None
+    if weight is None:
+        return
+    if src.device != weight.device or bgr.device != weight.device:
+        raise ValueError(f"src and bgr must be on the model's device, {weight.device}, got {src.device} and "
+                         f"{bgr.device}: move them with .to({str(weight.device)!r})")
+    if not cast and not torch.is_autocast_enabled(src.device.type) and not src.dtype == bgr.dtype == weight.dtype:
+        raise ValueError(f"src and bgr must have the model's dtype, {weight.dtype}, got {src.dtype} and {bgr.dtype}: "
+                         f"cast them with .to({weight.dtype}), or the model (the fast path from load_model casts them)")
 
 
-def prepare_inputs(src: Tensor, bgr: Tensor, backbone_scale: float,
-                   dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, tuple[int, int], tuple[int, int]]:
-    """Check a frame and its plate, cast them to ``dtype`` (when given) and pad both to sides that are multiples
-    of 4 by edge replication (the refiner works on 4x4 patches); returns them, the base network's input size and
-    the size given, to crop the outputs back to."""
-    check_inputs(src, bgr)
+def prepare_inputs(src: Tensor, bgr: Tensor, backbone_scale: float, dtype: torch.dtype | None = None,
+                   model: nn.Module | None = None) -> tuple[Tensor, Tensor, tuple[int, int], tuple[int, int]]:
+    """Check a frame and its plate (against `model` when given: `check_inputs`), cast them to ``dtype`` (when given)
+    and pad both to sides that are multiples of 4 by edge replication (the refiner works on 4x4 patches); returns
+    them, the base network's input size and the size given, to crop the outputs back to."""
+    check_inputs(src, bgr, model, cast=dtype is not None)
     if not 0 < backbone_scale <= 0.5:
         raise ValueError(f"backbone_scale must be in (0, 1/2], not {backbone_scale}")
     if dtype is not None:
@@ -151,7 +162,7 @@ class MattingBase(nn.Module):
         return self.decoder(self.aspp(x), *skips)
 
     def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        check_inputs(src, bgr)
+        check_inputs(src, bgr, self)
         x = self.predict(src, bgr)
         pha = x[:, 0:1].clamp(0.0, 1.0)
         fgr = (x[:, 1:4] + src).clamp(0.0, 1.0)
@@ -205,7 +216,7 @@ class MattingRefine(MattingBase):
         return self
 
     def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        src, bgr, small, (height, width) = prepare_inputs(src, bgr, self.backbone_scale)
+        src, bgr, small, (height, width) = prepare_inputs(src, bgr, self.backbone_scale, model=self)
         src_sm = F.interpolate(src, small, mode="bilinear", align_corners=False)
         bgr_sm = F.interpolate(bgr, small, mode="bilinear", align_corners=False)
         x = self.predict(src_sm, bgr_sm)
