@@ -236,3 +236,28 @@ def test_inputs_on_another_device_than_the_model_are_refused_naming_both(network
     src, bgr = inputs(height=32, width=32)
     with pytest.raises(ValueError, match=r"must be on the model's device, meta, got cpu and cpu: move them"):
         model(src, bgr)
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["plain", "fast"])
+@pytest.mark.parametrize(("attribute", "value", "named"), [
+    ("mode", "everything", "refine_mode"), ("sample_pixels", 1000.5, "refine_sample_pixels"),
+    ("threshold", float("nan"), "refine_threshold"), ("kernel_size", 1, "kernel size 1")])
+def test_a_refiner_setting_changed_to_an_unusable_value_is_refused_when_the_model_runs(optimized, attribute, value,
+                                                                                      named):
+    """The settings stay attributes to change after loading; set directly, an unknown mode ran as sampling, a
+    fractional budget failed inside topk, a NaN threshold refined nothing, and a kernel size that the weights do not
+    have failed inside a convolution."""
+    from bgmatte.model.fast import optimize_model
+
+    model = MattingRefine("mobilenetv2").eval()
+    model = optimize_model(model) if optimized else model
+    setattr(model.refiner, attribute, value)
+    src, bgr = inputs(height=32, width=32)
+    with pytest.raises(ValueError, match=named):
+        model(src, bgr)
+
+
+def test_configure_takes_refine_options_only():
+    model = MattingRefine("mobilenetv2").eval()
+    with pytest.raises(TypeError, match="configure takes a RefineOptions, not dict"):
+        model.configure({"backbone_scale": 0.5})

@@ -478,6 +478,7 @@ class FastMattingRefine(MattingRefine):
             return self._fast_forward(src, bgr)
 
     def _fast_forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        self.check_settings()
         src, bgr, small, (height, width) = prepare_inputs(src, bgr, self.backbone_scale,
                                                           next(self.parameters()).dtype, self)
         layers = self._layers()

@@ -174,8 +174,10 @@ class MattingBase(nn.Module):
 class MattingRefine(MattingBase):
     """The full model: the base network at ``backbone_scale``, then the refiner at full resolution.
 
-    Arguments: as ``RefineOptions``, plus ``backbone``. They stay attributes (``backbone_scale``
-    here, ``refiner.mode`` and the like on the refiner) that can be changed after loading.
+    Arguments: as ``RefineOptions``, plus ``backbone`` and ``plate_solve`` (True: re-solve the full-resolution
+    alpha against the plate, `bgmatte.model.plate_solve.solve_alpha`). They stay attributes (``backbone_scale``
+    and ``plate_solve`` here, ``refiner.mode`` and the like on the refiner) that can be changed after loading,
+    or all at once with ``configure``; a value the model cannot run is refused when it runs.
 
     Returns from ``forward(src, bgr)``: ``(pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm)``. Any H and W
     work: inputs whose sides are not multiples of 4 are padded by edge replication and the
@@ -203,8 +205,22 @@ class MattingRefine(MattingBase):
         return RefineOptions(self.backbone_scale, r.mode, r.sample_pixels, r.threshold, r.kernel_size,
                              r.prevent_oversampling)
 
+    def check_settings(self) -> RefineOptions:
+        """The current settings; a ValueError when one was set (as an attribute) to a value the model cannot run."""
+        try:
+            options = self.options
+        except ValueError as exc:
+            raise ValueError(f"this model cannot run with its settings: {exc}") from None
+        weights = self.refiner.conv1.weight.shape[-1]
+        if options.refine_kernel_size != weights:
+            raise ValueError(f"this model's refiner weights have kernel size {weights}; "
+                             f"it cannot run with kernel size {options.refine_kernel_size}")
+        return options
+
     def configure(self, options: RefineOptions) -> "MattingRefine":
         """Change the speed settings in place (the kernel size is part of the weights and cannot change)."""
+        if not isinstance(options, RefineOptions):
+            raise TypeError(f"configure takes a RefineOptions, not {type(options).__name__}")
         if options.refine_kernel_size != self.refiner.kernel_size:
             raise ValueError(f"this model's refiner has kernel size {self.refiner.kernel_size}; "
                              f"it cannot run with {options.refine_kernel_size}")
@@ -216,6 +232,7 @@ class MattingRefine(MattingBase):
         return self
 
     def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        self.check_settings()
         src, bgr, small, (height, width) = prepare_inputs(src, bgr, self.backbone_scale, model=self)
         src_sm = F.interpolate(src, small, mode="bilinear", align_corners=False)
         bgr_sm = F.interpolate(bgr, small, mode="bilinear", align_corners=False)
