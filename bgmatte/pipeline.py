@@ -150,7 +150,10 @@ class ModelOptions:
         if self.model_type not in ("mattingrefine", "mattingbase"):
             raise BgmatteError(f"model type {self.model_type!r} is not supported: use mattingrefine or mattingbase")
         # Checked here, when the options are made, not when the weights load after the inputs were opened.
-        from bgmatte.model.matting import REFINE_MODES, refine_setting_problem, switch_problem
+        from bgmatte.model.matting import BACKBONES, REFINE_MODES, refine_setting_problem, switch_problem
+
+        if self.backbone is not None and self.backbone not in BACKBONES:
+            raise BgmatteError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
 
         for problem in (switch_problem("optimize", self.optimize),
                         switch_problem("plate_solve", self.plate_solve, optional=True)):
@@ -251,7 +254,7 @@ def load_predictor(model: ModelLike, width: int, height: int) -> Predictor:
 
 def _load_base(options: ModelOptions) -> nn.Module:
     """The base network alone from a full or base-only checkpoint (its refiner weights are left out)."""
-    from bgmatte.model.build import DEFAULT_WEIGHTS, detect_backbone, read_state_dict, resolve_device
+    from bgmatte.model.build import DEFAULT_WEIGHTS, backbone_mismatch, detect_backbone, read_state_dict, resolve_device
     from bgmatte.model.matting import BACKBONES, MattingBase
 
     if options.plate_solve:
@@ -264,6 +267,8 @@ def _load_base(options: ModelOptions) -> nn.Module:
     backbone = options.backbone or detect_backbone(state)
     if backbone not in BACKBONES:
         raise BgmatteError(f"{source}: cannot tell the backbone from the weights; pass one of {', '.join(BACKBONES)}")
+    if (problem := backbone_mismatch(source, detect_backbone(state), backbone)) is not None:
+        raise BgmatteError(problem)
     base = MattingBase(backbone)
     expected = base.state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())

@@ -309,3 +309,22 @@ def test_model_options_refuse_a_switch_that_is_not_true_or_false(name, value):
     with pytest.raises(BgmatteError, match=f"{name} must be True or False") as caught:
         bgmatte.ModelOptions(**{name: value})
     one_line(caught)
+
+
+def test_the_base_network_from_weights_of_another_backbone_is_named_with_theirs(tmp_path):
+    """`model_type="mattingbase"` with a backbone the weights are not for listed missing keys only."""
+    from bgmatte import pipeline
+
+    path = tmp_path / "w.pth"
+    torch.save(MattingBase("mobilenetv2").state_dict(), path)
+    options = bgmatte.ModelOptions(checkpoint=path, model_type="mattingbase", backbone="resnet50", device="cpu")
+    with pytest.raises(BgmatteError, match="w.pth: holds mobilenetv2 weights, not resnet50") as caught:
+        pipeline._load_base(options)
+    one_line(caught)
+
+
+def test_model_options_refuse_an_unknown_backbone_when_made():
+    """It was refused only once the inputs were open and the weights read, and for the base network as "cannot tell
+    the backbone from the weights"."""
+    with pytest.raises(BgmatteError, match="unknown backbone 'vgg16': choose one of resnet50, resnet101, mobilenetv2"):
+        bgmatte.ModelOptions(backbone="vgg16", model_type="mattingbase")
