@@ -423,7 +423,10 @@ class TargetFrames:
 
 
 def check_outputs(kinds: Iterable[str]) -> tuple[str, ...]:
-    """The output kinds in the order given, without repeats; an unknown one is a `BgmatteError`."""
+    """The output kinds in the order given, without repeats (a plain string is one kind); an unknown one is a
+    `BgmatteError`."""
+    if isinstance(kinds, str):
+        kinds = (kinds,)
     chosen: list[str] = []
     for kind in kinds:
         if kind not in OUTPUT_KINDS:
@@ -1223,7 +1226,7 @@ def convert_video(
             a folder of PNGs). The other outputs go beside it with its extension: ``NAME_pha.EXT`` and so on.
         output_dir: instead of `output`, the reference's layout: ``com.mp4``, ``pha.mp4``... in it,
             or one folder of PNGs per output with ``output_format="image_sequences"``.
-        outputs: any of ``com``, ``pha``, ``fgr``, ``err``, ``ref``.
+        outputs: any of ``com``, ``pha``, ``fgr``, ``err``, ``ref`` (a sequence of them, or one as a string).
         target_bgr: what the composite goes over: a colour name or hex, an image, a video (looped; at its own
             speed when its frame rate is another),
             ``blur``, or ``transparent`` (RGBA: .webm VP9, .mov ProRes 4444 or PNGs; .mp4 is refused).
@@ -1522,7 +1525,7 @@ def matte_images(
             A plate whose size differs is resized to its image, with a warning (stretched when its aspect
             ratio differs, which only `align` undoes).
         output_dir: where the ``com``, ``pha``, ``fgr``, ``err`` and ``ref`` folders go.
-        outputs: which of them to write.
+        outputs: which of them to write (a sequence, or one as a string).
         target_bgr: None (default) makes ``com`` an RGBA cutout; otherwise a colour, an image or
             ``blur`` to composite over.
         align: align each plate to its image (homography); falls back to the plate as it is.

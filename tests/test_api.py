@@ -328,3 +328,11 @@ def test_model_options_refuse_an_unknown_backbone_when_made():
     the backbone from the weights"."""
     with pytest.raises(BgmatteError, match="unknown backbone 'vgg16': choose one of resnet50, resnet101, mobilenetv2"):
         bgmatte.ModelOptions(backbone="vgg16", model_type="mattingbase")
+
+
+def test_one_output_can_be_named_by_a_plain_string(scene, tmp_path):
+    """``outputs="pha"`` was taken letter by letter and refused as "unknown output 'p'"."""
+    _, plate, still = scene
+    written = bgmatte.matte_images(still, plate, output_dir=tmp_path / "out", outputs="pha",
+                                   model=Predictor(DifferenceModel()), progress=False)
+    assert list(written) == ["pha"] and len(written["pha"]) == 1
