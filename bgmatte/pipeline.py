@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import queue
 import sys
@@ -1198,7 +1199,7 @@ def convert_video(
     output_dir: str | os.PathLike | None = None,
     outputs: Sequence[str] = ("com",),
     output_format: Literal["video", "image_sequences"] = "video",
-    target_bgr: str | TargetBackground | None = None,
+    target_bgr: str | os.PathLike | TargetBackground | None = None,
     resize: tuple[int, int] | None = None,
     align: bool = False,
     match_exposure: bool = False,
@@ -1264,10 +1265,10 @@ def convert_video(
     src = Path(src)
     kinds = check_outputs(outputs)
     check_model(model, kinds)
-    if isinstance(target_bgr, str):
-        target_bgr = parse_target_background(target_bgr)
-    if batch_size is not None and batch_size < 1:
-        raise BgmatteError(f"batch size must be at least 1, not {batch_size}")
+    target_bgr = _target_background(target_bgr)
+    if batch_size is not None and (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
+                                   or batch_size < 1):
+        raise BgmatteError(f"batch size must be a whole number, 1 or more, not {batch_size!r}")
     resize = _check_resize(resize, src)
     check_span(start, duration)
     with ExitStack() as stack:
@@ -1394,6 +1395,17 @@ def _frames_held(count: int, which: str) -> str:
     return f"{which} {count} frames"
 
 
+def _target_background(target_bgr: str | os.PathLike | TargetBackground | None) -> TargetBackground | None:
+    """`target_bgr` as a `TargetBackground`: text (and a path) read by `parse_target_background`, anything else
+    refused in one line."""
+    if isinstance(target_bgr, (str, os.PathLike)):
+        return parse_target_background(os.fspath(target_bgr))
+    if target_bgr is not None and not isinstance(target_bgr, TargetBackground):
+        raise BgmatteError("target_bgr takes a colour name, #RRGGBB, 'R,G,B' (0-255), 'blur', 'transparent', an "
+                           f"image or video path, or a TargetBackground, not {type(target_bgr).__name__}")
+    return target_bgr
+
+
 def _check_resize(resize: Sequence[int] | None, src: Path) -> tuple[int, int] | None:
     """`resize` as (width, height), refused when a side is below 1 or the frames would exceed the pixel limit
     that every input is held to."""
@@ -1509,7 +1521,7 @@ def matte_images(
     *,
     output_dir: str | os.PathLike,
     outputs: Sequence[str] = ("com",),
-    target_bgr: str | TargetBackground | None = None,
+    target_bgr: str | os.PathLike | TargetBackground | None = None,
     align: bool = False,
     match_exposure: bool = False,
     model: ModelLike = None,
@@ -1551,9 +1563,7 @@ def matte_images(
     kinds = check_outputs(outputs)
     check_model(model, kinds)
     sources = collect_images(src)
-    if isinstance(target_bgr, str):
-        target_bgr = parse_target_background(target_bgr)
-    target_bgr = target_bgr or TargetBackground("transparent")
+    target_bgr = _target_background(target_bgr) or TargetBackground("transparent")
     if target_bgr.kind == "video":
         raise BgmatteError(f"{target_bgr.path}: a video target background needs a video; for images use a colour, "
                            "an image, blur or transparent")

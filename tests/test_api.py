@@ -336,3 +336,27 @@ def test_one_output_can_be_named_by_a_plain_string(scene, tmp_path):
     written = bgmatte.matte_images(still, plate, output_dir=tmp_path / "out", outputs="pha",
                                    model=Predictor(DifferenceModel()), progress=False)
     assert list(written) == ["pha"] and len(written["pha"]) == 1
+
+
+def test_a_target_background_can_be_a_path_and_anything_else_is_refused_in_one_line(scene, tmp_path):
+    """A Path (or a colour tuple) failed with "'PosixPath' object has no attribute 'kind'"."""
+    _, plate, still = scene
+    target = tmp_path / "target.png"
+    write_png(target, plate_image())
+    written = bgmatte.matte_images(still, plate, output_dir=tmp_path / "out", target_bgr=target,
+                                   model=Predictor(DifferenceModel()), progress=False)
+    assert len(written["com"]) == 1
+    with pytest.raises(BgmatteError, match="target_bgr takes .* not tuple") as caught:
+        bgmatte.matte_images(still, plate, output_dir=tmp_path / "out2", target_bgr=(0, 255, 0),
+                             model=Predictor(DifferenceModel()), progress=False)
+    one_line(caught)
+
+
+@pytest.mark.parametrize("size", ["2", 2.5, True])
+def test_a_batch_size_that_is_not_a_whole_number_is_refused_in_one_line(scene, tmp_path, size):
+    """"2" failed comparing a str with an int, and 2.5 ran batches of 3."""
+    clip, plate, _ = scene
+    with pytest.raises(BgmatteError, match=f"batch size must be a whole number, 1 or more, not {size!r}") as caught:
+        bgmatte.convert_video(clip, plate, output=tmp_path / "out.mp4", batch_size=size,
+                              model=Predictor(DifferenceModel()), progress=False)
+    one_line(caught)
