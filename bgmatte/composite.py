@@ -1,7 +1,7 @@
 """Compositing as pure functions: over a colour, an image or a blurred source; RGBA; premultiplication.
 
-Every function takes numpy arrays or torch tensors and returns the same kind. Layouts follow each
-library's habit: numpy images are channels-last (..., H, W, C), torch tensors channels-first
+Every function takes numpy arrays or torch tensors (one kind in one call) and returns the same kind. Layouts follow
+each library's habit: numpy images are channels-last (..., H, W, C), torch tensors channels-first
 (..., C, H, W). Values are floats in [0, 1]; `pha` may have one channel or none (then it is
 broadcast). Shapes, channel counts and dtypes are checked (a `ValueError` or `TypeError` naming the argument);
 the values of images are not, since that would take a pass over every frame. `parse_target_background` turns a
@@ -47,6 +47,15 @@ def _channel_axis(x: np.ndarray | torch.Tensor) -> int:
     return -3 if isinstance(x, torch.Tensor) else -1
 
 
+def _check_kind(x: object, name: str, fgr: np.ndarray | torch.Tensor) -> None:
+    """Refuse `x` unless it is the same kind as `fgr` (both numpy arrays or both torch tensors): their layouts
+    differ, so a mix cannot be composited pixel for pixel."""
+    if isinstance(x, torch.Tensor) != isinstance(fgr, torch.Tensor):
+        kinds = ("a torch tensor", "a numpy array")
+        first, second = kinds if isinstance(x, torch.Tensor) else kinds[::-1]
+        raise TypeError(f"{name} is {first} but fgr {second}: pass both as one kind")
+
+
 def _check_float(x: np.ndarray | torch.Tensor, name: str) -> None:
     if not (x.dtype.is_floating_point if isinstance(x, torch.Tensor) else np.issubdtype(x.dtype, np.floating)):
         raise TypeError(f"{name} must hold floats in [0, 1], not {x.dtype}")
@@ -83,6 +92,7 @@ def _alpha_like(pha: Array, fgr: Array) -> Array:
     """Give `pha` a channel axis of size 1 when it has none, so that it broadcasts over fgr's channels; refuse a
     `pha` with more than one channel or of another size than `fgr`, which would not composite pixel for pixel."""
     _check_channels(fgr, "fgr", 3)
+    _check_kind(pha, "pha", fgr)
     if pha.ndim == fgr.ndim - 1:
         pha = pha.unsqueeze(-3) if isinstance(pha, torch.Tensor) else pha[..., None]
     _check_fits(pha, "pha", fgr, f"{_layout(fgr, 1)} (or without the channel axis) with the H and W of fgr's "
@@ -117,6 +127,7 @@ def composite(fgr: Array, pha: Array, bgr: Array | Colour) -> Array:
         _check_colour(bgr, "bgr")
         bgr = colour_like(tuple(bgr), fgr)
     else:
+        _check_kind(bgr, "bgr", fgr)
         _check_float(bgr, "bgr")
         _check_fits(bgr, "bgr", fgr, f"an image of fgr's shape {tuple(fgr.shape)} (or one that broadcasts to it)")
     return fgr * pha + bgr * (1 - pha)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import queue
 import sys
@@ -151,7 +152,15 @@ class ModelOptions:
         if self.model_type not in ("mattingrefine", "mattingbase"):
             raise BgmatteError(f"model type {self.model_type!r} is not supported: use mattingrefine or mattingbase")
         # Checked here, when the options are made, not when the weights load after the inputs were opened.
-        from bgmatte.model.matting import REFINE_MODES, refine_setting_problem
+        from bgmatte.model.matting import BACKBONES, REFINE_MODES, refine_setting_problem, switch_problem
+
+        if self.backbone is not None and self.backbone not in BACKBONES:
+            raise BgmatteError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
+
+        for problem in (switch_problem("optimize", self.optimize),
+                        switch_problem("plate_solve", self.plate_solve, optional=True)):
+            if problem is not None:
+                raise BgmatteError(problem)
 
         for name in ("backbone_scale", "refine_sample_pixels", "refine_threshold"):
             value = getattr(self, name)
@@ -247,7 +256,7 @@ def load_predictor(model: ModelLike, width: int, height: int) -> Predictor:
 
 def _load_base(options: ModelOptions) -> nn.Module:
     """The base network alone from a full or base-only checkpoint (its refiner weights are left out)."""
-    from bgmatte.model.build import DEFAULT_WEIGHTS, detect_backbone, read_state_dict, resolve_device
+    from bgmatte.model.build import DEFAULT_WEIGHTS, backbone_mismatch, detect_backbone, read_state_dict, resolve_device
     from bgmatte.model.matting import BACKBONES, MattingBase
 
     if options.plate_solve:
@@ -260,6 +269,8 @@ def _load_base(options: ModelOptions) -> nn.Module:
     backbone = options.backbone or detect_backbone(state)
     if backbone not in BACKBONES:
         raise BgmatteError(f"{source}: cannot tell the backbone from the weights; pass one of {', '.join(BACKBONES)}")
+    if (problem := backbone_mismatch(source, detect_backbone(state), backbone)) is not None:
+        raise BgmatteError(problem)
     base = MattingBase(backbone)
     expected = base.state_dict()
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
@@ -414,7 +425,10 @@ class TargetFrames:
 
 
 def check_outputs(kinds: Iterable[str]) -> tuple[str, ...]:
-    """The output kinds in the order given, without repeats; an unknown one is a `BgmatteError`."""
+    """The output kinds in the order given, without repeats (a plain string is one kind); an unknown one is a
+    `BgmatteError`."""
+    if isinstance(kinds, str):
+        kinds = (kinds,)
     chosen: list[str] = []
     for kind in kinds:
         if kind not in OUTPUT_KINDS:
@@ -1232,7 +1246,7 @@ def convert_video(
     output_dir: str | os.PathLike | None = None,
     outputs: Sequence[str] = ("com",),
     output_format: Literal["video", "image_sequences"] = "video",
-    target_bgr: str | TargetBackground | None = None,
+    target_bgr: str | os.PathLike | TargetBackground | None = None,
     resize: tuple[int, int] | None = None,
     align: bool = False,
     match_exposure: bool = False,
@@ -1260,7 +1274,7 @@ def convert_video(
             a folder of PNGs). The other outputs go beside it with its extension: ``NAME_pha.EXT`` and so on.
         output_dir: instead of `output`, the reference's layout: ``com.mp4``, ``pha.mp4``... in it,
             or one folder of PNGs per output with ``output_format="image_sequences"``.
-        outputs: any of ``com``, ``pha``, ``fgr``, ``err``, ``ref``.
+        outputs: any of ``com``, ``pha``, ``fgr``, ``err``, ``ref`` (a sequence of them, or one as a string).
         target_bgr: what the composite goes over: a colour name or hex, an image, a video (looped; at its own
             speed when its frame rate is another),
             ``blur``, or ``transparent`` (RGBA: .webm VP9, .mov ProRes 4444 or PNGs; .mp4 is refused).
@@ -1298,10 +1312,10 @@ def convert_video(
     src = Path(src)
     kinds = check_outputs(outputs)
     check_model(model, kinds)
-    if isinstance(target_bgr, str):
-        target_bgr = parse_target_background(target_bgr)
-    if batch_size is not None and batch_size < 1:
-        raise BgmatteError(f"batch size must be at least 1, not {batch_size}")
+    target_bgr = _target_background(target_bgr)
+    if batch_size is not None and (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
+                                   or batch_size < 1):
+        raise BgmatteError(f"batch size must be a whole number, 1 or more, not {batch_size!r}")
     resize = _check_resize(resize, src)
     check_span(start, duration)
     with ExitStack() as stack:
@@ -1465,6 +1479,17 @@ def _frames_held(count: int, which: str) -> str:
     return f"{which} {count} frames"
 
 
+def _target_background(target_bgr: str | os.PathLike | TargetBackground | None) -> TargetBackground | None:
+    """`target_bgr` as a `TargetBackground`: text (and a path) read by `parse_target_background`, anything else
+    refused in one line."""
+    if isinstance(target_bgr, (str, os.PathLike)):
+        return parse_target_background(os.fspath(target_bgr))
+    if target_bgr is not None and not isinstance(target_bgr, TargetBackground):
+        raise BgmatteError("target_bgr takes a colour name, #RRGGBB, 'R,G,B' (0-255), 'blur', 'transparent', an "
+                           f"image or video path, or a TargetBackground, not {type(target_bgr).__name__}")
+    return target_bgr
+
+
 def _check_resize(resize: Sequence[int] | None, src: Path) -> tuple[int, int] | None:
     """`resize` as (width, height), refused when a side is below 1 or the frames would exceed the pixel limit
     that every input is held to."""
@@ -1591,7 +1616,7 @@ def matte_images(
     *,
     output_dir: str | os.PathLike,
     outputs: Sequence[str] = ("com",),
-    target_bgr: str | TargetBackground | None = None,
+    target_bgr: str | os.PathLike | TargetBackground | None = None,
     align: bool = False,
     match_exposure: bool = False,
     model: ModelLike = None,
@@ -1607,7 +1632,7 @@ def matte_images(
             A plate whose size differs is resized to its image, with a warning (stretched when its aspect
             ratio differs, which only `align` undoes).
         output_dir: where the ``com``, ``pha``, ``fgr``, ``err`` and ``ref`` folders go.
-        outputs: which of them to write.
+        outputs: which of them to write (a sequence, or one as a string).
         target_bgr: None (default) makes ``com`` an RGBA cutout; otherwise a colour, an image or
             ``blur`` to composite over.
         align: align each plate to its image (homography); falls back to the plate as it is.
@@ -1633,9 +1658,7 @@ def matte_images(
     kinds = check_outputs(outputs)
     check_model(model, kinds)
     sources = collect_images(src)
-    if isinstance(target_bgr, str):
-        target_bgr = parse_target_background(target_bgr)
-    target_bgr = target_bgr or TargetBackground("transparent")
+    target_bgr = _target_background(target_bgr) or TargetBackground("transparent")
     if target_bgr.kind == "video":
         raise BgmatteError(f"{target_bgr.path}: a video target background needs a video; for images use a colour, "
                            "an image, blur or transparent")

@@ -70,8 +70,15 @@ def settings_for_size(width: int, height: int) -> tuple[float, int]:
 
 
 def frames_to_tensor(frames: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(B,H,W,3) or (H,W,3) uint8 RGB to (B,3,H,W) floats in [0, 1] on ``device``."""
+    """(B,H,W,3) or (H,W,3) RGB to (B,3,H,W) floats in [0, 1] on ``device``: uint8 is scaled from 0-255, floats are
+    taken to be in [0, 1] already; other dtypes are refused (a `BgmatteError`), since their range cannot be told.
+    Numpy views with negative strides (``frame[..., ::-1]``, BGR to RGB) are copied first."""
+    if isinstance(frames, np.ndarray) and any(stride < 0 for stride in frames.strides):
+        frames = np.ascontiguousarray(frames)
     tensor = torch.as_tensor(frames)
+    if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
+        name = frames.dtype if isinstance(frames, np.ndarray) else tensor.dtype
+        raise BgmatteError(f"frames must be uint8 (0-255) or floats in [0, 1], not {name}")
     if tensor.ndim == 3:
         tensor = tensor[None]
     if tensor.ndim != 4 or tensor.shape[-1] != 3:
@@ -179,16 +186,21 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, src: np.ndarray | Tensor, bgr: np.ndarray | Tensor) -> Matte:
-        """Matte uint8 RGB frames ``src`` against plates ``bgr`` ((B,H,W,3) or (H,W,3) each).
+        """Matte RGB frames ``src`` against plates ``bgr`` ((B,H,W,3) or (H,W,3) each; uint8, or floats in [0, 1]).
+        One plate ((H,W,3) or (1,H,W,3)) serves every frame of a batch.
 
         Running out of memory raises `NotEnoughMemory`, one line saying what to lower, not a traceback.
         """
         try:
             src_t = frames_to_tensor(src, self.device, self.dtype)
             bgr_t = frames_to_tensor(bgr, self.device, self.dtype)
-            if src_t.shape != bgr_t.shape:
+            if src_t.shape[-2:] != bgr_t.shape[-2:]:
                 raise BgmatteError(f"the plate is {bgr_t.shape[-1]}x{bgr_t.shape[-2]} but the frame is "
                                    f"{src_t.shape[-1]}x{src_t.shape[-2]}")
+            if len(bgr_t) == 1 and len(src_t) != 1:
+                bgr_t = bgr_t.expand_as(src_t)
+            if len(bgr_t) != len(src_t):
+                raise BgmatteError(f"{len(bgr_t)} plates for {len(src_t)} frames: give one plate, or one per frame")
             check_frame_size(src_t.shape[-1], src_t.shape[-2], backbone_scale_of(self.model))
             pha, fgr, _, _, err_sm, ref_sm = self.model(src_t, bgr_t)
             return Matte(pha.float(), fgr.float(), err_sm, ref_sm)

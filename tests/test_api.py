@@ -301,3 +301,62 @@ def test_the_package_docstring_names_every_public_name():
     """It described the public API without RefineOptions, which __all__ exports."""
     missing = [name for name in bgmatte.__all__ if name != "__version__" and f"``{name}``" not in bgmatte.__doc__]
     assert missing == []
+
+
+@pytest.mark.parametrize(("name", "value"), [("plate_solve", "off"), ("optimize", "no")])
+def test_model_options_refuse_a_switch_that_is_not_true_or_false(name, value):
+    """ModelOptions(plate_solve="off") turned the plate solve on: any non-empty string is true."""
+    with pytest.raises(BgmatteError, match=f"{name} must be True or False") as caught:
+        bgmatte.ModelOptions(**{name: value})
+    one_line(caught)
+
+
+def test_the_base_network_from_weights_of_another_backbone_is_named_with_theirs(tmp_path):
+    """`model_type="mattingbase"` with a backbone the weights are not for listed missing keys only."""
+    from bgmatte import pipeline
+
+    path = tmp_path / "w.pth"
+    torch.save(MattingBase("mobilenetv2").state_dict(), path)
+    options = bgmatte.ModelOptions(checkpoint=path, model_type="mattingbase", backbone="resnet50", device="cpu")
+    with pytest.raises(BgmatteError, match="w.pth: holds mobilenetv2 weights, not resnet50") as caught:
+        pipeline._load_base(options)
+    one_line(caught)
+
+
+def test_model_options_refuse_an_unknown_backbone_when_made():
+    """It was refused only once the inputs were open and the weights read, and for the base network as "cannot tell
+    the backbone from the weights"."""
+    with pytest.raises(BgmatteError, match="unknown backbone 'vgg16': choose one of resnet50, resnet101, mobilenetv2"):
+        bgmatte.ModelOptions(backbone="vgg16", model_type="mattingbase")
+
+
+def test_one_output_can_be_named_by_a_plain_string(scene, tmp_path):
+    """``outputs="pha"`` was taken letter by letter and refused as "unknown output 'p'"."""
+    _, plate, still = scene
+    written = bgmatte.matte_images(still, plate, output_dir=tmp_path / "out", outputs="pha",
+                                   model=Predictor(DifferenceModel()), progress=False)
+    assert list(written) == ["pha"] and len(written["pha"]) == 1
+
+
+def test_a_target_background_can_be_a_path_and_anything_else_is_refused_in_one_line(scene, tmp_path):
+    """A Path (or a colour tuple) failed with "'PosixPath' object has no attribute 'kind'"."""
+    _, plate, still = scene
+    target = tmp_path / "target.png"
+    write_png(target, plate_image())
+    written = bgmatte.matte_images(still, plate, output_dir=tmp_path / "out", target_bgr=target,
+                                   model=Predictor(DifferenceModel()), progress=False)
+    assert len(written["com"]) == 1
+    with pytest.raises(BgmatteError, match="target_bgr takes .* not tuple") as caught:
+        bgmatte.matte_images(still, plate, output_dir=tmp_path / "out2", target_bgr=(0, 255, 0),
+                             model=Predictor(DifferenceModel()), progress=False)
+    one_line(caught)
+
+
+@pytest.mark.parametrize("size", ["2", 2.5, True])
+def test_a_batch_size_that_is_not_a_whole_number_is_refused_in_one_line(scene, tmp_path, size):
+    """"2" failed comparing a str with an int, and 2.5 ran batches of 3."""
+    clip, plate, _ = scene
+    with pytest.raises(BgmatteError, match=f"batch size must be a whole number, 1 or more, not {size!r}") as caught:
+        bgmatte.convert_video(clip, plate, output=tmp_path / "out.mp4", batch_size=size,
+                              model=Predictor(DifferenceModel()), progress=False)
+    one_line(caught)

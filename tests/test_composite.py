@@ -271,3 +271,18 @@ def test_bad_specs_are_one_line_errors(tmp_path):
         parse_target_background("300,0,0")
     with pytest.raises(ValueError):
         parse_target_background("blur").rgb
+
+
+def test_numpy_and_torch_arguments_mixed_in_one_call_are_a_type_error_naming_them():
+    """A numpy backdrop or alpha with a torch foreground failed in numpy's or torch's arithmetic ("unsupported operand
+    type(s) for *"), or, with a torch alpha, gave a wrongly laid-out array."""
+    fgr, pha = torch_image(FGR), torch_image((0.5,))
+    cases = [
+        ("bgr", lambda: composite(fgr, pha, numpy_image((0.0, 1.0, 0.0)).transpose(2, 0, 1)[None])),
+        ("pha", lambda: composite(fgr, np.full((1, 1, 2, 3), 0.5, np.float32), (0.0, 0.0, 0.0))),
+        ("pha", lambda: to_rgba(numpy_image(FGR), pha[0].permute(1, 2, 0))),
+    ]
+    for name, call in cases:
+        with pytest.raises(TypeError, match=rf"^{name} is a .* but fgr a") as error:
+            call()
+        assert "\n" not in str(error.value)

@@ -113,7 +113,7 @@ def test_unknown_keys_only_are_refused(tmp_path):
 def test_wrong_backbone_forced_names_the_mismatch(tmp_path, mobilenet_state):
     path = tmp_path / "m.pth"
     torch.save(mobilenet_state, path)
-    with pytest.raises(BgmatteError, match="missing keys: backbone.bn1"):
+    with pytest.raises(BgmatteError, match="m.pth: holds mobilenetv2 weights, not resnet50"):
         load_model(path, backbone="resnet50", device="cpu")
 
 
@@ -221,3 +221,34 @@ def test_an_onnx_model_is_named_as_one_with_the_way_to_run_it(tmp_path, capsys):
     assert main(["export", "torchscript", str(path), "-o", str(tmp_path / "m.torchscript")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "an ONNX model" in err
+
+
+@pytest.mark.parametrize(("name", "value"), [("plate_solve", "off"), ("plate_solve", "no"), ("optimize", "false")])
+def test_a_switch_that_is_not_true_or_false_is_refused_naming_it(tmp_path, mobilenet_state, name, value):
+    """``plate_solve="off"`` (the command line's spelling) was taken as true: the plate solve ran."""
+    path = tmp_path / "w.pth"
+    torch.save(mobilenet_state, path)
+    with pytest.raises(BgmatteError, match=f"{name} must be True or False.*not '{value}'"):
+        load_model(path, device="cpu", **{name: value})
+    if name == "plate_solve":
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            MattingRefine("mobilenetv2", plate_solve=value)
+
+
+def test_a_folder_given_as_the_checkpoint_is_called_a_folder(tmp_path):
+    """It was "checkpoint not found", though it is there."""
+    folder = tmp_path / "weights.pth"
+    folder.mkdir()
+    with pytest.raises(BgmatteError, match="weights.pth: a folder, not a checkpoint file"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(("saved", "asked"), [("mobilenetv2", "resnet50"), ("resnet50", "resnet101"),
+                                              ("resnet50", "mobilenetv2")])
+def test_a_backbone_that_the_weights_are_not_for_is_named_with_theirs(tmp_path, saved, asked):
+    """The error listed hundreds of missing and unexpected keys without saying whose weights the file holds."""
+    path = tmp_path / "w.pth"
+    torch.save(MattingRefine(saved).state_dict(), path)
+    with pytest.raises(BgmatteError, match=f"w.pth: holds {saved} weights, not {asked}: leave backbone out") as info:
+        load_model(path, backbone=asked, device="cpu")
+    assert "\n" not in str(info.value)

@@ -210,3 +210,54 @@ def test_a_refine_setting_that_is_not_a_usable_number_is_refused_naming_it(name,
         RefineOptions(**{name: value})
     with pytest.raises(ValueError, match=name):
         MattingRefine("mobilenetv2", **{name: value})
+
+
+@pytest.mark.parametrize("network", ["base", "refine"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_inputs_of_another_dtype_than_the_weights_are_refused_in_one_line(network, dtype):
+    """The plain modules failed inside the first convolution: "expected scalar type Double but found Float"."""
+    model = (MattingBase("mobilenetv2") if network == "base" else MattingRefine("mobilenetv2")).eval()
+    src, bgr = inputs(height=32, width=32)
+    with pytest.raises(ValueError, match=f"must have the model's dtype, torch.float32, got {dtype} and {dtype}"):
+        model(src.to(dtype), bgr.to(dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts them itself: still taken
+        model(src.bfloat16(), bgr.bfloat16())
+
+
+@pytest.mark.parametrize("network", ["base", "refine", "fast"])
+def test_inputs_on_another_device_than_the_model_are_refused_naming_both(network):
+    """A model on one device and frames on another failed deep inside torch (here: a model on the meta device)."""
+    from bgmatte.model.fast import optimize_model
+
+    model = MattingBase("mobilenetv2") if network == "base" else MattingRefine("mobilenetv2")
+    model = model.eval().to("meta")
+    if network == "fast":
+        model = optimize_model(model)
+    src, bgr = inputs(height=32, width=32)
+    with pytest.raises(ValueError, match=r"must be on the model's device, meta, got cpu and cpu: move them"):
+        model(src, bgr)
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["plain", "fast"])
+@pytest.mark.parametrize(("attribute", "value", "named"), [
+    ("mode", "everything", "refine_mode"), ("sample_pixels", 1000.5, "refine_sample_pixels"),
+    ("threshold", float("nan"), "refine_threshold"), ("kernel_size", 1, "kernel size 1")])
+def test_a_refiner_setting_changed_to_an_unusable_value_is_refused_when_the_model_runs(optimized, attribute, value,
+                                                                                      named):
+    """The settings stay attributes to change after loading; set directly, an unknown mode ran as sampling, a
+    fractional budget failed inside topk, a NaN threshold refined nothing, and a kernel size that the weights do not
+    have failed inside a convolution."""
+    from bgmatte.model.fast import optimize_model
+
+    model = MattingRefine("mobilenetv2").eval()
+    model = optimize_model(model) if optimized else model
+    setattr(model.refiner, attribute, value)
+    src, bgr = inputs(height=32, width=32)
+    with pytest.raises(ValueError, match=named):
+        model(src, bgr)
+
+
+def test_configure_takes_refine_options_only():
+    model = MattingRefine("mobilenetv2").eval()
+    with pytest.raises(TypeError, match="configure takes a RefineOptions, not dict"):
+        model.configure({"backbone_scale": 0.5})

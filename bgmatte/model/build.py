@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from bgmatte.errors import BgmatteError
-from bgmatte.model.matting import BACKBONES, MattingRefine, RefineOptions
+from bgmatte.model.matting import BACKBONES, MattingRefine, RefineOptions, switch_problem
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ _BACKBONE_MARKERS = (
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a state_dict from ``.safetensors`` or a pickled ``.pth``, refusing anything that would run code."""
     path = Path(path)
+    if path.is_dir():
+        raise BgmatteError(f"{path}: a folder, not a checkpoint file (.pth or .safetensors)")
     if not path.is_file():
         raise BgmatteError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
@@ -108,6 +110,13 @@ def detect_backbone(state: dict[str, Tensor]) -> str | None:
         if key in state:
             return name
     return None
+
+
+def backbone_mismatch(source: str | Path, detected: str | None, backbone: str) -> str | None:
+    """The one-line error for weights of the backbone `detected` asked to load as another `backbone`, or None."""
+    if detected is None or detected == backbone:
+        return None
+    return f"{source}: holds {detected} weights, not {backbone}: leave backbone out (or pass {detected!r}) to load them"
 
 
 def _describe(keys: list[str], limit: int = 5) -> str:
@@ -189,7 +198,9 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
     The refine settings left None are ``RefineOptions``' defaults (0.25, sampling, 80,000, 0.1), or, for an
     ``.onnx`` file, what it was exported with; one given that differs from the file's is refused. (``bgmatte video``
     and ``image`` pass a threshold of 0.7, the reference inference scripts' value, instead of 0.1.)
-    The backbone and the refiner's kernel size are read from the weights unless given. ``optimize``
+    The backbone and the refiner's kernel size are read from the weights unless given (a backbone the weights are
+    not for is refused). ``device``: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or
+    ``mps``, checked before the weights are read. ``optimize``
     asks for the fast inference path where one is available; it computes the same outputs.
     ``precision`` (fp32, fp16, bf16) sets the weights' dtype; inputs must match it on the plain
     module and are cast by the fast one. ``backend="onnxruntime"`` runs an exported ``.onnx`` file
@@ -201,6 +212,9 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
         raise BgmatteError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if backend not in BACKENDS:
         raise BgmatteError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    for problem in (switch_problem("optimize", optimize), switch_problem("plate_solve", plate_solve, optional=True)):
+        if problem is not None:
+            raise BgmatteError(problem)
     given = {name: value for name, value in (("backbone_scale", backbone_scale), ("refine_mode", refine_mode),
                                              ("refine_sample_pixels", refine_sample_pixels),
                                              ("refine_threshold", refine_threshold)) if value is not None}
@@ -235,6 +249,8 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
         backbone = detected
     if backbone not in BACKBONES:
         raise BgmatteError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if (problem := backbone_mismatch(source, detected, backbone)) is not None:
+        raise BgmatteError(problem)
     if refine_kernel_size is None:
         conv = state.get("refiner.conv1.weight")
         refine_kernel_size = int(conv.shape[-1]) if conv is not None else 3

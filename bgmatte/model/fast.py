@@ -478,8 +478,9 @@ class FastMattingRefine(MattingRefine):
             return self._fast_forward(src, bgr)
 
     def _fast_forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        self.check_settings()
         src, bgr, small, (height, width) = prepare_inputs(src, bgr, self.backbone_scale,
-                                                          next(self.parameters()).dtype)
+                                                          next(self.parameters()).dtype, self)
         layers = self._layers()
         src_sm, bgr_sm = _resize(src, small), _resize(bgr, small)
         x = torch.cat([src_sm, bgr_sm], dim=1).contiguous(memory_format=torch.channels_last)

@@ -72,8 +72,18 @@ def refine_setting_problem(name: str, value: object) -> str | None:
     return None
 
 
-def check_inputs(src: Tensor, bgr: Tensor) -> None:
-    """Raise ValueError unless src and bgr are float (B,3,H,W) tensors of one shape (TypeError for non-tensors)."""
+def switch_problem(name: str, value: object, *, optional: bool = False) -> str | None:
+    """What is wrong with an on/off setting (``plate_solve``, ``optimize``), or None: it must be a bool (or None when
+    `optional`). A string would be true whatever it says: ``"off"`` would turn the setting on."""
+    if isinstance(value, bool) or (optional and value is None):
+        return None
+    return f"{name} must be True or False{' (or None)' if optional else ''}, not {value!r}"
+
+
+def check_inputs(src: Tensor, bgr: Tensor, model: nn.Module | None = None, *, cast: bool = False) -> None:
+    """Raise ValueError unless src and bgr are float (B,3,H,W) tensors of one shape (TypeError for non-tensors);
+    given the `model` they go into, also unless they are on its device and, where it does not `cast` them (and
+    autocast does not), of its weights' dtype: the alternative is a failure deep inside the first convolution."""
     if not isinstance(src, Tensor) or not isinstance(bgr, Tensor):
         raise TypeError(f"src and bgr must be torch tensors, got {type(src).__name__} and {type(bgr).__name__} "
                         "(float, (B, 3, H, W), in [0, 1])")
@@ -83,14 +93,23 @@ def check_inputs(src: Tensor, bgr: Tensor) -> None:
         raise ValueError(f"src and bgr must be (B, 3, H, W), got {tuple(src.shape)}")
     if not src.is_floating_point() or not bgr.is_floating_point():
         raise ValueError(f"src and bgr must be float tensors in [0, 1], got {src.dtype} and {bgr.dtype}")
+    weight = next(model.parameters(), None) if model is not None else None
+    if weight is None:
+        return
+    if src.device != weight.device or bgr.device != weight.device:
+        raise ValueError(f"src and bgr must be on the model's device, {weight.device}, got {src.device} and "
+                         f"{bgr.device}: move them with .to({str(weight.device)!r})")
+    if not cast and not torch.is_autocast_enabled(src.device.type) and not src.dtype == bgr.dtype == weight.dtype:
+        raise ValueError(f"src and bgr must have the model's dtype, {weight.dtype}, got {src.dtype} and {bgr.dtype}: "
+                         f"cast them with .to({weight.dtype}), or the model (the fast path from load_model casts them)")
 
 
-def prepare_inputs(src: Tensor, bgr: Tensor, backbone_scale: float,
-                   dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, tuple[int, int], tuple[int, int]]:
-    """Check a frame and its plate, cast them to ``dtype`` (when given) and pad both to sides that are multiples
-    of 4 by edge replication (the refiner works on 4x4 patches); returns them, the base network's input size and
-    the size given, to crop the outputs back to."""
-    check_inputs(src, bgr)
+def prepare_inputs(src: Tensor, bgr: Tensor, backbone_scale: float, dtype: torch.dtype | None = None,
+                   model: nn.Module | None = None) -> tuple[Tensor, Tensor, tuple[int, int], tuple[int, int]]:
+    """Check a frame and its plate (against `model` when given: `check_inputs`), cast them to ``dtype`` (when given)
+    and pad both to sides that are multiples of 4 by edge replication (the refiner works on 4x4 patches); returns
+    them, the base network's input size and the size given, to crop the outputs back to."""
+    check_inputs(src, bgr, model, cast=dtype is not None)
     if not 0 < backbone_scale <= 0.5:
         raise ValueError(f"backbone_scale must be in (0, 1/2], not {backbone_scale}")
     if dtype is not None:
@@ -143,7 +162,7 @@ class MattingBase(nn.Module):
         return self.decoder(self.aspp(x), *skips)
 
     def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        check_inputs(src, bgr)
+        check_inputs(src, bgr, self)
         x = self.predict(src, bgr)
         pha = x[:, 0:1].clamp(0.0, 1.0)
         fgr = (x[:, 1:4] + src).clamp(0.0, 1.0)
@@ -155,8 +174,10 @@ class MattingBase(nn.Module):
 class MattingRefine(MattingBase):
     """The full model: the base network at ``backbone_scale``, then the refiner at full resolution.
 
-    Arguments: as ``RefineOptions``, plus ``backbone``. They stay attributes (``backbone_scale``
-    here, ``refiner.mode`` and the like on the refiner) that can be changed after loading.
+    Arguments: as ``RefineOptions``, plus ``backbone`` and ``plate_solve`` (True: re-solve the full-resolution
+    alpha against the plate, `bgmatte.model.plate_solve.solve_alpha`). They stay attributes (``backbone_scale``
+    and ``plate_solve`` here, ``refiner.mode`` and the like on the refiner) that can be changed after loading,
+    or all at once with ``configure``; a value the model cannot run is refused when it runs.
 
     Returns from ``forward(src, bgr)``: ``(pha, fgr, pha_sm, fgr_sm, err_sm, ref_sm)``. Any H and W
     work: inputs whose sides are not multiples of 4 are padded by edge replication and the
@@ -166,6 +187,9 @@ class MattingRefine(MattingBase):
     def __init__(self, backbone: str = "mobilenetv2", backbone_scale: float = 0.25, refine_mode: str = "sampling",
                  refine_sample_pixels: int = 80_000, refine_threshold: float = 0.1, refine_kernel_size: int = 3,
                  refine_prevent_oversampling: bool = True, plate_solve: bool = False) -> None:
+        problem = switch_problem("plate_solve", plate_solve)
+        if problem is not None:
+            raise TypeError(problem)
         super().__init__(backbone)
         self.plate_solve = plate_solve
         options = RefineOptions(backbone_scale, refine_mode, refine_sample_pixels, refine_threshold,
@@ -181,8 +205,22 @@ class MattingRefine(MattingBase):
         return RefineOptions(self.backbone_scale, r.mode, r.sample_pixels, r.threshold, r.kernel_size,
                              r.prevent_oversampling)
 
+    def check_settings(self) -> RefineOptions:
+        """The current settings; a ValueError when one was set (as an attribute) to a value the model cannot run."""
+        try:
+            options = self.options
+        except ValueError as exc:
+            raise ValueError(f"this model cannot run with its settings: {exc}") from None
+        weights = self.refiner.conv1.weight.shape[-1]
+        if options.refine_kernel_size != weights:
+            raise ValueError(f"this model's refiner weights have kernel size {weights}; "
+                             f"it cannot run with kernel size {options.refine_kernel_size}")
+        return options
+
     def configure(self, options: RefineOptions) -> "MattingRefine":
         """Change the speed settings in place (the kernel size is part of the weights and cannot change)."""
+        if not isinstance(options, RefineOptions):
+            raise TypeError(f"configure takes a RefineOptions, not {type(options).__name__}")
         if options.refine_kernel_size != self.refiner.kernel_size:
             raise ValueError(f"this model's refiner has kernel size {self.refiner.kernel_size}; "
                              f"it cannot run with {options.refine_kernel_size}")
@@ -194,7 +232,8 @@ class MattingRefine(MattingBase):
         return self
 
     def forward(self, src: Tensor, bgr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        src, bgr, small, (height, width) = prepare_inputs(src, bgr, self.backbone_scale)
+        self.check_settings()
+        src, bgr, small, (height, width) = prepare_inputs(src, bgr, self.backbone_scale, model=self)
         src_sm = F.interpolate(src, small, mode="bilinear", align_corners=False)
         bgr_sm = F.interpolate(bgr, small, mode="bilinear", align_corners=False)
         x = self.predict(src_sm, bgr_sm)
