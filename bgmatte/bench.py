@@ -250,8 +250,9 @@ def _check_options(options: BenchOptions) -> None:
         raise BgmatteError(f"unknown backend {options.backend!r}: choose one of {', '.join(BACKENDS)}")
     if options.precision not in PRECISIONS:
         raise BgmatteError(f"unknown precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if options.repeats < 1 or options.batch < 1:
-        raise BgmatteError("repeats and batch must be at least 1")
+    for name in ("repeats", "batch"):
+        if getattr(options, name) < 1:
+            raise BgmatteError(f"{name} must be at least 1, not {getattr(options, name)}")
     if options.warmup < 0:
         raise BgmatteError(f"warmup must be 0 or more, not {options.warmup}")
     if options.threads is not None and options.threads < 1:
