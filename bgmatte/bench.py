@@ -27,7 +27,7 @@ import torch
 from bgmatte.errors import BgmatteError
 from bgmatte.model.build import BACKENDS, PRECISIONS, load_model, resolve_device
 from bgmatte.model.matting import BACKBONES, MattingRefine, RefineOptions
-from bgmatte.io.images import DEFAULT_MAX_PIXELS, megapixels
+from bgmatte.io.images import DEFAULT_MAX_PIXELS, megapixels_above
 from bgmatte.predictor import NotEnoughMemory, check_frame_size, is_out_of_memory
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -250,8 +250,9 @@ def _check_options(options: BenchOptions) -> None:
         raise BgmatteError(f"unknown backend {options.backend!r}: choose one of {', '.join(BACKENDS)}")
     if options.precision not in PRECISIONS:
         raise BgmatteError(f"unknown precision {options.precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if options.repeats < 1 or options.batch < 1:
-        raise BgmatteError("repeats and batch must be at least 1")
+    for name in ("repeats", "batch"):
+        if getattr(options, name) < 1:
+            raise BgmatteError(f"{name} must be at least 1, not {getattr(options, name)}")
     if options.warmup < 0:
         raise BgmatteError(f"warmup must be 0 or more, not {options.warmup}")
     if options.threads is not None and options.threads < 1:
@@ -262,8 +263,7 @@ def _check_options(options: BenchOptions) -> None:
         raise BgmatteError(f"unknown backbone {options.backbone!r}: choose one of {', '.join(BACKBONES)}")
     if options.width * options.height > DEFAULT_MAX_PIXELS:  # as for images: no frame this large is matted
         raise BgmatteError(f"resolution {options.width}x{options.height} is "
-                           f"{megapixels(options.width * options.height)} megapixels, above the limit of "
-                           f"{megapixels(DEFAULT_MAX_PIXELS)}")
+                           f"{megapixels_above(options.width * options.height, DEFAULT_MAX_PIXELS)}")
     check_frame_size(options.width, options.height, options.options.backbone_scale)
 
 

@@ -58,7 +58,7 @@ from bgmatte.io.images import (
     by_stem,
     list_images,
     match_by_stem,
-    megapixels,
+    megapixels_above,
     read_image,
     read_image_and_profile,
     write_png,
@@ -1499,8 +1499,8 @@ def _check_resize(resize: Sequence[int] | None, src: Path) -> tuple[int, int] | 
         raise BgmatteError(f"resize needs a width and a height of at least 1 pixel, not {tuple(resize)}")
     width, height = int(resize[0]), int(resize[1])
     if width * height > DEFAULT_MAX_PIXELS:
-        raise BgmatteError(f"{src}: cannot resize to {width}x{height}: {megapixels(width * height)} megapixels, "
-                           f"above the limit of {megapixels(DEFAULT_MAX_PIXELS)}")
+        raise BgmatteError(f"{src}: cannot resize to {width}x{height}: "
+                           f"{megapixels_above(width * height, DEFAULT_MAX_PIXELS)}")
     return width, height
 
 

@@ -160,7 +160,7 @@ def test_pictures_are_written_through_temporary_names_and_never_replaced_unasked
     downloads = len(stand_ins.calls())
     assert main([str(out), "--packages", "ukui-wallpapers"]) == 2
     line = one_error_line(capsys)
-    assert "already exists" in line and "--overwrite" in line
+    assert "already exists (pass --overwrite to replace it)" in line and "overwrite=True" not in line
     assert len(stand_ins.calls()) == downloads  # refused before downloading
     assert {path: path.read_bytes() for path in sorted(out.iterdir())} == before
 

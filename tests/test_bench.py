@@ -94,6 +94,13 @@ def test_a_negative_warm_up_is_refused(capsys):
     assert capsys.readouterr().err == "bgmatte bench: error: warmup must be 0 or more, not -3\n"
 
 
+@pytest.mark.parametrize("option", ["--batch", "--repeats"])
+def test_a_batch_or_repeats_below_one_is_refused_by_name_and_value(capsys, option):
+    args = {"--batch": "1", "--repeats": "1", option: "0"}
+    assert main(["bench", "--resolution", "64x64", "--warmup", "0", *[x for item in args.items() for x in item]]) == 2
+    assert capsys.readouterr().err == f"bgmatte bench: error: {option[2:]} must be at least 1, not 0\n"
+
+
 def test_neither_candidate_runs_before_the_warm_up_it_is_told(monkeypatch):
     """--warmup 0 times both candidates cold: the plain module's refined-pixel count is not an extra warm-up."""
     import bgmatte.bench as bench

@@ -184,7 +184,8 @@ def test_existing_output_is_refused_unless_overwrite(scene, capsys, monkeypatch)
     use_difference_model(monkeypatch)
     (scene / "com.mp4").write_bytes(b"precious")
     code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "com.mp4")
-    one_line_error(code, err, "com.mp4", "already exists", "--overwrite")
+    one_line_error(code, err, "com.mp4: already exists (pass --overwrite to replace it)")
+    assert "overwrite=True" not in err  # the Python argument, which the command line has no use for
     assert (scene / "com.mp4").read_bytes() == b"precious"
     code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "com.mp4", "--overwrite")
     assert code == 0 and len(read_frames(scene / "com.mp4")) == 12

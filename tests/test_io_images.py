@@ -22,6 +22,7 @@ from bgmatte.io.images import (
     image_header_size,
     list_images,
     match_by_stem,
+    megapixels_above,
     natural_key,
     read_image,
     read_image_and_profile,
@@ -135,6 +136,28 @@ def test_limit_message_is_exact_near_the_limit(tmp_path):
     bomb = bomb_png(tmp_path / "near.png", 10_000, 10_001)
     with pytest.raises(BgmatteError, match=r"10000x10001 is 100\.01 megapixels, above the limit of 100 "):
         read_image(bomb)
+
+
+def test_limit_message_is_rounded_far_from_the_limit(tmp_path):
+    # It read "99999x99999 is 9999.800001 megapixels": every digit of the count, however far above the limit.
+    bomb = bomb_png(tmp_path / "far.png", 99_999, 99_999)
+    with pytest.raises(BgmatteError) as refused:
+        read_image(bomb)
+    assert str(refused.value) == (f"{bomb}: 99999x99999 is 10000 megapixels, above the limit of 100 (refused as a "
+                                  "possible decompression bomb)")
+
+
+@pytest.mark.parametrize("pixels, limit, said", [
+    (DEFAULT_MAX_PIXELS + 1, DEFAULT_MAX_PIXELS, "100.000001 megapixels, above the limit of 100"),  # one pixel over
+    (10_000 * 10_001, DEFAULT_MAX_PIXELS, "100.01 megapixels, above the limit of 100"),
+    (100_049_999, DEFAULT_MAX_PIXELS, "100.05 megapixels, above the limit of 100"),
+    (123_456_800, 123_456_789, "123.4568 megapixels, above the limit of 123.45679"),  # a limit of many digits
+    (9_999 * 10_001, 9_999 * 10_000, "100 megapixels, above the limit of 99.99"),
+    (12_000 * 10_000, DEFAULT_MAX_PIXELS, "120 megapixels, above the limit of 100"),
+    (64 * 96, 6_000, "0.006144 megapixels, above the limit of 0.006"),
+])
+def test_a_count_above_the_limit_never_reads_as_the_limit_or_below_it(pixels, limit, said):
+    assert megapixels_above(pixels, limit) == said
 
 
 def radiance_header(width: int, height: int) -> bytes:

@@ -400,7 +400,7 @@ def test_a_frame_that_grows_past_the_pixel_limit_in_mid_stream_ends_the_stream(t
     with VideoReader(joined, max_pixels=WIDTH * HEIGHT) as reader:
         frames = list(reader)
     assert len(frames) == 4
-    assert str(reader.error) == (f"{joined}: decoding stopped after 4 frames (frame 5 is 128x96, 0.012288 megapixels, "
+    assert str(reader.error) == (f"{joined}: decoding stopped after 4 frames (frame 5 is 128x96, 0.01229 megapixels, "
                                  "above the limit of 0.003072)")
 
 

@@ -661,6 +661,22 @@ def test_the_unspoiled_state_of_that_run_resumes(one_step_run, tmp_path):
     assert [row["step"] for row in read_rows(out / "train.csv")] == ["1", "2"]
 
 
+def test_a_resume_past_the_steps_asked_for_is_refused_in_one_line_and_keeps_the_run(one_step_run, tmp_path, capsys):
+    # It ended at once and said "done at step 5", as if it had trained up to --steps 2, and exited 0.
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    _edited(lambda state: state.update(step=5, batches=5))(out / "state.pt")
+    kept = (out / "state.pt").read_bytes()
+    code = main(["train", "base", "--out", str(out), "--resume", "--steps", "2", "--device", "cpu", "--num-workers",
+                 "0"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines == [f"bgmatte train: error: {out / 'state.pt'}: the run is already at step 5, past "
+                                   "--steps 2, so there is nothing to train (--steps is the run's total, not a number "
+                                   "to add: give more than 5 to go on)"], lines
+    assert (out / "state.pt").read_bytes() == kept
+    assert [row["step"] for row in read_rows(out / "train.csv")] == ["1"]
+
+
 def test_a_resume_with_another_number_of_processes_says_that_it_does_not_go_on_exactly(one_step_run, tmp_path,
                                                                                       capsys):
     """Resumed with another number of processes than it was saved with, a run draws other batches and random numbers

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bgmatte.errors import BgmatteError
 from bgmatte.io.images import read_image, write_png
 from bgmatte.train.validation import main, make_validation_set
 
@@ -40,9 +41,16 @@ def test_overwrite_removes_the_earlier_sets_samples_and_nothing_else(tmp_path):
         assert sorted(path.name for path in (out / name).iterdir()) == sorted(["0000.png", *kept.get(name, [])]), name
 
 
+def test_a_folder_that_is_not_empty_is_refused_in_pythons_terms_from_python(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(BgmatteError) as refused:
+        make_validation_set(tmp_path, count=1, width=48, height=32)
+    assert str(refused.value) == f"{tmp_path}: already exists and is not empty (pass overwrite=True to write into it)"
+
+
 @pytest.mark.parametrize("case, needle", [
     ("count", "at least 1"), ("file", "is a file"), ("dangling link", "is a file"), ("missing photos", "no such folder"),
-    ("empty photos", "no images"), ("not empty", "--overwrite"), ("photos is a file", "is a file, not a folder"),
+    ("empty photos", "no images"), ("not empty", "already exists and is not empty (pass --overwrite to write into it)"), ("photos is a file", "is a file, not a folder"),
     ("under a file", "cannot create this folder"), ("uncreatable", "cannot create this folder"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, needle):
@@ -69,7 +77,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, needle
         (out / "notes.txt").write_text("mine")
     assert main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], lines
+    assert len(lines) == 1 and needle in lines[0] and "overwrite=True" not in lines[0], lines
     if case == "file":
         assert out.read_text() == "mine"
     elif case == "dangling link":

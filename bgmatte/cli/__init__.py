@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable
 
 from bgmatte import __version__
-from bgmatte.errors import BgmatteError, Terminated
+from bgmatte.errors import BgmatteError, Terminated, for_command_line
 
 SUBCOMMANDS = ("video", "image", "webcam", "train", "eval", "export", "bench", "demo")
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except BgmatteError as exc:
         if debug:
             raise
-        print(f"bgmatte {args.command}: error: {exc}", file=sys.stderr)
+        print(f"bgmatte {args.command}: error: {for_command_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         if debug:

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from bgmatte.errors import BgmatteError
+from bgmatte.errors import BgmatteError, OutputExists
 
 
 def _umask() -> int:
@@ -39,7 +39,7 @@ def temporary_sibling(path: Path) -> Path:
 def refuse_existing(path: str | os.PathLike, overwrite: bool) -> None:
     """Refuse to replace an existing output unless ``overwrite``: the one wording every command uses."""
     if not overwrite and os.path.lexists(path):
-        raise BgmatteError(f"{path}: already exists (pass overwrite=True, or --overwrite, to replace it)")
+        raise OutputExists(f"{path}: already exists", "replace it")
 
 
 def make_folder(folder: Path, what: str = "") -> None:

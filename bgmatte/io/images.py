@@ -20,7 +20,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 
 import cv2
@@ -609,16 +609,37 @@ def _opencv_pixel_limit() -> str:
 
 
 def megapixels(pixels: int) -> str:
-    """A pixel count in megapixels, exact ("100.01"): rounded, 10000x10001 would read as the limit itself."""
+    """A pixel count in megapixels, exact ("100.01"), for a limit said alone; beside a count above it, see
+    `megapixels_above`."""
     return format(Decimal(pixels).scaleb(-6).normalize(), "f")
+
+
+def _megapixels_to(pixels: int, digits: int) -> str:
+    """A pixel count in megapixels to ``digits`` significant digits, without trailing zeros ("10000", "0.006144")."""
+    value = Decimal(pixels).scaleb(-6)
+    if value:
+        value = value.quantize(Decimal(1).scaleb(value.adjusted() - digits + 1), rounding=ROUND_HALF_EVEN)
+    return format(value.normalize(), "f")
+
+
+def megapixels_above(pixels: int, limit: int) -> str:
+    """How ``pixels`` exceed ``limit``, in megapixels to 4 significant digits ("10000 megapixels, above the limit of
+    100" for 99999x99999, not 9999.800001), or to as many more as it takes for the count to read above the limit
+    ("100.01" for 10000x10001, which rounded would read as the limit itself). Rounding to the same digits keeps their
+    order, so the count never reads below the limit either."""
+    for digits in range(4, 40):
+        shown, bound = _megapixels_to(pixels, digits), _megapixels_to(limit, digits)
+        if Decimal(shown) > Decimal(bound):
+            break
+    return f"{shown} megapixels, above the limit of {bound}"
 
 
 def _check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
     width, height = size
     if max_pixels is not None and width * height > max_pixels:
         raise BgmatteError(
-            f"{path}: {width}x{height} is {megapixels(width * height)} megapixels, above the limit of "
-            f"{megapixels(max_pixels)} (refused as a possible decompression bomb)"
+            f"{path}: {width}x{height} is {megapixels_above(width * height, max_pixels)} (refused as a possible "
+            "decompression bomb)"
         )
     if width == 0 or height == 0:
         raise BgmatteError(f"{path}: the image is empty ({width}x{height})")

@@ -38,7 +38,7 @@ import numpy as np
 
 from bgmatte.errors import BgmatteError
 from bgmatte.io.files import check_destination, temporary_sibling
-from bgmatte.io.images import DEFAULT_MAX_PIXELS, megapixels, image_header_size, write_png
+from bgmatte.io.images import DEFAULT_MAX_PIXELS, megapixels_above, image_header_size, write_png
 
 logger = logging.getLogger(__name__)
 
@@ -891,7 +891,7 @@ def _excess_pixels(width: int, height: int, max_pixels: int | None) -> str | Non
     or None when they do not."""
     if max_pixels is None or width * height <= max_pixels:
         return None
-    return f"{megapixels(width * height)} megapixels, above the limit of {megapixels(max_pixels)}"
+    return megapixels_above(width * height, max_pixels)
 
 
 def _video_stream(path: Path, container: av.container.InputContainer) -> av.video.stream.VideoStream:

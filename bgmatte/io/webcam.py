@@ -33,7 +33,7 @@ from torch import Tensor
 from bgmatte.composite import TargetBackground, parse_target_background
 from bgmatte.errors import BgmatteError
 from bgmatte.io.files import check_destination, refuse_overwriting_inputs
-from bgmatte.io.images import DEFAULT_MAX_PIXELS, megapixels
+from bgmatte.io.images import DEFAULT_MAX_PIXELS, megapixels_above
 from bgmatte.io.video import ClosesOnExit
 from bgmatte.pipeline import TargetFrames, render_outputs
 from bgmatte.predictor import Matte
@@ -194,8 +194,8 @@ class CameraSource:
         pixels = size[0] * size[1]
         if max_pixels is not None and pixels > max_pixels:
             self._capture.release()
-            raise BgmatteError(f"{self.name}: {what}{size[0]}x{size[1]}{': ' if what else ' is '}{megapixels(pixels)} "
-                               f"megapixels, above the limit of {megapixels(max_pixels)}")
+            raise BgmatteError(f"{self.name}: {what}{size[0]}x{size[1]}{': ' if what else ' is '}"
+                               f"{megapixels_above(pixels, max_pixels)}")
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
@@ -971,8 +971,7 @@ def _refuse_large_capture(width: int | None, height: int | None) -> None:
         return
     asked = " ".join(f"{name} {value}" for name, value in (("--width", width), ("--height", height)) if value)
     size = f"{width}x{height} is" if width and height else "frames of at least"
-    raise BgmatteError(f"{asked}: {size} {megapixels(pixels)} megapixels, above the limit of "
-                       f"{megapixels(DEFAULT_MAX_PIXELS)}")
+    raise BgmatteError(f"{asked}: {size} {megapixels_above(pixels, DEFAULT_MAX_PIXELS)}")
 
 
 def _check_recording(path: Path, overwrite: bool, camera: int | str | os.PathLike, bgr: str | os.PathLike | None,

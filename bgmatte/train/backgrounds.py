@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from bgmatte.errors import BgmatteError
+from bgmatte.errors import BgmatteError, for_command_line
 from bgmatte.io.files import make_folder, refuse_existing, write_through_temporary
 from bgmatte.io.images import read_image
 
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         written = fetch_backgrounds(args.dir, args.packages, max_side=args.max_side, overwrite=args.overwrite)
     except BgmatteError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {for_command_line(exc)}", file=sys.stderr)
         return 2
     total = sum(p.stat().st_size for p in written)
     print(f"{len(written)} pictures, {total / 1e6:.1f} MB, in {args.dir}")

@@ -1174,6 +1174,10 @@ def _open_run_folder(options: TrainOptions, given: Collection[str] | None
         problem = state_entries_problem(saved)
         if problem is not None:
             raise BgmatteError(f"{state_path}: cannot be resumed from: {problem}")
+        if saved["step"] > options.steps:  # it would end at once, past the length asked for, with nothing trained
+            raise BgmatteError(f"{state_path}: the run is already at step {saved['step']}, past --steps "
+                               f"{options.steps}, so there is nothing to train (--steps is the run's total, not a "
+                               f"number to add: give more than {saved['step']} to go on)")
         # The better of the state's best and best.safetensors' own: a crash between the two writes leaves the file
         # better than the state says, and the resumed run must not replace it with a worse model.
         recorded = best_weights_loss(out / "best.safetensors", options.stage, str(saved["backbone"]))

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from bgmatte.errors import BgmatteError
+from bgmatte.errors import BgmatteError, OutputExists, for_command_line
 from bgmatte.io.files import make_folder
 from bgmatte.io.images import write_png
 from bgmatte.train.augment import SYNTHETIC, AugmentOptions
@@ -64,8 +64,7 @@ def make_validation_set(out_dir: str | Path, *, count: int = 24, width: int = 12
     if os.path.lexists(out) and not out.is_dir():  # a file, or a link to nowhere
         raise BgmatteError(f"{out}: is a file, not a folder (for the validation set)")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise BgmatteError(f"{out}: already exists and is not empty (pass overwrite=True, or --overwrite, to "
-                           "write into it)")
+        raise OutputExists(f"{out}: already exists and is not empty", "write into it")
     pictures = None
     if photos is not None:
         if Path(photos).exists() and not Path(photos).is_dir():
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         out = make_validation_set(args.out, count=args.count, photos=args.photos, seed=args.seed,
                                   overwrite=args.overwrite, augment=augment)
     except BgmatteError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {for_command_line(exc)}", file=sys.stderr)
         return 2
     print(out)
     return 0
