@@ -173,6 +173,14 @@ def test_audio_only_file_is_refused(tmp_path):
         VideoReader(sound)
 
 
+def test_empty_video_file_is_named_empty(tmp_path):
+    """A 0-byte file (a copy that never finished) says so, as an empty image does, not FFmpeg's 'Invalid data'."""
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(BgmatteError, match=r"empty.mp4: empty file \(0 bytes\), not a video"):
+        VideoReader(empty)
+
+
 @pytest.mark.parametrize("kind", ["mkv", "faststart-mp4", "avi"])
 def test_truncated_input_keeps_decoded_frames_and_reports_it(tmp_path, kind):
     clip = tmp_path / ("whole.mp4" if kind == "faststart-mp4" else f"whole.{kind}")

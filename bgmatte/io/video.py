@@ -857,6 +857,8 @@ def _open_input(path: Path, max_pixels: int | None) -> av.container.InputContain
         raise BgmatteError(f"{path}: no such file")
     if path.is_dir():
         raise BgmatteError(f"{path}: is a folder, not a video file")
+    if path.is_file() and path.stat().st_size == 0:  # FFmpeg would only say "Invalid data found"
+        raise BgmatteError(f"{path}: empty file (0 bytes), not a video")
     _refuse_large_picture(path, max_pixels)
     try:
         container = av.open(str(path), mode="r")
