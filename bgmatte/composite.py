@@ -312,6 +312,9 @@ def parse_target_background(spec: str) -> TargetBackground:
         if max(values) > 255:
             raise BgmatteError(f"target background {spec!r}: colour values go from 0 to 255")
         return TargetBackground("colour", colour=values)  # type: ignore[arg-type]
+    if not path.exists() and re.fullmatch(r"\s*[-+]?[\d.]+(?:\s*,\s*[-+]?[\d.]+)+\s*", text):
+        # Numbers and commas alone mean a colour, not a file name: say how one is written rather than "no such file".
+        raise BgmatteError(f"target background {spec!r}: a colour is R,G,B, three whole numbers from 0 to 255")
     suffix = path.suffix.lower()
     if path.is_file():
         if suffix in IMAGE_EXTENSIONS:

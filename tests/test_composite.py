@@ -286,3 +286,18 @@ def test_numpy_and_torch_arguments_mixed_in_one_call_are_a_type_error_naming_the
         with pytest.raises(TypeError, match=rf"^{name} is a .* but fgr a") as error:
             call()
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("spec", ["0.5,0.5,0.5", "-1,0,0", "1.0, 0, 0", "255,128"])
+def test_a_colour_of_fractions_or_the_wrong_count_is_named_as_a_colour_not_a_missing_file(spec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BgmatteError, match="whole numbers from 0 to 255") as caught:
+        parse_target_background(spec)
+    assert "no such file" not in str(caught.value)
+
+
+def test_a_file_named_like_a_list_of_numbers_is_still_read_as_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    import cv2
+    cv2.imwrite("0.5,0.5.png", np.zeros((4, 4, 3), np.uint8))
+    assert parse_target_background("0.5,0.5.png").kind == "image"
