@@ -233,6 +233,13 @@ def test_a_picture_declaring_too_many_pixels_is_refused_as_a_source(scene, capsy
     assert not (scene / "out.mp4").exists()
 
 
+@pytest.mark.parametrize("size", [("0", "0"), ("96", "-4")])
+def test_a_resize_below_one_pixel_is_refused_naming_the_option(scene, capsys, size):
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--resize", *size)
+    one_line_error(code, err, f"--resize {size[0]} {size[1]}: a width and a height of at least 1 pixel")
+    assert not (scene / "out.mp4").exists()
+
+
 @pytest.mark.parametrize("span", [(), ("--start", "0.4"), ("--duration", "0.05")])
 def test_an_automatic_plate_from_too_few_frames_is_refused_before_the_model_loads(scene, capsys, monkeypatch, span):
     make_clip(scene / "short.mp4", 2)

@@ -259,6 +259,9 @@ def run(args: argparse.Namespace) -> int:
     duration = parse_time("--duration", args.duration) if args.duration is not None else None
     if duration is not None and duration <= 0:
         raise BgmatteError(f"--duration {args.duration}: the duration must be more than 0 seconds")
+    if args.resize is not None and min(args.resize) < 1:
+        raise BgmatteError(f"--resize {args.resize[0]} {args.resize[1]}: a width and a height of at least 1 pixel are "
+                           "needed")
     from bgmatte.pipeline import convert_video
 
     result = convert_video(
