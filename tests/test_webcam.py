@@ -899,13 +899,8 @@ def test_cli_progress_goes_through_the_one_cli_handler_and_every_line_shows(caps
     assert lines == ["bgmatte webcam: target background: green (1 of 1)"] * 5 + ["bgmatte webcam: warning: a warning"]
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("garbage.png", b"not an image", r"garbage\.png: "),
-    ("cut.png", None, r"cut\.png: damaged or truncated PNG"),
-    ("garbage.mp4", b"not a video", r"garbage\.mp4: "),
-], ids=["image", "truncated image", "video"])
-def test_cli_unreadable_target_background_is_refused_before_the_camera_opens_and_the_model_loads(
-        monkeypatch, tmp_path, capsys, name, content, message):
+def forbid_camera_and_model(monkeypatch) -> None:
+    """Fail the test if the camera is opened or the model loaded: what is refused must be refused before both."""
     def no_camera(*args, **kwargs):
         raise AssertionError("the camera was opened")
 
@@ -914,10 +909,25 @@ def test_cli_unreadable_target_background_is_refused_before_the_camera_opens_and
 
     monkeypatch.setattr(webcam, "open_camera", no_camera)
     monkeypatch.setattr("bgmatte.model.build.load_model", no_model)
+
+
+def truncated_png() -> bytes:
+    """A PNG whose header is whole and whose pixels are cut off."""
+    ok, data = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8))
+    return data.tobytes()[: len(data) // 2]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("garbage.png", b"not an image", r"garbage\.png: "),
+    ("cut.png", None, r"cut\.png: damaged or truncated PNG"),
+    ("garbage.mp4", b"not a video", r"garbage\.mp4: "),
+], ids=["image", "truncated image", "video"])
+def test_cli_unreadable_target_background_is_refused_before_the_camera_opens_and_the_model_loads(
+        monkeypatch, tmp_path, capsys, name, content, message):
+    forbid_camera_and_model(monkeypatch)
     target = tmp_path / name
     if content is None:  # a PNG whose header is whole and whose pixels are cut off
-        ok, data = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8))
-        content = data.tobytes()[: len(data) // 2]
+        content = truncated_png()
     target.write_bytes(content)
     code = main(["webcam", "--record", str(tmp_path / "out.mp4"), "--no-preview", "--target-bgr", "green",
                  str(target)])
@@ -934,18 +944,10 @@ def test_cli_unreadable_target_background_is_refused_before_the_camera_opens_and
 ], ids=["missing", "not an image", "truncated"])
 def test_cli_a_missing_or_damaged_plate_is_refused_before_the_camera_opens_and_the_model_loads(
         monkeypatch, tmp_path, capsys, name, content, message):
-    def no_camera(*args, **kwargs):
-        raise AssertionError("the camera was opened")
-
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(webcam, "open_camera", no_camera)
-    monkeypatch.setattr("bgmatte.model.build.load_model", no_model)
+    forbid_camera_and_model(monkeypatch)
     plate = tmp_path / name
     if content == "cut":  # a PNG whose header is whole and whose pixels are cut off
-        ok, data = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 96, 3), np.uint8))
-        content = data.tobytes()[: len(data) // 2]
+        content = truncated_png()
     if content is not None:
         plate.write_bytes(content)
     code = main(["webcam", "--record", str(tmp_path / "out.mp4"), "--no-preview", "--bgr", str(plate)])
