@@ -2280,6 +2280,21 @@ def test_every_audio_track_is_carried_from_one_opening_of_the_source(tmp_path, m
     assert [track["seconds"] for track in carried] == [pytest.approx(0.4, abs=0.04)] * 4
 
 
+def test_a_track_leaving_a_source_its_last_track_closed_does_nothing(tmp_path):
+    """A writer's finish leaves the source (the last track closes it), then its clean-up leaves it again; the second
+    leave must not touch the closed file (PyAV 18 refuses even a closed stream's index: every clip with sound failed
+    with 'encoding failed (Container is not open)')."""
+    source = tmp_path / "src.mp4"
+    make_subject_clip(source, 2)
+    media = video_io._AudioSource(source)
+    stream = media.input.streams.audio[0]
+    media.join(stream)
+    media.leave(stream)
+    with pytest.raises(AssertionError, match="not open"):  # closed by its last track
+        next(media.input.demux())
+    media.leave(stream)  # as a failed or finished carrier's discard does
+
+
 def decoded_track(path: Path, track: int = 0) -> tuple[float, np.ndarray, int]:
     """An audio track of `path` decoded as a player would (edit lists and codec delay applied), its channels mixed
     down: the time of its first sample, the samples and the rate."""

@@ -1910,6 +1910,8 @@ class _AudioSource:
 
     def leave(self, stream: av.audio.stream.AudioStream) -> None:
         """Stop keeping `stream`'s packets; the last track to leave closes the file. Leaving twice does nothing."""
+        if self._closed:  # the last track left already: the closed file's streams can no longer be asked anything
+            return
         own = self._own.pop(stream.index, None)
         if own is not None:
             own.close()
