@@ -252,3 +252,21 @@ def test_a_backbone_that_the_weights_are_not_for_is_named_with_theirs(tmp_path, 
     with pytest.raises(BgmatteError, match=f"w.pth: holds {saved} weights, not {asked}: leave backbone out") as info:
         load_model(path, backbone=asked, device="cpu")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_model_loaded_inside_inference_mode_runs_and_matches_one_loaded_outside(tmp_path, mobilenet_state,
+                                                                                  precision):
+    """Loading in the block that runs the model is natural; its weights were then inference tensors, which the fast
+    path's check for changed weights cannot read: 'Inference tensors do not track version counter'."""
+    path = tmp_path / "w.pth"
+    torch.save(mobilenet_state, path)
+    src, bgr = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    dtype = build.PRECISIONS[precision]
+    outside = load_model(path, device="cpu", precision=precision)
+    with torch.inference_mode():
+        expected = outside(src.to(dtype), bgr.to(dtype))
+        inside = load_model(path, device="cpu", precision=precision)
+        got = inside(src.to(dtype), bgr.to(dtype))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert not any(parameter.is_inference() for parameter in inside.parameters())

@@ -258,9 +258,12 @@ def load_model(checkpoint: str | Path | None = None, *, backbone: str | None = N
         options = RefineOptions(**given, refine_kernel_size=refine_kernel_size)
     except ValueError as exc:
         raise BgmatteError(str(exc)) from None
-    model = MattingRefine(backbone, **vars(options), plate_solve=plate_solve)
-    load_weights(model, state, str(source))
-    model = model.eval().to(target, PRECISIONS[precision])
+    # Ordinary tensors even when called inside torch.inference_mode(): inference tensors there would keep the fast
+    # path from seeing when the weights change, and could not be trained or changed in place afterwards.
+    with torch.inference_mode(False):
+        model = MattingRefine(backbone, **vars(options), plate_solve=plate_solve)
+        load_weights(model, state, str(source))
+        model = model.eval().to(target, PRECISIONS[precision])
     if optimize:
         model = _optimized(model)
     return model
