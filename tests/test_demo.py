@@ -1,4 +1,5 @@
-"""`bgmatte demo`, the README's main job: the default model over the generated sample, and its refusals; `--version`."""
+"""`bgmatte demo`, the README's main job: the default model over the generated sample, and its refusals; `--version`; an
+unknown argument named under its command."""
 from __future__ import annotations
 
 import av
@@ -62,3 +63,26 @@ def test_version_is_the_installed_package_version(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"bgmatte {version('bgmatte')}"
+
+
+@pytest.mark.parametrize("argv", [["eval", "--pred", "p", "--gt", "g", "-q"], ["export", "onnx", "a.pth", "-o", "m.onnx",
+                                                                               "extra"]])
+def test_an_unknown_argument_is_named_under_its_command(argv, capsys):
+    """`bgmatte eval ... -q` (a flag eval lacks) said 'bgmatte: error: unrecognized arguments: -q' under the top
+    level's usage, which lists no option of eval; now the error and the usage are eval's, as for any other of its
+    argument errors."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.startswith(f"usage: bgmatte {argv[0]} ")
+    assert err.strip().splitlines()[-1] == f"bgmatte {argv[0]}: error: unrecognized arguments: {argv[-1]}"
+
+
+def test_an_unknown_option_before_the_command_is_the_top_level_s(capsys):
+    """`bgmatte -q video ...`: -q is video's, but not where it stands."""
+    with pytest.raises(SystemExit) as stop:
+        main(["-q", "video", "clip.mp4"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("usage: bgmatte [-h]")
+    assert err.strip().splitlines()[-1] == "bgmatte: error: unrecognized arguments: -q"

@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand of `build_parser()`'s `parser`."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
 class _OneLineHandler(logging.Handler):
     """Log records as one line each on the current stderr, past any progress bar: INFO as a plain progress
     line, other levels named. A warning repeated more than a few times (a per-frame one) is shown three
@@ -150,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # after the command, said by it under its usage (the top level's lists none of its options)
+        before = argv[:argv.index(args.command)]
+        owner = parser if any(token in before for token in unknown) else _subcommand_parser(parser, args.command)
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.debug = debug
     undo_logging = configure_logging(args.command, debug, getattr(args, "log_level", logging.WARNING))
     undo_signals = stop_on_termination()
