@@ -54,13 +54,17 @@ def write_clip(
     pix_fmt: str = "yuv420p",
     options: dict[str, str] | None = None,
     tone: Callable[[np.ndarray], np.ndarray] | None = None,
+    rate: int | None = 25,
 ) -> list[int]:
     """Encode `images` (25 fps unless `pts_ms` says otherwise) with an AAC tone, 440 Hz unless `tone` (the
-    frequency at each sample's time in seconds) says otherwise; returns the pts in ms."""
+    frequency at each sample's time in seconds) says otherwise; returns the pts in ms. `rate` is the rate the
+    header gives (None: none, as in a variable-rate recording)."""
     pts_ms = pts_ms if pts_ms is not None else [40 * index for index in range(len(images))]
     height, width = images[0].shape[:2]
     container = av.open(str(path), mode="w", options=options or {})
-    video = container.add_stream(codec, rate=25, options={"crf": "12"} if codec == "libx264" else {})
+    video = container.add_stream(codec, rate=rate or 25, options={"crf": "12"} if codec == "libx264" else {})
+    if rate is None:
+        video.codec_context.framerate = Fraction(0, 1)
     video.width, video.height = width, height
     video.pix_fmt = pix_fmt
     video.time_base = MS

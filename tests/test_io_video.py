@@ -120,6 +120,27 @@ def test_reader_keeps_variable_frame_rate_timestamps(tmp_path):
     assert [round(frame.time, 4) for frame in frames] == [p / 1000 for p in pts_ms]
 
 
+# Millisecond stamps of a variable-rate recording: 40 ms apart, with a gap of dropped frames and a burst.
+VFR_MS = [0, 40, 80, 120, 160, 300, 340, 380, 390, 400, 440, 480, 520, 560, 600, 700, 740, 780, 820, 860]
+
+
+@pytest.mark.parametrize(("rate", "pts_ms", "fps"), [(None, VFR_MS, 25), (1000, VFR_MS, 25),
+                                                     (None, [round(i * 1001 / 30) for i in range(20)],
+                                                      Fraction(30000, 1001)),
+                                                     (1000, list(range(20)), 1000)],
+                         ids=["no-rate", "tick-rate", "ntsc-in-ms", "high-speed"])
+def test_a_variable_rate_mkv_in_milliseconds_reports_the_rate_its_frames_have(tmp_path, rate, pts_ms, fps):
+    """A Matroska file of millisecond stamps whose header gives no rate, or one frame a millisecond, said 1000 fps, and
+    1000 frames a second of it: its rate is now the spacing of its first stamps (the usual rate that is within 1% of
+    it), which a gap or a burst does not move; a clip that is 1000 fps keeps that."""
+    clip = tmp_path / "vfr.mkv"
+    make_clip(clip, pts_ms=pts_ms, rate=rate, audio=False)
+    reader, frames = read_all(clip)
+    assert reader.fps == fps
+    assert abs(reader.frame_count - 20) <= 2 and len(frames) == 20 and reader.error is None
+    assert [round(frame.time * 1000) for frame in frames] == pts_ms
+
+
 @pytest.mark.parametrize(
     ("rotation", "marker"),
     [(-90, (0, -1)), (90, (-1, 0)), (180, (-1, -1))],

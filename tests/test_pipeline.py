@@ -849,7 +849,8 @@ def test_an_automatic_plate_from_too_few_frames_names_the_clip(tmp_path):
 def test_an_automatic_plate_of_a_variable_rate_mkv_samples_the_whole_clip(tmp_path, monkeypatch):
     """An MKV gives no frame count, and one of variable rate says 1000 fps: the count estimated from its duration,
     5000 frames for 200, spread the samples over frames that never came, 2 of them in all, and the clip was
-    refused; a second pass now chooses them from the frames there were."""
+    refused; a second pass now chooses them from the frames there were. (The reader now takes the rate from the
+    spacing of the first stamps, 17 ms, whose estimate of some 300 frames is still far off.)"""
     clip = tmp_path / "screen.mkv"
     with av.open(str(clip), mode="w") as container:
         stream = container.add_stream("mpeg4", rate=1000)
@@ -863,7 +864,7 @@ def test_an_automatic_plate_of_a_variable_rate_mkv_samples_the_whole_clip(tmp_pa
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     with VideoReader(clip) as reader:
-        assert reader.frame_count > 1000  # the estimate this is about
+        assert reader.frame_count > 250  # the estimate this is about: more than 10% above the 200 frames
     seen = []
     monkeypatch.setattr(pipeline, "estimate_plate", lambda samples, **kwargs: seen.append(samples) or samples[0])
     pipeline._estimate_plate(clip, (64, 48), False)

@@ -75,6 +75,12 @@ _AUDIO_INTERLEAVE_S = 2.0
 # badly interleaved file (whole tracks one after another) fills one that far; the track that asked is then read through
 # a demuxer of its own, so that memory stays bounded however long the file is. 500 packets: some 10 s of AAC.
 _AUDIO_QUEUE_CAP = 500
+# How many of its first packets' stamps time a stream whose header gives no usable rate (`_rate_of_stamps`), and the
+# rates such a stream is taken to have when its spacing is within 1% of one.
+_RATE_STAMPS = 64
+_USUAL_RATES = tuple(Fraction(rate) for rate in (
+    Fraction(24000, 1001), 24, 25, Fraction(30000, 1001), 30, 48, 50, Fraction(60000, 1001), 60, 90, 100, 120, 144,
+    240))
 
 
 class StartPastEnd(BgmatteError):
@@ -204,9 +210,7 @@ class VideoReader:
             self._refuse_size(self._stream.codec_context.width, self._stream.codec_context.height)
             self._prepare_decoder()
             self._packets = self._container.demux(self._stream)
-            self.fps: Fraction | None = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
-            if self._container.format.name == "avi" and self._stream.guessed_rate:  # its average may be its tick rate
-                self.fps = self._stream.guessed_rate
+            self.fps: Fraction | None = self._frame_rate()
             self._step = 1 / float(self.fps) if self.fps else 1 / 30  # a frame's length when nothing says
             self._timer = FrameClock(self.fps)  # the decoding thread's, once started
             self._by_dts = self._container.format.name == "avi"
@@ -272,6 +276,19 @@ class VideoReader:
         keeps the source's display aspect ratio (square pixels again when the new size has that ratio)."""
         stretch = Fraction(self.width * height, self.height * width)
         return replace(self.display, sample_aspect_ratio=_storable(self.display.sample_aspect_ratio * stretch))
+
+    def _frame_rate(self) -> Fraction | None:
+        """The stream's frame rate: its header's average (an AVI's guessed rate: its average may be its tick rate).
+        A stream whose header gives no average, or one frame a tick of its time base (a variable-rate Matroska
+        file in milliseconds says 1000 fps, FFmpeg's guess the stamps' common divisor), is timed by the spacing of
+        its first stamps (`_rate_of_stamps`), and by the header's guesses only where that finds none."""
+        stream = self._stream
+        if self._container.format.name == "avi" and stream.guessed_rate:
+            return stream.guessed_rate
+        average, base = stream.average_rate, stream.time_base
+        if average and not (base and average * base >= 1):
+            return average
+        return _rate_of_stamps(self.path, stream.index) or average or stream.guessed_rate or stream.base_rate
 
     def _refuse_size(self, width: int, height: int) -> None:
         """Refuse a stream whose frames are above `max_pixels`, before they are decoded (0 x 0: not known yet)."""
@@ -910,6 +927,35 @@ def _video_stream(path: Path, container: av.container.InputContainer) -> av.vide
         logger.info("%s: reading video stream #%d (%s %dx%d) of its %d video streams", path, chosen.index,
                     context.name, context.width, context.height, len(streams))
     return chosen
+
+
+def _rate_of_stamps(path: Path, index: int) -> Fraction | None:
+    """The frame rate of video stream `index` by the timestamps of its first `_RATE_STAMPS` packets (demuxed from a
+    file opened again, not decoded): `_rate_of_spacings` of them in presentation order. None when fewer than two
+    packets are stamped, or the file cannot be read again."""
+    try:
+        with av.open(str(path)) as container:
+            stream = next(stream for stream in container.streams.video if stream.index == index)
+            packets = (packet for packet in container.demux(stream) if packet.size and packet.pts is not None)
+            stamps = sorted({packet.pts for packet in itertools.islice(packets, _RATE_STAMPS)})
+            base = stream.time_base
+    except (av.FFmpegError, OSError, StopIteration):
+        return None
+    return _rate_of_spacings([later - earlier for earlier, later in zip(stamps, stamps[1:])], base)
+
+
+def _rate_of_spacings(spacings: list[int], time_base: Fraction | None) -> Fraction | None:
+    """A frame rate from the spacings of consecutive stamps (in `time_base` units): one over the mean of those within
+    10% of their median, so that a gap of dropped frames or a burst does not move it, and the usual rate
+    (`_USUAL_RATES`) where that is within 1% of it (29.97 fps in milliseconds is 33 and 34 apart); None without
+    spacings."""
+    if not spacings or not time_base:
+        return None
+    middle = sorted(spacings)[len(spacings) // 2]
+    regular = [spacing for spacing in spacings if abs(spacing - middle) * 10 <= middle]
+    rate = 1 / (Fraction(sum(regular), len(regular)) * time_base)
+    usual = min(_USUAL_RATES, key=lambda candidate: abs(candidate / rate - 1))
+    return usual if abs(usual / rate - 1) <= Fraction(1, 100) else Fraction(round(rate * 1000), 1000)
 
 
 def _pixel_shape(ratio: Fraction | None, turns: int) -> Fraction:
