@@ -1120,14 +1120,14 @@ class _Batch:
     src: np.ndarray  # (B, H, W, 3) uint8
     src_input: np.ndarray | Tensor
     bgr_input: np.ndarray | Tensor
-    stamps: list[tuple[int | None, Fraction | None]] = field(default_factory=list)
+    stamps: list[tuple[int | None, Fraction | None, int | None]] = field(default_factory=list)  # pts, base, duration
     times: list[float] = field(default_factory=list)  # seconds from the clip's first frame
 
     @classmethod
     def of(cls, pending: list[tuple[np.ndarray, np.ndarray, Frame, float]], inputs: _ModelInputs) -> _Batch:
         src = pending[0][0][None] if len(pending) == 1 else np.stack([item[0] for item in pending])
         src_input, bgr_input = inputs(src, [item[1] for item in pending])
-        return cls(src, src_input, bgr_input, [(item[2].pts, item[2].time_base) for item in pending],
+        return cls(src, src_input, bgr_input, [(item[2].pts, item[2].time_base, item[2].duration) for item in pending],
                    [item[3] for item in pending])
 
     def __len__(self) -> int:
@@ -1388,13 +1388,13 @@ def convert_video(
             nonlocal written
             backdrop = targets.take(len(batch), batch.times)
             frames = render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop, src=batch.src)
-            for index, (pts, time_base) in enumerate(batch.stamps):
+            for index, (pts, time_base, duration) in enumerate(batch.stamps):
                 failure: BaseException | None = None
                 for kind, writer in writers.items():  # a writer that fails still lets the others take the frame
                     image = frames[kind][index]
                     try:
                         if isinstance(writer, VideoWriter):
-                            writer.write(image, pts, time_base)
+                            writer.write(image, pts, time_base, duration)
                         else:
                             writer.write(image)
                     except Exception as exc:  # noqa: BLE001 - raised once this frame is in every other output

@@ -93,6 +93,27 @@ def write_clip(
     return pts_ms
 
 
+def write_vfr_mkv(path: Path, images: list[np.ndarray], pts_ms: list[int], durations_ms: list[int], *,
+                  rate: int | None = None) -> None:
+    """A Matroska file of `images` at the millisecond stamps `pts_ms`, each packet lasting `durations_ms`, as a
+    variable-rate recording is muxed: a header with no frame rate, or `rate` (1000: one frame a tick). No audio."""
+    height, width = images[0].shape[:2]
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=rate or 25, options={"crf": "12", "bf": "0"})
+        if rate is None:
+            video.codec_context.framerate = Fraction(0, 1)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        packets = []
+        for index, image in enumerate(images):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            packets += video.encode(frame)
+        packets += video.encode(None)
+        for packet, pts, duration in zip(packets, pts_ms, durations_ms):  # without B-frames: in display order
+            packet.time_base, packet.pts, packet.dts, packet.duration = MS, pts, pts, duration
+            container.mux(packet)
+
+
 def make_clip(path: Path, count: int = 12, *, plate: np.ndarray | None = None, gain: float = 1.0, **kwargs) -> list[int]:
     """A clip of the subject moving over `plate` (default `plate_image()`); see `write_clip` for the options."""
     plate = plate_image() if plate is None else plate

@@ -45,6 +45,7 @@ from media import (
     read_frames,
     stepped_tone,
     write_clip,
+    write_vfr_mkv,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -482,6 +483,37 @@ def test_writer_keeps_every_frame_timestamps_and_audio(tmp_path):
     assert audio_seconds(target) == pytest.approx(0.56, abs=0.05)  # trimmed to the video's end
     # Pixels survive the round trip (lossy, but close).
     assert np.abs(frames[5].image.astype(int) - pattern(5).astype(int)).mean() < 4
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4", ".mov"])
+@pytest.mark.parametrize("count", [8, 9, 11])  # x264's last frames: two B-frames after the last one, one, none
+def test_the_file_ends_when_its_last_frame_has_shown_for_its_duration(tmp_path, suffix, count):
+    """A frame written with its duration is the last: the file ends that long after it, whether B-frames are
+    decoded after it or not (`write` took no duration, and the muxers gave the last frame a frame period: 0.32 s
+    for 0.38 at 8 frames). Without one, it lasts the step from the frame before."""
+    for duration, length in ((100, 0.04 * (count - 1) + 0.1), (None, 0.04 * count)):
+        target = tmp_path / f"out{duration}{suffix}"
+        with VideoWriter(target, fps=25, options=EncoderOptions(preset="medium", crf=30)) as writer:
+            for index in range(count):
+                image = pattern(index)
+                image[20:40, 5 * index : 5 * index + 16] = 255  # motion, so that x264 chooses B-frames
+                writer.write(image, 40 * index, MS, duration if index == count - 1 else None)
+        with av.open(str(target)) as container:
+            assert container.duration / 1e6 == pytest.approx(length, abs=1e-3), duration
+        assert decode_times(target) == [round(0.04 * index, 4) for index in range(count)]
+
+
+def test_the_last_frame_of_a_variable_rate_mkv_lasts_to_its_end(tmp_path):
+    """Its frames do not say how long they show (the muxer wrote none but the DURATION tag): the last one, which the
+    file ended after, lasts to the tagged end; the others, and the last of a span that a later frame ended, say
+    nothing."""
+    clip = tmp_path / "vfr.mkv"
+    durations = [later - earlier for earlier, later in zip(VFR_MS, VFR_MS[1:])] + [60]
+    write_vfr_mkv(clip, [pattern(index) for index in range(len(VFR_MS))], VFR_MS, durations)
+    _, frames = read_all(clip)
+    assert [frame.duration for frame in frames] == [None] * (len(VFR_MS) - 1) + [60]
+    with VideoReader(clip, duration=0.5) as reader:
+        assert [frame.duration for frame in reader] == [None] * sum(stamp < 500 for stamp in VFR_MS)
 
 
 def test_a_one_frame_clip_keeps_the_audio_of_its_frame(tmp_path):

@@ -48,6 +48,7 @@ from media import (
     stepped_tone,
     subject_box,
     subject_frame,
+    write_vfr_mkv,
     write_clip,
 )
 
@@ -104,6 +105,31 @@ def test_every_output_keeps_every_frame_variable_timestamps_and_audio(tmp_path):
     assert audio_seconds(result.outputs["com"]) == pytest.approx(0.56, abs=0.05)
     assert audio_seconds(result.outputs["pha"]) == 0.0  # the audio goes with the composite
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["com.mp4", "err.mp4", "fgr.mp4", "pha.mp4", "ref.mp4"]
+
+
+# Millisecond stamps of a variable-rate recording, mostly 40 ms apart; its last frame lasts 60 ms (to 1.06 s).
+VFR_MS = [0, 40, 80, 200, 240, 250, 260, 400, 440, 480, 520, 600, 633, 666, 700, 733, 766, 800, 900, 1000]
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+@pytest.mark.parametrize("rate", [None, 1000], ids=["no-rate", "tick-rate"])
+def test_a_variable_rate_mkv_comes_out_with_its_frames_times_and_length(tmp_path, rate, suffix):
+    """A Matroska recording in milliseconds whose header gives no rate, or 1000 fps: it was called truncated
+    ('ended at 1.00 s of 1.06 s', its last frame taken for 1 ms long) and came out 1.001 s long at 1000 fps. Now
+    every frame comes out at its source time, the file ends where the source did, and Matroska says 25 fps."""
+    clip, plate = tmp_path / "vfr.mkv", tmp_path / "plate.png"
+    durations = [later - earlier for earlier, later in zip(VFR_MS, VFR_MS[1:])] + [60]
+    write_vfr_mkv(clip, [subject_frame(plate_image(), index) for index in range(len(VFR_MS))], VFR_MS, durations,
+                  rate=rate)
+    write_png(plate, plate_image())
+    out = tmp_path / f"com{suffix}"
+    result = convert_video(clip, plate, output=out, outputs=["com"], model=DifferenceModel(), progress=False)
+    assert result.frames == len(VFR_MS)
+    assert decode_times(out) == [stamp / 1000 for stamp in VFR_MS]
+    with av.open(str(out)) as container:
+        assert container.duration / 1e6 == pytest.approx(1.06, abs=1e-3)
+        if suffix == ".mkv":  # an MP4's rate is its frames over its length, 20 in 1.06 s
+            assert container.streams.video[0].average_rate == 25
 
 
 def test_outputs_show_the_matte_composited_over_the_reference_green(scene, tmp_path):

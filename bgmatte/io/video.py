@@ -108,6 +108,7 @@ class Frame:
     pts: int | None  # presentation timestamp in `time_base` units (None if the container gave none)
     time_base: Fraction | None
     seconds: float = 0.0  # from the clip's (or span's) first frame, by `FrameClock`: never going back
+    duration: int | None = None  # how long it shows, in `time_base` units (None if the container does not say)
 
     @property
     def time(self) -> float | None:
@@ -204,6 +205,7 @@ class VideoReader:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._stop = threading.Event()
         self._iterated = False
+        self._held: Frame | None = None  # the latest frame decoded, put when the next one is (`_give`)
         self._container = _open_input(self.path, max_pixels)
         try:
             self._stream = _video_stream(self.path, self._container)
@@ -619,7 +621,7 @@ class VideoReader:
                     if excess:  # the size may change in mid-stream
                         failure, flush = f"frame {index + 1} is {frame.width}x{frame.height}, {excess}", False
                         return
-                    if not self._put(self._to_frame(frame, index)):
+                    if not self._give(self._to_frame(frame, index)):
                         return
                     index += 1
                 try:
@@ -642,7 +644,7 @@ class VideoReader:
                     for frame in self._placed(self._stream.decode(None)) if flush else ():
                         if self._after_span(frame) or _excess_pixels(frame.width, frame.height, self.max_pixels):
                             break
-                        if not self._put(self._to_frame(frame, index)):
+                        if not self._give(self._to_frame(frame, index)):
                             break
                         index += 1
                 except Exception:  # noqa: BLE001 - the decoder is already broken; we tried
@@ -651,12 +653,35 @@ class VideoReader:
                 self.error = BgmatteError(f"{self.path}: decoding stopped after {frames} ({failure})")
             elif not self._stop.is_set():
                 self.error = self._check_complete(index)
+            self._give_last(ended=failure is None and self.error is None and not self._span_ended
+                            and not self._stop.is_set())
             if self.skipped:
                 lost = "packet that could not be decoded; its frame is" if self.skipped == 1 else \
                     "packets that could not be decoded; their frames are"
                 logger.warning("%s: skipped %d damaged video %s missing", self.path, self.skipped, lost)
             self._container.close()
             self._put(_END)
+
+    def _give(self, frame: Frame) -> bool:
+        """Put the frame held back before `frame` and hold `frame`, so that the last one is still there for
+        `_give_last`; False when the consumer went away."""
+        held, self._held = self._held, frame
+        return held is None or self._put(held)
+
+    def _give_last(self, ended: bool) -> None:
+        """Put the held frame, the last one. Where the file `ended` cleanly after it and it does not say how long it
+        shows (a variable-rate Matroska file's frames do not), it lasts to the video's end by the header's own
+        length of the video track (not the container's, which the audio may make longer)."""
+        frame, self._held = self._held, None
+        if frame is None:
+            return
+        stream = self._stream
+        own = bool(stream.duration and stream.time_base) or self._tagged_end() is not None
+        whole = self._duration() if ended and own and frame.duration is None and frame.time_base else None
+        if whole:
+            ticks = round(Fraction(self._origin + whole - self._zero - frame.seconds) / frame.time_base)
+            frame = replace(frame, duration=ticks) if ticks > 0 else frame
+        self._put(frame)
 
     def _after_span(self, frame: av.VideoFrame) -> bool:
         """Whether `frame` comes after the span, which then ends (`_span_ended`); else it is placed in time (`_timer`)."""
@@ -747,7 +772,8 @@ class VideoReader:
         pts = self._pts_at(frame, moment)
         if pts is not None and self._shift and base:  # a span starts at 0
             pts -= round(self._shift / base)
-        return Frame(image=image, index=index, pts=pts, time_base=base, seconds=moment - self._zero)
+        return Frame(image=image, index=index, pts=pts, time_base=base, seconds=moment - self._zero,
+                     duration=frame.duration or None)
 
     def _pts_at(self, frame: av.VideoFrame, moment: float) -> int | None:
         """The pts, in the frame's time base, of a frame placed at `moment`: the file's own where the clock took it."""
@@ -1547,9 +1573,11 @@ class VideoWriter(ClosesOnExit):
             pixels and the usual colours for the size when None.
         niceness: encode at this much lower priority (`lower_thread_priority`).
 
-    `write(image, pts, time_base)` takes uint8 (H, W, 3) RGB, or (H, W, 4) RGBA with alpha=True;
+    `write(image, pts, time_base, duration)` takes uint8 (H, W, 3) RGB, or (H, W, 4) RGBA with alpha=True;
     grey (H, W) frames are expanded. Give each frame its source pts and time base to keep variable
-    frame rate; frames without pts follow `fps`. The stream is tagged with the colours its numbers are
+    frame rate, and its duration (`Frame.duration`) to keep the source's length: the last frame shows that long
+    (else as long as the step from the frame before it), and the audio ends with it; frames without pts follow
+    `fps`. The stream is tagged with the colours its numbers are
     in (YUV by the source's matrix, else BT.709 for HD and BT.601 below; see `_tag_colours`), so that players
     show the frames' RGB.
 
@@ -1596,14 +1624,18 @@ class VideoWriter(ClosesOnExit):
         self._time_base: Fraction | None = None
         self._last_pts: int | None = None
         self._last_step = 1
+        self._tail: list[av.Packet] = []  # the latest frame's packet and those after it, held to set its duration
+        self._delay: int | None = None  # how far the first packet's decoding stamp is before its presentation one
         self._closed = False
         self._opened = threading.Event()  # the encoding thread has tried to start the file
         self._start_error: BaseException | None = None  # why it could not, recorded before `_opened` is set
         self._reported: BaseException | None = None  # the failure already raised to the caller
         self._worker = _Worker(f"bgmatte-write-{self.path.name}", self._encode, self._finish, queue_size, niceness)
 
-    def write(self, image: np.ndarray, pts: int | None = None, time_base: Fraction | None = None) -> None:
-        """Queue one frame for encoding (blocks while the queue is full; the first waits for the file to start)."""
+    def write(self, image: np.ndarray, pts: int | None = None, time_base: Fraction | None = None,
+              duration: int | None = None) -> None:
+        """Queue one frame for encoding (blocks while the queue is full; the first waits for the file to start);
+        `duration`, in `time_base` units, is how long it shows (None: as long as the step from the frame before)."""
         if self._closed:
             raise RuntimeError(f"{self.path}: the writer is closed")
         image = _frame_pixels(image, 4 if self.alpha else 3)
@@ -1613,7 +1645,7 @@ class VideoWriter(ClosesOnExit):
         elif image.shape[:2] != self._input_shape[:2]:
             raise ValueError(f"{self.path}: frame size changed from {self._input_shape[:2]} to {image.shape[:2]}")
         try:
-            self._worker.put((image, pts, time_base))
+            self._worker.put((image, pts, time_base, duration))
         except Exception as exc:
             raise self._report(exc)
         if first:
@@ -1682,8 +1714,9 @@ class VideoWriter(ClosesOnExit):
         if self.choice.codec == "mpeg4" and tb.denominator > 65535:
             tb = Fraction(1, 1000)  # MPEG-4 part 2 allows time bases up to 1/65535; milliseconds keep VFR
         self._time_base = tb
-        # How long the last frame shows, and so where the audio is cut: the step between the last two frames, or
-        # one frame period until there are two (a one-frame clip keeps the audio of that frame, not 1 tick of it).
+        # How long the last frame shows, and so where the video and audio end: its own duration when `write` gives
+        # one, else the step between the last two frames, or one frame period until there are two (a one-frame
+        # clip keeps the audio of that frame, not 1 tick of it).
         self._last_step = max(1, round(1 / (self.fps * tb)))
         if self.display.sample_aspect_ratio != 1 and self.choice.container in ("matroska", "webm") \
                 and self.choice.codec not in _SAR_IN_BITSTREAM:
@@ -1780,8 +1813,9 @@ class VideoWriter(ClosesOnExit):
             image = np.pad(image, ((0, pad_y), (0, pad_x)) + ((0, 0),) * (image.ndim - 2), mode="edge")
         return np.ascontiguousarray(image)
 
-    def _next_pts(self, pts: int | None, time_base: Fraction | None) -> int:
-        """The frame's pts in the stream's time base, kept strictly increasing."""
+    def _next_pts(self, pts: int | None, time_base: Fraction | None, duration: int | None = None) -> int:
+        """The frame's pts in the stream's time base, kept strictly increasing; `_last_step` becomes how long it
+        shows: its `duration` when given (at least a tick), else the step from the frame before."""
         tb = self._time_base
         if pts is not None:
             if time_base is not None and time_base != tb:
@@ -1795,11 +1829,13 @@ class VideoWriter(ClosesOnExit):
                 logger.debug("%s: timestamp %d is not after %d; moved forward", self.path, pts, self._last_pts)
                 pts = self._last_pts + 1
             self._last_step = pts - self._last_pts
+        if duration and time_base is not None:
+            self._last_step = max(1, round(duration * time_base / tb))
         self._last_pts = pts
         return pts
 
-    def _encode(self, item: tuple[np.ndarray, int | None, Fraction | None]) -> None:
-        image, pts, time_base = item
+    def _encode(self, item: tuple[np.ndarray, int | None, Fraction | None, int | None]) -> None:
+        image, pts, time_base, duration = item
         if self._container is None:
             try:
                 self._open(image, time_base)
@@ -1809,19 +1845,50 @@ class VideoWriter(ClosesOnExit):
             finally:
                 self._opened.set()
         frame = _video_frame(self._fit(image), self.choice.pix_fmt, _matrix_for(self.display, *self.size))
-        frame.pts = self._next_pts(pts, time_base)
+        frame.pts = self._next_pts(pts, time_base, duration)
         frame.time_base = self._time_base
         packets = self._stream.encode(frame)
         for carrier in self._audio:
             carrier.carry(until=float(frame.pts * self._time_base))
-        self._container.mux(packets)
+        self._mux_video(packets)
         self.frames_written += 1
+
+    def _mux_video(self, packets: list[av.Packet]) -> None:
+        """Mux the encoder's packets in their order, except the one of the latest frame in time and those after it
+        (B-frames before it), which wait in `_tail` until a later frame's packet comes: the last frame's packet is
+        then still there for `_finish` to give its duration, which the file's length ends with (encoders leave it
+        0, and muxers then give it a frame period, 1 ms at 1000 fps)."""
+        for packet in packets:
+            if self._delay is None and packet.pts is not None and packet.dts is not None:
+                self._delay = packet.pts - packet.dts
+            if self._tail and (packet.pts is None or self._tail[0].pts is None or packet.pts > self._tail[0].pts):
+                self._container.mux(self._tail)
+                self._tail = []
+            self._tail.append(packet)
+
+    def _last_duration(self) -> None:
+        """Make the file end `_last_step` ticks after the last frame, by the durations of packets in `_tail`: the last
+        frame's own, and in MP4 and QuickTime also that of the packet last in decoding order when B-frames come
+        after the last frame (their samples last from one decoding stamp to the next: it lasts to the end less the
+        encoder's delay, `_delay`)."""
+        latest, last = self._tail[0] if self._tail else None, self._tail[-1] if self._tail else None
+        if latest is None or latest.pts is None:
+            return
+        base = latest.time_base or self._time_base
+        end = round((self._last_pts + self._last_step) * self._time_base / base)
+        latest.duration = max(1, end - latest.pts)
+        if last is not latest and self.choice.container in ("mp4", "mov") and last.dts is not None \
+                and self._delay is not None:
+            last.duration = max(1, end - self._delay - last.dts)
 
     def _finish(self) -> None:
         if self._container is None:
             return
         try:
-            self._container.mux(self._stream.encode(None))
+            self._mux_video(self._stream.encode(None))
+            self._last_duration()
+            self._container.mux(self._tail)
+            self._tail = []
             end = float((self._last_pts + self._last_step) * self._time_base)
             for carrier in self._audio:
                 carrier.finish(until=end)
