@@ -48,8 +48,8 @@ from media import (
     stepped_tone,
     subject_box,
     subject_frame,
-    write_vfr_mkv,
     write_clip,
+    write_vfr_mkv,
 )
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
@@ -130,6 +130,45 @@ def test_a_variable_rate_mkv_comes_out_with_its_frames_times_and_length(tmp_path
         assert container.duration / 1e6 == pytest.approx(1.06, abs=1e-3)
         if suffix == ".mkv":  # an MP4's rate is its frames over its length, 20 in 1.06 s
             assert container.streams.video[0].average_rate == 25
+
+
+def test_a_variable_rate_clip_pairs_a_target_video_by_time(tmp_path, caplog):
+    """The 25 fps its stamps are mostly spaced at is no reason to play a 25 fps target frame for frame behind a
+    variable-rate clip (its frame at 200 ms got the target's of 120 ms): each frame gets the target frame nearest its
+    time (the earlier on a tie)."""
+    clip, plate, target = tmp_path / "vfr.mkv", tmp_path / "plate.png", tmp_path / "shades.mp4"
+    durations = [later - earlier for earlier, later in zip(VFR_MS, VFR_MS[1:])] + [60]
+    write_vfr_mkv(clip, [subject_frame(plate_image(), index) for index in range(len(VFR_MS))], VFR_MS, durations)
+    write_png(plate, plate_image())
+    shades = [20 + 9 * index for index in range(26)]
+    write_clip(target, [np.full((HEIGHT, WIDTH, 3), shade, np.uint8) for shade in shades], audio=False)  # 25 fps
+    with caplog.at_level(logging.INFO, logger="bgmatte"):
+        result = convert_video(clip, plate, output=tmp_path / "com.mp4", target_bgr=str(target),
+                               model=DifferenceModel(), progress=False)
+    seen = [background_pixels(frame, index).mean() for index, frame in enumerate(read_frames(result.outputs["com"]))]
+    nearest = [min(range(26), key=lambda frame: (abs(40 * frame - stamp), frame)) for stamp in VFR_MS]
+    assert seen == pytest.approx([shades[frame] for frame in nearest], abs=4)
+    assert any("shades.mp4" in r.message and "variable rate" in r.message and "own speed" in r.message
+               for r in caplog.records)
+
+
+def test_a_variable_rate_clip_pairs_a_plate_video_by_time(tmp_path, caplog):
+    """A 25 fps plate video behind a variable-rate clip said to be 25 fps went frame for frame, so that the clip's
+    frame at 200 ms got the plate of 120 ms: each frame now gets the plate frame nearest its time."""
+    plates = [plate_image(seed=seed) for seed in range(26)]
+    nearest = [min(range(26), key=lambda frame: (abs(40 * frame - stamp), frame)) for stamp in VFR_MS]
+    clip, plate_video = tmp_path / "vfr.mkv", tmp_path / "plates.mp4"
+    durations = [later - earlier for earlier, later in zip(VFR_MS, VFR_MS[1:])] + [60]
+    write_vfr_mkv(clip, [subject_frame(plates[frame], index) for index, frame in enumerate(nearest)], VFR_MS,
+                  durations)
+    write_clip(plate_video, plates, audio=False)  # 25 fps
+    with caplog.at_level(logging.INFO, logger="bgmatte"):
+        result = convert_video(clip, plate_video, output=tmp_path / "com.mp4", outputs=["pha"],
+                               model=DifferenceModel(), progress=False)
+    for index, frame in enumerate(read_frames(result.outputs["pha"])):  # only the subject differs
+        assert background_pixels(frame, index).mean() < 10, index
+    assert any("plates.mp4" in r.message and "variable rate" in r.message and "by time" in r.message
+               for r in caplog.records)
 
 
 def test_outputs_show_the_matte_composited_over_the_reference_green(scene, tmp_path):

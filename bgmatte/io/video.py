@@ -212,6 +212,9 @@ class VideoReader:
             self._refuse_size(self._stream.codec_context.width, self._stream.codec_context.height)
             self._prepare_decoder()
             self._packets = self._container.demux(self._stream)
+            # Whether the header gives no rate of its own, as a variable-rate recording's (`_frame_rate`): `fps` is
+            # then estimated, and other videos go with the frames by time, not one for one.
+            self.variable_rate = False
             self.fps: Fraction | None = self._frame_rate()
             self._step = 1 / float(self.fps) if self.fps else 1 / 30  # a frame's length when nothing says
             self._timer = FrameClock(self.fps)  # the decoding thread's, once started
@@ -283,14 +286,17 @@ class VideoReader:
         """The stream's frame rate: its header's average (an AVI's guessed rate: its average may be its tick rate).
         A stream whose header gives no average, or one frame a tick of its time base (a variable-rate Matroska
         file in milliseconds says 1000 fps, FFmpeg's guess the stamps' common divisor), is timed by the spacing of
-        its first stamps (`_rate_of_stamps`), and by the header's guesses only where that finds none."""
+        its first stamps (`_rate_of_stamps`), and by the header's guesses only where that finds none; it is then
+        `variable_rate`."""
         stream = self._stream
         if self._container.format.name == "avi" and stream.guessed_rate:
             return stream.guessed_rate
         average, base = stream.average_rate, stream.time_base
         if average and not (base and average * base >= 1):
             return average
-        return _rate_of_stamps(self.path, stream.index) or average or stream.guessed_rate or stream.base_rate
+        estimated = _rate_of_stamps(self.path, stream.index)
+        self.variable_rate = estimated is not None
+        return estimated or average or stream.guessed_rate or stream.base_rate
 
     def _refuse_size(self, width: int, height: int) -> None:
         """Refuse a stream whose frames are above `max_pixels`, before they are decoded (0 x 0: not known yet)."""
