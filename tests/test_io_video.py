@@ -506,15 +506,17 @@ def test_the_file_ends_when_its_last_frame_has_shown_for_its_duration(tmp_path, 
 
 def test_the_last_frame_of_a_variable_rate_mkv_lasts_to_its_end(tmp_path):
     """Its frames do not say how long they show (the muxer wrote none but the DURATION tag): the last one, which the
-    file ended after, lasts to the tagged end; the others, and the last of a span that a later frame ended, say
-    nothing."""
+    file ended after, lasts to the tagged end, and the last of a span to the frame that ended the span; the others
+    say nothing."""
     clip = tmp_path / "vfr.mkv"
     durations = [later - earlier for earlier, later in zip(VFR_MS, VFR_MS[1:])] + [60]
     write_vfr_mkv(clip, [pattern(index) for index in range(len(VFR_MS))], VFR_MS, durations)
     _, frames = read_all(clip)
     assert [frame.duration for frame in frames] == [None] * (len(VFR_MS) - 1) + [60]
-    with VideoReader(clip, duration=0.5) as reader:
-        assert [frame.duration for frame in reader] == [None] * sum(stamp < 500 for stamp in VFR_MS)
+    with VideoReader(clip, start=0.2, duration=0.3) as reader:  # from 300 ms to 480 ms; 520 ms ends it
+        span = list(reader)
+    assert [frame.pts for frame in span] == [0, 40, 80, 90, 100, 140, 180]
+    assert [frame.duration for frame in span] == [None] * 6 + [40]
 
 
 def test_a_one_frame_clip_keeps_the_audio_of_its_frame(tmp_path):

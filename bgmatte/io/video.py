@@ -189,6 +189,7 @@ class VideoReader:
         self._shift = Fraction(0)  # the same, exact
         self._origin = 0.0  # the time of the video's first frame, which the start counts from
         self._span_ended = False  # a frame after the span was met: the rest is not read
+        self._next_time = 0.0  # that frame's time in the source's seconds
         self._by_dts = False  # an AVI's frames are timed by the decoding stamps of its packets (`_place`)
         # The own stamps of the latest video packets, in decoding order (the decoding one in an AVI, the presentation
         # one elsewhere), and how many packets were numbered before the first of them since the start or a seek.
@@ -659,8 +660,7 @@ class VideoReader:
                 self.error = BgmatteError(f"{self.path}: decoding stopped after {frames} ({failure})")
             elif not self._stop.is_set():
                 self.error = self._check_complete(index)
-            self._give_last(ended=failure is None and self.error is None and not self._span_ended
-                            and not self._stop.is_set())
+            self._give_last(clean=failure is None and self.error is None and not self._stop.is_set())
             if self.skipped:
                 lost = "packet that could not be decoded; its frame is" if self.skipped == 1 else \
                     "packets that could not be decoded; their frames are"
@@ -674,25 +674,30 @@ class VideoReader:
         held, self._held = self._held, frame
         return held is None or self._put(held)
 
-    def _give_last(self, ended: bool) -> None:
-        """Put the held frame, the last one. Where the file `ended` cleanly after it and it does not say how long it
-        shows (a variable-rate Matroska file's frames do not), it lasts to the video's end by the header's own
-        length of the video track (not the container's, which the audio may make longer)."""
+    def _give_last(self, clean: bool) -> None:
+        """Put the held frame, the last one. Where the reading ended `clean` after it and it does not say how long it
+        shows (a variable-rate Matroska file's frames do not), it lasts to the next frame where a span ended at one,
+        else to the video's end by the header's own length of the video track (not the container's, which the audio
+        may make longer)."""
         frame, self._held = self._held, None
         if frame is None:
             return
         stream = self._stream
         own = bool(stream.duration and stream.time_base) or self._tagged_end() is not None
-        whole = self._duration() if ended and own and frame.duration is None and frame.time_base else None
-        if whole:
-            ticks = round(Fraction(self._origin + whole - self._zero - frame.seconds) / frame.time_base)
-            frame = replace(frame, duration=ticks) if ticks > 0 else frame
-        self._put(frame)
+        end = None  # where it stops showing, in seconds from the one `Frame.seconds` count from
+        if clean and frame.duration is None and frame.time_base:
+            if self._span_ended:
+                end = self._next_time - self._zero
+            elif own and self._duration():
+                end = self._origin + self._duration() - self._zero
+        ticks = round(Fraction(end - frame.seconds) / frame.time_base) if end is not None else 0
+        self._put(replace(frame, duration=ticks) if ticks > 0 else frame)
 
     def _after_span(self, frame: av.VideoFrame) -> bool:
         """Whether `frame` comes after the span, which then ends (`_span_ended`); else it is placed in time (`_timer`)."""
-        if self._time_of(frame) >= self._span_end():
-            self._span_ended = True
+        moment = self._time_of(frame)
+        if moment >= self._span_end():
+            self._span_ended, self._next_time = True, moment
             return True
         self._timer.take(self._stamp(frame))
         return False
