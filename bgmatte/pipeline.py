@@ -311,6 +311,11 @@ def _rate(fps: Fraction | None) -> str:
     return f"{float(fps):.2f}".rstrip("0").rstrip(".") if fps else "unknown"
 
 
+def _clip_rate(fps: Fraction | None, variable: bool) -> str:
+    """The clip's frame rate in a message: '25 fps', or 'of variable rate' (`VideoReader.variable_rate`)."""
+    return "of variable rate" if variable else f"{_rate(fps)} fps"
+
+
 class TargetFrames:
     """The target background at the output size, as float tensors ready for `render_outputs`.
 
@@ -323,6 +328,8 @@ class TargetFrames:
             from it by half a frame (`rates_differ`) is played at its own speed, its frames looked up by the clip's
             times (`take`'s `times`), not one for one.
         live: play a video target by `take`'s times whatever its rate (a live output, whose rate varies).
+        variable: the clip's rate varies (`VideoReader.variable_rate`): a video target plays at its own speed,
+            whatever its rate, since the clip's frames are not one rate apart.
 
     `take(count)` returns (count, 3, H, W) floats for a video target (looped to length), a cached
     (1, 3, H, W) for an image, and None for colours, blur and transparency, which need no frames.
@@ -330,7 +337,7 @@ class TargetFrames:
 
     def __init__(self, target: TargetBackground, width: int, height: int, device: torch.device | str = "cpu", *,
                  picture: np.ndarray | None = None, fps: Fraction | None = None, frames: int | None = None,
-                 live: bool = False):
+                 live: bool = False, variable: bool = False):
         self.target = target
         self.size = (width, height)
         self.device = torch.device(device)
@@ -348,9 +355,9 @@ class TargetFrames:
             self._open()
             if live:
                 self._frames, self._timed = None, TimedFrames(self._reader)
-            elif rates_differ(fps, self._reader.fps, frames):
-                logger.info("%s: the target background is %s fps and the clip %s fps; it plays at its own speed",
-                            target.path, _rate(self._reader.fps), _rate(fps))
+            elif variable or rates_differ(fps, self._reader.fps, frames):
+                logger.info("%s: the target background is %s fps and the clip %s; it plays at its own speed",
+                            target.path, _rate(self._reader.fps), _clip_rate(fps, variable))
                 self._frames, self._timed = None, TimedFrames(self._reader)
 
     def _open(self) -> None:
@@ -644,16 +651,17 @@ class _Plates:
 
     def __init__(self, image: np.ndarray | None, video: VideoReader | None, width: int, height: int, *,
                  native: tuple[int, int], name: str | None, align: bool, exposure: _ExposureFeedback | None,
-                 fps: Fraction | None = None, frames: int | None = None, clip_start: float = 0.0):
+                 fps: Fraction | None = None, frames: int | None = None, clip_start: float = 0.0,
+                 variable: bool = False):
         self.size = (width, height)
         self.native = native
         self._video = video
         self._frames: Iterator[Frame] | None = None
         self._timed: TimedFrames | None = None
         self._lead = 0.0  # what the plate's times lag the clip's by, both counted from their own first frame
-        if video is not None and rates_differ(fps, video.fps, frames):
-            logger.info("%s: the plate video is %s fps and the clip %s fps; its frames are paired by time",
-                        video.path, _rate(video.fps), _rate(fps))
+        if video is not None and (variable or rates_differ(fps, video.fps, frames)):
+            logger.info("%s: the plate video is %s fps and the clip %s; its frames are paired by time",
+                        video.path, _rate(video.fps), _clip_rate(fps, variable))
             if video.start > 0:  # a span: from one plate frame earlier, which may be the nearest to the first
                 video.close()
                 video = self._video = VideoReader(video.path, queue_size=4,
@@ -1120,14 +1128,14 @@ class _Batch:
     src: np.ndarray  # (B, H, W, 3) uint8
     src_input: np.ndarray | Tensor
     bgr_input: np.ndarray | Tensor
-    stamps: list[tuple[int | None, Fraction | None]] = field(default_factory=list)
+    stamps: list[tuple[int | None, Fraction | None, int | None]] = field(default_factory=list)  # pts, base, duration
     times: list[float] = field(default_factory=list)  # seconds from the clip's first frame
 
     @classmethod
     def of(cls, pending: list[tuple[np.ndarray, np.ndarray, Frame, float]], inputs: _ModelInputs) -> _Batch:
         src = pending[0][0][None] if len(pending) == 1 else np.stack([item[0] for item in pending])
         src_input, bgr_input = inputs(src, [item[1] for item in pending])
-        return cls(src, src_input, bgr_input, [(item[2].pts, item[2].time_base) for item in pending],
+        return cls(src, src_input, bgr_input, [(item[2].pts, item[2].time_base, item[2].duration) for item in pending],
                    [item[3] for item in pending])
 
     def __len__(self) -> int:
@@ -1362,7 +1370,8 @@ def convert_video(
         if batch_size is None:
             batch_size = 4 if predictor.device.type == "cuda" else 1
         targets = stack.enter_context(TargetFrames(target_bgr, *size, device=predictor.device, picture=picture,
-                                                   fps=reader.fps, frames=reader.frame_count))
+                                                   fps=reader.fps, frames=reader.frame_count,
+                                                   variable=reader.variable_rate))
         if auto_plate:
             image = _estimate_plate(src, size, progress, start=start, duration=duration, align=align,
                                     match_exposure=match_exposure)
@@ -1370,7 +1379,8 @@ def convert_video(
         plates = _Plates(image, plate_video, *size, native=size if auto_plate else native,
                          name=str(src) if auto_plate else None if isinstance(bgr, np.ndarray) else str(bgr),
                          align=align, exposure=_ExposureFeedback(src) if match_exposure else None, fps=reader.fps,
-                         frames=_frames_to_end(reader), clip_start=reader.span_start)
+                         frames=_frames_to_end(reader), clip_start=reader.span_start,
+                         variable=reader.variable_rate)
         writers = {
             plan.kind: stack.enter_context(_open_writer(plan, fps=reader.fps, audio_from=src, overwrite=overwrite,
                                                         encoder=encoder, frame_count=reader.frame_count,
@@ -1388,13 +1398,13 @@ def convert_video(
             nonlocal written
             backdrop = targets.take(len(batch), batch.times)
             frames = render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop, src=batch.src)
-            for index, (pts, time_base) in enumerate(batch.stamps):
+            for index, (pts, time_base, duration) in enumerate(batch.stamps):
                 failure: BaseException | None = None
                 for kind, writer in writers.items():  # a writer that fails still lets the others take the frame
                     image = frames[kind][index]
                     try:
                         if isinstance(writer, VideoWriter):
-                            writer.write(image, pts, time_base)
+                            writer.write(image, pts, time_base, duration)
                         else:
                             writer.write(image)
                     except Exception as exc:  # noqa: BLE001 - raised once this frame is in every other output

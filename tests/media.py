@@ -54,13 +54,17 @@ def write_clip(
     pix_fmt: str = "yuv420p",
     options: dict[str, str] | None = None,
     tone: Callable[[np.ndarray], np.ndarray] | None = None,
+    rate: int | None = 25,
 ) -> list[int]:
     """Encode `images` (25 fps unless `pts_ms` says otherwise) with an AAC tone, 440 Hz unless `tone` (the
-    frequency at each sample's time in seconds) says otherwise; returns the pts in ms."""
+    frequency at each sample's time in seconds) says otherwise; returns the pts in ms. `rate` is the rate the
+    header gives (None: none, as in a variable-rate recording)."""
     pts_ms = pts_ms if pts_ms is not None else [40 * index for index in range(len(images))]
     height, width = images[0].shape[:2]
     container = av.open(str(path), mode="w", options=options or {})
-    video = container.add_stream(codec, rate=25, options={"crf": "12"} if codec == "libx264" else {})
+    video = container.add_stream(codec, rate=rate or 25, options={"crf": "12"} if codec == "libx264" else {})
+    if rate is None:
+        video.codec_context.framerate = Fraction(0, 1)
     video.width, video.height = width, height
     video.pix_fmt = pix_fmt
     video.time_base = MS
@@ -87,6 +91,27 @@ def write_clip(
         container.mux(sound.encode(None))
     container.close()
     return pts_ms
+
+
+def write_vfr_mkv(path: Path, images: list[np.ndarray], pts_ms: list[int], durations_ms: list[int], *,
+                  rate: int | None = None) -> None:
+    """A Matroska file of `images` at the millisecond stamps `pts_ms`, each packet lasting `durations_ms`, as a
+    variable-rate recording is muxed: a header with no frame rate, or `rate` (1000: one frame a tick). No audio."""
+    height, width = images[0].shape[:2]
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=rate or 25, options={"crf": "12", "bf": "0"})
+        if rate is None:
+            video.codec_context.framerate = Fraction(0, 1)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        packets = []
+        for index, image in enumerate(images):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            packets += video.encode(frame)
+        packets += video.encode(None)
+        for packet, pts, duration in zip(packets, pts_ms, durations_ms):  # without B-frames: in display order
+            packet.time_base, packet.pts, packet.dts, packet.duration = MS, pts, pts, duration
+            container.mux(packet)
 
 
 def make_clip(path: Path, count: int = 12, *, plate: np.ndarray | None = None, gain: float = 1.0, **kwargs) -> list[int]:

@@ -45,6 +45,7 @@ from media import (
     read_frames,
     stepped_tone,
     write_clip,
+    write_vfr_mkv,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -104,6 +105,7 @@ def test_reader_yields_every_frame_with_size_rate_and_audio(tmp_path):
     reader, frames = read_all(clip)
     assert len(frames) == 12
     assert reader.size == (WIDTH, HEIGHT) and reader.fps == 25 and reader.frame_count == 12
+    assert not reader.variable_rate
     assert reader.duration == pytest.approx(0.48, abs=0.05)
     assert reader.audio is not None and reader.audio.codec == "aac" and reader.audio.channels == 2
     assert reader.error is None and reader.frames_read == 12
@@ -118,6 +120,27 @@ def test_reader_keeps_variable_frame_rate_timestamps(tmp_path):
     pts_ms = make_clip(clip, pts_ms=[0, 40, 80, 200, 240, 250, 260, 400, 440, 480])
     _, frames = read_all(clip)
     assert [round(frame.time, 4) for frame in frames] == [p / 1000 for p in pts_ms]
+
+
+# Millisecond stamps of a variable-rate recording: 40 ms apart, with a gap of dropped frames and a burst.
+VFR_MS = [0, 40, 80, 120, 160, 300, 340, 380, 390, 400, 440, 480, 520, 560, 600, 700, 740, 780, 820, 860]
+
+
+@pytest.mark.parametrize(("rate", "pts_ms", "fps"), [(None, VFR_MS, 25), (1000, VFR_MS, 25),
+                                                     (1000, [round(i * 1001 / 30) for i in range(20)],
+                                                      Fraction(30000, 1001)),
+                                                     (1000, list(range(20)), 1000)],
+                         ids=["no-rate", "tick-rate", "ntsc-in-ms", "high-speed"])
+def test_a_variable_rate_mkv_in_milliseconds_reports_the_rate_its_frames_have(tmp_path, rate, pts_ms, fps):
+    """A Matroska file of millisecond stamps whose header gives no rate, or one frame a millisecond, said 1000 fps, and
+    1000 frames a second of it: its rate is now the spacing of its first stamps (the usual rate that is within 1% of
+    it), which a gap or a burst does not move; a clip that is 1000 fps keeps that."""
+    clip = tmp_path / "vfr.mkv"
+    make_clip(clip, pts_ms=pts_ms, rate=rate, audio=False)
+    reader, frames = read_all(clip)
+    assert reader.fps == fps and reader.variable_rate
+    assert abs(reader.frame_count - 20) <= 2 and len(frames) == 20 and reader.error is None
+    assert [round(frame.time * 1000) for frame in frames] == pts_ms
 
 
 @pytest.mark.parametrize(
@@ -461,6 +484,39 @@ def test_writer_keeps_every_frame_timestamps_and_audio(tmp_path):
     assert audio_seconds(target) == pytest.approx(0.56, abs=0.05)  # trimmed to the video's end
     # Pixels survive the round trip (lossy, but close).
     assert np.abs(frames[5].image.astype(int) - pattern(5).astype(int)).mean() < 4
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4", ".mov"])
+@pytest.mark.parametrize("count", [8, 9, 11])  # x264's last frames: two B-frames after the last one, one, none
+def test_the_file_ends_when_its_last_frame_has_shown_for_its_duration(tmp_path, suffix, count):
+    """A frame written with its duration is the last: the file ends that long after it, whether B-frames are
+    decoded after it or not (`write` took no duration, and the muxers gave the last frame a frame period: 0.32 s
+    for 0.38 at 8 frames). Without one, it lasts the step from the frame before."""
+    for duration, length in ((100, 0.04 * (count - 1) + 0.1), (None, 0.04 * count)):
+        target = tmp_path / f"out{duration}{suffix}"
+        with VideoWriter(target, fps=25, options=EncoderOptions(preset="medium", crf=30)) as writer:
+            for index in range(count):
+                image = pattern(index)
+                image[20:40, 5 * index : 5 * index + 16] = 255  # motion, so that x264 chooses B-frames
+                writer.write(image, 40 * index, MS, duration if index == count - 1 else None)
+        with av.open(str(target)) as container:
+            assert container.duration / 1e6 == pytest.approx(length, abs=1e-3), duration
+        assert decode_times(target) == [round(0.04 * index, 4) for index in range(count)]
+
+
+def test_the_last_frame_of_a_variable_rate_mkv_lasts_to_its_end(tmp_path):
+    """Its frames do not say how long they show (the muxer wrote none but the DURATION tag): the last one, which the
+    file ended after, lasts to the tagged end, and the last of a span to the frame that ended the span; the others
+    say nothing."""
+    clip = tmp_path / "vfr.mkv"
+    durations = [later - earlier for earlier, later in zip(VFR_MS, VFR_MS[1:])] + [60]
+    write_vfr_mkv(clip, [pattern(index) for index in range(len(VFR_MS))], VFR_MS, durations)
+    _, frames = read_all(clip)
+    assert [frame.duration for frame in frames] == [None] * (len(VFR_MS) - 1) + [60]
+    with VideoReader(clip, start=0.2, duration=0.3) as reader:  # from 300 ms to 480 ms; 520 ms ends it
+        span = list(reader)
+    assert [frame.pts for frame in span] == [0, 40, 80, 90, 100, 140, 180]
+    assert [frame.duration for frame in span] == [None] * 6 + [40]
 
 
 def test_a_one_frame_clip_keeps_the_audio_of_its_frame(tmp_path):

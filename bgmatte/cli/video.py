@@ -30,7 +30,7 @@ image_sequences. Without either: SRC_com.mp4 (transparent: SRC_com.webm), SRC_ph
 
 --bgr takes an image (resized to the video with a warning when its size differs; stretched when its
 aspect ratio does, which only --align undoes), a video (frame for frame, or by time when its frame rate
-is another; when shorter than the source its last frame is held, with a warning) or `auto` (a clean
+is another or the source's varies; when shorter than the source its last frame is held, with a warning) or `auto` (a clean
 plate estimated from the clip itself in a first pass: the background must be seen behind the subject at
 some point, since a subject that never moves stays in the plate; one shot, without cuts; the camera must
 stand still, or with --align the sampled frames are first registered onto one another).

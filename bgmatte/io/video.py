@@ -75,6 +75,12 @@ _AUDIO_INTERLEAVE_S = 2.0
 # badly interleaved file (whole tracks one after another) fills one that far; the track that asked is then read through
 # a demuxer of its own, so that memory stays bounded however long the file is. 500 packets: some 10 s of AAC.
 _AUDIO_QUEUE_CAP = 500
+# How many of its first packets' stamps time a stream whose header gives no usable rate (`_rate_of_stamps`), and the
+# rates such a stream is taken to have when its spacing is within 1% of one.
+_RATE_STAMPS = 64
+_USUAL_RATES = tuple(Fraction(rate) for rate in (
+    Fraction(24000, 1001), 24, 25, Fraction(30000, 1001), 30, 48, 50, Fraction(60000, 1001), 60, 90, 100, 120, 144,
+    240))
 
 
 class StartPastEnd(BgmatteError):
@@ -102,6 +108,7 @@ class Frame:
     pts: int | None  # presentation timestamp in `time_base` units (None if the container gave none)
     time_base: Fraction | None
     seconds: float = 0.0  # from the clip's (or span's) first frame, by `FrameClock`: never going back
+    duration: int | None = None  # how long it shows, in `time_base` units (None if the container does not say)
 
     @property
     def time(self) -> float | None:
@@ -182,6 +189,7 @@ class VideoReader:
         self._shift = Fraction(0)  # the same, exact
         self._origin = 0.0  # the time of the video's first frame, which the start counts from
         self._span_ended = False  # a frame after the span was met: the rest is not read
+        self._next_time = 0.0  # that frame's time in the source's seconds
         self._by_dts = False  # an AVI's frames are timed by the decoding stamps of its packets (`_place`)
         # The own stamps of the latest video packets, in decoding order (the decoding one in an AVI, the presentation
         # one elsewhere), and how many packets were numbered before the first of them since the start or a seek.
@@ -198,15 +206,17 @@ class VideoReader:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._stop = threading.Event()
         self._iterated = False
+        self._held: Frame | None = None  # the latest frame decoded, put when the next one is (`_give`)
         self._container = _open_input(self.path, max_pixels)
         try:
             self._stream = _video_stream(self.path, self._container)
             self._refuse_size(self._stream.codec_context.width, self._stream.codec_context.height)
             self._prepare_decoder()
             self._packets = self._container.demux(self._stream)
-            self.fps: Fraction | None = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
-            if self._container.format.name == "avi" and self._stream.guessed_rate:  # its average may be its tick rate
-                self.fps = self._stream.guessed_rate
+            # Whether the header gives no rate of its own, as a variable-rate recording's (`_frame_rate`): `fps` is
+            # then estimated, and other videos go with the frames by time, not one for one.
+            self.variable_rate = False
+            self.fps: Fraction | None = self._frame_rate()
             self._step = 1 / float(self.fps) if self.fps else 1 / 30  # a frame's length when nothing says
             self._timer = FrameClock(self.fps)  # the decoding thread's, once started
             self._by_dts = self._container.format.name == "avi"
@@ -272,6 +282,22 @@ class VideoReader:
         keeps the source's display aspect ratio (square pixels again when the new size has that ratio)."""
         stretch = Fraction(self.width * height, self.height * width)
         return replace(self.display, sample_aspect_ratio=_storable(self.display.sample_aspect_ratio * stretch))
+
+    def _frame_rate(self) -> Fraction | None:
+        """The stream's frame rate: its header's average (an AVI's guessed rate: its average may be its tick rate).
+        A stream whose header gives no average, or one frame a tick of its time base (a variable-rate Matroska
+        file in milliseconds says 1000 fps, FFmpeg's guess the stamps' common divisor), is timed by the spacing of
+        its first stamps (`_rate_of_stamps`), and by the header's guesses only where that finds none; it is then
+        `variable_rate`."""
+        stream = self._stream
+        if self._container.format.name == "avi" and stream.guessed_rate:
+            return stream.guessed_rate
+        average, base = stream.average_rate, stream.time_base
+        if average and not (base and average * base >= 1):
+            return average
+        estimated = _rate_of_stamps(self.path, stream.index)
+        self.variable_rate = estimated is not None
+        return estimated or average or stream.guessed_rate or stream.base_rate
 
     def _refuse_size(self, width: int, height: int) -> None:
         """Refuse a stream whose frames are above `max_pixels`, before they are decoded (0 x 0: not known yet)."""
@@ -602,7 +628,7 @@ class VideoReader:
                     if excess:  # the size may change in mid-stream
                         failure, flush = f"frame {index + 1} is {frame.width}x{frame.height}, {excess}", False
                         return
-                    if not self._put(self._to_frame(frame, index)):
+                    if not self._give(self._to_frame(frame, index)):
                         return
                     index += 1
                 try:
@@ -625,7 +651,7 @@ class VideoReader:
                     for frame in self._placed(self._stream.decode(None)) if flush else ():
                         if self._after_span(frame) or _excess_pixels(frame.width, frame.height, self.max_pixels):
                             break
-                        if not self._put(self._to_frame(frame, index)):
+                        if not self._give(self._to_frame(frame, index)):
                             break
                         index += 1
                 except Exception:  # noqa: BLE001 - the decoder is already broken; we tried
@@ -634,6 +660,7 @@ class VideoReader:
                 self.error = BgmatteError(f"{self.path}: decoding stopped after {frames} ({failure})")
             elif not self._stop.is_set():
                 self.error = self._check_complete(index)
+            self._give_last(clean=failure is None and self.error is None and not self._stop.is_set())
             if self.skipped:
                 lost = "packet that could not be decoded; its frame is" if self.skipped == 1 else \
                     "packets that could not be decoded; their frames are"
@@ -641,10 +668,36 @@ class VideoReader:
             self._container.close()
             self._put(_END)
 
+    def _give(self, frame: Frame) -> bool:
+        """Put the frame held back before `frame` and hold `frame`, so that the last one is still there for
+        `_give_last`; False when the consumer went away."""
+        held, self._held = self._held, frame
+        return held is None or self._put(held)
+
+    def _give_last(self, clean: bool) -> None:
+        """Put the held frame, the last one. Where the reading ended `clean` after it and it does not say how long it
+        shows (a variable-rate Matroska file's frames do not), it lasts to the next frame where a span ended at one,
+        else to the video's end by the header's own length of the video track (not the container's, which the audio
+        may make longer)."""
+        frame, self._held = self._held, None
+        if frame is None:
+            return
+        stream = self._stream
+        own = bool(stream.duration and stream.time_base) or self._tagged_end() is not None
+        end = None  # where it stops showing, in seconds from the one `Frame.seconds` count from
+        if clean and frame.duration is None and frame.time_base:
+            if self._span_ended:
+                end = self._next_time - self._zero
+            elif own and self._duration():
+                end = self._origin + self._duration() - self._zero
+        ticks = round(Fraction(end - frame.seconds) / frame.time_base) if end is not None else 0
+        self._put(replace(frame, duration=ticks) if ticks > 0 else frame)
+
     def _after_span(self, frame: av.VideoFrame) -> bool:
         """Whether `frame` comes after the span, which then ends (`_span_ended`); else it is placed in time (`_timer`)."""
-        if self._time_of(frame) >= self._span_end():
-            self._span_ended = True
+        moment = self._time_of(frame)
+        if moment >= self._span_end():
+            self._span_ended, self._next_time = True, moment
             return True
         self._timer.take(self._stamp(frame))
         return False
@@ -730,7 +783,8 @@ class VideoReader:
         pts = self._pts_at(frame, moment)
         if pts is not None and self._shift and base:  # a span starts at 0
             pts -= round(self._shift / base)
-        return Frame(image=image, index=index, pts=pts, time_base=base, seconds=moment - self._zero)
+        return Frame(image=image, index=index, pts=pts, time_base=base, seconds=moment - self._zero,
+                     duration=frame.duration or None)
 
     def _pts_at(self, frame: av.VideoFrame, moment: float) -> int | None:
         """The pts, in the frame's time base, of a frame placed at `moment`: the file's own where the clock took it."""
@@ -910,6 +964,35 @@ def _video_stream(path: Path, container: av.container.InputContainer) -> av.vide
         logger.info("%s: reading video stream #%d (%s %dx%d) of its %d video streams", path, chosen.index,
                     context.name, context.width, context.height, len(streams))
     return chosen
+
+
+def _rate_of_stamps(path: Path, index: int) -> Fraction | None:
+    """The frame rate of video stream `index` by the timestamps of its first `_RATE_STAMPS` packets (demuxed from a
+    file opened again, not decoded): `_rate_of_spacings` of them in presentation order. None when fewer than two
+    packets are stamped, or the file cannot be read again."""
+    try:
+        with av.open(str(path)) as container:
+            stream = next(stream for stream in container.streams.video if stream.index == index)
+            packets = (packet for packet in container.demux(stream) if packet.size and packet.pts is not None)
+            stamps = sorted({packet.pts for packet in itertools.islice(packets, _RATE_STAMPS)})
+            base = stream.time_base
+    except (av.FFmpegError, OSError, StopIteration):
+        return None
+    return _rate_of_spacings([later - earlier for earlier, later in zip(stamps, stamps[1:])], base)
+
+
+def _rate_of_spacings(spacings: list[int], time_base: Fraction | None) -> Fraction | None:
+    """A frame rate from the spacings of consecutive stamps (in `time_base` units): one over the mean of those within
+    10% of their median, so that a gap of dropped frames or a burst does not move it, and the usual rate
+    (`_USUAL_RATES`) where that is within 1% of it (29.97 fps in milliseconds is 33 and 34 apart); None without
+    spacings."""
+    if not spacings or not time_base:
+        return None
+    middle = sorted(spacings)[len(spacings) // 2]
+    regular = [spacing for spacing in spacings if abs(spacing - middle) * 10 <= middle]
+    rate = 1 / (Fraction(sum(regular), len(regular)) * time_base)
+    usual = min(_USUAL_RATES, key=lambda candidate: abs(candidate / rate - 1))
+    return usual if abs(usual / rate - 1) <= Fraction(1, 100) else Fraction(round(rate * 1000), 1000)
 
 
 def _pixel_shape(ratio: Fraction | None, turns: int) -> Fraction:
@@ -1501,9 +1584,11 @@ class VideoWriter(ClosesOnExit):
             pixels and the usual colours for the size when None.
         niceness: encode at this much lower priority (`lower_thread_priority`).
 
-    `write(image, pts, time_base)` takes uint8 (H, W, 3) RGB, or (H, W, 4) RGBA with alpha=True;
+    `write(image, pts, time_base, duration)` takes uint8 (H, W, 3) RGB, or (H, W, 4) RGBA with alpha=True;
     grey (H, W) frames are expanded. Give each frame its source pts and time base to keep variable
-    frame rate; frames without pts follow `fps`. The stream is tagged with the colours its numbers are
+    frame rate, and its duration (`Frame.duration`) to keep the source's length: the last frame shows that long
+    (else as long as the step from the frame before it), and the audio ends with it; frames without pts follow
+    `fps`. The stream is tagged with the colours its numbers are
     in (YUV by the source's matrix, else BT.709 for HD and BT.601 below; see `_tag_colours`), so that players
     show the frames' RGB.
 
@@ -1550,14 +1635,18 @@ class VideoWriter(ClosesOnExit):
         self._time_base: Fraction | None = None
         self._last_pts: int | None = None
         self._last_step = 1
+        self._tail: list[av.Packet] = []  # the latest frame's packet and those after it, held to set its duration
+        self._delay: int | None = None  # how far the first packet's decoding stamp is before its presentation one
         self._closed = False
         self._opened = threading.Event()  # the encoding thread has tried to start the file
         self._start_error: BaseException | None = None  # why it could not, recorded before `_opened` is set
         self._reported: BaseException | None = None  # the failure already raised to the caller
         self._worker = _Worker(f"bgmatte-write-{self.path.name}", self._encode, self._finish, queue_size, niceness)
 
-    def write(self, image: np.ndarray, pts: int | None = None, time_base: Fraction | None = None) -> None:
-        """Queue one frame for encoding (blocks while the queue is full; the first waits for the file to start)."""
+    def write(self, image: np.ndarray, pts: int | None = None, time_base: Fraction | None = None,
+              duration: int | None = None) -> None:
+        """Queue one frame for encoding (blocks while the queue is full; the first waits for the file to start);
+        `duration`, in `time_base` units, is how long it shows (None: as long as the step from the frame before)."""
         if self._closed:
             raise RuntimeError(f"{self.path}: the writer is closed")
         image = _frame_pixels(image, 4 if self.alpha else 3)
@@ -1567,7 +1656,7 @@ class VideoWriter(ClosesOnExit):
         elif image.shape[:2] != self._input_shape[:2]:
             raise ValueError(f"{self.path}: frame size changed from {self._input_shape[:2]} to {image.shape[:2]}")
         try:
-            self._worker.put((image, pts, time_base))
+            self._worker.put((image, pts, time_base, duration))
         except Exception as exc:
             raise self._report(exc)
         if first:
@@ -1636,8 +1725,9 @@ class VideoWriter(ClosesOnExit):
         if self.choice.codec == "mpeg4" and tb.denominator > 65535:
             tb = Fraction(1, 1000)  # MPEG-4 part 2 allows time bases up to 1/65535; milliseconds keep VFR
         self._time_base = tb
-        # How long the last frame shows, and so where the audio is cut: the step between the last two frames, or
-        # one frame period until there are two (a one-frame clip keeps the audio of that frame, not 1 tick of it).
+        # How long the last frame shows, and so where the video and audio end: its own duration when `write` gives
+        # one, else the step between the last two frames, or one frame period until there are two (a one-frame
+        # clip keeps the audio of that frame, not 1 tick of it).
         self._last_step = max(1, round(1 / (self.fps * tb)))
         if self.display.sample_aspect_ratio != 1 and self.choice.container in ("matroska", "webm") \
                 and self.choice.codec not in _SAR_IN_BITSTREAM:
@@ -1734,8 +1824,9 @@ class VideoWriter(ClosesOnExit):
             image = np.pad(image, ((0, pad_y), (0, pad_x)) + ((0, 0),) * (image.ndim - 2), mode="edge")
         return np.ascontiguousarray(image)
 
-    def _next_pts(self, pts: int | None, time_base: Fraction | None) -> int:
-        """The frame's pts in the stream's time base, kept strictly increasing."""
+    def _next_pts(self, pts: int | None, time_base: Fraction | None, duration: int | None = None) -> int:
+        """The frame's pts in the stream's time base, kept strictly increasing; `_last_step` becomes how long it
+        shows: its `duration` when given (at least a tick), else the step from the frame before."""
         tb = self._time_base
         if pts is not None:
             if time_base is not None and time_base != tb:
@@ -1749,11 +1840,13 @@ class VideoWriter(ClosesOnExit):
                 logger.debug("%s: timestamp %d is not after %d; moved forward", self.path, pts, self._last_pts)
                 pts = self._last_pts + 1
             self._last_step = pts - self._last_pts
+        if duration and time_base is not None:
+            self._last_step = max(1, round(duration * time_base / tb))
         self._last_pts = pts
         return pts
 
-    def _encode(self, item: tuple[np.ndarray, int | None, Fraction | None]) -> None:
-        image, pts, time_base = item
+    def _encode(self, item: tuple[np.ndarray, int | None, Fraction | None, int | None]) -> None:
+        image, pts, time_base, duration = item
         if self._container is None:
             try:
                 self._open(image, time_base)
@@ -1763,19 +1856,50 @@ class VideoWriter(ClosesOnExit):
             finally:
                 self._opened.set()
         frame = _video_frame(self._fit(image), self.choice.pix_fmt, _matrix_for(self.display, *self.size))
-        frame.pts = self._next_pts(pts, time_base)
+        frame.pts = self._next_pts(pts, time_base, duration)
         frame.time_base = self._time_base
         packets = self._stream.encode(frame)
         for carrier in self._audio:
             carrier.carry(until=float(frame.pts * self._time_base))
-        self._container.mux(packets)
+        self._mux_video(packets)
         self.frames_written += 1
+
+    def _mux_video(self, packets: list[av.Packet]) -> None:
+        """Mux the encoder's packets in their order, except the one of the latest frame in time and those after it
+        (B-frames before it), which wait in `_tail` until a later frame's packet comes: the last frame's packet is
+        then still there for `_finish` to give its duration, which the file's length ends with (encoders leave it
+        0, and muxers then give it a frame period, 1 ms at 1000 fps)."""
+        for packet in packets:
+            if self._delay is None and packet.pts is not None and packet.dts is not None:
+                self._delay = packet.pts - packet.dts
+            if self._tail and (packet.pts is None or self._tail[0].pts is None or packet.pts > self._tail[0].pts):
+                self._container.mux(self._tail)
+                self._tail = []
+            self._tail.append(packet)
+
+    def _last_duration(self) -> None:
+        """Make the file end `_last_step` ticks after the last frame, by the durations of packets in `_tail`: the last
+        frame's own, and in MP4 and QuickTime also that of the packet last in decoding order when B-frames come
+        after the last frame (their samples last from one decoding stamp to the next: it lasts to the end less the
+        encoder's delay, `_delay`)."""
+        latest, last = self._tail[0] if self._tail else None, self._tail[-1] if self._tail else None
+        if latest is None or latest.pts is None:
+            return
+        base = latest.time_base or self._time_base
+        end = round((self._last_pts + self._last_step) * self._time_base / base)
+        latest.duration = max(1, end - latest.pts)
+        if last is not latest and self.choice.container in ("mp4", "mov") and last.dts is not None \
+                and self._delay is not None:
+            last.duration = max(1, end - self._delay - last.dts)
 
     def _finish(self) -> None:
         if self._container is None:
             return
         try:
-            self._container.mux(self._stream.encode(None))
+            self._mux_video(self._stream.encode(None))
+            self._last_duration()
+            self._container.mux(self._tail)
+            self._tail = []
             end = float((self._last_pts + self._last_step) * self._time_base)
             for carrier in self._audio:
                 carrier.finish(until=end)
