@@ -1207,7 +1207,8 @@ def _run_loop(
             batch = batches.get()
             if batch is _END:
                 break
-            matte = predictor(batch.src_input, batch.bgr_input)
+            # uint8, or floats `model_input` scaled from uint8 (in range by construction): no pass over them
+            matte = predictor(batch.src_input, batch.bgr_input, check_range=False)
             if not mattes.put((batch, matte)):
                 break
     except BaseException as exc:
