@@ -51,7 +51,7 @@ from bgmatte.composite import (
     to_uint8,
 )
 from bgmatte.errors import BgmatteError, PartlyDone
-from bgmatte.io.files import refuse_existing, refuse_overwriting_inputs
+from bgmatte.io.files import file_identity, refuse_existing, refuse_overwriting_inputs
 from bgmatte.io.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -1215,7 +1215,8 @@ def _run_loop(
             batch = batches.get()
             if batch is _END:
                 break
-            matte = predictor(batch.src_input, batch.bgr_input)
+            # uint8, or floats `model_input` scaled from uint8 (in range by construction): no pass over them
+            matte = predictor(batch.src_input, batch.bgr_input, check_range=False)
             if not mattes.put((batch, matte)):
                 break
     except BaseException as exc:
@@ -1522,6 +1523,7 @@ def collect_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> 
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     found: list[Path] = []
+    given: dict[tuple[int, int], str] = {}  # how each file was given, to name one given twice
     for source in sources:
         path = Path(source)
         if path.is_dir():
@@ -1529,15 +1531,39 @@ def collect_images(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> 
             if not images:
                 raise BgmatteError(f"{path}: no images in this folder ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             _warn_left_out(path, images)
+            for image in images:
+                _refuse_given_twice(image, f"in the folder {path}", given)
             found.extend(images)
         elif not path.exists():
             raise BgmatteError(f"{path}: no such file or folder")
         else:
+            _refuse_given_twice(path, f"as {path}", given)
             found.append(path)
     if not found:
         raise BgmatteError("no input images given")
     by_stem(found, "their outputs would collide")
     return found
+
+
+def _refuse_given_twice(path: Path, how: str, given: dict[tuple[int, int], str]) -> None:
+    """Refuse an image file already among those `given` (by identity, however spelled), saying both ways it was
+    given; else add it. Left to `by_stem`, it would be "two images named" one name, which reads as two files."""
+    identity = file_identity(path)
+    if identity is None:
+        return
+    if identity in given:
+        raise BgmatteError(f"{path}: this image is given twice ({given[identity]} and {how}); name each image once")
+    given[identity] = how
+
+
+def _refuse_own_plates(pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Refuse an image paired with itself as its plate (``--bgr`` naming the image, or its folder): it would be
+    matted without a word against a plate that matches every pixel, an empty cutout."""
+    for source, plate in pairs:
+        identity = file_identity(source)
+        if identity is not None and identity == file_identity(plate):
+            raise BgmatteError(f"{plate}: the plate of {source} is that image itself; a plate is a shot of the "
+                               "background without the subject")
 
 
 def _warn_left_out(folder: Path, images: Sequence[Path]) -> None:
@@ -1685,6 +1711,7 @@ def matte_images(
         if not plate_path.exists():
             raise BgmatteError(f"{plate_path}: no such plate file or folder")
         pairs = [(source, plate_path) for source in sources]
+    _refuse_own_plates(pairs)
     folder = Path(output_dir)
     if folder.exists() and not folder.is_dir():
         raise BgmatteError(f"{folder}: is a file, not a folder (for the outputs)")

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from bgmatte.errors import BgmatteError
 from bgmatte.model.build import PRECISIONS
-from bgmatte.model.matting import MattingBase, MattingRefine, base_input_size
+from bgmatte.model.matting import MattingBase, MattingRefine, base_input_size, value_range_problem
 
 # Sides at or above this many pixels count as 4K, where the paper's settings are 1/8 and 320,000 pixels.
 UHD_MIN_PIXELS = 3200 * 1800
@@ -51,6 +51,11 @@ class NotEnoughMemory(BgmatteError):
     to name their input."""
 
 
+class FramesOutOfRange(BgmatteError, ValueError):
+    """Float frames or plates outside [0, 1], or not finite: a ValueError to Python callers, as the models' own input
+    checks are, and one line on the command line, as the Predictor's other refusals."""
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether an exception means memory ran out: torch's OutOfMemoryError (CUDA), Python's MemoryError,
     or the RuntimeError torch raises when a CPU allocation fails."""
@@ -69,16 +74,25 @@ def settings_for_size(width: int, height: int) -> tuple[float, int]:
     return 0.25, 80_000
 
 
-def frames_to_tensor(frames: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(B,H,W,3) or (H,W,3) RGB to (B,3,H,W) floats in [0, 1] on ``device``: uint8 is scaled from 0-255, floats are
-    taken to be in [0, 1] already; other dtypes are refused (a `BgmatteError`), since their range cannot be told.
-    Numpy views with negative strides (``frame[..., ::-1]``, BGR to RGB) are copied first."""
+def frames_to_tensor(frames: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype, *, name: str = "frames",
+                     check_range: bool = True) -> Tensor:
+    """(B,H,W,3) or (H,W,3) RGB to (B,3,H,W) floats in [0, 1] on ``device``: uint8 is scaled from 0-255, floats must
+    be in [0, 1] already; other dtypes are refused (a `BgmatteError`), since their range cannot be told.
+
+    Floats outside [0, 1] or not finite (`value_range_problem`) are refused as `FramesOutOfRange`, naming them by
+    `name`, after one min/max pass where they are given (before the copy to ``device``); `check_range` False skips it
+    for floats the caller made from uint8 itself. Numpy views with negative strides (``frame[..., ::-1]``, BGR to
+    RGB) are copied first."""
     if isinstance(frames, np.ndarray) and any(stride < 0 for stride in frames.strides):
         frames = np.ascontiguousarray(frames)
     tensor = torch.as_tensor(frames)
     if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
-        name = frames.dtype if isinstance(frames, np.ndarray) else tensor.dtype
-        raise BgmatteError(f"frames must be uint8 (0-255) or floats in [0, 1], not {name}")
+        given = frames.dtype if isinstance(frames, np.ndarray) else tensor.dtype
+        raise BgmatteError(f"frames must be uint8 (0-255) or floats in [0, 1], not {given}")
+    if check_range and tensor.is_floating_point():
+        problem = value_range_problem(tensor)
+        if problem is not None:
+            raise FramesOutOfRange(f"{name}: {problem}")
     if tensor.ndim == 3:
         tensor = tensor[None]
     if tensor.ndim != 4 or tensor.shape[-1] != 3:
@@ -185,15 +199,18 @@ class Predictor:
         self.model = model
 
     @torch.inference_mode()
-    def __call__(self, src: np.ndarray | Tensor, bgr: np.ndarray | Tensor) -> Matte:
+    def __call__(self, src: np.ndarray | Tensor, bgr: np.ndarray | Tensor, *, check_range: bool = True) -> Matte:
         """Matte RGB frames ``src`` against plates ``bgr`` ((B,H,W,3) or (H,W,3) each; uint8, or floats in [0, 1]).
         One plate ((H,W,3) or (1,H,W,3)) serves every frame of a batch.
 
-        Running out of memory raises `NotEnoughMemory`, one line saying what to lower, not a traceback.
+        Floats outside [0, 1] (0-255 values not divided by 255) or not finite raise `FramesOutOfRange`, a ValueError
+        naming ``src`` or ``bgr``, at the cost of one min/max pass over each; `check_range` False skips it for floats
+        the caller scaled from uint8 itself (the video pipeline's). Running out of memory raises `NotEnoughMemory`,
+        one line saying what to lower, not a traceback.
         """
         try:
-            src_t = frames_to_tensor(src, self.device, self.dtype)
-            bgr_t = frames_to_tensor(bgr, self.device, self.dtype)
+            src_t = frames_to_tensor(src, self.device, self.dtype, name="src", check_range=check_range)
+            bgr_t = frames_to_tensor(bgr, self.device, self.dtype, name="bgr", check_range=check_range)
             if src_t.shape[-2:] != bgr_t.shape[-2:]:
                 raise BgmatteError(f"the plate is {bgr_t.shape[-1]}x{bgr_t.shape[-2]} but the frame is "
                                    f"{src_t.shape[-1]}x{src_t.shape[-2]}")

@@ -182,6 +182,42 @@ def test_an_output_that_would_replace_its_own_source_is_refused_even_with_overwr
     assert (photos / "out" / "com" / "beach.png").read_bytes() == (photos / "src" / "beach.png").read_bytes()
 
 
+@pytest.mark.parametrize("sources", [
+    ("src/beach.png", "src/beach.png"),
+    ("src/beach.png", "./src/beach.png"),
+    ("src/beach.png", "src"),
+], ids=["same-spelling", "other-spelling", "and-its-folder"])
+def test_an_image_given_twice_is_named_as_given_twice_not_as_two_images(photos, capsys, monkeypatch, sources):
+    """It was refused as "two images named 'beach' (src/beach.png and beach.png): their outputs would collide"."""
+    monkeypatch.setattr(pipeline, "load_predictor", refuse_to_load)
+    code, _, err = run(capsys, "image", *sources, "--bgr", "plate.png", "-o", "out")
+    one_line_error(code, err, str(Path("src/beach.png")), "this image is given twice")
+    assert "two images" not in err
+
+
+def test_two_images_of_one_name_in_two_folders_are_named_by_their_paths(photos, capsys, monkeypatch):
+    """The message showed the second by its name only: "(src/beach.png and beach.png)"."""
+    monkeypatch.setattr(pipeline, "load_predictor", refuse_to_load)
+    (photos / "more").mkdir()
+    write_png(photos / "more" / "beach.png", subject_frame(plate_image(seed=0), 4))
+    code, _, err = run(capsys, "image", "src/beach.png", "more/beach.png", "--bgr", "plate.png", "-o", "out")
+    one_line_error(code, err, f"two images named 'beach' ({Path('src/beach.png')} and {Path('more/beach.png')})",
+                   "their outputs would collide")
+
+
+@pytest.mark.parametrize("sources, plate", [
+    (("src/beach.png",), "src/beach.png"),
+    (("src/office.png", "src/beach.png"), "./src/beach.png"),
+    (("src",), "src"),
+], ids=["one-image", "one-of-two", "a-folder-as-its-own-plates"])
+def test_an_image_that_is_its_own_plate_is_refused_naming_it(photos, capsys, monkeypatch, sources, plate):
+    """It was matted against itself without a word: every pixel matches the plate, so the cutout came out empty."""
+    monkeypatch.setattr(pipeline, "load_predictor", refuse_to_load)
+    code, _, err = run(capsys, "image", *sources, "--bgr", plate, "-o", "out")
+    one_line_error(code, err, "beach.png", "is that image itself", "a plate is a shot of the background without")
+    assert not (photos / "out").exists()
+
+
 class _FullDisk:
     """`os` as `bgmatte.io.images` sees it, on a disk with no space left for the renamed file."""
 
@@ -308,9 +344,10 @@ def test_files_of_a_folder_that_are_not_read_as_images_are_named(photos, capsys,
 def test_a_tiff_opencv_cannot_read_is_one_line_without_opencv_s_own_warning(tmp_path, capfd):
     """OpenCV wrote its own '[ WARN:0@...] grfmt_tiff.cpp' line to the terminal before the error (a float RGBA
     TIFF: OpenCV reads float TIFFs of one and three channels only)."""
-    picture = tmp_path / "scan.tif"
+    picture, photo = tmp_path / "scan.tif", tmp_path / "photo.png"
     assert cv2.imwrite(str(picture), np.random.default_rng(0).random((8, 8, 4)).astype(np.float32))
-    assert main(["image", str(picture), "--bgr", str(picture), "-o", str(tmp_path / "out"), "-q"]) == 2
+    assert cv2.imwrite(str(photo), np.zeros((8, 8, 3), np.uint8))  # not the TIFF itself: no image is its own plate
+    assert main(["image", str(photo), "--bgr", str(picture), "-o", str(tmp_path / "out"), "-q"]) == 2
     err = capfd.readouterr().err
     assert err == f"bgmatte image: error: {picture}: cannot decode this TIFF file (damaged, truncated, or a variant " \
                   "OpenCV does not read)\n"

@@ -184,6 +184,19 @@ def test_outputs_show_the_matte_composited_over_the_reference_green(scene, tmp_p
         assert np.abs(subject_pixels(fgr[index], index).mean(axis=0) - SUBJECT).max() < 20
 
 
+def test_the_video_pipeline_does_not_pay_for_the_range_check_of_floats_it_scaled_itself(scene, tmp_path, monkeypatch):
+    """On the CPU it hands the Predictor floats it made from uint8, which cannot be out of range: a min/max pass over
+    every frame and plate would be time taken from the model."""
+    import bgmatte.predictor as predictor_module
+
+    asked = []
+    monkeypatch.setattr(predictor_module, "value_range_problem", lambda values: asked.append(values.shape))
+    clip, plate = scene
+    result = convert_video(clip, plate, output_dir=tmp_path / "out", outputs=["pha"], model=DifferenceModel(),
+                           progress=False)
+    assert len(read_frames(result.outputs["pha"])) == 12 and asked == []
+
+
 def test_a_real_checkpoint_runs_with_options_chosen_for_the_size(scene, tmp_path, checkpoint):
     clip, plate = scene
     result = convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["com", "ref"],

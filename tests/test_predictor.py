@@ -65,3 +65,38 @@ def test_float_frames_in_0_1_are_taken_as_they_are():
     expected = predictor(src, plates)
     got = predictor(src.astype(np.float32) / 255, plates.astype(np.float64) / 255)
     torch.testing.assert_close(got.pha, expected.pha, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("argument", ["src", "bgr"])
+def test_float_frames_in_0_255_are_refused_naming_the_argument_and_the_range_found(argument):
+    """Cast with ``.astype(np.float32)`` but not divided by 255, they gave a wrong matte without a word."""
+    src, plate = frames()
+    given = {"src": src.astype(np.float32) / 255, "bgr": plate.astype(np.float32) / 255}
+    given[argument] = given[argument] * 255
+    low, high = given[argument].min(), given[argument].max()
+    with pytest.raises(ValueError, match=rf"^{argument}: float values from {low:g} to {high:g}, but floats must be "
+                                         r"in \[0, 1\] \(0-255 as float\? divide by 255, or pass uint8\)$") as caught:
+        Predictor(DifferenceModel())(given["src"], given["bgr"])
+    assert isinstance(caught.value, BgmatteError)  # one line on the command line, as the Predictor's other refusals
+
+
+@pytest.mark.parametrize("bad, found", [
+    (np.nan, "NaN"), (np.inf, "infinite"), (-np.inf, "infinite"), (1.01, "from 0.* to 1.01"), (-0.01, "from -0.01 to"),
+], ids=["nan", "inf", "minus-inf", "above-1", "below-0"])
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_float_frames_outside_0_1_or_not_finite_are_refused_in_one_line(bad, found, kind):
+    src, plate = frames()
+    src = src.astype(np.float32) / 255
+    src[0, 0, 0, 0] = bad
+    given = torch.from_numpy(src) if kind == "tensor" else src
+    with pytest.raises(BgmatteError, match=rf"^src: .*{found}.*\[0, 1\]") as caught:
+        Predictor(DifferenceModel())(given, plate)
+    assert "\n" not in str(caught.value)
+
+
+def test_float_frames_a_rounding_step_outside_0_1_are_taken():
+    """A resize or colour conversion in float overshoots by a hair; that is no scale mistake (1e-3 is allowed)."""
+    src, plate = frames()
+    src = src.astype(np.float32) / 255
+    src[0, 0, 0] = (-5e-4, 1 + 5e-4, 1.0)
+    Predictor(DifferenceModel())(src, plate.astype(np.float16) / 255)

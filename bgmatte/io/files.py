@@ -110,6 +110,16 @@ def write_through_temporary(path: Path, write: Callable[[Path], None], what: str
     return path
 
 
+def file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """What `os.path.samefile` compares (device and inode), to tell one file however it is spelled, through a link
+    included; None for a path that cannot be read (missing), which its reader names."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
 def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[tuple[str, Path]], *,
                                advice: str = "choose another output folder") -> None:
     """Refuse an output that is one of the `inputs` ((what, path) pairs) however it is spelled, through a link
@@ -117,16 +127,11 @@ def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[tuple[st
     `advice` ends the message."""
     known: dict[tuple[int, int], tuple[str, Path]] = {}
     for what, path in inputs:
-        try:
-            status = os.stat(path)
-        except OSError:
-            continue  # a missing input is named when it is read
-        known.setdefault((status.st_dev, status.st_ino), (what, path))  # what os.path.samefile compares
+        identity = file_identity(path)
+        if identity is not None:  # a missing input is named when it is read
+            known.setdefault(identity, (what, path))
     for output in outputs:
-        try:
-            status = os.stat(output)
-        except OSError:
-            continue  # nothing there yet, so no input either
-        found = known.get((status.st_dev, status.st_ino))
+        identity = file_identity(output)  # None: nothing there yet, so no input either
+        found = known.get(identity) if identity is not None else None
         if found is not None:
             raise BgmatteError(f"{output}: this output would overwrite the {found[0]} {found[1]}: {advice}")

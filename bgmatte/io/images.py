@@ -738,7 +738,9 @@ def by_stem(paths: Iterable[Path], why: str = "files are matched by name") -> di
     for path in paths:
         path = Path(path)
         if path.stem in found:
-            raise BgmatteError(f"{path}: two images named {path.stem!r} ({found[path.stem]} and {path.name}): {why}")
+            first = found[path.stem]
+            second = path.name if path.parent == first.parent else path  # the folder only where it tells them apart
+            raise BgmatteError(f"{path}: two images named {path.stem!r} ({first} and {second}): {why}")
         found[path.stem] = path
     return found
 

@@ -83,7 +83,8 @@ def switch_problem(name: str, value: object, *, optional: bool = False) -> str |
 def check_inputs(src: Tensor, bgr: Tensor, model: nn.Module | None = None, *, cast: bool = False) -> None:
     """Raise ValueError unless src and bgr are float (B,3,H,W) tensors of one shape (TypeError for non-tensors);
     given the `model` they go into, also unless they are on its device and, where it does not `cast` them (and
-    autocast does not), of its weights' dtype: the alternative is a failure deep inside the first convolution."""
+    autocast does not), of its weights' dtype: the alternative is a failure deep inside the first convolution.
+    The values are not looked at (the models run on every call, in training too): `value_range_problem` does that."""
     if not isinstance(src, Tensor) or not isinstance(bgr, Tensor):
         raise TypeError(f"src and bgr must be torch tensors, got {type(src).__name__} and {type(bgr).__name__} "
                         "(float, (B, 3, H, W), in [0, 1])")
@@ -102,6 +103,31 @@ def check_inputs(src: Tensor, bgr: Tensor, model: nn.Module | None = None, *, ca
     if not cast and not torch.is_autocast_enabled(src.device.type) and not src.dtype == bgr.dtype == weight.dtype:
         raise ValueError(f"src and bgr must have the model's dtype, {weight.dtype}, got {src.dtype} and {bgr.dtype}: "
                          f"cast them with .to({weight.dtype}), or the model (the fast path from load_model casts them)")
+
+
+RANGE_TOLERANCE = 1e-3
+"""How far float frames and plates may stray outside [0, 1] (rounding in a float resize or colour conversion) before
+`value_range_problem` calls them out of range."""
+
+
+def value_range_problem(values: Tensor) -> str | None:
+    """What is wrong with the values of a float frame or plate, or None when they are finite and in [0, 1] (within
+    `RANGE_TOLERANCE`): 0-255 values cast to float but not divided by 255 give a wrong matte without any error.
+
+    One min/max reduction, and on a GPU a wait for its result, so `check_inputs` and the models' forward do not ask it
+    on every call (a training step, a traced export); `bgmatte.predictor.Predictor` asks it of the floats it is given.
+    """
+    if values.numel() == 0:
+        return None
+    low, high = (float(value) for value in torch.aminmax(values.detach()))
+    if math.isnan(low) or math.isnan(high):
+        return "float values include NaN, but floats must be finite and in [0, 1]"
+    if math.isinf(low) or math.isinf(high):
+        return f"float values from {low:g} to {high:g}, infinite, but floats must be finite and in [0, 1]"
+    if low >= -RANGE_TOLERANCE and high <= 1 + RANGE_TOLERANCE:
+        return None
+    hint = " (0-255 as float? divide by 255, or pass uint8)" if high > 2.0 else ""
+    return f"float values from {low:g} to {high:g}, but floats must be in [0, 1]{hint}"
 
 
 def prepare_inputs(src: Tensor, bgr: Tensor, backbone_scale: float, dtype: torch.dtype | None = None,
