@@ -15,7 +15,7 @@ Ctrl-C stops the reading; what was matted by then is still written, and every ou
 that it plays. A truncated or damaged input ends the run at its last decodable frame, with every
 output holding those frames, and then raises `BgmatteError`.
 
-`render_outputs` and `TargetFrames` are plain building blocks, shared with the webcam.
+`render_outputs`, `TargetFrames` and `ExposureFeedback` are plain building blocks, shared with the webcam.
 """
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ from bgmatte.io.video import (
     rates_differ,
 )
 from bgmatte.plate import (
+    ExposureOptions,
     PlateAligner,
     estimate_plate,
     fit_exposure,
@@ -587,16 +588,19 @@ def channels_last_uint8(images: Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- plates
 
 
-class _ExposureFeedback:
-    """Exposure matching for video: each plate is fitted on the background of the latest matte written.
+class ExposureFeedback:
+    """Exposure matching for a stream of frames (a video, the webcam): each plate is fitted on the background of
+    the latest matte made.
 
     The matte a few frames back is a good guess of where the subject is not; its foreground is
     grown by 3% of the frame so that a moving subject still falls inside it. Before the first matte,
     the fit's own outlier rejection keeps the subject out. A frame where no change can be fitted keeps the
-    plate as it is: the first is warned about, naming the clip, the others counted for `report` at the end.
+    plate as it is: the first is warned about, naming the clip (or camera), the others counted for `report` at
+    the end. `options`: how the change is fitted (the webcam fits on fewer pixels, to keep each live frame cheap).
     """
 
-    def __init__(self, name: Path | str | None = None) -> None:
+    def __init__(self, name: Path | str | None = None, options: ExposureOptions = ExposureOptions()) -> None:
+        self.options = options
         self._mask: np.ndarray | None = None
         self._named = f"{name}: " if name else ""
         self.frames = 0
@@ -611,11 +615,13 @@ class _ExposureFeedback:
         self._mask = mask if mask.mean() < 0.8 else None
 
     def match(self, plate: np.ndarray, frame: np.ndarray) -> np.ndarray:
+        """`plate` brought to `frame`'s exposure and white balance (the same size), or as it is where no change
+        can be fitted."""
         mask = self._mask
         if mask is not None and mask.shape != frame.shape[:2]:
             mask = None
         self.frames += 1
-        fit = fit_exposure(plate, frame, mask, warn=False)
+        fit = fit_exposure(plate, frame, mask, self.options, warn=False)
         if fit.skipped:
             self.skipped += 1
             if self.skipped == 1:
@@ -650,7 +656,7 @@ class _Plates:
     seconds after it, gets the plate frames it gets in a whole run)."""
 
     def __init__(self, image: np.ndarray | None, video: VideoReader | None, width: int, height: int, *,
-                 native: tuple[int, int], name: str | None, align: bool, exposure: _ExposureFeedback | None,
+                 native: tuple[int, int], name: str | None, align: bool, exposure: ExposureFeedback | None,
                  fps: Fraction | None = None, frames: int | None = None, clip_start: float = 0.0,
                  variable: bool = False):
         self.size = (width, height)
@@ -1379,7 +1385,7 @@ def convert_video(
         # An automatic plate is named by its clip (in alignment warnings), and is of the working size already.
         plates = _Plates(image, plate_video, *size, native=size if auto_plate else native,
                          name=str(src) if auto_plate else None if isinstance(bgr, np.ndarray) else str(bgr),
-                         align=align, exposure=_ExposureFeedback(src) if match_exposure else None, fps=reader.fps,
+                         align=align, exposure=ExposureFeedback(src) if match_exposure else None, fps=reader.fps,
                          frames=_frames_to_end(reader), clip_start=reader.span_start,
                          variable=reader.variable_rate)
         writers = {

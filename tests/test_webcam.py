@@ -1075,3 +1075,100 @@ def test_run_webcam_refuses_a_still_image_as_the_camera_before_opening_it(monkey
     with pytest.raises(BgmatteError, match=r"photo\.png: a still image, not a video to play as the camera"):
         run_webcam(camera=photo, record=tmp_path / "out.mp4", preview=False)
     assert not (tmp_path / "out.mp4").exists()
+
+
+# ------------------------------------------------------------------------------------------ exposure matching
+
+
+def brightening_camera(count: int, gain: float = 1.3) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """A plate and `count` frames of it `gain` times brighter with a subject in each (a webcam that auto-exposed
+    once the subject stepped in), and each frame's background mask. The plate's levels (107-179) keep clear of
+    clipping at 1.3 and differ from the brightened ones by more than `DifferenceModel`'s threshold everywhere."""
+    from media import plate_image, subject_box, subject_frame
+
+    plate = (plate_image() * 0.45 + 80).astype(np.uint8)
+    frames, backgrounds = [], []
+    for index in range(count):
+        frames.append(subject_frame(plate, index, gain))
+        background = np.ones((HEIGHT, WIDTH), bool)
+        background[subject_box(index)] = False
+        backgrounds.append(background)
+    return plate, frames, backgrounds
+
+
+class DifferenceMatte(ConstantMatte):
+    """A stand-in predictor whose matte is known: alpha 1 where frame and plate differ by more than 0.1 in some
+    channel, else 0; remembers each plate and each matte."""
+
+    def __init__(self):
+        super().__init__()
+        self.mattes: list[np.ndarray] = []
+
+    def __call__(self, src, bgr) -> Matte:
+        src_t = frames_to_tensor(src, CPU, torch.float32)
+        bgr_t = frames_to_tensor(bgr, CPU, torch.float32)
+        self.plates.append((bgr_t[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+        pha = ((src_t - bgr_t).abs().amax(dim=1, keepdim=True) > 0.1).float()
+        self.mattes.append(pha[0, 0].numpy())
+        return Matte(pha, src_t, torch.zeros_like(pha), torch.zeros_like(pha))
+
+
+def test_match_exposure_brings_the_plate_to_a_camera_that_brightened_and_off_leaves_it_as_it_is():
+    """The webcam had no exposure matching: a background 30% brighter than the plate (auto-exposure) matted as
+    foreground over all of it. With it, each plate handed to the model is the frame's background within a level or
+    two and only the subject mattes as foreground; without it, the plate is the one given, untouched."""
+    from bgmatte.pipeline import ExposureFeedback
+
+    plate, frames, backgrounds = brightening_camera(6)
+    runs = {}
+    for match in (False, True):
+        predictor = DifferenceMatte()
+        WebcamSession(iter(frames), predictor, targets("green"), sinks=[Collect()], plate=plate, keys=scripted(),
+                      exposure=ExposureFeedback("camera 0") if match else None).run()
+        runs[match] = predictor
+    off, on = runs[False], runs[True]
+    assert len(off.plates) == len(on.plates) == len(frames)
+    assert all(np.array_equal(handed, plate) for handed in off.plates)
+    assert all(matte[background].mean() == 1.0 for matte, background in zip(off.mattes, backgrounds, strict=True))
+    for index, (handed, frame, matte, background) in enumerate(zip(on.plates, frames, on.mattes, backgrounds,
+                                                                   strict=True)):
+        assert np.abs(handed.astype(int) - frame)[background].mean() < 1.5, index
+        assert matte[background].mean() < 0.01 and matte[~background].mean() == 1.0, index
+
+
+def test_exposure_matching_that_cannot_fit_the_camera_is_told_once_naming_it_and_counted_at_the_end(caplog):
+    white = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+    from bgmatte.pipeline import ExposureFeedback
+
+    predictor = DifferenceMatte()
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        WebcamSession(iter([white] * 4), predictor, targets("green"), plate=white, keys=scripted(),
+                      exposure=ExposureFeedback("camera 0")).run()
+    warnings = [record.getMessage() for record in caplog.records if "exposure" in record.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("camera 0: exposure matching skipped on frame 1 (only 0 background pixels")
+    assert warnings[1] == "camera 0: exposure matching was skipped on 4 of 4 frames"
+    assert all(np.array_equal(handed, white) for handed in predictor.plates)
+
+
+def test_cli_match_exposure_mattes_a_camera_that_brightened_against_its_plate(tmp_path, monkeypatch, capsys):
+    """`bgmatte webcam --match-exposure`, the flag of `bgmatte video`: the brightened background composites onto the
+    target; without the flag it stays, matted as foreground."""
+    from media import DifferenceModel
+
+    monkeypatch.setattr("bgmatte.model.build.load_model", lambda *args, **kwargs: DifferenceModel())
+    plate, frames, backgrounds = brightening_camera(8)
+    camera = make_clip(tmp_path / "camera.mp4", len(frames), frame=lambda index: frames[index])
+    plate_file = tmp_path / "plate.png"
+    cv2.imwrite(str(plate_file), cv2.cvtColor(plate, cv2.COLOR_RGB2BGR))
+    distance = {}
+    for flags in ([], ["--match-exposure"]):
+        out = tmp_path / f"out{len(flags)}.mp4"
+        code = main(["webcam", "--camera", str(camera), "--bgr", str(plate_file), "--target-bgr", "blue",
+                     "--record", str(out), "--no-preview", "--max-frames", "4", *flags])
+        assert code == 0, capsys.readouterr().err
+        recorded = clip_frames(out)
+        assert len(recorded) == 4
+        # The last frame: its background against the blue target (lossy twice over: camera file and recording).
+        distance[bool(flags)] = np.abs(recorded[-1].astype(int) - BLUE)[backgrounds[3]].mean()
+    assert distance[False] > 80 and distance[True] < 25, distance

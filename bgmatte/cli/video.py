@@ -169,6 +169,11 @@ def add_plate_arguments(parser: argparse.ArgumentParser, each: str = "frame") ->
     """Plate alignment and exposure matching, under both names; `each` is what the plate is fitted to (frame, image)."""
     parser.add_argument("--align", "--preprocess-alignment", dest="align", action="store_true",
                         help=f"align the plate to each {each} (handheld shots); falls back to the plate as is")
+    add_match_exposure_argument(parser, each)
+
+
+def add_match_exposure_argument(parser: argparse.ArgumentParser, each: str = "frame") -> None:
+    """`--match-exposure`, for `add_plate_arguments` and `bgmatte webcam` (which has no --align): one flag, one help."""
     parser.add_argument("--match-exposure", action="store_true",
                         help=f"match the plate's exposure and white balance to each {each}")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, check_refine_arguments, plate_solve_choice
+from bgmatte.cli.video import (add_match_exposure_argument, add_plate_solve_argument, add_refine_arguments,
+                               check_refine_arguments, plate_solve_choice)
 
 DESCRIPTION = """\
 Matte a camera live against a plate (a photo of the background without you) and composite onto a target
@@ -17,6 +18,9 @@ backgrounds given, q or Esc quits. Until there is a plate, frames pass through u
 Headless (no display, or --no-preview) without --bgr, the plate is taken automatically: frames pass through
 for --auto-plate-delay seconds (step out of view), then the median of the next --auto-plate-frames frames
 becomes the plate. Ctrl-C stops; the recording is finished and kept.
+
+--match-exposure brings the plate to each frame's exposure and white balance, as for `bgmatte video`: a
+webcam's automatic exposure changes them once you step in, and the background would matte as you.
 """
 
 
@@ -29,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--camera", default="0", metavar="N|FILE",
                         help="camera index (default 0) or a video file used as the camera")
     parser.add_argument("--bgr", metavar="PLATE", help="the plate image (default: key b, or automatic when headless)")
+    add_match_exposure_argument(parser)
     parser.add_argument("--target-bgr", nargs="+", action="extend", metavar="SPEC",
                         help="target backgrounds, cycled with key t: a colour (a name, #RRGGBB or R,G,B), an image, "
                              "a video (looped), blur or transparent (a checkerboard); default green")
@@ -101,5 +106,6 @@ def run(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         auto_plate_delay=args.auto_plate_delay,
         auto_plate_frames=args.auto_plate_frames,
+        match_exposure=args.match_exposure,
     )
     return 0
