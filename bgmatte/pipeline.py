@@ -1281,7 +1281,7 @@ def convert_video(
         bgr: the plate: an image (resized to the video, with a warning, if its size differs; stretched when its
             aspect ratio does, which only `align` undoes), a video
             (frame for frame, or by time when its frame rate is another; when it is shorter, its last frame is
-            held, with a warning), ``"auto"``
+            held, with a warning; the clip itself, however spelled, is refused), ``"auto"``
             (estimated from frames sampled over a first pass through the clip, one shot in which the subject
             moves enough to show the background behind it; with `align`, registered onto one another first), or
             an (H, W, 3) array.
@@ -1333,6 +1333,9 @@ def convert_video(
         raise BgmatteError(f"batch size must be a whole number, 1 or more, not {batch_size!r}")
     resize = _check_resize(resize, src)
     check_span(start, duration)
+    auto_plate = isinstance(bgr, str) and bgr.strip().lower() == "auto"
+    if not auto_plate and not isinstance(bgr, np.ndarray):
+        _refuse_own_plates([(src, Path(bgr))], what="clip")
     with ExitStack() as stack:
         on_cpu = model_device(model).type == "cpu"
         # With the model on the CPU, everything else runs at a lower priority, in the gaps of its work.
@@ -1344,7 +1347,6 @@ def convert_video(
         native = reader.size
         size = resize or native
         _check_frames_fit(model, *size)
-        auto_plate = isinstance(bgr, str) and bgr.strip().lower() == "auto"
         if auto_plate:
             _check_plate_frames(src, start=start, duration=duration)
         image, plate_video = (None, None) if auto_plate else _open_plate(bgr, start=start)
@@ -1562,13 +1564,14 @@ def _refuse_given_twice(path: Path, how: str, given: dict[tuple[int, int], str])
     given[identity] = how
 
 
-def _refuse_own_plates(pairs: Sequence[tuple[Path, Path]]) -> None:
-    """Refuse an image paired with itself as its plate (``--bgr`` naming the image, or its folder): it would be
-    matted without a word against a plate that matches every pixel, an empty cutout."""
+def _refuse_own_plates(pairs: Sequence[tuple[Path, Path]], what: str = "image") -> None:
+    """Refuse a source paired with itself as its plate, however spelled (``--bgr`` naming the image or its folder,
+    or the clip through another path or a link; `what` says which): it would be matted without a word against a
+    plate that matches every pixel, an empty cutout."""
     for source, plate in pairs:
         identity = file_identity(source)
         if identity is not None and identity == file_identity(plate):
-            raise BgmatteError(f"{plate}: the plate of {source} is that image itself; a plate is a shot of the "
+            raise BgmatteError(f"{plate}: the plate of {source} is that {what} itself; a plate is a shot of the "
                                "background without the subject")
 
 

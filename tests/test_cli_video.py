@@ -220,6 +220,39 @@ def test_a_still_image_as_the_source_is_refused_pointing_to_bgmatte_image(scene,
     assert not (scene / "out.mp4").exists()
 
 
+@pytest.mark.parametrize("how", ["same-path", "dot-path", "absolute", "symlink", "hard-link", "reference-spelling"])
+def test_a_clip_given_as_its_own_plate_is_refused_before_the_model_loads(scene, capsys, monkeypatch, how):
+    """It was matted frame by frame against itself without a word: every pixel matched its plate, so every output
+    came out as an empty cutout."""
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded for a clip given as its own plate")
+
+    monkeypatch.setattr(pipeline, "load_predictor", never)
+    plate = {"same-path": "src.mp4", "dot-path": "./src.mp4", "absolute": str(scene / "src.mp4"),
+             "symlink": "link.mp4", "hard-link": "hard.mp4", "reference-spelling": "src.mp4"}[how]
+    if how == "symlink":
+        os.symlink("src.mp4", scene / "link.mp4")
+    if how == "hard-link":
+        os.link(scene / "src.mp4", scene / "hard.mp4")
+    before = sorted(path.name for path in scene.iterdir())
+    argv = (["--video-src", "src.mp4", "--video-bgr", plate, "--output-dir", "out"] if how == "reference-spelling"
+            else ["src.mp4", "--bgr", plate, "-o", "out.mp4"])
+    code, _, err = run(capsys, "video", *argv, "-q")
+    one_line_error(code, err, f"{Path(plate)}: the plate of src.mp4 is that clip itself",
+                   "a plate is a shot of the background without the subject")
+    assert sorted(path.name for path in scene.iterdir()) == before  # no output, not even a folder
+
+
+@pytest.mark.parametrize("plate", ["bgr.png", "auto"])
+def test_the_clip_as_its_own_target_background_is_matted_over_itself(scene, capsys, monkeypatch, plate):
+    """Unlike the plate, the clip as the new background is a choice (the subject over its own shot), so it is kept;
+    a still plate and an automatic one both still work beside it."""
+    use_difference_model(monkeypatch)
+    code, out, err = run(capsys, "video", "src.mp4", "--bgr", plate, "--target-bgr", "src.mp4", "-o", "out.mp4", "-q")
+    assert code == 0, err
+    assert out.split() == ["out.mp4"] and len(read_frames(scene / "out.mp4")) == 12
+
+
 def test_a_picture_declaring_too_many_pixels_is_refused_as_a_source(scene, capsys, monkeypatch):
     use_difference_model(monkeypatch)
     data = bytearray((scene / "bgr.png").read_bytes())  # the plate, its header claiming 12000x10000
