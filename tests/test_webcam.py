@@ -1151,6 +1151,59 @@ def test_exposure_matching_that_cannot_fit_the_camera_is_told_once_naming_it_and
     assert all(np.array_equal(handed, white) for handed in predictor.plates)
 
 
+def test_exposure_matching_that_cannot_fit_is_counted_when_ctrl_c_stops_the_session(caplog):
+    """Ctrl-C, the usual way to stop the webcam, went straight past the count at the end: only the first frame's
+    warning was ever seen."""
+    white = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+    from bgmatte.pipeline import ExposureFeedback
+
+    def camera():
+        yield from [white] * 4
+        raise KeyboardInterrupt
+
+    with caplog.at_level(logging.WARNING, logger="bgmatte"), pytest.raises(KeyboardInterrupt):
+        WebcamSession(camera(), DifferenceMatte(), targets("green"), plate=white, keys=scripted(),
+                      exposure=ExposureFeedback("camera 0")).run()
+    warnings = [record.getMessage() for record in caplog.records if "exposure" in record.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert warnings[1] == "camera 0: exposure matching was skipped on 4 of 4 frames"
+
+
+def test_cli_ctrl_c_with_match_exposure_reports_the_unfitted_frames_and_exits_130(tmp_path, monkeypatch, capsys):
+    """`bgmatte webcam --match-exposure` stopped by Ctrl-C: the count of frames it could not fit comes before the
+    exit, as at a normal end, and the exit is still 130 with the recording kept."""
+    from media import DifferenceModel
+
+    white = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+
+    class InterruptedCamera:
+        """Four white frames, then Ctrl-C (as the camera thread hands it on)."""
+
+        size, fps, name = (WIDTH, HEIGHT), 30.0, "fake camera"
+
+        def __iter__(self):
+            for _ in range(4):
+                yield white
+                time.sleep(0.2)
+            raise KeyboardInterrupt
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(webcam, "open_camera", lambda *args, **kwargs: InterruptedCamera())
+    monkeypatch.setattr("bgmatte.model.build.load_model", lambda *args, **kwargs: DifferenceModel())
+    plate_file = tmp_path / "plate.png"
+    cv2.imwrite(str(plate_file), white)
+    out = tmp_path / "out.mp4"
+    code = main(["webcam", "--bgr", str(plate_file), "--match-exposure", "--record", str(out), "--no-preview"])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    counted = re.search(r"fake camera: exposure matching was skipped on (\d+) of (\d+) frames", err)
+    assert counted is not None and counted[1] == counted[2] and int(counted[1]) >= 2, err
+    assert err.index(counted[0]) < err.index("bgmatte webcam: interrupted"), err
+    assert len(clip_frames(out)) == int(counted[1])
+
+
 def test_cli_match_exposure_mattes_a_camera_that_brightened_against_its_plate(tmp_path, monkeypatch, capsys):
     """`bgmatte webcam --match-exposure`, the flag of `bgmatte video`: the brightened background composites onto the
     target; without the flag it stays, matted as foreground."""

@@ -794,22 +794,28 @@ class WebcamSession(ClosesOnExit):
     # -- the loop
 
     def run(self) -> WebcamReport:
-        """Run until the source ends, q is pressed or `max_frames` frames are out; returns what happened."""
+        """Run until the source ends, q is pressed or `max_frames` frames are out; returns what happened. Ctrl-C
+        (the usual way to stop a headless session) still gets the count of frames without exposure matching."""
         first_time: float | None = None
-        for frame in self.source:
-            output = self.process(frame)
-            for sink in self.sinks:
-                sink.send(output)
-            self._tick()
-            if self.preview is not None:
-                self.preview.send(draw_status(output, self.status_lines()))
-            self.frames += 1
-            if first_time is None:
-                first_time = self.clock()
-            if self.keys is not None:
-                self.handle_key(self.keys(), frame)
-            if self._stop or (self.max_frames is not None and self.frames >= self.max_frames):
-                break
+        try:
+            for frame in self.source:
+                output = self.process(frame)
+                for sink in self.sinks:
+                    sink.send(output)
+                self._tick()
+                if self.preview is not None:
+                    self.preview.send(draw_status(output, self.status_lines()))
+                self.frames += 1
+                if first_time is None:
+                    first_time = self.clock()
+                if self.keys is not None:
+                    self.handle_key(self.keys(), frame)
+                if self._stop or (self.max_frames is not None and self.frames >= self.max_frames):
+                    break
+        except KeyboardInterrupt:  # SIGTERM and SIGHUP too (`Terminated`)
+            if self.exposure is not None:
+                self.exposure.report()
+            raise
         if self.exposure is not None:
             self.exposure.report()
         seconds = self.clock() - first_time if first_time is not None else 0.0
