@@ -751,7 +751,15 @@ def test_odd_sizes_are_made_even_for_h264_and_logged(tmp_path, caplog, even, exp
                 writer.write(pattern(index, 65, 47))
     reader, frames = read_all(target)
     assert reader.size == expected and len(frames) == 3
-    assert any("65x47" in record.message and f"{expected[0]}x{expected[1]}" in record.message for record in caplog.records)
+    told = [record.message for record in caplog.records if "65x47" in record.message]
+    assert len(told) == 1 and f"{expected[0]}x{expected[1]}" in told[0]
+    # It says why, what the extra or missing row and column are, and how to keep the exact size.
+    assert "4:2:0" in told[0] and "2 pixels" in told[0]
+    if even == "pad":
+        assert "one pixel larger" in told[0] and "copies of the last" in told[0]
+    else:
+        assert "one pixel smaller" in told[0]
+    assert all(way in told[0] for way in (".webm", "--codec ffv1", "--codec prores_ks", "PNG"))
 
 
 def test_vp9_keeps_odd_sizes(tmp_path):
@@ -770,11 +778,11 @@ def gradient(width: int, height: int) -> np.ndarray:
 
 @pytest.mark.parametrize(("suffix", "codec", "expected"), [
     (".mp4", "mpeg4", (97, 65)), (".mov", "mpeg4", (97, 65)), (".mkv", "mpeg4", (97, 65)), (".mkv", "ffv1", (97, 65)),
-    (".mkv", "mjpeg", (97, 65)), (".webm", "libvpx", (97, 65)), (".mov", "prores_ks", (98, 65)),
+    (".mkv", "mjpeg", (97, 65)), (".webm", "libvpx", (97, 65)), (".mov", "prores_ks", (97, 65)),
     (".mkv", "libx264", (98, 66))])
 def test_odd_sizes_are_kept_where_the_encoder_stores_them(tmp_path, suffix, codec, expected):
-    """Encoders that store any size keep 97x65 exactly, edges included; ProRes 4:2:2 pads the width alone and H.264
-    4:2:0 both sides (`EncoderOptions.even`)."""
+    """Encoders that store any size keep 97x65 exactly, edges included; ProRes keeps it in 4444 (4:2:2 cannot keep
+    an odd width), and H.264 4:2:0 pads both sides (`EncoderOptions.even`) with copies of the last row and column."""
     target = tmp_path / f"odd{suffix}"
     image = gradient(97, 65)
     with VideoWriter(target, fps=25, options=EncoderOptions(codec=codec)) as writer:
@@ -790,6 +798,30 @@ def test_odd_sizes_are_kept_where_the_encoder_stores_them(tmp_path, suffix, code
     kept = frames[-1].image[:65, :97].astype(int)
     assert np.abs(kept - image).max() <= 10  # lossy, but the same picture
     assert np.abs(kept[:, -1] - image[:, -1]).mean() <= 4 and np.abs(kept[-1] - image[-1]).mean() <= 4
+    padded = frames[-1].image.astype(int)
+    if expected[0] > 97:  # the added column repeats the last one, not black
+        assert np.abs(padded[:65, 97] - image[:, -1]).mean() <= 4
+    if expected[1] > 65:
+        assert np.abs(padded[65, :97] - image[-1]).mean() <= 4
+
+
+def test_prores_keeps_an_odd_width_in_4444_and_says_so(tmp_path, caplog):
+    """ProRes 4:2:2 cannot keep an odd width (FFmpeg's prores_ks spoils its last column), so such frames go to ProRes
+    4444, which keeps the size; an even width stays 422 HQ, and odd heights need nothing."""
+    kept = {}
+    for width, height in ((97, 65), (98, 65)):
+        target = tmp_path / f"prores{width}.mov"
+        with caplog.at_level(logging.WARNING, logger="bgmatte.io.video"):
+            with VideoWriter(target, fps=25, options=EncoderOptions(codec="prores_ks")) as writer:
+                writer.write(gradient(width, height))
+        with av.open(str(target)) as container:
+            stream = container.streams.video[0]
+            kept[width] = (stream.codec_context.width, stream.codec_context.height, stream.codec_context.profile,
+                           stream.codec_context.pix_fmt[:7])  # FFmpeg decodes 4444 to 12 bits
+    assert kept == {97: (97, 65, "4444", "yuv444p"), 98: (98, 65, "HQ", "yuv422p")}
+    told = [record.message for record in caplog.records if "prores97.mov" in record.message]
+    assert len(told) == 1 and "4444" in told[0] and "97x65" in told[0]
+    assert not any("prores98.mov" in record.message for record in caplog.records)
 
 
 def test_writer_uses_a_temporary_name_until_closed(tmp_path):

@@ -1075,10 +1075,14 @@ class EncoderOptions:
     """Choices for video encoding; the defaults suit review copies that still edit well.
 
     `even` is what becomes of an odd width or height where the encoder cannot store it: libx264 and libx265
-    need both sides even in 4:2:0 and an even width in 4:2:2, as does ProRes in 4:2:2; the frames are padded by
-    one row or column (a copy of the last, so that no colour bleeds in) or cropped by one. Cropping the padded
-    picture in the bitstream cannot keep the exact size either: H.264's and HEVC's conformance window counts in
-    chroma samples, two pixels in 4:2:0 (FFmpeg's h264_metadata and hevc_metadata filters refuse a crop of one).
+    need both sides even in 4:2:0 and an even width in 4:2:2; the frames are padded by one row or column (a copy
+    of the last, so that no colour bleeds in) or cropped by one, with a warning that says how to keep the size.
+    Cropping the padded picture in the bitstream cannot keep the exact size: H.264's frame crop and HEVC's
+    conformance window count in CropUnitX/Y = SubWidthC/SubHeightC, two pixels in 4:2:0 (one only in 4:0:0 and
+    4:4:4), and FFmpeg's h264_metadata and hevc_metadata filters refuse an odd crop, as libx264 does an odd
+    crop-rect. (A container size one pixel below the SPS's decodes to it in FFmpeg's H.264 decoder alone, and
+    makes a non-conforming file: not done.) ProRes 4:2:2 of an odd width is written as ProRes 4444 instead
+    (`_for_size`): FFmpeg's prores_ks spoils the last column of an odd width in 4:2:2.
     VP8, VP9, MPEG-4 part 2, MPEG-2, MJPEG, FFV1 and MagicYUV store any size and keep it; other encoders are
     given even sides where their format halves the colour, the safe guess.
     """
@@ -1221,6 +1225,32 @@ def _encoded_size(size: tuple[int, int], even_sides: tuple[bool, bool], even: st
     or cropping one pixel (`EncoderOptions.even`)."""
     step = -1 if even == "crop" else 1
     return tuple(side + step * (side % 2) if must else side for side, must in zip(size, even_sides))
+
+
+def _for_size(choice: EncoderChoice, size: tuple[int, int]) -> EncoderChoice:
+    """`choice` for frames of `size`: ProRes 4:2:2 of an odd width becomes ProRes 4444, which keeps the exact size,
+    since FFmpeg's prores_ks takes an odd width in 4:2:2 but spoils its last column (prores_aw refuses it)."""
+    if choice.codec == "prores_ks" and choice.pix_fmt == "yuv422p10le" and size[0] % 2:
+        return replace(choice, pix_fmt="yuv444p10le", options={**choice.options, "profile": "4444"},
+                       even_sides=_even_sides("prores_ks", "yuv444p10le"))
+    return choice
+
+
+def _resize_note(choice: EncoderChoice, size: tuple[int, int], encoded: tuple[int, int]) -> str:
+    """Why frames of `size` are encoded at `encoded` (`_encoded_size`), what the change is, and how to keep the
+    exact size: said once per output, since a user who asked for 641x361 gets 642x362."""
+    chroma = {(True, True): "4:2:0", (True, False): "4:2:2"}.get(choice.even_sides, "its pixel format")
+    name = {"libx264": "H.264", "libx265": "HEVC"}.get(choice.codec, choice.codec)
+    why = (f"{choice.codec} in {choice.pix_fmt} cannot store an odd "
+           f"{'width and height' if all(choice.even_sides) else 'width' if choice.even_sides[0] else 'height'} "
+           f"({chroma} keeps one colour sample per 2 pixels, and {name}'s crop counts in 2 pixels)")
+    if encoded[0] >= size[0] and encoded[1] >= size[1]:
+        change = (f"the output is {encoded[0]}x{encoded[1]}, one pixel larger than {size[0]}x{size[1]}: the added "
+                  "row or column is copies of the last")
+    else:
+        change = f"the output is cropped to {encoded[0]}x{encoded[1]}, one pixel smaller than {size[0]}x{size[1]}"
+    return (f"{why}; {change}. For exactly {size[0]}x{size[1]} write .webm (VP9), .mkv with --codec ffv1 "
+            "(lossless), .mov with --codec prores_ks (ProRes 4444 at an odd width) or a folder of PNG frames")
 
 
 def _working_pixel_format(path: Path, container: str, codec: str, alpha: bool, preferred: str,
@@ -1713,14 +1743,14 @@ class VideoWriter(ClosesOnExit):
             # The early check found this encoder only at a stand-in size; try it at the frames' own size, which
             # refuses it here, in one line and before any file exists, if it cannot take them.
             self.choice = choose_encoder(self.path, alpha=self.alpha, options=self.options, size=(width, height))
+        exact = _for_size(self.choice, (width, height))
+        if exact is not self.choice:
+            logger.warning("%s: ProRes 422 cannot keep an odd width; writing ProRes 4444 instead, which keeps %dx%d "
+                           "(larger files; give an even width for 422 HQ)", self.path, width, height)
+            self.choice = exact
         self.size = _encoded_size((width, height), self.choice.even_sides, self.options.even)
         if self.size != (width, height):
-            sides = {(True, True): "an even width and height", (True, False): "an even width"}.get(
-                self.choice.even_sides, "an even height")
-            logger.warning(
-                "%s: %s with %s needs %s; %s %dx%d to %dx%d", self.path, self.choice.codec, self.choice.pix_fmt,
-                sides, "cropping" if self.options.even == "crop" else "padding", width, height, *self.size,
-            )
+            logger.warning("%s: %s", self.path, _resize_note(self.choice, (width, height), self.size))
         tb = time_base if time_base is not None else 1 / self.fps
         if self.choice.codec == "mpeg4" and tb.denominator > 65535:
             tb = Fraction(1, 1000)  # MPEG-4 part 2 allows time bases up to 1/65535; milliseconds keep VFR
