@@ -618,10 +618,10 @@ def test_termination_finalizes_the_outputs_as_ctrl_c_does(tmp_path, signum):
 def test_each_refine_threshold_default_says_where_it_applies_and_why():
     """bgmatte video and image default to 0.7 (the reference's inference_video.py and inference_images.py), the
     rest to the model's 0.1; the help said only "(default 0.7)" or "(default 0.1)", never that the other exists."""
-    from bgmatte.cli import build_parser
+    from bgmatte.cli import build_parsers
     from bgmatte.model.matting import RefineOptions
 
-    commands = build_parser()._subparsers._group_actions[0].choices
+    commands = build_parsers()[1]
     found = {}
     for name, parser in commands.items():
         for action in parser._actions:

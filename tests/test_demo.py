@@ -86,3 +86,54 @@ def test_an_unknown_option_before_the_command_is_the_top_level_s(capsys):
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("usage: bgmatte [-h]")
     assert err.strip().splitlines()[-1] == "bgmatte: error: unrecognized arguments: -q"
+
+
+MINIMAL_ARGV = {"video": ["in.mp4"], "image": [], "webcam": [], "train": ["refine", "--out", "run"],
+                "eval": ["--pred", "p", "--gt", "g"], "export": ["onnx", "a.pth", "-o", "m.onnx"], "bench": [],
+                "demo": []}
+
+
+@pytest.mark.parametrize("command", sorted(MINIMAL_ARGV))
+def test_every_command_names_an_unknown_argument_under_its_own_usage(command, capsys):
+    """Each subcommand, not only eval and export, says an unknown argument after it under its own usage (exit 2):
+    this pins the behaviour for every parser that `main` has to find."""
+    from bgmatte.cli import SUBCOMMANDS
+
+    assert sorted(SUBCOMMANDS) == sorted(MINIMAL_ARGV)
+    with pytest.raises(SystemExit) as stop:
+        main([command, *MINIMAL_ARGV[command], "--bogus=x"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.startswith(f"usage: bgmatte {command} ")
+    assert err.strip().splitlines()[-1] == f"bgmatte {command}: error: unrecognized arguments: --bogus=x"
+
+
+def test_the_cli_uses_only_public_argparse():
+    """argparse's private names (`parser._actions`, `argparse._SubParsersAction`, ...) may change in any Python
+    release; bgmatte/cli finds its subcommands' parsers through public calls only."""
+    import re
+    from pathlib import Path
+
+    import bgmatte.cli
+
+    private = re.compile(r"\bargparse\._\w+|\.(_actions|_subparsers|_group_actions|_option_string_actions|"
+                         r"_name_parser_map|_registries|_defaults|_positionals|_optionals|_action_groups|"
+                         r"_mutually_exclusive_groups|_get_\w+|_check_value|_print_message)\b")
+    found = [f"{path.name}:{number}: {line.strip()}"
+             for path in sorted(Path(bgmatte.cli.__file__).parent.glob("*.py"))
+             for number, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert found == []
+
+
+def test_subcommands_keeps_each_parser_under_its_names_and_aliases():
+    """`main` looks a command's parser up by the name typed, which argparse sets to an alias where one is used."""
+    import argparse
+
+    from bgmatte.cli import Subcommands
+
+    top = argparse.ArgumentParser(prog="tool")
+    subcommands = Subcommands(top.add_subparsers(dest="command"))
+    one = subcommands.add_parser("one", aliases=["uno"], help="the first")
+    two = subcommands.add_parser("two")
+    assert subcommands.parsers == {"one": one, "uno": one, "two": two}
+    assert one.prog == "tool one" and top.parse_args(["uno"]).command == "uno"

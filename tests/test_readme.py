@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bgmatte.cli import build_parser
+from bgmatte.cli import build_parser, build_parsers
 from bgmatte.demo import write_sample
 from bgmatte.model.matting import MattingRefine
 
@@ -54,7 +54,7 @@ def command_lines() -> list[str]:
 
 def subcommands() -> dict:
     """The `bgmatte` subcommands' parsers, by name."""
-    return build_parser()._subparsers._group_actions[0].choices
+    return build_parsers()[1]
 
 
 def option_strings(parser) -> set[str]:

@@ -1,9 +1,9 @@
 """The `bgmatte` command: one module per subcommand, each parsing arguments and calling a library function.
 
-Each subcommand module has `register(subparsers)`, which adds its parser and sets `func` to a
-function taking the parsed arguments and returning an exit code; it may also set `log_level`, the
-least severe records shown without --debug (default WARNING; `webcam` shows its INFO progress).
-Errors meant for people (`BgmatteError`) become one line on stderr and exit code 2; `--debug` shows
+Each subcommand module has `register(subparsers)`, which adds its parser with `subparsers.add_parser` (a
+`Subcommands`) and sets `func` to a function taking the parsed arguments and returning an exit code; it may
+also set `log_level`, the least severe records shown without --debug (default WARNING; `webcam` shows its INFO
+progress). Errors meant for people (`BgmatteError`) become one line on stderr and exit code 2; `--debug` shows
 the traceback instead. SIGTERM and SIGHUP (a job scheduler, `kill`, a closed terminal) stop a command as
 Ctrl-C does, so that its outputs are finalized and its temporary files removed.
 """
@@ -18,6 +18,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 from bgmatte import __version__
 from bgmatte.errors import BgmatteError, Terminated, for_command_line
@@ -25,15 +26,33 @@ from bgmatte.errors import BgmatteError, Terminated, for_command_line
 SUBCOMMANDS = ("video", "image", "webcam", "train", "eval", "export", "bench", "demo")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every subcommand whose module is present."""
+class Subcommands:
+    """What each subcommand module's `register` adds its parser to: argparse's `add_subparsers()` object, whose one
+    public method is `add_parser`, and the parsers made through it kept by name (aliases too), since argparse has
+    no public way to look a subcommand's parser up again."""
+
+    def __init__(self, subparsers: Any) -> None:  # what add_subparsers() returns
+        self._add = subparsers.add_parser
+        self.parsers: dict[str, argparse.ArgumentParser] = {}
+
+    def add_parser(self, name: str, **kwargs: object) -> argparse.ArgumentParser:
+        """`add_parser` of argparse's sub-parsers object, the parser it returns recorded under each of its names."""
+        parser = self._add(name, **kwargs)
+        for each in (name, *kwargs.get("aliases", ())):
+            self.parsers[each] = parser
+        return parser
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser with every subcommand whose module is present, and those subcommands' parsers by name
+    (for `main` to say an unknown argument under its command's usage)."""
     parser = argparse.ArgumentParser(
         prog="bgmatte",
         description="Real-time high-resolution background matting (BackgroundMattingV2).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"bgmatte {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subcommands = Subcommands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     for name in SUBCOMMANDS:
         module_name = f"bgmatte.cli.{name}"
         try:
@@ -42,14 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name == module_name:
                 continue
             raise
-        module.register(subparsers)
-    return parser
+        module.register(subcommands)
+    return parser, subcommands.parsers
 
 
-def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    """The parser of one subcommand of `build_parser()`'s `parser`."""
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return action.choices[command]
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand whose module is present."""
+    return build_parsers()[0]
 
 
 class _OneLineHandler(logging.Handler):
@@ -155,11 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     if debug:
         argv = [a for a in argv if a != "--debug"]
-    parser = build_parser()
+    parser, commands = build_parsers()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # after the command, said by it under its usage (the top level's lists none of its options)
         before = argv[:argv.index(args.command)]
-        owner = parser if any(token in before for token in unknown) else _subcommand_parser(parser, args.command)
+        owner = parser if any(token in before for token in unknown) else commands[args.command]
         owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.debug = debug
     undo_logging = configure_logging(args.command, debug, getattr(args, "log_level", logging.WARNING))

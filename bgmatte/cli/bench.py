@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from bgmatte.cli import Subcommands
 from bgmatte.cli.video import MODEL_THRESHOLD, check_refine_arguments, threshold_note
 from bgmatte.errors import BgmatteError
 
@@ -25,7 +26,7 @@ second candidate. The plate solve is off unless asked for, with any weights.
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subcommands) -> None:
     """Add the `bench` subcommand."""
     parser = subparsers.add_parser(
         "bench", help="time the plain module against the fast path",

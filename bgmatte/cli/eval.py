@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from bgmatte.cli import Subcommands
 from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, check_refine_arguments, plate_solve_choice
 from bgmatte.errors import BgmatteError
 
@@ -32,7 +33,7 @@ src/) are refused before the model is loaded, unless --overwrite.
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subcommands) -> None:
     """Add the `eval` subcommand."""
     parser = subparsers.add_parser(
         "eval", help="score mattes with the paper's metrics (SAD, MSE, Grad, Conn)",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from bgmatte.cli import Subcommands
 from bgmatte.cli.video import add_plate_solve_argument, add_refine_arguments, check_refine_arguments, plate_solve_choice
 from bgmatte.errors import BgmatteError
 
@@ -25,7 +26,7 @@ beside it and renamed when complete, so an interrupted export leaves no half-wri
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subcommands) -> None:
     """Add the `export` subcommand."""
     parser = subparsers.add_parser(
         "export", help="export a model to TorchScript or ONNX",

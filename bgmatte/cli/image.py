@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bgmatte.cli import Subcommands
 from bgmatte.cli.video import (OUTPUT_KINDS, add_model_arguments, add_plate_arguments, check_refine_arguments,
                                model_options)
 from bgmatte.errors import BgmatteError, PartlyDone
@@ -32,7 +33,7 @@ the same way, and leaves no partly written file.
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subcommands) -> None:
     """Add the `image` subcommand."""
     parser = subparsers.add_parser(
         "image", help="matte photos against their plates (RGBA cutouts, alpha, foreground)",

@@ -12,6 +12,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from bgmatte.cli import Subcommands
 from bgmatte.errors import BgmatteError
 from bgmatte.train.config import DEFAULT_BATCH, DEFAULT_CROP, LOGGERS, PARTS, PRECISIONS, STAGES, TrainOptions
 
@@ -36,7 +37,7 @@ def parse_save_every(text: str) -> tuple[int, float]:
     return 0, float(number) * (60.0 if unit.startswith("h") else 1.0)
 
 
-def register(subparsers) -> None:
+def register(subparsers: Subcommands) -> None:
     """Add the `train` subcommand."""
     parser = subparsers.add_parser(
         "train",

@@ -9,6 +9,7 @@ import argparse
 import re
 import sys
 
+from bgmatte.cli import Subcommands
 from bgmatte.errors import BgmatteError
 
 OUTPUT_KINDS = ("com", "pha", "fgr", "err", "ref")
@@ -217,7 +218,7 @@ def parse_time(option: str, text: str) -> float:
     return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subcommands) -> None:
     """Add the `video` subcommand."""
     parser = subparsers.add_parser(
         "video", help="matte a video against its plate (composite, alpha, foreground)",

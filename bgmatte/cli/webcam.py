@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from bgmatte.cli import Subcommands
 from bgmatte.cli.video import (add_match_exposure_argument, add_plate_solve_argument, add_refine_arguments,
                                check_refine_arguments, plate_solve_choice)
 
@@ -24,7 +25,7 @@ webcam's automatic exposure changes them once you step in, and the background wo
 """
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subcommands) -> None:
     """Add the `webcam` subcommand."""
     parser = subparsers.add_parser(
         "webcam", help="live matting from a camera to a virtual camera, a preview or a recording",
