@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 from pathlib import Path
 
 # On a busy 2-core machine, OpenMP threads that spin while waiting make small operations many times
@@ -19,6 +20,15 @@ if _WORKERS > 1:
     _SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
     torch.set_num_threads(_SHARE)
     os.environ.setdefault("OMP_NUM_THREADS", str(_SHARE))
+
+# The tests of Ctrl-C and of stopping signals expect them handled as under a terminal. A launcher may hand pytest
+# (and the subprocesses it starts) a signal ignored: a script's background job ignores SIGINT, `nohup` SIGHUP, and
+# bgmatte rightly leaves an ignored signal ignored. Those tests would then fail by how pytest was started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+for _name in ("SIGTERM", "SIGHUP"):
+    if hasattr(signal, _name) and signal.getsignal(getattr(signal, _name)) is signal.SIG_IGN:
+        signal.signal(getattr(signal, _name), signal.SIG_DFL)
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_DIR = Path(os.environ.get("BGMATTE_REFERENCE", ROOT.parent / "shared" / "reference"))

@@ -811,6 +811,33 @@ def test_a_stop_during_a_step_saves_at_the_end_of_that_step(tmp_path, monkeypatc
     assert [row["step"] for row in read_rows(tmp_path / "run" / "train.csv")] == ["1", "2"]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["INT", "TERM", "HUP"])
+def test_a_signal_the_process_ignores_does_not_stop_the_run(tmp_path, monkeypatch, signum):
+    # `nohup bgmatte train ... &` ignores SIGHUP so that closing the terminal leaves the run going, and a script's
+    # background job ignores SIGINT: the run used to catch them anyway and stop, saved, at the terminal's close.
+    previous = signal.signal(signum, signal.SIG_IGN)
+    real_loss, calls = loop.stage_loss, []
+
+    def signal_in_step_2(stage, outputs, batch):
+        calls.append(None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), signum)  # a second one too, which would act at once
+        return real_loss(stage, outputs, batch)
+
+    monkeypatch.setattr(loop, "stage_loss", signal_in_step_2)
+    try:
+        try:
+            result = loop.train(tiny_options(tmp_path / "run", steps=4, save_every=2))
+        except (KeyboardInterrupt, loop.Terminated):
+            pytest.fail(f"an ignored {signal.Signals(signum).name} stopped the run at step 2")
+        assert signal.getsignal(signum) is signal.SIG_IGN  # left as the run found it
+    finally:
+        signal.signal(signum, previous)
+    assert result.step == 4 and len(calls) == 4
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["step"] == 4
+
+
 def test_a_run_stopped_midway_between_log_rows_logs_the_same_rows_once_resumed(tmp_path, monkeypatch):
     # Logged every 2 steps, a run stopped by Ctrl-C after step 3 and resumed must log at step 4 the mean of steps 3
     # and 4, as the run that never stopped does: the step that the stop cut off from its row used to be dropped.

@@ -907,10 +907,16 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 the SIGHUP of a closed terminal or SSH session (which the command line would otherwise raise mid-step, unsaved)."""
 
 
+def _heeded_stop_signals() -> list[int]:
+    """The `STOP_SIGNALS` this process does not ignore: `nohup` ignores SIGHUP so that a run outlives its terminal,
+    and a script's background job ignores SIGINT, which a run must leave ignored rather than stop on."""
+    return [number for number in STOP_SIGNALS if signal.getsignal(number) is not signal.SIG_IGN]
+
+
 class StopRequest:
     """Turns a SIGINT, SIGTERM or SIGHUP (`STOP_SIGNALS`) into a request to stop after the current step; a second
     signal of the same kind acts at once, or during a save as soon as the save is done (`held_stop_signals`).
-    Handlers are only installed in the main thread."""
+    Handlers are only installed in the main thread, and not for a signal the process ignores."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -924,7 +930,7 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            for number in STOP_SIGNALS:
+            for number in _heeded_stop_signals():
                 self._previous[number] = signal.getsignal(number)
                 signal.signal(number, self._handle)
         return self
@@ -939,12 +945,13 @@ class StopRequest:
 def held_stop_signals():
     """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then deliver them to the handlers they would have met:
     a save must not stop between last.safetensors and state.pt, or the weights would be a save newer than the
-    state a resume continues from. Only in the main thread, where handlers can be set."""
+    state a resume continues from. Only in the main thread, where handlers can be set; ignored signals stay so."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
-    previous = {number: signal.signal(number, lambda signum, frame: held.append(signum)) for number in STOP_SIGNALS}
+    previous = {number: signal.signal(number, lambda signum, frame: held.append(signum))
+                for number in _heeded_stop_signals()}
     try:
         yield
     finally:
