@@ -630,10 +630,18 @@ class ExposureFeedback:
             return plate
         return fit.apply(plate)
 
-    def report(self) -> None:
-        """At the end of a run: how many frames had no exposure matching, when more than the one already warned of."""
+    def report(self, stopped: bool = False) -> None:
+        """At the end of a run: how many frames had no exposure matching, when more than the one already warned of.
+        `stopped`: the run was cut short (Ctrl-C), so the frames counted are those prepared, a few past the last one
+        written."""
         if self.skipped > 1:
-            logger.warning("%sexposure matching was skipped on %d of %d frames", self._named, self.skipped, self.frames)
+            logger.warning("%sexposure matching was skipped on %d of %s", self._named, self.skipped,
+                           _counted_frames(self.frames, stopped))
+
+
+def _counted_frames(frames: int, stopped: bool) -> str:
+    """`frames` as the end-of-run counts name them: all the clip's, or, for a run cut short, those prepared."""
+    return f"the {frames} frames prepared before the stop" if stopped else f"{frames} frames"
 
 
 def _resized_plate(plate: tuple[int, int], target: tuple[int, int], align: bool) -> str:
@@ -744,17 +752,18 @@ class _Plates:
             plate = self.exposure.match(plate, frame)
         return plate
 
-    def report(self) -> None:
+    def report(self, stopped: bool = False) -> None:
         """At the end of a run, what the warnings given on the way left uncounted: how many frames the plate could
-        not be aligned to, or not exposure-matched to (the first of each was warned about as it came)."""
+        not be aligned to, or not exposure-matched to (the first of each was warned about as it came). `stopped`:
+        the run was cut short, and the counts are of the frames prepared (`ExposureFeedback.report`)."""
         aligner = self._aligner
         # (A still plate with too little texture already said that it is used unaligned throughout.)
         if aligner is not None and aligner.failures > 1 and (self._video is not None or aligner.textured):
             named = self._video.path if self._video is not None else self._name
-            logger.warning("%splate alignment failed on %d of %d frames; they were matted against the unaligned "
-                           "plate", f"{named}: " if named else "", aligner.failures, aligner.attempts)
+            logger.warning("%splate alignment failed on %d of %s; they were matted against the unaligned plate",
+                           f"{named}: " if named else "", aligner.failures, _counted_frames(aligner.attempts, stopped))
         if self.exposure is not None:
-            self.exposure.report()
+            self.exposure.report(stopped)
 
     def close(self) -> None:
         if self._video is not None:
@@ -1428,7 +1437,8 @@ def convert_video(
         try:
             _run_loop(reader, plates, predictor, size=size, batch_size=batch_size, on_matte=on_matte,
                       niceness=niceness)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # SIGTERM and SIGHUP too (`Terminated`)
+            plates.report(stopped=True)
             logger.warning("interrupted: the outputs hold %s", _frames_held(written, "the first"))
             raise
         except Exception:

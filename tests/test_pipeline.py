@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import os
 import shutil
 import threading
@@ -725,6 +726,25 @@ def test_exposure_matching_that_cannot_fit_is_told_once_naming_the_clip(tmp_path
     assert len(warnings) == 2, warnings
     assert warnings[0].startswith(f"{clip}: exposure matching skipped on frame 1 (only 0 background pixels")
     assert warnings[1] == f"{clip}: exposure matching was skipped on 6 of 6 frames"
+
+
+def test_exposure_matching_that_cannot_fit_is_counted_when_ctrl_c_stops_the_run(tmp_path, caplog):
+    """Ctrl-C, the usual way to stop a long run, used to lose the count of frames without exposure matching."""
+    clip, plate = tmp_path / "white.mp4", tmp_path / "plate.png"
+    white = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+    make_clip(clip, 12, plate=white)
+    write_png(plate, white)
+    with caplog.at_level(logging.WARNING, logger="bgmatte"), pytest.raises(KeyboardInterrupt):
+        convert_video(clip, plate, output=tmp_path / "com.mp4", outputs=["pha"], match_exposure=True,
+                      model=DifferenceModel(interrupt_on=5), progress=False)
+    warnings = [record.getMessage() for record in caplog.records]
+    counted = [message for message in warnings if "exposure matching was skipped" in message]
+    assert len(counted) == 1, warnings
+    prepared = int(re.search(r"skipped on (\d+) of the (\d+) frames prepared before the stop$", counted[0])[2])
+    assert counted[0] == f"{clip}: exposure matching was skipped on {prepared} of the {prepared} frames prepared " \
+                         "before the stop"
+    assert 5 <= prepared <= 12  # the frames matted (4 written, the fifth under way) and those read ahead
+    assert warnings.index(counted[0]) < next(i for i, m in enumerate(warnings) if m.startswith("interrupted"))
 
 
 def test_exposure_matching_that_cannot_fit_an_image_names_it_once(tmp_path, caplog):
