@@ -1225,3 +1225,36 @@ def test_cli_match_exposure_mattes_a_camera_that_brightened_against_its_plate(tm
         # The last frame: its background against the blue target (lossy twice over: camera file and recording).
         distance[bool(flags)] = np.abs(recorded[-1].astype(int) - BLUE)[backgrounds[3]].mean()
     assert distance[False] > 80 and distance[True] < 25, distance
+
+
+def test_cli_ctrl_c_still_tells_how_many_frames_went_out_and_at_what_rate(tmp_path, monkeypatch, capsys):
+    """Ctrl-C is how a headless session ends, and it lost the closing "N frames in S s: F fps" line, the one figure
+    a user has of how fast the session ran. It comes before the exit, 130 as ever, and counts the frames recorded."""
+    from media import DifferenceModel
+
+    class InterruptedCamera:
+        """Four frames, then Ctrl-C (as the camera thread hands it on)."""
+
+        size, fps, name = (WIDTH, HEIGHT), 30.0, "fake camera"
+
+        def __iter__(self):
+            for index in range(4):
+                yield scene(index)
+                time.sleep(0.2)
+            raise KeyboardInterrupt
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(webcam, "open_camera", lambda *args, **kwargs: InterruptedCamera())
+    monkeypatch.setattr("bgmatte.model.build.load_model", lambda *args, **kwargs: DifferenceModel())
+    plate_file = tmp_path / "plate.png"
+    cv2.imwrite(str(plate_file), cv2.cvtColor(scene(0), cv2.COLOR_RGB2BGR))
+    out = tmp_path / "out.mp4"
+    code = main(["webcam", "--bgr", str(plate_file), "--record", str(out), "--no-preview"])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    summary = re.search(r"(\d+) frames in ([\d.]+) s: ([\d.]+) fps", err)
+    assert summary is not None, err
+    assert int(summary[1]) == len(clip_frames(out)) >= 2 and float(summary[3]) > 0, err
+    assert err.index(summary[0]) < err.index("bgmatte webcam: interrupted"), err

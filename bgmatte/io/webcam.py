@@ -670,6 +670,7 @@ class WebcamSession(ClosesOnExit):
         self.device = torch.device(getattr(predictor, "device", "cpu"))
         self.target_index = 0
         self.frames = 0
+        self._first_time: float | None = None  # when the first frame went out
         self.plate: np.ndarray | None = None
         self._plate_tensor: Tensor | None = None
         self._backdrops: dict[int, Backdrop] = {}
@@ -795,8 +796,8 @@ class WebcamSession(ClosesOnExit):
 
     def run(self) -> WebcamReport:
         """Run until the source ends, q is pressed or `max_frames` frames are out; returns what happened. Ctrl-C
-        (the usual way to stop a headless session) still gets the count of frames without exposure matching."""
-        first_time: float | None = None
+        (the usual way to stop a headless session) still gets the count of frames without exposure matching, and
+        `report()` still tells what went out before it."""
         try:
             for frame in self.source:
                 output = self.process(frame)
@@ -806,8 +807,8 @@ class WebcamSession(ClosesOnExit):
                 if self.preview is not None:
                     self.preview.send(draw_status(output, self.status_lines()))
                 self.frames += 1
-                if first_time is None:
-                    first_time = self.clock()
+                if self._first_time is None:
+                    self._first_time = self.clock()
                 if self.keys is not None:
                     self.handle_key(self.keys(), frame)
                 if self._stop or (self.max_frames is not None and self.frames >= self.max_frames):
@@ -818,7 +819,11 @@ class WebcamSession(ClosesOnExit):
             raise
         if self.exposure is not None:
             self.exposure.report()
-        seconds = self.clock() - first_time if first_time is not None else 0.0
+        return self.report()
+
+    def report(self) -> WebcamReport:
+        """What the session has done so far: frames sent, and their rate from the first to now."""
+        seconds = self.clock() - self._first_time if self._first_time is not None else 0.0
         fps = (self.frames - 1) / seconds if self.frames > 1 and seconds > 0 else 0.0
         dropped = int(getattr(self.source, "dropped", 0))
         return WebcamReport(self.frames, seconds, fps, dropped, self.plate is not None)
@@ -989,7 +994,11 @@ def run_webcam(
                                 exposure=ExposureFeedback(source.name, LIVE_EXPOSURE) if match_exposure else None)
         stack.push(session.__exit__)
         logger.info("matting %s at %dx%d on %s (%s)", source.name, *source.size, predictor.device, precision)
-        report = session.run()
+        try:
+            report = session.run()
+        except KeyboardInterrupt:  # the figures of the frames sent before the stop, then the stop goes on
+            logger.info("%s", session.report().summary())
+            raise
     logger.info("%s", report.summary())
     return report
 
