@@ -51,7 +51,7 @@ from bgmatte.composite import (
     to_uint8,
 )
 from bgmatte.errors import BgmatteError, PartlyDone
-from bgmatte.io.files import file_identity, refuse_existing, refuse_overwriting_inputs
+from bgmatte.io.files import file_identity, refuse_existing, refuse_overwriting_inputs, same_bytes
 from bgmatte.io.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -1576,13 +1576,20 @@ def _refuse_given_twice(path: Path, how: str, given: dict[tuple[int, int], str])
 
 def _refuse_own_plates(pairs: Sequence[tuple[Path, Path]], what: str = "image") -> None:
     """Refuse a source paired with itself as its plate, however spelled (``--bgr`` naming the image or its folder,
-    or the clip through another path or a link; `what` says which): it would be matted without a word against a
-    plate that matches every pixel, an empty cutout."""
+    or the clip through another path or a link; `what` says which), or with a copy of it (the same bytes): it would
+    be matted without a word against a plate that matches every pixel, an empty cutout."""
     for source, plate in pairs:
         identity = file_identity(source)
-        if identity is not None and identity == file_identity(plate):
-            raise BgmatteError(f"{plate}: the plate of {source} is that {what} itself; a plate is a shot of the "
-                               "background without the subject")
+        if identity is None:  # missing: its reader names it
+            continue
+        if identity == file_identity(plate):
+            found = f"that {what} itself"
+        elif same_bytes(source, plate):
+            found = f"a copy of that {what} (the same bytes)"
+        else:
+            continue
+        raise BgmatteError(f"{plate}: the plate of {source} is {found}; a plate is a shot of the background without "
+                           "the subject")
 
 
 def _warn_left_out(folder: Path, images: Sequence[Path]) -> None:

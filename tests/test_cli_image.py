@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -215,6 +216,14 @@ def test_an_image_that_is_its_own_plate_is_refused_naming_it(photos, capsys, mon
     monkeypatch.setattr(pipeline, "load_predictor", refuse_to_load)
     code, _, err = run(capsys, "image", *sources, "--bgr", plate, "-o", "out")
     one_line_error(code, err, "beach.png", "is that image itself", "a plate is a shot of the background without")
+    assert not (photos / "out").exists()
+
+
+def test_a_copy_of_an_image_given_as_its_plate_is_refused_naming_it(photos, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "load_predictor", refuse_to_load)
+    shutil.copyfile(photos / "src" / "beach.png", photos / "copy.png")
+    code, _, err = run(capsys, "image", "src/beach.png", "--bgr", "copy.png", "-o", "out")
+    one_line_error(code, err, "copy.png: the plate of", "beach.png is a copy of that image (the same bytes)")
     assert not (photos / "out").exists()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -210,7 +211,7 @@ def test_overwriting_a_png_folder_never_deletes_the_source_plate_or_other_files(
 @pytest.mark.parametrize("name", ["photo.png", "photo.jpg"])
 def test_a_still_image_as_the_source_is_refused_pointing_to_bgmatte_image(scene, capsys, monkeypatch, name):
     use_difference_model(monkeypatch)
-    write_png(scene / "photo.png", plate_image())
+    write_png(scene / "photo.png", plate_image(seed=1))  # a photo, not a copy of the plate
     if name.endswith(".jpg"):
         import cv2
 
@@ -241,6 +242,23 @@ def test_a_clip_given_as_its_own_plate_is_refused_before_the_model_loads(scene, 
     one_line_error(code, err, f"{Path(plate)}: the plate of src.mp4 is that clip itself",
                    "a plate is a shot of the background without the subject")
     assert sorted(path.name for path in scene.iterdir()) == before  # no output, not even a folder
+
+
+def test_a_copy_of_the_clip_given_as_its_plate_is_refused_and_a_same_sized_other_file_is_not(scene, capsys,
+                                                                                              monkeypatch):
+    """A copy under another name (``cp shot.mp4 plate.mp4``, a download kept twice) matted as empty as the clip
+    itself did; the same bytes are refused. A different file of the very same size is compared and let through."""
+    model = use_difference_model(monkeypatch)
+    shutil.copyfile(scene / "src.mp4", scene / "copy.mp4")
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "copy.mp4", "-o", "out.mp4", "-q")
+    one_line_error(code, err, "copy.mp4: the plate of src.mp4 is a copy of that clip (the same bytes)",
+                   "a plate is a shot of the background without the subject")
+    assert not (scene / "out.mp4").exists() and model.calls == []
+    data = bytearray((scene / "src.mp4").read_bytes())
+    data[-1] ^= 0xFF  # the same size, one byte apart: not a copy
+    (scene / "near.mp4").write_bytes(bytes(data))
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "near.mp4", "-o", "out.mp4", "-q")
+    assert "copy" not in err
 
 
 @pytest.mark.parametrize("plate", ["bgr.png", "auto"])

@@ -7,6 +7,7 @@ the whole run; whole files (PNG, exported models) go through `write_through_temp
 """
 from __future__ import annotations
 
+import filecmp
 import os
 import tempfile
 import uuid
@@ -118,6 +119,17 @@ def file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
     except OSError:
         return None
     return status.st_dev, status.st_ino
+
+
+def same_bytes(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Whether two files hold the same bytes, as a copy does; False where either cannot be read. Files of different
+    sizes are told apart by their sizes alone, so only a copy (or a rare file of the very same size) is read."""
+    try:
+        if os.stat(first).st_size != os.stat(second).st_size:
+            return False
+        return filecmp.cmp(first, second, shallow=False)
+    except OSError:
+        return False
 
 
 def refuse_overwriting_inputs(outputs: Iterable[Path], inputs: Iterable[tuple[str, Path]], *,
