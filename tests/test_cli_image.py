@@ -303,7 +303,7 @@ def test_a_folder_of_mixed_sizes_gets_each_size_its_settings_from_one_load(photo
                        "--device", "cpu", "-q")
     assert code == 0, err
     assert loads == [(WIDTH, HEIGHT)]  # the weights are loaded once, for the first image
-    assert seen == [(WIDTH, 0.25, 80_000), (WIDTH, 0.25, 80_000), (192, 0.125, 320_000)]
+    assert seen == [(WIDTH, 0.5, 80_000), (WIDTH, 0.5, 80_000), (192, 0.125, 320_000)]  # below HD: 1/2, then "4K"
     # A setting given on the command line holds for every image; the other one still follows the size.
     seen.clear()
     code, _, err = run(capsys, "image", "src", "--bgr", "bgr", "-o", "out2", "--checkpoint", checkpoint,

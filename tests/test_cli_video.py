@@ -244,6 +244,25 @@ def test_a_clip_given_as_its_own_plate_is_refused_before_the_model_loads(scene, 
     assert sorted(path.name for path in scene.iterdir()) == before  # no output, not even a folder
 
 
+def test_the_default_model_keeps_a_small_subject_in_a_small_clip(scene, capsys):
+    """At the paper's 1/4 the base network saw 24x16 pixels of this 96x64 clip, and the 20-pixel square vanished
+    from every frame but the first (mean alpha 0.00 over it); below HD the scale now gives the base network more
+    pixels (1/2 here), and the square is matted in every frame."""
+    from media import subject_box
+
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--outputs", "pha",
+                       "--device", "cpu", "-q")
+    assert code == 0, err
+    mattes = [frame[..., 0] / 255.0 for frame in read_frames(scene / "out_pha.mp4")]
+    assert len(mattes) == 12
+    for index, matte in enumerate(mattes):
+        rows, columns = subject_box(index)
+        inside = matte[rows, columns][2:-2, 2:-2].mean()  # away from the square's edges (4:2:0 chroma, codec)
+        outside = matte.copy()
+        outside[rows.start - 2:rows.stop + 2, columns.start - 2:columns.stop + 2] = 0
+        assert inside > 0.8 and outside.mean() < 0.05, (index, inside, outside.mean())
+
+
 def test_a_copy_of_the_clip_given_as_its_plate_is_refused_and_a_same_sized_other_file_is_not(scene, capsys,
                                                                                               monkeypatch):
     """A copy under another name (``cp shot.mp4 plate.mp4``, a download kept twice) matted as empty as the clip

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bgmatte.errors import BgmatteError
-from bgmatte.predictor import Predictor
+from bgmatte.predictor import Predictor, settings_for_size
 from media import DifferenceModel
 
 
@@ -100,3 +100,17 @@ def test_float_frames_a_rounding_step_outside_0_1_are_taken():
     src = src.astype(np.float32) / 255
     src[0, 0, 0] = (-5e-4, 1 + 5e-4, 1.0)
     Predictor(DifferenceModel())(src, plate.astype(np.float16) / 255)
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((3840, 2160), (0.125, 320_000)), ((1920, 1080), (0.25, 80_000)), ((1280, 720), (0.25, 80_000)),
+    ((720, 1280), (0.25, 80_000)), ((1280, 719), (0.25, 80_000)), ((960, 540), (0.3125, 80_000)),
+    ((640, 480), (0.375, 80_000)), ((640, 360), (0.5, 80_000)), ((96, 64), (0.5, 80_000)),
+])
+def test_frames_below_hd_give_the_base_network_the_pixels_it_has_at_hd(size, expected):
+    """At 1/4 a 640x360 frame left the base network 160x90 pixels, and small subjects were lost; from HD up the
+    paper's settings hold."""
+    assert settings_for_size(*size) == expected
+    scale = expected[0]
+    width, height = size
+    assert (width * scale) * (height * scale) <= 1280 * 720 / 16 + 1e-6 or scale == 0.25 or scale == 0.125

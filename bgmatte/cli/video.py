@@ -97,7 +97,8 @@ def add_refine_arguments(group, *, scale: float | None = 0.25, pixels: int | Non
     def names(name: str) -> tuple[str, ...]:
         return (f"--{name}", f"--model-{name}") if reference_names else (f"--{name}",)
 
-    by_size = "default 0.25, or 0.125 from 4K up" if scale is None else f"default {scale}"
+    by_size = ("default by frame size: 0.25 from HD up, 0.125 from 4K up, up to 0.5 below HD"
+               if scale is None else f"default {scale}")
     group.add_argument(*names("backbone"), dest="backbone", choices=BACKBONES,
                        help="the checkpoint's backbone (default: read from the weights)")
     group.add_argument(*names("backbone-scale"), dest="backbone_scale", type=float, default=scale, metavar="S",
