@@ -2541,3 +2541,33 @@ def test_copied_audio_in_mp4_ends_with_the_video(tmp_path, suffix, codec, start,
     end = 1.0 if start is None else 0.2
     assert stated_length(output, "video") == pytest.approx(end, abs=0.001)
     assert stated_length(output, "audio") == pytest.approx(end, abs=0.0015)  # the source's Matroska ms stamps
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov"])
+@pytest.mark.parametrize("codec", ["mp3", "ac3"])
+@pytest.mark.parametrize(("start", "duration"), [(None, None), (0.4, 0.2)])
+def test_copied_audio_of_an_avi_counted_in_packets_is_cut_at_the_sample(tmp_path, suffix, codec, start, duration):
+    """An AVI's MP3 or AC-3 track is stamped in whole packets (a tick of 24 or 32 ms): the end the last packet was
+    given and a span's shift were rounded to those ticks, so that the copied sound ran up to a packet past the video
+    (1.008 s of MP3, 1.024 s of AC-3 for 1 s) or stopped short of it, and a span's sound was up to half a packet out
+    of time with its frames. Now each copied packet is placed in samples."""
+    source, output = tmp_path / "src.avi", tmp_path / f"out{suffix}"
+    clip_with_tracks(source, [(codec, lambda times: 300 + 2000 * times, 48000, "mono", None, None)], 25, 1.3)
+    with av.open(str(source)) as container:
+        assert container.streams.audio[0].time_base > Fraction(1, 1000)  # a tick is a packet
+    with VideoReader(source, start=start or 0.0, duration=duration) as reader, \
+            VideoWriter(output, fps=reader.fps, audio_from=source, audio_start=reader.offset) as writer:
+        for frame in reader:
+            writer.write(frame.image, frame.pts, frame.time_base)
+    with av.open(str(output)) as container:
+        assert container.streams.audio[0].codec_context.name.startswith(codec)  # copied (mp3float decodes MP3)
+    end = 1.0 if start is None else 0.2
+    assert stated_length(output, "video") == pytest.approx(end, abs=0.001)
+    assert stated_length(output, "audio") == pytest.approx(end, abs=0.001)
+    first, samples, rate = decoded_track(output)
+    whole_first, whole, _ = decoded_track(source)
+    part = samples[round((0.1 - first) * rate):][:round(0.08 * rate)]  # past the decoder's warm-up (MP3's reservoir)
+    origin = round(((start or 0.0) + 0.1 - whole_first) * rate)
+    misses = {shift: np.abs(part - whole[origin + shift:][:part.size]).max() for shift in range(-rate // 50, rate // 50)}
+    best = min(misses, key=misses.get)
+    assert abs(best) <= rate // 1000 and misses[best] < 0.02  # in time with the source, to a millisecond

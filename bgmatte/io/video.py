@@ -2321,6 +2321,8 @@ class _AudioCarrier:
                     return
                 if packet is None:  # none before `until` yet, or none left
                     return
+                if self.copy:
+                    packet = _in_samples(packet, self._in_stream.rate)
             stamp = packet.pts if packet.pts is not None else packet.dts
             if stamp is None:
                 continue  # the demuxer's flush packet
@@ -2328,7 +2330,8 @@ class _AudioCarrier:
             # A packet that runs past `until` waits too, so that the end of the output, once it is known (`finish`),
             # cuts its sound there: at the sample when transcoded, by the last packet's duration when copied into MP4.
             runs_past = packet.duration and moment + _seconds(packet.duration, packet) > until + _TIME_SLACK
-            if moment >= until or (runs_past and not final and (not self.copy or self._ends_inside_packets)):
+            waits = runs_past and not final and (not self.copy or self._ends_inside_packets)
+            if moment >= until - _TIME_SLACK or waits:  # one starting at the end has no sound in the output
                 self._held = packet
                 return
             if self._start and (self._before_copy(packet, moment) if self.copy else moment < -_AUDIO_PREROLL_S):
@@ -2492,6 +2495,24 @@ def _cut(frame: av.AudioFrame, start: int, stop: int) -> av.AudioFrame:
                                       layout=frame.layout.name)
     part.sample_rate = frame.sample_rate
     return av.AudioResampler(format=frame.format.name).resample(part)[0] if planar else part
+
+
+def _in_samples(packet: av.Packet, rate: int | None) -> av.Packet:
+    """A copied packet stamped in samples (a time base of 1/`rate`) where its own time base is coarser: an AVI counts
+    its MP3 or AC-3 sound in whole packets (a tick of 24 or 32 ms), in which neither a span's start nor the video's
+    end can be placed inside one, so that copied sound was up to half a packet out of time and ran a packet past the
+    video. The stamps are whole packets of samples, so nothing is rounded."""
+    base = packet.time_base
+    if not rate or base is None or base <= Fraction(1, rate):
+        return packet
+    scale = base * rate
+    if packet.pts is not None:
+        packet.pts = round(packet.pts * scale)
+    if packet.dts is not None:
+        packet.dts = round(packet.dts * scale)
+    packet.duration = round(packet.duration * scale)
+    packet.time_base = Fraction(1, rate)
+    return packet
 
 
 def _decoding_stamp(packet: av.Packet) -> int | None:
