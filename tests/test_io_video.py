@@ -1231,6 +1231,25 @@ def test_a_forced_encoder_that_cannot_work_is_refused_at_once(tmp_path, name, co
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("name", "alias", "encoder", "settings", "any_size"), [
+    ("a.mp4", "h264", "libx264", {"crf": "10", "preset": "slow"}, False),
+    ("a.webm", "vp9", "libvpx-vp9", {"crf": "10", "deadline": "good", "row-mt": "1"}, True),
+    ("a.mov", "hevc", "libx265", {"x265-params": "log-level=error"}, False),
+])
+def test_a_forced_encoder_named_by_its_format_is_the_encoder_ffmpeg_gives_for_it(name, alias, encoder, settings,
+                                                                                  any_size):
+    """`--codec h264` (as ffmpeg's -c:v takes it) opens libx264, but was taken for a foreign encoder: --crf and --preset
+    were dropped, with a warning that only H.264 takes a crf, and so were the defaults (x264's medium preset ran on
+    the CPU); vp9 lost its settings and padded odd sizes that VP9 keeps, hevc let x265 fill stderr. Now the name is
+    the encoder's own."""
+    if not video_io._encoder_available(encoder):
+        pytest.skip(f"no {encoder} in this PyAV")
+    choice = choose_encoder(name, alpha=False, options=EncoderOptions(codec=alias, crf=10, preset="slow"))
+    assert choice.codec == encoder
+    assert settings.items() <= choice.options.items()
+    assert choice.even_sides == ((False, False) if any_size else (True, True))
+
+
 needs_h263 = pytest.mark.skipif(not video_io._encoder_available("h263"), reason="no H.263 encoder in this PyAV")
 
 

@@ -1168,6 +1168,9 @@ def choose_encoder(path: str | os.PathLike, *, alpha: bool, options: EncoderOpti
             raise BgmatteError(f"{path}: the encoder {codec!r} is not available in this PyAV build")
         if av.Codec(codec, "w").type != "video":
             raise BgmatteError(f"{path}: {codec!r} is an {av.Codec(codec, 'w').type} encoder, not a video one")
+        # A format's name (h264, vp9, hevc, as ffmpeg's -c:v takes it) opens FFmpeg's encoder for it: that encoder's
+        # own name, so that it gets its settings (crf, preset, VP9's any size) as when it is named or chosen.
+        codec = av.Codec(codec, "w").name
     elif container == "webm":
         codec = "libvpx-vp9"
     elif alpha and container == "mov":
