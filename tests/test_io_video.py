@@ -670,6 +670,21 @@ def test_mpeg4_fallback_takes_fine_time_bases(tmp_path):
     assert decode_times(target) == [0.0, 0.04, 0.08, 0.12, 0.16]
 
 
+@pytest.mark.parametrize("codec", ["mpeg1video", "mpeg2video"])
+@pytest.mark.parametrize(("suffix", "base", "fps"), [(".mkv", Fraction(1, 90000), 25),
+                                                     (".mp4", Fraction(1, 30000), Fraction(30000, 1001))])
+def test_mpeg_1_and_2_are_timed_in_frames_of_the_clips_rate(tmp_path, codec, suffix, base, fps):
+    """MPEG-1 and MPEG-2 open only with a time base of one frame at one of their rates; given the source's (an MP4's
+    1/12800, a transport stream's 1/90000) they refused to start, after the model had loaded."""
+    target = tmp_path / f"out{suffix}"
+    step = round(1 / (fps * base))
+    with VideoWriter(target, fps=fps, options=EncoderOptions(codec=codec)) as writer:
+        for index in range(5):
+            writer.write(pattern(index), pts=step * index, time_base=base)
+    assert decode_times(target) == [round(float(index / fps), 4) for index in range(5)]
+    assert len(read_frames(target)) == 5
+
+
 def alpha_planes(path: Path) -> list[np.ndarray]:
     """Decode the alpha of every frame; VP9 alpha needs the libvpx decoder, which reads the side data."""
     with av.open(str(path)) as container:

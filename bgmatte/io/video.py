@@ -1757,6 +1757,8 @@ class VideoWriter(ClosesOnExit):
         tb = time_base if time_base is not None else 1 / self.fps
         if self.choice.codec == "mpeg4" and tb.denominator > 65535:
             tb = Fraction(1, 1000)  # MPEG-4 part 2 allows time bases up to 1/65535; milliseconds keep VFR
+        elif self.choice.codec in ("mpeg1video", "mpeg2video"):
+            tb = 1 / self.fps  # they open only with a time base of one frame at one of their rates: no VFR
         self._time_base = tb
         # How long the last frame shows, and so where the video and audio end: its own duration when `write` gives
         # one, else the step between the last two frames, or one frame period until there are two (a one-frame
