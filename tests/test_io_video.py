@@ -218,6 +218,31 @@ def test_truncated_input_keeps_decoded_frames_and_reports_it(tmp_path, kind):
     assert np.all(np.diff([int(frame.image[30, 40, 0]) for frame in frames]) > 5)
 
 
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_copied_audio_of_a_truncated_file_leaves_out_its_cut_packet(tmp_path, caplog, suffix):
+    """A faststart MP4 cut in half: its index lists the audio packet the cut went through, which the demuxer gives short
+    and flagged corrupt. It was copied as it was, so that the output's audio failed to decode there ('Invalid data
+    found'); now it is left out, as a damaged packet of a transcoded track is, with the same warning."""
+    clip = tmp_path / "whole.mp4"
+    make_clip(clip, count=25, options={"movflags": "faststart"})
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    with av.open(str(cut)) as container:
+        assert any(packet.is_corrupt for packet in container.demux(container.streams.audio[0]))
+    output = tmp_path / f"out{suffix}"
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        with VideoReader(cut) as reader, VideoWriter(output, fps=reader.fps, audio_from=cut) as writer:
+            for frame in reader:
+                writer.write(frame.image, frame.pts, frame.time_base)
+    with av.open(str(output)) as container:
+        stream = container.streams.audio[0]
+        assert stream.codec_context.name == "aac"  # copied
+        frames = [frame for packet in container.demux(stream) for frame in packet.decode()]  # every packet decodes
+    assert sum(frame.samples for frame in frames) / stream.rate > 0.3
+    assert f"{cut}: audio has damaged packets; 1 left out" in caplog.messages
+
+
 def test_an_mp4_whose_edit_list_hides_its_first_frames_is_whole_and_starts_at_its_first_shown_frame(tmp_path):
     """`ffmpeg -ss 1.4 -i in.mp4 -c copy out.mp4` copies from the keyframe at 1 s and writes an edit list that hides
     the ten frames before 1.4 s: the file holds 50 frames, its index counts them all, and 40 are shown. A whole read

@@ -2255,7 +2255,7 @@ class _AudioCarrier:
         self._muxed = 0  # packets put into the output
         self._held: av.Packet | None = None
         self._relabel: _Relabeller | None = None  # gives transcoded frames the output's layout
-        self._damaged = 0  # packets the decoder refused, left out
+        self._damaged = 0  # damaged packets left out: refused by the decoder, or flagged corrupt where copied
         self._start = media.start
         self._last_dts: int | None = None  # of the latest copied packet, in the source's time base
         self._end: float | None = None  # where the output ends (its time), once `finish` says
@@ -2360,6 +2360,9 @@ class _AudioCarrier:
 
     def _write(self, packet: av.Packet) -> None:
         if self.copy:
+            if packet.is_corrupt:  # cut short (a truncated file's last one): copied, it would not decode in the output
+                self._damaged += 1
+                return
             if self._start:
                 ticks = round(Fraction(self._start) / packet.time_base)
                 if packet.pts is not None:
