@@ -1418,6 +1418,7 @@ def convert_video(
             frames = render_outputs(matte, kinds, target=target_bgr, backdrop=backdrop, src=batch.src)
             for index, (pts, time_base, duration) in enumerate(batch.stamps):
                 failure: BaseException | None = None
+                taken = False  # by some output: none did when every one failed (their files could not start)
                 for kind, writer in writers.items():  # a writer that fails still lets the others take the frame
                     image = frames[kind][index]
                     try:
@@ -1425,10 +1426,12 @@ def convert_video(
                             writer.write(image, pts, time_base, duration)
                         else:
                             writer.write(image)
+                        taken = True
                     except Exception as exc:  # noqa: BLE001 - raised once this frame is in every other output
                         failure = failure or exc
-                written += 1  # every output still kept holds this frame
-                bar.update(1)
+                if taken:
+                    written += 1  # every output still kept holds this frame
+                    bar.update(1)
                 if failure is not None:
                     raise failure
             if plates.exposure is not None:
@@ -1465,7 +1468,8 @@ def _warn_not_kept(writers: dict[str, VideoWriter | ImageSequenceWriter], plans:
     if not (broken and written):
         return False
     kept = [plan.path for plan in plans if plan.path not in broken]
-    logger.warning("%s%s is not kept (its encoder failed)%s", prefix, _and_list(broken),
+    failed = "is not kept (its encoder failed)" if len(broken) == 1 else "are not kept (their encoders failed)"
+    logger.warning("%s%s %s%s", prefix, _and_list(broken), failed,
                    f"; {_and_list(kept)} {'holds' if len(kept) == 1 else 'hold'} {held}" if kept else "")
     return True
 

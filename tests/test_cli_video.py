@@ -443,6 +443,45 @@ def test_an_encoder_failing_as_its_file_is_finished_is_reported_not_kept_as_a_mi
     assert sorted(p.name for p in scene.iterdir()) == ["bgr.png", "out.mp4", "out_pha.mp4", "src.mp4"]
 
 
+def test_outputs_that_all_fail_are_named_in_the_plural_and_none_said_to_hold_a_frame_they_never_took(
+        scene, capsys, monkeypatch):
+    """Both outputs refused at their start (an encoder that opens only at other settings): the first frame was counted
+    as written though no output took it, so that a warning before the one error said the files were 'not kept'; and
+    both trailers failing (a full disk) were named as one: 'out.mp4 and out_pha.mp4 is not kept (its encoder failed)'."""
+    use_difference_model(monkeypatch)
+
+    def refuse(self, *, copy_audio, audio=True):
+        raise OSError("the muxer refused")
+
+    start = VideoWriter._start
+    monkeypatch.setattr(VideoWriter, "_start", refuse)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--outputs", "com", "pha", "-q")
+    assert code == 2
+    assert err.splitlines() == ["bgmatte video: error: out.mp4: could not start the file (libx264 video 96x64): "
+                                "the muxer refused; nothing was written"]
+    monkeypatch.setattr(VideoWriter, "_start", start)
+    finish = VideoWriter._finish
+
+    def trailer_fails(self):
+        container = self._container
+
+        def close():
+            container.close()
+            raise OSError(28, "No space left on device")
+
+        self._container = types.SimpleNamespace(mux=container.mux, close=close)
+        finish(self)
+
+    monkeypatch.setattr(VideoWriter, "_finish", trailer_fails)
+    code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--outputs", "com", "pha", "-q")
+    assert code == 2
+    assert err.splitlines() == [
+        "bgmatte video: warning: out.mp4 and out_pha.mp4 are not kept (their encoders failed)",
+        "bgmatte video: error: out.mp4: could not finish the file (No space left on device)",
+    ]
+    assert sorted(p.name for p in scene.iterdir()) == ["bgr.png", "src.mp4"]
+
+
 def test_truncated_input_exits_2_with_every_decoded_frame_written(scene, capsys, monkeypatch):
     use_difference_model(monkeypatch)
     rng = np.random.default_rng(0)

@@ -218,6 +218,31 @@ def test_truncated_input_keeps_decoded_frames_and_reports_it(tmp_path, kind):
     assert np.all(np.diff([int(frame.image[30, 40, 0]) for frame in frames]) > 5)
 
 
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_copied_audio_of_a_truncated_file_leaves_out_its_cut_packet(tmp_path, caplog, suffix):
+    """A faststart MP4 cut in half: its index lists the audio packet the cut went through, which the demuxer gives short
+    and flagged corrupt. It was copied as it was, so that the output's audio failed to decode there ('Invalid data
+    found'); now it is left out, as a damaged packet of a transcoded track is, with the same warning."""
+    clip = tmp_path / "whole.mp4"
+    make_clip(clip, count=25, options={"movflags": "faststart"})
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    with av.open(str(cut)) as container:
+        assert any(packet.is_corrupt for packet in container.demux(container.streams.audio[0]))
+    output = tmp_path / f"out{suffix}"
+    with caplog.at_level(logging.WARNING, logger="bgmatte"):
+        with VideoReader(cut) as reader, VideoWriter(output, fps=reader.fps, audio_from=cut) as writer:
+            for frame in reader:
+                writer.write(frame.image, frame.pts, frame.time_base)
+    with av.open(str(output)) as container:
+        stream = container.streams.audio[0]
+        assert stream.codec_context.name == "aac"  # copied
+        frames = [frame for packet in container.demux(stream) for frame in packet.decode()]  # every packet decodes
+    assert sum(frame.samples for frame in frames) / stream.rate > 0.3
+    assert f"{cut}: audio has damaged packets; 1 left out" in caplog.messages
+
+
 def test_an_mp4_whose_edit_list_hides_its_first_frames_is_whole_and_starts_at_its_first_shown_frame(tmp_path):
     """`ffmpeg -ss 1.4 -i in.mp4 -c copy out.mp4` copies from the keyframe at 1 s and writes an edit list that hides
     the ten frames before 1.4 s: the file holds 50 frames, its index counts them all, and 40 are shown. A whole read
@@ -668,6 +693,21 @@ def test_mpeg4_fallback_takes_fine_time_bases(tmp_path):
         for index in range(5):
             writer.write(pattern(index), pts=3600 * index, time_base=Fraction(1, 90000))
     assert decode_times(target) == [0.0, 0.04, 0.08, 0.12, 0.16]
+
+
+@pytest.mark.parametrize("codec", ["mpeg1video", "mpeg2video"])
+@pytest.mark.parametrize(("suffix", "base", "fps"), [(".mkv", Fraction(1, 90000), 25),
+                                                     (".mp4", Fraction(1, 30000), Fraction(30000, 1001))])
+def test_mpeg_1_and_2_are_timed_in_frames_of_the_clips_rate(tmp_path, codec, suffix, base, fps):
+    """MPEG-1 and MPEG-2 open only with a time base of one frame at one of their rates; given the source's (an MP4's
+    1/12800, a transport stream's 1/90000) they refused to start, after the model had loaded."""
+    target = tmp_path / f"out{suffix}"
+    step = round(1 / (fps * base))
+    with VideoWriter(target, fps=fps, options=EncoderOptions(codec=codec)) as writer:
+        for index in range(5):
+            writer.write(pattern(index), pts=step * index, time_base=base)
+    assert decode_times(target) == [round(float(index / fps), 4) for index in range(5)]
+    assert len(read_frames(target)) == 5
 
 
 def alpha_planes(path: Path) -> list[np.ndarray]:
@@ -1229,6 +1269,25 @@ def test_a_forced_encoder_that_cannot_work_is_refused_at_once(tmp_path, name, co
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / name}: ") and expected in message and "\n" not in message
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("name", "alias", "encoder", "settings", "any_size"), [
+    ("a.mp4", "h264", "libx264", {"crf": "10", "preset": "slow"}, False),
+    ("a.webm", "vp9", "libvpx-vp9", {"crf": "10", "deadline": "good", "row-mt": "1"}, True),
+    ("a.mov", "hevc", "libx265", {"x265-params": "log-level=error"}, False),
+])
+def test_a_forced_encoder_named_by_its_format_is_the_encoder_ffmpeg_gives_for_it(name, alias, encoder, settings,
+                                                                                  any_size):
+    """`--codec h264` (as ffmpeg's -c:v takes it) opens libx264, but was taken for a foreign encoder: --crf and --preset
+    were dropped, with a warning that only H.264 takes a crf, and so were the defaults (x264's medium preset ran on
+    the CPU); vp9 lost its settings and padded odd sizes that VP9 keeps, hevc let x265 fill stderr. Now the name is
+    the encoder's own."""
+    if not video_io._encoder_available(encoder):
+        pytest.skip(f"no {encoder} in this PyAV")
+    choice = choose_encoder(name, alpha=False, options=EncoderOptions(codec=alias, crf=10, preset="slow"))
+    assert choice.codec == encoder
+    assert settings.items() <= choice.options.items()
+    assert choice.even_sides == ((False, False) if any_size else (True, True))
 
 
 needs_h263 = pytest.mark.skipif(not video_io._encoder_available("h263"), reason="no H.263 encoder in this PyAV")
@@ -2541,3 +2600,33 @@ def test_copied_audio_in_mp4_ends_with_the_video(tmp_path, suffix, codec, start,
     end = 1.0 if start is None else 0.2
     assert stated_length(output, "video") == pytest.approx(end, abs=0.001)
     assert stated_length(output, "audio") == pytest.approx(end, abs=0.0015)  # the source's Matroska ms stamps
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov"])
+@pytest.mark.parametrize("codec", ["mp3", "ac3"])
+@pytest.mark.parametrize(("start", "duration"), [(None, None), (0.4, 0.2)])
+def test_copied_audio_of_an_avi_counted_in_packets_is_cut_at_the_sample(tmp_path, suffix, codec, start, duration):
+    """An AVI's MP3 or AC-3 track is stamped in whole packets (a tick of 24 or 32 ms): the end the last packet was
+    given and a span's shift were rounded to those ticks, so that the copied sound ran up to a packet past the video
+    (1.008 s of MP3, 1.024 s of AC-3 for 1 s) or stopped short of it, and a span's sound was up to half a packet out
+    of time with its frames. Now each copied packet is placed in samples."""
+    source, output = tmp_path / "src.avi", tmp_path / f"out{suffix}"
+    clip_with_tracks(source, [(codec, lambda times: 300 + 2000 * times, 48000, "mono", None, None)], 25, 1.3)
+    with av.open(str(source)) as container:
+        assert container.streams.audio[0].time_base > Fraction(1, 1000)  # a tick is a packet
+    with VideoReader(source, start=start or 0.0, duration=duration) as reader, \
+            VideoWriter(output, fps=reader.fps, audio_from=source, audio_start=reader.offset) as writer:
+        for frame in reader:
+            writer.write(frame.image, frame.pts, frame.time_base)
+    with av.open(str(output)) as container:
+        assert container.streams.audio[0].codec_context.name.startswith(codec)  # copied (mp3float decodes MP3)
+    end = 1.0 if start is None else 0.2
+    assert stated_length(output, "video") == pytest.approx(end, abs=0.001)
+    assert stated_length(output, "audio") == pytest.approx(end, abs=0.001)
+    first, samples, rate = decoded_track(output)
+    whole_first, whole, _ = decoded_track(source)
+    part = samples[round((0.1 - first) * rate):][:round(0.08 * rate)]  # past the decoder's warm-up (MP3's reservoir)
+    origin = round(((start or 0.0) + 0.1 - whole_first) * rate)
+    misses = {shift: np.abs(part - whole[origin + shift:][:part.size]).max() for shift in range(-rate // 50, rate // 50)}
+    best = min(misses, key=misses.get)
+    assert abs(best) <= rate // 1000 and misses[best] < 0.02  # in time with the source, to a millisecond

@@ -1168,6 +1168,9 @@ def choose_encoder(path: str | os.PathLike, *, alpha: bool, options: EncoderOpti
             raise BgmatteError(f"{path}: the encoder {codec!r} is not available in this PyAV build")
         if av.Codec(codec, "w").type != "video":
             raise BgmatteError(f"{path}: {codec!r} is an {av.Codec(codec, 'w').type} encoder, not a video one")
+        # A format's name (h264, vp9, hevc, as ffmpeg's -c:v takes it) opens FFmpeg's encoder for it: that encoder's
+        # own name, so that it gets its settings (crf, preset, VP9's any size) as when it is named or chosen.
+        codec = av.Codec(codec, "w").name
     elif container == "webm":
         codec = "libvpx-vp9"
     elif alpha and container == "mov":
@@ -1754,6 +1757,8 @@ class VideoWriter(ClosesOnExit):
         tb = time_base if time_base is not None else 1 / self.fps
         if self.choice.codec == "mpeg4" and tb.denominator > 65535:
             tb = Fraction(1, 1000)  # MPEG-4 part 2 allows time bases up to 1/65535; milliseconds keep VFR
+        elif self.choice.codec in ("mpeg1video", "mpeg2video"):
+            tb = 1 / self.fps  # they open only with a time base of one frame at one of their rates: no VFR
         self._time_base = tb
         # How long the last frame shows, and so where the video and audio end: its own duration when `write` gives
         # one, else the step between the last two frames, or one frame period until there are two (a one-frame
@@ -2250,7 +2255,7 @@ class _AudioCarrier:
         self._muxed = 0  # packets put into the output
         self._held: av.Packet | None = None
         self._relabel: _Relabeller | None = None  # gives transcoded frames the output's layout
-        self._damaged = 0  # packets the decoder refused, left out
+        self._damaged = 0  # damaged packets left out: refused by the decoder, or flagged corrupt where copied
         self._start = media.start
         self._last_dts: int | None = None  # of the latest copied packet, in the source's time base
         self._end: float | None = None  # where the output ends (its time), once `finish` says
@@ -2321,6 +2326,8 @@ class _AudioCarrier:
                     return
                 if packet is None:  # none before `until` yet, or none left
                     return
+                if self.copy:
+                    packet = _in_samples(packet, self._in_stream.rate)
             stamp = packet.pts if packet.pts is not None else packet.dts
             if stamp is None:
                 continue  # the demuxer's flush packet
@@ -2328,7 +2335,8 @@ class _AudioCarrier:
             # A packet that runs past `until` waits too, so that the end of the output, once it is known (`finish`),
             # cuts its sound there: at the sample when transcoded, by the last packet's duration when copied into MP4.
             runs_past = packet.duration and moment + _seconds(packet.duration, packet) > until + _TIME_SLACK
-            if moment >= until or (runs_past and not final and (not self.copy or self._ends_inside_packets)):
+            waits = runs_past and not final and (not self.copy or self._ends_inside_packets)
+            if moment >= until - _TIME_SLACK or waits:  # one starting at the end has no sound in the output
                 self._held = packet
                 return
             if self._start and (self._before_copy(packet, moment) if self.copy else moment < -_AUDIO_PREROLL_S):
@@ -2352,6 +2360,9 @@ class _AudioCarrier:
 
     def _write(self, packet: av.Packet) -> None:
         if self.copy:
+            if packet.is_corrupt:  # cut short (a truncated file's last one): copied, it would not decode in the output
+                self._damaged += 1
+                return
             if self._start:
                 ticks = round(Fraction(self._start) / packet.time_base)
                 if packet.pts is not None:
@@ -2492,6 +2503,24 @@ def _cut(frame: av.AudioFrame, start: int, stop: int) -> av.AudioFrame:
                                       layout=frame.layout.name)
     part.sample_rate = frame.sample_rate
     return av.AudioResampler(format=frame.format.name).resample(part)[0] if planar else part
+
+
+def _in_samples(packet: av.Packet, rate: int | None) -> av.Packet:
+    """A copied packet stamped in samples (a time base of 1/`rate`) where its own time base is coarser: an AVI counts
+    its MP3 or AC-3 sound in whole packets (a tick of 24 or 32 ms), in which neither a span's start nor the video's
+    end can be placed inside one, so that copied sound was up to half a packet out of time and ran a packet past the
+    video. The stamps are whole packets of samples, so nothing is rounded."""
+    base = packet.time_base
+    if not rate or base is None or base <= Fraction(1, rate):
+        return packet
+    scale = base * rate
+    if packet.pts is not None:
+        packet.pts = round(packet.pts * scale)
+    if packet.dts is not None:
+        packet.dts = round(packet.dts * scale)
+    packet.duration = round(packet.duration * scale)
+    packet.time_base = Fraction(1, rate)
+    return packet
 
 
 def _decoding_stamp(packet: av.Packet) -> int | None:
