@@ -212,6 +212,21 @@ def test_a_refine_setting_that_is_not_a_usable_number_is_refused_naming_it(name,
         MattingRefine("mobilenetv2", **{name: value})
 
 
+@pytest.mark.parametrize("value", ["off", "False", 0, None])
+def test_a_prevent_oversampling_switch_that_is_not_true_or_false_is_refused(value):
+    """A string is true whatever it says: refine_prevent_oversampling="off" turned the setting on, without a word, as
+    plate_solve and optimize no longer do."""
+    with pytest.raises(ValueError, match=f"refine_prevent_oversampling must be True or False, not {value!r}"):
+        RefineOptions(refine_prevent_oversampling=value)
+    with pytest.raises(ValueError, match="refine_prevent_oversampling must be True or False"):
+        MattingRefine("mobilenetv2", refine_prevent_oversampling=value)
+    model = MattingRefine("mobilenetv2").eval()
+    model.refiner.prevent_oversampling = value  # as an attribute: refused when the model runs
+    src, bgr = inputs(height=32, width=32)
+    with pytest.raises(ValueError, match="cannot run with its settings: refine_prevent_oversampling must be True"):
+        model(src, bgr)
+
+
 @pytest.mark.parametrize("network", ["base", "refine"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_inputs_of_another_dtype_than_the_weights_are_refused_in_one_line(network, dtype):

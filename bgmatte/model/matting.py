@@ -35,7 +35,8 @@ class RefineOptions:
         refine_sample_pixels: the pixel budget of ``sampling`` (16 pixels per patch).
         refine_threshold: the error threshold of ``thresholding``.
         refine_kernel_size: 3 (the released models) or 1.
-        refine_prevent_oversampling: in ``sampling``, skip patches whose error is exactly 0.
+        refine_prevent_oversampling: in ``sampling``, skip patches whose error is exactly 0 (True or False: a
+            string such as ``"off"`` would be true, see `switch_problem`).
     """
 
     backbone_scale: float = 0.25
@@ -54,6 +55,9 @@ class RefineOptions:
             raise ValueError(f"refine_mode must be one of {', '.join(REFINE_MODES)}, not {self.refine_mode!r}")
         if self.refine_kernel_size not in (1, 3):
             raise ValueError(f"refine_kernel_size must be 1 or 3, not {self.refine_kernel_size}")
+        problem = switch_problem("refine_prevent_oversampling", self.refine_prevent_oversampling)
+        if problem is not None:
+            raise ValueError(problem)
 
 
 def refine_setting_problem(name: str, value: object) -> str | None:
