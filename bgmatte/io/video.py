@@ -2518,7 +2518,8 @@ def _in_samples(packet: av.Packet, rate: int | None) -> av.Packet:
         packet.pts = round(packet.pts * scale)
     if packet.dts is not None:
         packet.dts = round(packet.dts * scale)
-    packet.duration = round(packet.duration * scale)
+    if packet.duration:  # None or 0: not stated
+        packet.duration = round(packet.duration * scale)
     packet.time_base = Fraction(1, rate)
     return packet
 
