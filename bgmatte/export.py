@@ -17,7 +17,8 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Tuple
 
@@ -198,16 +199,30 @@ class ExportableMatting(nn.Module):
         return out[:, :1], out[:, 1:], ref
 
 
+@contextmanager
+def _modes_kept(model: nn.Module) -> Iterator[None]:
+    """Leave every layer of ``model`` in the mode it was in, whatever the block does. The exports share the model's
+    own layers and put them in eval mode to trace and compile them; a model exported in the middle of its training
+    would otherwise go on training with its batch norms frozen, while ``model.training`` still says True."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
 def to_torchscript(model: MattingRefine) -> torch.jit.ScriptModule:
-    """A TorchScript module computing ``model``; its settings can be changed after ``torch.jit.load``."""
+    """A TorchScript module computing ``model`` (in eval mode); its settings can be changed after ``torch.jit.load``.
+    The model itself, and each of its layers, stays in the mode it was in."""
     _check_model(model)
     parameter = next(model.parameters())
     # The base network is traced (plain convolutions; the sizes inside stay symbolic), the refinement
     # logic around it, with its settings, compiled.
     example = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0)).to(parameter)
-    with torch.no_grad():
+    with _modes_kept(model), torch.no_grad():
         base = torch.jit.trace(BaseNetwork(model).eval(), (example, example.flip(-1)), check_trace=False)
-    return torch.jit.script(ExportableMatting(model, base).eval())
+        return torch.jit.script(ExportableMatting(model, base).eval())
 
 
 def export_torchscript(model: MattingRefine, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -244,7 +259,8 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     Uses ``torch.onnx.export``'s dynamo exporter (the default since torch 2.9), which keeps the
     sizes symbolic; it takes about a minute on two CPU cores. The settings are fixed in the graph and
     stored in the file's metadata. An existing file is refused unless ``overwrite``, before that minute
-    is spent; the model is written under a temporary name and renamed.
+    is spent; the model is written under a temporary name and renamed. The model, and each of its layers, stays
+    in the mode and on the device it was in.
     """
     _check_model(model)
     path = Path(path)
@@ -253,7 +269,6 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     parameter = next(model.parameters())
     if parameter.dtype != torch.float32:
         raise BgmatteError("ONNX export is fp32 only; the model is " + str(parameter.dtype).replace("torch.", ""))
-    exportable = ExportableMatting(model, BaseNetwork(model)).eval().cpu()
     generator = torch.Generator().manual_seed(0)
     # A batch of 2 at 256x320, so that nothing is specialised to a batch of 1 or to tiny maps.
     example = (torch.rand(2, 3, 256, 320, generator=generator), torch.rand(2, 3, 256, 320, generator=generator))
@@ -271,8 +286,9 @@ def export_onnx(model: MattingRefine, path: str | Path, *, opset: int = ONNX_OPS
     conversion = logging.getLogger("onnxscript.version_converter")
     conversion.addFilter(_nothing)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with _modes_kept(model), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            exportable = ExportableMatting(model, BaseNetwork(model)).eval().cpu()  # the model's layers, see above
             program = torch.onnx.export(exportable, example, None, dynamo=True, opset_version=opset,
                                         input_names=["src", "bgr"], output_names=list(OUTPUT_NAMES),
                                         dynamic_shapes={"src": sizes, "bgr": sizes}, verbose=False)

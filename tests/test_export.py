@@ -92,6 +92,22 @@ def test_torchscript_round_trip_keeps_the_settings_changeable(reference, tmp_pat
     assert int(got[5][0].sum()) == 800 // 16
 
 
+@pytest.mark.parametrize("format", ["torchscript", "onnx"])
+def test_exporting_a_model_in_training_mode_leaves_each_of_its_layers_in_its_own_mode(tmp_path, monkeypatch, format):
+    """An export mid-training (a script exporting its model every so often) must not turn the model's layers to eval
+    mode: its batch norms would then stop learning their statistics, with the model itself still saying training."""
+    from onnx import helper
+
+    proto = helper.make_model(helper.make_graph([], "empty", [], []), opset_imports=[helper.make_opsetid("", 18)])
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: type("Program", (), {"model_proto": proto}))
+    model = MattingRefine("mobilenetv2").train()
+    model.aspp.eval()  # a part held still, as --freeze-base holds the base network
+    modes = {name: module.training for name, module in model.named_modules()}
+    export = export_torchscript if format == "torchscript" else export_onnx
+    export(model, tmp_path / f"m.{format}")
+    assert {name: module.training for name, module in model.named_modules()} == modes
+
+
 def test_cli_exports_torchscript_from_a_checkpoint(tmp_path, capsys):
     checkpoint = tmp_path / "w.pth"
     torch.save(MattingRefine("mobilenetv2", refine_kernel_size=1).state_dict(), checkpoint)

@@ -1017,10 +1017,23 @@ def test_stage_defaults_for_crop_batch_and_refined_pixels():
     # An infinite rate (--lr-backbone inf, or 1e400) trained a step that made every weight NaN, then stopped on 20
     # non-finite losses in a row, advising to lower the rates.
     (dict(stage="refine", lr={"refiner": math.inf}), "--lr-refiner must be a positive, finite rate, not inf"),
+    # Beyond what torch's generators take: an "Overflow when unpacking long long" traceback once the model was built.
+    (dict(stage="base", seed=2**64), r"^--seed must be a whole number from -2\*\*63 to 2\*\*63 - 1, not 1\d+$"),
+    (dict(stage="base", seed=-2**63 - 1), r"^--seed must be a whole number from -2\*\*63 to 2\*\*63 - 1, not -9\d+$"),
 ])
 def test_bad_options_are_refused_with_a_message(changes, message):
     with pytest.raises(BgmatteError, match=message):
         TrainOptions(**{"out": "x", **changes})
+
+
+def test_a_seed_beyond_what_torch_takes_is_one_line_before_anything_is_made(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "base", "--out", str(out), *TINY, "--steps", "1", "--seed", str(2**70)]) == 2
+    assert capsys.readouterr().err == ("bgmatte train: error: --seed must be a whole number from -2**63 to 2**63 - 1, "
+                                       f"not {2**70}\n")
+    assert not out.exists()
+    for seed in (-2**63, 2**63 - 1):  # the ends of the range; seed + epoch, which the sampler seeds with, fits too
+        TrainOptions(stage="base", out=out, seed=seed)
 
 
 def test_one_image_per_process_is_refused_on_the_cpu(tmp_path):

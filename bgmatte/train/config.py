@@ -79,7 +79,8 @@ class TrainOptions:
         precision: ``auto`` is bf16 on GPUs that have it, else fp16 with loss scaling, and fp32 on the CPU.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun, each process takes its local GPU).
         num_workers: data loading processes per training process.
-        seed: seeds the model's initialisation, the data stream and every random augmentation.
+        seed: seeds the model's initialisation, the data stream and every random augmentation (from -2**63 to
+            2**63 - 1, which torch's generators take, epochs added).
         val_every, val_samples: validate every so many steps, and at the last, on a fixed set of this many
             samples (0: never).
         save_every, save_minutes: write weights and state every so many steps and/or minutes (0: off);
@@ -141,6 +142,8 @@ class TrainOptions:
         for name in ("num_workers", "val_every", "val_samples", "save_every", "save_minutes"):
             if getattr(self, name) < 0:
                 raise BgmatteError(f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}")
+        if not -2**63 <= self.seed < 2**63:  # torch's generators take 64 bits; the sampler seeds with seed + epoch
+            raise BgmatteError(f"--seed must be a whole number from -2**63 to 2**63 - 1, not {self.seed}")
         if self.log_every < 1:
             raise BgmatteError(f"--log-every must be at least 1, not {self.log_every}")
         crop = self.crop_size
