@@ -54,6 +54,24 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def fail_trailers(monkeypatch, only: str | None = None) -> None:
+    """Make writing the trailer fail as on a full disk, for the output named `only` or for every output."""
+    finish = VideoWriter._finish
+
+    def trailer_fails(self):
+        if only is None or self.path.name == only:
+            container = self._container
+
+            def close():
+                container.close()
+                raise OSError(28, "No space left on device")
+
+            self._container = types.SimpleNamespace(mux=container.mux, close=close)
+        finish(self)
+
+    monkeypatch.setattr(VideoWriter, "_finish", trailer_fails)
+
+
 def use_difference_model(monkeypatch, **kwargs) -> DifferenceModel:
     """Run the CLI with a model whose matte is known (and that can raise KeyboardInterrupt)."""
     model = DifferenceModel(**kwargs)
@@ -416,20 +434,7 @@ def test_an_encoder_failing_as_its_file_is_finished_is_reported_not_kept_as_a_mi
     told so, and what the other output holds, as when an encoder fails mid-run."""
     use_difference_model(monkeypatch)
     (scene / failing).write_bytes(b"an earlier output")
-    finish = VideoWriter._finish
-
-    def trailer_fails(self):
-        if self.path.name == failing:
-            container = self._container
-
-            def close():
-                container.close()
-                raise OSError(28, "No space left on device")
-
-            self._container = types.SimpleNamespace(mux=container.mux, close=close)
-        finish(self)
-
-    monkeypatch.setattr(VideoWriter, "_finish", trailer_fails)
+    fail_trailers(monkeypatch, failing)
     code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--outputs", "com", "pha",
                        "--overwrite", "-q")
     survivor = ({"out.mp4", "out_pha.mp4"} - {failing}).pop()
@@ -460,19 +465,7 @@ def test_outputs_that_all_fail_are_named_in_the_plural_and_none_said_to_hold_a_f
     assert err.splitlines() == ["bgmatte video: error: out.mp4: could not start the file (libx264 video 96x64): "
                                 "the muxer refused; nothing was written"]
     monkeypatch.setattr(VideoWriter, "_start", start)
-    finish = VideoWriter._finish
-
-    def trailer_fails(self):
-        container = self._container
-
-        def close():
-            container.close()
-            raise OSError(28, "No space left on device")
-
-        self._container = types.SimpleNamespace(mux=container.mux, close=close)
-        finish(self)
-
-    monkeypatch.setattr(VideoWriter, "_finish", trailer_fails)
+    fail_trailers(monkeypatch)
     code, _, err = run(capsys, "video", "src.mp4", "--bgr", "bgr.png", "-o", "out.mp4", "--outputs", "com", "pha", "-q")
     assert code == 2
     assert err.splitlines() == [
