@@ -1151,6 +1151,24 @@ def test_exposure_matching_that_cannot_fit_the_camera_is_told_once_naming_it_and
     assert all(np.array_equal(handed, white) for handed in predictor.plates)
 
 
+class InterruptedCamera:
+    """A camera that gives `frames` 0.2 s apart, then Ctrl-C (as the camera thread hands it on)."""
+
+    size, fps, name = (WIDTH, HEIGHT), 30.0, "fake camera"
+
+    def __init__(self, frames: list[np.ndarray]):
+        self.frames = frames
+
+    def __iter__(self):
+        for frame in self.frames:
+            yield frame
+            time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    def close(self):
+        pass
+
+
 def test_exposure_matching_that_cannot_fit_is_counted_when_ctrl_c_stops_the_session(caplog):
     """Ctrl-C, the usual way to stop the webcam, went straight past the count at the end: only the first frame's
     warning was ever seen."""
@@ -1176,21 +1194,7 @@ def test_cli_ctrl_c_with_match_exposure_reports_the_unfitted_frames_and_exits_13
 
     white = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
 
-    class InterruptedCamera:
-        """Four white frames, then Ctrl-C (as the camera thread hands it on)."""
-
-        size, fps, name = (WIDTH, HEIGHT), 30.0, "fake camera"
-
-        def __iter__(self):
-            for _ in range(4):
-                yield white
-                time.sleep(0.2)
-            raise KeyboardInterrupt
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(webcam, "open_camera", lambda *args, **kwargs: InterruptedCamera())
+    monkeypatch.setattr(webcam, "open_camera", lambda *args, **kwargs: InterruptedCamera([white] * 4))
     monkeypatch.setattr("bgmatte.model.build.load_model", lambda *args, **kwargs: DifferenceModel())
     plate_file = tmp_path / "plate.png"
     cv2.imwrite(str(plate_file), white)
@@ -1232,21 +1236,8 @@ def test_cli_ctrl_c_still_tells_how_many_frames_went_out_and_at_what_rate(tmp_pa
     a user has of how fast the session ran. It comes before the exit, 130 as ever, and counts the frames recorded."""
     from media import DifferenceModel
 
-    class InterruptedCamera:
-        """Four frames, then Ctrl-C (as the camera thread hands it on)."""
-
-        size, fps, name = (WIDTH, HEIGHT), 30.0, "fake camera"
-
-        def __iter__(self):
-            for index in range(4):
-                yield scene(index)
-                time.sleep(0.2)
-            raise KeyboardInterrupt
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(webcam, "open_camera", lambda *args, **kwargs: InterruptedCamera())
+    frames = [scene(index) for index in range(4)]
+    monkeypatch.setattr(webcam, "open_camera", lambda *args, **kwargs: InterruptedCamera(frames))
     monkeypatch.setattr("bgmatte.model.build.load_model", lambda *args, **kwargs: DifferenceModel())
     plate_file = tmp_path / "plate.png"
     cv2.imwrite(str(plate_file), cv2.cvtColor(scene(0), cv2.COLOR_RGB2BGR))
